@@ -1,1 +1,45 @@
-"""config."""
+"""Configuration: Hydra composition of ``conf/``, ``params.yaml``, and typed stage schemas."""
+
+from __future__ import annotations
+
+from shiftguard.config.errors import ConfigError
+from shiftguard.config.loader import (
+    PARAMS_FILE,
+    compose,
+    compose_section,
+    dump_params,
+    find_conf_dir,
+    load_section,
+    read_params,
+    validate,
+    validate_all,
+    write_params,
+)
+from shiftguard.config.schema import (
+    SCHEMAS,
+    CohortConfig,
+    IngestConfig,
+    ScannerProfile,
+    SiteConfig,
+    SplitConfig,
+)
+
+__all__ = [
+    "PARAMS_FILE",
+    "SCHEMAS",
+    "CohortConfig",
+    "ConfigError",
+    "IngestConfig",
+    "ScannerProfile",
+    "SiteConfig",
+    "SplitConfig",
+    "compose",
+    "compose_section",
+    "dump_params",
+    "find_conf_dir",
+    "load_section",
+    "read_params",
+    "validate",
+    "validate_all",
+    "write_params",
+]

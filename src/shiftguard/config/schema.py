@@ -209,3 +209,11 @@ class SplitConfig(_Strict):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split.fractions: must sum to 1, got {total:g}")
         return self
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "cohort": CohortConfig,
+    "ingest": IngestConfig,
+    "split": SplitConfig,
+}
+"""The schema of every top-level section of the composed configuration."""

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build the environment on a fresh Debian/Ubuntu machine: the system packages the pipeline, tests and
+# benchmarks call (dciodvfy, dcm2niix, dcmtk), then a virtual environment in .venv with the package
+# installed editable with its pipeline and dev extras. Safe to re-run: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(dicom3tools dcm2niix dcmtk)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing system packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3.12 python3; do
+    if command -v "$candidate" >/dev/null; then python=$candidate; break; fi
+  done
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch is pinned to the CPU wheel that the build machines keep on disk: an unpinned torch pulls a
+# multi-GB CUDA build. On a GPU workstation install the CUDA wheel of the same version first.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[pipeline,dev]"
+echo "setup: environment ready in .venv ($(.venv/bin/python --version))"

@@ -1,0 +1,174 @@
+"""The ``shiftguard`` command: a thin layer over the functions the DVC stages call.
+
+Every command that takes configuration composes ``conf/`` with Hydra and accepts Hydra overrides with
+full keys, the same ones ``dvc exp run -S`` takes::
+
+    shiftguard cohort generate cohort.n_subjects=40 --out data
+    shiftguard ingest /path/to/dicom --out artifacts/ingest ingest.spacing=[1.5,1.5,1.5]
+    shiftguard config dump            # regenerate params.yaml from conf/
+    shiftguard config check           # exit 1 when params.yaml is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shiftguard import __version__
+
+log = logging.getLogger("shiftguard")
+
+
+def _cohort_generate(args: argparse.Namespace) -> int:
+    from shiftguard.cohort import generate
+    from shiftguard.config import CohortConfig, compose_section
+
+    cfg = compose_section("cohort", CohortConfig, args.overrides)
+    summary = generate.run(cfg, args.out, workers=args.workers, progress=not args.quiet)
+    log.info(
+        "cohort: %d subjects (%d with the finding), %d DICOM files under %s",
+        summary.n_subjects,
+        summary.n_positive,
+        summary.n_files,
+        args.out,
+    )
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from shiftguard.config import IngestConfig, compose_section
+    from shiftguard.data import ingest
+
+    cfg = compose_section("ingest", IngestConfig, args.overrides)
+    summary = ingest.run(cfg, args.input, args.out, workers=args.workers, progress=not args.quiet)
+    log.info(
+        "ingest: %d series accepted, %d rejected, %d files quarantined; see %s",
+        summary.series_accepted,
+        summary.series_rejected,
+        summary.files_quarantined,
+        args.out / "quarantine.csv",
+    )
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from shiftguard.config import SplitConfig, compose_section
+    from shiftguard.data import split
+
+    cfg = compose_section("split", SplitConfig, args.overrides)
+    summary = split.run(cfg, args.manifest, args.diagnoses, args.out)
+    log.info("split: series per split %s", summary.series)
+    return 0
+
+
+def _config_dump(args: argparse.Namespace) -> int:
+    from shiftguard.config import write_params
+
+    path = write_params(args.out, args.overrides)
+    log.info("wrote %s", path)
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from shiftguard.config import compose, dump_params
+
+    expected = dump_params(compose())
+    actual = args.params.read_text(encoding="utf-8") if args.params.is_file() else ""
+    if actual == expected:
+        print(f"{args.params} is up to date with conf/")
+        return 0
+    sys.stdout.writelines(
+        difflib.unified_diff(
+            actual.splitlines(keepends=True),
+            expected.splitlines(keepends=True),
+            fromfile=str(args.params),
+            tofile="composed from conf/",
+        )
+    )
+    print(f"\n{args.params} is out of date: run `shiftguard config dump`", file=sys.stderr)
+    return 1
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from shiftguard.config import compose, validate_all
+
+    config = compose(args.overrides)
+    validate_all(config)
+    print(OmegaConf.to_yaml(config if args.section is None else {args.section: config[args.section]}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, exposed for tests and shell completion."""
+    parser = argparse.ArgumentParser(prog="shiftguard", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"shiftguard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. cohort.n_subjects=20")
+
+    def workers(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    cohort = sub.add_parser("cohort", help="the synthetic multi-scanner DICOM cohort")
+    cohort_sub = cohort.add_subparsers(dest="action", required=True)
+    gen = cohort_sub.add_parser("generate", help="write the cohort (deterministic given the seed)")
+    gen.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
+    workers(gen)
+    overrides(gen)
+    gen.set_defaults(func=_cohort_generate)
+
+    ing = sub.add_parser("ingest", help="any DICOM tree -> validated canonical volumes")
+    ing.add_argument("input", type=Path, help="folder of DICOM files (searched recursively)")
+    ing.add_argument("--out", type=Path, default=Path("artifacts/ingest"))
+    workers(ing)
+    overrides(ing)
+    ing.set_defaults(func=_ingest)
+
+    spl = sub.add_parser("split", help="patient-level split with an external test set")
+    spl.add_argument("--manifest", type=Path, default=Path("artifacts/ingest/manifest.csv"))
+    spl.add_argument("--diagnoses", type=Path, default=Path("data/ris/verified_diagnoses.csv"))
+    spl.add_argument("--out", type=Path, default=Path("artifacts/split"))
+    overrides(spl)
+    spl.set_defaults(func=_split)
+
+    config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    dump = config_sub.add_parser("dump", help="write the composed config to params.yaml")
+    dump.add_argument("--out", type=Path, default=Path("params.yaml"))
+    overrides(dump)
+    dump.set_defaults(func=_config_dump)
+    check = config_sub.add_parser("check", help="exit 1 when params.yaml differs from conf/")
+    check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    check.set_defaults(func=_config_check)
+    show = config_sub.add_parser("show", help="print the composed config or one section")
+    show.add_argument("--section", default=None)
+    overrides(show)
+    show.set_defaults(func=_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for bad input, with the reason on stderr)."""
+    from shiftguard.errors import ShiftGuardError
+    from shiftguard.utils import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args.func(args))
+    except ShiftGuardError as exc:
+        print(f"shiftguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

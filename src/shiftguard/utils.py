@@ -1,0 +1,49 @@
+"""Small helpers shared by stages and commands: runtime settings from the environment, stable JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+WORKERS_ENV = "SHIFTGUARD_WORKERS"
+
+
+def env_workers(default: int | None = None) -> int:
+    """Worker processes for pools: ``$SHIFTGUARD_WORKERS``, else ``default``, else the CPU count.
+
+    Runtime-only settings like this come from the environment, never from ``conf/``, so they do not
+    change DVC's view of a stage.
+    """
+    raw = os.environ.get(WORKERS_ENV)
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{WORKERS_ENV}={raw!r} is not an integer") from None
+        if value < 1:
+            raise ValueError(f"{WORKERS_ENV}={raw!r} must be at least 1")
+        return value
+    return default or os.cpu_count() or 1
+
+
+def write_json(path: Path, data: Mapping[str, object]) -> Path:
+    """Write JSON with sorted keys and a trailing newline: stable bytes for git and ``dvc metrics``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def setup_logging(level: int | str = logging.INFO) -> None:
+    """Log to stderr through rich when attached to a terminal, plain text otherwise."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )

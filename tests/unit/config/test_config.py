@@ -103,3 +103,15 @@ def test_conf_dir_comes_from_the_environment_or_the_nearest_project(
     monkeypatch.delenv("SHIFTGUARD_CONF_DIR")
     nested = REPO / "src" / "shiftguard"
     assert find_conf_dir(nested) == conf_dir
+
+
+def test_every_experiment_preset_composes_and_validates(conf_dir: Path) -> None:
+    from shiftguard.config import validate_all
+
+    presets = sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml"))
+    assert presets
+    default = compose(conf_dir=conf_dir)
+    for preset in presets:
+        config = compose([f"experiment={preset}"], conf_dir)
+        validate_all(config)
+        assert config != default, f"experiment={preset} changes nothing"

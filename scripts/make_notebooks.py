@@ -90,7 +90,11 @@ manifest.groupby("scanner_model")[stats].median().round(3)""",
 
 def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     make = {"markdown": nbformat.v4.new_markdown_cell, "code": nbformat.v4.new_code_cell}
     nb.cells = [make[kind](source) for kind, source in cells]
     for i, cell in enumerate(nb.cells):

@@ -100,7 +100,9 @@ def _config_show(args: argparse.Namespace) -> int:
 
     config = compose(args.overrides)
     validate_all(config)
-    print(OmegaConf.to_yaml(config if args.section is None else {args.section: config[args.section]}))
+    print(
+        OmegaConf.to_yaml(config if args.section is None else {args.section: config[args.section]})
+    )
     return 0
 
 

@@ -23,7 +23,19 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("SHIFTGUARD_PROJECT", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "error"
+    ]
     assert not errors
-    assert any(o.output_type in {"display_data", "execute_result"} for c in nb.cells for o in c.get("outputs", []))
+    assert any(
+        o.output_type in {"display_data", "execute_result"}
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )

@@ -26,10 +26,16 @@ BIN = Path(sys.executable).parent
 
 
 def sh(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SHIFTGUARD_WORKERS": "2"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "SHIFTGUARD_WORKERS": "2",
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if result.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result.stdout
 
 
@@ -102,7 +108,7 @@ def test_repro_ingests_splits_and_leaves_status_clean(project: tuple[Path, dict]
 def test_changing_a_param_invalidates_only_the_stages_that_read_it(
     project: tuple[Path, dict],
 ) -> None:
-    root, config = project
+    root, _ = project
     sh(root, "dvc", "repro")
     params = root / "params.yaml"
     original = params.read_text()
@@ -120,8 +126,18 @@ def test_exp_run_composes_conf_with_hydra_overrides(project: tuple[Path, dict]) 
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "tiny pipeline")
     sh(
-        root, "dvc", "exp", "run", "-n", "seed11",
-        "-S", "experiment=tiny", "-S", "split.seed=11", "-S", "ingest.size=[20,24,20]",
+        root,
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        "seed11",
+        "-S",
+        "experiment=tiny",
+        "-S",
+        "split.seed=11",
+        "-S",
+        "ingest.size=[20,24,20]",
     )
     exps = json.loads(sh(root, "dvc", "exp", "show", "--json"))
     text = json.dumps(exps)

@@ -49,7 +49,9 @@ def test_bad_input_exits_2_with_the_key_and_no_traceback(
 ) -> None:
     monkeypatch.chdir(REPO)
     assert main(["config", "show", "ingest.min_slices=0"]) == 2
-    assert "ingest.min_slices: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert (
+        "ingest.min_slices: Input should be greater than or equal to 1" in capsys.readouterr().err
+    )
     assert main(["split", "--manifest", "/nonexistent/manifest.csv"]) == 2
     err = capsys.readouterr().err
     assert "/nonexistent/manifest.csv: file not found" in err

@@ -81,7 +81,9 @@ def compose(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> dict
         OmegaConf.resolve(cfg)
         container = OmegaConf.to_container(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"cannot compose {folder} with overrides {list(overrides)}: {exc}") from exc
+        raise ConfigError(
+            f"cannot compose {folder} with overrides {list(overrides)}: {exc}"
+        ) from exc
     assert isinstance(container, dict)
     return {str(k): v for k, v in container.items()}
 
@@ -120,7 +122,9 @@ def read_params(path: Path = Path(PARAMS_FILE)) -> dict[str, Any]:
         )
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of stage sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of stage sections, got {type(data).__name__}"
+        )
     return data
 
 

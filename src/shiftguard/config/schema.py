@@ -131,7 +131,7 @@ class CohortConfig(_Strict):
     study_date_origin: str = Field("20200101", pattern=r"^\d{8}$")
     readers: list[str] = Field(default_factory=lambda: ["reader_a", "reader_b", "reader_c"])
     anatomy: AnatomyConfig = Field(default_factory=AnatomyConfig)
-    lesion: LesionConfig = Field(default_factory=LesionConfig)
+    lesion: LesionConfig = Field(default_factory=lambda: LesionConfig())
     scanners: dict[str, ScannerProfile]
     sites: list[SiteConfig]
 
@@ -194,7 +194,7 @@ class SplitConfig(_Strict):
     """Patient-level train/val/test split of the internal series, stratified on the finding."""
 
     seed: int = 0
-    fractions: dict[Literal["train", "val", "test"], Fraction] = Field(
+    fractions: dict[str, Fraction] = Field(
         default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}
     )
     stratify_on: list[str] = Field(default_factory=lambda: ["finding", "site"])
@@ -203,8 +203,12 @@ class SplitConfig(_Strict):
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
         missing = {"train", "val", "test"} - set(self.fractions)
-        if missing:
-            raise ValueError(f"split.fractions: missing {sorted(missing)}")
+        unknown = set(self.fractions) - {"train", "val", "test"}
+        if missing or unknown:
+            raise ValueError(
+                f"split.fractions: needs exactly train, val and test; "
+                f"missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
         total = sum(self.fractions.values())
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split.fractions: must sum to 1, got {total:g}")

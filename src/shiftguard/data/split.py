@@ -68,9 +68,7 @@ def read_csv(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
         return list(reader)
 
 
-def allocate(
-    counts: Sequence[int], fractions: Sequence[float]
-) -> list[list[int]]:
+def allocate(counts: Sequence[int], fractions: Sequence[float]) -> list[list[int]]:
     """Share each stratum's count among splits, balanced within and across strata.
 
     Each stratum gets ``floor`` of its expected share per split, and the leftovers go where the running
@@ -155,7 +153,7 @@ def assign(
             for r in prow:
                 r["split"] = UNLABELLED
             continue
-        key = []
+        key: list[str] = []
         for col in cfg.stratify_on:
             if col == "finding":
                 key.append(str(max(int(r["finding"]) for r in prow)))
@@ -171,13 +169,15 @@ def assign(
     rng = np.random.default_rng(cfg.seed)
     fractions = [cfg.fractions[s] for s in SPLITS]
     keys = sorted(strata)
-    for key in keys:
-        patients = strata[key]
-        strata[key] = [patients[i] for i in rng.permutation(len(patients))]
-    for key, alloc in zip(keys, allocate([len(strata[k]) for k in keys], fractions), strict=True):
+    for stratum in keys:
+        patients = strata[stratum]
+        strata[stratum] = [patients[i] for i in rng.permutation(len(patients))]
+    for stratum, alloc in zip(
+        keys, allocate([len(strata[k]) for k in keys], fractions), strict=True
+    ):
         bounds = np.cumsum([0, *alloc])
         for k, name in enumerate(SPLITS):
-            for patient in strata[key][bounds[k] : bounds[k + 1]]:
+            for patient in strata[stratum][bounds[k] : bounds[k + 1]]:
                 for r in by_patient[patient]:
                     r["split"] = name
 

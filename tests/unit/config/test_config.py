@@ -87,7 +87,7 @@ def test_unknown_override_is_a_config_error(conf_dir: Path) -> None:
 
 
 def test_load_section_names_the_missing_file_and_section(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="params.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"params\.yaml does not exist"):
         load_section("ingest", IngestConfig, tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text("split: {}\n")
     with pytest.raises(ConfigError, match="section 'ingest' is missing"):

@@ -98,7 +98,9 @@ def test_same_seed_same_split_other_seed_other_split() -> None:
     manifest, diagnoses = make_manifest()
     first = [r["split"] for r in assign(manifest, diagnoses, CFG)[0]]
     again = [r["split"] for r in assign(manifest, diagnoses, CFG)[0]]
-    other = [r["split"] for r in assign(manifest, diagnoses, CFG.model_copy(update={"seed": 99}))[0]]
+    other = [
+        r["split"] for r in assign(manifest, diagnoses, CFG.model_copy(update={"seed": 99}))[0]
+    ]
     assert first == again
     assert first != other
 
@@ -133,7 +135,9 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
 def test_run_joins_the_ris_table_and_writes_every_row(tmp_path: Path) -> None:
     manifest, diagnoses = make_manifest(50)
     write_csv(tmp_path / "manifest.csv", manifest)
-    ris = [{"study_instance_uid": k, "finding": str(v), "reader": "r"} for k, v in diagnoses.items()]
+    ris = [
+        {"study_instance_uid": k, "finding": str(v), "reader": "r"} for k, v in diagnoses.items()
+    ]
     write_csv(tmp_path / "ris.csv", ris)
     summary = run(CFG, tmp_path / "manifest.csv", tmp_path / "ris.csv", tmp_path / "out")
     with (tmp_path / "out" / "dataset.csv").open() as fh:

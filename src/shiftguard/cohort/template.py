@@ -1,0 +1,228 @@
+"""The anatomical template every synthetic subject is built from: MNI152 2009c (sym) at 1 mm.
+
+nilearn's wheel ships the T1-weighted template and the grey/white matter probability maps; they are
+located without importing nilearn (slow) and loaded once per process. The template is skull-stripped,
+so a synthetic head is added around it (extra-axial CSF, skull tables and diploe, scalp muscle and
+fat) to give the images a realistic field of view. Everything derived here is deterministic.
+
+Intensities are on a "white matter = 1" scale: the T1 template is divided by its median white-matter
+value.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage as ndi
+
+from shiftguard.cohort.errors import TemplateNotFoundError
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+#: Synthetic head around the brain: (distance outside the brain's envelope in mm, intensity on the
+#: white-matter = 1 scale). Piecewise linear: extra-axial CSF, inner table, diploe (marrow fat),
+#: outer table, galea and temporalis muscle, subcutaneous fat, skin, air.
+HEAD_PROFILE: tuple[tuple[float, float], ...] = (
+    (0.0, 0.20),
+    (1.6, 0.20),
+    (2.4, 0.05),
+    (3.4, 0.05),
+    (4.2, 0.55),
+    (5.4, 0.55),
+    (6.2, 0.05),
+    (7.2, 0.05),
+    (8.0, 0.40),
+    (9.0, 0.40),
+    (9.8, 1.10),
+    (12.0, 1.05),
+    (12.8, 0.60),
+    (13.6, 0.60),
+    (14.2, 0.00),
+)
+CSF_LEVEL = 0.20
+HEAD_MARGIN_MM = 18
+TISSUE_THRESHOLD = 0.6
+#: lesion centres stay within this distance (mm, superior-inferior) of the brain centre, so every
+#: scanner's field of view holds the whole lesion
+LESION_Z_HALF_RANGE_MM = 45.0
+
+
+@dataclass(frozen=True)
+class Template:
+    """The template, cropped to the synthetic head, and what the generator derives from it.
+
+    Attributes:
+        channels: ``(4, X, Y, Z)`` float32 on the white-matter = 1 scale, voxel ``[i, j, k]`` at RAS mm
+            ``origin + (i, j, k)`` (1 mm isotropic, axis-aligned): 0 the head (T1 brain and the
+            synthetic skull and scalp), 1 the T1 signal weighted by grey-matter probability, 2 the same
+            for white matter, 3 the signal an atrophied subject loses per unit of atrophy (grey matter
+            next to CSF, so sulci widen).
+        wm: ``(X, Y, Z)`` float32 white-matter probability, for checks.
+        brain: ``(X, Y, Z)`` float32 grey + white matter probability.
+        origin: ``(3,)`` RAS mm of voxel ``[0, 0, 0]``.
+        brain_centre: ``(3,)`` RAS mm, centre of the brain's bounding box (scanners centre on it).
+        ventricle_centres: ``(2, 3)`` voxel coordinates of the left and right lateral ventricles.
+        lesion_sites: ``(N, 3)`` voxel coordinates where a lesion can be centred, deepest first.
+        lesion_depth: ``(N,)`` mm of grey/white matter around each site in ``lesion_sites``
+            (descending).
+    """
+
+    channels: NDArray[np.float32]
+    wm: NDArray[np.float32]
+    brain: NDArray[np.float32]
+    origin: NDArray[np.float64]
+    brain_centre: NDArray[np.float64]
+    ventricle_centres: NDArray[np.float64]
+    lesion_sites: NDArray[np.float64]
+    lesion_depth: NDArray[np.float64]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)`` of the cropped template."""
+        s = self.channels.shape
+        return (s[1], s[2], s[3])
+
+    def ras_to_voxel(self, ras: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Map RAS mm ``(..., 3)`` to template voxel coordinates ``(..., 3)``."""
+        return np.asarray(ras, dtype=np.float64) - self.origin
+
+
+def template_dir() -> Path:
+    """The folder of nilearn's packaged MNI152 templates, found without importing nilearn.
+
+    Raises:
+        TemplateNotFoundError: nilearn is not installed, or its wheel lacks the template files.
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise TemplateNotFoundError(
+            "the synthetic cohort needs the MNI152 template shipped with nilearn, which is not "
+            "installed; install the pipeline extra: pip install 'shiftguard[pipeline]'"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    missing = [name for name in TEMPLATE_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise TemplateNotFoundError(
+            f"nilearn at {folder.parent.parent} lacks the MNI152 template files {missing}; "
+            "reinstall nilearn>=0.11 from its wheel"
+        )
+    return folder
+
+
+def _load_raw() -> tuple[dict[str, NDArray[np.float32]], NDArray[np.float64]]:
+    import nibabel as nib
+
+    folder = template_dir()
+    volumes: dict[str, NDArray[np.float32]] = {}
+    affine: NDArray[np.float64] | None = None
+    for key, name in TEMPLATE_FILES.items():
+        img = nib.load(folder / name)
+        volumes[key] = np.asarray(img.dataobj, dtype=np.float32) / np.float32(255.0)
+        aff = np.asarray(img.affine, dtype=np.float64)
+        if affine is None:
+            affine = aff
+        elif not np.allclose(affine, aff):
+            raise TemplateNotFoundError(f"{folder / name}: affine differs from the T1 template's")
+    assert affine is not None
+    if not np.allclose(affine[:3, :3], np.eye(3)):
+        raise TemplateNotFoundError(
+            f"{folder}: expected the 1 mm axis-aligned RAS MNI152 template, got affine {affine.tolist()}"
+        )
+    return volumes, affine
+
+
+def _upsample2(arr: NDArray[np.float32], shape: tuple[int, ...]) -> NDArray[np.float32]:
+    """Linear 2x upsampling of a ``[::2]`` subsampled volume back onto the full grid."""
+    coords = np.meshgrid(*[np.arange(n, dtype=np.float32) / 2 for n in shape], indexing="ij")
+    return ndi.map_coordinates(arr, coords, order=1, mode="nearest", output=np.float32)
+
+
+def _bbox(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    idx = np.argwhere(mask)
+    return idx.min(axis=0), idx.max(axis=0)
+
+
+@functools.lru_cache(maxsize=1)
+def load_template() -> Template:
+    """Load the MNI152 template and derive the synthetic head, once per process.
+
+    Returns:
+        The cropped template with its derived maps (about 100 MB of float32).
+
+    Raises:
+        TemplateNotFoundError: see :func:`template_dir`.
+    """
+    volumes, affine = _load_raw()
+    t1, gm, wm = volumes["t1"], volumes["gm"], volumes["wm"]
+    wm_level = float(np.median(t1[wm > 0.9]))
+    brain_mask = t1 > 0
+    lo, hi = _bbox(brain_mask)
+    brain_centre_vox = (lo + hi) / 2.0
+    # crop to the brain plus room for the synthetic head
+    start = np.maximum(lo - HEAD_MARGIN_MM, 0)
+    stop = np.minimum(hi + HEAD_MARGIN_MM + 1, np.array(t1.shape))
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+    t1, gm, wm, brain_mask = t1[crop] / wm_level, gm[crop], wm[crop], brain_mask[crop]
+    origin = affine[:3, 3] + start
+    shape = t1.shape
+
+    # the brain's envelope (sulci bridged), and distances outside / inside it on a 2 mm grid
+    envelope = ndi.gaussian_filter(brain_mask.astype(np.float32), 3.0) > 0.25
+    env2 = envelope[::2, ::2, ::2]
+    outside = _upsample2(ndi.distance_transform_edt(~env2, sampling=2.0).astype(np.float32), shape)
+    inside = ndi.distance_transform_edt(env2, sampling=2.0).astype(np.float32)
+
+    xs = np.array([p[0] for p in HEAD_PROFILE], dtype=np.float32)
+    ys = np.array([p[1] for p in HEAD_PROFILE], dtype=np.float32)
+    head = np.interp(outside, xs, ys).astype(np.float32)
+    head = ndi.gaussian_filter(head, 0.6)
+    head[envelope & ~brain_mask] = CSF_LEVEL
+    head = np.where(brain_mask, t1, head).astype(np.float32)
+
+    # atrophy: grey matter next to CSF turns CSF-like first (sulci widen)
+    csf = np.where(brain_mask, np.clip(1.0 - gm - wm, 0.0, 1.0), envelope.astype(np.float32))
+    near_csf = np.clip(2.0 * ndi.gaussian_filter(csf.astype(np.float32), 1.5), 0.0, 1.0)
+    atrophy = (gm * near_csf * np.clip(t1 - CSF_LEVEL, 0.0, None)).astype(np.float32)
+
+    channels = np.stack([head, t1 * gm, t1 * wm, atrophy]).astype(np.float32)
+
+    # lateral ventricles: dark, deep inside the envelope, one centroid per hemisphere
+    deep = _upsample2(inside, shape) > 15.0
+    ventricles = brain_mask & deep & (t1 < 0.45)
+    vidx = np.argwhere(ventricles).astype(np.float64)
+    mid = brain_centre_vox[0] - start[0]
+    centres = [vidx[vidx[:, 0] < mid].mean(axis=0), vidx[vidx[:, 0] >= mid].mean(axis=0)]
+
+    # lesion sites: depth inside grey + white matter (2 mm grid), central superior-inferior band
+    tissue2 = (gm + wm)[::2, ::2, ::2] > TISSUE_THRESHOLD
+    depth = ndi.distance_transform_edt(tissue2, sampling=2.0) - 1.0  # conservative on a 2 mm grid
+    centre_z = brain_centre_vox[2] - start[2]
+    sites = np.argwhere(depth >= 3.0)
+    site_depth = depth[tuple(sites.T)]
+    sites_vox = sites.astype(np.float64) * 2.0
+    keep = np.abs(sites_vox[:, 2] - centre_z) <= LESION_Z_HALF_RANGE_MM
+    sites_vox, site_depth = sites_vox[keep], site_depth[keep]
+    order = np.lexsort((sites_vox[:, 2], sites_vox[:, 1], sites_vox[:, 0], -site_depth))
+    log.debug("template loaded: %s voxels, %d lesion sites", shape, len(order))
+    return Template(
+        channels=channels,
+        wm=wm.astype(np.float32),
+        brain=(gm + wm).astype(np.float32),
+        origin=origin.astype(np.float64),
+        brain_centre=(affine[:3, 3] + brain_centre_vox).astype(np.float64),
+        ventricle_centres=np.array(centres, dtype=np.float64),
+        lesion_sites=sites_vox[order],
+        lesion_depth=site_depth[order].astype(np.float64),
+    )

@@ -120,7 +120,7 @@ def test_unknown_columns_are_named() -> None:
     with pytest.raises(SplitInputError, match="no column 'vendor'"):
         assign(manifest, diagnoses, CFG.model_copy(update={"stratify_on": ["vendor"]}))
     bad = SplitConfig.model_validate({**CFG.model_dump(), "external": {"column": "nope"}})
-    with pytest.raises(SplitInputError, match="split.external.column"):
+    with pytest.raises(SplitInputError, match=r"split\.external\.column"):
         assign(manifest, diagnoses, bad)
 
 

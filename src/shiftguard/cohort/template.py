@@ -3,7 +3,9 @@
 nilearn's wheel ships the T1-weighted template and the grey/white matter probability maps; they are
 located without importing nilearn (slow) and loaded once per process. The template is skull-stripped,
 so a synthetic head is added around it (extra-axial CSF, skull tables and diploe, scalp muscle and
-fat) to give the images a realistic field of view. Everything derived here is deterministic.
+fat) to give the images a realistic field of view, and the template, which ends at the medulla, is
+continued downwards by a short cord and neck that fade out like a head coil's sensitivity (no flat cut
+on sagittal images). Everything derived here is deterministic.
 
 Intensities are on a "white matter = 1" scale: the T1 template is divided by its median white-matter
 value.
@@ -53,6 +55,8 @@ HEAD_PROFILE: tuple[tuple[float, float], ...] = (
 )
 CSF_LEVEL = 0.20
 HEAD_MARGIN_MM = 18
+#: mm the template is continued below the medulla (then faded out)
+NECK_MM = 24
 TISSUE_THRESHOLD = 0.6
 #: lesion centres stay within this distance (mm, superior-inferior) of the brain centre, so every
 #: scanner's field of view holds the whole lesion
@@ -128,7 +132,7 @@ def _load_raw() -> tuple[dict[str, NDArray[np.float32]], NDArray[np.float64]]:
     volumes: dict[str, NDArray[np.float32]] = {}
     affine: NDArray[np.float64] | None = None
     for key, name in TEMPLATE_FILES.items():
-        img = nib.load(folder / name)
+        img = nib.Nifti1Image.from_filename(folder / name)
         volumes[key] = np.asarray(img.dataobj, dtype=np.float32) / np.float32(255.0)
         aff = np.asarray(img.affine, dtype=np.float64)
         if affine is None:
@@ -144,9 +148,24 @@ def _load_raw() -> tuple[dict[str, NDArray[np.float32]], NDArray[np.float64]]:
 
 
 def _upsample2(arr: NDArray[np.float32], shape: tuple[int, ...]) -> NDArray[np.float32]:
-    """Linear 2x upsampling of a ``[::2]`` subsampled volume back onto the full grid."""
-    coords = np.meshgrid(*[np.arange(n, dtype=np.float32) / 2 for n in shape], indexing="ij")
-    return ndi.map_coordinates(arr, coords, order=1, mode="nearest", output=np.float32)
+    """Linear 2x upsampling of a ``[::2]`` subsampled volume back onto the full grid ``shape``."""
+    out = np.asarray(arr, dtype=np.float32)
+    for axis, n in enumerate(shape):
+        m = out.shape[axis]
+        full_shape = list(out.shape)
+        full_shape[axis] = 2 * m
+        full = np.empty(full_shape, dtype=np.float32)
+        even = [slice(None)] * out.ndim
+        odd = [slice(None)] * out.ndim
+        even[axis] = slice(0, None, 2)
+        odd[axis] = slice(1, None, 2)
+        full[tuple(even)] = out
+        nxt = np.concatenate([out.take(range(1, m), axis=axis), out.take([m - 1], axis=axis)], axis)
+        full[tuple(odd)] = 0.5 * (out + nxt)
+        keep = [slice(None)] * out.ndim
+        keep[axis] = slice(0, n)
+        out = full[tuple(keep)]
+    return np.ascontiguousarray(out)
 
 
 def _bbox(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -167,9 +186,18 @@ def load_template() -> Template:
     volumes, affine = _load_raw()
     t1, gm, wm = volumes["t1"], volumes["gm"], volumes["wm"]
     wm_level = float(np.median(t1[wm > 0.9]))
-    brain_mask = t1 > 0
-    lo, hi = _bbox(brain_mask)
+    lo, hi = _bbox(t1 > 0)
     brain_centre_vox = (lo + hi) / 2.0
+    # the template ends at the medulla: continue it downwards (a cord in a thin neck) and fade
+    # that extension out like a head coil's sensitivity, so no flat cut shows on sagittal images
+    pad = ((0, 0), (0, 0), (NECK_MM, 0))
+    t1, gm, wm = (np.pad(v, pad, mode="edge") for v in (t1, gm, wm))
+    affine = affine.copy()
+    affine[2, 3] -= NECK_MM
+    lo[2] = 0
+    hi[2] += NECK_MM
+    brain_centre_vox[2] += NECK_MM
+    brain_mask = t1 > 0
     # crop to the brain plus room for the synthetic head
     start = np.maximum(lo - HEAD_MARGIN_MM, 0)
     stop = np.minimum(hi + HEAD_MARGIN_MM + 1, np.array(t1.shape))
@@ -197,6 +225,10 @@ def load_template() -> Template:
     atrophy = (gm * near_csf * np.clip(t1 - CSF_LEVEL, 0.0, None)).astype(np.float32)
 
     channels = np.stack([head, t1 * gm, t1 * wm, atrophy]).astype(np.float32)
+    neck_end = NECK_MM - int(start[2])  # cropped index of the template's original bottom slice
+    if neck_end > 0:
+        ramp = np.clip(np.arange(shape[2], dtype=np.float32) / neck_end, 0.0, 1.0)
+        channels *= (ramp * ramp * (3.0 - 2.0 * ramp))[None, None, None, :]
 
     # lateral ventricles: dark, deep inside the envelope, one centroid per hemisphere
     deep = _upsample2(inside, shape) > 15.0

@@ -126,10 +126,12 @@ class AnatomyConfig(_Strict):
 class CohortConfig(_Strict):
     """The whole synthetic cohort. Same seed and config give byte-identical files."""
 
-    seed: int = 20261128
+    seed: Annotated[int, Field(ge=0)] = 20261128
     n_subjects: Annotated[int, Field(ge=1, le=100000)] = 200
     study_date_origin: str = Field("20200101", pattern=r"^\d{8}$")
-    readers: list[str] = Field(default_factory=lambda: ["reader_a", "reader_b", "reader_c"])
+    readers: list[str] = Field(
+        default_factory=lambda: ["reader_a", "reader_b", "reader_c"], min_length=1
+    )
     anatomy: AnatomyConfig = Field(default_factory=AnatomyConfig)
     lesion: LesionConfig = Field(default_factory=lambda: LesionConfig())
     scanners: dict[str, ScannerProfile]

@@ -1,0 +1,362 @@
+"""The generated cohort, on tiny grids: determinism, DICOM geometry and storage, lesions, side tables."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from pydicom.pixels import get_encoder
+from scipy import ndimage as ndi
+
+from shiftguard.cohort import (
+    TRANSFER_SYNTAXES,
+    CohortSummary,
+    OutputDirectoryError,
+    UnsupportedTransferSyntaxError,
+    run,
+)
+from shiftguard.cohort import writer as cohort_writer
+from shiftguard.cohort.demographics import sample_subjects
+from shiftguard.cohort.geometry import LPS_TO_RAS
+from shiftguard.cohort.render import render_subject
+from shiftguard.cohort.tables import config_digest
+from shiftguard.config.schema import CohortConfig
+
+DEFAULT = Path(__file__).resolve().parents[3] / "conf" / "cohort" / "default.yaml"
+
+
+def tiny_config(matrix: int = 32, n_slices: int = 12, **update: Any) -> CohortConfig:
+    """The default cohort with 4 subjects (one per site) on ``matrix``^2 x ``n_slices`` grids that keep
+    each scanner's field of view, orientation, tilt and storage. Two sites always have the finding."""
+    raw = yaml.safe_load(DEFAULT.read_text(encoding="utf-8"))
+    raw["n_subjects"] = 4
+    for profile in raw["scanners"].values():
+        rows, cols = profile["matrix"]
+        profile["pixel_spacing"] = [
+            profile["pixel_spacing"][0] * rows / matrix,
+            profile["pixel_spacing"][1] * cols / matrix,
+        ]
+        profile["matrix"] = [matrix, matrix]
+        factor = profile["n_slices"] / n_slices
+        profile["n_slices"] = n_slices
+        profile["slice_spacing"] *= factor
+        profile["slice_thickness"] *= factor
+    for site, prevalence in zip(raw["sites"], (1.0, 0.0, 0.0, 1.0), strict=True):
+        site["prevalence"] = prevalence
+    raw.update(update)
+    return CohortConfig(**raw)
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def read_series(folder: Path) -> list[pydicom.Dataset]:
+    dss = [pydicom.dcmread(p) for p in folder.glob("*.dcm")]
+    return sorted(dss, key=lambda d: int(d.InstanceNumber))
+
+
+def series_folders(root: Path) -> dict[str, Path]:
+    """PatientID -> the (single) series folder."""
+    out = {}
+    for patient in sorted((root / "dicom").iterdir()):
+        (series,) = list(patient.iterdir())
+        out[patient.name] = series
+    return out
+
+
+def dicom_affine(dss: list[pydicom.Dataset]) -> np.ndarray:
+    """``(4, 4)`` LPS affine of voxel ``(k, r, c)`` rebuilt from IOP, IPP and PixelSpacing."""
+    iop = np.array(dss[0].ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    row_sp, col_sp = (float(v) for v in dss[0].PixelSpacing)
+    ipp0 = np.array(dss[0].ImagePositionPatient, dtype=float)
+    ipp1 = np.array(dss[1].ImagePositionPatient, dtype=float)
+    aff = np.eye(4)
+    aff[:3, 0] = ipp1 - ipp0
+    aff[:3, 1] = col_dir * row_sp
+    aff[:3, 2] = row_dir * col_sp
+    aff[:3, 3] = ipp0
+    return aff
+
+
+@pytest.fixture(scope="module")
+def cfg() -> CohortConfig:
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def cohort(cfg: CohortConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    out = tmp_path_factory.mktemp("cohort") / "out"
+    summary = run(cfg, out, workers=1, progress=False)
+    assert isinstance(summary, CohortSummary)
+    assert summary.n_subjects == 4 and summary.n_positive == 2 and summary.n_files == 48
+    assert summary.per_site == {s.name: 1 for s in cfg.sites}
+    yield out
+
+
+def test_same_seed_is_byte_identical_whatever_the_workers(
+    cfg: CohortConfig, cohort: Path, tmp_path: Path
+) -> None:
+    again = run(cfg, tmp_path / "again", workers=2, progress=False)
+    assert again.n_files == 48
+    assert tree_digest(tmp_path / "again") == tree_digest(cohort)
+
+
+def test_another_seed_gives_other_bytes(cfg: CohortConfig, cohort: Path, tmp_path: Path) -> None:
+    other = cfg.model_copy(update={"seed": cfg.seed + 1})
+    run(other, tmp_path / "other", workers=1, progress=False)
+    assert tree_digest(tmp_path / "other") != tree_digest(cohort)
+    a = read_series(next(iter(series_folders(cohort).values())))
+    b = read_series(next(iter(series_folders(tmp_path / "other").values())))
+    assert not np.array_equal(a[5].pixel_array, b[5].pixel_array)
+    assert a[5].StudyInstanceUID != b[5].StudyInstanceUID
+
+
+def test_a_rerun_replaces_the_previous_cohort(
+    cfg: CohortConfig, cohort: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "rerun"
+    shutil.copytree(cohort, out)
+    (out / "dicom" / "stale.txt").write_text("from an older run")
+    (out / "notes.md").write_text("not ours")
+    run(cfg, out, workers=1, progress=False)
+    assert not (out / "dicom" / "stale.txt").exists()
+    assert (out / "notes.md").read_text() == "not ours"
+    (out / "notes.md").unlink()
+    assert tree_digest(out) == tree_digest(cohort)
+
+
+def test_a_folder_with_foreign_dicom_is_refused(cfg: CohortConfig, tmp_path: Path) -> None:
+    (tmp_path / "dicom").mkdir()
+    with pytest.raises(OutputDirectoryError, match=r"no cohort\.json"):
+        run(cfg, tmp_path, workers=1, progress=False)
+
+
+def test_geometry_round_trips_through_the_files(cfg: CohortConfig, cohort: Path) -> None:
+    plans = {p.patient_id: p for p in sample_subjects(cfg)}
+    seen = set()
+    for pid, folder in series_folders(cohort).items():
+        profile = cfg.scanners[plans[pid].scanner]
+        dss = read_series(folder)
+        assert len(dss) == profile.n_slices
+        aff = dicom_affine(dss)
+        iop = np.array(dss[0].ImageOrientationPatient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        # slices are stacked along the normal, SpacingBetweenSlices apart
+        step = aff[:3, 0]
+        assert np.linalg.norm(step) == pytest.approx(float(dss[0].SpacingBetweenSlices), abs=1e-4)
+        np.testing.assert_allclose(step / np.linalg.norm(step), normal, atol=1e-5)
+        for k, ds in enumerate(dss):
+            ipp = np.array(ds.ImagePositionPatient, dtype=float)
+            np.testing.assert_allclose(ipp, (aff @ [k, 0, 0, 1])[:3], atol=1e-4)
+            assert float(ds.SliceLocation) == pytest.approx(float(ipp @ normal), abs=1e-4)
+        assert float(dss[0].SliceThickness) == pytest.approx(profile.slice_thickness, abs=1e-5)
+        assert [float(v) for v in dss[0].PixelSpacing] == pytest.approx(list(profile.pixel_spacing))
+        tilt = math.degrees(math.acos(min(1.0, abs(normal[2]))))
+        if profile.orientation == "sagittal":
+            assert abs(normal[0]) == pytest.approx(1.0, abs=1e-9)
+            seen.add("sagittal")
+        elif profile.orientation == "axial":
+            assert tilt == pytest.approx(profile.tilt_deg, abs=1e-3)
+            assert normal[0] == pytest.approx(0.0, abs=1e-9)
+            seen.add("oblique" if profile.tilt_deg else "axial")
+        # the mask's NIfTI affine is the same grid, in RAS, axes (C, R, K)
+        img = nib.load(cohort / "ground_truth" / "masks" / f"{pid}.nii.gz")
+        assert img.shape == (profile.matrix[1], profile.matrix[0], profile.n_slices)
+        expected = LPS_TO_RAS @ aff[:, [2, 1, 0, 3]]
+        np.testing.assert_allclose(img.affine, expected, atol=1e-4)
+        # the grid's centre is near the brain (head positioning adds a few mm)
+        centre = aff @ [
+            (profile.n_slices - 1) / 2,
+            (profile.matrix[0] - 1) / 2,
+            (profile.matrix[1] - 1) / 2,
+            1,
+        ]
+        assert np.linalg.norm(centre[:3] - [0.0, 17.0, 17.0]) < 1.0
+    assert seen == {"axial", "oblique", "sagittal"}
+
+
+def test_stored_values_decode_to_the_physical_range(cfg: CohortConfig, cohort: Path) -> None:
+    plans = {p.patient_id: p for p in sample_subjects(cfg)}
+    for pid, folder in series_folders(cohort).items():
+        plan = plans[pid]
+        profile = cfg.scanners[plan.scanner]
+        dss = read_series(folder)
+        ds = dss[0]
+        assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[profile.transfer_syntax]
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (
+            16,
+            profile.bits_stored,
+            profile.bits_stored - 1,
+            0,
+        )
+        assert float(ds.RescaleSlope) == profile.rescale_slope
+        stored = np.stack([d.pixel_array for d in dss])
+        assert stored.dtype == np.uint16 and stored.max() <= 2**profile.bits_stored - 1
+        physical = stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        # what the files hold is exactly what was rendered, and white matter ~ intensity_scale
+        series = render_subject(cfg, plan, with_tissue=True)
+        np.testing.assert_array_equal(stored, series.stored)
+        np.testing.assert_allclose(physical, series.physical, atol=profile.rescale_slope / 2 + 1e-3)
+        assert series.wm is not None
+        wm = physical[series.wm > 0.9]
+        assert wm.size > 20
+        assert np.median(wm) == pytest.approx(profile.intensity_scale, rel=0.25), pid
+        assert physical.max() < 2.0 * profile.intensity_scale  # nothing clipped at the top
+        assert (ds.PatientSex, ds.PatientAge) == (plan.sex, f"{plan.age:03d}Y")
+        assert ds.InstitutionName == plan.site and ds.Manufacturer == profile.manufacturer
+
+
+def test_side_tables_match_the_files(cfg: CohortConfig, cohort: Path) -> None:
+    with (cohort / "ris" / "verified_diagnoses.csv").open(newline="") as fh:
+        ris = list(csv.DictReader(fh))
+    assert [r["patient_id"] for r in ris] == ["SG0001", "SG0002", "SG0003", "SG0004"]
+    folders = series_folders(cohort)
+    for row in ris:
+        uids = {
+            (d.StudyInstanceUID, d.AccessionNumber, d.PatientID)
+            for d in (
+                pydicom.dcmread(p, stop_before_pixels=True)
+                for p in folders[row["patient_id"]].glob("*.dcm")
+            )
+        }
+        assert uids == {(row["study_instance_uid"], row["accession_number"], row["patient_id"])}
+        assert row["finding_label"] == {"0": "no finding", "1": "focal lesion"}[row["finding"]]
+        mask = np.asarray(
+            nib.load(cohort / "ground_truth" / "masks" / f"{row['patient_id']}.nii.gz").dataobj
+        )
+        assert mask.dtype == np.uint8
+        assert bool(mask.any()) == (row["finding"] == "1")
+    with (cohort / "ground_truth" / "lesions.csv").open(newline="") as fh:
+        lesions = list(csv.DictReader(fh))
+    assert [r["patient_id"] for r in lesions] == [
+        r["patient_id"] for r in ris if r["finding"] == "1"
+    ]
+    raw = (cohort / "ris" / "verified_diagnoses.csv").read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"\n")
+    meta = json.loads((cohort / "cohort.json").read_text())
+    assert meta["config_sha256"] == config_digest(cfg) and meta["seed"] == cfg.seed
+    assert list(meta) == sorted(meta)
+    # masks are gzip with mtime 0 (deterministic bytes)
+    head = (cohort / "ground_truth" / "masks" / "SG0001.nii.gz").read_bytes()[:10]
+    assert head[4:8] == b"\0\0\0\0"
+    assert gzip.decompress((cohort / "ground_truth" / "masks" / "SG0001.nii.gz").read_bytes())[:4]
+
+
+def test_lesion_lies_in_tissue_and_changes_intensity_in_its_direction() -> None:
+    cfg = tiny_config(
+        matrix=64, n_slices=32, lesion={"radius_mm": (6.0, 9.0), "contrast": (0.4, 0.6)}
+    )
+    signs = set()
+    for plan in sample_subjects(cfg):
+        if not plan.finding:
+            continue
+        with_lesion = render_subject(cfg, plan, with_tissue=True)
+        without = render_subject(cfg, plan, with_lesion=False)
+        lesion, mask = with_lesion.lesion, with_lesion.mask.astype(bool)
+        assert lesion is not None and mask.sum() >= 4
+        assert with_lesion.brain is not None
+        # inside grey + white matter, not skull or CSF
+        assert np.mean(with_lesion.brain[mask]) > 0.8 and with_lesion.brain[mask].min() > 0.4
+        ratio = with_lesion.physical[mask].mean() / without.physical[mask].mean()
+        expected = 1.0 + lesion.sign * lesion.contrast
+        assert (ratio - 1.0) * lesion.sign > 0.5 * lesion.contrast
+        assert abs(ratio - expected) < 0.5 * lesion.contrast
+        # away from the lesion the two renders are the same (same noise, same anatomy)
+        far = ~ndi.binary_dilation(mask, iterations=3)
+        np.testing.assert_allclose(
+            with_lesion.physical[far], without.physical[far], rtol=1e-5, atol=1e-3
+        )
+        signs.add(lesion.sign)
+    assert signs  # at least one positive subject was checked
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFER_SYNTAXES))
+def test_each_transfer_syntax_encodes_losslessly_or_fails_clearly(
+    name: str, cfg: CohortConfig, tmp_path: Path
+) -> None:
+    profile = cfg.scanners["vantage_15t"].model_copy(update={"transfer_syntax": name})
+    uid = TRANSFER_SYNTAXES[name]
+    installed = not uid.is_compressed or any(
+        p in get_encoder(uid).available_plugins for p in cohort_writer.PLUGIN_PREFERENCE[uid]
+    )
+    if not installed:
+        with pytest.raises(UnsupportedTransferSyntaxError, match=r"scanners\.vantage_15t\."):
+            cohort_writer.check_transfer_syntax("vantage_15t", profile)
+        return
+    plugin = cohort_writer.check_transfer_syntax("vantage_15t", profile)
+    plan = dataclasses.replace(sample_subjects(cfg)[0], scanner="vantage_15t")
+    series = render_subject(cfg, plan)
+    uids = cohort_writer.series_uids("digest", cfg.seed, plan.patient_id)
+    paths = cohort_writer.write_series(
+        plan, profile, series.geometry, series.stored, uids, tmp_path, plugin
+    )
+    for k, path in enumerate(paths[:3]):
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[name]
+        np.testing.assert_array_equal(ds.pixel_array, series.stored[k])
+
+
+def test_jpeg2000_on_a_too_small_matrix_fails_with_the_reason() -> None:
+    profile = (
+        tiny_config()
+        .scanners["signa_15t"]
+        .model_copy(update={"transfer_syntax": "jpeg2000_lossless", "matrix": (16, 64)})
+    )
+    with pytest.raises(UnsupportedTransferSyntaxError, match=r"signa_15t.*at least 32 x 32"):
+        cohort_writer.check_transfer_syntax("signa_15t", profile)
+
+
+def test_an_unknown_transfer_syntax_names_the_profile() -> None:
+    cfg = tiny_config()
+    bad = cfg.scanners["skyra_3t"].model_construct(
+        **{**cfg.scanners["skyra_3t"].__dict__, "transfer_syntax": "jpeg_xl_lossless"}
+    )
+    with pytest.raises(
+        UnsupportedTransferSyntaxError, match=r"cohort\.scanners\.skyra_3t.*jpeg_xl"
+    ):
+        cohort_writer.check_transfer_syntax("skyra_3t", bad)
+
+
+def test_a_missing_encoder_fails_before_anything_is_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class NoEncoder:
+        is_available = False
+        available_plugins: tuple[str, ...] = ()
+        missing_dependencies = ("pylibjpeg-rle - not installed",)
+
+    monkeypatch.setattr(cohort_writer, "get_encoder", lambda uid: NoEncoder())
+    with pytest.raises(UnsupportedTransferSyntaxError, match=r"vantage_15t.*rle_lossless") as info:
+        run(tiny_config(), tmp_path / "out", workers=1, progress=False)
+    assert "explicit_vr_little_endian" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_files_pass_dciodvfy_without_errors(cohort: Path) -> None:
+    for folder in series_folders(cohort).values():
+        path = sorted(folder.glob("*.dcm"))[3]
+        proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+        report = proc.stdout + proc.stderr
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert not errors, f"{path}:\n{report}"

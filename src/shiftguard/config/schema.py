@@ -160,11 +160,12 @@ class IngestConfig(_Strict):
     """How series become volumes.
 
     Output volumes are in RAS+ canonical orientation, resampled to ``spacing`` (mm) on a grid of
-    ``size`` voxels ``(X, Y, Z)`` centred on the series' field of view.
+    ``shape`` voxels ``(X, Y, Z)`` centred on the series' field of view. (Not ``size``: DVC's run cache
+    ignores any parameter named ``size`` or ``nfiles`` when it decides whether a stage must re-run.)
     """
 
     spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (2.0, 2.0, 2.0)
-    size: tuple[
+    shape: tuple[
         Annotated[int, Field(ge=4, le=1024)],
         Annotated[int, Field(ge=4, le=1024)],
         Annotated[int, Field(ge=4, le=1024)],
@@ -177,7 +178,6 @@ class IngestConfig(_Strict):
         0.05, description="relative tolerance on slice spacing uniformity"
     )
     orientation_tolerance: Annotated[float, Field(gt=0, le=0.1)] = 1e-3
-    output_dtype: Literal["float32", "float16"] = "float32"
 
 
 # --------------------------------------------------------------------------------------------------

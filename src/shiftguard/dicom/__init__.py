@@ -1,1 +1,11 @@
-"""dicom."""
+"""DICOM: read any DICOM tree's headers, validate series, assemble volumes.
+
+* :mod:`shiftguard.dicom.scan`: header-only scan of a tree (:class:`~.scan.SliceHeader`, one per
+  image), never raising on bad files; a lean reader with a pydicom fallback.
+* :mod:`shiftguard.dicom.series`: grouping, de-duplication, validation and assembly of a series into
+  a volume with its RAS affine (:class:`~.series.SeriesVolume`).
+* :mod:`shiftguard.dicom.pixels`: the pixel pass (native pixels read in place, RLE/JPEG-LS/JPEG 2000
+  decoded through pydicom's plugins).
+* :mod:`shiftguard.dicom.errors`: typed errors and quarantine entries (code, reason, fix).
+* :mod:`shiftguard.dicom.testing`: a small writer of synthetic series for tests and benchmarks.
+"""

@@ -1,0 +1,778 @@
+"""Ingest: any DICOM tree -> validated series -> canonical NIfTI volumes, a manifest and a quarantine.
+
+:func:`run` is the stage's one entry point. It
+
+1. walks ``input_dir`` (sorted) and reads every file's header once, in a process pool over chunks of
+   files (:mod:`shiftguard.dicom.scan`);
+2. groups slices into series, then, in the pool again (one task per series), de-duplicates,
+   validates, assembles (:mod:`shiftguard.dicom.series`), resamples to the canonical RAS+ grid and
+   writes ``volumes/<series_key>.nii`` (:mod:`shiftguard.data.volume`);
+3. writes ``manifest.csv`` (one row per accepted series) and ``quarantine.csv`` (one row per rejected
+   file or series, with the reason and a fix), both sorted, so the output does not depend on the
+   number of workers.
+
+Nothing in the input can make it crash: every file ends up either in an accepted series or in the
+quarantine, and :class:`IngestSummary` checks that count.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import hashlib
+import logging
+import math
+import multiprocessing
+import os
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from shiftguard.config.schema import IngestConfig
+from shiftguard.data.volume import canonical_affine, resample_to_grid, volume_stats, write_nifti
+from shiftguard.dicom.errors import InvalidSeriesError, QuarantineEntry
+from shiftguard.dicom.scan import SliceHeader, chunked, list_files, scan_files
+from shiftguard.dicom.series import (
+    SeriesGroup,
+    assemble,
+    deduplicate,
+    group_series,
+    validate_series,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "QUARANTINE_COLUMNS",
+    "IngestSummary",
+    "parse_patient_age",
+    "run",
+    "series_key",
+]
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "series_key",
+    "volume_path",
+    "patient_id",
+    "patient_sex",
+    "patient_age",
+    "study_uid",
+    "series_uid",
+    "accession_number",
+    "study_date",
+    "modality",
+    "manufacturer",
+    "scanner_model",
+    "field_strength",
+    "site",
+    "station",
+    "series_description",
+    "series_number",
+    "software_version",
+    "transfer_syntax",
+    "n_slices",
+    "n_files",
+    "rows",
+    "cols",
+    "pixel_spacing_row",
+    "pixel_spacing_col",
+    "slice_spacing",
+    "slice_thickness",
+    "orientation",
+    "tilt_deg",
+    "repetition_time",
+    "echo_time",
+    "flip_angle",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "p01",
+    "p50",
+    "p99",
+    "foreground_fraction",
+    "snr",
+)
+QUARANTINE_COLUMNS: tuple[str, ...] = (
+    "path",
+    "level",
+    "series_uid",
+    "code",
+    "reason",
+    "fix",
+    "n_files",
+)
+VOLUMES_DIR = "volumes"
+_KEY_FILE = re.compile(r"^[0-9a-f]{16}\.nii$")
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """Counts and speed of one ingest run.
+
+    ``files_seen == files_accepted + files_quarantined`` always holds.
+    """
+
+    files_seen: int
+    files_accepted: int
+    series_accepted: int
+    series_rejected: int
+    files_quarantined: int
+    slices_accepted: int
+    slices_per_second: float
+    seconds: float
+    quarantine_codes: dict[str, int] = field(default_factory=dict)
+
+    def to_metrics(self) -> dict[str, Any]:
+        """Numbers for ``dvc metrics`` (JSON-serialisable); per-code counts under ``quarantine``."""
+        metrics: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "quarantine_codes"}
+        metrics["slices_per_second"] = round(self.slices_per_second, 3)
+        metrics["seconds"] = round(self.seconds, 3)
+        metrics["quarantine"] = dict(sorted(self.quarantine_codes.items()))
+        return metrics
+
+
+def series_key(series_uid: str) -> str:
+    """Short stable id of a series: the first 16 hex digits of SHA-1 of its SeriesInstanceUID.
+
+    Example:
+        >>> series_key("1.2.3")
+        '6f9f33482da53ff8'
+    """
+    return hashlib.sha1(series_uid.encode("utf-8")).hexdigest()[:16]
+
+
+_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
+
+
+def _parse_date(text: str) -> date | None:
+    text = text.strip().replace(".", "")  # old ACR-NEMA style 1990.01.31
+    if len(text) < 8 or not text[:8].isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
+def parse_patient_age(age: str, birth_date: str = "", study_date: str = "") -> float | None:
+    """Age in years from PatientAge (``"063Y"``, ``"006M"``, ``"010W"``, ``"005D"``), else from dates.
+
+    Args:
+        age: PatientAge (AS) text.
+        birth_date: PatientBirthDate, ``YYYYMMDD``.
+        study_date: StudyDate, ``YYYYMMDD``.
+
+    Returns:
+        Years (3 decimals), or ``None`` when neither source gives an age.
+
+    Example:
+        >>> parse_patient_age("063Y"), parse_patient_age("006M"), parse_patient_age("", "19600101", "20200101")
+        (63.0, 0.5, 60.0)
+    """
+    m = _AGE.match(age or "")
+    if m:
+        return round(int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2).upper()], 3)
+    born, seen = _parse_date(birth_date), _parse_date(study_date)
+    if born and seen and seen >= born:
+        years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+        return float(years)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-series work (runs in the pool)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The parts of IngestConfig a series task needs (picklable, no pydantic in the hot path)."""
+
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    order: int
+    antialias: bool
+    min_slices: int
+    modalities: tuple[str, ...]
+    spacing_tolerance: float
+    orientation_tolerance: float
+
+    @classmethod
+    def from_config(cls, cfg: IngestConfig) -> _Rules:
+        return cls(
+            spacing=tuple(float(v) for v in cfg.spacing),  # type: ignore[arg-type]
+            shape=tuple(int(v) for v in cfg.shape),  # type: ignore[arg-type]
+            order=int(cfg.interpolation_order),
+            antialias=bool(cfg.antialias),
+            min_slices=int(cfg.min_slices),
+            modalities=tuple(m.upper() for m in cfg.modalities),
+            spacing_tolerance=float(cfg.spacing_tolerance),
+            orientation_tolerance=float(cfg.orientation_tolerance),
+        )
+
+
+@dataclass(frozen=True)
+class _SeriesOutcome:
+    row: dict[str, Any] | None
+    entries: tuple[QuarantineEntry, ...]
+    accepted_files: tuple[str, ...]
+    n_slices: int
+
+
+def _series_folder(files: Sequence[str]) -> str:
+    if len(files) == 1:
+        return files[0]
+    try:
+        return os.path.commonpath(files)
+    except ValueError:  # pragma: no cover - different drives on Windows
+        return files[0]
+
+
+def _fmt(value: float | None, digits: int = 10) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.{digits}g}"
+
+
+def _ingest_series(group: SeriesGroup, rules: _Rules, volumes_dir: str) -> _SeriesOutcome:
+    """De-duplicate, validate, assemble, resample and write one series; bad input is reported.
+
+    Errors writing the output (disk full, permissions) are not the input's fault and propagate.
+    """
+    entries: list[QuarantineEntry] = []
+
+    def rejected(code: str, reason: str, fix: str) -> _SeriesOutcome:
+        files = group.files  # every file of the series (after de-duplication), even when the
+        # error names only one of them (e.g. the file whose pixels do not decode)
+        entries.append(
+            QuarantineEntry(
+                _series_folder(files), "series", group.series_uid, code, reason, fix, files
+            )
+        )
+        return _SeriesOutcome(None, tuple(entries), (), 0)
+
+    try:
+        group, notes = deduplicate(group)
+        entries.extend(notes)
+        series = validate_series(
+            group,
+            modalities=rules.modalities,
+            min_slices=rules.min_slices,
+            spacing_tolerance=rules.spacing_tolerance,
+            orientation_tolerance=rules.orientation_tolerance,
+        )
+        volume = assemble(series)
+        geometry = series.geometry
+        out_affine = canonical_affine(geometry.fov_centre_ras, rules.spacing, rules.shape)
+        resampled = resample_to_grid(
+            volume.array,
+            volume.affine,
+            out_affine,
+            rules.shape,
+            order=rules.order,
+            antialias=rules.antialias,
+        )
+        stats = volume_stats(resampled.array, resampled.inside)
+    except InvalidSeriesError as err:
+        return rejected(err.code, err.reason, err.fix)
+    except Exception as exc:  # a bug met by unusual input: report the series, keep going
+        log.exception("unexpected error while assembling series %s", group.series_uid)
+        return rejected(
+            "internal_error",
+            f"unexpected {type(exc).__name__} while assembling the series: {exc}",
+            "report this series to the ShiftGuard maintainers; ingest skipped it",
+        )
+
+    key = series_key(series.series_uid)
+    data = resampled.array
+    path = Path(volumes_dir) / f"{key}.nii"
+    tmp = path.with_name(f".{key}.{os.getpid()}.tmp.nii")
+    write_nifti(tmp, data, resampled.affine)
+    tmp.replace(path)
+
+    h = series.headers[0]
+    files = series.files
+    ts = ";".join(sorted({x.transfer_syntax for x in series.headers}))
+    row: dict[str, Any] = {
+        "series_key": key,
+        "volume_path": f"{VOLUMES_DIR}/{key}.nii",
+        "patient_id": h.patient_id,
+        "patient_sex": h.patient_sex,
+        "patient_age": _fmt(parse_patient_age(h.patient_age, h.patient_birth_date, h.study_date)),
+        "study_uid": series.study_uid,
+        "series_uid": series.series_uid,
+        "accession_number": h.accession_number,
+        "study_date": h.study_date,
+        "modality": h.modality,
+        "manufacturer": h.manufacturer,
+        "scanner_model": h.model,
+        "field_strength": _fmt(h.field_strength),
+        "site": h.institution,
+        "station": h.station,
+        "series_description": h.series_description,
+        "series_number": "" if h.series_number is None else str(h.series_number),
+        "software_version": h.software_version,
+        "transfer_syntax": ts,
+        "n_slices": len(series.headers),
+        "n_files": len(files),
+        "rows": h.rows,
+        "cols": h.cols,
+        "pixel_spacing_row": _fmt(geometry.pixel_spacing[0]),
+        "pixel_spacing_col": _fmt(geometry.pixel_spacing[1]),
+        "slice_spacing": _fmt(round(geometry.slice_spacing, 6)),
+        "slice_thickness": _fmt(geometry.slice_thickness),
+        "orientation": geometry.orientation,
+        "tilt_deg": _fmt(round(geometry.tilt_deg, 3)),
+        "repetition_time": _fmt(h.repetition_time),
+        "echo_time": _fmt(h.echo_time),
+        "flip_angle": _fmt(h.flip_angle),
+    }
+    for name, value in stats.items():
+        row[name] = _fmt(value, 6)
+    return _SeriesOutcome(row, tuple(entries), files, len(series.headers))
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------------
+
+
+def _limit_blas_threads() -> AbstractContextManager[Any]:
+    """One BLAS thread: no oversubscription in the pool, and results independent of threading."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is optional
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _tune_allocator() -> None:
+    """Keep freed large blocks in the heap instead of returning them to the OS (glibc only).
+
+    Every series allocates and frees a few arrays of megabytes; with glibc's defaults each one is a
+    fresh ``mmap`` whose pages the kernel must fault in and zero, which doubled ingest's CPU time
+    (half of it system time). Worker processes are short-lived, so holding on to their peak heap
+    costs nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 512 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
+        log.debug("allocator tuning skipped: %s", exc)
+
+
+_WORKER_LIMITS: Any = None
+
+
+def _worker_init() -> None:
+    global _WORKER_LIMITS
+    _tune_allocator()
+    _WORKER_LIMITS = _limit_blas_threads()
+    _WORKER_LIMITS.__enter__()
+
+
+def _noop() -> int:
+    return os.getpid()
+
+
+def _preload() -> None:
+    """Import what the workers need before forking, so that each worker does not import it again."""
+    import pydicom.pixels  # noqa: F401  (nibabel, imported by volume, loads pylibjpeg already)
+
+
+def _make_pool(workers: int) -> Executor:
+    # fork is the cheapest start (no re-import) but only safe while this process has one thread;
+    # workers are started before the progress bar's refresh thread exists (see run()).
+    methods = multiprocessing.get_all_start_methods()
+    ctx: multiprocessing.context.BaseContext
+    if "fork" in methods and threading.active_count() == 1:
+        ctx = multiprocessing.get_context("fork")
+    elif "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    # Start every worker now (with fork, the first submit launches all of them).
+    for f in [pool.submit(_noop) for _ in range(workers)]:
+        f.result()
+    return pool
+
+
+class _WorkerPool:
+    """A process pool that can be replaced when a worker dies (a crash in a native decoder)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.executor = _make_pool(workers)
+
+    def restart(self) -> None:
+        # Waiting for the broken pool's threads lets the new pool fork again (see _make_pool).
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor = _make_pool(self.workers)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class _Progress:
+    """A rich progress bar, or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress: Any = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def task(self, description: str, total: int) -> Callable[[int], None]:
+        if self._progress is None:
+            return lambda n: None
+        task_id = self._progress.add_task(description, total=total)
+        return lambda n: self._progress.advance(task_id, n)
+
+
+def _run_tasks(
+    pool: _WorkerPool | None,
+    fn: Callable[..., Any],
+    args: Sequence[tuple[Any, ...]],
+    weights: Sequence[int],
+    advance: Callable[[int], None],
+    crashed: Callable[[tuple[Any, ...]], Iterator[Any]],
+) -> Iterator[Any]:
+    """Run ``fn(*a)`` for every ``a`` (in the pool when given), yielding results as they finish.
+
+    A worker that dies (a native decoder crashing on a malformed file, the OOM killer) breaks the
+    whole pool. Then the pool is restarted and the unfinished tasks are run again; if the pool
+    breaks again they are run one at a time, and a task that still kills its worker is handed to
+    ``crashed``, which yields results that report it (so that bad input never stops ingest).
+    """
+    if pool is None:
+        for a, w in zip(args, weights, strict=True):
+            result = fn(*a)
+            advance(w)
+            yield result
+        return
+    pending = dict(enumerate(args))
+    for attempt in range(2):
+        futures = {pool.executor.submit(fn, *pending[i]): i for i in sorted(pending)}
+        try:
+            for fut in as_completed(futures):
+                i = futures[fut]
+                result = fut.result()
+                del pending[i]
+                advance(weights[i])
+                yield result
+            return
+        except BrokenProcessPool:
+            log.error(
+                "a worker process died (attempt %d); restarting the pool for %d unfinished task(s)",
+                attempt + 1,
+                len(pending),
+            )
+            pool.restart()
+    for i in sorted(pending):  # isolate the culprit: one task at a time
+        try:
+            results = [pool.executor.submit(fn, *pending[i]).result()]
+        except BrokenProcessPool:
+            pool.restart()
+            results = list(crashed(pending[i]))
+        advance(weights[i])
+        yield from results
+
+
+def _crashed_chunk(pool: _WorkerPool) -> Callable[[tuple[Any, ...]], Iterator[Any]]:
+    """Scan a chunk that killed its worker file by file; a file that kills a worker is reported."""
+
+    def isolate(args: tuple[Any, ...]) -> Iterator[tuple[list[SliceHeader], list[QuarantineEntry]]]:
+        for path in args[0]:
+            try:
+                yield pool.executor.submit(scan_files, [path]).result()
+            except BrokenProcessPool:
+                pool.restart()
+                entry = QuarantineEntry(
+                    path,
+                    "file",
+                    "",
+                    "reader_crashed",
+                    "reading this file's header killed the worker process (a crash in native code)",
+                    "re-export the file from the archive; if it opens elsewhere, report it to the "
+                    "ShiftGuard maintainers",
+                    (path,),
+                )
+                yield [], [entry]
+
+    return isolate
+
+
+def _crashed_series(args: tuple[Any, ...]) -> Iterator[_SeriesOutcome]:
+    group: SeriesGroup = args[0]
+    files = group.files
+    entry = QuarantineEntry(
+        _series_folder(files),
+        "series",
+        group.series_uid,
+        "decoder_crashed",
+        "assembling this series killed the worker process (a crash in native code, usually a "
+        "pixel decoder on a malformed compressed image, or running out of memory)",
+        "re-export the series uncompressed (e.g. gdcmconv --raw) or check the machine's memory; "
+        "report it to the ShiftGuard maintainers if it persists",
+        files,
+    )
+    yield _SeriesOutcome(None, (entry,), (), 0)
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        rel = os.path.relpath(path, root)
+    except ValueError:  # pragma: no cover - different drives on Windows
+        return Path(path).as_posix()
+    return Path(rel).as_posix()
+
+
+def _reject_conflicting_uids(
+    groups: list[SeriesGroup],
+) -> tuple[list[SeriesGroup], list[QuarantineEntry]]:
+    """A SeriesInstanceUID found in several studies is ambiguous: reject every part of it."""
+    counts = Counter(g.series_uid for g in groups)
+    keep = [g for g in groups if counts[g.series_uid] == 1]
+    entries = []
+    for g in groups:
+        if counts[g.series_uid] > 1:
+            studies = sorted({x.study_uid for x in groups if x.series_uid == g.series_uid})
+            entries.append(
+                QuarantineEntry(
+                    _series_folder(g.files),
+                    "series",
+                    g.series_uid,
+                    "series_uid_conflict",
+                    f"SeriesInstanceUID appears in {len(studies)} studies ({', '.join(studies)}); "
+                    "a series UID must be unique",
+                    "correct the UIDs at the source (one of the studies was mislabelled or "
+                    "anonymised inconsistently) and ingest again",
+                    g.files,
+                )
+            )
+    return keep, entries
+
+
+def _clean_volumes(volumes_dir: Path) -> None:
+    """Remove volumes of a previous run (only files named like ours)."""
+    if not volumes_dir.is_dir():
+        return
+    for p in volumes_dir.iterdir():
+        if _KEY_FILE.match(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp.nii")):
+            p.unlink()
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def run(
+    cfg: IngestConfig,
+    input_dir: Path,
+    out_dir: Path,
+    workers: int | None = None,
+    progress: bool = True,
+) -> IngestSummary:
+    """Ingest every DICOM file under ``input_dir`` into ``out_dir``.
+
+    Writes ``out_dir/volumes/<series_key>.nii`` (uncompressed NIfTI, RAS+, ``cfg.spacing`` mm voxels,
+    ``cfg.shape`` grid centred on the series' field of view, float32),
+    ``out_dir/manifest.csv`` (:data:`MANIFEST_COLUMNS`, one row per accepted series) and
+    ``out_dir/quarantine.csv`` (:data:`QUARANTINE_COLUMNS`, one row per rejected file or series).
+
+    Args:
+        cfg: The ingest section of the configuration.
+        input_dir: Root of the DICOM tree (any layout; a single file also works).
+        out_dir: Output folder (created; earlier volumes in ``volumes/`` are replaced).
+        workers: Worker processes; ``None`` uses ``os.cpu_count()``, 1 runs in this process.
+        progress: Show a rich progress bar.
+
+    Returns:
+        The run's counts and speed.
+
+    Raises:
+        FileNotFoundError: ``input_dir`` does not exist.
+        OSError: The output cannot be written (disk full, permissions); bad *input* never raises.
+    """
+    started = time.perf_counter()
+    input_dir = Path(input_dir)
+    out_dir = Path(out_dir)
+    if not input_dir.exists():
+        raise FileNotFoundError(
+            f"ingest: input folder {input_dir} does not exist; pass the root of the DICOM tree"
+        )
+    rules = _Rules.from_config(cfg)
+    volumes_dir = out_dir / VOLUMES_DIR
+    volumes_dir.mkdir(parents=True, exist_ok=True)
+    _clean_volumes(volumes_dir)
+
+    files = list_files(input_dir, exclude=[out_dir])  # an output folder inside the input
+    n_workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    n_workers = min(n_workers, max(1, len(files)))
+    log.info("ingest: %d files under %s, %d worker(s)", len(files), input_dir, n_workers)
+
+    headers: list[SliceHeader] = []
+    entries: list[QuarantineEntry] = []
+    rows: list[dict[str, Any]] = []
+    accepted_files: set[str] = set()
+    slices_accepted = 0
+    series_accepted = 0
+
+    with ExitStack() as stack:
+        pool: _WorkerPool | None = None
+        _preload()
+        if n_workers > 1:
+            pool = _WorkerPool(n_workers)
+            stack.callback(pool.close)
+        else:
+            stack.enter_context(_limit_blas_threads())
+        bar = stack.enter_context(_Progress(progress))
+        t_pool = time.perf_counter()
+
+        # 1. Header scan, in chunks of files.
+        chunk = max(16, min(512, math.ceil(len(files) / (n_workers * 8)) if files else 16))
+        chunks = chunked(files, chunk)
+        advance = bar.task("scan headers", len(files))
+        scan_args = [(c,) for c in chunks]
+        crashed_chunk = _crashed_chunk(pool) if pool is not None else iter
+        for h, q in _run_tasks(
+            pool, scan_files, scan_args, [len(c) for c in chunks], advance, crashed_chunk
+        ):
+            headers.extend(h)
+            entries.extend(q)
+
+        t_scan = time.perf_counter()
+        # 2. Series: validate, assemble, resample, write.
+        groups = group_series(headers)
+        groups, conflicts = _reject_conflicting_uids(groups)
+        entries.extend(conflicts)
+        del headers
+        order = sorted(range(len(groups)), key=lambda i: -len(groups[i].headers))  # big first
+        tasks = [(groups[i], rules, str(volumes_dir)) for i in order]
+        advance = bar.task("assemble series", len(tasks))
+        weights = [1] * len(tasks)
+        for outcome in _run_tasks(pool, _ingest_series, tasks, weights, advance, _crashed_series):
+            entries.extend(outcome.entries)
+            if outcome.row is not None:
+                rows.append(outcome.row)
+                accepted_files.update(outcome.accepted_files)
+                slices_accepted += outcome.n_slices
+                series_accepted += 1
+        t_series = time.perf_counter()
+    log.debug(
+        "ingest timing: start %.3f s, scan %.3f s, series %.3f s, pool shutdown %.3f s",
+        t_pool - started,
+        t_scan - t_pool,
+        t_series - t_scan,
+        time.perf_counter() - t_series,
+    )
+
+    # 3. Reports, sorted so that the output does not depend on the worker count.
+    rows.sort(key=lambda r: (r["patient_id"], r["study_uid"], r["series_uid"]))
+    prefix = str(input_dir).rstrip(os.sep) + os.sep
+    quarantine_rows = sorted(
+        (
+            {
+                "path": _relative(e.path, input_dir),
+                "level": e.level,
+                "series_uid": e.series_uid,
+                "code": e.code,
+                "reason": e.reason.replace(prefix, ""),  # paths in reasons: relative too
+                "fix": e.fix,
+                "n_files": len(e.files),
+            }
+            for e in entries
+        ),
+        key=lambda r: (r["path"], r["level"], r["series_uid"], r["code"], r["reason"]),
+    )
+    _write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS, rows)
+    _write_csv(out_dir / "quarantine.csv", QUARANTINE_COLUMNS, quarantine_rows)
+
+    quarantined_files = {f for e in entries for f in e.files}
+    overlap = quarantined_files & accepted_files
+    unaccounted = set(files) - quarantined_files - accepted_files
+    if overlap or unaccounted:
+        # A bug, not bad input: every file must be either accepted or quarantined, once.
+        raise RuntimeError(
+            f"ingest accounting failed: {len(unaccounted)} file(s) neither accepted nor "
+            f"quarantined (e.g. {sorted(unaccounted)[:3]}), {len(overlap)} both (e.g. "
+            f"{sorted(overlap)[:3]}); please report this with the input tree"
+        )
+    seconds = time.perf_counter() - started
+    codes = Counter(e.code for e in entries)
+    summary = IngestSummary(
+        files_seen=len(files),
+        files_accepted=len(accepted_files),
+        series_accepted=series_accepted,
+        series_rejected=sum(1 for e in entries if e.level == "series"),
+        files_quarantined=len(quarantined_files),
+        slices_accepted=slices_accepted,
+        slices_per_second=slices_accepted / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        quarantine_codes=dict(sorted(codes.items())),
+    )
+    log.info(
+        "ingest: %d series accepted (%d slices), %d rejected, %d of %d files quarantined, "
+        "%.1f s (%.0f slices/s)",
+        summary.series_accepted,
+        summary.slices_accepted,
+        summary.series_rejected,
+        summary.files_quarantined,
+        summary.files_seen,
+        summary.seconds,
+        summary.slices_per_second,
+    )
+    if codes:
+        log.warning(
+            "ingest: quarantined %s; see %s",
+            ", ".join(f"{n} {c}" for c, n in sorted(codes.items())),
+            out_dir / "quarantine.csv",
+        )
+    return summary

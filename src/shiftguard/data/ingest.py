@@ -135,10 +135,12 @@ class IngestSummary:
     quarantine_codes: dict[str, int] = field(default_factory=dict)
 
     def to_metrics(self) -> dict[str, Any]:
-        """Numbers for ``dvc metrics`` (JSON-serialisable); per-code counts under ``quarantine``."""
-        metrics: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "quarantine_codes"}
-        metrics["slices_per_second"] = round(self.slices_per_second, 3)
-        metrics["seconds"] = round(self.seconds, 3)
+        """Counts for ``dvc metrics``, per-code counts under ``quarantine``.
+
+        Timings are left out: metrics are committed, and the same inputs must give the same file.
+        """
+        timing = {"quarantine_codes", "seconds", "slices_per_second"}
+        metrics: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in timing}
         metrics["quarantine"] = dict(sorted(self.quarantine_codes.items()))
         return metrics
 

@@ -7,6 +7,10 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 WORKERS_ENV = "SHIFTGUARD_WORKERS"
 
@@ -46,4 +50,28 @@ def setup_logging(level: int | str = logging.INFO) -> None:
         datefmt="[%X]",
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
+    )
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """The project's rich progress bar (description, bar, n/total, elapsed, remaining).
+
+    Use it as a context manager; when ``enabled`` is false it draws nothing.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
     )

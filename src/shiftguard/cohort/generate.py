@@ -36,6 +36,7 @@ from shiftguard.cohort.errors import CohortError, OutputDirectoryError
 from shiftguard.cohort.render import render_subject
 from shiftguard.cohort.writer import check_transfer_syntax, series_uids, write_mask, write_series
 from shiftguard.config.schema import CohortConfig
+from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -169,26 +170,10 @@ def _run_pool(
     workers: int,
     progress: bool,
 ) -> list[SubjectResult]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     results: list[SubjectResult] = []
-    bar = Progress(
-        TextColumn("[bold]cohort[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-    )
+    bar = progress_bar(progress)
     with bar:
-        task = bar.add_task(f"{len(plans)} subjects", total=len(plans))
+        task = bar.add_task(f"cohort: {len(plans)} subjects", total=len(plans))
         if workers <= 1:
             for plan in plans:
                 results.extend(_generate_chunk(cfg, [plan], out_dir, digest, plugins))

@@ -35,6 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from shiftguard.dicom.series import (
     group_series,
     validate_series,
 )
+from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -433,46 +435,6 @@ class _WorkerPool:
         self.executor.shutdown(wait=True)
 
 
-class _Progress:
-    """A rich progress bar, or nothing."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._progress: Any = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-
-    def __enter__(self) -> _Progress:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def task(self, description: str, total: int) -> Callable[[int], None]:
-        if self._progress is None:
-            return lambda n: None
-        task_id = self._progress.add_task(description, total=total)
-        return lambda n: self._progress.advance(task_id, n)
-
-
 def _run_tasks(
     pool: _WorkerPool | None,
     fn: Callable[..., Any],
@@ -675,13 +637,13 @@ def run(
             stack.callback(pool.close)
         else:
             stack.enter_context(_limit_blas_threads())
-        bar = stack.enter_context(_Progress(progress))
+        bar = stack.enter_context(progress_bar(progress))
         t_pool = time.perf_counter()
 
         # 1. Header scan, in chunks of files.
         chunk = max(16, min(512, math.ceil(len(files) / (n_workers * 8)) if files else 16))
         chunks = chunked(files, chunk)
-        advance = bar.task("scan headers", len(files))
+        advance = partial(bar.advance, bar.add_task("scan headers", total=len(files)))
         scan_args = [(c,) for c in chunks]
         crashed_chunk = _crashed_chunk(pool) if pool is not None else iter
         for h, q in _run_tasks(
@@ -698,7 +660,7 @@ def run(
         del headers
         order = sorted(range(len(groups)), key=lambda i: -len(groups[i].headers))  # big first
         tasks = [(groups[i], rules, str(volumes_dir)) for i in order]
-        advance = bar.task("assemble series", len(tasks))
+        advance = partial(bar.advance, bar.add_task("assemble series", total=len(tasks)))
         weights = [1] * len(tasks)
         for outcome in _run_tasks(pool, _ingest_series, tasks, weights, advance, _crashed_series):
             entries.extend(outcome.entries)

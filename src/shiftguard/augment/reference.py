@@ -114,9 +114,10 @@ class _AnisotropyReference(tio.transforms.SpatialTransform):
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         image = subject.get_first_image()
         shape, affine = image.spatial_shape, image.affine.copy()
-        spacing = list(image.spacing)
-        spacing[self.axis] *= self.downsampling
-        down = tio.Resample(target=tuple(float(s) for s in spacing), image_interpolation="nearest")
+        sx, sy, sz = (float(s) for s in image.spacing)
+        target = [sx, sy, sz]
+        target[self.axis] *= self.downsampling
+        down = tio.Resample(target=(target[0], target[1], target[2]), image_interpolation="nearest")
         up = tio.Resample(target=(shape, affine), image_interpolation="linear")
         return up(down(subject))
 
@@ -143,4 +144,5 @@ def apply_reference(
     subject = tio.Subject(image=image)
     for transform in torchio_transforms(params, reference_max):
         subject = transform(subject)
-    return subject["image"].data.float()
+    result: torch.Tensor = subject["image"].data
+    return result.float()

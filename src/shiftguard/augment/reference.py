@@ -144,5 +144,5 @@ def apply_reference(
     subject = tio.Subject(image=image)
     for transform in torchio_transforms(params, reference_max):
         subject = transform(subject)
-    result: torch.Tensor = subject["image"].data
+    result: torch.Tensor = subject.get_first_image().data
     return result.float()

@@ -88,6 +88,82 @@ manifest.groupby("scanner_model")[stats].median().round(3)""",
 ]
 
 
+SCANNER_SIMULATION = [
+    (
+        "markdown",
+        """# Scanner simulation: profiles x severity
+
+The `augment` stage simulates every validation and test volume under every scanner profile
+(`conf/scanner/`) at every severity (0 = identity to 4). This notebook shows its gallery and the
+parameters actually drawn. Without pipeline outputs it builds a tiny example in a temporary folder.""",
+    ),
+    (
+        "code",
+        """import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import Image, display
+
+from shiftguard.augment import robustness
+from shiftguard.config import AugmentConfig, CohortConfig, IngestConfig, compose, validate
+
+root = Path(os.environ.get("SHIFTGUARD_PROJECT", Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()))
+config = compose(["experiment=tiny"])
+augment = validate("augment", config["augment"], AugmentConfig)
+manifest_csv = root / "artifacts" / "augment" / "manifest.csv"
+gallery_png = root / "reports" / "augment" / "gallery.png"
+if not manifest_csv.exists():
+    from shiftguard.cohort import generate
+    from shiftguard.data import ingest
+
+    work = Path(tempfile.mkdtemp(prefix="shiftguard-nb-"))
+    cohort = validate("cohort", {**config["cohort"], "n_subjects": 2}, CohortConfig)
+    generate.run(cohort, work / "data", workers=1, progress=False)
+    ingest.run(validate("ingest", config["ingest"], IngestConfig), work / "data" / "dicom", work / "ingest", workers=1, progress=False)
+    volume = next((work / "ingest" / "volumes").glob("*.nii"))
+    gallery_png = robustness.gallery(augment, volume, work / "gallery.png")
+display(Image(filename=str(gallery_png)))""",
+    ),
+    ("markdown", "## The profiles at severity 4 (the configured ranges)"),
+    (
+        "code",
+        """rows = []
+for name, profile in augment.profiles.items():
+    ranges = profile.model_dump(exclude_none=True)
+    description = ranges.pop("description", "")
+    rows.append({"profile": name, "description": description, "transforms": ", ".join(sorted(ranges))})
+pd.DataFrame(rows).set_index("profile")""",
+    ),
+    ("markdown", "## Parameters drawn for the robustness sets"),
+    (
+        "code",
+        """if manifest_csv.exists():
+    drawn = pd.read_csv(manifest_csv)
+else:  # draw them the way the stage does, for one made-up series key
+    import numpy as np
+
+    from shiftguard.augment.profiles import draw
+
+    drawn = pd.DataFrame(
+        {
+            "profile": p,
+            "severity": s,
+            "params": json.dumps(draw(augment.profiles[p], s, robustness.generator_for(0, "example", p, s), (24, 28, 24)).to_dict()),
+        }
+        for p in augment.robustness.profiles
+        for s in augment.robustness.severities
+    )
+def summary(params: str) -> str:
+    active = {k: v for k, v in json.loads(params).items() if v is not None}
+    return ", ".join(sorted(active)) or "identity"
+drawn.assign(transforms=drawn["params"].map(summary)).groupby(["profile", "severity"])["transforms"].first().unstack()""",
+    ),
+]
+
+
 def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {
@@ -105,6 +181,7 @@ def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
 def main() -> None:
     NOTEBOOKS.mkdir(exist_ok=True)
     nbformat.write(build(COHORT_AND_INGEST), NOTEBOOKS / "01_cohort_and_ingest.ipynb")
+    nbformat.write(build(SCANNER_SIMULATION), NOTEBOOKS / "02_scanner_simulation.ipynb")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,19 @@ def test_repro_ingests_splits_and_leaves_status_clean(project: tuple[Path, dict]
         assert (row["split"] == "external") == (row["scanner_model"] in external_models)
         assert row["finding"] in {"0", "1"}
 
+    robustness = read_rows(root / "artifacts/augment/manifest.csv")
+    evaluated = [r for r in dataset if r["split"] in {"val", "test"}]
+    sets = config["augment"]["robustness"]
+    assert evaluated
+    assert len(robustness) == len(evaluated) * len(sets["profiles"]) * len(sets["severities"])
+    for row in robustness:
+        path = (root / "artifacts/augment" / row["volume_path"]).resolve()
+        assert path.is_file(), row
+        assert nib.load(path).shape == tuple(config["ingest"]["shape"])
+        params = json.loads(row["params"])
+        assert (row["severity"] == "0") == all(v is None for v in params.values())
+    assert (root / "reports/augment/gallery.png").stat().st_size > 10_000
+
     ingest_metrics = json.loads((root / "reports/ingest/metrics.json").read_text())
     assert ingest_metrics["series_accepted"] == n_subjects
     split_metrics = json.loads((root / "reports/split/metrics.json").read_text())

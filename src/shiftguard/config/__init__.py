@@ -17,9 +17,11 @@ from shiftguard.config.loader import (
 )
 from shiftguard.config.schema import (
     SCHEMAS,
+    AugmentConfig,
     CohortConfig,
     IngestConfig,
     ScannerProfile,
+    ScannerSimProfile,
     SiteConfig,
     SplitConfig,
 )
@@ -27,10 +29,12 @@ from shiftguard.config.schema import (
 __all__ = [
     "PARAMS_FILE",
     "SCHEMAS",
+    "AugmentConfig",
     "CohortConfig",
     "ConfigError",
     "IngestConfig",
     "ScannerProfile",
+    "ScannerSimProfile",
     "SiteConfig",
     "SplitConfig",
     "compose",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -217,9 +217,196 @@ class SplitConfig(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------------------
+# Augment: scanner profiles (conf/scanner/) and the scanner-simulating augmentation (conf/augment/)
+# --------------------------------------------------------------------------------------------------
+
+SEVERITY_MAX = 4
+"""The highest severity level; a profile's ranges are written for it."""
+
+Severity = Annotated[int, Field(ge=0, le=SEVERITY_MAX)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=1, le=64)]
+Axis = Literal[0, 1, 2]
+
+
+def _ordered(value: tuple[float, float]) -> tuple[float, float]:
+    """A ``[min, max]`` pair in order; pydantic prefixes the error with the full key."""
+    lo, hi = value
+    if lo > hi:
+        raise ValueError(f"minimum {lo} is above maximum {hi}; write it as [min, max]")
+    return value
+
+
+Range = Annotated[tuple[float, float], AfterValidator(_ordered)]
+"""``[min, max]`` of a signed quantity (degrees, translation, log-gamma, ...)."""
+MagnitudeRange = Annotated[tuple[NonNegativeFloat, NonNegativeFloat], AfterValidator(_ordered)]
+"""``[min, max]`` of a non-negative quantity (a standard deviation, a coefficient magnitude)."""
+FractionRange = Annotated[tuple[Fraction, Fraction], AfterValidator(_ordered)]
+"""``[min, max]`` within [0, 1]."""
+CountRange = Annotated[tuple[Count, Count], AfterValidator(_ordered)]
+"""``[min, max]`` of a count, both at least 1."""
+FactorRange = Annotated[
+    tuple[Annotated[float, Field(ge=1, le=16)], Annotated[float, Field(ge=1, le=16)]],
+    AfterValidator(_ordered),
+]
+"""``[min, max]`` of a factor that is 1 at the identity (down-sampling)."""
+SeverityRange = Annotated[tuple[Severity, Severity], AfterValidator(_ordered)]
+
+
+class BiasFieldSim(_Strict):
+    """TorchIO's polynomial bias field: every coefficient is uniform in ``[-m, m]`` with the
+    magnitude ``m`` drawn from ``coefficients``; ``order`` is the polynomial degree (TorchIO draws
+    ``(order + 1)(order + 2)(order + 3) / 6`` coefficients)."""
+
+    coefficients: MagnitudeRange
+    order: Annotated[int, Field(ge=0, le=6)] = 3
+
+
+class NoiseSim(_Strict):
+    """Noise standard deviation relative to the image's 99th percentile; Rician (the magnitude of
+    complex Gaussian noise, as in low-SNR magnitude images) or Gaussian."""
+
+    std: Annotated[tuple[Fraction, Fraction], AfterValidator(_ordered)]
+    rician: bool = False
+
+
+class GhostingSim(_Strict):
+    """``num_ghosts`` ghosts along one of ``axes`` (the phase-encoding directions), relative
+    ``intensity`` in [0, 1]; ``restore`` is the fraction of the k-space centre kept intact."""
+
+    num_ghosts: CountRange
+    axes: list[Axis] = Field(default_factory=lambda: list[Axis]([0, 1]), min_length=1)
+    intensity: FractionRange
+    restore: Fraction = 0.02
+
+
+class SpikeSim(_Strict):
+    """``num_spikes`` k-space spikes, ``intensity`` relative to the spectrum's maximum (TorchIO's
+    ``RandomSpike`` uses (1, 3) by default; the sign is kept)."""
+
+    num_spikes: CountRange
+    intensity: Range
+
+
+class MotionSim(_Strict):
+    """``num_transforms`` rigid movements during the acquisition, each with rotations in ``degrees``
+    and translations in ``translation`` (mm) drawn per axis, as TorchIO's ``RandomMotion``."""
+
+    degrees: Range
+    translation: Range
+    num_transforms: CountRange
+
+
+class BlurSim(_Strict):
+    """Gaussian point-spread function: standard deviation in mm, drawn per axis."""
+
+    std: MagnitudeRange
+
+
+class AnisotropySim(_Strict):
+    """Thick slices along one of ``axes``: ``downsampling`` times the voxel size, and back."""
+
+    axes: list[Axis] = Field(default_factory=lambda: list[Axis]([2]), min_length=1)
+    downsampling: FactorRange
+
+
+class GammaSim(_Strict):
+    """Vendor contrast curve: ``gamma = exp(log_gamma)``."""
+
+    log_gamma: Range
+
+
+class ScaleSim(_Strict):
+    """Vendor intensity scaling: ``factor = exp(log_scale)``."""
+
+    log_scale: Range
+
+
+class ScannerSimProfile(_Strict):
+    """How one kind of scanner or protocol changes an image (``conf/scanner/<name>.yaml``).
+
+    Every range is ``[min, max]`` at the highest severity (4); a lower severity ``s`` moves each end
+    towards the identity, ``identity + s / 4 * (end - identity)`` (see
+    :func:`shiftguard.augment.profiles.scaled_ranges`). A transform left out (or ``null``) is never
+    applied by this profile.
+    """
+
+    description: str
+    motion: MotionSim | None = None
+    ghosting: GhostingSim | None = None
+    spike: SpikeSim | None = None
+    blur: BlurSim | None = None
+    anisotropy: AnisotropySim | None = None
+    bias_field: BiasFieldSim | None = None
+    noise: NoiseSim | None = None
+    gamma: GammaSim | None = None
+    scale: ScaleSim | None = None
+
+
+class RobustnessConfig(_Strict):
+    """The offline robustness test sets: every validation and test volume under each of
+    ``profiles`` at each of ``severities``, reproducible from ``seed``."""
+
+    profiles: list[str] = Field(min_length=1)
+    severities: list[Severity] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _unique(self) -> RobustnessConfig:
+        repeated = sorted({p for p in self.profiles if self.profiles.count(p) > 1})
+        if repeated:
+            raise ValueError(f"augment.robustness.profiles: repeated {', '.join(repeated)}")
+        twice = sorted({s for s in self.severities if self.severities.count(s) > 1})
+        if twice:
+            raise ValueError(f"augment.robustness.severities: repeated {twice}")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """Scanner-simulating augmentation for training and the robustness test sets.
+
+    ``profiles`` is the catalogue of scanner profiles (composed from ``conf/scanner/``); it is the
+    same whether training augments or not, because the robustness sets use it too. Per training
+    sample, with ``probability`` (when ``enabled``), a profile is drawn with ``profile_weights``
+    (empty: uniform over every profile; otherwise only the listed ones), a severity uniformly from
+    the integers of ``severity`` (inclusive), and then the acquisition parameters.
+    """
+
+    enabled: bool = True
+    probability: Fraction = 0.8
+    profiles: dict[str, ScannerSimProfile] = Field(default_factory=dict)
+    profile_weights: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    severity: SeverityRange = (1, SEVERITY_MAX)
+    backend: Literal["fast", "torchio"] = "fast"
+    robustness: RobustnessConfig
+
+    def _unknown(self, key: str, names: list[str]) -> None:
+        for name in names:
+            if name not in self.profiles:
+                known = ", ".join(sorted(self.profiles)) or "none"
+                raise ValueError(
+                    f"{key}: unknown scanner profile {name!r} (known: {known}); fix the name, or "
+                    f"write conf/scanner/{name}.yaml and list it in the defaults of conf/augment/"
+                )
+
+    @model_validator(mode="after")
+    def _profiles_exist(self) -> AugmentConfig:
+        self._unknown("augment.profile_weights", list(self.profile_weights))
+        self._unknown("augment.robustness.profiles", self.robustness.profiles)
+        # (robustness.profiles is never empty, so neither is the catalogue)
+        if self.enabled and self.profile_weights and sum(self.profile_weights.values()) <= 0:
+            raise ValueError(
+                "augment.profile_weights: at least one weight must be positive while augmentation "
+                "is enabled"
+            )
+        return self
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "cohort": CohortConfig,
     "ingest": IngestConfig,
     "split": SplitConfig,
+    "augment": AugmentConfig,
 }
 """The schema of every top-level section of the composed configuration."""

@@ -569,3 +569,16 @@ def volume_stats(array: np.ndarray, inside: np.ndarray | None = None) -> dict[st
         "foreground_fraction": fg.size / values.size,
         "snr": fg_mean / bg_std if (fg_mean is not None and bg_std > 0) else None,
     }
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI volume as float32.
+
+    Returns:
+        The ``(X, Y, Z)`` array (scaling applied), its ``(4, 4)`` voxel -> RAS affine, and the voxel
+        size in mm.
+    """
+    image = nib.Nifti1Image.from_filename(path)
+    zooms = image.header.get_zooms()
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    return array, np.asarray(image.affine), (float(zooms[0]), float(zooms[1]), float(zooms[2]))

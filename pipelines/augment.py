@@ -1,8 +1,9 @@
 """DVC stage ``augment``: robustness test sets for the validation and test splits.
 
 Every val/test volume under every scanner profile at every severity (``artifacts/augment/``, with a
-manifest of the drawn parameters) and a profile x severity gallery (``reports/augment/gallery.png``).
-Config: the ``augment`` section of ``params.yaml``. Workers: ``$SHIFTGUARD_WORKERS``.
+manifest of the drawn parameters), a profile x severity gallery (``reports/augment/gallery.png``), and
+an MLflow run logging both. Config: the ``augment`` section of ``params.yaml``. Workers:
+``$SHIFTGUARD_WORKERS``; tracking store: ``$MLFLOW_TRACKING_URI`` (default: ``mlflow.db`` here).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ METRICS = Path("reports/augment/metrics.json")
 def main() -> int:
     setup_logging()
     cfg = load_section("augment", AugmentConfig)
-    summary = robustness.run(cfg, DATASET, INGEST, OUT, workers=env_workers())
-    key = robustness.gallery_series(DATASET)
-    robustness.gallery(cfg, INGEST / "volumes" / f"{key}.nii", GALLERY)
+    summary = robustness.run_stage(cfg, DATASET, INGEST, OUT, GALLERY, workers=env_workers())
     write_json(METRICS, summary.to_metrics())
     return 0
 

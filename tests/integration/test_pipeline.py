@@ -109,6 +109,19 @@ def test_repro_ingests_splits_and_leaves_status_clean(project: tuple[Path, dict]
         assert (row["severity"] == "0") == all(v is None for v in params.values())
     assert (root / "reports/augment/gallery.png").stat().st_size > 10_000
 
+    # The stage logged itself to the project's embedded MLflow store.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("shiftguard").experiment_id],
+        "tags.`shiftguard.stage` = 'augment'",
+    )
+    assert run.data.metrics["volumes_written"] == sum(r["severity"] != "0" for r in robustness)
+    assert run.data.params["augment.robustness.seed"] == str(sets["seed"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"gallery.png", "manifest.csv"} <= logged
+
     ingest_metrics = json.loads((root / "reports/ingest/metrics.json").read_text())
     assert ingest_metrics["series_accepted"] == n_subjects
     split_metrics = json.loads((root / "reports/split/metrics.json").read_text())

@@ -277,3 +277,28 @@ def gallery_series(dataset_csv: Path, split: str = "test") -> str:
         raise RobustnessInputError(f"{dataset_csv}: no series in split {split!r} to show")
     positive = [r for r in rows if r.get("finding") == "1"]
     return (positive or rows)[0]["series_key"]
+
+
+def run_stage(
+    cfg: AugmentConfig,
+    dataset_csv: Path,
+    ingest_dir: Path,
+    out_dir: Path,
+    gallery_png: Path,
+    workers: int | None = None,
+    progress: bool = True,
+) -> RobustnessSummary:
+    """The ``augment`` stage: robustness sets, gallery, and an MLflow run that logs the config,
+    the counts, the gallery and the manifest of drawn parameters."""
+    import mlflow
+
+    from shiftguard.tracking import stage_run
+
+    summary = run(cfg, dataset_csv, ingest_dir, out_dir, workers=workers, progress=progress)
+    key = gallery_series(dataset_csv)
+    gallery(cfg, ingest_dir / "volumes" / f"{key}.nii", gallery_png)
+    with stage_run("augment", {"augment": cfg.model_dump(mode="json")}):
+        mlflow.log_metrics({k: float(v) for k, v in summary.to_metrics().items()})
+        mlflow.log_artifact(str(gallery_png))
+        mlflow.log_artifact(str(out_dir / "manifest.csv"))
+    return summary

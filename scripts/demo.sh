@@ -25,3 +25,6 @@ fi
 dvc repro
 dvc status
 dvc metrics show
+echo
+echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+echo "      (then open http://127.0.0.1:5000); the robustness gallery is reports/augment/gallery.png"

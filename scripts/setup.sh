@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build the environment on a fresh Debian/Ubuntu machine: the system packages the pipeline, tests and
-# benchmarks call (dciodvfy, dcm2niix, dcmtk), then a virtual environment in .venv with the package
-# installed editable with its pipeline and dev extras. Safe to re-run: it installs only what is missing.
+# benchmarks call (dciodvfy, dcm2niix, dcmtk; PostgreSQL for the tracking-server test), then a virtual
+# environment in .venv with the package installed editable with its pipeline and dev extras. Safe to
+# re-run: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dicom3tools dcm2niix dcmtk)
+APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -243,6 +243,31 @@ def _contraction_order(sizes: list[int], plans: list[_AxisPlan]) -> tuple[int, .
     return best[1]
 
 
+def _nothing_inside(out_shape: tuple[int, int, int], cval: float) -> tuple[np.ndarray, np.ndarray]:
+    """The result when the output grid misses the input entirely: all ``cval``, nothing inside."""
+    return (
+        np.full(out_shape, cval, dtype=np.float32, order="F"),
+        np.zeros(out_shape, dtype=bool, order="F"),
+    )
+
+
+def _axis_plan(
+    n_out: int, n_in: int, scale: float, offset: float, sigma: float, buffer_axis: int
+) -> tuple[_AxisPlan, slice] | None:
+    """One output axis from one input axis: linear weights (after the Gaussian pre-filter when
+    ``sigma > 0``), trimmed to the input samples they use, and the output rows inside the input;
+    ``None`` when no output row falls inside."""
+    w, lo, hi = _linear_matrix(n_out, n_in, scale, offset)
+    if w.shape[0] == 0:
+        return None
+    if sigma > 0:
+        w = w @ _gaussian_matrix(n_in, float(sigma))
+    used = np.flatnonzero(np.any(w != 0, axis=0))
+    first = int(used[0]) if used.size else 0
+    last = int(used[-1]) + 1 if used.size else 1
+    return _plan_axis(w[:, first:last], first, _TILE_ROWS[buffer_axis]), slice(lo, hi)
+
+
 def _separable(
     x: np.ndarray,
     matrix: np.ndarray,
@@ -257,19 +282,10 @@ def _separable(
     box: list[slice] = [slice(0, 0)] * 3
     for o in range(3):
         a = int(perm[o])
-        w, lo, hi = _linear_matrix(out_shape[o], in_shape[a], matrix[a, o], offset[a])
-        box[o] = slice(lo, hi)
-        if w.shape[0] == 0:
-            return (
-                np.full(out_shape, cval, dtype=np.float32, order="F"),
-                np.zeros(out_shape, dtype=bool, order="F"),
-            )
-        if sigmas[a] > 0:
-            w = w @ _gaussian_matrix(in_shape[a], float(sigmas[a]))
-        used = np.flatnonzero(np.any(w != 0, axis=0))
-        first = int(used[0]) if used.size else 0
-        last = int(used[-1]) + 1 if used.size else 1
-        plans[2 - a] = _plan_axis(w[:, first:last], first, _TILE_ROWS[2 - a])
+        axis = _axis_plan(out_shape[o], in_shape[a], matrix[a, o], offset[a], sigmas[a], 2 - a)
+        if axis is None:
+            return _nothing_inside(out_shape, cval)
+        plans[2 - a], box[o] = axis
     ready = [p for p in plans if p is not None]
     # Work on the C-ordered buffer (Z, Y, X) of the (X, Y, Z) input: buffer axis 2 - a is input a.
     buf = np.ascontiguousarray(x.transpose(2, 1, 0), dtype=np.float32)
@@ -325,20 +341,14 @@ def _block_separable(
 
     a1, o1 = axes
     in_shape = x.shape
-    w, lo1, hi1 = _linear_matrix(out_shape[o1], in_shape[a1], matrix[a1, o1], offset[a1])
-    if w.shape[0] == 0:
-        return (
-            np.full(out_shape, cval, dtype=np.float32, order="F"),
-            np.zeros(out_shape, dtype=bool, order="F"),
-        )
-    if sigmas[a1] > 0:
-        w = w @ _gaussian_matrix(in_shape[a1], float(sigmas[a1]))
-    used = np.flatnonzero(np.any(w != 0, axis=0))
-    first = int(used[0]) if used.size else 0
-    last = int(used[-1]) + 1 if used.size else 1
     b1 = 2 - a1
+    axis = _axis_plan(out_shape[o1], in_shape[a1], matrix[a1, o1], offset[a1], sigmas[a1], b1)
+    if axis is None:
+        return _nothing_inside(out_shape, cval)
+    plan1, rows1 = axis
+    lo1, hi1 = rows1.start, rows1.stop
     buf = np.ascontiguousarray(x.transpose(2, 1, 0), dtype=np.float32)
-    buf = _apply_axis(buf, _plan_axis(w[:, first:last], first, _TILE_ROWS[b1]), b1)
+    buf = _apply_axis(buf, plan1, b1)
     rest_b = [b for b in range(3) if b != b1]  # the plane's buffer axes, in buffer order
     for b in rest_b:
         if sigmas[2 - b] > 0:
@@ -376,9 +386,9 @@ def _block_separable(
     )
     plane_last = np.moveaxis(buf, b1, 2).reshape(n_first * n_second, -1)  # (plane, m1)
     values = operator @ plane_last  # (inside plane points, m1)
-    grid = np.full((out_shape[o2] * out_shape[o3], w.shape[0]), cval, dtype=np.float32)
+    grid = np.full((out_shape[o2] * out_shape[o3], plan1.rows), cval, dtype=np.float32)
     grid[rows] = values
-    grid3 = grid.reshape(out_shape[o2], out_shape[o3], w.shape[0])  # axes (o2, o3, o1)
+    grid3 = grid.reshape(out_shape[o2], out_shape[o3], plan1.rows)  # axes (o2, o3, o1)
     out = np.full(out_shape, cval, dtype=np.float32, order="F")
     target = [slice(None)] * 3
     target[o1] = slice(lo1, hi1)

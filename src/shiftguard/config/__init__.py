@@ -20,10 +20,12 @@ from shiftguard.config.schema import (
     AugmentConfig,
     CohortConfig,
     IngestConfig,
+    ModelConfig,
     ScannerProfile,
     ScannerSimProfile,
     SiteConfig,
     SplitConfig,
+    TrainConfig,
 )
 
 __all__ = [
@@ -33,10 +35,12 @@ __all__ = [
     "CohortConfig",
     "ConfigError",
     "IngestConfig",
+    "ModelConfig",
     "ScannerProfile",
     "ScannerSimProfile",
     "SiteConfig",
     "SplitConfig",
+    "TrainConfig",
     "compose",
     "compose_section",
     "dump_params",

@@ -6,7 +6,7 @@ or command loads it, so a wrong key or value fails at load time with a message t
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -403,10 +403,92 @@ class AugmentConfig(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------------------
+# Model and training
+# --------------------------------------------------------------------------------------------------
+
+
+def _instantiable(value: dict[str, Any]) -> dict[str, Any]:
+    target = value.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        raise ValueError(
+            "needs a '_target_' naming an importable callable by its dotted path, e.g. "
+            "'torch.optim.AdamW'"
+        )
+    return value
+
+
+def _partial(value: dict[str, Any]) -> dict[str, Any]:
+    if value.get("_partial_") is not True:
+        raise ValueError(
+            "needs '_partial_: true' (the parameters, learning rate and weight decay are supplied "
+            "when training starts)"
+        )
+    return value
+
+
+Instantiable = Annotated[dict[str, Any], AfterValidator(_instantiable)]
+PartialInstantiable = Annotated[
+    dict[str, Any], AfterValidator(_instantiable), AfterValidator(_partial)
+]
+
+
+class ModelConfig(_Strict):
+    """The classifier: ``network`` is instantiated with Hydra (``_target_`` plus its arguments).
+
+    The network maps a batch of volumes ``(B, 1, X, Y, Z)`` to one logit per volume ``(B, 1)``.
+    """
+
+    network: Instantiable
+
+
+class TrainConfig(_Strict):
+    """How the classifier is trained.
+
+    ``optimizer`` is a Hydra partial (``_partial_: true``) called with the parameters, ``lr`` and
+    ``weight_decay``; ``loss`` is instantiated with ``pos_weight`` as a one-element tensor when it is
+    set (``balanced``: negatives / positives of the training set). Training stops when the validation
+    AUROC has not risen by more than ``min_delta`` for ``patience`` epochs; the epoch with the best
+    validation AUROC is kept. ``amp`` applies on CUDA only. Input spacing and shape are read from the
+    volumes themselves. Intensities are mapped so the ``intensity_percentiles`` go to 0 and 1.
+    """
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 40
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    optimizer: PartialInstantiable = Field(
+        default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True}
+    )
+    loss: Instantiable = Field(default_factory=lambda: {"_target_": "torch.nn.BCEWithLogitsLoss"})
+    pos_weight: PositiveFloat | Literal["balanced"] | None = None
+    patience: Annotated[int, Field(ge=1)] = 8
+    min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
+    amp: bool = False
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    cache_rate: Fraction = 1.0
+    flip_probability: Fraction = 0.5
+    intensity_percentiles: tuple[
+        Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
+    ] = (1.0, 99.0)
+
+    @model_validator(mode="after")
+    def _percentiles(self) -> TrainConfig:
+        lo, hi = self.intensity_percentiles
+        if lo >= hi:
+            raise ValueError(
+                f"train.intensity_percentiles: lower {lo} must be below upper {hi}; write [low, high]"
+            )
+        return self
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "cohort": CohortConfig,
     "ingest": IngestConfig,
     "split": SplitConfig,
     "augment": AugmentConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
 }
 """The schema of every top-level section of the composed configuration."""

@@ -1,0 +1,61 @@
+"""A compact 3D convolutional classifier that trains on a few CPU cores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class SmallCNN3d(nn.Module):
+    """Conv-BN-ReLU blocks, each halving the grid, then global average and max pooling and a linear head.
+
+    Works on any input grid of at least ``2 ** (len(channels) - 1)`` voxels per axis.
+
+    Args:
+        in_channels: channels of the input volume.
+        out_channels: outputs per volume (1: one logit).
+        channels: channels of each block; every block but the first halves the grid.
+        dropout: dropout before the head.
+        spatial_dims: must be 3 (kept for MONAI-style configs).
+
+    >>> SmallCNN3d(channels=(4, 8))(torch.zeros(2, 1, 24, 28, 24)).shape
+    torch.Size([2, 1])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = (8, 16, 32, 64),
+        dropout: float = 0.0,
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError(f"SmallCNN3d: spatial_dims must be 3, got {spatial_dims}")
+        if not channels:
+            raise ValueError("SmallCNN3d: channels must list at least one block")
+        blocks: list[nn.Module] = []
+        previous = in_channels
+        for i, width in enumerate(channels):
+            blocks += [
+                nn.Conv3d(previous, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm3d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv3d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm3d(width),
+                nn.ReLU(inplace=True),
+            ]
+            previous = width
+        self.features = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * previous, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, out_channels)`` for volumes ``(B, in_channels, X, Y, Z)``."""
+        f = self.features(x)
+        pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        out: torch.Tensor = self.head(self.dropout(pooled))
+        return out

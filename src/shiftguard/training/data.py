@@ -1,0 +1,162 @@
+"""MONAI datasets and loaders built from rows of ``artifacts/split/dataset.csv``.
+
+Deterministic preprocessing (load, channel first, percentile intensity scaling, robust to each vendor's
+stored scale) is cached by :class:`monai.data.CacheDataset`; the training set adds the scanner
+simulation and a random left-right flip, drawn per sample when the loader serves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    RandFlipd,
+    ScaleIntensityRangePercentilesd,
+)
+
+from shiftguard.augment import RandScannerSimd
+from shiftguard.config.schema import AugmentConfig, TrainConfig
+
+IMAGE, LABEL, KEY = "image", "label", "key"
+
+
+def items_from_rows(
+    rows: Iterable[Mapping[str, Any]], ingest_dir: Path, split: str | None = None
+) -> list[dict[str, Any]]:
+    """Dataset items ``{"image": path, "label": float, "key": series_key}`` for one split.
+
+    Args:
+        rows: rows of ``dataset.csv`` (``series_key``, ``volume_path``, ``finding``, ``split``).
+        ingest_dir: the folder ``volume_path`` is relative to.
+        split: keep only rows of this split; ``None`` keeps all.
+
+    Raises:
+        ValueError: when a kept row has no 0/1 ``finding``.
+    """
+    items = []
+    for row in rows:
+        if split is not None and row["split"] != split:
+            continue
+        finding = str(row["finding"]).strip()
+        if finding not in {"0", "1", "0.0", "1.0"}:
+            raise ValueError(
+                f"series {row['series_key']}: finding {row['finding']!r} is not 0/1; only labelled "
+                "splits can be trained or validated on"
+            )
+        items.append(
+            {
+                IMAGE: str(Path(ingest_dir) / str(row["volume_path"])),
+                LABEL: float(finding),
+                KEY: str(row["series_key"]),
+            }
+        )
+    return items
+
+
+def volume_geometry(
+    paths: Sequence[str | Path],
+) -> tuple[tuple[float, float, float], tuple[int, ...]]:
+    """Voxel spacing (mm) and grid shape ``(X, Y, Z)`` shared by every volume (headers only).
+
+    Raises:
+        ValueError: when there are no volumes or they disagree.
+    """
+    if not paths:
+        raise ValueError("no volumes to read the input geometry from")
+    geometry: set[tuple[tuple[float, float, float], tuple[int, ...]]] = set()
+    for path in paths:
+        header: Any = nib.load(str(path)).header
+        zooms = tuple(round(float(z), 4) for z in header.get_zooms()[:3])
+        geometry.add(
+            ((zooms[0], zooms[1], zooms[2]), tuple(int(s) for s in header.get_data_shape()[:3]))
+        )
+    if len(geometry) > 1:
+        raise ValueError(
+            f"volumes differ in spacing/shape {sorted(geometry)}; re-run ingest so every volume "
+            "is on the same grid"
+        )
+    return geometry.pop()
+
+
+def preprocessing(cfg: TrainConfig) -> list[Any]:
+    """The deterministic transforms: file to a ``(1, X, Y, Z)`` float tensor scaled by percentiles."""
+    lo, hi = cfg.intensity_percentiles
+    return [
+        LoadImaged(IMAGE, image_only=True),
+        EnsureChannelFirstd(IMAGE),
+        ScaleIntensityRangePercentilesd(IMAGE, lo, hi, 0.0, 1.0, clip=False),
+        EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
+    ]
+
+
+def build_dataset(
+    items: Sequence[Mapping[str, Any]],
+    cfg: TrainConfig,
+    train: bool = False,
+    augment: AugmentConfig | None = None,
+    spacing: Sequence[float] | None = None,
+) -> CacheDataset:
+    """A cached dataset; a training set adds a random left-right flip and the scanner simulation.
+
+    Args:
+        items: from :func:`items_from_rows`.
+        cfg: the ``train`` section (cache rate, workers, percentiles, flip probability).
+        train: add the random transforms (flip; the simulation when ``augment`` is given).
+        augment: the ``augment`` section; ``None`` trains without scanner simulation.
+        spacing: voxel size in mm for the simulation; read from the volumes when omitted.
+
+    Each sample is ``{"image": (1, X, Y, Z) float32, "label": float, "key": str}``. Random
+    transforms are seeded from ``cfg.seed`` here and re-seeded per epoch by
+    :func:`shiftguard.training.fit`.
+    """
+    transforms = preprocessing(cfg)
+    if train and augment is not None:
+        if spacing is None:
+            spacing = volume_geometry([item[IMAGE] for item in items])[0]
+        transforms.append(
+            RandScannerSimd.from_config(IMAGE, augment, spacing=spacing, record_key=None)
+        )
+    if train:
+        transforms.append(RandFlipd(IMAGE, prob=cfg.flip_probability, spatial_axis=0))
+    pipeline = Compose(transforms)
+    pipeline.set_random_state(seed=cfg.seed)
+    return CacheDataset(
+        data=[dict(item) for item in items],
+        transform=pipeline,
+        cache_rate=cfg.cache_rate,
+        num_workers=max(cfg.num_workers, 1) if cfg.cache_rate > 0 else 0,
+        progress=False,
+    )
+
+
+def build_loader(dataset: CacheDataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:
+    """A loader whose shuffling comes from a generator seeded with ``cfg.seed``.
+
+    Batches are ``{"image": (B, 1, X, Y, Z), "label": (B,) float, "key": list[str]}``.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.num_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+def labels_of(items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Labels ``(N,)`` of dataset items."""
+    return np.asarray([float(item[LABEL]) for item in items], dtype=np.float64)

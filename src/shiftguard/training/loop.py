@@ -1,0 +1,290 @@
+"""A seeded, resumable training loop selecting the epoch with the best validation AUROC.
+
+Every epoch starts from seeds derived from ``cfg.seed`` and the epoch number (torch's global
+generator, the loader's shuffling generator, the dataset's random transforms), so a run resumed from
+its last checkpoint follows exactly the path an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data.utils import set_rnd
+from monai.utils import set_determinism
+from torch import nn
+from torch.utils.data import DataLoader
+
+from shiftguard.config.schema import TrainConfig
+from shiftguard.evaluation.metrics import auroc
+
+log = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch measured."""
+
+    epoch: int
+    train_loss: float
+    val_auroc: float
+    data_wait_fraction: float
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    """The outcome of :func:`fit`.
+
+    ``data_wait_fraction`` is the share of training-step time spent waiting for the loader, in
+    ``[0, 1]``, over the epochs this call ran.
+    """
+
+    best_epoch: int
+    best_val_auroc: float
+    epochs_run: int
+    stopped_early: bool
+    best_checkpoint: Path
+    last_checkpoint: Path
+    data_wait_fraction: float
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Call the ``train.optimizer`` partial with the model's parameters, ``lr`` and ``weight_decay``."""
+    from hydra.utils import instantiate
+
+    make: Any = instantiate(cfg.optimizer)
+    optimizer: torch.optim.Optimizer = make(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    return optimizer
+
+
+def build_loss(cfg: TrainConfig, train_labels: np.ndarray | None = None) -> nn.Module:
+    """Instantiate ``train.loss`` with ``pos_weight`` as a one-element tensor when set.
+
+    Args:
+        cfg: the ``train`` section.
+        train_labels: training labels ``(N,)``; needed for ``pos_weight: balanced``.
+
+    Raises:
+        ValueError: for ``balanced`` without labels of both classes.
+    """
+    from hydra.utils import instantiate
+
+    weight: float | None
+    if cfg.pos_weight == "balanced":
+        if train_labels is None:
+            raise ValueError("train.pos_weight=balanced needs the training labels")
+        positives = float(np.sum(train_labels == 1))
+        negatives = float(np.sum(train_labels == 0))
+        if positives == 0 or negatives == 0:
+            raise ValueError(
+                "train.pos_weight=balanced: the training set has only one class "
+                f"({positives:.0f} positive, {negatives:.0f} negative); fix the split"
+            )
+        weight = negatives / positives
+    else:
+        weight = cfg.pos_weight
+    kwargs = {} if weight is None else {"pos_weight": torch.tensor([weight])}
+    loss: nn.Module = instantiate(cfg.loss, **kwargs)
+    return loss
+
+
+def _seed_epoch(loader: DataLoader[Any], seed: int) -> None:
+    torch.manual_seed(seed)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
+    set_rnd(loader.dataset, seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float()
+    label = torch.as_tensor(batch["label"]).to(device).float().reshape(-1, 1)
+    return image, label
+
+
+def predict(
+    model: nn.Module, loader: DataLoader[Any], device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Probabilities for every sample of ``loader``, in its order.
+
+    Returns:
+        ``(labels, probs, keys)``: labels ``(N,)`` and sigmoid probabilities ``(N,)`` as float64,
+        and the ``key`` of each sample.
+    """
+    device = torch.device(device)
+    model.eval()
+    labels: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    keys: list[str] = []
+    with torch.no_grad():
+        for batch in loader:
+            image, label = _to_device(batch, device)
+            logits = model(image).float().reshape(-1)
+            probs.append(torch.sigmoid(logits).cpu().numpy().astype(np.float64))
+            labels.append(label.reshape(-1).cpu().numpy().astype(np.float64))
+            keys.extend(str(k) for k in batch.get("key", [""] * len(label)))
+    if not labels:
+        return np.zeros(0), np.zeros(0), []
+    return np.concatenate(labels), np.concatenate(probs), keys
+
+
+def _score(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader[Any],
+    val_loader: DataLoader[Any],
+    cfg: TrainConfig,
+    device: torch.device | str | None = None,
+    checkpoint_dir: Path | str = Path("checkpoints"),
+    resume: bool = True,
+    log_fn: Callable[[EpochRecord], None] | None = None,
+    loss_fn: nn.Module | None = None,
+) -> FitResult:
+    """Train ``model``, keeping the epoch with the best validation AUROC.
+
+    Args:
+        model: maps ``(B, 1, X, Y, Z)`` to logits ``(B, 1)``.
+        train_loader: batches ``{"image", "label"}``; reseeded every epoch.
+        val_loader: the validation batches, for the AUROC.
+        cfg: the ``train`` section (seed, epochs, optimizer, loss, patience, amp).
+        device: where to train; CUDA when available when omitted. AMP runs only on CUDA.
+        checkpoint_dir: receives ``last.pt`` (model, optimizer, scaler, epoch, best so far, history)
+            after every epoch and ``best.pt`` (model weights of the best epoch).
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        log_fn: called with each epoch's record (e.g. to log to MLflow).
+        loss_fn: the criterion; when omitted, :func:`build_loss` from ``cfg`` and the labels of
+            ``train_loader.dataset.data`` (the items of a MONAI dataset).
+
+    Returns:
+        The :class:`FitResult`; the model holds the best epoch's weights.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
+
+    set_determinism(seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    if loss_fn is None:
+        items = getattr(train_loader.dataset, "data", None)
+        labels = np.asarray([float(i["label"]) for i in items]) if items is not None else None
+        loss_fn = build_loss(cfg, labels)
+    criterion = loss_fn.to(device)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast = partial(torch.autocast, device_type="cuda", dtype=torch.float16) if use_amp else None
+
+    start, best_auroc, best_epoch, stale, stopped = 0, -math.inf, -1, 0, False
+    history: list[EpochRecord] = []
+    if resume and last_path.is_file():
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start, best_auroc, best_epoch = state["epoch"] + 1, state["best_auroc"], state["best_epoch"]
+        stale, stopped = state["stale"], state["stopped"]
+        history = [EpochRecord(**r) for r in state["history"]]
+        log.info("resuming from %s at epoch %d", last_path, start)
+
+    wait_total = step_total = 0.0
+    ran = 0
+    for epoch in range(start, cfg.epochs):
+        if stopped:
+            break
+        began = time.perf_counter()
+        _seed_epoch(train_loader, cfg.seed * 100_003 + epoch)
+        model.train()
+        losses: list[float] = []
+        wait = step = 0.0
+        mark = time.perf_counter()
+        for batch in train_loader:
+            arrived = time.perf_counter()
+            image, label = _to_device(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast() if autocast is not None else nullcontext():
+                loss = criterion(model(image).float(), label)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            done = time.perf_counter()
+            wait += arrived - mark
+            step += done - mark
+            mark = done
+        labels, probs, _ = predict(model, val_loader, device)
+        val_auroc = auroc(labels, probs) if len(labels) else math.nan
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=float(np.mean(losses)) if losses else math.nan,
+            val_auroc=float(val_auroc),
+            data_wait_fraction=wait / step if step > 0 else 0.0,
+            seconds=time.perf_counter() - began,
+        )
+        history.append(record)
+        wait_total, step_total, ran = wait_total + wait, step_total + step, ran + 1
+        if best_epoch < 0 or _score(val_auroc) > best_auroc + cfg.min_delta:
+            best_auroc, best_epoch, stale = _score(val_auroc), epoch, 0
+            torch.save(model.state_dict(), best_path)
+        else:
+            stale += 1
+            stopped = stale >= cfg.patience
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best_auroc": best_auroc,
+                "best_epoch": best_epoch,
+                "stale": stale,
+                "stopped": stopped,
+                "history": [asdict(r) for r in history],
+            },
+            last_path,
+        )
+        log.info(
+            "epoch %d: loss %.4f, val AUROC %.3f, data wait %.0f%%",
+            epoch,
+            record.train_loss,
+            record.val_auroc,
+            100 * record.data_wait_fraction,
+        )
+        if log_fn is not None:
+            log_fn(record)
+        if stopped:
+            log.info("early stop: no val AUROC gain for %d epochs (best %d)", stale, best_epoch)
+
+    if best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    return FitResult(
+        best_epoch=best_epoch,
+        best_val_auroc=best_auroc if math.isfinite(best_auroc) else math.nan,
+        epochs_run=ran,
+        stopped_early=stopped,
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
+        data_wait_fraction=wait_total / step_total if step_total > 0 else 0.0,
+        history=history,
+    )

@@ -15,7 +15,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ MANIFEST_COLUMNS = (
     "volume_path",
     "params",
 )
+DATASET_COLUMNS = MANIFEST_COLUMNS[:6]  # carried over from the split's dataset.csv
 VOLUMES_DIR = "volumes"
 
 
@@ -57,12 +58,7 @@ class RobustnessSummary:
     volumes_written: int
 
     def to_metrics(self) -> dict[str, int]:
-        return {
-            "series": self.series,
-            "profiles": self.profiles,
-            "severities": self.severities,
-            "volumes_written": self.volumes_written,
-        }
+        return asdict(self)
 
 
 def generator_for(seed: int, series_key: str, profile: str, severity: int) -> np.random.Generator:
@@ -143,9 +139,7 @@ def _series_task(
                 out.to_filename(path)
             rows.append(
                 {
-                    **{k: row.get(k, "") for k in ("series_key", "split", "patient_id", "finding")},
-                    "site": row.get("site", ""),
-                    "scanner_model": row.get("scanner_model", ""),
+                    **{k: row.get(k, "") for k in DATASET_COLUMNS},
                     "profile": profile,
                     "severity": str(severity),
                     "volume_path": relative.as_posix(),
@@ -176,9 +170,6 @@ def run(
     with dataset_csv.open(newline="", encoding="utf-8") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("split") in set(splits)]
     rows.sort(key=lambda r: r["series_key"])
-    unknown = [p for p in cfg.robustness.profiles if p not in cfg.profiles]
-    if unknown:
-        raise RobustnessInputError(f"augment.robustness.profiles: unknown profile(s) {unknown}")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_workers = max(1, workers or os.cpu_count() or 1)
     results: list[dict[str, str]] = []

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]
+
+# Nothing leaves the machine but package downloads: MLflow's usage telemetry stays off unless the
+# user opts in explicitly (DVC's analytics are off in .dvc/config).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

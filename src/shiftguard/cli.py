@@ -65,6 +65,57 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from shiftguard.config import AugmentConfig, ModelConfig, TrainConfig, compose, validate
+    from shiftguard.training import stage
+    from shiftguard.utils import write_json
+
+    config = compose(args.overrides)
+    summary = stage.run(
+        validate("train", config.get("train"), TrainConfig),
+        validate("model", config.get("model"), ModelConfig),
+        validate("augment", config.get("augment"), AugmentConfig),
+        args.dataset,
+        args.ingest,
+        args.out,
+        params=config,
+        track=not args.no_track,
+        resume=args.resume,
+        device=args.device,
+    )
+    if summary.main_process:
+        write_json(args.out / "metrics.json", summary.to_metrics())
+        log.info(
+            "train: best val AUROC %.3f at epoch %d",
+            summary.fit.best_val_auroc,
+            summary.fit.best_epoch,
+        )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from shiftguard.config import EvaluateConfig, compose, validate
+    from shiftguard.evaluation import validate as validation
+    from shiftguard.utils import write_json
+
+    config = compose(args.overrides)
+    cfg = validate("evaluate", config.get("evaluate"), EvaluateConfig)
+    augment = None if args.no_robustness else args.augment
+    result = validation.run(
+        cfg,
+        args.model,
+        args.dataset,
+        args.ingest,
+        augment,
+        args.out,
+        params=config,
+        model_info=args.model.with_name("model.json"),
+        track=not args.no_track,
+    )
+    write_json(args.out / "metrics.json", result.to_metrics())
+    return 0
+
+
 def _config_dump(args: argparse.Namespace) -> int:
     from shiftguard.config import write_params
 
@@ -141,6 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     spl.add_argument("--out", type=Path, default=Path("artifacts/split"))
     overrides(spl)
     spl.set_defaults(func=_split)
+
+    trn = sub.add_parser(
+        "train", help="train the classifier (runs under torchrun --nproc_per_node N as DDP)"
+    )
+    trn.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
+    trn.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
+    trn.add_argument("--out", type=Path, default=Path("artifacts/train"))
+    trn.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    trn.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    trn.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    overrides(trn)
+    trn.set_defaults(func=_train)
+
+    val = sub.add_parser("validate", help="judge a trained model: test, unseen scanner, shift")
+    val.add_argument("--model", type=Path, default=Path("artifacts/train/model.pt"))
+    val.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
+    val.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
+    val.add_argument("--augment", type=Path, default=Path("artifacts/augment"))
+    val.add_argument("--no-robustness", action="store_true", help="skip the robustness sets")
+    val.add_argument("--out", type=Path, default=Path("reports/validate"))
+    val.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    overrides(val)
+    val.set_defaults(func=_validate)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

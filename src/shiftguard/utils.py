@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,9 @@ def setup_logging(level: int | str = logging.INFO) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    # MONAI announces at import that an optional GPU JPEG decoder is absent; nothing uses it here
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 def progress_bar(enabled: bool = True) -> Progress:

@@ -131,6 +131,67 @@ def test_repro_ingests_splits_and_leaves_status_clean(project: tuple[Path, dict]
     assert "didn't change" in sh(root, "dvc", "repro") or "up to date" in sh(root, "dvc", "repro")
 
 
+def test_repro_trains_validates_and_registers_a_tracked_candidate(
+    project: tuple[Path, dict],
+) -> None:
+    root, config = project
+    sh(root, "dvc", "repro")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("shiftguard").experiment_id
+    [train] = client.search_runs([experiment], "tags.`shiftguard.stage` = 'train'")
+    [validate] = client.search_runs([experiment], "tags.`shiftguard.stage` = 'validate'")
+
+    # The resolved config as params, provenance as tags, the split table as the dataset input.
+    assert train.data.params["train.epochs"] == str(config["train"]["epochs"])
+    assert train.data.params["cohort.n_subjects"] == str(config["cohort"]["n_subjects"])
+    commit = sh(root, "git", "rev-parse", "HEAD").strip()
+    assert train.data.tags["mlflow.source.git.commit"] == commit
+    assert train.data.tags["shiftguard.dvc_exp"] == "workspace"
+    data_md5 = (root / "data.dvc").read_text().split("md5: ")[1].split()[0]
+    assert train.data.tags["shiftguard.data_dvc_md5"] == data_md5
+    [dataset_input] = train.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "shiftguard-cohort"
+
+    # One point per epoch run, in one batched call each; the final figures match metrics.json.
+    metrics = json.loads((root / "reports/train/metrics.json").read_text())
+    history = client.get_metric_history(train.info.run_id, "val_auroc")
+    assert [m.step for m in history] == list(range(metrics["epochs_run"]))
+    assert len(read_rows(root / "reports/train/history.csv")) == metrics["epochs_run"]
+    assert 0 <= metrics["data_wait_fraction"] <= 1
+    assert 0 <= metrics["logging_overhead"] < 1
+
+    # The model: logged with a signature, registered, aliased candidate, loadable by MLflow.
+    info = json.loads((root / "artifacts/train/model.json").read_text())
+    version = client.get_model_version_by_alias(info["registered_model"], "candidate")
+    assert version.version == info["version"] and version.run_id == train.info.run_id
+    import mlflow.pytorch
+    import torch
+
+    loaded = mlflow.pytorch.load_model(f"models:/{info['registered_model']}@candidate")
+    grid = tuple(config["ingest"]["shape"])
+    assert loaded(torch.zeros(2, 1, *grid)).shape == (2, 1)
+
+    # Validation: reports, plots, the validate run tied to the training run.
+    report = json.loads((root / "reports/validate/metrics.json").read_text())
+    assert {"threshold", "test", "segments"} <= set(report)
+    assert validate.data.tags["shiftguard.train_run_id"] == train.info.run_id
+    for name in ("roc.png", "reliability.png", "robustness.png", "segments.csv", "predictions.csv"):
+        assert (root / "reports/validate" / name).is_file(), name
+    predictions = read_rows(root / "reports/validate/predictions.csv")
+    sets = config["augment"]["robustness"]
+    tests = [r for r in read_rows(root / "artifacts/split/dataset.csv") if r["split"] == "test"]
+    shifted = [r for r in predictions if r["set"] == "robustness"]
+    assert len(shifted) == len(tests) * len(sets["profiles"]) * len(sets["severities"])
+    assert all(0.0 <= float(r["prob"]) <= 1.0 for r in predictions)
+    logged = {a.path for a in client.list_artifacts(validate.info.run_id)}
+    assert {"roc.png", "robustness.csv", "segments.csv"} <= logged
+    plots = json.loads(sh(root, "dvc", "plots", "show", "--json"))
+    assert any("roc.csv" in key for key in plots)
+    assert json.loads(sh(root, "dvc", "status", "--json")) == {}
+
+
 def test_changing_a_param_invalidates_only_the_stages_that_read_it(
     project: tuple[Path, dict],
 ) -> None:

@@ -472,6 +472,24 @@ class TrainConfig(_Strict):
     intensity_percentiles: tuple[
         Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
     ] = (1.0, 99.0)
+    input_shape: (
+        tuple[
+            Annotated[int, Field(ge=8, le=1024)],
+            Annotated[int, Field(ge=8, le=1024)],
+            Annotated[int, Field(ge=8, le=1024)],
+        ]
+        | None
+    ) = Field(
+        None,
+        description="grid (X, Y, Z) the network sees, area-resampled from the ingest grid; "
+        "null: the ingest grid itself",
+    )
+    registered_model: str = Field(
+        "shiftguard-classifier",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="MLflow registry name; each training run adds a version aliased 'candidate'",
+    )
 
     @model_validator(mode="after")
     def _percentiles(self) -> TrainConfig:
@@ -483,6 +501,50 @@ class TrainConfig(_Strict):
         return self
 
 
+class EvaluateConfig(_Strict):
+    """How the validation stage judges the trained model.
+
+    The operating point is chosen on the validation split with ``threshold_rule`` and then applied,
+    unchanged, to the internal test split, the unseen scanner's external split and the robustness
+    sets. Every figure carries a stratified percentile-bootstrap interval of ``1 - alpha`` coverage.
+    Segments with fewer than ``min_segment_size`` series or ``min_segment_positives`` positives
+    (or negatives) are listed but marked too small to judge.
+    """
+
+    threshold_rule: str = Field(
+        "youden",
+        pattern=r"^(youden|(sensitivity|specificity)@(0(\.\d+)?|1(\.0+)?))$",
+        description="'youden', or the highest threshold reaching a target: 'sensitivity@0.9'",
+    )
+    n_bootstrap: Annotated[int, Field(ge=10, le=100_000)] = 1000
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    seed: Annotated[int, Field(ge=0)] = 0
+    ece_bins: Annotated[int, Field(ge=2, le=100)] = 10
+    segments: list[str] = Field(
+        default_factory=lambda: [
+            "patient_sex",
+            "age_band",
+            "site",
+            "manufacturer",
+            "scanner_model",
+        ],
+        min_length=1,
+    )
+    age_bands: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 40, 60, 75, 200], min_length=2
+    )
+    min_segment_size: Annotated[int, Field(ge=1)] = 10
+    min_segment_positives: Annotated[int, Field(ge=1)] = 3
+    robustness_splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+
+    @model_validator(mode="after")
+    def _bands(self) -> EvaluateConfig:
+        if any(b <= a for a, b in zip(self.age_bands, self.age_bands[1:], strict=False)):
+            raise ValueError(f"evaluate.age_bands: edges {self.age_bands} must increase strictly")
+        return self
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "cohort": CohortConfig,
     "ingest": IngestConfig,
@@ -490,5 +552,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "augment": AugmentConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "evaluate": EvaluateConfig,
 }
 """The schema of every top-level section of the composed configuration."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,12 +24,22 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
 
 
-def tracking_uri(root: Path | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else the embedded SQLite store under ``root`` (default: cwd)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
+#: embedded-store URIs this process handed to ``mlflow.set_tracking_uri``, which exports its argument
+#: as ``$MLFLOW_TRACKING_URI``: such a value is ours, not a server the user chose
+_EXPORTED: set[str] = set()
+
+
+def embedded_uri(root: Path | None = None) -> str:
+    """The embedded SQLite store ``mlflow.db`` under ``root`` (default: cwd)."""
     return f"sqlite:///{((root or Path.cwd()) / DEFAULT_DB).resolve()}"
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` when the user set it, else the embedded store under ``root``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env not in _EXPORTED:
+        return env
+    return embedded_uri(root)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -46,29 +58,113 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def data_version(root: Path | None = None, dvc_file: str = "data.dvc") -> str | None:
+    """The md5 ``data.dvc`` records for the raw data (``None`` when there is no such file)."""
+    import yaml
+
+    path = (root or Path.cwd()) / dvc_file
+    if not path.is_file():
+        return None
+    try:
+        outs = yaml.safe_load(path.read_text()).get("outs") or []
+    except (yaml.YAMLError, AttributeError):
+        log.warning("%s is not a DVC file; the data version is not recorded", path)
+        return None
+    md5 = outs[0].get("md5") if outs and isinstance(outs[0], dict) else None
+    return str(md5) if md5 else None
+
+
+def provenance_tags(root: Path | None = None) -> dict[str, str]:
+    """Tags tying a run to its code and data: git commit (and whether the tree was dirty), the DVC
+    experiment name (``$DVC_EXP_NAME`` under ``dvc exp run``; ``workspace`` otherwise), its
+    baseline, and the ``data.dvc`` hash."""
+    root = root or Path.cwd()
+    tags = {"shiftguard.dvc_exp": os.environ.get("DVC_EXP_NAME") or "workspace"}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["shiftguard.dvc_exp_baseline"] = os.environ["DVC_EXP_BASELINE_REV"]
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["shiftguard.git_commit"] = commit
+        status = _git(root, "status", "--porcelain", "--untracked-files=no")
+        tags["shiftguard.git_dirty"] = str(bool(status))
+    data = data_version(root)
+    if data:
+        tags["shiftguard.data_dvc_md5"] = data
+    return tags
+
+
+class MetricLogger:
+    """Collects metrics and sends each step's in one ``log_batch`` call, timing what logging costs.
+
+    ``seconds`` is the wall time spent inside MLflow calls, for the logging-overhead figure.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self.seconds = 0.0
+        self.calls = 0
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log ``metrics`` (non-finite values are skipped: MLflow stores no NaN) in one call."""
+        import math
+
+        from mlflow.entities import Metric
+
+        began = time.perf_counter()
+        stamp = int(time.time() * 1000)
+        batch = [
+            Metric(key=k, value=float(v), timestamp=stamp, step=step or 0)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        for start in range(0, len(batch), 1000):  # the server's per-call limit
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        self.calls += 1
+        self.seconds += time.perf_counter() - began
+
+
 @contextmanager
 def stage_run(
     stage: str,
     params: Mapping[str, Any],
     root: Path | None = None,
     experiment: str = EXPERIMENT,
+    tags: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
     """Open an MLflow run for one invocation of ``stage`` with ``params`` logged, and yield it.
 
     Params are logged in batches (MLflow accepts 100 per call), the stage name as the run name and
-    as the ``shiftguard.stage`` tag.
+    as the ``shiftguard.stage`` tag, with :func:`provenance_tags` and ``tags`` added.
     """
     import mlflow
 
     root = root or Path.cwd()
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    embedded = uri == embedded_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if embedded:
+        _EXPORTED.add(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = None
-        if "MLFLOW_TRACKING_URI" not in os.environ:
-            artifacts = (root / DEFAULT_ARTIFACTS).resolve().as_uri()
+        # the embedded store keeps artifacts next to it; a server decides for itself
+        artifacts = (root / DEFAULT_ARTIFACTS).resolve().as_uri() if embedded else None
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=stage, tags={"shiftguard.stage": stage}) as run:
+    all_tags = {"shiftguard.stage": stage, **provenance_tags(root), **dict(tags or {})}
+    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
         items = sorted(flatten(params).items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))

@@ -2,7 +2,9 @@
 
 Deterministic preprocessing (load, channel first, percentile intensity scaling, robust to each vendor's
 stored scale) is cached by :class:`monai.data.CacheDataset`; the training set adds the scanner
-simulation and a random left-right flip, drawn per sample when the loader serves it.
+simulation and a random left-right flip, drawn per sample when the loader serves it. The simulation
+runs on the ingest grid, where the robustness test sets are made too; the last transform
+area-resamples to ``train.input_shape`` when the network sees a coarser grid.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     RandFlipd,
+    Resized,
     ScaleIntensityRangePercentilesd,
 )
+from torch.utils.data import DistributedSampler
 
 from shiftguard.augment import RandScannerSimd
 from shiftguard.config.schema import AugmentConfig, TrainConfig
+from shiftguard.training.distributed import DistContext
 
 IMAGE, LABEL, KEY = "image", "label", "key"
 
@@ -99,6 +104,13 @@ def preprocessing(cfg: TrainConfig) -> list[Any]:
     ]
 
 
+def to_input_grid(cfg: TrainConfig) -> list[Any]:
+    """The transform to the network's grid: area resampling to ``cfg.input_shape`` (none if unset)."""
+    if cfg.input_shape is None:
+        return []
+    return [Resized(IMAGE, spatial_size=tuple(cfg.input_shape), mode="area")]
+
+
 def build_dataset(
     items: Sequence[Mapping[str, Any]],
     cfg: TrainConfig,
@@ -115,7 +127,8 @@ def build_dataset(
         augment: the ``augment`` section; ``None`` trains without scanner simulation.
         spacing: voxel size in mm for the simulation; read from the volumes when omitted.
 
-    Each sample is ``{"image": (1, X, Y, Z) float32, "label": float, "key": str}``. Random
+    Each sample is ``{"image": (1, X, Y, Z) float32, "label": float, "key": str}`` with ``(X, Y, Z)``
+    the ``cfg.input_shape`` (the ingest grid when unset). Random
     transforms are seeded from ``cfg.seed`` here and re-seeded per epoch by
     :func:`shiftguard.training.fit`.
     """
@@ -128,6 +141,7 @@ def build_dataset(
         )
     if train:
         transforms.append(RandFlipd(IMAGE, prob=cfg.flip_probability, spatial_axis=0))
+    transforms += to_input_grid(cfg)
     pipeline = Compose(transforms)
     pipeline.set_random_state(seed=cfg.seed)
     return CacheDataset(
@@ -139,17 +153,31 @@ def build_dataset(
     )
 
 
-def build_loader(dataset: CacheDataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:
+def build_loader(
+    dataset: CacheDataset,
+    cfg: TrainConfig,
+    shuffle: bool,
+    ctx: DistContext | None = None,
+    batch_size: int | None = None,
+) -> DataLoader:
     """A loader whose shuffling comes from a generator seeded with ``cfg.seed``.
 
+    Under ``torchrun`` (``ctx`` with several processes) a
+    :class:`~torch.utils.data.DistributedSampler` gives each rank its shard instead.
     Batches are ``{"image": (B, 1, X, Y, Z), "label": (B,) float, "key": list[str]}``.
     """
     generator = torch.Generator()
     generator.manual_seed(cfg.seed)
+    sampler: DistributedSampler[Any] | None = None
+    if ctx is not None and ctx.distributed:
+        sampler = DistributedSampler(
+            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=cfg.seed
+        )
     return DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle,
+        batch_size=batch_size or cfg.batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=cfg.num_workers,
         generator=generator,
         pin_memory=torch.cuda.is_available(),

@@ -1,8 +1,13 @@
 """A seeded, resumable training loop selecting the epoch with the best validation AUROC.
 
 Every epoch starts from seeds derived from ``cfg.seed`` and the epoch number (torch's global
-generator, the loader's shuffling generator, the dataset's random transforms), so a run resumed from
-its last checkpoint follows exactly the path an uninterrupted run takes.
+generator, the loader's shuffling generator or distributed sampler, the dataset's random transforms),
+so a run resumed from its last checkpoint follows exactly the path an uninterrupted run takes.
+
+Under ``torchrun`` (a :class:`~shiftguard.training.distributed.DistContext` with several processes)
+the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, each rank trains on its
+shard of every epoch, rank 0 scores the validation set and broadcasts the score so every rank makes
+the same early-stopping decision, and only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from shiftguard.config.schema import TrainConfig
 from shiftguard.evaluation.metrics import auroc
+from shiftguard.training.distributed import DistContext, broadcast_object, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,11 @@ class FitResult:
     last_checkpoint: Path
     data_wait_fraction: float
     history: list[EpochRecord] = field(default_factory=list)
+    world_size: int = 1
+    samples_per_rank: list[int] = field(default_factory=list)
+    weights_in_sync: bool = True
+    train_seconds: float = 0.0
+    samples_trained: int = 0
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -103,12 +114,22 @@ def build_loss(cfg: TrainConfig, train_labels: np.ndarray | None = None) -> nn.M
     return loss
 
 
-def _seed_epoch(loader: DataLoader[Any], seed: int) -> None:
+def _seed_epoch(loader: DataLoader[Any], seed: int, epoch: int) -> None:
     torch.manual_seed(seed)
     generator = getattr(loader, "generator", None)
     if generator is not None:
         generator.manual_seed(seed)
+    sampler: Any = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # DistributedSampler: seed + epoch decides the shards
     set_rnd(loader.dataset, seed)
+
+
+def _checksum(model: nn.Module) -> float:
+    """A sum over the learnable weights (not the buffers: each DDP rank updates its own batch-norm
+    statistics in the last step; rank 0's are the ones saved)."""
+    with torch.no_grad():
+        return float(sum(p.double().sum().item() for p in model.parameters()))
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +178,7 @@ def fit(
     resume: bool = True,
     log_fn: Callable[[EpochRecord], None] | None = None,
     loss_fn: nn.Module | None = None,
+    ctx: DistContext | None = None,
 ) -> FitResult:
     """Train ``model``, keeping the epoch with the best validation AUROC.
 
@@ -172,11 +194,16 @@ def fit(
         log_fn: called with each epoch's record (e.g. to log to MLflow).
         loss_fn: the criterion; when omitted, :func:`build_loss` from ``cfg`` and the labels of
             ``train_loader.dataset.data`` (the items of a MONAI dataset).
+        ctx: the process's place under ``torchrun``; ``None`` trains in this process alone. Its
+            ``device`` is used when ``device`` is omitted. ``log_fn`` runs on rank 0 only.
 
     Returns:
         The :class:`FitResult`; the model holds the best epoch's weights.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = ctx or DistContext()
+    if device is None:
+        device = ctx.device if ctx.distributed else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
@@ -190,6 +217,12 @@ def fit(
         labels = np.asarray([float(i["label"]) for i in items]) if items is not None else None
         loss_fn = build_loss(cfg, labels)
     criterion = loss_fn.to(device)
+    net = model  # the bare module: checkpoints, validation and the result
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(net, device_ids=ids)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     autocast = partial(torch.autocast, device_type="cuda", dtype=torch.float16) if use_amp else None
@@ -198,7 +231,7 @@ def fit(
     history: list[EpochRecord] = []
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, best_auroc, best_epoch = state["epoch"] + 1, state["best_auroc"], state["best_epoch"]
@@ -206,13 +239,13 @@ def fit(
         history = [EpochRecord(**r) for r in state["history"]]
         log.info("resuming from %s at epoch %d", last_path, start)
 
-    wait_total = step_total = 0.0
-    ran = 0
+    wait_total = step_total = train_seconds = 0.0
+    ran = seen = 0
     for epoch in range(start, cfg.epochs):
         if stopped:
             break
         began = time.perf_counter()
-        _seed_epoch(train_loader, cfg.seed * 100_003 + epoch)
+        _seed_epoch(train_loader, cfg.seed * 100_003 + epoch, epoch)
         model.train()
         losses: list[float] = []
         wait = step = 0.0
@@ -227,17 +260,23 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(loss.detach()))
+            seen += int(label.shape[0])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done = time.perf_counter()
             wait += arrived - mark
             step += done - mark
             mark = done
-        labels, probs, _ = predict(model, val_loader, device)
-        val_auroc = auroc(labels, probs) if len(labels) else math.nan
+        train_seconds += time.perf_counter() - began
+        val_auroc = math.nan
+        if ctx.is_main:
+            labels, probs, _ = predict(net, val_loader, device)
+            val_auroc = auroc(labels, probs) if len(labels) else math.nan
+        val_auroc = float(broadcast_object(val_auroc, ctx))
+        rank_losses = [x for part in gather_objects(losses, ctx) for x in part]
         record = EpochRecord(
             epoch=epoch,
-            train_loss=float(np.mean(losses)) if losses else math.nan,
+            train_loss=float(np.mean(rank_losses)) if rank_losses else math.nan,
             val_auroc=float(val_auroc),
             data_wait_fraction=wait / step if step > 0 else 0.0,
             seconds=time.perf_counter() - began,
@@ -246,13 +285,16 @@ def fit(
         wait_total, step_total, ran = wait_total + wait, step_total + step, ran + 1
         if best_epoch < 0 or _score(val_auroc) > best_auroc + cfg.min_delta:
             best_auroc, best_epoch, stale = _score(val_auroc), epoch, 0
-            torch.save(model.state_dict(), best_path)
+            if ctx.is_main:
+                torch.save(net.state_dict(), best_path)
         else:
             stale += 1
             stopped = stale >= cfg.patience
+        if not ctx.is_main:
+            continue
         torch.save(
             {
-                "model": model.state_dict(),
+                "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "epoch": epoch,
@@ -276,8 +318,16 @@ def fit(
         if stopped:
             log.info("early stop: no val AUROC gain for %d epochs (best %d)", stale, best_epoch)
 
+    per_rank = gather_objects(seen, ctx)
+    in_sync = len({round(c, 6) for c in gather_objects(_checksum(net), ctx)}) == 1
+    if not in_sync:
+        log.error("model weights differ between ranks after training: check the DDP set-up")
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written best.pt
     if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+        net.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
     return FitResult(
         best_epoch=best_epoch,
         best_val_auroc=best_auroc if math.isfinite(best_auroc) else math.nan,
@@ -287,4 +337,9 @@ def fit(
         last_checkpoint=last_path,
         data_wait_fraction=wait_total / step_total if step_total > 0 else 0.0,
         history=history,
+        world_size=ctx.world_size,
+        samples_per_rank=[int(n) for n in per_rank],
+        weights_in_sync=in_sync,
+        train_seconds=train_seconds,
+        samples_trained=int(sum(per_rank)),
     )

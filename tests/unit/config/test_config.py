@@ -114,4 +114,13 @@ def test_every_experiment_preset_composes_and_validates(conf_dir: Path) -> None:
     for preset in presets:
         config = compose([f"experiment={preset}"], conf_dir)
         validate_all(config)
-        assert config != default, f"experiment={preset} changes nothing"
+        if preset != "sim_on":  # the experiment's treatment arm is the default, named explicitly
+            assert config != default, f"experiment={preset} changes nothing"
+
+
+def test_the_two_experiment_arms_differ_only_in_training_time_simulation(conf_dir: Path) -> None:
+    on = compose(["experiment=sim_on"], conf_dir)
+    off = compose(["experiment=sim_off"], conf_dir)
+    assert on["augment"]["enabled"] is True and off["augment"]["enabled"] is False
+    off["augment"]["enabled"] = True
+    assert on == off  # same data, model, training, robustness sets and evaluation

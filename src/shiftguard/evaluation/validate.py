@@ -1,0 +1,551 @@
+"""The ``validate`` stage: how the trained model does in distribution, on the unseen scanner, under
+simulated scanner shift, and for whom it fails.
+
+:func:`run` scores the validation split (to choose the operating point), the internal ``test`` split,
+the ``external`` split (the scanner held out of training) and the augment stage's robustness sets
+(every ``robustness_splits`` volume under every scanner profile at every severity), then writes to
+``reports_dir``:
+
+- ``metrics.json``: test and external AUROC, sensitivity, specificity and ECE with bootstrap CIs at
+  the validation-chosen threshold, the robustness summary, and the segment flags (``dvc metrics``);
+- ``predictions.csv``: one row per scored volume (set, profile, severity, series, label, probability);
+- ``segments.csv``: the per-segment table over the held-out series (test + external);
+- ``robustness.csv``: AUROC with CI for every profile x severity, plus the external set;
+- ``roc.csv``, ``reliability.csv`` (DVC plots) and ``roc.png``, ``reliability.png``,
+  ``robustness.png``.
+
+The same figures go to an MLflow ``validate`` run, and the headline ones onto the training run and
+the registered model version, so runs compare side by side in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from shiftguard.config.schema import EvaluateConfig, TrainConfig
+from shiftguard.errors import ShiftGuardError
+from shiftguard.evaluation.metrics import (
+    MetricInputError,
+    auroc,
+    binary_report,
+    bootstrap_ci,
+    choose_threshold,
+    reliability_curve,
+    roc_curve,
+)
+from shiftguard.evaluation.segments import age_bands, segment_table
+
+log = logging.getLogger(__name__)
+
+EXTERNAL = "external"
+IN_DISTRIBUTION = "test"
+FALLBACK_THRESHOLD = 0.5
+
+
+class ValidationError(ShiftGuardError, ValueError):
+    """The inputs of the validation stage cannot be judged (a split missing, one class only)."""
+
+
+@dataclass
+class ValidationResult:
+    """Everything the stage computed; :meth:`to_metrics` is its ``metrics.json``."""
+
+    threshold: float
+    reports: dict[str, dict[str, Any]]
+    predictions: pd.DataFrame
+    segments: pd.DataFrame
+    robustness: pd.DataFrame
+
+    def to_metrics(self) -> dict[str, Any]:
+        """Headline figures for ``dvc metrics``: reports per set, robustness summary, segments."""
+        out: dict[str, Any] = {"threshold": round(self.threshold, 6)}
+        for name, report in self.reports.items():
+            out[name] = _rounded(report)
+        shifted = self.robustness[self.robustness["profile"] != EXTERNAL]
+        if len(shifted):
+            by_sev = shifted.groupby("severity")["auroc"].mean()
+            out["robustness"] = {
+                "mean_auroc_by_severity": {str(int(k)): _r(v) for k, v in by_sev.items()},
+                "worst_profile_at_max_severity": _worst(shifted),
+                "auroc_drop_at_max_severity": _r(by_sev.iloc[0] - by_sev.iloc[-1]),
+            }
+        if IN_DISTRIBUTION in self.reports and EXTERNAL in self.reports:
+            out["external_auroc_gap"] = _r(
+                self.reports[EXTERNAL]["auroc"]["value"]
+                - self.reports[IN_DISTRIBUTION]["auroc"]["value"]
+            )
+        judged = self.segments[self.segments["judgeable"]]
+        out["segments"] = {
+            "judgeable": len(judged),
+            "too_small": int((~self.segments["judgeable"]).sum()),
+            "largest_auroc_shortfall": _r(-judged["auroc_gap"].min()) if len(judged) else None,
+        }
+        return out
+
+
+def _r(value: Any, digits: int = 4) -> float | None:
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def _rounded(report: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out[key] = {k: _r(v) for k, v in value.items()}
+        elif isinstance(value, float):
+            out[key] = _r(value, 6)
+        else:
+            out[key] = value
+    return out
+
+
+def _worst(shifted: pd.DataFrame) -> str | None:
+    top = shifted[shifted["severity"] == shifted["severity"].max()].dropna(subset=["auroc"])
+    return None if top.empty else str(top.sort_values("auroc").iloc[0]["profile"])
+
+
+def predict_paths(
+    net: nn.Module,
+    paths: Sequence[str],
+    train_cfg: TrainConfig,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Probabilities ``(N,)`` for the volumes at ``paths``, preprocessed exactly as in training."""
+    from shiftguard.training.data import build_dataset, build_loader
+    from shiftguard.training.loop import predict
+
+    if not paths:
+        return np.zeros(0)
+    items = [{"image": str(p), "label": 0.0, "key": str(i)} for i, p in enumerate(paths)]
+    cfg = train_cfg.model_copy(update={"cache_rate": 0.0})
+    loader = build_loader(build_dataset(items, cfg), cfg, shuffle=False, batch_size=batch_size)
+    _, probs, keys = predict(net, loader, device)
+    order = np.argsort(np.asarray(keys, dtype=np.int64))
+    return probs[order]
+
+
+def _report(
+    cfg: EvaluateConfig, labels: np.ndarray, probs: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    if labels.size == 0:
+        raise ValidationError("an evaluation set is empty")
+    if labels.min() == labels.max():
+        log.warning("a set has one class only (%d series): AUROC is undefined", labels.size)
+    return binary_report(
+        labels,
+        probs,
+        threshold,
+        n_boot=cfg.n_bootstrap,
+        seed=cfg.seed,
+        alpha=cfg.alpha,
+        n_bins=cfg.ece_bins,
+    )
+
+
+def _auroc_ci(
+    cfg: EvaluateConfig, labels: np.ndarray, probs: np.ndarray
+) -> tuple[float, float, float]:
+    if labels.size == 0 or labels.min() == labels.max():
+        return math.nan, math.nan, math.nan
+    value, low, high = bootstrap_ci(
+        auroc, labels, probs, n_boot=cfg.n_bootstrap, alpha=cfg.alpha, seed=cfg.seed
+    )
+    return float(value), float(low), float(high)
+
+
+def evaluate(
+    net: nn.Module,
+    train_cfg: TrainConfig,
+    cfg: EvaluateConfig,
+    dataset: pd.DataFrame,
+    ingest_dir: Path,
+    robustness_manifest: pd.DataFrame | None,
+    augment_dir: Path | None,
+    device: str | torch.device = "cpu",
+) -> ValidationResult:
+    """Score every set and compute the reports, segments and robustness table.
+
+    Args:
+        net: the trained network, ``(B, 1, X, Y, Z) -> (B, 1)`` logits.
+        train_cfg: the training section the network was trained with (its preprocessing).
+        cfg: the ``evaluate`` section.
+        dataset: the split table (``series_key, volume_path, finding, split`` and the segment
+            columns).
+        ingest_dir: the folder ``volume_path`` is relative to.
+        robustness_manifest: the augment stage's manifest (``split, profile, severity,
+            volume_path, finding, series_key``), or ``None`` to skip the robustness table.
+        augment_dir: the folder the manifest's ``volume_path`` is relative to.
+        device: where to run the network.
+
+    Raises:
+        ValidationError: when the validation or test split is missing or one-class.
+    """
+    labelled = dataset[dataset["finding"].astype(str).isin(["0", "1", "0.0", "1.0"])].copy()
+    labelled["label"] = labelled["finding"].astype(float)
+    for split in ("val", IN_DISTRIBUTION):
+        if (labelled["split"] == split).sum() == 0:
+            raise ValidationError(
+                f"the split table has no labelled {split} series; enlarge the cohort or change "
+                "split.fractions"
+            )
+    scored = labelled[labelled["split"].isin(["val", IN_DISTRIBUTION, EXTERNAL])].copy()
+    paths = [str(ingest_dir / p) for p in scored["volume_path"]]
+    scored["prob"] = predict_paths(net, paths, train_cfg, cfg.batch_size, device)
+    scored["set"] = scored["split"]
+
+    val = scored[scored["split"] == "val"]
+    if val["label"].nunique() < 2:
+        threshold = FALLBACK_THRESHOLD
+        log.warning(
+            "the val split has %d series of one class: no operating point can be chosen on it, "
+            "using %.2f; every figure of this run is unreliable. Enlarge the cohort",
+            len(val),
+            threshold,
+        )
+    else:
+        try:
+            threshold = choose_threshold(
+                val["label"].to_numpy(), val["prob"].to_numpy(), cfg.threshold_rule
+            )
+        except MetricInputError as err:
+            raise ValidationError(f"operating point on the val split: {err}") from err
+    reports: dict[str, dict[str, Any]] = {}
+    for name in (IN_DISTRIBUTION, EXTERNAL):
+        part = scored[scored["split"] == name]
+        if len(part):
+            reports[name] = _report(
+                cfg, part["label"].to_numpy(), part["prob"].to_numpy(), threshold
+            )
+
+    held_out = scored[scored["split"].isin([IN_DISTRIBUTION, EXTERNAL])].copy()
+    if "patient_age" in held_out.columns:
+        held_out["age_band"] = age_bands(
+            pd.to_numeric(held_out["patient_age"], errors="coerce"), cfg.age_bands
+        )
+    missing = [c for c in cfg.segments if c not in held_out.columns]
+    if missing:
+        raise ValidationError(
+            f"evaluate.segments names column(s) {missing} the split table lacks; "
+            f"it has {sorted(held_out.columns)}"
+        )
+    segments = segment_table(
+        held_out,
+        cfg.segments,
+        score_col="prob",
+        label_col="label",
+        threshold=threshold,
+        min_n=cfg.min_segment_size,
+        min_positive=cfg.min_segment_positives,
+        n_boot=cfg.n_bootstrap,
+        seed=cfg.seed,
+        alpha=cfg.alpha,
+    )
+
+    rob_rows: list[dict[str, Any]] = []
+    frames = [scored.assign(profile="", severity=0)]
+    if robustness_manifest is not None and augment_dir is not None:
+        shifted = robustness_manifest[
+            robustness_manifest["split"].isin(cfg.robustness_splits)
+        ].copy()
+        shifted["label"] = shifted["finding"].astype(float)
+        unique = sorted(set(shifted["volume_path"]))
+        probs = dict(
+            zip(
+                unique,
+                predict_paths(
+                    net, [str(augment_dir / p) for p in unique], train_cfg, cfg.batch_size, device
+                ),
+                strict=True,
+            )
+        )
+        shifted["prob"] = shifted["volume_path"].map(probs)
+        shifted["set"] = "robustness"
+        frames.append(shifted)
+        for (profile, severity), part in shifted.groupby(["profile", "severity"], sort=True):
+            value, low, high = _auroc_ci(cfg, part["label"].to_numpy(), part["prob"].to_numpy())
+            rob_rows.append(
+                {
+                    "profile": profile,
+                    "severity": int(severity),
+                    "n": len(part),
+                    "n_positive": int(part["label"].sum()),
+                    "auroc": value,
+                    "auroc_low": low,
+                    "auroc_high": high,
+                }
+            )
+    external = scored[scored["split"] == EXTERNAL]
+    if len(external):
+        value, low, high = _auroc_ci(cfg, external["label"].to_numpy(), external["prob"].to_numpy())
+        rob_rows.append(
+            {
+                "profile": EXTERNAL,
+                "severity": -1,
+                "n": len(external),
+                "n_positive": int(external["label"].sum()),
+                "auroc": value,
+                "auroc_low": low,
+                "auroc_high": high,
+            }
+        )
+    columns = ["set", "profile", "severity", "split", "series_key", "label", "prob"]
+    predictions = pd.concat([f.reindex(columns=columns) for f in frames], ignore_index=True)
+    robustness = pd.DataFrame(
+        rob_rows,
+        columns=["profile", "severity", "n", "n_positive", "auroc", "auroc_low", "auroc_high"],
+    )
+    return ValidationResult(threshold, reports, predictions, segments, robustness)
+
+
+def _curves(result: ValidationResult, cfg: EvaluateConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    roc_parts, rel_parts = [], []
+    pred = result.predictions
+    for name in (IN_DISTRIBUTION, EXTERNAL):
+        part = pred[(pred["set"] == name)]
+        if part.empty or part["label"].nunique() < 2:
+            continue
+        fpr, tpr, thr = roc_curve(part["label"].to_numpy(), part["prob"].to_numpy())
+        roc_parts.append(pd.DataFrame({"set": name, "fpr": fpr, "tpr": tpr, "threshold": thr}))
+        curve = reliability_curve(part["label"].to_numpy(), part["prob"].to_numpy(), cfg.ece_bins)
+        mids = (curve.bin_edges[:-1] + curve.bin_edges[1:]) / 2
+        rel_parts.append(
+            pd.DataFrame(
+                {
+                    "set": name,
+                    "bin": mids,
+                    "mean_predicted": curve.mean_predicted,
+                    "observed_frequency": curve.observed_frequency,
+                    "count": curve.counts,
+                }
+            )[lambda f: f["count"] > 0]
+        )
+    roc = (
+        pd.concat(roc_parts, ignore_index=True)
+        if roc_parts
+        else pd.DataFrame(columns=["set", "fpr", "tpr", "threshold"])
+    )
+    roc["threshold"] = roc["threshold"].replace(np.inf, 1.0)
+    rel = (
+        pd.concat(rel_parts, ignore_index=True)
+        if rel_parts
+        else pd.DataFrame(columns=["set", "bin", "mean_predicted", "observed_frequency", "count"])
+    )
+    return roc, rel
+
+
+def _figures(
+    result: ValidationResult, roc: pd.DataFrame, rel: pd.DataFrame, out: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, part in roc.groupby("set", sort=False):
+        value = result.reports.get(str(name), {}).get("auroc", {}).get("value", math.nan)
+        ax.plot(
+            part["fpr"], part["tpr"], drawstyle="steps-post", label=f"{name} (AUROC {value:.3f})"
+        )
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    paths.append(out / "roc.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, part in rel.groupby("set", sort=False):
+        ece = result.reports.get(str(name), {}).get("ece", {}).get("value", math.nan)
+        ax.plot(
+            part["mean_predicted"],
+            part["observed_frequency"],
+            "o-",
+            label=f"{name} (ECE {ece:.3f})",
+        )
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(
+        xlabel="mean predicted probability",
+        ylabel="observed frequency",
+        title="Reliability",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left")
+    paths.append(out / "reliability.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    rob = result.robustness
+    for profile, part in rob[rob["profile"] != EXTERNAL].groupby("profile"):
+        ax.errorbar(
+            part["severity"],
+            part["auroc"],
+            yerr=[part["auroc"] - part["auroc_low"], part["auroc_high"] - part["auroc"]],
+            marker="o",
+            capsize=2,
+            label=str(profile),
+        )
+    ext = rob[rob["profile"] == EXTERNAL]
+    if len(ext):
+        ax.axhline(float(ext["auroc"].iloc[0]), ls="--", c="k", label="unseen scanner (external)")
+    ax.set(
+        xlabel="severity",
+        ylabel="AUROC",
+        title="Robustness to simulated scanner shift",
+        ylim=(0, 1),
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left")
+    paths.append(out / "robustness.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def write_reports(result: ValidationResult, cfg: EvaluateConfig, out: Path) -> list[Path]:
+    """Write the tables, curves and figures into ``out``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    roc, rel = _curves(result, cfg)
+    files = {
+        "predictions.csv": result.predictions,
+        "segments.csv": result.segments,
+        "robustness.csv": result.robustness,
+        "roc.csv": roc,
+        "reliability.csv": rel,
+    }
+    written = []
+    for name, frame in files.items():
+        frame.to_csv(out / name, index=False, float_format="%.6g")
+        written.append(out / name)
+    return written + _figures(result, roc, rel, out)
+
+
+def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_metrics(value, f"{name}."))
+        elif (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            flat[name] = float(value)
+    return flat
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures copied onto the training run and the model version for side-by-side comparison."""
+    flat = _flat_metrics(metrics)
+    keys = {
+        "test.auroc.value": "test_auroc",
+        "external.auroc.value": "external_auroc",
+        "test.sensitivity.value": "test_sensitivity",
+        "test.specificity.value": "test_specificity",
+        "test.ece.value": "test_ece",
+        "external_auroc_gap": "external_auroc_gap",
+        "robustness.auroc_drop_at_max_severity": "robustness_auroc_drop",
+    }
+    return {short: flat[long] for long, short in keys.items() if long in flat}
+
+
+def run(
+    cfg: EvaluateConfig,
+    model_file: Path,
+    dataset_csv: Path,
+    ingest_dir: Path,
+    augment_dir: Path | None,
+    reports_dir: Path,
+    params: dict[str, Any] | None = None,
+    model_info: Path | None = None,
+    track: bool = True,
+    root: Path | None = None,
+) -> ValidationResult:
+    """The stage: load the model, :func:`evaluate`, write reports, log to MLflow.
+
+    Args:
+        cfg: the ``evaluate`` section.
+        model_file: the train stage's ``model.pt``.
+        dataset_csv: the split table.
+        ingest_dir: the folder its ``volume_path`` is relative to.
+        augment_dir: the augment stage's folder (``manifest.csv``); ``None`` skips robustness.
+        reports_dir: receives the reports (see the module docstring).
+        params: the resolved config logged as MLflow params (default: the ``evaluate`` section).
+        model_info: the train stage's ``model.json`` (its MLflow run and model version), if any.
+        track: log to MLflow.
+        root: the project root (tracking store, ``data.dvc``).
+    """
+    from shiftguard.training.stage import load_model, read_rows
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, payload = load_model(model_file, device)
+    train_cfg = TrainConfig.model_validate(payload["train"])
+    dataset = pd.DataFrame(read_rows(dataset_csv))
+    manifest = None
+    if augment_dir is not None:
+        manifest_path = augment_dir / "manifest.csv"
+        if not manifest_path.is_file():
+            raise ValidationError(f"{manifest_path}: no robustness manifest; run the augment stage")
+        manifest = pd.read_csv(manifest_path, dtype={"series_key": str})
+    result = evaluate(net, train_cfg, cfg, dataset, ingest_dir, manifest, augment_dir, device)
+    files = write_reports(result, cfg, reports_dir)
+    metrics = result.to_metrics()
+    log.info(
+        "validate: threshold %.3f; test AUROC %s, external AUROC %s",
+        result.threshold,
+        metrics.get("test", {}).get("auroc"),
+        metrics.get(EXTERNAL, {}).get("auroc"),
+    )
+    if track:
+        _track(
+            metrics, files, params or {"evaluate": cfg.model_dump(mode="json")}, model_info, root
+        )
+    return result
+
+
+def _track(
+    metrics: dict[str, Any],
+    files: list[Path],
+    params: dict[str, Any],
+    model_info: Path | None,
+    root: Path | None,
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import MetricLogger, stage_run
+
+    info: dict[str, Any] = {}
+    if model_info is not None and model_info.is_file():
+        info = json.loads(model_info.read_text())
+    tags = {"shiftguard.train_run_id": str(info.get("run_id"))} if info.get("run_id") else {}
+    with stage_run("validate", params, root=root, tags=tags) as run:
+        MetricLogger(run.info.run_id).log(_flat_metrics(metrics))
+        for path in files:
+            mlflow.log_artifact(str(path))
+    top = headline(metrics)
+    client = MlflowClient()
+    if info.get("run_id"):
+        MetricLogger(str(info["run_id"])).log({f"validate.{k}": v for k, v in top.items()})
+    if info.get("registered_model") and info.get("version"):
+        for key, value in top.items():
+            client.set_model_version_tag(
+                str(info["registered_model"]), str(info["version"]), key, f"{value:.4f}"
+            )

@@ -1,0 +1,446 @@
+"""The ``train`` stage: datasets from the split table, :func:`~shiftguard.training.fit`, MLflow.
+
+One call of :func:`run` trains the classifier on the ``train`` split, selects the epoch with the best
+validation AUROC, and writes to ``out_dir``:
+
+- ``model.pt``: the weights with everything needed to rebuild and feed the network (the ``model`` and
+  ``train`` sections, the ingest grid, the network's input grid, the intensity percentiles);
+- ``checkpoints/``: ``last.pt`` and ``best.pt`` (a ``shiftguard train --resume`` continues from them);
+- ``model.json``: the MLflow run, the model's URI and its registered version.
+
+On rank 0 it logs one MLflow run: the resolved config as params, per-epoch metrics (one batched call
+per epoch), provenance tags, the split table as a dataset input, the model with a signature, and
+registers it as a new version of ``train.registered_model`` aliased ``candidate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shiftguard.config.schema import AugmentConfig, ModelConfig, TrainConfig
+from shiftguard.errors import ShiftGuardError
+from shiftguard.models import build_model
+from shiftguard.training.data import (
+    build_dataset,
+    build_loader,
+    items_from_rows,
+    labels_of,
+    volume_geometry,
+)
+from shiftguard.training.distributed import DistContext, init_distributed, shutdown
+from shiftguard.training.loop import EpochRecord, FitResult, fit
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+MODEL_INFO = "model.json"
+CHECKPOINTS = "checkpoints"
+HISTORY = "history.csv"
+CANDIDATE = "candidate"
+FORMAT = 1
+
+
+class ModelFileError(ShiftGuardError, ValueError):
+    """A ``model.pt`` that is missing, unreadable or not written by the train stage."""
+
+
+class TrainingDataError(ShiftGuardError, ValueError):
+    """The split table cannot be trained on (missing, a split empty, one class only)."""
+
+
+@dataclass
+class TrainSummary:
+    """What one training run produced and measured."""
+
+    fit: FitResult
+    n_train: int
+    n_val: int
+    n_train_positive: int
+    device: str
+    augment: bool
+    input_shape: tuple[int, ...]
+    logging_seconds: float = 0.0
+    main_process: bool = True
+    run_id: str | None = None
+    model_uri: str | None = None
+    registered_model: str | None = None
+    version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def logging_overhead(self) -> float:
+        """Seconds spent in MLflow calls during training, as a fraction of the training time."""
+        spent = self.fit.train_seconds
+        return self.logging_seconds / spent if spent > 0 else 0.0
+
+    def to_metrics(self) -> dict[str, object]:
+        """The stage's ``metrics.json``."""
+        f = self.fit
+        samples_per_second = f.samples_trained / f.train_seconds if f.train_seconds > 0 else 0.0
+        return {
+            "best_epoch": f.best_epoch,
+            "best_val_auroc": round(f.best_val_auroc, 4)
+            if math.isfinite(f.best_val_auroc)
+            else None,
+            "epochs_run": f.epochs_run,
+            "stopped_early": f.stopped_early,
+            "data_wait_fraction": round(f.data_wait_fraction, 4),
+            "logging_overhead": round(self.logging_overhead, 5),
+            "train_seconds": round(f.train_seconds, 2),
+            "samples_per_second": round(samples_per_second, 2),
+            "world_size": f.world_size,
+            "samples_per_rank": f.samples_per_rank,
+            "weights_in_sync": f.weights_in_sync,
+            "device": self.device,
+            "augment": self.augment,
+            "input_shape": list(self.input_shape),
+            "n_train": self.n_train,
+            "n_train_positive": self.n_train_positive,
+            "n_val": self.n_val,
+        }
+
+
+def read_rows(dataset_csv: Path) -> list[dict[str, str]]:
+    """Rows of ``dataset.csv``.
+
+    Raises:
+        TrainingDataError: when the file is missing or has no ``split`` column.
+    """
+    if not dataset_csv.is_file():
+        raise TrainingDataError(
+            f"{dataset_csv}: no split table; run the split stage first (dvc repro split)"
+        )
+    with dataset_csv.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and "split" not in rows[0]:
+        raise TrainingDataError(f"{dataset_csv}: no 'split' column; it is not a split table")
+    return rows
+
+
+def save_model(
+    path: Path,
+    net: nn.Module,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    spacing: tuple[float, ...],
+    shape: tuple[int, ...],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the weights and what rebuilding and feeding the network takes to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "model": model_cfg.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json"),
+        "input": {
+            "ingest_spacing": [float(s) for s in spacing],
+            "ingest_shape": [int(s) for s in shape],
+            "input_shape": [int(s) for s in (train_cfg.input_shape or shape)],
+            "intensity_percentiles": list(train_cfg.intensity_percentiles),
+        },
+        **(extra or {}),
+    }
+    torch.save(payload, path)
+    return path
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The network of a ``model.pt`` (in eval mode) and the file's contents.
+
+    Raises:
+        ModelFileError: when the file is missing, unreadable or of another format.
+    """
+    if not Path(path).is_file():
+        raise ModelFileError(
+            f"{path}: no trained model; run the train stage first (dvc repro train)"
+        )
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # pickle, zip and torch errors alike
+        raise ModelFileError(f"{path}: not a readable model file ({err}); re-run training") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{path}: not a ShiftGuard model file of format {FORMAT}; re-run the train stage"
+        )
+    net = build_model(ModelConfig.model_validate(payload["model"]))
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise ModelFileError(f"{path}: weights do not fit the network it names: {err}") from err
+    return net.to(device).eval(), payload
+
+
+def _write_history(path: Path, history: list[EpochRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(EpochRecord.__dataclass_fields__)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        for record in history:
+            writer.writerow(
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(record).items()}
+            )
+
+
+def _log_model(
+    net: nn.Module, input_shape: tuple[int, ...], registered_model: str
+) -> tuple[str, str | None]:
+    """Log the network with its signature, register it and alias the new version ``candidate``."""
+    import mlflow
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    example = np.zeros((1, 1, *input_shape), dtype=np.float32)
+    with torch.no_grad():
+        output = net.cpu().eval()(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    info = mlflow.pytorch.log_model(
+        net,
+        name="model",
+        signature=signature,
+        registered_model_name=registered_model,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "shiftguard"],
+        serialization_format="pickle",
+        await_registration_for=60,
+    )
+    version = info.registered_model_version
+    if version is not None:
+        MlflowClient().set_registered_model_alias(registered_model, CANDIDATE, str(version))
+        log.info("registered %s version %s as @%s", registered_model, version, CANDIDATE)
+    return info.model_uri, None if version is None else str(version)
+
+
+def run(
+    train_cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    augment_cfg: AugmentConfig,
+    dataset_csv: Path,
+    ingest_dir: Path,
+    out_dir: Path,
+    params: dict[str, Any] | None = None,
+    history_csv: Path | None = None,
+    track: bool = True,
+    resume: bool = False,
+    device: str | None = None,
+    root: Path | None = None,
+) -> TrainSummary:
+    """Train, select, save, log and register the classifier (see the module docstring).
+
+    Args:
+        train_cfg: the ``train`` section.
+        model_cfg: the ``model`` section.
+        augment_cfg: the ``augment`` section; ``enabled: false`` trains without scanner simulation.
+        dataset_csv: the split table.
+        ingest_dir: the folder its ``volume_path`` column is relative to.
+        out_dir: receives ``model.pt``, ``model.json`` and ``checkpoints/``.
+        params: the resolved config logged as MLflow params (default: the three sections).
+        history_csv: per-epoch records for ``dvc plots``.
+        track: log to MLflow (rank 0 only).
+        resume: continue from ``out_dir/checkpoints/last.pt``.
+        device: ``cpu``/``cuda``; CUDA when available if omitted.
+        root: the project root (tracking store, ``data.dvc``); default: cwd.
+
+    Raises:
+        TrainingDataError: when the split table lacks a labelled train or val split.
+    """
+    ctx: DistContext = init_distributed(device)
+    try:
+        return _run(
+            ctx,
+            train_cfg,
+            model_cfg,
+            augment_cfg,
+            dataset_csv,
+            ingest_dir,
+            out_dir,
+            params,
+            history_csv,
+            track,
+            resume,
+            root or Path.cwd(),
+        )
+    finally:
+        shutdown(ctx)
+
+
+def _run(
+    ctx: DistContext,
+    train_cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    augment_cfg: AugmentConfig,
+    dataset_csv: Path,
+    ingest_dir: Path,
+    out_dir: Path,
+    params: dict[str, Any] | None,
+    history_csv: Path | None,
+    track: bool,
+    resume: bool,
+    root: Path,
+) -> TrainSummary:
+    rows = read_rows(dataset_csv)
+    train_items = items_from_rows(rows, ingest_dir, "train")
+    val_items = items_from_rows(rows, ingest_dir, "val")
+    for name, items in (("train", train_items), ("val", val_items)):
+        if not items:
+            raise TrainingDataError(
+                f"{dataset_csv}: the {name} split is empty; check split.fractions and the cohort size"
+            )
+    labels = labels_of(train_items)
+    if labels.min() == labels.max():
+        raise TrainingDataError(
+            f"{dataset_csv}: every training series has finding={labels[0]:.0f}; a classifier needs "
+            "both classes (check the cohort's prevalence and split.stratify_on)"
+        )
+    spacing, shape = volume_geometry([i["image"] for i in train_items + val_items])
+    input_shape = tuple(train_cfg.input_shape or shape)
+    augment = augment_cfg if augment_cfg.enabled else None
+    log.info(
+        "train: %d series (%d positive), val: %d; grid %s -> input %s; scanner simulation %s; %s",
+        len(train_items),
+        int(labels.sum()),
+        len(val_items),
+        shape,
+        input_shape,
+        "on" if augment else "off",
+        f"{ctx.world_size} processes" if ctx.distributed else "1 process",
+    )
+    train_ds = build_dataset(train_items, train_cfg, train=True, augment=augment, spacing=spacing)
+    val_ds = build_dataset(val_items if ctx.is_main else val_items[:1], train_cfg)
+    train_loader = build_loader(train_ds, train_cfg, shuffle=True, ctx=ctx)
+    val_loader = build_loader(val_ds, train_cfg, shuffle=False)
+    net = build_model(model_cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = (
+        params
+        if params is not None
+        else {
+            "train": train_cfg.model_dump(mode="json"),
+            "model": model_cfg.model_dump(mode="json"),
+            "augment": augment_cfg.model_dump(mode="json"),
+        }
+    )
+    tracking = track and ctx.is_main
+    if tracking:
+        from shiftguard.tracking import stage_run
+
+        context: Any = stage_run(
+            "train", params, root=root, tags={"shiftguard.augment": str(bool(augment))}
+        )
+    else:
+        context = nullcontext(None)
+    with context as mlrun:
+        logger = None
+        if mlrun is not None:
+            from shiftguard.tracking import MetricLogger
+
+            logger = MetricLogger(mlrun.info.run_id)
+            _log_dataset(rows, dataset_csv, root)
+
+        def log_epoch(record: EpochRecord) -> None:
+            if logger is not None:
+                logger.log(
+                    {
+                        "train_loss": record.train_loss,
+                        "val_auroc": record.val_auroc,
+                        "data_wait_fraction": record.data_wait_fraction,
+                        "epoch_seconds": record.seconds,
+                    },
+                    step=record.epoch,
+                )
+
+        began = time.perf_counter()
+        result = fit(
+            net,
+            train_loader,
+            val_loader,
+            train_cfg,
+            checkpoint_dir=out_dir / CHECKPOINTS,
+            resume=resume,
+            log_fn=log_epoch,
+            ctx=ctx,
+        )
+        summary = TrainSummary(
+            fit=result,
+            n_train=len(train_items),
+            n_val=len(val_items),
+            n_train_positive=int(labels.sum()),
+            device=str(ctx.device if ctx.distributed else next(net.parameters()).device),
+            augment=augment is not None,
+            input_shape=input_shape,
+            logging_seconds=logger.seconds if logger else 0.0,
+            main_process=ctx.is_main,
+        )
+        log.info("fit took %.1f s", time.perf_counter() - began)
+        if not ctx.is_main:
+            return summary
+        save_model(
+            out_dir / MODEL_FILE,
+            net,
+            model_cfg,
+            train_cfg,
+            spacing,
+            shape,
+            extra={"best_epoch": result.best_epoch, "best_val_auroc": result.best_val_auroc},
+        )
+        if history_csv is not None:
+            _write_history(history_csv, result.history)
+        if mlrun is not None:
+            assert logger is not None
+            final = {
+                k: float(v)
+                for k, v in summary.to_metrics().items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
+            }
+            logger.log(final)
+            summary.run_id = mlrun.info.run_id
+            summary.model_uri, summary.version = _log_model(
+                net, input_shape, train_cfg.registered_model
+            )
+            summary.registered_model = train_cfg.registered_model
+            import mlflow
+
+            if history_csv is not None:
+                mlflow.log_artifact(str(history_csv))
+        info = {
+            "run_id": summary.run_id,
+            "model_uri": summary.model_uri,
+            "registered_model": summary.registered_model,
+            "version": summary.version,
+            "alias": CANDIDATE if summary.version else None,
+        }
+        (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return summary
+
+
+def _log_dataset(rows: list[dict[str, str]], dataset_csv: Path, root: Path) -> None:
+    """Record the split table as the run's dataset input, with the raw data's DVC hash."""
+    import mlflow
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    from shiftguard.tracking import data_version
+
+    frame = pd.DataFrame(rows)
+    digest = data_version(root)
+    dataset = from_pandas(
+        frame,
+        source=str(dataset_csv.resolve()),
+        targets="finding",
+        name="shiftguard-cohort",
+        digest=(digest or "")[:36] or None,
+    )
+    mlflow.log_input(dataset, context="training")

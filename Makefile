@@ -1,7 +1,7 @@
 # Two set-up commands on a fresh machine (see README):
 #   make demo   build the environment and run the main job end to end on the synthetic cohort
 #   make test   build the environment and run the whole test suite
-.PHONY: env demo test lint bench clean
+.PHONY: env demo experiment test lint bench clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,6 +15,14 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 demo: env
 	bash scripts/demo.sh
+
+# The scanner-shift experiment: both arms with `dvc exp run`, then side by side (also in the MLflow UI
+# and notebooks/03_compare_runs.ipynb). Needs the cohort in place: run `make demo` first.
+experiment: env
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -n sim-on -S experiment=sim_on
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -n sim-off -S experiment=sim_off
+	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' \
+	  --keep 'test.auroc.value|external.auroc.value|augment.enabled|best_val_auroc'
 
 test: env
 	$(BIN)/pytest -n 2 --durations=15

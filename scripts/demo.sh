@@ -25,6 +25,19 @@ fi
 dvc repro
 dvc status
 dvc metrics show
+python - <<'PY'
+import json
+info = json.load(open("artifacts/train/model.json"))
+report = json.load(open("reports/validate/metrics.json"))
+auc = lambda name: report.get(name, {}).get("auroc", {})
+print(f"\ndemo: registered {info['registered_model']} version {info['version']} as @{info['alias']} "
+      f"(MLflow run {info['run_id']})")
+for name, label in (("test", "internal test"), ("external", "unseen scanner")):
+    a = auc(name)
+    if a.get("value") is not None:
+        print(f"      {label:>14}: AUROC {a['value']:.3f} (95% CI {a['low']:.3f}-{a['high']:.3f})")
+PY
 echo
 echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
-echo "      (then open http://127.0.0.1:5000); the robustness gallery is reports/augment/gallery.png"
+echo "      (then open http://127.0.0.1:5000); plots: dvc plots show (reports/validate/*.png)"
+echo "      The scanner-shift experiment, both arms side by side: make experiment"

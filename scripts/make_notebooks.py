@@ -233,7 +233,10 @@ arms.index = arms.index.map({True: "sim_on", False: "sim_off"})
 arms[["dvc_exp", "test_auroc", "test_auroc_low", "test_auroc_high", "external_auroc", "external_auroc_low",
       "external_auroc_high", "robustness_auroc_drop", "test_ece"]].round(3)""",
     ),
-    ("markdown", "## ROC curves, both arms overlaid (solid: internal test set, dashed: unseen scanner)"),
+    (
+        "markdown",
+        "## ROC curves, both arms overlaid (solid: internal test set, dashed: unseen scanner)",
+    ),
     (
         "code",
         """fig, ax = plt.subplots(figsize=(5.5, 5.5))
@@ -249,7 +252,10 @@ ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.0
 ax.legend(loc="lower right", fontsize=8)
 plt.show()""",
     ),
-    ("markdown", "## Robustness curves, side by side: AUROC under each simulated scanner profile by severity"),
+    (
+        "markdown",
+        "## Robustness curves, side by side: AUROC under each simulated scanner profile by severity",
+    ),
     (
         "code",
         """fig, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 4.5), sharey=True, squeeze=False)

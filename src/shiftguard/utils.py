@@ -16,6 +16,21 @@ if TYPE_CHECKING:
 WORKERS_ENV = "SHIFTGUARD_WORKERS"
 
 
+def loader_workers() -> int:
+    """DataLoader worker processes: ``$SHIFTGUARD_LOADER_WORKERS``, else one per core the training
+    process leaves spare, at most 4 (1 on a 2-core machine, 0 on one core)."""
+    raw = os.environ.get("SHIFTGUARD_LOADER_WORKERS")
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"SHIFTGUARD_LOADER_WORKERS={raw!r} is not an integer") from None
+        if value < 0:
+            raise ValueError(f"SHIFTGUARD_LOADER_WORKERS={raw!r} must be 0 or more")
+        return value
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def env_workers(default: int | None = None) -> int:
     """Worker processes for pools: ``$SHIFTGUARD_WORKERS``, else ``default``, else the CPU count.
 

@@ -96,9 +96,9 @@ class LesionConfig(_Strict):
     per lesion with ``hyperintense_fraction``); small radius and low contrast make subtle cases.
     """
 
-    radius_mm: tuple[PositiveFloat, PositiveFloat] = (3.0, 12.0)
-    contrast: tuple[PositiveFloat, PositiveFloat] = (0.15, 0.6)
-    hyperintense_fraction: Fraction = 0.3
+    radius_mm: tuple[PositiveFloat, PositiveFloat] = (5.0, 14.0)
+    contrast: tuple[PositiveFloat, PositiveFloat] = (0.3, 0.8)
+    hyperintense_fraction: Fraction = 0.75
     edge_softness_mm: Annotated[float, Field(ge=0, le=5)] = 1.0
     age_log_odds_per_decade: float = Field(
         0.35, description="older subjects are more likely to have the finding, as in real cohorts"
@@ -466,7 +466,11 @@ class TrainConfig(_Strict):
     patience: Annotated[int, Field(ge=1)] = 8
     min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
     amp: bool = False
-    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    num_workers: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        None,
+        description="loader worker processes; null: $SHIFTGUARD_LOADER_WORKERS, else one per "
+        "spare core up to 4 (a runtime setting, so leave it null in conf/)",
+    )
     cache_rate: Fraction = 1.0
     flip_probability: Fraction = 0.5
     intensity_percentiles: tuple[

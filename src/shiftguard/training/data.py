@@ -31,6 +31,7 @@ from torch.utils.data import DistributedSampler
 from shiftguard.augment import RandScannerSimd
 from shiftguard.config.schema import AugmentConfig, TrainConfig
 from shiftguard.training.distributed import DistContext
+from shiftguard.utils import loader_workers
 
 IMAGE, LABEL, KEY = "image", "label", "key"
 
@@ -104,6 +105,11 @@ def preprocessing(cfg: TrainConfig) -> list[Any]:
     ]
 
 
+def workers_for(cfg: TrainConfig) -> int:
+    """``cfg.num_workers``, or the runtime default of :func:`shiftguard.utils.loader_workers`."""
+    return loader_workers() if cfg.num_workers is None else cfg.num_workers
+
+
 def to_input_grid(cfg: TrainConfig) -> list[Any]:
     """The transform to the network's grid: area resampling to ``cfg.input_shape`` (none if unset)."""
     if cfg.input_shape is None:
@@ -148,7 +154,7 @@ def build_dataset(
         data=[dict(item) for item in items],
         transform=pipeline,
         cache_rate=cfg.cache_rate,
-        num_workers=max(cfg.num_workers, 1) if cfg.cache_rate > 0 else 0,
+        num_workers=max(workers_for(cfg), 1) if cfg.cache_rate > 0 else 0,
         progress=False,
     )
 
@@ -178,7 +184,7 @@ def build_loader(
         batch_size=batch_size or cfg.batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
-        num_workers=cfg.num_workers,
+        num_workers=workers_for(cfg),
         generator=generator,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,

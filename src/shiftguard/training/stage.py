@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -436,11 +437,14 @@ def _log_dataset(rows: list[dict[str, str]], dataset_csv: Path, root: Path) -> N
 
     frame = pd.DataFrame(rows)
     digest = data_version(root)
-    dataset = from_pandas(
-        frame,
-        source=str(dataset_csv.resolve()),
-        targets="finding",
-        name="shiftguard-cohort",
-        digest=(digest or "")[:36] or None,
-    )
+    with warnings.catch_warnings():
+        # a local path fits several of MLflow's source types; it picks the local-file one
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = from_pandas(
+            frame,
+            source=str(dataset_csv.resolve()),
+            targets="finding",
+            name="shiftguard-cohort",
+            digest=(digest or "")[:36] or None,
+        )
     mlflow.log_input(dataset, context="training")

@@ -109,7 +109,7 @@ def test_evaluate_scores_every_set_at_the_val_threshold(project) -> None:
 
 
 def test_segments_cover_the_held_out_series_and_flag_small_ones(project) -> None:
-    root, table, manifest = project
+    root, table, _manifest = project
     result = evaluate(PeakNet(), TrainConfig(), cfg(), table, root / "ingest", None, None)
     seg = result.segments
     assert set(seg["column"]) == {

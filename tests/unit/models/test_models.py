@@ -40,3 +40,26 @@ def test_small_cnn_gradients_reach_the_first_layer() -> None:
     assert first is not None and first.abs().sum() > 0
     with pytest.raises(ValueError, match="spatial_dims"):
         SmallCNN3d(spatial_dims=2)
+
+
+def test_local_contrast_channel_sees_a_focal_spot_and_not_a_global_offset() -> None:
+    import torch
+    from torch.nn import functional as F
+
+    net = SmallCNN3d(channels=(4, 8), local_contrast=5)
+    assert net.features[0].in_channels == 2
+    base = torch.rand(1, 1, 20, 24, 20)
+    captured: list[torch.Tensor] = []
+    net.features[0].register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+    net(base)
+    net(base + 100.0)  # a scanner-wide intensity offset
+    spot = base.clone()
+    spot[0, 0, 10, 12, 10] += 5.0
+    net(spot)
+    plain, offset, focal = captured
+    torch.testing.assert_close(plain[:, 1], offset[:, 1], atol=1e-3, rtol=0)
+    assert (focal[:, 1] - plain[:, 1]).abs().amax() > 4.0
+    local = F.avg_pool3d(base, 5, stride=1, padding=2, count_include_pad=False)
+    torch.testing.assert_close(plain[:, 1:], base - local)
+    with pytest.raises(ValueError, match="odd kernel"):
+        SmallCNN3d(local_contrast=4)

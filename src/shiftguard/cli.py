@@ -116,6 +116,34 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import tracking_uri
+    from shiftguard.tracking.compare import validation_table
+
+    table = validation_table(MlflowClient(tracking_uri()))
+    if table.empty:
+        log.warning(
+            "no validated model in %s yet: run `dvc repro` (or `make demo`) first", tracking_uri()
+        )
+        return 1
+    columns = [
+        "dvc_exp",
+        "augment",
+        "test_auroc",
+        "test_auroc_low",
+        "test_auroc_high",
+        "external_auroc",
+        "external_auroc_low",
+        "external_auroc_high",
+        "robustness_auroc_drop",
+    ]
+    shown = table.head(args.last)[columns].rename(columns=lambda c: c.replace("_auroc", ""))
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 def _config_dump(args: argparse.Namespace) -> int:
     from shiftguard.config import write_params
 
@@ -215,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     overrides(val)
     val.set_defaults(func=_validate)
+
+    cmp_ = sub.add_parser("compare", help="validated models side by side, read from MLflow")
+    cmp_.add_argument("--last", type=int, default=20, help="how many runs, newest first")
+    cmp_.set_defaults(func=_compare)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

@@ -189,6 +189,10 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert {"roc.png", "robustness.csv", "segments.csv"} <= logged
     plots = json.loads(sh(root, "dvc", "plots", "show", "--json"))
     assert any("roc.csv" in key for key in plots)
+    # `shiftguard compare` reads the same figures back from MLflow.
+    table = sh(root, "shiftguard", "compare").splitlines()
+    assert table[0].split()[:3] == ["dvc_exp", "augment", "test"]
+    assert table[1].split()[:2] == ["workspace", "True"]
     assert json.loads(sh(root, "dvc", "status", "--json")) == {}
 
 

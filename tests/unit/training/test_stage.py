@@ -41,7 +41,7 @@ def test_bad_model_files_are_named_with_the_fix(tmp_path: Path) -> None:
         load_model(tmp_path / "missing.pt")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(ModelFileError, match="garbage.pt: not a readable model file"):
+    with pytest.raises(ModelFileError, match=r"garbage\.pt: not a readable model file"):
         load_model(garbage)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": 1}, foreign)
@@ -61,5 +61,5 @@ def test_split_table_problems_name_the_file(tmp_path: Path) -> None:
         read_rows(tmp_path / "dataset.csv")
     table = tmp_path / "other.csv"
     table.write_text("series_key,finding\na,1\n")
-    with pytest.raises(TrainingDataError, match="other.csv: no 'split' column"):
+    with pytest.raises(TrainingDataError, match=r"other\.csv: no 'split' column"):
         read_rows(table)

@@ -19,10 +19,11 @@ demo: env
 # The scanner-shift experiment: both arms with `dvc exp run`, then side by side (also in the MLflow UI
 # and notebooks/03_compare_runs.ipynb). Needs the cohort in place: run `make demo` first.
 experiment: env
+	-$(BIN)/dvc exp remove sim-on sim-off 2>/dev/null  # re-running replaces the previous pair
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -n sim-on -S experiment=sim_on
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -n sim-off -S experiment=sim_off
-	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' \
-	  --keep 'test.auroc.value|external.auroc.value|augment.enabled|best_val_auroc'
+	$(BIN)/dvc exp show --drop '.*' --keep 'Experiment|augment.enabled|best_val_auroc|^test.auroc.value|^external.auroc.value'
+	$(BIN)/shiftguard compare
 
 test: env
 	$(BIN)/pytest -n 2 --durations=15

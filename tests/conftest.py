@@ -34,3 +34,22 @@ def full_config() -> dict[str, Any]:
 def tiny_config() -> dict[str, Any]:
     """The ``experiment=tiny`` configuration."""
     return compose(TINY, conf_dir=CONF)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo what MLflow leaves behind in the process after each test.
+
+    ``mlflow.set_tracking_uri`` and ``mlflow.set_experiment`` keep the store in module globals and
+    export it as ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_ID``; left in place, one test's store
+    would leak into the next test and into the DVC stages its subprocesses run.
+    """
+    import os
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI"):
+        if name not in os.environ:
+            monkeypatch.setenv(name, "")  # set, then delete: teardown removes what MLflow exports
+            monkeypatch.delenv(name)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
+    monkeypatch.setattr("mlflow.tracking.fluent._active_experiment_id", None)

@@ -134,7 +134,7 @@ def test_repro_ingests_splits_and_leaves_status_clean(project: tuple[Path, dict]
 
 
 def test_repro_trains_validates_and_registers_a_tracked_candidate(
-    project: tuple[Path, dict],
+    project: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, config = project
     sh(root, "dvc", "repro")
@@ -171,6 +171,11 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     import mlflow.pytorch
     import torch
 
+    # models:/ URIs resolve against the process-wide store: point it at the project's for this test
+    monkeypatch.setattr(
+        "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{root / 'mlflow.db'}"
+    )
+    monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
     loaded = mlflow.pytorch.load_model(f"models:/{info['registered_model']}@candidate")
     grid = tuple(config["ingest"]["shape"])
     assert loaded(torch.zeros(2, 1, *grid)).shape == (2, 1)

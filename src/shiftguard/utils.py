@@ -16,19 +16,25 @@ if TYPE_CHECKING:
 WORKERS_ENV = "SHIFTGUARD_WORKERS"
 
 
+def _env_count(name: str, minimum: int) -> int | None:
+    """The integer in ``$name`` (``None`` when unset or empty), at least ``minimum``."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
 def loader_workers() -> int:
     """DataLoader worker processes: ``$SHIFTGUARD_LOADER_WORKERS``, else one per core the training
     process leaves spare, at most 4 (1 on a 2-core machine, 0 on one core)."""
-    raw = os.environ.get("SHIFTGUARD_LOADER_WORKERS")
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"SHIFTGUARD_LOADER_WORKERS={raw!r} is not an integer") from None
-        if value < 0:
-            raise ValueError(f"SHIFTGUARD_LOADER_WORKERS={raw!r} must be 0 or more")
-        return value
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    value = _env_count("SHIFTGUARD_LOADER_WORKERS", 0)
+    return max(0, min(4, (os.cpu_count() or 1) - 1)) if value is None else value
 
 
 def env_workers(default: int | None = None) -> int:
@@ -37,16 +43,8 @@ def env_workers(default: int | None = None) -> int:
     Runtime-only settings like this come from the environment, never from ``conf/``, so they do not
     change DVC's view of a stage.
     """
-    raw = os.environ.get(WORKERS_ENV)
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{WORKERS_ENV}={raw!r} is not an integer") from None
-        if value < 1:
-            raise ValueError(f"{WORKERS_ENV}={raw!r} must be at least 1")
-        return value
-    return default or os.cpu_count() or 1
+    value = _env_count(WORKERS_ENV, 1)
+    return (default or os.cpu_count() or 1) if value is None else value
 
 
 def write_json(path: Path, data: Mapping[str, object]) -> Path:

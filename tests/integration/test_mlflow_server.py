@@ -28,15 +28,10 @@ FLAT = {
 
 @pytest.fixture
 def team_tracking(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> MlflowServer:
-    """Point MLflow at the server for one test; the globals ``stage_run`` sets are restored after."""
+    """Point MLflow at the server for one test (tests/conftest.py undoes MLflow's globals after)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a broken server fails fast
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID: set-then-delete makes teardown unset it.
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
-    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
-    monkeypatch.setattr("mlflow.tracking.fluent._active_experiment_id", None)
     return mlflow_server
 
 

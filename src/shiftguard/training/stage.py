@@ -22,7 +22,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,6 @@ class TrainSummary:
     model_uri: str | None = None
     registered_model: str | None = None
     version: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def logging_overhead(self) -> float:

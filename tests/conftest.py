@@ -44,8 +44,11 @@ def _mlflow_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     export it as ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_ID``; left in place, one test's store
     would leak into the next test and into the DVC stages its subprocesses run.
     """
+    import importlib.util
     import os
 
+    if importlib.util.find_spec("mlflow") is None:  # a GPU image without MLflow: nothing to undo
+        return
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI"):
         if name not in os.environ:
             monkeypatch.setenv(name, "")  # set, then delete: teardown removes what MLflow exports

@@ -11,6 +11,7 @@ from shiftguard.training.data import (
 from shiftguard.training.loop import (
     EpochRecord,
     FitResult,
+    TrainStep,
     build_loss,
     build_optimizer,
     fit,
@@ -20,6 +21,7 @@ from shiftguard.training.loop import (
 __all__ = [
     "EpochRecord",
     "FitResult",
+    "TrainStep",
     "build_dataset",
     "build_loader",
     "build_loss",

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +111,47 @@ def build_loss(cfg: TrainConfig, train_labels: np.ndarray | None = None) -> nn.M
     kwargs = {} if weight is None else {"pos_weight": torch.tensor([weight])}
     loss: nn.Module = instantiate(cfg.loss, **kwargs)
     return loss
+
+
+class TrainStep:
+    """One optimisation step: forward, loss, backward, optimizer update; AMP (float16 autocast with
+    a gradient scaler) when ``amp`` is set and the device is CUDA.
+
+    :func:`fit` runs every batch through it, and ``benchmarks/train_throughput.py`` times it, so the
+    benchmark measures the step training really takes.
+
+    Args:
+        model: the module to train (may be DDP-wrapped).
+        optimizer: over ``model``'s parameters.
+        criterion: maps ``(logits (B, 1) float32, labels (B, 1))`` to a scalar loss.
+        device: where ``model`` lives.
+        amp: mixed precision; ignored off CUDA.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: nn.Module,
+        device: torch.device,
+        amp: bool = False,
+    ) -> None:
+        self.model, self.optimizer, self.criterion, self.device = model, optimizer, criterion, device
+        self.amp = amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> float:
+        """Train on one batch already on the device; returns its loss (synchronised on CUDA)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else nullcontext()
+        )
+        with autocast:
+            loss = self.criterion(self.model(image).float(), label)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())  # waits for the step to finish on CUDA
 
 
 def _seed_epoch(loader: DataLoader[Any], seed: int, epoch: int) -> None:
@@ -227,9 +267,8 @@ def fit(
 
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(net, device_ids=ids)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    autocast = partial(torch.autocast, device_type="cuda", dtype=torch.float16) if use_amp else None
+    stepper = TrainStep(model, optimizer, criterion, device, amp=cfg.amp)
+    scaler = stepper.scaler
 
     start, best_auroc, best_epoch, stale, stopped = 0, -math.inf, -1, 0, False
     history: list[EpochRecord] = []
@@ -257,16 +296,8 @@ def fit(
         for batch in train_loader:
             arrived = time.perf_counter()
             image, label = _to_device(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast() if autocast is not None else nullcontext():
-                loss = criterion(model(image).float(), label)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(stepper(image, label))
             seen += int(label.shape[0])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
             done = time.perf_counter()
             wait += arrived - mark
             step += done - mark

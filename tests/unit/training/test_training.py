@@ -13,6 +13,7 @@ from shiftguard.config import ConfigError, compose_section
 from shiftguard.config.schema import AugmentConfig, TrainConfig
 from shiftguard.models import SmallCNN3d
 from shiftguard.training import (
+    TrainStep,
     build_dataset,
     build_loader,
     build_loss,
@@ -80,11 +81,11 @@ def loaders(
     return build_loader(train, cfg, shuffle=True), build_loader(val, cfg, shuffle=False)
 
 
-def run(rows, cfg: TrainConfig, augment, ckpt: Path, resume: bool = True):
+def run(rows, cfg: TrainConfig, augment, ckpt: Path, resume: bool = True, device: str = "cpu"):
     train, val = loaders(rows, cfg, augment)
     torch.manual_seed(cfg.seed)
     model = SmallCNN3d(channels=(4, 8, 16), dropout=0.1)
-    result = fit(model, train, val, cfg, device="cpu", checkpoint_dir=ckpt, resume=resume)
+    result = fit(model, train, val, cfg, device=device, checkpoint_dir=ckpt, resume=resume)
     return model, result, val
 
 
@@ -178,3 +179,33 @@ def test_gpu_preset_uses_amp(conf_dir: Path) -> None:
     cfg = compose_section("train", TrainConfig, ["train=gpu"], conf_dir)
     assert cfg.amp and cfg.batch_size > TrainConfig().batch_size
     assert not math.isnan(cfg.lr)
+
+
+def test_train_step_updates_weights_and_ignores_amp_off_cuda() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN3d(channels=(2, 4, 8), dropout=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, optimizer, torch.nn.BCEWithLogitsLoss(), torch.device("cpu"), amp=True)
+    assert not step.amp and not step.scaler.is_enabled()
+    image = torch.randn(4, 1, *SHAPE)
+    label = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = [step(image, label) for _ in range(5)]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_on_cuda_learns_the_blob_and_resumes(rows, tmp_path: Path) -> None:
+    cfg = train_cfg(epochs=6, amp=True)
+    model, result, val = run(rows, cfg, None, tmp_path, device="cuda")
+    assert result.best_val_auroc > 0.8
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in model.parameters())
+    state = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
+    assert state["scaler"]["scale"] > 0  # the gradient scaler ran and is checkpointed
+    _labels, probs, _ = predict(model, val, "cuda")
+    assert np.all((probs >= 0) & (probs <= 1))
+    _, resumed, _ = run(rows, train_cfg(epochs=7, amp=True), None, tmp_path, device="cuda")
+    assert resumed.epochs_run == 1 and len(resumed.history) == 7

@@ -185,6 +185,66 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from shiftguard.config import ExportConfig, IngestConfig, compose, validate
+    from shiftguard.export import run
+
+    config = compose(args.overrides)
+    summary = run(
+        validate("export", config.get("export"), ExportConfig),
+        validate("ingest", config.get("ingest"), IngestConfig),
+        args.model,
+        args.dataset,
+        args.ingest,
+        args.validation,
+        args.out,
+        model_info=args.model.with_suffix(".json"),
+        track=not args.no_track,
+    )
+    log.info(
+        "export: %s (%d bytes, sha256 %s); ONNX parity %.2g, preprocessing parity %.2g",
+        summary.bundle,
+        summary.bundle_bytes,
+        summary.bundle_sha256[:16],
+        summary.onnx_max_abs_diff,
+        summary.preprocessing_max_abs_diff,
+    )
+    return 0
+
+
+def _edge_verify(args: argparse.Namespace) -> int:
+    from shiftguard.edge.bundle import describe, open_bundle
+
+    print(describe(open_bundle(args.bundle)))
+    return 0
+
+
+def _edge_predict(args: argparse.Namespace) -> int:
+    from shiftguard.edge.bundle import open_bundle
+    from shiftguard.edge.predict import Predictor
+
+    predictor = Predictor(open_bundle(args.bundle), shadow=args.shadow, providers=args.providers)
+    summary = predictor.predict_folder(args.dicom, args.out)
+    for row in summary.results:
+        log.info(
+            "%s %s: %s (probability %.3f, threshold %.3f)",
+            row["series_key"],
+            row["series_description"],
+            row["result"],
+            row["probability"],
+            row["threshold"],
+        )
+    log.info(
+        "edge predict: %d series predicted, %d skipped (see %s) in %.2f s; results in %s",
+        summary.n_predicted,
+        len(summary.skipped),
+        args.out / "skipped.csv",
+        summary.seconds,
+        args.out / "results.csv",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, exposed for tests and shell completion."""
     parser = argparse.ArgumentParser(prog="shiftguard", description=__doc__.splitlines()[0])
@@ -247,6 +307,35 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="validated models side by side, read from MLflow")
     cmp_.add_argument("--last", type=int, default=20, help="how many runs, newest first")
     cmp_.set_defaults(func=_compare)
+
+    exp = sub.add_parser("export", help="ONNX + TorchScript, parity-checked, into an edge bundle")
+    exp.add_argument("--model", type=Path, default=Path("artifacts/train/model.pt"))
+    exp.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
+    exp.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
+    exp.add_argument("--validation", type=Path, default=Path("reports/validate"))
+    exp.add_argument("--out", type=Path, default=Path("artifacts/export"))
+    exp.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    overrides(exp)
+    exp.set_defaults(func=_export)
+
+    edge = sub.add_parser("edge", help="the hospital-side runner (no torch, MONAI, MLflow, DVC)")
+    edge_sub = edge.add_subparsers(dest="action", required=True)
+    ver = edge_sub.add_parser("verify", help="check a bundle's hashes and print its manifest")
+    ver.add_argument("bundle", type=Path)
+    ver.set_defaults(func=_edge_verify)
+    pred = edge_sub.add_parser("predict", help="DICOM folder(s) in, DICOM SR + key images out")
+    pred.add_argument("--bundle", type=Path, required=True)
+    pred.add_argument("dicom", type=Path, nargs="+", help="folder(s) of DICOM files")
+    pred.add_argument("--out", type=Path, required=True, help="folder for the results")
+    pred.add_argument(
+        "--shadow",
+        action="store_true",
+        help="shadow mode: results are marked not for clinical use",
+    )
+    pred.add_argument(
+        "--providers", nargs="+", default=None, help="ONNX Runtime execution providers, best first"
+    )
+    pred.set_defaults(func=_edge_predict)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

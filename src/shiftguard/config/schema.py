@@ -6,6 +6,7 @@ or command loads it, so a wrong key or value fails at load time with a message t
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -549,6 +550,47 @@ class EvaluateConfig(_Strict):
         return self
 
 
+class SeriesSelection(_Strict):
+    """Which series the exported model is for; the edge runner skips the rest, saying why."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["MR"], min_length=1)
+    series_description: str | None = Field(
+        None, description="regular expression the SeriesDescription must contain (case-blind)"
+    )
+    min_slices: Annotated[int, Field(ge=1)] = 8
+    orientations: list[str] = Field(
+        default_factory=list, description="allowed orientation labels; empty: any"
+    )
+
+    @model_validator(mode="after")
+    def _pattern(self) -> SeriesSelection:
+        if self.series_description is not None:
+            try:
+                re.compile(self.series_description)
+            except re.error as exc:
+                raise ValueError(
+                    f"export.series_selection.series_description {self.series_description!r} "
+                    f"is not a regular expression: {exc}"
+                ) from exc
+        return self
+
+
+class ExportConfig(_Strict):
+    """What the export stage writes into the edge bundle and how it checks it."""
+
+    opset: Annotated[int, Field(ge=13, le=21)] = 17
+    parity_tolerance: Annotated[float, Field(gt=0, le=0.01)] = 1e-4
+    torchscript: bool = True
+    class_names: tuple[str, str] = ("no finding", "finding")
+    finding: str = "focal brain lesion"
+    intended_use: str = Field(
+        "Research and shadow-mode evaluation: flags T1-weighted brain MR series that may show a "
+        "focal lesion, for comparison with the verified radiology report. Not a medical device.",
+        min_length=1,
+    )
+    series_selection: SeriesSelection = Field(default_factory=SeriesSelection)
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "cohort": CohortConfig,
     "ingest": IngestConfig,
@@ -557,5 +599,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }
 """The schema of every top-level section of the composed configuration."""

@@ -40,11 +40,18 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard.config.schema import IngestConfig
-from shiftguard.data.volume import canonical_affine, resample_to_grid, volume_stats, write_nifti
+from shiftguard.data.volume import (
+    Resampled,
+    canonical_affine,
+    resample_to_grid,
+    volume_stats,
+    write_nifti,
+)
 from shiftguard.dicom.errors import InvalidSeriesError, QuarantineEntry
 from shiftguard.dicom.scan import SliceHeader, chunked, list_files, scan_files
 from shiftguard.dicom.series import (
     SeriesGroup,
+    ValidatedSeries,
     assemble,
     deduplicate,
     group_series,
@@ -202,7 +209,7 @@ def parse_patient_age(age: str, birth_date: str = "", study_date: str = "") -> f
 
 
 @dataclass(frozen=True)
-class _Rules:
+class Rules:
     """The parts of IngestConfig a series task needs (picklable, no pydantic in the hot path)."""
 
     spacing: tuple[float, float, float]
@@ -215,7 +222,7 @@ class _Rules:
     orientation_tolerance: float
 
     @classmethod
-    def from_config(cls, cfg: IngestConfig) -> _Rules:
+    def from_config(cls, cfg: IngestConfig) -> Rules:
         return cls(
             spacing=tuple(float(v) for v in cfg.spacing),  # type: ignore[arg-type]
             shape=tuple(int(v) for v in cfg.shape),  # type: ignore[arg-type]
@@ -251,7 +258,42 @@ def _fmt(value: float | None, digits: int = 10) -> str:
     return f"{value:.{digits}g}"
 
 
-def _ingest_series(group: SeriesGroup, rules: _Rules, volumes_dir: str) -> _SeriesOutcome:
+def canonical_volume(
+    group: SeriesGroup, rules: Rules
+) -> tuple[ValidatedSeries, Resampled, list[QuarantineEntry]]:
+    """One series' files to the canonical RAS grid: de-duplicate, validate, assemble, resample.
+
+    The one code path from DICOM to a volume, shared by ingest and the edge runner (it imports no
+    torch), so a model sees at the edge exactly the volumes it was trained on.
+
+    Returns:
+        The validated series, the resampled volume, and notes on dropped duplicate files.
+
+    Raises:
+        InvalidSeriesError: the series cannot be used (its ``code``, ``reason`` and ``fix`` say why).
+    """
+    group, notes = deduplicate(group)
+    series = validate_series(
+        group,
+        modalities=rules.modalities,
+        min_slices=rules.min_slices,
+        spacing_tolerance=rules.spacing_tolerance,
+        orientation_tolerance=rules.orientation_tolerance,
+    )
+    volume = assemble(series)
+    out_affine = canonical_affine(series.geometry.fov_centre_ras, rules.spacing, rules.shape)
+    resampled = resample_to_grid(
+        volume.array,
+        volume.affine,
+        out_affine,
+        rules.shape,
+        order=rules.order,
+        antialias=rules.antialias,
+    )
+    return series, resampled, list(notes)
+
+
+def _ingest_series(group: SeriesGroup, rules: Rules, volumes_dir: str) -> _SeriesOutcome:
     """De-duplicate, validate, assemble, resample and write one series; bad input is reported.
 
     Errors writing the output (disk full, permissions) are not the input's fault and propagate.
@@ -269,26 +311,9 @@ def _ingest_series(group: SeriesGroup, rules: _Rules, volumes_dir: str) -> _Seri
         return _SeriesOutcome(None, tuple(entries), (), 0)
 
     try:
-        group, notes = deduplicate(group)
+        series, resampled, notes = canonical_volume(group, rules)
         entries.extend(notes)
-        series = validate_series(
-            group,
-            modalities=rules.modalities,
-            min_slices=rules.min_slices,
-            spacing_tolerance=rules.spacing_tolerance,
-            orientation_tolerance=rules.orientation_tolerance,
-        )
-        volume = assemble(series)
         geometry = series.geometry
-        out_affine = canonical_affine(geometry.fov_centre_ras, rules.spacing, rules.shape)
-        resampled = resample_to_grid(
-            volume.array,
-            volume.affine,
-            out_affine,
-            rules.shape,
-            order=rules.order,
-            antialias=rules.antialias,
-        )
         stats = volume_stats(resampled.array, resampled.inside)
     except InvalidSeriesError as err:
         return rejected(err.code, err.reason, err.fix)
@@ -612,7 +637,7 @@ def run(
         raise FileNotFoundError(
             f"ingest: input folder {input_dir} does not exist; pass the root of the DICOM tree"
         )
-    rules = _Rules.from_config(cfg)
+    rules = Rules.from_config(cfg)
     volumes_dir = out_dir / VOLUMES_DIR
     volumes_dir.mkdir(parents=True, exist_ok=True)
     _clean_volumes(volumes_dir)

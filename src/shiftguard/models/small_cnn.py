@@ -24,6 +24,9 @@ class SmallCNN3d(nn.Module):
             minus its mean over a ``local_contrast``-voxel cube. A focal lesion stands out in it
             whatever the scanner's overall intensity and bias field, which lets a small network
             learn the finding from a few hundred volumes.
+        pooling: how the feature maps become one vector: ``"meanmax"`` (global mean and max,
+            concatenated) or ``"max"`` (max only: "is there a lesion anywhere", which leaves the
+            network no whole-volume statistic such as head size to lean on).
 
     >>> SmallCNN3d(channels=(4, 8))(torch.zeros(2, 1, 24, 28, 24)).shape
     torch.Size([2, 1])
@@ -37,6 +40,7 @@ class SmallCNN3d(nn.Module):
         dropout: float = 0.0,
         spatial_dims: int = 3,
         local_contrast: int = 0,
+        pooling: str = "meanmax",
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -47,7 +51,10 @@ class SmallCNN3d(nn.Module):
             raise ValueError(
                 f"SmallCNN3d: local_contrast must be 0 or an odd kernel size, got {local_contrast}"
             )
+        if pooling not in ("meanmax", "max"):
+            raise ValueError(f"SmallCNN3d: pooling must be 'meanmax' or 'max', got {pooling!r}")
         self.local_contrast = local_contrast
+        self.pooling = pooling
         blocks: list[nn.Module] = []
         previous = in_channels * (2 if local_contrast else 1)
         for i, width in enumerate(channels):
@@ -62,15 +69,36 @@ class SmallCNN3d(nn.Module):
             previous = width
         self.features = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * previous, out_channels)
+        self.head = nn.Linear((2 if pooling == "meanmax" else 1) * previous, out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, out_channels)`` for volumes ``(B, in_channels, X, Y, Z)``."""
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.local_contrast:
             k = self.local_contrast
             local = F.avg_pool3d(x, k, stride=1, padding=k // 2, count_include_pad=False)
             x = torch.cat([x, x - local], dim=1)
-        f = self.features(x)
-        pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        return self.features(x)  # type: ignore[no-any-return]
+
+    def activation_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Class activation map ``(B, 1, x, y, z)`` on the last block's grid: each position's
+        feature vector weighted by the head's weights for the first output (mean and max parts
+        summed), i.e. how much each region pushes the logit up. The key image overlays it.
+
+        >>> SmallCNN3d(channels=(2, 4))(torch.zeros(1, 1, 8, 8, 8)).shape
+        torch.Size([1, 1])
+        >>> SmallCNN3d(channels=(2, 4)).activation_map(torch.zeros(1, 1, 8, 8, 8)).shape
+        torch.Size([1, 1, 4, 4, 4])
+        """
+        f = self._features(x)
+        w = self.head.weight[0]
+        if self.pooling == "meanmax":
+            w = w[: f.shape[1]] + w[f.shape[1] :]
+        return torch.einsum("bcxyz,c->bxyz", f, w)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, out_channels)`` for volumes ``(B, in_channels, X, Y, Z)``."""
+        f = self._features(x)
+        pooled = f.amax(dim=(2, 3, 4))
+        if self.pooling == "meanmax":
+            pooled = torch.cat([f.mean(dim=(2, 3, 4)), pooled], dim=1)
         out: torch.Tensor = self.head(self.dropout(pooled))
         return out

@@ -136,7 +136,12 @@ class TrainStep:
         device: torch.device,
         amp: bool = False,
     ) -> None:
-        self.model, self.optimizer, self.criterion, self.device = model, optimizer, criterion, device
+        self.model, self.optimizer, self.criterion, self.device = (
+            model,
+            optimizer,
+            criterion,
+            device,
+        )
         self.amp = amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 

@@ -1,0 +1,286 @@
+"""The edge bundle: one versioned file holding a model and everything needed to run and judge it.
+
+A bundle is a ZIP archive (``NAME-vVERSION.sgbundle``) with ``manifest.json`` at its root and the
+members the manifest lists, each with its SHA-256 and size::
+
+    manifest.json          name, version, members, input, preprocessing, threshold, selection rules,
+                           class names, training-data fingerprint, MLflow run id
+    model.onnx             the network (ONNX; what the edge runner executes)
+    model.torchscript.pt   the same network as TorchScript, for GPU sites that prefer it
+    reference.csv          PHI-free feature statistics of the training series (drift baseline)
+    model_card.md          intended use, data, per-segment and robustness results, limitations
+    validation/...         the validation stage's tables the card quotes
+
+:func:`open_bundle` verifies a bundle before anything in it is used: it must be a readable ZIP whose
+member names stay inside the archive, whose manifest has a known format version, whose members are
+exactly those listed with matching hashes, and whose models are in formats the runner knows.
+Nothing is ever unpickled: the manifest is JSON, the model ONNX, the tables CSV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import stat
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from shiftguard.errors import ShiftGuardError
+
+FORMAT = "shiftguard-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SUFFIX = ".sgbundle"
+#: model formats a bundle may declare; the edge runner executes ``onnx``
+MODEL_FORMATS = ("onnx", "torchscript")
+#: refuse archives that would expand beyond this (a ZIP bomb, or not a bundle at all)
+MAX_TOTAL_BYTES = 4 * 2**30
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+
+
+class BundleError(ShiftGuardError, ValueError):
+    """A bundle cannot be trusted or used; the message names the file and the problem."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_member_name(bundle: Path, name: str) -> None:
+    path = PurePosixPath(name)
+    if (
+        not name
+        or "\\" in name
+        or name.startswith("/")
+        or path.is_absolute()
+        or any(part in ("", ".", "..") for part in name.rstrip("/").split("/"))
+        or re.match(r"^[A-Za-z]:", name)
+    ):
+        raise BundleError(
+            f"{bundle}: member {name!r} has a path that escapes the bundle's folder; refusing the "
+            "bundle (a bundle holds plain relative paths only)"
+        )
+
+
+def bundle_file_name(name: str, version: str) -> str:
+    """``NAME-vVERSION.sgbundle``, e.g. ``shiftguard-classifier-v3.sgbundle``."""
+    for what, value in (("name", name), ("version", version)):
+        if not _NAME_RE.match(value):
+            raise ValueError(f"bundle {what} {value!r}: use letters, digits, '.', '_' and '-'")
+    return f"{name}-v{version}{SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its manifest and members' bytes, read once, checked against their hashes."""
+
+    path: Path
+    manifest: dict[str, Any]
+    members: dict[str, bytes]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["threshold"])
+
+    def model(self, fmt: str = "onnx") -> bytes:
+        """The bytes of the model in format ``fmt``.
+
+        Raises:
+            BundleError: the bundle holds no model in that format.
+        """
+        for entry in self.manifest["models"]:
+            if entry["format"] == fmt:
+                return self.members[entry["member"]]
+        raise BundleError(
+            f"{self.path}: holds no {fmt} model (it has: "
+            f"{', '.join(m['format'] for m in self.manifest['models'])}); re-export it"
+        )
+
+    def text(self, member: str) -> str:
+        return self.members[member].decode("utf-8")
+
+
+def write_bundle(path: Path, manifest: Mapping[str, Any], members: Mapping[str, bytes]) -> Path:
+    """Write ``members`` and a manifest listing them (with hashes and sizes) to ``path``.
+
+    The archive is deterministic for the same inputs: members in name order, fixed timestamps.
+    ``manifest`` must not carry ``members`` or ``format`` keys; they are filled in here.
+
+    Returns:
+        ``path``, verified by :func:`open_bundle`.
+    """
+    for name in members:
+        _check_member_name(path, name)
+        if name == MANIFEST:
+            raise ValueError(f"{MANIFEST} is written by write_bundle; do not pass it as a member")
+    full = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "members": {
+            name: {"sha256": sha256_bytes(data), "size": len(data)}
+            for name, data in sorted(members.items())
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        entries = [(MANIFEST, json.dumps(full, indent=2, sort_keys=True).encode())]
+        entries += sorted(members.items())
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            zf.writestr(info, data)
+    tmp.replace(path)
+    open_bundle(path)
+    return path
+
+
+def _read_archive(path: Path) -> dict[str, bytes]:
+    if not path.is_file():
+        raise BundleError(f"{path}: no such bundle file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            total = sum(i.file_size for i in infos)
+            if total > MAX_TOTAL_BYTES:
+                raise BundleError(
+                    f"{path}: would expand to {total / 2**30:.1f} GiB, over the "
+                    f"{MAX_TOTAL_BYTES / 2**30:.0f} GiB limit; not a ShiftGuard bundle"
+                )
+            out: dict[str, bytes] = {}
+            for info in infos:
+                _check_member_name(path, info.filename)
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode):
+                    raise BundleError(f"{path}: member {info.filename!r} is a symbolic link")
+                if info.is_dir():
+                    continue
+                if info.filename in out:
+                    raise BundleError(f"{path}: member {info.filename!r} appears twice")
+                out[info.filename] = zf.read(info)
+            return out
+    except zipfile.BadZipFile as exc:
+        raise BundleError(
+            f"{path}: not a readable bundle ({exc}); the file is truncated or is not a "
+            "ShiftGuard bundle: copy it again and check its SHA-256 with the exporting site"
+        ) from exc
+    except (EOFError, OSError, zipfile.LargeZipFile) as exc:  # truncated inside a member
+        raise BundleError(
+            f"{path}: cannot be read ({exc}); the file is truncated or damaged"
+        ) from exc
+
+
+def _check_manifest(path: Path, manifest: Any) -> dict[str, Any]:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: {MANIFEST} is not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise BundleError(
+            f"{path}: {MANIFEST} format is {manifest.get('format')!r}, not {FORMAT!r}"
+        )
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format version {version!r}; this runner reads version "
+            f"{FORMAT_VERSION}: upgrade shiftguard or re-export the bundle"
+        )
+    required = ("name", "version", "members", "models", "input", "preprocessing", "threshold")
+    missing = [key for key in required if key not in manifest]
+    if missing:
+        raise BundleError(f"{path}: {MANIFEST} lacks {', '.join(missing)}")
+    if not isinstance(manifest["members"], dict) or not isinstance(manifest["models"], list):
+        raise BundleError(f"{path}: {MANIFEST} 'members' must be an object, 'models' a list")
+    for entry in manifest["models"]:
+        fmt = entry.get("format") if isinstance(entry, dict) else None
+        if fmt not in MODEL_FORMATS:
+            raise BundleError(
+                f"{path}: asks for model format {fmt!r}, which this runner does not know "
+                f"(known: {', '.join(MODEL_FORMATS)})"
+            )
+        if entry.get("member") not in manifest["members"]:
+            raise BundleError(f"{path}: model member {entry.get('member')!r} is not in the bundle")
+    if not any(entry["format"] == "onnx" for entry in manifest["models"]):
+        raise BundleError(f"{path}: holds no ONNX model, which the edge runner needs")
+    threshold = manifest["threshold"]
+    if not isinstance(threshold, int | float) or not 0.0 <= float(threshold) <= 1.0:
+        raise BundleError(f"{path}: threshold {threshold!r} is not a probability in [0, 1]")
+    return manifest
+
+
+def open_bundle(path: Path | str) -> Bundle:
+    """Read and verify a bundle.
+
+    Raises:
+        BundleError: the file is missing, truncated or not a ZIP; a member path escapes the
+            archive; the manifest is missing, malformed or of an unknown format version; a member
+            is missing, unlisted or does not match its SHA-256 or size; a model format is unknown.
+    """
+    path = Path(path)
+    files = _read_archive(path)
+    if MANIFEST not in files:
+        raise BundleError(f"{path}: has no {MANIFEST}; not a ShiftGuard bundle")
+    try:
+        manifest = json.loads(files.pop(MANIFEST).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: {MANIFEST} is not valid JSON ({exc})") from exc
+    manifest = _check_manifest(path, manifest)
+    listed = manifest["members"]
+    unlisted = sorted(set(files) - set(listed))
+    if unlisted:
+        raise BundleError(
+            f"{path}: holds members the manifest does not list: {', '.join(unlisted)}; "
+            "the bundle was altered after export"
+        )
+    for name, entry in listed.items():
+        _check_member_name(path, name)
+        if name not in files:
+            raise BundleError(f"{path}: member {name!r} listed in the manifest is missing")
+        data = files[name]
+        if len(data) != entry.get("size") or sha256_bytes(data) != entry.get("sha256"):
+            raise BundleError(
+                f"{path}: member {name!r} does not match its SHA-256 in the manifest; the bundle "
+                "was altered or damaged after export: do not use it"
+            )
+    return Bundle(path=path, manifest=manifest, members=files)
+
+
+def describe(bundle: Bundle) -> str:
+    """A human-readable summary of a verified bundle (what ``shiftguard edge verify`` prints)."""
+    m = bundle.manifest
+    lines = [
+        f"bundle   {bundle.path}",
+        f"model    {m['name']} version {m['version']}",
+        f"formats  {', '.join(e['format'] for e in m['models'])}",
+        f"input    {m['input'].get('name', 'image')} {m['input'].get('shape')} "
+        f"{m['input'].get('dtype', 'float32')}",
+        f"threshold {m['threshold']:.4f} (chosen on the validation split)",
+    ]
+    for key in ("training_data", "mlflow"):
+        if m.get(key):
+            lines.append(f"{key:<8} {json.dumps(m[key], sort_keys=True)}")
+    lines.append("members")
+    for name, entry in sorted(m["members"].items()):
+        lines.append(f"  {name:<28} {entry['size']:>10} B  sha256 {entry['sha256']}")
+    lines.append("verified: every member matches its SHA-256")
+    return "\n".join(lines)
+
+
+def read_csv_member(bundle: Bundle, member: str) -> list[dict[str, str]]:
+    """Rows of a CSV member."""
+    import csv
+
+    return list(csv.DictReader(io.StringIO(bundle.text(member))))

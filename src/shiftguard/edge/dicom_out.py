@@ -1,0 +1,328 @@
+"""DICOM results: a Comprehensive 3D SR (TID 1500) and a Secondary Capture key image per series.
+
+Both join the source study as new series (study and patient attributes copied from the source),
+and every UID they carry is derived from the source series UID, the bundle's name and version and
+the object's role (:func:`derived_uid`), so running the same bundle on the same series again writes
+the same objects instead of duplicates in the PACS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from shiftguard.dicom.scan import SliceHeader
+
+#: series numbers of the results, high enough to sort after the acquired series
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+MANUFACTURER = "ShiftGuard"
+SHADOW_BANNER = "SHADOW MODE - NOT FOR CLINICAL USE"
+
+
+def derived_uid(*parts: str) -> str:
+    """A deterministic UID under the ``2.25`` root from ``parts`` (SHA-256, 128 bits).
+
+    >>> derived_uid("1.2.3", "model", "1", "sr") == derived_uid("1.2.3", "model", "1", "sr")
+    True
+    >>> len(derived_uid("x")) <= 64
+    True
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    """What the model said about one series."""
+
+    series_uid: str
+    probability: float
+    threshold: float
+    model_name: str
+    model_version: str
+    shadow: bool
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+    @property
+    def label(self) -> str:
+        return "finding present" if self.positive else "no finding"
+
+
+def evidence_datasets(ref: Dataset, headers: Sequence[SliceHeader]) -> list[Dataset]:
+    """Light datasets naming each source image (for the SR's evidence and image references),
+    built from the headers already read instead of re-reading every file."""
+    out = []
+    for h in headers:
+        ds = Dataset()
+        for keyword in (
+            "PatientID",
+            "PatientName",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyInstanceUID",
+            "StudyDate",
+            "StudyTime",
+            "StudyID",
+            "AccessionNumber",
+            "ReferringPhysicianName",
+            "Modality",
+        ):
+            if keyword in ref:
+                setattr(ds, keyword, ref.data_element(keyword).value)
+        ds.SeriesInstanceUID = h.series_uid
+        ds.SOPClassUID = h.sop_class_uid
+        ds.SOPInstanceUID = h.sop_instance_uid
+        out.append(ds)
+    return out
+
+
+def write_sr(
+    ref: Dataset, headers: Sequence[SliceHeader], result: SeriesResult, path: Path
+) -> Dataset:
+    """A Comprehensive 3D SR with a TID 1500 measurement report for one series.
+
+    The report holds one measurement group (TID 1501) for the finding: a qualitative evaluation
+    (finding present / absent at the operating threshold), the probability and the threshold as
+    measurements, the algorithm's name and version, and a reference to every source image.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.sr.AlgorithmIdentification(name=result.model_name, version=result.model_version)
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid("device", result.model_name, result.model_version),
+            name=result.model_name,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{result.model_name} {result.model_version}",
+        ),
+    )
+    unit = codes.UCUM.NoUnits
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(result.series_uid, result.model_name, result.model_version, "track"),
+            identifier="focal lesion",
+        ),
+        finding_type=codes.SCT.Lesion,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=codes.SCT.Lesion,
+                value=codes.SCT.Present if result.positive else codes.SCT.Absent,
+            )
+        ],
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=round(float(result.probability), 6),
+                unit=unit,
+                algorithm_id=algorithm,
+            ),
+            hd.sr.Measurement(
+                name=codes.DCM.ThresholdValue,
+                value=round(float(result.threshold), 6),
+                unit=unit,
+                algorithm_id=algorithm,
+            ),
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(h.sop_class_uid, h.sop_instance_uid)
+            for h in headers
+        ],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.LN.BrainMRI,
+        imaging_measurements=[group],
+    )
+    evidence = evidence_datasets(ref, headers)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=derived_uid(
+            result.series_uid, result.model_name, result.model_version, "sr-series"
+        ),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(
+            result.series_uid, result.model_name, result.model_version, "sr"
+        ),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=_description("AI SR", result),
+    )
+    _fix_dates(sr, ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(path, enforce_file_format=True)
+    return sr
+
+
+def _description(kind: str, result: SeriesResult) -> str:
+    text = f"{kind} {result.model_name} v{result.model_version}"
+    if result.shadow:
+        text = f"{text} SHADOW"
+    return text[:64]
+
+
+def _fix_dates(ds: Dataset, ref: Dataset) -> None:
+    """Every date/time of the object from the source study: the same bytes whatever day it is
+    written (deterministic outputs, so a PACS never holds two versions), dated with the study it
+    reports on."""
+    date = str(ref.get("StudyDate", "")) or "19000101"
+    time = str(ref.get("StudyTime", "")) or "000000"
+    for keyword, value in (
+        ("ContentDate", date),
+        ("ContentTime", time),
+        ("SeriesDate", date),
+        ("SeriesTime", time),
+        ("InstanceCreationDate", date),
+        ("InstanceCreationTime", time),
+        ("DateOfSecondaryCapture", date),
+        ("TimeOfSecondaryCapture", time),
+    ):
+        if keyword in ds or keyword.startswith("Content"):
+            setattr(ds, keyword, value)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = f"{date}{time}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Secondary Capture key image
+# --------------------------------------------------------------------------------------------------
+
+
+def axial_display(volume: np.ndarray, z: int) -> np.ndarray:
+    """Slice ``z`` of a canonical RAS ``(X, Y, Z)`` volume as a radiological axial image:
+    rows run anterior to posterior, columns from the patient's right to left (``("L", "P")``)."""
+    return np.ascontiguousarray(volume[::-1, ::-1, z].T)
+
+
+def key_slice(saliency: np.ndarray | None, volume: np.ndarray) -> int:
+    """The axial slice with the strongest evidence (the saliency's maximum), else the middle one."""
+    if saliency is None or not np.isfinite(saliency).any() or float(np.ptp(saliency)) == 0:
+        return volume.shape[2] // 2
+    return int(np.unravel_index(int(np.nanargmax(saliency)), saliency.shape)[2])
+
+
+def render_key_image(
+    volume: np.ndarray, saliency: np.ndarray | None, result: SeriesResult, scale: int = 3
+) -> tuple[np.ndarray, int]:
+    """An RGB ``uint8`` key image: the key axial slice in grey, the saliency in red where it is in
+    its top 5%, and a text banner with the result (and the shadow-mode warning).
+
+    Returns:
+        The image ``(rows, cols, 3)`` and the key slice index ``z``.
+    """
+    from PIL import Image, ImageDraw
+
+    z = key_slice(saliency, volume)
+    grey = axial_display(volume, z).astype(np.float64)
+    lo, hi = np.percentile(grey, [1, 99.5])
+    grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if saliency is not None and float(np.ptp(saliency)) > 0:
+        s = axial_display(saliency, z)
+        cut = np.percentile(saliency, 95)
+        weight = np.clip((s - cut) / max(float(saliency.max()) - cut, 1e-6), 0, 1) * 0.6
+        rgb = rgb * (1 - weight[..., None]) + np.array([1.0, 0.1, 0.1]) * weight[..., None]
+    image = Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    lines = [
+        f"{result.model_name} v{result.model_version}: {result.label.upper()}",
+        f"probability {result.probability:.3f}, threshold {result.threshold:.3f}",
+    ]
+    if result.shadow:
+        lines.insert(0, SHADOW_BANNER)
+    else:
+        lines.append("AI result - to be confirmed by a radiologist")
+    banner = 14 * len(lines) + 8
+    canvas = Image.new("RGB", (image.width, image.height + banner), (0, 0, 0))
+    canvas.paste(image, (0, banner))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        colour = (255, 80, 80) if (result.shadow and i == 0) else (255, 255, 0)
+        draw.text((4, 4 + 14 * i), line, fill=colour)
+    return np.asarray(canvas, dtype=np.uint8), z
+
+
+def write_sc(
+    ref: Dataset,
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    saliency: np.ndarray | None,
+    result: SeriesResult,
+    path: Path,
+) -> Dataset:
+    """A Secondary Capture image of the key slice with the result banner, in the source study."""
+    import highdicom as hd
+
+    pixels, z = render_key_image(volume, saliency, result)
+    scale = 3
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=derived_uid(
+            result.series_uid, result.model_name, result.model_version, "sc-series"
+        ),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(
+            result.series_uid, result.model_name, result.model_version, "sc"
+        ),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    sc.SeriesDescription = _description("AI key image", result)
+    sc.ImageComments = (
+        f"{result.label}; probability {result.probability:.3f} at threshold "
+        f"{result.threshold:.3f}; key axial slice {z} of the canonical grid"
+        + ("; SHADOW MODE, NOT FOR CLINICAL USE" if result.shadow else "")
+    )
+    sc.BurnedInAnnotation = "YES"
+    sc.PixelSpacing = [f"{float(spacing[1]) / scale:.6g}", f"{float(spacing[0]) / scale:.6g}"]
+    sc.BodyPartExamined = "BRAIN"  # unpaired, so Laterality (type 2C) is absent
+    _fix_dates(sc, ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sc.save_as(path, enforce_file_format=True)
+    return sc
+
+
+def describe_sr(ds: Any) -> dict[str, Any]:
+    """The finding, probability and threshold read back from an SR written by :func:`write_sr`."""
+    out: dict[str, Any] = {}
+
+    def walk(items: Any) -> None:
+        for item in items:
+            name = (
+                item.ConceptNameCodeSequence[0].CodeMeaning
+                if "ConceptNameCodeSequence" in item
+                else ""
+            )
+            if item.ValueType == "NUM":
+                out[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "CODE" and name == "Lesion":
+                out["finding"] = item.ConceptCodeSequence[0].CodeMeaning
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return out

@@ -1,0 +1,292 @@
+"""Offline prediction: a folder of DICOM in, an SR and a key image per selected series out.
+
+``shiftguard edge predict --bundle BUNDLE DICOM_DIR --out OUT_DIR``:
+
+1. read every file's header (:func:`shiftguard.dicom.scan.scan_files`); files that are not images
+   (RT, SR, waveforms, non-DICOM) are recorded as skipped with the reason;
+2. group slices into series and select them by the bundle's rules (modality, series description
+   pattern, minimum slices, orientation), recording why a series was skipped;
+3. build each selected series' canonical volume with the code ingest uses
+   (:func:`shiftguard.data.ingest.canonical_volume`), preprocess it in numpy
+   (:mod:`shiftguard.edge.preprocess`) and run the ONNX model (:mod:`shiftguard.edge.infer`);
+4. write a Comprehensive 3D SR and a Secondary Capture key image into ``OUT_DIR`` (deterministic
+   UIDs: re-running never creates duplicates), and ``results.csv`` / ``skipped.csv``.
+
+Nothing here imports torch, MONAI, MLflow or DVC.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shiftguard.data.ingest import Rules, canonical_volume, series_key
+from shiftguard.data.volume import volume_stats
+from shiftguard.dicom.errors import InvalidSeriesError
+from shiftguard.dicom.scan import list_files, scan_files
+from shiftguard.dicom.series import SeriesGroup, group_series
+from shiftguard.edge.bundle import Bundle
+from shiftguard.edge.dicom_out import SeriesResult, write_sc, write_sr
+from shiftguard.edge.infer import Model
+from shiftguard.edge.preprocess import preprocess
+from shiftguard.errors import ShiftGuardError
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ShiftGuardError, FileNotFoundError):
+    """A path given to ``predict`` does not exist."""
+
+
+RESULTS_CSV = "results.csv"
+SKIPPED_CSV = "skipped.csv"
+#: PHI-free image and acquisition features recorded per series (the drift monitor's inputs)
+FEATURES = ("mean", "std", "p01", "p50", "p99", "foreground_fraction", "snr")
+RESULT_COLUMNS = (
+    "series_key",
+    "study_uid",
+    "series_uid",
+    "series_description",
+    "manufacturer",
+    "scanner_model",
+    "field_strength",
+    "n_slices",
+    "probability",
+    "threshold",
+    "result",
+    "shadow",
+    "model",
+    "model_version",
+    *FEATURES,
+    "sr_file",
+    "sc_file",
+    "read_s",
+    "preprocess_s",
+    "infer_s",
+    "write_s",
+)
+SKIPPED_COLUMNS = ("path", "series_uid", "series_description", "code", "reason")
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """Which series the model is for (the manifest's ``series_selection``)."""
+
+    modalities: tuple[str, ...] = ("MR",)
+    description: str | None = None
+    min_slices: int = 1
+    orientations: tuple[str, ...] = ()
+
+    @classmethod
+    def from_manifest(cls, section: Mapping[str, Any]) -> SelectionRules:
+        return cls(
+            modalities=tuple(str(m).upper() for m in section.get("modalities", ("MR",))),
+            description=section.get("series_description") or None,
+            min_slices=int(section.get("min_slices", 1)),
+            orientations=tuple(section.get("orientations") or ()),
+        )
+
+    def check_header(self, group: SeriesGroup) -> tuple[str, str] | None:
+        """``(code, reason)`` when the series' header rules it out, before any pixel is read."""
+        h = group.headers[0]
+        if h.modality.upper() not in self.modalities:
+            return (
+                "modality",
+                f"modality {h.modality or '(none)'} is not {'/'.join(self.modalities)}",
+            )
+        if self.description and not re.search(self.description, h.series_description, re.I):
+            return (
+                "series_description",
+                f"series description {h.series_description!r} does not match {self.description!r}",
+            )
+        if len(group.headers) < self.min_slices:
+            return "too_few_slices", f"{len(group.headers)} slices, fewer than {self.min_slices}"
+        return None
+
+    def check_orientation(self, orientation: str) -> tuple[str, str] | None:
+        if self.orientations and orientation not in self.orientations:
+            return (
+                "orientation",
+                f"orientation {orientation!r} is not one of {', '.join(self.orientations)}",
+            )
+        return None
+
+
+@dataclass
+class PredictSummary:
+    """What one ``predict`` call did."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_predicted(self) -> int:
+        return len(self.results)
+
+
+def rules_from_manifest(manifest: Mapping[str, Any]) -> Rules:
+    """The canonical-grid rules the model was trained on, from ``preprocessing.canonical_grid``."""
+    grid = manifest["preprocessing"]["canonical_grid"]
+    sel = manifest.get("series_selection", {})
+    return Rules(
+        spacing=tuple(float(v) for v in grid["spacing"]),  # type: ignore[arg-type]
+        shape=tuple(int(v) for v in grid["shape"]),  # type: ignore[arg-type]
+        order=int(grid["interpolation_order"]),
+        antialias=bool(grid["antialias"]),
+        min_slices=int(sel.get("min_slices", 1)),
+        modalities=tuple(str(m).upper() for m in sel.get("modalities", ("MR",))),
+        spacing_tolerance=float(grid["spacing_tolerance"]),
+        orientation_tolerance=float(grid["orientation_tolerance"]),
+    )
+
+
+class Predictor:
+    """A verified bundle made ready to predict: its model session, rules and preprocessing."""
+
+    def __init__(
+        self, bundle: Bundle, shadow: bool = False, providers: Sequence[str] | None = None
+    ):
+        self.bundle = bundle
+        self.shadow = shadow
+        self.model = Model(bundle, providers=providers)
+        self.rules = rules_from_manifest(bundle.manifest)
+        self.selection = SelectionRules.from_manifest(bundle.manifest.get("series_selection", {}))
+
+    def predict_group(self, group: SeriesGroup, out_dir: Path) -> dict[str, Any]:
+        """Predict one series and write its SR and SC; raises InvalidSeriesError when unusable."""
+        import pydicom
+
+        began = time.perf_counter()
+        series, resampled, _notes = canonical_volume(group, self.rules)
+        rejected = self.selection.check_orientation(series.geometry.orientation)
+        if rejected:
+            raise InvalidSeriesError(rejected[0], rejected[1], "not a series this model is for")
+        ref = pydicom.dcmread(series.headers[0].path, stop_before_pixels=True)
+        read_s = time.perf_counter() - began
+
+        mark = time.perf_counter()
+        image = preprocess(resampled.array, self.bundle.manifest["preprocessing"])
+        stats = volume_stats(resampled.array, resampled.inside)
+        preprocess_s = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        probability, saliency = self.model.predict(image, canonical_shape=resampled.array.shape)
+        infer_s = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        result = SeriesResult(
+            series_uid=series.series_uid,
+            probability=probability,
+            threshold=self.bundle.threshold,
+            model_name=self.bundle.name,
+            model_version=self.bundle.version,
+            shadow=self.shadow,
+        )
+        key = series_key(series.series_uid)
+        sr_path = out_dir / f"{key}_SR.dcm"
+        sc_path = out_dir / f"{key}_SC.dcm"
+        write_sr(ref, series.headers, result, sr_path)
+        write_sc(ref, resampled.array, self.rules.spacing, saliency, result, sc_path)
+        write_s = time.perf_counter() - mark
+
+        h = series.headers[0]
+        row: dict[str, Any] = {
+            "series_key": key,
+            "study_uid": series.study_uid,
+            "series_uid": series.series_uid,
+            "series_description": h.series_description,
+            "manufacturer": h.manufacturer,
+            "scanner_model": h.model,
+            "field_strength": "" if h.field_strength is None else h.field_strength,
+            "n_slices": len(series.headers),
+            "probability": round(probability, 6),
+            "threshold": round(self.bundle.threshold, 6),
+            "result": result.label,
+            "shadow": int(self.shadow),
+            "model": self.bundle.name,
+            "model_version": self.bundle.version,
+            **{name: _round(stats.get(name)) for name in FEATURES},
+            "sr_file": sr_path.name,
+            "sc_file": sc_path.name,
+            "read_s": round(read_s, 4),
+            "preprocess_s": round(preprocess_s, 4),
+            "infer_s": round(infer_s, 4),
+            "write_s": round(write_s, 4),
+        }
+        return row
+
+    def predict_folder(self, dicom_dirs: Path | Sequence[Path], out_dir: Path) -> PredictSummary:
+        """Every series under ``dicom_dirs``; results and skip reasons go to ``out_dir``.
+
+        Raises:
+            InputError: a DICOM folder does not exist.
+        """
+        began = time.perf_counter()
+        dirs = [Path(dicom_dirs)] if isinstance(dicom_dirs, str | Path) else list(dicom_dirs)
+        out_dir = Path(out_dir)
+        for folder in dirs:
+            if not folder.is_dir():
+                raise InputError(f"{folder}: no such DICOM folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = PredictSummary()
+        files = [f for folder in dirs for f in list_files(folder, exclude=[out_dir])]
+        headers, issues = scan_files(files)
+        for entry in issues:
+            summary.skipped.append(
+                {
+                    "path": entry.path,
+                    "series_uid": entry.series_uid,
+                    "series_description": "",
+                    "code": entry.code,
+                    "reason": entry.reason,
+                }
+            )
+        for group in group_series(headers):
+            h = group.headers[0]
+            skip = self.selection.check_header(group)
+            if skip is None:
+                try:
+                    summary.results.append(self.predict_group(group, out_dir))
+                    continue
+                except InvalidSeriesError as err:
+                    skip = (err.code, err.reason)
+                except Exception as exc:  # a bug met by unusual input: report it, keep going
+                    log.exception("unexpected error on series %s", group.series_uid)
+                    skip = ("internal_error", f"unexpected {type(exc).__name__}: {exc}")
+            summary.skipped.append(
+                {
+                    "path": str(Path(group.files[0]).parent),
+                    "series_uid": group.series_uid,
+                    "series_description": h.series_description,
+                    "code": skip[0],
+                    "reason": skip[1],
+                }
+            )
+        _write_csv(out_dir / RESULTS_CSV, RESULT_COLUMNS, summary.results)
+        _write_csv(out_dir / SKIPPED_CSV, SKIPPED_COLUMNS, summary.skipped)
+        summary.seconds = time.perf_counter() - began
+        return summary
+
+
+def _round(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return ""
+    return round(float(value), 6)
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)

@@ -1,0 +1,487 @@
+"""The export stage: ONNX and TorchScript, parity checks, the bundle, MLflow (see the package)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from shiftguard.config.schema import ExportConfig, IngestConfig, TrainConfig
+from shiftguard.edge.bundle import bundle_file_name, open_bundle, sha256_bytes, write_bundle
+from shiftguard.edge.predict import FEATURES
+from shiftguard.edge.preprocess import preprocess
+from shiftguard.errors import ShiftGuardError
+
+log = logging.getLogger(__name__)
+
+ONNX_MEMBER = "model.onnx"
+TORCHSCRIPT_MEMBER = "model.torchscript.pt"
+REFERENCE_MEMBER = "reference.csv"
+CARD_MEMBER = "model_card.md"
+#: the validation reports the bundle carries (and the card quotes)
+VALIDATION_FILES = ("metrics.json", "segments.csv", "robustness.csv")
+#: acquisition columns of the split table kept in the drift baseline (no identifiers, no dates)
+ACQUISITION = (
+    "manufacturer",
+    "scanner_model",
+    "field_strength",
+    "n_slices",
+    "pixel_spacing_row",
+    "pixel_spacing_col",
+    "slice_thickness",
+    "repetition_time",
+    "echo_time",
+    "flip_angle",
+)
+PREPROCESSING_TOLERANCE = 1e-5
+
+
+class ExportError(ShiftGuardError, ValueError):
+    """The model cannot be exported faithfully; the message says what differs and by how much."""
+
+
+@dataclass
+class ExportSummary:
+    """What the export stage wrote and measured."""
+
+    bundle: str
+    bundle_sha256: str
+    bundle_bytes: int
+    name: str
+    version: str
+    onnx_max_abs_diff: float
+    preprocessing_max_abs_diff: float
+    parity_series: int
+    torchscript: bool
+    members: list[str] = field(default_factory=list)
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {
+            "onnx_max_abs_diff": self.onnx_max_abs_diff,
+            "preprocessing_max_abs_diff": self.preprocessing_max_abs_diff,
+            "parity_series": self.parity_series,
+            "bundle_bytes": self.bundle_bytes,
+        }
+
+
+class _LogitAndMap(nn.Module):
+    """The network with its class-activation map as a second output (when it has one)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x), self.net.activation_map(x)  # type: ignore[operator]
+
+
+def export_onnx(net: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
+    """ONNX bytes of ``net`` (eval mode) with input ``image`` ``(B, 1, X, Y, Z)`` and outputs
+    ``logit`` ``(B, 1)`` and, when ``net`` has ``activation_map``, ``saliency``."""
+    has_map = callable(getattr(net, "activation_map", None))
+    # the exporter restores the *top* module's training flag on every submodule afterwards, so a
+    # wrapper left in training mode would switch ``net`` back to training (batch-norm statistics)
+    module: nn.Module = (_LogitAndMap(net) if has_map else net).eval()
+    outputs = ["logit", "saliency"] if has_map else ["logit"]
+    axes = {"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            input_names=["image"],
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def export_torchscript(net: nn.Module, example: torch.Tensor) -> bytes | None:
+    """TorchScript bytes of ``net`` traced on ``example``; ``None`` (logged) when tracing fails."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(net.eval(), example)
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer)
+        return buffer.getvalue()
+    except Exception as exc:  # tracing support varies by network and torch release
+        log.warning("TorchScript export skipped: %s", exc)
+        return None
+
+
+def onnx_logits(onnx_bytes: bytes, batch: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["logit"], {"image": batch.astype(np.float32)})[0])
+
+
+def _training_batch(paths: Sequence[Path], train_cfg: TrainConfig) -> np.ndarray:
+    """The training pipeline's (MONAI) preprocessing of ``paths``, stacked ``(N, 1, X, Y, Z)``."""
+    from shiftguard.training.data import build_dataset
+
+    cfg = train_cfg.model_copy(update={"cache_rate": 0.0, "num_workers": 0})
+    items = [{"image": str(p), "label": 0.0, "key": str(i)} for i, p in enumerate(paths)]
+    dataset = build_dataset(items, cfg)
+    return np.stack([np.asarray(dataset[i]["image"], dtype=np.float32) for i in range(len(items))])
+
+
+def check_parity(
+    net: nn.Module,
+    onnx_bytes: bytes,
+    paths: Sequence[Path],
+    train_cfg: TrainConfig,
+    spec: Mapping[str, Any],
+    tolerance: float,
+) -> tuple[float, float]:
+    """Max |ONNX - PyTorch| logit and max |edge - training| preprocessed voxel on ``paths``.
+
+    Raises:
+        ExportError: either difference is over its tolerance.
+    """
+    from shiftguard.data.volume import read_nifti
+
+    batch = _training_batch(paths, train_cfg)
+    edge = np.concatenate([preprocess(read_nifti(Path(p))[0], spec) for p in paths])
+    prep_diff = float(np.max(np.abs(edge - batch)))
+    if prep_diff > PREPROCESSING_TOLERANCE:
+        raise ExportError(
+            f"the edge preprocessing differs from training by {prep_diff:.3g} on the validation "
+            f"series (tolerance {PREPROCESSING_TOLERANCE:g}); shiftguard.edge.preprocess no longer "
+            "matches shiftguard.training.data.preprocessing"
+        )
+    with torch.no_grad():
+        expected = net.eval()(torch.from_numpy(batch)).numpy()
+    got = onnx_logits(onnx_bytes, batch)
+    diff = float(np.max(np.abs(got - expected)))
+    if diff > tolerance:
+        raise ExportError(
+            f"ONNX Runtime's logits differ from PyTorch's by {diff:.3g} on {len(paths)} validation "
+            f"series (export.parity_tolerance {tolerance:g}); the exported graph is not faithful"
+        )
+    return diff, prep_diff
+
+
+def reference_table(rows: pd.DataFrame, probabilities: np.ndarray) -> bytes:
+    """The drift baseline: PHI-free features and the model's probability per training series."""
+    columns = [c for c in (*FEATURES, *ACQUISITION) if c in rows.columns]
+    table = rows[columns].copy()
+    table["probability"] = np.round(probabilities, 6)
+    return table.to_csv(index=False, lineterminator="\n").encode()
+
+
+def _fmt_ci(entry: Any) -> str:
+    if not isinstance(entry, Mapping) or entry.get("value") is None:
+        return "n/a"
+    return f"{entry['value']:.3f} ({entry.get('low', float('nan')):.3f}-{entry.get('high', float('nan')):.3f})"
+
+
+def model_card(
+    cfg: ExportConfig,
+    name: str,
+    version: str,
+    train_cfg: TrainConfig,
+    model_cfg: Mapping[str, Any],
+    rows: pd.DataFrame,
+    metrics: Mapping[str, Any],
+    segments: pd.DataFrame,
+    robustness: pd.DataFrame,
+) -> str:
+    """A model card (Markdown) from the split table and the validation reports."""
+    counts = rows.groupby("split")["finding"].agg(["count", "sum"]) if len(rows) else None
+    lines = [
+        f"# Model card: {name} v{version}",
+        "",
+        "## Intended use",
+        cfg.intended_use,
+        "",
+        f"Output: probability of a {cfg.finding}; positive at or above the operating threshold "
+        f"{float(metrics.get('threshold', 0.5)):.4f}, chosen on the validation split.",
+        "",
+        "## Model",
+        f"- network: `{model_cfg.get('network', {}).get('_target_', '?')}`",
+        f"- input: canonical grid resampled to {list(train_cfg.input_shape or [])} voxels, "
+        f"intensities scaled by the {list(train_cfg.intensity_percentiles)} percentiles",
+        "",
+        "## Data",
+    ]
+    if counts is not None:
+        for split, row in counts.iterrows():
+            lines.append(
+                f"- {split}: {int(row['count'])} series, {int(row['sum'])} with the finding"
+            )
+    scanners = sorted(rows["scanner_model"].dropna().unique()) if "scanner_model" in rows else []
+    lines += [f"- scanners: {', '.join(map(str, scanners))}", "", "## Performance (95% CI)"]
+    for split in ("test", "external"):
+        m = metrics.get(split, {})
+        if m:
+            lines.append(
+                f"- {split} (n={m.get('n')}): AUROC {_fmt_ci(m.get('auroc'))}, sensitivity "
+                f"{_fmt_ci(m.get('sensitivity'))}, specificity {_fmt_ci(m.get('specificity'))}, "
+                f"ECE {_fmt_ci(m.get('ece'))}"
+            )
+    lines += ["", "## Per segment (test + unseen scanner)", ""]
+    if len(segments):
+        lines.append("| column | segment | n | positives | AUROC | gap | judgeable |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for _, s in segments.iterrows():
+            auroc = "n/a" if pd.isna(s.get("auroc")) else f"{s['auroc']:.3f}"
+            gap = "n/a" if pd.isna(s.get("auroc_gap")) else f"{s['auroc_gap']:+.3f}"
+            lines.append(
+                f"| {s['column']} | {s['segment']} | {s['n']} | {s['n_positive']} | {auroc} | "
+                f"{gap} | {'yes' if str(s['judgeable']) == 'True' else 'no'} |"
+            )
+    lines += ["", "## Robustness to simulated scanner shift (AUROC by severity)", ""]
+    if len(robustness):
+        table = robustness.pivot_table(index="profile", columns="severity", values="auroc")
+        sev = [str(c) for c in table.columns]
+        lines.append("| profile | " + " | ".join(sev) + " |")
+        lines.append("| --- |" + " --- |" * len(sev))
+        for profile, r in table.iterrows():
+            lines.append(
+                f"| {profile} | "
+                + " | ".join("n/a" if pd.isna(v) else f"{v:.3f}" for v in r.to_numpy())
+                + " |"
+            )
+    lines += [
+        "",
+        "## Known limitations",
+        "- Trained on a small synthetic cohort; the confidence intervals above are wide.",
+        "- Segments marked not judgeable are too small for any claim about them.",
+        "- Series outside the selection rules in the manifest are skipped, not scored.",
+        "- Not validated for clinical use: run it in shadow mode and compare against the verified "
+        "diagnosis per segment and scanner before any other use.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def preprocessing_spec(
+    ingest_cfg: IngestConfig, train_cfg: TrainConfig, input_shape: Sequence[int]
+) -> dict[str, Any]:
+    """The manifest's ``preprocessing`` section: the canonical grid ingest builds (the edge runner
+    rebuilds it with the same code) and the intensity scaling and resampling training applied."""
+    return {
+        "canonical_grid": {
+            "spacing": [float(v) for v in ingest_cfg.spacing],
+            "shape": [int(v) for v in ingest_cfg.shape],
+            "interpolation_order": int(ingest_cfg.interpolation_order),
+            "antialias": bool(ingest_cfg.antialias),
+            "spacing_tolerance": float(ingest_cfg.spacing_tolerance),
+            "orientation_tolerance": float(ingest_cfg.orientation_tolerance),
+            "orientation": "RAS",
+        },
+        "intensity_percentiles": [float(v) for v in train_cfg.intensity_percentiles],
+        "input_shape": [int(v) for v in input_shape],
+    }
+
+
+def run(
+    cfg: ExportConfig,
+    ingest_cfg: IngestConfig,
+    model_file: Path,
+    dataset_csv: Path,
+    ingest_dir: Path,
+    reports_dir: Path,
+    out_dir: Path,
+    model_info: Path | None = None,
+    track: bool = True,
+    root: Path | None = None,
+    parity_series: int = 8,
+) -> ExportSummary:
+    """The stage (see the package docstring). Returns what it wrote and measured.
+
+    Raises:
+        ExportError: parity fails, or the validation reports are missing.
+        ModelFileError: the model file is missing or unreadable.
+    """
+    from shiftguard.evaluation.validate import predict_paths
+    from shiftguard.tracking import data_version
+    from shiftguard.training.stage import load_model, read_rows
+
+    root = root or Path.cwd()
+    net, payload = load_model(model_file, "cpu")
+    train_cfg = TrainConfig.model_validate(payload["train"])
+    info: dict[str, Any] = {}
+    if model_info is not None and model_info.is_file():
+        info = json.loads(model_info.read_text())
+    name = str(info.get("registered_model") or train_cfg.registered_model)
+    version = str(info.get("version") or "0")
+
+    missing = [f for f in VALIDATION_FILES if not (reports_dir / f).is_file()]
+    if missing:
+        raise ExportError(
+            f"{reports_dir}: lacks {', '.join(missing)}; run the validate stage first "
+            "(dvc repro validate)"
+        )
+    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    rows = pd.DataFrame(read_rows(dataset_csv))
+    for column in (*FEATURES, "finding"):
+        if column in rows:
+            rows[column] = pd.to_numeric(rows[column], errors="coerce")
+
+    spec = preprocessing_spec(ingest_cfg, train_cfg, payload["input"]["input_shape"])
+    if [int(v) for v in payload["input"]["ingest_shape"]] != spec["canonical_grid"]["shape"]:
+        raise ExportError(
+            f"{model_file}: trained on a {payload['input']['ingest_shape']} grid but the ingest "
+            f"section says {spec['canonical_grid']['shape']}; export with the params it was trained with"
+        )
+
+    val = rows[rows["split"] == "val"]
+    parity_paths = [ingest_dir / p for p in val["volume_path"].head(parity_series)]
+    if not parity_paths:
+        raise ExportError(f"{dataset_csv}: no validation series to check the export's parity on")
+    example = torch.from_numpy(_training_batch(parity_paths[:1], train_cfg))
+    onnx_bytes = export_onnx(net, example, cfg.opset)
+    onnx_diff, prep_diff = check_parity(
+        net, onnx_bytes, parity_paths, train_cfg, spec, cfg.parity_tolerance
+    )
+    log.info(
+        "export: ONNX parity %.2g (max |logit| diff), preprocessing parity %.2g on %d series",
+        onnx_diff,
+        prep_diff,
+        len(parity_paths),
+    )
+    torchscript = export_torchscript(net, example) if cfg.torchscript else None
+
+    train_rows = rows[rows["split"] == "train"]
+    probabilities = predict_paths(
+        net, [str(ingest_dir / p) for p in train_rows["volume_path"]], train_cfg
+    )
+    members: dict[str, bytes] = {
+        ONNX_MEMBER: onnx_bytes,
+        REFERENCE_MEMBER: reference_table(train_rows, probabilities),
+    }
+    models = [
+        {
+            "member": ONNX_MEMBER,
+            "format": "onnx",
+            "opset": cfg.opset,
+            "outputs": ["logit", "saliency"] if hasattr(net, "activation_map") else ["logit"],
+        }
+    ]
+    if torchscript is not None:
+        members[TORCHSCRIPT_MEMBER] = torchscript
+        models.append({"member": TORCHSCRIPT_MEMBER, "format": "torchscript"})
+    for fname in VALIDATION_FILES:
+        members[f"validation/{fname}"] = (reports_dir / fname).read_bytes()
+    segments = pd.read_csv(reports_dir / "segments.csv")
+    robustness = pd.read_csv(reports_dir / "robustness.csv")
+    members[CARD_MEMBER] = model_card(
+        cfg, name, version, train_cfg, payload["model"], rows, metrics, segments, robustness
+    ).encode()
+
+    manifest = {
+        "name": name,
+        "version": version,
+        "models": models,
+        "input": {
+            "name": "image",
+            "shape": [None, 1, *spec["input_shape"]],
+            "dtype": "float32",
+            "layout": "NCXYZ",
+        },
+        "preprocessing": spec,
+        "output": {
+            "logit": "finding log-odds; probability = sigmoid(logit)",
+            "class_names": list(cfg.class_names),
+            "finding": cfg.finding,
+        },
+        "threshold": float(metrics["threshold"]),
+        "series_selection": cfg.series_selection.model_dump(mode="json"),
+        "training_data": {
+            "data_dvc_md5": data_version(root),
+            "split_table_sha256": _sha256_file(dataset_csv),
+            "n_train": len(train_rows),
+            "n_val": len(val),
+        },
+        "mlflow": {
+            "run_id": info.get("run_id"),
+            "registered_model": info.get("registered_model"),
+            "model_version": info.get("version"),
+        },
+        "validation": {
+            "test_auroc": (metrics.get("test", {}).get("auroc") or {}).get("value"),
+            "external_auroc": (metrics.get("external", {}).get("auroc") or {}).get("value"),
+        },
+        "parity": {"onnx_max_abs_logit_diff": onnx_diff, "preprocessing_max_abs_diff": prep_diff},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.sgbundle"):
+        old.unlink()
+    path = write_bundle(out_dir / bundle_file_name(name, version), manifest, members)
+    bundle = open_bundle(path)
+    summary = ExportSummary(
+        bundle=str(path),
+        bundle_sha256=_sha256_file(path),
+        bundle_bytes=path.stat().st_size,
+        name=name,
+        version=version,
+        onnx_max_abs_diff=round(onnx_diff, 9),
+        preprocessing_max_abs_diff=round(prep_diff, 9),
+        parity_series=len(parity_paths),
+        torchscript=torchscript is not None,
+        members=sorted(bundle.members),
+    )
+    (out_dir / "export.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    if track and info.get("run_id"):
+        _track(path, summary, info, root)
+    return summary
+
+
+def _track(path: Path, summary: ExportSummary, info: Mapping[str, Any], root: Path) -> None:
+    """Log the bundle to the training run and tag the registered model version with it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    client = MlflowClient()
+    run_id = str(info["run_id"])
+    client.log_artifact(run_id, str(path), artifact_path="bundle")
+    client.log_metric(run_id, "export.onnx_max_abs_diff", summary.onnx_max_abs_diff)
+    client.set_tag(run_id, "shiftguard.bundle_sha256", summary.bundle_sha256)
+    if info.get("registered_model") and info.get("version"):
+        name, version = str(info["registered_model"]), str(info["version"])
+        artifact = f"{client.get_run(run_id).info.artifact_uri}/bundle/{path.name}"
+        for key, value in (
+            ("bundle", path.name),
+            ("bundle_sha256", summary.bundle_sha256),
+            ("bundle_uri", artifact),
+        ):
+            client.set_model_version_tag(name, version, key, value)
+    log.info("export: bundle logged to MLflow run %s", run_id)
+
+
+__all__ = [
+    "ExportError",
+    "ExportSummary",
+    "check_parity",
+    "export_onnx",
+    "export_torchscript",
+    "model_card",
+    "reference_table",
+    "run",
+    "sha256_bytes",
+]

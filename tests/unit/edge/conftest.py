@@ -1,0 +1,83 @@
+"""Fixtures for the edge runner: a tiny real cohort (DICOM on disk) and a bundle made the way the
+export stage makes one (ONNX from a real network, the manifest's preprocessing from the config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shiftguard.cohort import generate
+from shiftguard.config import (
+    CohortConfig,
+    ExportConfig,
+    IngestConfig,
+    TrainConfig,
+    compose,
+    validate,
+)
+from shiftguard.edge.bundle import bundle_file_name, write_bundle
+from shiftguard.export.stage import export_onnx, preprocessing_spec
+from shiftguard.models import SmallCNN3d
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="session")
+def tiny() -> dict[str, Any]:
+    return compose(["experiment=tiny", "cohort.n_subjects=3"], conf_dir=REPO / "conf")
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any]) -> Path:
+    """Three synthetic subjects: ``data/dicom/<patient>/<study>/<series files>``."""
+    root = tmp_path_factory.mktemp("cohort")
+    generate.run(validate("cohort", tiny["cohort"], CohortConfig), root, workers=1, progress=False)
+    return root / "dicom"
+
+
+def make_network() -> SmallCNN3d:
+    torch.manual_seed(0)
+    return SmallCNN3d(channels=(4, 8), local_contrast=3, pooling="max").eval()
+
+
+def make_manifest(tiny: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    ingest = validate("ingest", tiny["ingest"], IngestConfig)
+    train = validate("train", tiny["train"], TrainConfig)
+    export = ExportConfig()
+    manifest: dict[str, Any] = {
+        "name": "test-model",
+        "version": "7",
+        "models": [{"member": "model.onnx", "format": "onnx", "outputs": ["logit", "saliency"]}],
+        "input": {"name": "image", "shape": [None, 1, *ingest.shape], "dtype": "float32"},
+        "preprocessing": preprocessing_spec(ingest, train, ingest.shape),
+        "threshold": 0.5,
+        "series_selection": export.series_selection.model_dump(mode="json"),
+    }
+    manifest.update(overrides)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def network() -> SmallCNN3d:
+    return make_network()
+
+
+@pytest.fixture(scope="session")
+def onnx_model(network: SmallCNN3d, tiny: dict[str, Any]) -> bytes:
+    shape = tiny["ingest"]["shape"]
+    return export_onnx(network, torch.zeros(1, 1, *shape))
+
+
+@pytest.fixture(scope="session")
+def bundle_path(
+    tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any], onnx_model: bytes
+) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    return write_bundle(
+        root / bundle_file_name("test-model", "7"),
+        make_manifest(tiny),
+        {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
+    )

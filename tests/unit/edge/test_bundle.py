@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shiftguard.cli import main
+from shiftguard.edge.bundle import (
+    MANIFEST,
+    BundleError,
+    bundle_file_name,
+    describe,
+    open_bundle,
+    write_bundle,
+)
+
+from .conftest import make_manifest
+
+
+def _rewrite(src: Path, dst: Path, change: Any) -> Path:
+    """Copy bundle ``src`` to ``dst`` with ``change(name, data) -> (name, data) | None`` applied
+    to every member (``None`` drops it); extra members can be appended by ``change.extra``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            out = change(info.filename, zin.read(info))
+            if out is not None:
+                zout.writestr(out[0], out[1])
+        for name, data in getattr(change, "extra", []):
+            zout.writestr(name, data)
+    return dst
+
+
+def test_round_trip_keeps_members_manifest_and_hashes(bundle_path: Path, onnx_model: bytes) -> None:
+    bundle = open_bundle(bundle_path)
+    assert bundle_path.name == "test-model-v7.sgbundle"
+    assert bundle.name == "test-model" and bundle.version == "7" and bundle.threshold == 0.5
+    assert bundle.model("onnx") == onnx_model
+    assert set(bundle.members) == {"model.onnx", "reference.csv"}
+    assert bundle.manifest["members"]["model.onnx"]["size"] == len(onnx_model)
+    text = describe(bundle)
+    assert (
+        "test-model version 7" in text
+        and bundle.manifest["members"]["model.onnx"]["sha256"] in text
+    )
+    with pytest.raises(BundleError, match="no torchscript model"):
+        bundle.model("torchscript")
+
+
+def test_writing_is_deterministic(tmp_path: Path, tiny: dict[str, Any], onnx_model: bytes) -> None:
+    members = {"model.onnx": onnx_model, "b.txt": b"x"}
+    a = write_bundle(tmp_path / "a.sgbundle", make_manifest(tiny), members)
+    b = write_bundle(tmp_path / "b.sgbundle", make_manifest(tiny), dict(reversed(members.items())))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_a_changed_member_is_refused(bundle_path: Path, tmp_path: Path) -> None:
+    def flip(name: str, data: bytes) -> tuple[str, bytes]:
+        if name == "reference.csv":
+            data = data.replace(b"1.0", b"9.0")
+        return name, data
+
+    bad = _rewrite(bundle_path, tmp_path / "bad.sgbundle", flip)
+    with pytest.raises(BundleError, match=r"'reference.csv' does not match its SHA-256"):
+        open_bundle(bad)
+
+
+def test_truncated_and_non_zip_files_are_refused(bundle_path: Path, tmp_path: Path) -> None:
+    data = bundle_path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 30, 10):
+        truncated = tmp_path / f"cut{cut}.sgbundle"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(BundleError, match=str(truncated.name)):
+            open_bundle(truncated)
+    with pytest.raises(BundleError, match="no such bundle file"):
+        open_bundle(tmp_path / "missing.sgbundle")
+
+
+@pytest.mark.parametrize("evil", ["../escape.txt", "/etc/passwd", "a/../../b", "c:/x", "a\\..\\b"])
+def test_member_paths_escaping_the_bundle_are_refused(
+    bundle_path: Path, tmp_path: Path, evil: str
+) -> None:
+    def keep(name: str, data: bytes) -> tuple[str, bytes]:
+        return name, data
+
+    keep.extra = [(evil, b"payload")]  # type: ignore[attr-defined]
+    bad = _rewrite(bundle_path, tmp_path / "evil.sgbundle", keep)
+    with pytest.raises(BundleError, match="escapes the bundle's folder"):
+        open_bundle(bad)
+    with pytest.raises(ValueError, match="escapes"):
+        write_bundle(tmp_path / "w.sgbundle", {}, {evil: b"x"})
+
+
+def _with_manifest(src: Path, dst: Path, edit: Any) -> Path:
+    def change(name: str, data: bytes) -> tuple[str, bytes]:
+        if name == MANIFEST:
+            manifest = json.loads(data)
+            edit(manifest)
+            data = json.dumps(manifest).encode()
+        return name, data
+
+    return _rewrite(src, dst, change)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m["models"].append({"member": "model.onnx", "format": "pickle"}),
+            "model format 'pickle'",
+        ),
+        (lambda m: m.update(format_version=99), "format version 99"),
+        (lambda m: m.update(format="zip"), "not 'shiftguard-bundle'"),
+        (lambda m: m.pop("threshold"), "lacks threshold"),
+        (lambda m: m.update(threshold=1.5), "not a probability"),
+        (lambda m: m["members"].pop("reference.csv"), "does not list: reference.csv"),
+        (
+            lambda m: m["members"].update({"gone.bin": {"sha256": "0", "size": 1}}),
+            "'gone.bin' listed",
+        ),
+        (lambda m: m.update(models=[]), "no ONNX model"),
+    ],
+)
+def test_bad_manifests_are_refused_with_the_reason(
+    bundle_path: Path, tmp_path: Path, edit: Any, message: str
+) -> None:
+    with pytest.raises(BundleError, match=message):
+        open_bundle(_with_manifest(bundle_path, tmp_path / "m.sgbundle", edit))
+
+
+def test_nothing_in_a_bundle_is_unpickled(
+    tmp_path: Path, tiny: dict[str, Any], onnx_model: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Path.touch, (marker,))
+
+    manifest = make_manifest(tiny)
+    manifest["models"].append({"member": "model.torchscript.pt", "format": "torchscript"})
+    path = write_bundle(
+        tmp_path / bundle_file_name("trap", "1"),
+        manifest,
+        {"model.onnx": onnx_model, "model.torchscript.pt": pickle.dumps(Trap())},
+    )
+    bundle = open_bundle(path)
+    assert bundle.model("torchscript").startswith(b"\x80")  # raw bytes, never loaded
+    assert main(["edge", "verify", str(path)]) == 0
+    assert "torchscript" in capsys.readouterr().out
+    assert not marker.exists()
+
+
+def test_cli_verify_prints_the_manifest_or_the_error(
+    bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["edge", "verify", str(bundle_path)]) == 0
+    out = capsys.readouterr().out
+    assert "verified: every member matches its SHA-256" in out and "threshold 0.5000" in out
+    bad = tmp_path / "bad.sgbundle"
+    bad.write_bytes(bundle_path.read_bytes()[:200])
+    assert main(["edge", "verify", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "edge: error:" in err and "bad.sgbundle" in err and "truncated" in err

@@ -1,0 +1,248 @@
+"""``shiftguard edge predict`` on real DICOM: SR and key images validated by dciodvfy, skip reasons
+for what is not a model input, deterministic outputs, and no torch/MONAI/MLflow/DVC imported."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from shiftguard.cli import main
+from shiftguard.edge.bundle import open_bundle
+from shiftguard.edge.dicom_out import (
+    SHADOW_BANNER,
+    SeriesResult,
+    derived_uid,
+    describe_sr,
+    render_key_image,
+)
+from shiftguard.edge.predict import Predictor, SelectionRules
+
+NON_IMAGES = {
+    "rtstruct.dcm": "RT Structure Set",
+    "rtplan.dcm": "RT Plan",
+    "waveform_ecg.dcm": "Waveform",
+}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def mixed_input(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny cohort's studies plus non-image objects and a file that is not DICOM at all."""
+    root = tmp_path_factory.mktemp("input")
+    shutil.copytree(cohort, root / "studies")
+    other = root / "other"
+    other.mkdir()
+    for name in NON_IMAGES:
+        path = get_testdata_file(name, download=False)
+        if path is not None:
+            shutil.copy(path, other / name)
+    (other / "notes.txt").write_text("not DICOM")
+    return root
+
+
+@pytest.fixture(scope="module")
+def predicted(bundle_path: Path, mixed_input: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("out")
+    summary = Predictor(open_bundle(bundle_path), shadow=True).predict_folder(mixed_input, out)
+    return summary, out
+
+
+def test_every_series_gets_an_sr_and_a_key_image(predicted: Any, cohort: Path) -> None:
+    summary, out = predicted
+    results = _rows(out / "results.csv")
+    assert len(results) == summary.n_predicted == 3
+    for row in results:
+        assert 0.0 <= float(row["probability"]) <= 1.0
+        assert row["result"] in ("finding present", "no finding")
+        sr = pydicom.dcmread(out / row["sr_file"])
+        sc = pydicom.dcmread(out / row["sc_file"])
+        # both join the source study as new series
+        assert sr.StudyInstanceUID == sc.StudyInstanceUID == row["study_uid"]
+        assert sr.SeriesInstanceUID != row["series_uid"] != sc.SeriesInstanceUID
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+        source = pydicom.dcmread(
+            next((cohort / sr.PatientID).rglob("*.dcm")), stop_before_pixels=True
+        )
+        assert (sc.PatientID, sc.AccessionNumber) == (source.PatientID, source.AccessionNumber)
+        content = describe_sr(sr)
+        assert content["Probability"] == pytest.approx(float(row["probability"]), abs=1e-6)
+        assert content["Threshold Value"] == pytest.approx(0.5)
+        assert content["finding"] == ("Present" if row["result"] == "finding present" else "Absent")
+        # every source image referenced
+        refs = {
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in _walk(sr.ContentSequence)
+            if item.ValueType == "IMAGE"
+        }
+        assert len(refs) == int(row["n_slices"])
+        assert "SHADOW" in sr.SeriesDescription and "SHADOW" in sc.SeriesDescription
+        assert "NOT FOR CLINICAL USE" in sc.ImageComments
+        assert sc.pixel_array.ndim == 3 and sc.pixel_array.shape[2] == 3
+
+
+def _walk(items: Any) -> Any:
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+def test_outputs_pass_dciodvfy_without_errors(predicted: Any) -> None:
+    _, out = predicted
+    files = sorted(out.glob("*.dcm"))
+    assert len(files) == 6
+    for path in files:
+        proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [
+            line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")
+        ]
+        assert not errors, f"{path.name}: {errors}"
+
+
+def test_non_images_and_foreign_files_are_skipped_with_reasons(predicted: Any) -> None:
+    _, out = predicted
+    skipped = _rows(out / "skipped.csv")
+    by_file = {Path(r["path"]).name: r for r in skipped}
+    assert "notes.txt" in by_file and by_file["notes.txt"]["reason"]
+    for name, kind in NON_IMAGES.items():
+        if get_testdata_file(name, download=False) is None:
+            continue
+        assert name in by_file, f"{name} not reported"
+        assert kind.lower() in by_file[name]["reason"].lower(), by_file[name]
+
+
+def test_rerunning_writes_identical_objects(
+    bundle_path: Path, cohort: Path, tmp_path: Path
+) -> None:
+    predictor = Predictor(open_bundle(bundle_path))
+    a = predictor.predict_folder(cohort, tmp_path / "a")
+    b = predictor.predict_folder(cohort, tmp_path / "b")
+    assert [r["sr_file"] for r in a.results] == [r["sr_file"] for r in b.results]
+    for name in sorted(p.name for p in (tmp_path / "a").glob("*.dcm")):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    first = a.results[0]
+    sr = pydicom.dcmread(tmp_path / "a" / first["sr_file"])
+    assert sr.SOPInstanceUID == derived_uid(first["series_uid"], "test-model", "7", "sr")
+    assert "SHADOW" not in sr.SeriesDescription  # not shadow mode here
+
+
+def test_selection_rules_skip_with_the_rule_that_failed(
+    bundle_path: Path, cohort: Path, tmp_path: Path
+) -> None:
+    predictor = Predictor(open_bundle(bundle_path))
+    predictor.selection = SelectionRules(description="FLAIR", min_slices=1)
+    summary = predictor.predict_folder(cohort, tmp_path)
+    assert summary.n_predicted == 0 and len(summary.skipped) == 3
+    assert {r["code"] for r in summary.skipped} == {"series_description"}
+    predictor.selection = SelectionRules(min_slices=500)
+    summary = predictor.predict_folder(cohort, tmp_path)
+    assert {r["code"] for r in summary.skipped} == {"too_few_slices"}
+    predictor.selection = SelectionRules(orientations=("coronal",))
+    summary = predictor.predict_folder(cohort, tmp_path)
+    assert {r["code"] for r in summary.skipped} == {"orientation"}
+
+
+def test_key_image_banner_and_overlay() -> None:
+    volume = np.zeros((20, 24, 10), dtype=np.float32)
+    volume[5:15, 5:19, :] = 1.0
+    saliency = np.zeros_like(volume)
+    saliency[12, 6, 7] = 5.0  # strongest evidence on slice 7, patient's right-anterior
+    result = SeriesResult("1.2.3", 0.9, 0.5, "m", "1", shadow=True)
+    image, z = render_key_image(volume, saliency, result, scale=1)
+    assert z == 7
+    banner = image.shape[0] - volume.shape[1]
+    assert image.shape[1] == volume.shape[0] and banner > 0
+    assert image[:banner].any()  # text drawn
+    body = image[banner:].astype(int)
+    # radiological view: column = X mirrored, row = Y mirrored; the hot spot is red
+    r, c = volume.shape[1] - 1 - 6, volume.shape[0] - 1 - 12
+    assert body[r, c, 0] > body[r, c, 1] + 50
+    plain, _ = render_key_image(
+        volume, saliency, SeriesResult("1.2.3", 0.9, 0.5, "m", "1", False), 1
+    )
+
+    def red_text(img: np.ndarray) -> bool:  # the shadow warning is the only red line
+        top = img[:banner].astype(int)
+        return bool(((top[..., 0] > 200) & (top[..., 1] < 120)).any())
+
+    assert red_text(image) and not red_text(plain)
+    assert SHADOW_BANNER.startswith("SHADOW")
+
+
+def test_missing_input_folder_is_a_clear_error(
+    bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "edge",
+            "predict",
+            "--bundle",
+            str(bundle_path),
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2 and "nope: no such DICOM folder" in capsys.readouterr().err
+
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    BLOCKED = {"torch", "monai", "mlflow", "dvc", "torchio", "hydra", "evidently"}
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"the edge runner imported {name}")
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def test_edge_commands_never_import_the_lab_stack(
+    bundle_path: Path, cohort: Path, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    cli = [sys.executable, "-m", "shiftguard.cli"]
+    for args in (
+        ["edge", "verify", str(bundle_path)],
+        [
+            "edge",
+            "predict",
+            "--bundle",
+            str(bundle_path),
+            str(cohort),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    ):
+        proc = subprocess.run(cli + args, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(_rows(tmp_path / "o" / "results.csv")) == 3
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True
+    )
+    assert "the edge runner imported torch" in probe.stderr  # the blocker itself works

@@ -36,6 +36,16 @@ for name, label in (("test", "internal test"), ("external", "unseen scanner")):
     a = auc(name)
     if a.get("value") is not None:
         print(f"      {label:>14}: AUROC {a['value']:.3f} (95% CI {a['low']:.3f}-{a['high']:.3f})")
+export = json.load(open("artifacts/export/export.json"))
+print(f"      bundle: {export['bundle']} ({export['bundle_bytes']:,} bytes, sha256 "
+      f"{export['bundle_sha256'][:16]}...; ONNX parity {export['onnx_max_abs_diff']:.1e})")
+import csv
+rows = list(csv.DictReader(open("artifacts/edge/results.csv")))
+pos = sum(r["result"] == "finding present" for r in rows)
+print(f"      edge predict (shadow mode) on the unseen scanner: {len(rows)} series, {pos} flagged; "
+      f"SR + key image per series in artifacts/edge/")
+if rows:
+    print(f"      read one:  dsrdump artifacts/edge/{rows[0]['sr_file']}")
 PY
 echo
 echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"

@@ -196,6 +196,39 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert {"roc.png", "robustness.csv", "segments.csv"} <= logged
     plots = json.loads(sh(root, "dvc", "plots", "show", "--json"))
     assert {"reports/validate/roc.csv", "reports/validate/robustness.png"} <= set(plots["data"])
+    # Export: a verified bundle with the validated threshold, logged and tagged in MLflow.
+    from shiftguard.edge.bundle import open_bundle
+
+    exported = json.loads((root / "artifacts/export/export.json").read_text())
+    bundle = open_bundle(root / exported["bundle"])
+    assert bundle.version == info["version"] and bundle.name == info["registered_model"]
+    assert bundle.threshold == pytest.approx(report["threshold"])
+    assert bundle.manifest["mlflow"]["run_id"] == train.info.run_id
+    assert bundle.manifest["training_data"]["data_dvc_md5"] == data_md5
+    assert exported["onnx_max_abs_diff"] < 1e-4 and exported["preprocessing_max_abs_diff"] < 1e-5
+    assert {"model.onnx", "reference.csv", "model_card.md"} <= set(bundle.members)
+    reference = bundle.text("reference.csv").splitlines()
+    assert len(reference) == 1 + len(
+        [r for r in read_rows(root / "artifacts/split/dataset.csv") if r["split"] == "train"]
+    )
+    assert not {"patient_id", "study_uid", "series_uid", "accession_number"} & set(
+        reference[0].split(",")
+    )
+    tags = client.get_model_version(info["registered_model"], info["version"]).tags
+    assert tags["bundle_sha256"] == exported["bundle_sha256"]
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "bundle")] == [
+        f"bundle/{Path(exported['bundle']).name}"
+    ]
+    # edge_predict: the unseen scanner's series, one SR and one key image each, shadow mode.
+    external = [
+        r for r in read_rows(root / "artifacts/split/dataset.csv") if r["split"] == "external"
+    ]
+    results = read_rows(root / "artifacts/edge/results.csv")
+    assert sorted(r["series_uid"] for r in results) == sorted(r["series_uid"] for r in external)
+    assert all(r["shadow"] == "1" for r in results)
+    for row in results:
+        assert (root / "artifacts/edge" / row["sr_file"]).is_file()
+        assert (root / "artifacts/edge" / row["sc_file"]).is_file()
     # `shiftguard compare` reads the same figures back from MLflow.
     table = sh(root, "shiftguard", "compare").splitlines()
     assert table[0].split()[:3] == ["dvc_exp", "augment", "test"]

@@ -97,8 +97,8 @@ class LesionConfig(_Strict):
     per lesion with ``hyperintense_fraction``); small radius and low contrast make subtle cases.
     """
 
-    radius_mm: tuple[PositiveFloat, PositiveFloat] = (5.0, 14.0)
-    contrast: tuple[PositiveFloat, PositiveFloat] = (0.3, 0.8)
+    radius_mm: tuple[PositiveFloat, PositiveFloat] = (8.0, 16.0)
+    contrast: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.0)
     hyperintense_fraction: Fraction = 0.75
     edge_softness_mm: Annotated[float, Field(ge=0, le=5)] = 1.0
     age_log_odds_per_decade: float = Field(

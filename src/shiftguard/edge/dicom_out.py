@@ -9,6 +9,7 @@ the same objects instead of duplicates in the PACS.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 MANUFACTURER = "ShiftGuard"
 SHADOW_BANNER = "SHADOW MODE - NOT FOR CLINICAL USE"
+
+# highdicom narrates every module it copies at INFO: one line per module per object written
+if logging.getLogger("highdicom").level == logging.NOTSET:
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def derived_uid(*parts: str) -> str:
@@ -57,31 +62,25 @@ class SeriesResult:
     def label(self) -> str:
         return "finding present" if self.positive else "no finding"
 
+    def uid(self, role: str) -> str:
+        """The UID of this result's object ``role`` (``"sr"``, ``"sc-series"``...): the same for
+        the same series, model and version, so re-running writes the same objects."""
+        return derived_uid(self.series_uid, self.model_name, self.model_version, role)
+
 
 def evidence_datasets(ref: Dataset, headers: Sequence[SliceHeader]) -> list[Dataset]:
-    """Light datasets naming each source image (for the SR's evidence and image references),
-    built from the headers already read instead of re-reading every file."""
-    out = []
+    """The datasets naming each source image, for the SR's evidence: ``ref`` (the header read
+    from disk, which carries the patient and study) for the first, then light datasets built from
+    the headers already scanned instead of re-reading every file."""
+    out = [ref]
     for h in headers:
+        if h.sop_instance_uid == ref.SOPInstanceUID:
+            continue
         ds = Dataset()
-        for keyword in (
-            "PatientID",
-            "PatientName",
-            "PatientBirthDate",
-            "PatientSex",
-            "StudyInstanceUID",
-            "StudyDate",
-            "StudyTime",
-            "StudyID",
-            "AccessionNumber",
-            "ReferringPhysicianName",
-            "Modality",
-        ):
-            if keyword in ref:
-                setattr(ds, keyword, ref.data_element(keyword).value)
-        ds.SeriesInstanceUID = h.series_uid
-        ds.SOPClassUID = h.sop_class_uid
-        ds.SOPInstanceUID = h.sop_instance_uid
+        ds.add_new(0x0020000D, "UI", h.study_uid)
+        ds.add_new(0x0020000E, "UI", h.series_uid)
+        ds.add_new(0x00080016, "UI", h.sop_class_uid)
+        ds.add_new(0x00080018, "UI", h.sop_instance_uid)
         out.append(ds)
     return out
 
@@ -111,7 +110,7 @@ def write_sr(
     unit = codes.UCUM.NoUnits
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(result.series_uid, result.model_name, result.model_version, "track"),
+            uid=result.uid("track"),
             identifier="focal lesion",
         ),
         finding_type=codes.SCT.Lesion,
@@ -151,13 +150,9 @@ def write_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=derived_uid(
-            result.series_uid, result.model_name, result.model_version, "sr-series"
-        ),
+        series_instance_uid=result.uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(
-            result.series_uid, result.model_name, result.model_version, "sr"
-        ),
+        sop_instance_uid=result.uid("sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -212,32 +207,47 @@ def axial_display(volume: np.ndarray, z: int) -> np.ndarray:
     return np.ascontiguousarray(volume[::-1, ::-1, z].T)
 
 
-def key_slice(saliency: np.ndarray | None, volume: np.ndarray) -> int:
-    """The axial slice with the strongest evidence (the saliency's maximum), else the middle one."""
+def key_slice(saliency: np.ndarray | None, shape: Sequence[int]) -> int:
+    """The axial slice of a ``shape`` canonical grid where the activation map (on its own, usually
+    coarser, grid) peaks: the centre of the strongest cell; the middle slice when there is none."""
     if saliency is None or not np.isfinite(saliency).any() or float(np.ptp(saliency)) == 0:
-        return volume.shape[2] // 2
-    return int(np.unravel_index(int(np.nanargmax(saliency)), saliency.shape)[2])
+        return int(shape[2]) // 2
+    iz = int(np.unravel_index(int(np.nanargmax(saliency)), saliency.shape)[2])
+    n, z = saliency.shape[2], int(shape[2])
+    return int(np.clip(round((iz + 0.5) * z / n - 0.5), 0, z - 1))
+
+
+def saliency_slice(saliency: np.ndarray, shape: Sequence[int], z: int) -> np.ndarray:
+    """Slice ``z`` of the activation map linearly resampled onto the ``shape`` grid, computed for
+    that slice alone."""
+    from shiftguard.edge.preprocess import linear_matrix, linear_resize
+
+    weights = linear_matrix(saliency.shape[2], int(shape[2]))[z]
+    plane = np.tensordot(saliency.astype(np.float32), weights, axes=(2, 0))
+    return linear_resize(plane[..., None], (int(shape[0]), int(shape[1]), 1))
 
 
 def render_key_image(
     volume: np.ndarray, saliency: np.ndarray | None, result: SeriesResult, scale: int = 3
 ) -> tuple[np.ndarray, int]:
-    """An RGB ``uint8`` key image: the key axial slice in grey, the saliency in red where it is in
-    its top 5%, and a text banner with the result (and the shadow-mode warning).
+    """An RGB ``uint8`` key image: the key axial slice in grey, the activation map in red where it
+    is in its top 5%, and a text banner with the result (and the shadow-mode warning).
+
+    ``saliency`` may be on a coarser grid than ``volume`` (the network's last block).
 
     Returns:
         The image ``(rows, cols, 3)`` and the key slice index ``z``.
     """
     from PIL import Image, ImageDraw
 
-    z = key_slice(saliency, volume)
+    z = key_slice(saliency, volume.shape)
     grey = axial_display(volume, z).astype(np.float64)
     lo, hi = np.percentile(grey, [1, 99.5])
     grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     if saliency is not None and float(np.ptp(saliency)) > 0:
-        s = axial_display(saliency, z)
-        cut = np.percentile(saliency, 95)
+        s = axial_display(saliency_slice(saliency, volume.shape, z), 0)
+        cut = float(np.percentile(saliency, 95))
         weight = np.clip((s - cut) / max(float(saliency.max()) - cut, 1e-6), 0, 1) * 0.6
         rgb = rgb * (1 - weight[..., None]) + np.array([1.0, 0.1, 0.1]) * weight[..., None]
     image = Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
@@ -279,13 +289,9 @@ def write_sc(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=derived_uid(
-            result.series_uid, result.model_name, result.model_version, "sc-series"
-        ),
+        series_instance_uid=result.uid("sc-series"),
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(
-            result.series_uid, result.model_name, result.model_version, "sc"
-        ),
+        sop_instance_uid=result.uid("sc"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=("L", "P"),

@@ -79,15 +79,16 @@ class Model:
         self, image: np.ndarray, canonical_shape: Sequence[int] | None = None
     ) -> tuple[float, np.ndarray | None]:
         """The finding probability for one ``(1, 1, X, Y, Z)`` input, and its activation map
-        resampled to ``canonical_shape`` (``None`` when the model has no such output)."""
+        (``None`` when the model has no such output): on the network's last grid, or resampled to
+        ``canonical_shape`` when given (the key image needs one slice of it, and resamples that
+        slice alone)."""
         outputs = self.logits(image)
         probability = float(sigmoid(outputs[0].reshape(-1)[0].astype(np.float64)))
         saliency = None
         if len(outputs) > 1:
             saliency = outputs[1][0, 0].astype(np.float32)
-            if canonical_shape is not None and tuple(saliency.shape) != tuple(canonical_shape):
-                from scipy import ndimage
+            if canonical_shape is not None:
+                from shiftguard.edge.preprocess import linear_resize
 
-                factors = [c / s for c, s in zip(canonical_shape, saliency.shape, strict=True)]
-                saliency = ndimage.zoom(saliency, factors, order=1, grid_mode=True, mode="nearest")
+                saliency = linear_resize(saliency, canonical_shape)
         return probability, saliency

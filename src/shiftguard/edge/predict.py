@@ -179,7 +179,7 @@ class Predictor:
         preprocess_s = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        probability, saliency = self.model.predict(image, canonical_shape=resampled.array.shape)
+        probability, saliency = self.model.predict(image)
         infer_s = time.perf_counter() - mark
 
         mark = time.perf_counter()

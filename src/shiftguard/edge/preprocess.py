@@ -76,3 +76,29 @@ def preprocess(volume: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     if spec.get("input_shape"):
         out = area_resize(out, spec["input_shape"])
     return out[None, None]
+
+
+def linear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` weights of linear interpolation between cell-centred grids, edges clamped
+    (``scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")`` along one axis)."""
+    centres = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(centres).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = np.zeros((n_out, n_in), dtype=np.float32)
+    np.add.at(w, (np.arange(n_out), lo), 1 - (centres - lo))
+    np.add.at(w, (np.arange(n_out), hi), centres - lo)
+    return w
+
+
+def linear_resize(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Linear resampling of a coarse map onto ``shape``, one small matrix per axis.
+
+    >>> linear_resize(np.array([[[0.0, 1.0]]], dtype=np.float32), (1, 1, 4)).round(2).tolist()
+    [[[0.0, 0.25, 0.75, 1.0]]]
+    """
+    out = np.asarray(volume, dtype=np.float32)
+    for axis, n_out in enumerate(shape):
+        if out.shape[axis] != n_out:
+            w = linear_matrix(out.shape[axis], int(n_out))
+            out = np.moveaxis(np.tensordot(w, out, axes=(1, axis)), 0, axis)
+    return np.ascontiguousarray(out, dtype=np.float32)

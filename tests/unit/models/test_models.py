@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,38 @@ def test_local_contrast_channel_sees_a_focal_spot_and_not_a_global_offset() -> N
     torch.testing.assert_close(plain[:, 1:], base - local)
     with pytest.raises(ValueError, match="odd kernel"):
         SmallCNN3d(local_contrast=4)
+
+
+def test_max_pooling_ignores_how_much_of_the_volume_a_pattern_covers() -> None:
+    """With ``pooling="max"`` a spot answers the same whether the rest of the volume is empty or
+    also holds it elsewhere: no whole-volume statistic reaches the head. Mean+max pooling differs."""
+    torch.manual_seed(0)
+    one = torch.zeros(1, 1, 28, 28, 28)
+    one[..., 6:9, 6:9, 6:9] = 1.0
+    many = one.clone()
+    many[..., 16:19, 16:19, 16:19] = 1.0  # same stride phase, away from the padded border
+    for pooling, same in (("max", True), ("meanmax", False)):
+        torch.manual_seed(0)
+        net = SmallCNN3d(channels=(4, 8), pooling=pooling).eval()
+        with torch.no_grad():
+            assert torch.allclose(net(one), net(many), atol=1e-6) is same, pooling
+    with pytest.raises(ValueError, match="pooling must be"):
+        SmallCNN3d(pooling="sum")
+
+
+def test_activation_map_peaks_where_the_logit_comes_from() -> None:
+    torch.manual_seed(0)
+    net = SmallCNN3d(channels=(4, 8), pooling="max").eval()
+    x = torch.zeros(1, 1, 16, 16, 16)
+    x[..., 10:14, 2:6, 8:12] = 3.0
+    with torch.no_grad():
+        cam = net.activation_map(x)[0, 0]
+        features = net._features(x)
+        # the head on max pooling reads each channel at its maximum: the map summed over channels
+        # at those positions reproduces the logit's weighted sum
+        w = net.head.weight[0]
+        logit = (features.amax(dim=(2, 3, 4))[0] * w).sum() + net.head.bias[0]
+        assert torch.allclose(net(x)[0, 0], logit, atol=1e-5)
+    assert cam.shape == (8, 8, 8)
+    peak = np.unravel_index(int(cam.argmax()), cam.shape)
+    assert 4 <= peak[0] <= 7 and peak[1] <= 3  # on the bright block (grid halved once)

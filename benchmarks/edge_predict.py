@@ -1,0 +1,162 @@
+"""Benchmark: the edge runner's whole ``predict`` path against the model's forward pass alone.
+
+On one default-size series (a subject of the default synthetic cohort: its acquisition grid, the
+2 mm canonical grid, the default network's input), it times side by side, in one process:
+
+* ``forward``: ONNX Runtime's ``session.run`` on the already preprocessed input;
+* ``predict``: :meth:`shiftguard.edge.predict.Predictor.predict_folder` on the series' folder: read
+  the headers and pixels, build the canonical volume, preprocess, infer, write the SR and the key
+  image, write ``results.csv``;
+
+each the median of ``--repeats`` runs after a warm-up (the session is created once, as the edge
+service holds it), with the per-step split of the whole path. The bundle is
+``artifacts/export/*.sgbundle`` when the pipeline has run, else one built here from the default
+network with random weights (the same cost). Targets on 2 CPU cores: whole path under 1 s and at
+most 1.5x the forward pass. For scale: a MONAI spleen CT bundle spends ~1.1 s end to end for a
+6.5 ms forward pass on an A100; MONAI Deploy's DICOM-to-SEG tutorial ~7.3 s.
+
+Usage::
+
+    python benchmarks/edge_predict.py                 # 2 threads, 10 repeats
+    python benchmarks/edge_predict.py --threads 4 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def _bundle(tmp: Path) -> Path:
+    found = sorted(Path("artifacts/export").glob("*.sgbundle"))
+    if found:
+        return found[0]
+    import torch
+
+    from shiftguard.config import IngestConfig, ModelConfig, TrainConfig, compose, validate
+    from shiftguard.edge.bundle import write_bundle
+    from shiftguard.export.stage import export_onnx, preprocessing_spec
+    from shiftguard.models import build_model
+
+    cfg = compose([])
+    ingest = validate("ingest", cfg["ingest"], IngestConfig)
+    train = validate("train", cfg["train"], TrainConfig)
+    net = build_model(validate("model", cfg["model"], ModelConfig)).eval()
+    shape = train.input_shape or ingest.shape
+    onnx = export_onnx(net, torch.zeros(1, 1, *shape))
+    manifest = {
+        "name": "benchmark",
+        "version": "0",
+        "models": [{"member": "model.onnx", "format": "onnx"}],
+        "input": {"name": "image", "shape": [None, 1, *shape]},
+        "preprocessing": preprocessing_spec(ingest, train, shape),
+        "threshold": 0.5,
+        "series_selection": {"modalities": ["MR"], "min_slices": 8},
+    }
+    return write_bundle(tmp / "benchmark-v0.sgbundle", manifest, {"model.onnx": onnx})
+
+
+def _series(tmp: Path) -> Path:
+    """One subject's study folder: from ``data/dicom`` when the cohort is there, else generated."""
+    existing = sorted(Path("data/dicom").glob("*/*"))
+    if existing:
+        return existing[0]
+    from shiftguard.cohort import generate
+    from shiftguard.config import CohortConfig, compose, validate
+
+    cfg = compose(["cohort.n_subjects=1"])
+    generate.run(validate("cohort", cfg["cohort"], CohortConfig), tmp / "cohort", 1, False)
+    return next((tmp / "cohort" / "dicom").glob("*/*"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    _threads(args.threads)
+
+    import numpy as np
+
+    from shiftguard.dicom.scan import list_files
+    from shiftguard.edge.bundle import open_bundle
+    from shiftguard.edge.infer import Model
+    from shiftguard.edge.predict import Predictor
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        bundle = open_bundle(_bundle(tmp))
+        series = _series(tmp)
+        predictor = Predictor(bundle)
+        predictor.model = Model(bundle, threads=args.threads)
+        n_files = len(list_files(series))
+
+        # the same input the whole path feeds the model
+        out = tmp / "out"
+        first = predictor.predict_folder(series, out)  # warm-up: imports, caches, session
+        row = first.results[0]
+        spec = bundle.manifest["preprocessing"]
+        from shiftguard.data.ingest import canonical_volume
+        from shiftguard.dicom.scan import scan_files
+        from shiftguard.dicom.series import group_series
+        from shiftguard.edge.preprocess import preprocess
+
+        headers, _ = scan_files(list_files(series))
+        [group] = group_series(headers)
+        volume = canonical_volume(group, predictor.rules)[1].array
+        image = preprocess(volume, spec)
+        predictor.model.logits(image)
+
+        forward, whole = [], []
+        steps: dict[str, list[float]] = {
+            k: [] for k in ("read_s", "preprocess_s", "infer_s", "write_s")
+        }
+        for _ in range(args.repeats):
+            began = time.perf_counter()
+            predictor.model.logits(image)
+            forward.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            summary = predictor.predict_folder(series, out)
+            whole.append(time.perf_counter() - began)
+            for key in steps:
+                steps[key].append(float(summary.results[0][key]))
+
+    f, w = statistics.median(forward), statistics.median(whole)
+    print(
+        f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+        f"onnxruntime providers {predictor.model.providers}"
+    )
+    print(
+        f"series: {n_files} files {row['series_description']!r} -> canonical "
+        f"{list(volume.shape)} -> input {list(image.shape)}; bundle {bundle.name} v{bundle.version}"
+    )
+    print(f"median of {args.repeats} runs after a warm-up:")
+    print(f"  forward pass alone (ONNX Runtime)  {1000 * f:8.1f} ms")
+    print(
+        f"  whole predict path                 {1000 * w:8.1f} ms   ({w / f:.2f}x the forward pass)"
+    )
+    for key, values in steps.items():
+        print(f"    {key[:-2]:<12} {1000 * statistics.median(values):8.1f} ms")
+    other = w - sum(statistics.median(v) for v in steps.values())
+    print(f"    {'scan + csv':<12} {1000 * other:8.1f} ms")
+    print(
+        f"targets: whole path < 1 s: {'met' if w < 1 else 'MISSED'}; "
+        f"<= 1.5x forward: {'met' if w <= 1.5 * f else 'MISSED'} ({w / f:.2f}x). "
+        "Peers for scale: MONAI spleen CT bundle ~1.1 s end to end for a 6.5 ms forward (A100); "
+        "MONAI Deploy DICOM-to-SEG tutorial ~7.3 s"
+    )
+    print(f"  ({np.round(np.array(whole) * 1000, 1).tolist()} ms)")
+
+
+if __name__ == "__main__":
+    main()

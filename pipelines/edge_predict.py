@@ -1,0 +1,63 @@
+"""DVC stage ``edge_predict``: the exported bundle run by the edge runner, as a hospital would run
+it, on the unseen scanner's studies (the external test split): DICOM in, a Comprehensive 3D SR and
+a Secondary Capture key image per series out (``artifacts/edge/``, with ``results.csv`` and
+``skipped.csv``; counts in ``reports/edge/metrics.json``), in shadow mode.
+
+Only the choice of studies is lab-side (the split table says which patients are external); the
+prediction itself is ``shiftguard edge predict`` (:mod:`shiftguard.edge.predict`), which imports
+no torch, MONAI, MLflow or DVC.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from shiftguard.edge.bundle import open_bundle
+from shiftguard.edge.predict import Predictor
+from shiftguard.utils import setup_logging, write_json
+
+BUNDLES = Path("artifacts/export")
+DATASET = Path("artifacts/split/dataset.csv")
+DICOM = Path("data/dicom")
+OUT = Path("artifacts/edge")
+REPORTS = Path("reports/edge")
+
+
+def external_studies(dataset_csv: Path, dicom_root: Path) -> list[Path]:
+    """The study folders (``dicom_root/<patient>/<study>``) of the external split's patients."""
+    with dataset_csv.open(newline="") as fh:
+        patients = sorted({r["patient_id"] for r in csv.DictReader(fh) if r["split"] == "external"})
+    return [dicom_root / p for p in patients if (dicom_root / p).is_dir()]
+
+
+def main() -> int:
+    setup_logging()
+    [bundle_path] = sorted(BUNDLES.glob("*.sgbundle"))
+    folders = external_studies(DATASET, DICOM)
+    for old in OUT.glob("*.dcm"):
+        old.unlink()
+    summary = Predictor(open_bundle(bundle_path), shadow=True).predict_folder(folders, OUT)
+    seconds = [
+        sum(float(r[k]) for k in ("read_s", "preprocess_s", "infer_s", "write_s"))
+        for r in summary.results
+    ]
+    write_json(
+        REPORTS / "metrics.json",
+        {
+            "series_predicted": summary.n_predicted,
+            "series_skipped": len([s for s in summary.skipped if s["series_uid"]]),
+            "files_skipped": len([s for s in summary.skipped if not s["series_uid"]]),
+            "positive": sum(r["result"] == "finding present" for r in summary.results),
+        },
+    )
+    print(
+        f"edge predict: {summary.n_predicted} unseen-scanner series -> SR + key image in {OUT}/ "
+        f"(median {sorted(seconds)[len(seconds) // 2] if seconds else 0:.2f} s per series)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

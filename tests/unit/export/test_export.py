@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from shiftguard.config import ExportConfig, IngestConfig, ModelConfig, TrainConfig
+from shiftguard.data.volume import write_nifti
+from shiftguard.edge.infer import Model
+from shiftguard.export.stage import (
+    ExportError,
+    check_parity,
+    export_onnx,
+    export_torchscript,
+    model_card,
+    onnx_logits,
+    preprocessing_spec,
+    reference_table,
+    run,
+)
+from shiftguard.models import SmallCNN3d
+from shiftguard.training.stage import save_model
+
+SHAPE = (16, 20, 16)
+
+
+def net() -> SmallCNN3d:
+    torch.manual_seed(0)
+    return SmallCNN3d(channels=(4, 8), local_contrast=3, pooling="meanmax").eval()
+
+
+def test_onnx_has_logit_and_activation_map_matching_torch_and_leaves_eval_mode() -> None:
+    model = net()
+    x = torch.rand(3, 1, *SHAPE)
+    data = export_onnx(model, x[:1])
+    assert not model.training  # the exporter must not switch batch norm back to training
+    graph = onnx.load_model_from_string(data).graph
+    assert [o.name for o in graph.output] == ["logit", "saliency"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    logit, cam = session.run(None, {"image": x.numpy()})  # batch 3 through a graph traced on 1
+    with torch.no_grad():
+        np.testing.assert_allclose(logit, model(x).numpy(), atol=1e-5)
+        np.testing.assert_allclose(cam, model.activation_map(x).numpy(), atol=1e-4)
+
+
+def test_network_without_activation_map_exports_the_logit_only() -> None:
+    plain = nn.Sequential(
+        nn.Conv3d(1, 2, 3), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2, 1)
+    )
+    data = export_onnx(plain.eval(), torch.zeros(1, 1, *SHAPE))
+    assert [o.name for o in onnx.load_model_from_string(data).graph.output] == ["logit"]
+
+
+def test_torchscript_round_trip() -> None:
+    model = net()
+    x = torch.rand(2, 1, *SHAPE)
+    data = export_torchscript(model, x[:1])
+    assert data is not None
+    loaded = torch.jit.load(io.BytesIO(data))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def _volumes(tmp_path: Path, n: int = 3) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"v{i}.nii")
+        write_nifti(paths[-1], rng.gamma(2.0, 100.0, (24, 28, 24)).astype(np.float32), np.eye(4))
+    return paths
+
+
+def test_parity_passes_on_a_faithful_export_and_fails_with_the_figure(tmp_path: Path) -> None:
+    model = net()
+    train = TrainConfig(input_shape=SHAPE)
+    spec = preprocessing_spec(IngestConfig(shape=(24, 28, 24)), train, SHAPE)
+    paths = _volumes(tmp_path)
+    data = export_onnx(model, torch.zeros(1, 1, *SHAPE))
+    onnx_diff, prep_diff = check_parity(model, data, paths, train, spec, 1e-4)
+    assert onnx_diff < 1e-5 and prep_diff < 1e-5
+    other = SmallCNN3d(channels=(4, 8), local_contrast=3, pooling="meanmax").eval()  # new weights
+    unfaithful = export_onnx(other, torch.zeros(1, 1, *SHAPE))
+    with pytest.raises(ExportError, match=r"differ from PyTorch's by .* on 3 validation series"):
+        check_parity(model, unfaithful, paths, train, spec, 1e-4)
+    wrong = {**spec, "intensity_percentiles": [5.0, 95.0]}
+    with pytest.raises(ExportError, match="edge preprocessing differs from training"):
+        check_parity(model, data, paths, train, wrong, 1e-4)
+
+
+def test_reference_table_keeps_features_and_drops_identifiers() -> None:
+    rows = pd.DataFrame(
+        {
+            "patient_id": ["SG1", "SG2"],
+            "series_uid": ["1.2", "1.3"],
+            "study_date": ["20200101", "20200102"],
+            "mean": [1.0, 2.0],
+            "snr": [10.0, 12.0],
+            "manufacturer": ["GE", "Siemens"],
+        }
+    )
+    table = pd.read_csv(io.BytesIO(reference_table(rows, np.array([0.25, 0.75]))))
+    assert list(table.columns) == ["mean", "snr", "manufacturer", "probability"]
+    assert table["probability"].tolist() == [0.25, 0.75]
+
+
+def test_model_card_quotes_the_validation_tables() -> None:
+    rows = pd.DataFrame(
+        {
+            "split": ["train", "train", "test"],
+            "finding": [0, 1, 1],
+            "scanner_model": ["A", "B", "A"],
+        }
+    )
+    metrics = {
+        "threshold": 0.42,
+        "test": {"n": 25, "auroc": {"value": 0.9, "low": 0.8, "high": 0.97}},
+    }
+    segments = pd.DataFrame(
+        [
+            {
+                "column": "patient_sex",
+                "segment": "F",
+                "n": 12,
+                "n_positive": 4,
+                "auroc": 0.8,
+                "auroc_gap": -0.1,
+                "judgeable": True,
+            }
+        ]
+    )
+    robustness = pd.DataFrame(
+        [{"profile": "low_field", "severity": s, "auroc": 0.9 - 0.1 * s} for s in range(3)]
+    )
+    card = model_card(
+        ExportConfig(),
+        "m",
+        "3",
+        TrainConfig(),
+        {"network": {"_target_": "x.Net"}},
+        rows,
+        metrics,
+        segments,
+        robustness,
+    )
+    assert card.startswith("# Model card: m v3") and "0.4200" in card
+    assert "AUROC 0.900 (0.800-0.970)" in card
+    assert "| patient_sex | F | 12 | 4 | 0.800 | -0.100 | yes |" in card
+    assert "| low_field | 0.900 | 0.800 | 0.700 |" in card
+    assert "train: 2 series, 1 with the finding" in card and "Known limitations" in card
+
+
+def test_run_without_validation_reports_says_which_stage_to_run(tmp_path: Path) -> None:
+    model_file = save_model(
+        tmp_path / "model.pt",
+        net(),
+        ModelConfig(
+            network={
+                "_target_": "shiftguard.models.SmallCNN3d",
+                "channels": [4, 8],
+                "local_contrast": 3,
+                "pooling": "meanmax",
+            }
+        ),
+        TrainConfig(),
+        (2.0, 2.0, 2.0),
+        (24, 28, 24),
+    )
+    with pytest.raises(
+        ExportError,
+        match=r"lacks metrics.json, segments.csv, robustness.csv; run the validate stage",
+    ):
+        run(
+            ExportConfig(),
+            IngestConfig(),
+            model_file,
+            tmp_path / "dataset.csv",
+            tmp_path,
+            tmp_path / "reports",
+            tmp_path / "out",
+            track=False,
+        )
+
+
+def test_onnx_logits_helper_and_edge_model_agree(tmp_path: Path) -> None:
+    from shiftguard.edge.bundle import open_bundle, write_bundle
+
+    model = net()
+    data = export_onnx(model, torch.zeros(1, 1, *SHAPE))
+    manifest = {
+        "name": "m",
+        "version": "1",
+        "models": [{"member": "model.onnx", "format": "onnx"}],
+        "input": {"shape": [None, 1, *SHAPE]},
+        "preprocessing": {},
+        "threshold": 0.5,
+    }
+    bundle = open_bundle(write_bundle(tmp_path / "m-v1.sgbundle", manifest, {"model.onnx": data}))
+    x = np.random.default_rng(0).random((1, 1, *SHAPE), dtype=np.float32)
+    probability, saliency = Model(bundle).predict(x, canonical_shape=(32, 40, 32))
+    logit = float(onnx_logits(data, x)[0, 0])
+    assert probability == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-6)
+    assert saliency is not None and saliency.shape == (32, 40, 32)

@@ -101,7 +101,7 @@ def export_onnx(net: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # typed as a path; the exporter writes file objects
             input_names=["image"],
             output_names=outputs,
             dynamic_axes=axes,

@@ -32,7 +32,10 @@ NON_IMAGES = {
     "rtstruct.dcm": "RT Structure Set",
     "rtplan.dcm": "RT Plan",
     "waveform_ecg.dcm": "Waveform",
+    "test-SR.dcm": "Structured Report",
+    "rtdose.dcm": "frames",  # an image, but one with no per-frame geometry
 }
+UNSUPPORTED_SERIES = {"CT_small.dcm": "modality"}
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -47,7 +50,7 @@ def mixed_input(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(cohort, root / "studies")
     other = root / "other"
     other.mkdir()
-    for name in NON_IMAGES:
+    for name in (*NON_IMAGES, *UNSUPPORTED_SERIES):
         path = get_testdata_file(name, download=False)
         if path is not None:
             shutil.copy(path, other / name)
@@ -126,6 +129,8 @@ def test_non_images_and_foreign_files_are_skipped_with_reasons(predicted: Any) -
             continue
         assert name in by_file, f"{name} not reported"
         assert kind.lower() in by_file[name]["reason"].lower(), by_file[name]
+    series_codes = {r["code"] for r in skipped if r["series_uid"]}
+    assert set(UNSUPPORTED_SERIES.values()) <= series_codes  # the CT series: not this model's input
 
 
 def test_rerunning_writes_identical_objects(

@@ -1,0 +1,338 @@
+"""The edge service's durable work queue: SQLite in WAL mode, one file beside the received studies.
+
+Everything the service has accepted is in here before the sender hears "success", and every state
+change is one transaction, so a service killed at any point (SIGKILL, power) resumes where it was:
+
+* ``instances``: every received SOP instance (its file, study, series, the calling AE title);
+* ``studies``: ``receiving`` -> ``ready`` (association released, or no new instance for the
+  stability time) -> ``processing`` -> ``done`` (or ``failed`` with the reason); a study being
+  processed when the service died goes back to ``ready`` on restart, and an instance arriving for a
+  finished study reopens it;
+* ``deliveries``: one row per (destination, result object), ``pending`` until a C-STORE succeeds,
+  retried with backoff; unique per destination and SOP instance, so a result is queued once however
+  often its study is processed (results have deterministic UIDs);
+* ``results``: the shadow log, one row per (study, series, bundle): probability, decision, role
+  (champion or challenger), for later comparison with the radiologist's verified diagnosis.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    ready_at REAL,
+    done_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    queued_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (destination, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_try);
+CREATE TABLE IF NOT EXISTS results (
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    bundle TEXT NOT NULL,
+    role TEXT NOT NULL,
+    probability REAL NOT NULL,
+    threshold REAL NOT NULL,
+    result TEXT NOT NULL,
+    routed TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (study_uid, series_uid, bundle)
+);
+"""
+
+RECEIVING, READY, PROCESSING, DONE, FAILED = "receiving", "ready", "processing", "done", "failed"
+PENDING, SENT, GAVE_UP = "pending", "sent", "gave_up"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A result object waiting for (or done with) one destination."""
+
+    id: int
+    study_uid: str
+    destination: str
+    sop_uid: str
+    path: str
+    attempts: int
+
+
+class WorkQueue:
+    """The queue (see the module docstring). Safe to share between the receiving and worker threads
+    of one process: every call takes a lock and runs in its own transaction."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a released association survives power loss
+        with self._lock:
+            self._db.executescript(SCHEMA)  # runs in its own transaction
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---------------------------------------------------------------------------------------------
+    # receiving
+    # ---------------------------------------------------------------------------------------------
+
+    def record_instance(
+        self,
+        sop_uid: str,
+        study_uid: str,
+        series_uid: str,
+        path: str,
+        calling_ae: str,
+        now: float | None = None,
+    ) -> bool:
+        """Record a received instance (its file already on disk). Returns False for a duplicate
+        SOP instance UID (the file is replaced, the queue unchanged). Reopens a finished study."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            new = (
+                db.execute(
+                    "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                    (sop_uid, study_uid, series_uid, path, calling_ae, now),
+                ).rowcount
+                == 1
+            )
+            row = db.execute(
+                "SELECT state FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO studies (study_uid, state, calling_ae, first_received, "
+                    "last_received) VALUES (?, ?, ?, ?, ?)",
+                    (study_uid, RECEIVING, calling_ae, now, now),
+                )
+            elif new:
+                state = RECEIVING if row["state"] in (DONE, FAILED, READY) else row["state"]
+                db.execute(
+                    "UPDATE studies SET state = ?, last_received = ? WHERE study_uid = ?",
+                    (state, now, study_uid),
+                )
+            return new
+
+    def mark_ready(self, study_uids: Iterable[str], now: float | None = None) -> int:
+        """Studies whose association was released: ready to process. Returns how many changed."""
+        now = time.time() if now is None else now
+        changed = 0
+        with self._tx() as db:
+            for uid in set(study_uids):
+                changed += db.execute(
+                    "UPDATE studies SET state = ?, ready_at = ? WHERE study_uid = ? AND state = ?",
+                    (READY, now, uid, RECEIVING),
+                ).rowcount
+        return changed
+
+    def mark_stable(self, stability_s: float, now: float | None = None) -> list[str]:
+        """The fallback: studies with no new instance for ``stability_s`` become ready."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT study_uid FROM studies WHERE state = ? AND last_received <= ?",
+                (RECEIVING, now - stability_s),
+            ).fetchall()
+            uids = [r["study_uid"] for r in rows]
+            db.executemany(
+                "UPDATE studies SET state = ?, ready_at = ? WHERE study_uid = ?",
+                [(READY, now, u) for u in uids],
+            )
+        return uids
+
+    # ---------------------------------------------------------------------------------------------
+    # processing
+    # ---------------------------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """After a restart: studies left ``processing`` go back to ``ready``. Returns how many."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE studies SET state = ? WHERE state = ?", (READY, PROCESSING)
+            ).rowcount
+
+    def claim_study(self) -> str | None:
+        """Atomically take the oldest ready study for processing."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT study_uid FROM studies WHERE state = ? ORDER BY ready_at, study_uid LIMIT 1",
+                (READY,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE studies SET state = ?, attempts = attempts + 1 WHERE study_uid = ?",
+                (PROCESSING, row["study_uid"]),
+            )
+            return str(row["study_uid"])
+
+    def study_files(self, study_uid: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM instances WHERE study_uid = ? ORDER BY path", (study_uid,)
+            ).fetchall()
+        return [r["path"] for r in rows]
+
+    def finish_study(
+        self,
+        study_uid: str,
+        deliveries: Sequence[tuple[str, str, str]] = (),
+        results: Sequence[dict[str, Any]] = (),
+        now: float | None = None,
+    ) -> None:
+        """Processing done: queue ``(destination, sop_uid, path)`` deliveries (once each, ever) and
+        log ``results`` rows, in the same transaction that marks the study done."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (study_uid, destination, sop_uid, path, state, "
+                "next_try, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(study_uid, d, s, p, PENDING, now, now) for d, s, p in deliveries],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO results VALUES (:study_uid, :series_uid, :bundle, :role, "
+                ":probability, :threshold, :result, :routed, :created_at)",
+                [{**r, "created_at": now} for r in results],
+            )
+            db.execute(
+                "UPDATE studies SET state = ?, done_at = ?, error = '' "
+                "WHERE study_uid = ? AND state = ?",
+                (DONE, now, study_uid, PROCESSING),
+            )
+
+    def fail_study(self, study_uid: str, error: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE studies SET state = ?, done_at = ?, error = ? WHERE study_uid = ?",
+                (FAILED, now, error[:2000], study_uid),
+            )
+
+    # ---------------------------------------------------------------------------------------------
+    # delivery
+    # ---------------------------------------------------------------------------------------------
+
+    def due(self, destination: str, now: float | None = None, limit: int = 64) -> list[Delivery]:
+        """Pending deliveries to ``destination`` whose next try has come."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, study_uid, destination, sop_uid, path, attempts FROM deliveries "
+                "WHERE destination = ? AND state = ? AND next_try <= ? ORDER BY id LIMIT ?",
+                (destination, PENDING, now, limit),
+            ).fetchall()
+        return [Delivery(**dict(r)) for r in rows]
+
+    def delivered(self, delivery_id: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, sent_at = ?, attempts = attempts + 1 WHERE id = ?",
+                (SENT, now, delivery_id),
+            )
+
+    def retry_later(
+        self,
+        delivery_id: int,
+        error: str,
+        delay_s: float,
+        give_up: bool = False,
+        now: float | None = None,
+    ) -> None:
+        """A failed attempt: try again after ``delay_s`` (or give up, keeping the reason)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_try = ?, "
+                "last_error = ? WHERE id = ?",
+                (GAVE_UP if give_up else PENDING, now + delay_s, error[:2000], delivery_id),
+            )
+
+    # ---------------------------------------------------------------------------------------------
+    # reading
+    # ---------------------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Studies by state and deliveries by state, for ``/metrics``."""
+        with self._lock:
+            out = {
+                f"studies_{r[0]}": int(r[1])
+                for r in self._db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state")
+            }
+            out.update(
+                {
+                    f"deliveries_{r[0]}": int(r[1])
+                    for r in self._db.execute(
+                        "SELECT state, COUNT(*) FROM deliveries GROUP BY state"
+                    )
+                }
+            )
+            out["instances"] = int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+        return out
+
+    def study_state(self, study_uid: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return None if row is None else str(row["state"])
+
+    def shadow_log(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM results ORDER BY created_at, study_uid"
+            ).fetchall()
+        return [dict(r) for r in rows]

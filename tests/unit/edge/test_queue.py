@@ -1,0 +1,118 @@
+"""The durable queue: state transitions, exactly-once deliveries, and survival of a killed process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+from shiftguard.edge.queue import DONE, PROCESSING, READY, RECEIVING, WorkQueue
+
+
+def _fill(q: WorkQueue, study: str, n: int, now: float = 100.0) -> None:
+    for i in range(n):
+        q.record_instance(
+            f"{study}.{i}", study, f"{study}.s", f"/in/{study}/{i}.dcm", "MODALITY", now
+        )
+
+
+def test_a_study_moves_from_receiving_to_done(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q.db")
+    _fill(q, "1.1", 3)
+    assert q.study_state("1.1") == RECEIVING and q.claim_study() is None
+    assert q.mark_ready(["1.1", "9.9"]) == 1
+    assert q.claim_study() == "1.1" and q.study_state("1.1") == PROCESSING
+    assert q.claim_study() is None  # nobody else gets it
+    assert q.study_files("1.1") == [f"/in/1.1/{i}.dcm" for i in range(3)]
+    q.finish_study("1.1", [("PACS", "2.25.1", "/out/sr.dcm"), ("PACS", "2.25.2", "/out/sc.dcm")])
+    assert q.study_state("1.1") == DONE
+    assert [d.sop_uid for d in q.due("PACS")] == ["2.25.1", "2.25.2"]
+    assert q.counts()["deliveries_pending"] == 2 and q.counts()["instances"] == 3
+
+
+def test_duplicates_are_ignored_and_late_instances_reopen_the_study(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q.db")
+    _fill(q, "1.1", 2)
+    assert not q.record_instance("1.1.0", "1.1", "1.1.s", "/in/again.dcm", "MODALITY")
+    q.mark_ready(["1.1"])
+    assert q.claim_study() == "1.1"
+    q.finish_study("1.1", [("PACS", "2.25.1", "/out/sr.dcm")])
+    assert q.record_instance("1.1.9", "1.1", "1.1.s", "/in/late.dcm", "MODALITY")
+    assert q.study_state("1.1") == RECEIVING
+    q.mark_ready(["1.1"])
+    assert q.claim_study() == "1.1"
+    # the same result again (deterministic UID): still one delivery
+    q.finish_study("1.1", [("PACS", "2.25.1", "/out/sr.dcm")])
+    assert len(q.due("PACS")) == 1
+
+
+def test_stability_time_is_the_fallback(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q.db")
+    _fill(q, "1.1", 1, now=100.0)
+    _fill(q, "1.2", 1, now=108.0)
+    assert q.mark_stable(5.0, now=110.0) == ["1.1"]
+    assert q.study_state("1.2") == RECEIVING and q.study_state("1.1") == READY
+
+
+def test_retries_back_off_and_deliveries_are_per_destination(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q.db")
+    _fill(q, "1.1", 1)
+    q.mark_ready(["1.1"])
+    q.claim_study()
+    q.finish_study("1.1", [("PACS", "2.25.1", "/o/a"), ("RESEARCH", "2.25.1", "/o/a")], now=0.0)
+    [pacs] = q.due("PACS", now=0.0)
+    q.retry_later(pacs.id, "connection refused", delay_s=30.0, now=0.0)
+    assert q.due("PACS", now=10.0) == [] and len(q.due("RESEARCH", now=10.0)) == 1
+    [again] = q.due("PACS", now=31.0)
+    assert again.attempts == 1
+    q.delivered(again.id, now=31.0)
+    assert q.due("PACS", now=1e9) == [] and q.counts()["deliveries_sent"] == 1
+
+
+def _work_then_die(path: str) -> None:
+    q = WorkQueue(path)
+    _fill(q, "1.1", 2)
+    q.mark_ready(["1.1"])
+    q.claim_study()
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-processing, no clean shutdown
+
+
+def test_a_killed_process_loses_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "q.db")
+    proc = multiprocessing.get_context("spawn").Process(target=_work_then_die, args=(path,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+    q = WorkQueue(path)
+    assert q.study_state("1.1") == PROCESSING and q.counts()["instances"] == 2
+    assert q.recover() == 1 and q.claim_study() == "1.1"
+
+
+def test_shadow_log_keeps_every_bundles_results(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q.db")
+    _fill(q, "1.1", 1)
+    q.mark_ready(["1.1"])
+    q.claim_study()
+    row = {"study_uid": "1.1", "series_uid": "1.1.s", "threshold": 0.5, "routed": "shadow"}
+    q.finish_study(
+        "1.1",
+        results=[
+            {
+                **row,
+                "bundle": "m-v1",
+                "role": "champion",
+                "probability": 0.8,
+                "result": "finding present",
+            },
+            {
+                **row,
+                "bundle": "m-v2",
+                "role": "challenger",
+                "probability": 0.3,
+                "result": "no finding",
+            },
+        ],
+    )
+    log = q.shadow_log()
+    assert [(r["bundle"], r["role"]) for r in log] == [("m-v1", "champion"), ("m-v2", "challenger")]

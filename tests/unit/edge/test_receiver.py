@@ -1,0 +1,109 @@
+"""The Storage SCP against dcmtk's storescu (a real modality-side sender) on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from shiftguard.edge.queue import READY, WorkQueue
+from shiftguard.edge.receiver import Receiver, ReceiverSettings
+
+pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+
+
+@pytest.fixture
+def receiver(tmp_path: Path):
+    queue = WorkQueue(tmp_path / "queue.db")
+    ready: list[str] = []
+    rx = Receiver(
+        ReceiverSettings(port=0, calling_ae_titles=("MODALITY",)),
+        queue,
+        tmp_path / "inbox",
+        on_ready=ready.extend,
+    )
+    rx.start()
+    yield rx, queue, ready
+    rx.stop()
+    queue.close()
+
+
+def storescu(
+    port: int, files: list[Path], aet: str = "MODALITY"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["storescu", "-aet", aet, "-aec", "SHIFTGUARD", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_study_is_stored_queued_and_ready_on_release(receiver, cohort: Path) -> None:
+    rx, queue, ready = receiver
+    study = sorted(next(cohort.iterdir()).iterdir())[0]
+    files = sorted(study.rglob("*.dcm"))
+    proc = storescu(rx.port, files)
+    assert proc.returncode == 0, proc.stderr
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    assert ready == [uid] and queue.study_state(uid) == READY
+    stored = queue.study_files(uid)
+    assert len(stored) == len(files) == rx.stats.received
+    # the bytes written are the bytes sent: no decode, no re-encode (only the file meta may differ)
+    sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f).PixelData for f in files}
+    for path in stored:
+        ds = pydicom.dcmread(path)
+        assert ds.PixelData == sent[ds.SOPInstanceUID]
+    # sending the study again adds nothing
+    assert storescu(rx.port, files).returncode == 0
+    assert len(queue.study_files(uid)) == len(files) and rx.stats.duplicates == len(files)
+
+
+def test_an_unknown_calling_ae_title_is_refused(receiver, cohort: Path) -> None:
+    rx, queue, _ = receiver
+    files = sorted(cohort.rglob("*.dcm"))[:1]
+    proc = storescu(rx.port, files, aet="INTRUDER")
+    assert proc.returncode != 0
+    assert "Association Rejected" in proc.stdout + proc.stderr
+    assert queue.counts()["instances"] == 0
+
+
+def test_an_object_without_study_uid_is_refused_and_the_service_keeps_serving(
+    receiver, cohort: Path
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    rx, queue, _ = receiver
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientID = "X"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="SHIFTGUARD")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC210 and rx.stats.rejected == 1
+    assert queue.counts()["instances"] == 0
+    files = sorted(cohort.rglob("*.dcm"))[:2]
+    assert storescu(rx.port, files).returncode == 0
+    assert queue.counts()["instances"] == 2
+
+
+def test_address_allow_list() -> None:
+    settings = ReceiverSettings(allowed_addresses=("10.0.0.0/8", "127.0.0.1"))
+    assert settings.address_allowed("10.2.3.4") and settings.address_allowed("127.0.0.1")
+    assert not settings.address_allowed("192.168.1.5")
+    assert ReceiverSettings().address_allowed("192.168.1.5")

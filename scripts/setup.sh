@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build the environment on a fresh Debian/Ubuntu machine: the system packages the pipeline, tests and
-# benchmarks call (dciodvfy, dcm2niix, dcmtk; PostgreSQL for the tracking-server test), then a virtual
+# benchmarks call (dciodvfy, dcm2niix, dcmtk, the Orthanc PACS; PostgreSQL for the tracking-server
+# test), then a virtual
 # environment in .venv with the package installed editable with its pipeline and dev extras. Safe to
 # re-run: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql)
+APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql orthanc)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

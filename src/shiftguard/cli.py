@@ -245,6 +245,32 @@ def _edge_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edge_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from shiftguard.config import EdgeConfig, compose_section
+    from shiftguard.edge.service import Service, settings_from_config
+
+    service = Service(settings_from_config(compose_section("edge", EdgeConfig, args.overrides)))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    log.info(
+        "edge serve: %s:%d (AE %s), %s mode, metrics on http://%s:%d/metrics",
+        service.settings.receiver.host,
+        service.receiver.port,
+        service.settings.receiver.ae_title,
+        "shadow" if service.settings.shadow else "clinical",
+        service.settings.http_host,
+        service.http_port,
+    )
+    stop.wait()
+    service.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, exposed for tests and shell completion."""
     parser = argparse.ArgumentParser(prog="shiftguard", description=__doc__.splitlines()[0])
@@ -336,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers", nargs="+", default=None, help="ONNX Runtime execution providers, best first"
     )
     pred.set_defaults(func=_edge_predict)
+    srv = edge_sub.add_parser("serve", help="the DICOM service: receive, infer, route (conf/edge/)")
+    overrides(srv)
+    srv.set_defaults(func=_edge_serve)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-HEAVY = {"torch", "monai", "mlflow", "dvc", "torchio", "evidently", "hydra-core"}
+HEAVY = {"torch", "monai", "mlflow", "dvc", "torchio", "evidently"}
+# hydra-core (with omegaconf, ~1 MB, pure Python) is light: `edge serve` composes conf/edge/ with it
 
 
 def names(requirements: list[str]) -> set[str]:
@@ -18,11 +19,19 @@ def names(requirements: list[str]) -> set[str]:
 def test_edge_install_pulls_no_training_or_tracking_stack() -> None:
     edge = names(PROJECT["dependencies"]) | names(PROJECT["optional-dependencies"]["edge"])
     assert not edge & HEAVY
+    assert {"onnxruntime", "highdicom", "pynetdicom", "nibabel", "hydra-core"} <= edge
 
 
 def test_pipeline_extra_has_every_required_package() -> None:
     pipeline = names(PROJECT["dependencies"]) | names(PROJECT["optional-dependencies"]["pipeline"])
-    required = HEAVY | {"pydicom", "pynetdicom", "highdicom", "onnxruntime", "nilearn"}
+    required = HEAVY | {
+        "hydra-core",
+        "pydicom",
+        "pynetdicom",
+        "highdicom",
+        "onnxruntime",
+        "nilearn",
+    }
     assert required <= pipeline
 
 

@@ -591,6 +591,53 @@ class ExportConfig(_Strict):
     series_selection: SeriesSelection = Field(default_factory=SeriesSelection)
 
 
+class EdgeDestination(_Strict):
+    """A DICOM node the edge service sends results to."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 4242
+    role: Literal["clinical", "research"] = "clinical"
+
+
+class EdgeConfig(_Strict):
+    """``shiftguard edge serve``: the DICOM service a site runs beside its PACS."""
+
+    bundle: str = Field("artifacts/export", description="a .sgbundle file, or a folder holding one")
+    challenger: str | None = Field(None, description="a second bundle run on every study (shadow)")
+    storage: str = Field("edge-data", description="queue database, received studies, results")
+    shadow: bool = Field(True, description="send nothing to clinical destinations")
+    ae_title: str = Field("SHIFTGUARD", min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112
+    calling_ae_titles: list[str] = Field(
+        default_factory=list, description="AE titles allowed to send; empty: any"
+    )
+    allowed_addresses: list[str] = Field(
+        default_factory=list, description="addresses or CIDR networks allowed; empty: any"
+    )
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = Field(None, description="CA bundle; set to require client certificates")
+    destinations: list[EdgeDestination] = Field(default_factory=list)
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    stability_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_base_s: Annotated[float, Field(gt=0)] = 2.0
+    retry_max_s: Annotated[float, Field(gt=0)] = 300.0
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> EdgeConfig:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError(f"edge.destinations: names must be unique, got {names}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("edge.tls_cert and edge.tls_key go together: set both or neither")
+        return self
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "cohort": CohortConfig,
     "ingest": IngestConfig,
@@ -600,5 +647,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "export": ExportConfig,
+    "edge": EdgeConfig,
 }
 """The schema of every top-level section of the composed configuration."""

@@ -68,6 +68,8 @@ RESULT_COLUMNS = (
     *FEATURES,
     "sr_file",
     "sc_file",
+    "sr_uid",
+    "sc_uid",
     "read_s",
     "preprocess_s",
     "infer_s",
@@ -217,6 +219,8 @@ class Predictor:
             **{name: _round(stats.get(name)) for name in FEATURES},
             "sr_file": sr_path.name,
             "sc_file": sc_path.name,
+            "sr_uid": result.uid("sr"),
+            "sc_uid": result.uid("sc"),
             "read_s": round(read_s, 4),
             "preprocess_s": round(preprocess_s, 4),
             "infer_s": round(infer_s, 4),
@@ -236,9 +240,18 @@ class Predictor:
         for folder in dirs:
             if not folder.is_dir():
                 raise InputError(f"{folder}: no such DICOM folder")
+        files = [f for folder in dirs for f in list_files(folder, exclude=[out_dir])]
+        summary = self.predict_files(files, out_dir)
+        summary.seconds = time.perf_counter() - began
+        return summary
+
+    def predict_files(self, files: Sequence[str | Path], out_dir: Path) -> PredictSummary:
+        """Every series among ``files`` (what the edge service received for one study); results,
+        ``results.csv`` and ``skipped.csv`` go to ``out_dir``."""
+        began = time.perf_counter()
+        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = PredictSummary()
-        files = [f for folder in dirs for f in list_files(folder, exclude=[out_dir])]
         headers, issues = scan_files(files)
         for entry in issues:
             summary.skipped.append(

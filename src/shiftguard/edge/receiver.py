@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
+VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO, so PACS admins can test the node
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,9 @@ class Receiver:
         with self._lock:
             studies = self._studies.pop(id(event.assoc), set())
         if studies:
+            if self.on_ready is not None:  # first, so the release time is noted before any worker
+                self.on_ready(sorted(studies))  # can take the study
             self.queue.mark_ready(studies)
-            if self.on_ready is not None:
-                self.on_ready(sorted(studies))
 
     def _on_aborted(self, event: Any) -> None:
         # an aborted association leaves its studies receiving: the stability timer decides
@@ -176,22 +177,21 @@ class Receiver:
 
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.settings.ae_title)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
+        for storage in AllStoragePresentationContexts:
+            ae.add_supported_context(str(storage.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION)
         ae.require_calling_aet = list(self.settings.calling_ae_titles)
         ae.maximum_pdu_size = self.settings.max_pdu
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        context = None
+        context: ssl.SSLContext | None = None
         if self.settings.tls_cert:
             context = ssl.create_default_context(
                 ssl.Purpose.CLIENT_AUTH, cafile=self.settings.tls_ca

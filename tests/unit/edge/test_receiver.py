@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -51,6 +52,9 @@ def test_a_study_is_stored_queued_and_ready_on_release(receiver, cohort: Path) -
     proc = storescu(rx.port, files)
     assert proc.returncode == 0, proc.stderr
     uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    deadline = time.monotonic() + 10  # the release event runs on the SCP's thread, after storescu
+    while queue.study_state(uid) != READY and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert ready == [uid] and queue.study_state(uid) == READY
     stored = queue.study_files(uid)
     assert len(stored) == len(files) == rx.stats.received

@@ -1,0 +1,386 @@
+"""``shiftguard edge serve``: the long-lived edge service beside the PACS.
+
+Threads, all sharing one :class:`~shiftguard.edge.queue.WorkQueue`:
+
+* the Storage SCP (:class:`~shiftguard.edge.receiver.Receiver`): studies in, written and queued
+  before they are acknowledged; ready when their association is released;
+* a stability timer: studies with no new instance for ``stability_s`` become ready as well;
+* workers: claim a ready study, run the champion bundle (and the challenger, if any) on its files,
+  write SR and key image, log every result in the shadow log, and queue the champion's objects for
+  the destinations its mode allows, all in the transaction that marks the study done;
+* one sender per destination: C-STOREs its due objects over one association per batch, retrying
+  with exponential backoff, so a destination that is down delays only itself;
+* an HTTP endpoint (loopback by default): ``/healthz`` and ``/metrics`` (Prometheus text format).
+
+Shadow mode: nothing goes to a ``clinical`` destination; results stay in the shadow log and go to
+``research`` destinations only. The challenger's results never go anywhere clinical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from shiftguard.edge.bundle import open_bundle
+from shiftguard.edge.predict import Predictor
+from shiftguard.edge.queue import WorkQueue
+from shiftguard.edge.receiver import Receiver, ReceiverSettings
+
+log = logging.getLogger(__name__)
+
+CLINICAL, RESEARCH = "clinical", "research"
+#: latency histogram buckets, seconds
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node results are sent to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    role: str = CLINICAL  # or "research"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything ``edge serve`` needs (composed from ``conf/edge/``)."""
+
+    bundle: str
+    storage: str
+    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
+    destinations: tuple[Destination, ...] = ()
+    challenger: str | None = None
+    shadow: bool = True
+    workers: int = 1
+    stability_s: float = 30.0
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    poll_s: float = 0.05
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    calling_ae_title: str = "SHIFTGUARD"
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A bundle file, or the one ``*.sgbundle`` in a folder.
+
+    Raises:
+        BundleError: the path is missing, or the folder holds none or several bundles.
+    """
+    from shiftguard.edge.bundle import SUFFIX, BundleError
+
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(f"*{SUFFIX}"))
+        if len(found) != 1:
+            raise BundleError(
+                f"{path}: holds {len(found)} bundles ({', '.join(p.name for p in found) or 'none'}); "
+                "name the bundle file instead"
+            )
+        return found[0]
+    if not path.is_file():
+        raise BundleError(f"{path}: no such bundle file or folder")
+    return path
+
+
+def settings_from_config(cfg: Any) -> ServiceSettings:
+    """:class:`ServiceSettings` from a validated :class:`~shiftguard.config.EdgeConfig`."""
+    return ServiceSettings(
+        bundle=str(resolve_bundle(cfg.bundle)),
+        challenger=str(resolve_bundle(cfg.challenger)) if cfg.challenger else None,
+        storage=cfg.storage,
+        shadow=cfg.shadow,
+        receiver=ReceiverSettings(
+            ae_title=cfg.ae_title,
+            host=cfg.host,
+            port=cfg.port,
+            calling_ae_titles=tuple(cfg.calling_ae_titles),
+            allowed_addresses=tuple(cfg.allowed_addresses),
+            tls_cert=cfg.tls_cert,
+            tls_key=cfg.tls_key,
+            tls_ca=cfg.tls_ca,
+        ),
+        destinations=tuple(
+            Destination(d.name, d.ae_title, d.host, d.port, d.role) for d in cfg.destinations
+        ),
+        workers=cfg.workers,
+        stability_s=cfg.stability_s,
+        retry_base_s=cfg.retry_base_s,
+        retry_max_s=cfg.retry_max_s,
+        http_host=cfg.http_host,
+        http_port=cfg.http_port,
+        calling_ae_title=cfg.ae_title,
+    )
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count) for one label set."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self.lock:
+            i = next((k for k, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))
+            self.counts[i] += 1
+            self.total += seconds
+            self.n += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        with self.lock:
+            out, running = [], 0
+            for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+                running += count
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                out.append(f'{name}_bucket{{{labels},le="{le}"}} {running}')
+            out.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
+            out.append(f"{name}_count{{{labels}}} {self.n}")
+            return out
+
+
+class Service:
+    """The running service (see the module docstring)."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        root = Path(settings.storage)
+        self.queue = WorkQueue(root / "queue.db")
+        self.inbox = root / "inbox"
+        self.outbox = root / "results"
+        self.champion = Predictor(open_bundle(settings.bundle), shadow=settings.shadow)
+        self.challenger = (
+            Predictor(open_bundle(settings.challenger), shadow=True)
+            if settings.challenger
+            else None
+        )
+        self.receiver = Receiver(settings.receiver, self.queue, self.inbox, on_ready=self._wake)
+        self.latency = {stage: Histogram() for stage in ("predict", "deliver", "ready_to_sent")}
+        self.counters = {"processed": 0, "failed": 0, "sent": 0, "send_failures": 0}
+        self._ready_at: dict[str, float] = {}
+        self._counter_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._http: ThreadingHTTPServer | None = None
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += n
+
+    def _wake(self, studies: Sequence[str] = ()) -> None:
+        """Note when each study's association was released (for the latency histogram); the
+        workers poll the queue, which the receiver updates right after this call."""
+        now = time.monotonic()
+        for uid in studies:
+            self._ready_at.setdefault(uid, now)
+        self._work.set()
+
+    def _routes(self) -> list[Destination]:
+        """Where the champion's results go: research destinations always, clinical ones unless in
+        shadow mode."""
+        return [
+            d for d in self.settings.destinations if d.role == RESEARCH or not self.settings.shadow
+        ]
+
+    def process(self, study_uid: str) -> None:
+        """Run the bundle(s) on one claimed study and queue its deliveries."""
+        began = time.monotonic()
+        files = self.queue.study_files(study_uid)
+        out = self.outbox / study_uid
+        summary = self.champion.predict_files(files, out)
+        deliveries, results = [], []
+        routes = self._routes()
+        for row in summary.results:
+            for dest in routes:
+                deliveries.append((dest.name, row["sr_uid"], str(out / row["sr_file"])))
+                deliveries.append((dest.name, row["sc_uid"], str(out / row["sc_file"])))
+            results.append(self._log_row(study_uid, row, "champion", routes))
+        if self.challenger is not None:
+            ch = self.challenger.predict_files(files, self.outbox / "challenger" / study_uid)
+            results += [self._log_row(study_uid, r, "challenger", []) for r in ch.results]
+        self.queue.finish_study(study_uid, deliveries, results)
+        self.latency["predict"].observe(time.monotonic() - began)
+        self._count("processed")
+        if summary.skipped:
+            log.info("study %s: skipped %s", study_uid, [s["reason"] for s in summary.skipped])
+
+    def _log_row(
+        self, study_uid: str, row: dict[str, Any], role: str, routes: Sequence[Destination]
+    ) -> dict[str, Any]:
+        return {
+            "study_uid": study_uid,
+            "series_uid": row["series_uid"],
+            "bundle": f"{row['model']}-v{row['model_version']}",
+            "role": role,
+            "probability": float(row["probability"]),
+            "threshold": float(row["threshold"]),
+            "result": row["result"],
+            "routed": ",".join(d.name for d in routes) or "shadow log only",
+        }
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            uid = self.queue.claim_study()
+            if uid is None:
+                self._work.wait(self.settings.poll_s)
+                self._work.clear()
+                continue
+            try:
+                self.process(uid)
+            except Exception as exc:  # a study that breaks the runner must not stop the service
+                log.exception("study %s failed", uid)
+                self.queue.fail_study(uid, f"{type(exc).__name__}: {exc}")
+                self._count("failed")
+
+    def _stability(self) -> None:
+        while not self._stop.wait(min(1.0, self.settings.stability_s / 4)):
+            if self.queue.mark_stable(self.settings.stability_s):
+                self._work.set()
+
+    def _sender(self, dest: Destination) -> None:
+        from pydicom import dcmread
+        from pynetdicom import AE, StoragePresentationContexts
+
+        ae = AE(ae_title=self.settings.calling_ae_title)
+        ae.requested_contexts = StoragePresentationContexts[:127]
+        while not self._stop.is_set():
+            due = self.queue.due(dest.name)
+            if not due:
+                self._stop.wait(self.settings.poll_s)
+                continue
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            if not assoc.is_established:
+                for d in due:
+                    self._backoff(d, f"no association with {dest.name} ({dest.host}:{dest.port})")
+                continue
+            try:
+                for d in due:
+                    began = time.monotonic()
+                    try:
+                        status = assoc.send_c_store(dcmread(d.path))
+                        ok = bool(status) and int(status.Status) in (0x0000, 0xB000, 0xB007, 0xB006)
+                        error = (
+                            "" if ok else f"status 0x{int(getattr(status, 'Status', 0xFFFF)):04X}"
+                        )
+                    except Exception as exc:  # connection dropped mid-batch
+                        ok, error = False, f"{type(exc).__name__}: {exc}"
+                    if ok:
+                        self.queue.delivered(d.id)
+                        self._count("sent")
+                        self.latency["deliver"].observe(time.monotonic() - began)
+                        ready = self._ready_at.pop(d.study_uid, None)
+                        if ready is not None:
+                            self.latency["ready_to_sent"].observe(time.monotonic() - ready)
+                    else:
+                        self._backoff(d, error)
+                        if not assoc.is_established:
+                            break
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+    def _backoff(self, delivery: Any, error: str) -> None:
+        delay = min(self.settings.retry_base_s * 2**delivery.attempts, self.settings.retry_max_s)
+        self.queue.retry_later(delivery.id, error, delay)
+        self._count("send_failures")
+        log.warning(
+            "delivery of %s to %s failed (%s); retry in %.0f s",
+            delivery.sop_uid,
+            delivery.destination,
+            error,
+            delay,
+        )
+
+    # ---------------------------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        lines = []
+        for stage, hist in self.latency.items():
+            lines += hist.lines("shiftguard_edge_latency_seconds", f'stage="{stage}"')
+        with self._counter_lock:
+            for name, value in self.counters.items():
+                lines.append(f"shiftguard_edge_{name}_total {value}")
+        stats = self.receiver.stats
+        lines += [
+            f"shiftguard_edge_received_total {stats.received}",
+            f"shiftguard_edge_received_bytes_total {stats.bytes}",
+            f"shiftguard_edge_rejected_total {stats.rejected}",
+            f"shiftguard_edge_refused_associations_total {stats.refused_associations}",
+        ]
+        for name, value in sorted(self.queue.counts().items()):
+            lines.append(f'shiftguard_edge_queue{{item="{name}"}} {value}')
+        return "\n".join(lines) + "\n"
+
+    def _serve_http(self) -> None:
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    body = json.dumps({"status": "ok", **service.queue.counts()}).encode()
+                    kind = "application/json"
+                elif self.path == "/metrics":
+                    body, kind = service.metrics_text().encode(), "text/plain; version=0.0.4"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._http = ThreadingHTTPServer(
+            (self.settings.http_host, self.settings.http_port), Handler
+        )
+        self._http.serve_forever(poll_interval=0.2)
+
+    @property
+    def http_port(self) -> int:
+        return self._http.server_address[1] if self._http is not None else self.settings.http_port
+
+    def start(self) -> None:
+        recovered = self.queue.recover()
+        if recovered:
+            log.info("resuming %d studies interrupted by the last shutdown", recovered)
+        self.receiver.start()
+        targets = [self._stability, self._serve_http] + [self._worker] * self.settings.workers
+        self._threads = [threading.Thread(target=t, daemon=True) for t in targets]
+        self._threads += [
+            threading.Thread(target=self._sender, args=(d,), daemon=True)
+            for d in self.settings.destinations
+        ]
+        for thread in self._threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while self._http is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._work.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self.receiver.stop()
+        if self._http is not None:
+            self._http.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.queue.close()

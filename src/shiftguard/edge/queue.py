@@ -232,9 +232,11 @@ class WorkQueue:
         deliveries: Sequence[tuple[str, str, str]] = (),
         results: Sequence[dict[str, Any]] = (),
         now: float | None = None,
+        note: str = "",
     ) -> None:
         """Processing done: queue ``(destination, sop_uid, path)`` deliveries (once each, ever) and
-        log ``results`` rows, in the same transaction that marks the study done."""
+        log ``results`` rows, in the same transaction that marks the study done. ``note`` records
+        why parts of the study were skipped (kept in the ``error`` column)."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.executemany(
@@ -248,9 +250,9 @@ class WorkQueue:
                 [{**r, "created_at": now} for r in results],
             )
             db.execute(
-                "UPDATE studies SET state = ?, done_at = ?, error = '' "
+                "UPDATE studies SET state = ?, done_at = ?, error = ? "
                 "WHERE study_uid = ? AND state = ?",
-                (DONE, now, study_uid, PROCESSING),
+                (DONE, now, note[:2000], study_uid, PROCESSING),
             )
 
     def fail_study(self, study_uid: str, error: str, now: float | None = None) -> None:
@@ -322,6 +324,14 @@ class WorkQueue:
             )
             out["instances"] = int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
         return out
+
+    def study_note(self, study_uid: str) -> str:
+        """Why a study failed, or which of its series were skipped and why."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT error FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return "" if row is None else str(row["error"])
 
     def study_state(self, study_uid: str) -> str | None:
         with self._lock:

@@ -213,11 +213,15 @@ class Service:
         if self.challenger is not None:
             ch = self.challenger.predict_files(files, self.outbox / "challenger" / study_uid)
             results += [self._log_row(study_uid, r, "challenger", []) for r in ch.results]
-        self.queue.finish_study(study_uid, deliveries, results)
+        note = "; ".join(
+            f"skipped {s['series_description'] or Path(s['path']).name}: {s['reason']}"
+            for s in summary.skipped
+        )
+        self.queue.finish_study(study_uid, deliveries, results, note=note)
         self.latency["predict"].observe(time.monotonic() - began)
         self._count("processed")
-        if summary.skipped:
-            log.info("study %s: skipped %s", study_uid, [s["reason"] for s in summary.skipped])
+        if note:
+            log.info("study %s: %s", study_uid, note)
 
     def _log_row(
         self, study_uid: str, row: dict[str, Any], role: str, routes: Sequence[Destination]

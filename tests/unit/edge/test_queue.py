@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from shiftguard.edge.queue import DONE, PROCESSING, READY, RECEIVING, WorkQueue
@@ -70,20 +70,22 @@ def test_retries_back_off_and_deliveries_are_per_destination(tmp_path: Path) -> 
     assert q.due("PACS", now=1e9) == [] and q.counts()["deliveries_sent"] == 1
 
 
-def _work_then_die(path: str) -> None:
-    q = WorkQueue(path)
-    _fill(q, "1.1", 2)
-    q.mark_ready(["1.1"])
-    q.claim_study()
-    os.kill(os.getpid(), signal.SIGKILL)  # mid-processing, no clean shutdown
+WORK_THEN_DIE = """
+import os, signal, sys
+from shiftguard.edge.queue import WorkQueue
+q = WorkQueue(sys.argv[1])
+for i in range(2):
+    q.record_instance(f"1.1.{i}", "1.1", "1.1.s", f"/in/{i}.dcm", "MODALITY", 100.0)
+q.mark_ready(["1.1"])
+q.claim_study()
+os.kill(os.getpid(), signal.SIGKILL)  # mid-processing, no clean shutdown
+"""
 
 
 def test_a_killed_process_loses_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "q.db")
-    proc = multiprocessing.get_context("spawn").Process(target=_work_then_die, args=(path,))
-    proc.start()
-    proc.join(60)
-    assert proc.exitcode == -signal.SIGKILL
+    proc = subprocess.run([sys.executable, "-c", WORK_THEN_DIE, path], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     q = WorkQueue(path)
     assert q.study_state("1.1") == PROCESSING and q.counts()["instances"] == 2
     assert q.recover() == 1 and q.claim_study() == "1.1"

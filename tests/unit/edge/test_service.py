@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from shiftguard.edge.peers import Orthanc, copy_study, free_port, storescu
 from shiftguard.edge.queue import DONE
 from shiftguard.edge.receiver import ReceiverSettings
 from shiftguard.edge.service import Destination, Service, ServiceSettings
@@ -29,62 +29,9 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Orthanc:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.http = free_port()
-        self.dicom = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        config = {
-            "Name": "shiftguard-test",
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
-            "HttpPort": self.http,
-            "DicomPort": self.dicom,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomAlwaysAllowStore": True,
-            "Plugins": [],
-        }
-        path = self.root / "orthanc.json"
-        path.write_text(json.dumps(config))
-        log = (self.root / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(
-            f"Orthanc did not start: {(self.root / 'orthanc.log').read_text()[-2000:]}"
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-            self.proc = None
-
-    def get(self, route: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{route}", timeout=10) as r:
-            return json.loads(r.read())
-
-
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path / "orthanc")
-    server.root.mkdir()
     server.start()
     yield server
     server.stop()
@@ -107,13 +54,7 @@ def _service(tmp_path: Path, bundle: Path, orthanc: Orthanc, shadow: bool) -> Se
 
 
 def _send(port: int, study: Path) -> None:
-    files = sorted(map(str, study.rglob("*.dcm")))
-    proc = subprocess.run(
-        ["storescu", "-aet", "MODALITY", "-aec", "SHIFTGUARD", "127.0.0.1", str(port), *files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = storescu(port, sorted(study.rglob("*.dcm")))
     assert proc.returncode == 0, proc.stderr
 
 
@@ -169,5 +110,136 @@ def test_shadow_mode_sends_nothing_clinical_and_logs_the_result(
         [row] = service.queue.shadow_log()
         assert row["study_uid"] == uid and row["role"] == "champion"
         assert row["routed"] == "shadow log only"
+    finally:
+        service.stop()
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_arrive_when_it_returns(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    orthanc.stop()
+    settings = ServiceSettings(
+        bundle=str(bundle_path),
+        storage=str(tmp_path / "edge"),
+        receiver=ReceiverSettings(port=0, calling_ae_titles=("MODALITY",)),
+        destinations=(Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom, "clinical"),),
+        shadow=False,
+        retry_base_s=0.1,
+        retry_max_s=0.5,
+        http_port=0,
+    )
+    service = Service(settings)
+    service.start()
+    try:
+        study = sorted(next(cohort.iterdir()).iterdir())[0]
+        _send(service.receiver.port, study)
+        _wait(lambda: service.counters["send_failures"] >= 2)
+        assert service.queue.counts().get("deliveries_pending") == 2
+        orthanc.start()
+        _wait(lambda: service.queue.counts().get("deliveries_sent") == 2)
+        assert sum(orthanc.studies().values()) == 2
+    finally:
+        service.stop()
+
+
+def test_four_senders_ten_studies_each_nothing_lost_or_duplicated(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    import concurrent.futures
+
+    studies = copy_study(sorted(next(cohort.iterdir()).iterdir())[0], tmp_path / "studies", 40)
+    service = _service(tmp_path, bundle_path, orthanc, shadow=False)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            # four modalities, each sending its ten studies one association at a time
+            list(
+                pool.map(
+                    lambda k: [_send(service.receiver.port, s) for s in studies[k::4]], range(4)
+                )
+            )
+        _wait(lambda: service.queue.counts().get("deliveries_sent") == 80, timeout=240)
+        stored = orthanc.studies()
+        assert len(stored) == 40 and set(stored.values()) == {2}
+        assert service.queue.counts()["studies_done"] == 40
+        assert service.receiver.stats.received == 40 * len(list(studies[0].iterdir()))
+    finally:
+        service.stop()
+
+
+def test_killed_mid_study_the_restarted_service_finishes_and_sends_once(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    import os
+    import signal
+    import sys
+
+    port, http = free_port(), free_port()
+    repo = Path(__file__).resolve().parents[3]
+    args = [
+        sys.executable,
+        "-m",
+        "shiftguard.cli",
+        "edge",
+        "serve",
+        f"edge.bundle={bundle_path}",
+        f"edge.storage={tmp_path / 'edge'}",
+        f"edge.port={port}",
+        f"edge.http_port={http}",
+        "edge.shadow=false",
+        "edge.retry_base_s=0.2",
+        "edge.calling_ae_titles=[MODALITY]",
+        f"edge.destinations=[{{name:pacs,ae_title:ORTHANC,host:127.0.0.1,port:{orthanc.dicom}}}]",
+    ]
+    log = (tmp_path / "serve.log").open("ab")
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, cwd=repo, stdout=log, stderr=log)
+        _wait(lambda: _healthy(http), timeout=120)
+        return proc
+
+    proc = start()
+    studies = copy_study(sorted(next(cohort.iterdir()).iterdir())[0], tmp_path / "studies", 3)
+    for study in studies:
+        _send(port, study)
+    os.kill(proc.pid, signal.SIGKILL)  # whatever it was doing: receiving, inferring, sending
+    proc.wait(30)
+    proc = start()
+    try:
+        _wait(lambda: len(orthanc.studies()) == 3, timeout=120)
+        time.sleep(1.0)
+        assert set(orthanc.studies().values()) == {2}  # an SR and a key image each
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "edge" / "queue.db")
+        rows = db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
+        assert rows == [("sent", 6)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_a_broken_series_is_skipped_with_its_reason_and_the_next_study_still_served(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    broken, good = copy_study(sorted(next(cohort.iterdir()).iterdir())[0], tmp_path / "studies", 2)
+    files = sorted(broken.iterdir())
+    files[len(files) // 2].unlink()  # a missing slice in the middle of the series
+    service = _service(tmp_path, bundle_path, orthanc, shadow=False)
+    try:
+        broken_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        _send(service.receiver.port, broken)
+        _send(service.receiver.port, good)
+        _wait(lambda: service.queue.counts().get("deliveries_sent") == 2)
+        assert service.queue.study_state(broken_uid) == DONE
+        assert "missing" in service.queue.study_note(broken_uid).lower()
+        assert len(orthanc.studies()) == 1  # only the good study's results
     finally:
         service.stop()

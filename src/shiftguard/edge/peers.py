@@ -1,0 +1,118 @@
+"""Real DICOM peers for the edge service's tests and benchmarks: a throwaway Orthanc PACS on
+loopback, dcmtk's ``storescu`` as the sending modality, and copies of a study under new UIDs.
+
+Orthanc (Debian package ``orthanc``, installed by ``scripts/setup.sh``) runs from a temporary JSON
+configuration: its own storage and index folders, free ports, HTTP restricted to local clients.
+Orthanc 1.10 has no option to bind its DICOM port to one address; the tests only ever connect to
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Orthanc:
+    """An Orthanc server in ``root`` (AE ``ORTHANC``); ``start``/``stop`` keep its ports and data."""
+
+    def __init__(self, root: Path, ae_title: str = "ORTHANC") -> None:
+        self.root = Path(root)
+        self.ae_title = ae_title
+        self.http = free_port()
+        self.dicom = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "shiftguard-peer",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "HttpPort": self.http,
+            "DicomPort": self.dicom,
+            "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "Plugins": [],
+        }
+        path = self.root / "orthanc.json"
+        path.write_text(json.dumps(config))
+        log = (self.root / "orthanc.log").open("ab")
+        self.proc = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"Orthanc did not start: {(self.root / 'orthanc.log').read_text()[-2000:]}"
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+    def get(self, route: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{route}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def studies(self) -> dict[str, int]:
+        """Instances stored per StudyInstanceUID."""
+        counts: dict[str, int] = {}
+        for instance in self.get("/instances"):
+            uid = self.get(f"/instances/{instance}/simplified-tags")["StudyInstanceUID"]
+            counts[uid] = counts.get(uid, 0) + 1
+        return counts
+
+
+def storescu(
+    port: int, files: list[str] | list[Path], called: str = "SHIFTGUARD", calling: str = "MODALITY"
+) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` over one association with dcmtk's ``storescu``."""
+    return subprocess.run(
+        ["storescu", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def copy_study(study: Path, dest: Path, n: int) -> list[Path]:
+    """``n`` copies of the study folder ``study`` as distinct studies under ``dest`` (new study,
+    series and instance UIDs; pixels untouched)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    files = sorted(Path(study).rglob("*.dcm"))
+    out = []
+    for i in range(n):
+        folder = Path(dest) / f"study{i:03d}"
+        folder.mkdir(parents=True)
+        study_uid, series_uid = generate_uid(), generate_uid()
+        for j, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(folder / f"{j:04d}.dcm")
+        out.append(folder)
+    return out

@@ -110,7 +110,10 @@ def main() -> None:
             port = free_port()
             out = tmp / "storescp"
             out.mkdir()
-            scp = subprocess.Popen(["storescp", "-aet", "SHIFTGUARD", "-od", str(out), str(port)])
+            scp = subprocess.Popen(
+                ["storescp", "-aet", "SHIFTGUARD", "-od", str(out), str(port)],
+                env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk's switch for Nagle's algorithm
+            )
             time.sleep(0.5)
             began = time.perf_counter()
             peer = storescu(port, everything)

@@ -31,7 +31,7 @@ from typing import Any
 from shiftguard.edge.bundle import open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
-from shiftguard.edge.receiver import Receiver, ReceiverSettings
+from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class Service:
 
     def _sender(self, dest: Destination) -> None:
         from pydicom import dcmread
-        from pynetdicom import AE, StoragePresentationContexts
+        from pynetdicom import AE, StoragePresentationContexts, evt
 
         ae = AE(ae_title=self.settings.calling_ae_title)
         ae.requested_contexts = StoragePresentationContexts[:127]
@@ -267,7 +267,12 @@ class Service:
             if not due:
                 self._stop.wait(self.settings.poll_s)
                 continue
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            assoc = ae.associate(
+                dest.host,
+                dest.port,
+                ae_title=dest.ae_title,
+                evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc))],
+            )
             if not assoc.is_established:
                 for d in due:
                     self._backoff(d, f"no association with {dest.name} ({dest.host}:{dest.port})")

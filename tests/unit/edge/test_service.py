@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,10 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     server.stop()
 
 
-def _service(tmp_path: Path, bundle: Path, orthanc: Orthanc, shadow: bool) -> Service:
+def _service(
+    tmp_path: Path, bundle: Path, orthanc: Orthanc, shadow: bool, **changes: Any
+) -> Service:
+    """A started service on free ports sending to ``orthanc`` as its clinical destination."""
     settings = ServiceSettings(
         bundle=str(bundle),
         storage=str(tmp_path / "edge"),
@@ -48,7 +52,7 @@ def _service(tmp_path: Path, bundle: Path, orthanc: Orthanc, shadow: bool) -> Se
         retry_base_s=0.2,
         http_port=0,
     )
-    service = Service(settings)
+    service = Service(replace(settings, **changes))
     service.start()
     return service
 
@@ -118,18 +122,9 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_when_it_returns(
     tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
 ) -> None:
     orthanc.stop()
-    settings = ServiceSettings(
-        bundle=str(bundle_path),
-        storage=str(tmp_path / "edge"),
-        receiver=ReceiverSettings(port=0, calling_ae_titles=("MODALITY",)),
-        destinations=(Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom, "clinical"),),
-        shadow=False,
-        retry_base_s=0.1,
-        retry_max_s=0.5,
-        http_port=0,
+    service = _service(
+        tmp_path, bundle_path, orthanc, shadow=False, retry_base_s=0.1, retry_max_s=0.5
     )
-    service = Service(settings)
-    service.start()
     try:
         study = sorted(next(cohort.iterdir()).iterdir())[0]
         _send(service.receiver.port, study)

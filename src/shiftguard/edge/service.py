@@ -36,6 +36,9 @@ from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
 log = logging.getLogger(__name__)
 
 CLINICAL, RESEARCH = "clinical", "research"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 #: latency histogram buckets, seconds
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -218,6 +221,8 @@ class Service:
             for s in summary.skipped
         )
         self.queue.finish_study(study_uid, deliveries, results, note=note)
+        if not deliveries:  # nothing will be sent (shadow mode, or nothing selected)
+            self._ready_at.pop(study_uid, None)
         self.latency["predict"].observe(time.monotonic() - began)
         self._count("processed")
         if note:
@@ -258,10 +263,11 @@ class Service:
 
     def _sender(self, dest: Destination) -> None:
         from pydicom import dcmread
-        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom import AE, evt
 
         ae = AE(ae_title=self.settings.calling_ae_title)
-        ae.requested_contexts = StoragePresentationContexts[:127]
+        for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):  # what the runner writes
+            ae.add_requested_context(sop_class, EXPLICIT_VR_LITTLE_ENDIAN)
         while not self._stop.is_set():
             due = self.queue.due(dest.name)
             if not due:

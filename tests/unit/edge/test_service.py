@@ -80,6 +80,7 @@ def test_a_study_in_gives_an_sr_and_a_key_image_in_the_pacs(
         uid = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
         _send(service.receiver.port, study)
         _wait(lambda: len(orthanc.get("/instances")) == 2)
+        _wait(lambda: service.counters["sent"] == 2)  # Orthanc lists them before we hear back
         classes = sorted(
             orthanc.get(f"/instances/{i}/simplified-tags")["SOPClassUID"]
             for i in orthanc.get("/instances")
@@ -114,6 +115,7 @@ def test_shadow_mode_sends_nothing_clinical_and_logs_the_result(
         [row] = service.queue.shadow_log()
         assert row["study_uid"] == uid and row["role"] == "champion"
         assert row["routed"] == "shadow log only"
+        assert service._ready_at == {}  # nothing kept for a study that will never be sent
     finally:
         service.stop()
 

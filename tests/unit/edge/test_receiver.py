@@ -111,3 +111,57 @@ def test_address_allow_list() -> None:
     assert settings.address_allowed("10.2.3.4") and settings.address_allowed("127.0.0.1")
     assert not settings.address_allowed("192.168.1.5")
     assert ReceiverSettings().address_allowed("192.168.1.5")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_only_lets_clients_with_a_trusted_certificate_in(tmp_path: Path, cohort: Path) -> None:
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    def cert(name: str) -> tuple[Path, Path]:
+        key, crt = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", str(key), "-out", str(crt)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        return crt, key
+
+    server_crt, server_key = cert("server")
+    client_crt, client_key = cert("client")
+    queue = WorkQueue(tmp_path / "q.db")
+    rx = Receiver(
+        ReceiverSettings(
+            port=0, tls_cert=str(server_crt), tls_key=str(server_key), tls_ca=str(client_crt)
+        ),
+        queue,
+        tmp_path / "inbox",
+    )
+    rx.start()
+    try:
+        ds = pydicom.dcmread(sorted(cohort.rglob("*.dcm"))[0])
+
+        def send(context: ssl.SSLContext | None) -> bool:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(MRImageStorage, ds.file_meta.TransferSyntaxUID)
+            tls = (context, "127.0.0.1") if context is not None else None
+            assoc = ae.associate("127.0.0.1", rx.port, ae_title="SHIFTGUARD", tls_args=tls)
+            if not assoc.is_established:
+                return False
+            status = assoc.send_c_store(ds)
+            assoc.release()
+            return int(status.Status) == 0
+
+        trusted = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_crt))
+        trusted.load_cert_chain(str(client_crt), str(client_key))
+        assert send(trusted)
+        anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_crt))
+        assert not send(anonymous)  # no client certificate
+        assert not send(None)  # plain DICOM to a TLS port
+        assert queue.counts()["instances"] == 1
+    finally:
+        rx.stop()
+        queue.close()

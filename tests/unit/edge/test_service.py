@@ -240,3 +240,49 @@ def test_a_broken_series_is_skipped_with_its_reason_and_the_next_study_still_ser
         assert len(orthanc.studies()) == 1  # only the good study's results
     finally:
         service.stop()
+
+
+MALFORMED = ("MR_truncated.dcm", "rtplan_truncated.dcm", "badVR.dcm", "no_meta.dcm")
+
+
+def test_malformed_objects_are_refused_or_skipped_and_the_service_keeps_serving(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE, AllStoragePresentationContexts
+
+    service = _service(tmp_path, bundle_path, orthanc, shadow=False)
+    try:
+        sent: list[tuple[str, Any]] = []
+        accepted: list[str] = []
+        for name in MALFORMED:
+            path = get_testdata_file(name, download=False)
+            if path is None:
+                continue
+            ae = AE(ae_title="MODALITY")
+            ae.requested_contexts = AllStoragePresentationContexts[:120]
+            assoc = ae.associate("127.0.0.1", service.receiver.port, ae_title="SHIFTGUARD")
+            assert assoc.is_established
+            try:
+                ds = pydicom.dcmread(path, force=True)
+                status = assoc.send_c_store(ds)
+                if int(getattr(status, "Status", -1)) == 0:
+                    accepted.append(str(ds.StudyInstanceUID))
+                sent.append((name, int(getattr(status, "Status", -1))))
+            except Exception as exc:  # pynetdicom cannot even encode some of them
+                sent.append((name, type(exc).__name__))
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        assert sent, "no malformed test file is bundled with pydicom"
+        good = sorted(next(cohort.iterdir()).iterdir())[0]
+        _send(service.receiver.port, good)
+        uid = pydicom.dcmread(next(good.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+        _wait(lambda: orthanc.studies().get(uid) == 2)
+        # whatever got in was dealt with, with the reason recorded; nothing was sent for it
+        for study_uid in accepted:
+            _wait(lambda u=study_uid: service.queue.study_state(u) in ("done", "failed"))
+            assert service.queue.study_note(study_uid), study_uid
+            assert study_uid not in orthanc.studies()
+    finally:
+        service.stop()

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from shiftguard.config.deploy import (
+    DEPLOY_SCHEMAS,
+    EdgeConfig,
+    EdgeDestination,
+    ExportConfig,
+    SeriesSelection,
+)
 from shiftguard.config.errors import ConfigError
 from shiftguard.config.loader import (
     PARAMS_FILE,
@@ -15,23 +22,22 @@ from shiftguard.config.loader import (
     validate_all,
     write_params,
 )
+from shiftguard.config.schema import SCHEMAS as LAB_SCHEMAS
 from shiftguard.config.schema import (
-    SCHEMAS,
     AugmentConfig,
     CohortConfig,
-    EdgeConfig,
-    EdgeDestination,
     EvaluateConfig,
-    ExportConfig,
     IngestConfig,
     ModelConfig,
     ScannerProfile,
     ScannerSimProfile,
-    SeriesSelection,
     SiteConfig,
     SplitConfig,
     TrainConfig,
 )
+
+#: the schema of every top-level section of the composed configuration
+SCHEMAS = {**LAB_SCHEMAS, **DEPLOY_SCHEMAS}
 
 __all__ = [
     "PARAMS_FILE",

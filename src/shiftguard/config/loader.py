@@ -96,8 +96,8 @@ def dump_params(config: Mapping[str, Any]) -> str:
 
 
 def validate_all(config: Mapping[str, Any]) -> dict[str, BaseModel]:
-    """Validate every section that has a schema (see :data:`shiftguard.config.schema.SCHEMAS`)."""
-    from shiftguard.config.schema import SCHEMAS
+    """Validate every section that has a schema (see :data:`shiftguard.config.SCHEMAS`)."""
+    from shiftguard.config import SCHEMAS
 
     return {name: validate(name, config.get(name), model) for name, model in SCHEMAS.items()}
 

@@ -6,7 +6,6 @@ or command loads it, so a wrong key or value fails at load time with a message t
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -550,94 +549,6 @@ class EvaluateConfig(_Strict):
         return self
 
 
-class SeriesSelection(_Strict):
-    """Which series the exported model is for; the edge runner skips the rest, saying why."""
-
-    modalities: list[str] = Field(default_factory=lambda: ["MR"], min_length=1)
-    series_description: str | None = Field(
-        None, description="regular expression the SeriesDescription must contain (case-blind)"
-    )
-    min_slices: Annotated[int, Field(ge=1)] = 8
-    orientations: list[str] = Field(
-        default_factory=list, description="allowed orientation labels; empty: any"
-    )
-
-    @model_validator(mode="after")
-    def _pattern(self) -> SeriesSelection:
-        if self.series_description is not None:
-            try:
-                re.compile(self.series_description)
-            except re.error as exc:
-                raise ValueError(
-                    f"export.series_selection.series_description {self.series_description!r} "
-                    f"is not a regular expression: {exc}"
-                ) from exc
-        return self
-
-
-class ExportConfig(_Strict):
-    """What the export stage writes into the edge bundle and how it checks it."""
-
-    opset: Annotated[int, Field(ge=13, le=21)] = 17
-    parity_tolerance: Annotated[float, Field(gt=0, le=0.01)] = 1e-4
-    torchscript: bool = True
-    class_names: tuple[str, str] = ("no finding", "finding")
-    finding: str = "focal brain lesion"
-    intended_use: str = Field(
-        "Research and shadow-mode evaluation: flags T1-weighted brain MR series that may show a "
-        "focal lesion, for comparison with the verified radiology report. Not a medical device.",
-        min_length=1,
-    )
-    series_selection: SeriesSelection = Field(default_factory=SeriesSelection)
-
-
-class EdgeDestination(_Strict):
-    """A DICOM node the edge service sends results to."""
-
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 4242
-    role: Literal["clinical", "research"] = "clinical"
-
-
-class EdgeConfig(_Strict):
-    """``shiftguard edge serve``: the DICOM service a site runs beside its PACS."""
-
-    bundle: str = Field("artifacts/export", description="a .sgbundle file, or a folder holding one")
-    challenger: str | None = Field(None, description="a second bundle run on every study (shadow)")
-    storage: str = Field("edge-data", description="queue database, received studies, results")
-    shadow: bool = Field(True, description="send nothing to clinical destinations")
-    ae_title: str = Field("SHIFTGUARD", min_length=1, max_length=16)
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 11112
-    calling_ae_titles: list[str] = Field(
-        default_factory=list, description="AE titles allowed to send; empty: any"
-    )
-    allowed_addresses: list[str] = Field(
-        default_factory=list, description="addresses or CIDR networks allowed; empty: any"
-    )
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = Field(None, description="CA bundle; set to require client certificates")
-    destinations: list[EdgeDestination] = Field(default_factory=list)
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    stability_s: Annotated[float, Field(gt=0)] = 30.0
-    retry_base_s: Annotated[float, Field(gt=0)] = 2.0
-    retry_max_s: Annotated[float, Field(gt=0)] = 300.0
-    http_host: str = "127.0.0.1"
-    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
-
-    @model_validator(mode="after")
-    def _unique_destinations(self) -> EdgeConfig:
-        names = [d.name for d in self.destinations]
-        if len(names) != len(set(names)):
-            raise ValueError(f"edge.destinations: names must be unique, got {names}")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("edge.tls_cert and edge.tls_key go together: set both or neither")
-        return self
-
-
 SCHEMAS: dict[str, type[BaseModel]] = {
     "cohort": CohortConfig,
     "ingest": IngestConfig,
@@ -646,7 +557,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
-    "export": ExportConfig,
-    "edge": EdgeConfig,
 }
-"""The schema of every top-level section of the composed configuration."""
+"""The schema of every lab-side section (the deployment sections, ``export`` and ``edge``, are in
+:mod:`shiftguard.config.deploy`; :data:`shiftguard.config.SCHEMAS` holds both)."""

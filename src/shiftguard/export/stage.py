@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from shiftguard.config.schema import ExportConfig, IngestConfig, TrainConfig
+from shiftguard.config.deploy import ExportConfig
+from shiftguard.config.schema import IngestConfig, TrainConfig
 from shiftguard.edge.bundle import bundle_file_name, open_bundle, sha256_bytes, write_bundle
 from shiftguard.edge.predict import FEATURES
 from shiftguard.edge.preprocess import preprocess

@@ -29,12 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+import numpy as np
 
 
 def main() -> None:
@@ -127,7 +122,7 @@ def main() -> None:
             orthanc.stop()
 
     f = statistics.median(forward)
-    p50, p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
+    p50, p95 = (float(v) for v in np.percentile(latencies, [50, 95]))
     print(f"{args.studies} studies of {n_images} images ({source.name}), bundle {bundle.name}")
     print(f"forward pass alone (ONNX Runtime): {1000 * f:.1f} ms (median of 20)")
     print(

@@ -20,7 +20,6 @@ Nothing is ever unpickled: the manifest is JSON, the model ONNX, the tables CSV.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import stat
@@ -277,10 +276,3 @@ def describe(bundle: Bundle) -> str:
         lines.append(f"  {name:<28} {entry['size']:>10} B  sha256 {entry['sha256']}")
     lines.append("verified: every member matches its SHA-256")
     return "\n".join(lines)
-
-
-def read_csv_member(bundle: Bundle, member: str) -> list[dict[str, str]]:
-    """Rows of a CSV member."""
-    import csv
-
-    return list(csv.DictReader(io.StringIO(bundle.text(member))))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -273,10 +272,6 @@ def model_card(
     return "\n".join(lines)
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def preprocessing_spec(
     ingest_cfg: IngestConfig, train_cfg: TrainConfig, input_shape: Sequence[int]
 ) -> dict[str, Any]:
@@ -412,7 +407,7 @@ def run(
         "series_selection": cfg.series_selection.model_dump(mode="json"),
         "training_data": {
             "data_dvc_md5": data_version(root),
-            "split_table_sha256": _sha256_file(dataset_csv),
+            "split_table_sha256": sha256_bytes(dataset_csv.read_bytes()),
             "n_train": len(train_rows),
             "n_val": len(val),
         },
@@ -434,7 +429,7 @@ def run(
     bundle = open_bundle(path)
     summary = ExportSummary(
         bundle=str(path),
-        bundle_sha256=_sha256_file(path),
+        bundle_sha256=sha256_bytes(path.read_bytes()),
         bundle_bytes=path.stat().st_size,
         name=name,
         version=version,
@@ -484,5 +479,4 @@ __all__ = [
     "model_card",
     "reference_table",
     "run",
-    "sha256_bytes",
 ]

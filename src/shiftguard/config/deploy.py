@@ -85,6 +85,15 @@ class EdgeConfig(_Strict):
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = Field(None, description="CA bundle; set to require client certificates")
+    engine: Literal["asyncio", "pynetdicom"] = Field(
+        "asyncio", description="the Storage SCP: ShiftGuard's asyncio one (fast) or pynetdicom's"
+    )
+    durability: Literal["association", "instance"] = Field(
+        "association",
+        description="fsync before acknowledging each C-STORE (instance) or before acknowledging "
+        "the release of the association that brought it (association)",
+    )
+    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     destinations: list[EdgeDestination] = Field(default_factory=list)
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     stability_s: Annotated[float, Field(gt=0)] = 30.0

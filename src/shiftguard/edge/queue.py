@@ -17,6 +17,7 @@ change is one transaction, so a service killed at any point (SIGKILL, power) res
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -110,9 +111,31 @@ class WorkQueue:
         with self._lock:
             self._db.executescript(SCHEMA)  # runs in its own transaction
 
+    def sync(self) -> None:
+        """Put every committed record on disk (fsync of the write-ahead log)."""
+        with self._lock:
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists():
+                fd = os.open(wal, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _synchronous(self, sync: bool) -> Iterator[None]:
+        if sync:
+            yield
+            return
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -137,11 +160,16 @@ class WorkQueue:
         path: str,
         calling_ae: str,
         now: float | None = None,
+        sync: bool = True,
     ) -> bool:
         """Record a received instance (its file already on disk). Returns False for a duplicate
-        SOP instance UID (the file is replaced, the queue unchanged). Reopens a finished study."""
+        SOP instance UID (the file is replaced, the queue unchanged). Reopens a finished study.
+
+        ``sync=False`` commits without waiting for the disk (WAL, ``synchronous=NORMAL``): the record
+        survives the process being killed, and the next synchronous commit (for example
+        :meth:`mark_ready`) makes it survive power loss too."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self._lock, self._synchronous(sync), self._tx() as db:
             new = (
                 db.execute(
                     "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",

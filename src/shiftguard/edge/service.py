@@ -112,6 +112,9 @@ def settings_from_config(cfg: Any) -> ServiceSettings:
             tls_cert=cfg.tls_cert,
             tls_key=cfg.tls_key,
             tls_ca=cfg.tls_ca,
+            engine=cfg.engine,
+            durability=cfg.durability,
+            network_timeout_s=cfg.network_timeout_s,
         ),
         destinations=tuple(
             Destination(d.name, d.ae_title, d.host, d.port, d.role) for d in cfg.destinations

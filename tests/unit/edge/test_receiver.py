@@ -18,12 +18,17 @@ from shiftguard.edge.receiver import Receiver, ReceiverSettings
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
 
 
+@pytest.fixture(params=["asyncio", "pynetdicom"])
+def engine(request) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def receiver(tmp_path: Path):
+def receiver(tmp_path: Path, engine: str):
     queue = WorkQueue(tmp_path / "queue.db")
     ready: list[str] = []
     rx = Receiver(
-        ReceiverSettings(port=0, calling_ae_titles=("MODALITY",)),
+        ReceiverSettings(port=0, calling_ae_titles=("MODALITY",), engine=engine),
         queue,
         tmp_path / "inbox",
         on_ready=ready.extend,
@@ -114,7 +119,9 @@ def test_address_allow_list() -> None:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
-def test_tls_only_lets_clients_with_a_trusted_certificate_in(tmp_path: Path, cohort: Path) -> None:
+def test_tls_only_lets_clients_with_a_trusted_certificate_in(
+    tmp_path: Path, cohort: Path, engine: str
+) -> None:
     import ssl
 
     from pynetdicom import AE
@@ -135,7 +142,11 @@ def test_tls_only_lets_clients_with_a_trusted_certificate_in(tmp_path: Path, coh
     queue = WorkQueue(tmp_path / "q.db")
     rx = Receiver(
         ReceiverSettings(
-            port=0, tls_cert=str(server_crt), tls_key=str(server_key), tls_ca=str(client_crt)
+            port=0,
+            tls_cert=str(server_crt),
+            tls_key=str(server_key),
+            tls_ca=str(client_crt),
+            engine=engine,
         ),
         queue,
         tmp_path / "inbox",

@@ -93,7 +93,29 @@ def write_sr(
     The report holds one measurement group (TID 1501) for the finding: a qualitative evaluation
     (finding present / absent at the operating threshold), the probability and the threshold as
     measurements, the algorithm's name and version, and a reference to every source image.
+
+    highdicom builds the document with the first source image only; the other image references
+    are then added as copies of that content item. highdicom deep-copies and re-validates the
+    whole content tree, which with one item per slice made the SR the slowest step of the runner
+    (70 ms for 54 slices; 25 ms this way). The result is the same dataset highdicom writes with
+    every image given to it (tested).
     """
+    sr = build_sr(ref, headers[:1], result, headers)
+    _add_source_images(sr, headers)
+    _fix_dates(sr, ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(path, enforce_file_format=True)
+    return sr
+
+
+def build_sr(
+    ref: Dataset,
+    source_images: Sequence[SliceHeader],
+    result: SeriesResult,
+    evidence_headers: Sequence[SliceHeader] | None = None,
+) -> Dataset:
+    """The SR document through highdicom, referencing ``source_images`` in the measurement group
+    and ``evidence_headers`` (default: the same) as evidence."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -138,7 +160,7 @@ def write_sr(
         ],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(h.sop_class_uid, h.sop_instance_uid)
-            for h in headers
+            for h in source_images
         ],
     )
     report = hd.sr.MeasurementReport(
@@ -146,7 +168,7 @@ def write_sr(
         procedure_reported=codes.LN.BrainMRI,
         imaging_measurements=[group],
     )
-    evidence = evidence_datasets(ref, headers)
+    evidence = evidence_datasets(ref, evidence_headers or source_images)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
@@ -160,10 +182,49 @@ def write_sr(
         is_verified=False,
         series_description=_description("AI SR", result),
     )
-    _fix_dates(sr, ref)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sr.save_as(path, enforce_file_format=True)
     return sr
+
+
+def _add_source_images(sr: Dataset, headers: Sequence[SliceHeader]) -> None:
+    """Append an IMAGE content item for ``headers[1:]`` after the one for ``headers[0]``."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset as PlainDataset
+    from pydicom.sequence import Sequence as PlainSequence
+
+    def find(parent: Any) -> tuple[Any, int] | None:
+        for i, item in enumerate(parent.ContentSequence):
+            if (
+                item.get("ValueType") == "IMAGE"
+                and item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                == headers[0].sop_instance_uid
+            ):
+                return parent, i
+            if "ContentSequence" in item:
+                found = find(item)
+                if found is not None:
+                    return found
+        return None
+
+    found = find(sr)
+    if found is None:
+        raise ValueError("the SR has no image reference to extend")
+    parent, at = found
+    items = list(parent.ContentSequence)
+    template = items[at]
+    added = []
+    for h in headers[1:]:
+        item = PlainDataset()
+        for element in template:  # the concept and relationship, shared (never modified)
+            if element.keyword != "ReferencedSOPSequence":
+                item.add(element)
+        reference = PlainDataset()
+        reference.ReferencedSOPClassUID = h.sop_class_uid
+        reference.ReferencedSOPInstanceUID = h.sop_instance_uid
+        item.ReferencedSOPSequence = PlainSequence([reference])
+        added.append(item)
+    # a plain sequence: highdicom's own would re-validate every item on insertion
+    sequence = PlainSequence(items[: at + 1] + added + items[at + 1 :])
+    PlainDataset.__setitem__(parent, 0x0040A730, DataElement(0x0040A730, "SQ", sequence))
 
 
 def _description(kind: str, result: SeriesResult) -> str:

@@ -53,7 +53,12 @@ class Orthanc:
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(config))
         log = (self.root / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=log)
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(path)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk (inside Orthanc) reads it too
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

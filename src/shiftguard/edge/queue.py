@@ -169,30 +169,46 @@ class WorkQueue:
         survives the process being killed, and the next synchronous commit (for example
         :meth:`mark_ready`) makes it survive power loss too."""
         now = time.time() if now is None else now
+        row = (sop_uid, study_uid, series_uid, path, calling_ae, now)
+        return self.record_instances([row], sync=sync)[0]
+
+    def record_instances(
+        self, rows: Sequence[tuple[str, str, str, str, str, float]], sync: bool = True
+    ) -> list[bool]:
+        """:meth:`record_instance` for many (sop, study, series, path, calling AE, time) rows in
+        one transaction; True for each new instance."""
+        out = []
         with self._lock, self._synchronous(sync), self._tx() as db:
-            new = (
-                db.execute(
-                    "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
-                    (sop_uid, study_uid, series_uid, path, calling_ae, now),
-                ).rowcount
-                == 1
-            )
-            row = db.execute(
-                "SELECT state FROM studies WHERE study_uid = ?", (study_uid,)
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO studies (study_uid, state, calling_ae, first_received, "
-                    "last_received) VALUES (?, ?, ?, ?, ?)",
-                    (study_uid, RECEIVING, calling_ae, now, now),
+            for sop_uid, study_uid, series_uid, path, calling_ae, now in rows:
+                new = (
+                    db.execute(
+                        "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                        (sop_uid, study_uid, series_uid, path, calling_ae, now),
+                    ).rowcount
+                    == 1
                 )
-            elif new:
-                state = RECEIVING if row["state"] in (DONE, FAILED, READY) else row["state"]
-                db.execute(
-                    "UPDATE studies SET state = ?, last_received = ? WHERE study_uid = ?",
-                    (state, now, study_uid),
-                )
-            return new
+                state = db.execute(
+                    "SELECT state FROM studies WHERE study_uid = ?", (study_uid,)
+                ).fetchone()
+                if state is None:
+                    db.execute(
+                        "INSERT INTO studies (study_uid, state, calling_ae, first_received, "
+                        "last_received) VALUES (?, ?, ?, ?, ?)",
+                        (study_uid, RECEIVING, calling_ae, now, now),
+                    )
+                elif new:
+                    reopened = RECEIVING if state["state"] in (DONE, FAILED, READY) else None
+                    db.execute(
+                        "UPDATE studies SET state = ?, last_received = ? WHERE study_uid = ?",
+                        (reopened or state["state"], now, study_uid),
+                    )
+                out.append(new)
+        return out
+
+    def instance_paths(self) -> set[str]:
+        """The files of every recorded instance (to find files a crash left unrecorded)."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM instances").fetchall()}
 
     def mark_ready(self, study_uids: Iterable[str], now: float | None = None) -> int:
         """Studies whose association was released: ready to process. Returns how many changed."""

@@ -19,6 +19,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ CANNOT_UNDERSTAND = 0xC210
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO, so PACS admins can test the node
 ENGINES = ("asyncio", "pynetdicom")
 DURABILITY = ("association", "instance")
+RECORD_BATCH = 64  # queue records committed together under durability "association"
 CALLING_AE_NOT_RECOGNISED, NO_REASON = 3, 1
 
 
@@ -286,6 +288,16 @@ def _item_header(data: bytes, offset: int) -> tuple[int, int]:
 _UID_CHARS = re.compile(r"[^0-9.]")
 
 
+def _meta_identity(data: bytes) -> tuple[str, str]:
+    """(SOP instance UID, source AE title) from a Part 10 file's meta information."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    return str(meta.MediaStorageSOPInstanceUID), str(meta.get("SourceApplicationEntityTitle", ""))
+
+
 def _safe(uid: str) -> str:
     """A UID as a file name: digits and dots only (a UID can come from anyone on the network)."""
     return _UID_CHARS.sub("", uid)[:64] or "unknown"
@@ -355,6 +367,7 @@ class Receiver:
         self.stats = ReceiveStats()
         self._studies: dict[int, set[str]] = defaultdict(set)
         self._unsynced: dict[int, list[tuple[int, Path]]] = defaultdict(list)
+        self._batches: dict[int, list[tuple[str, str, str, str, str, float]]] = defaultdict(list)
         self._syncer = Syncer()
         self._lock = threading.Lock()
         self._server: Any = None
@@ -376,7 +389,12 @@ class Receiver:
         return None
 
     def _store(self, key: int, calling_ae: str, sop_uid: str, data: bytes) -> tuple[int, str]:
-        """Write one Part 10 instance durably and queue it; (DIMSE status, error comment)."""
+        """Write one Part 10 instance and queue it; (DIMSE status, error comment).
+
+        ``durability: instance``: the file and its record are fsynced before the answer.
+        ``durability: association``: the file is written (it survives the process being killed,
+        and :meth:`recover_inbox` records it should the record be lost); records are committed in
+        batches, and everything is fsynced before the association's release is acknowledged."""
         try:
             study_uid, series_uid = _uids(data)
         except Exception as exc:  # a malformed object: refuse it, keep serving
@@ -384,24 +402,41 @@ class Receiver:
             self.stats.add(rejected=1)
             return CANNOT_UNDERSTAND, f"cannot read the study/series UIDs: {exc}"
         path = self.inbox / _safe(study_uid) / f"{_safe(sop_uid)}.dcm"
-        sync = self.settings.durability == "instance"
+        row = (sop_uid, study_uid, series_uid, str(path), calling_ae, time.time())
         try:
-            write_durably(path, data, sync=sync)
-            new = self.queue.record_instance(
-                sop_uid, study_uid, series_uid, str(path), calling_ae, sync=sync
-            )
+            if self.settings.durability == "instance":
+                write_durably(path, data, sync=True)
+                new = self.queue.record_instance(*row, sync=True)
+                self.stats.add(duplicates=0 if new else 1)
+            else:
+                write_durably(path, data, sync=False)
+                sequence = self._syncer.add(path)
+                with self._lock:
+                    batch = self._batches[key]
+                    batch.append(row)
+                    self._unsynced[key].append((sequence, path.parent))
+                if len(batch) >= RECORD_BATCH:
+                    self._flush(key)
         except OSError as exc:
             log.error("cannot store %s: %s", sop_uid, exc)
             return OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}"
         with self._lock:
             self._studies[key].add(study_uid)
-            if not sync:
-                self._unsynced[key].append((self._syncer.add(path), path.parent))
-        self.stats.add(received=1, duplicates=0 if new else 1, bytes=len(data))
+        self.stats.add(received=1, bytes=len(data))
         return SUCCESS, ""
 
-    def _released(self, key: int) -> None:
+    def _flush(self, key: int) -> None:
+        """Commit an association's pending records (without waiting for the disk)."""
         with self._lock:
+            rows, self._batches[key] = self._batches.pop(key, []), []
+        if rows:
+            new = self.queue.record_instances(rows, sync=False)
+            self.stats.add(duplicates=new.count(False))
+
+    def _released(self, key: int) -> None:
+        self._flush(key)
+        with self._lock:
+            self._batches.pop(key, None)
             studies = self._studies.pop(key, set())
             unsynced = self._unsynced.pop(key, [])
         if unsynced:  # on disk before the release is acknowledged; mark_ready's synchronous
@@ -413,12 +448,43 @@ class Receiver:
 
     def _aborted(self, key: int) -> None:
         # an aborted association leaves its studies receiving: the stability timer decides
+        self._flush(key)
         with self._lock:
+            self._batches.pop(key, None)
             self._studies.pop(key, None)
             unsynced = self._unsynced.pop(key, [])
         if unsynced:
             self._syncer.wait(unsynced[-1][0], [folder for _, folder in unsynced])
             self.queue.sync()
+
+    def recover_inbox(self) -> int:
+        """Record the received files a crash left unrecorded (``durability: association``
+        acknowledges an instance once its file is written) and remove half-written temporary
+        files. Returns how many instances were recovered; their studies wait for the stability
+        timer like any study whose association did not end cleanly."""
+        if not self.inbox.is_dir():
+            return 0
+        known = self.queue.instance_paths()
+        rows = []
+        for path in sorted(self.inbox.glob("*/*")):
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # never acknowledged
+                continue
+            if str(path) in known or path.suffix != ".dcm":
+                continue
+            try:
+                data = path.read_bytes()
+                study_uid, series_uid = _uids(data)
+                sop_uid, calling_ae = _meta_identity(data)
+            except Exception as exc:  # noqa: BLE001 - leave it, say so
+                log.error("inbox file %s cannot be recovered: %s", path, exc)
+                continue
+            mtime = path.stat().st_mtime
+            rows.append((sop_uid, study_uid, series_uid, str(path), calling_ae, mtime))
+        if rows:
+            self.queue.record_instances(rows, sync=True)
+            log.warning("recovered %d received instances the queue had not recorded", len(rows))
+        return len(rows)
 
     # pynetdicom's event handlers --------------------------------------------------------------------
 
@@ -458,6 +524,7 @@ class Receiver:
     def start(self) -> None:
         from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
+        self.recover_inbox()
         storage = {str(c.abstract_syntax) for c in AllStoragePresentationContexts}
         if self.settings.engine == "asyncio":
             from shiftguard.edge.scp import Acceptor

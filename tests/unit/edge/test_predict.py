@@ -251,3 +251,26 @@ def test_edge_commands_never_import_the_lab_stack(
         [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True
     )
     assert "the edge runner imported torch" in probe.stderr  # the blocker itself works
+
+
+def test_the_fast_sr_is_the_document_highdicom_writes_with_every_image(
+    tmp_path: Path, cohort: Path
+) -> None:
+    from shiftguard.dicom.scan import list_files, scan_files
+    from shiftguard.dicom.series import group_series
+    from shiftguard.edge.dicom_out import SeriesResult, _fix_dates, build_sr, write_sr
+
+    headers, _ = scan_files(list_files(next(cohort.iterdir())))
+    group = group_series(headers)[0]
+    slices = sorted(group.headers, key=lambda h: h.instance_number or 0)
+    assert len(slices) > 10
+    ref = pydicom.dcmread(slices[0].path, stop_before_pixels=True)
+    result = SeriesResult(
+        series_uid=str(ref.SeriesInstanceUID), probability=0.8, threshold=0.5,
+        model_name="m", model_version="3", shadow=True,
+    )  # fmt: skip
+    write_sr(ref, slices, result, tmp_path / "fast.dcm")
+    reference = build_sr(ref, slices, result)  # highdicom given every image
+    _fix_dates(reference, ref)
+    reference.save_as(tmp_path / "highdicom.dcm", enforce_file_format=True)
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "highdicom.dcm").read_bytes()

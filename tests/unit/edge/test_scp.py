@@ -187,3 +187,33 @@ def test_settings_name_the_bad_value() -> None:
         ReceiverSettings(engine="twisted")
     with pytest.raises(ValueError, match="durability 'maybe'"):
         ReceiverSettings(durability="maybe")
+
+
+@needs_dcmtk
+def test_files_written_but_not_recorded_are_recovered_at_start(
+    tmp_path: Path, make_receiver, cohort: Path
+) -> None:
+    """Under durability 'association' an instance is acknowledged once its file is written and
+    its record committed in a batch: a crash in between leaves a file the queue does not know."""
+    rx, queue = make_receiver()
+    files = sorted(next(cohort.iterdir()).rglob("*.dcm"))[:3]
+    assert _storescu(rx.port, files).returncode == 0
+    inbox = rx.inbox
+    rx.stop()
+    recorded = sorted(queue.instance_paths())
+    # the crash: records lost, one half-written temporary file left behind
+    queue._db.execute("DELETE FROM instances")
+    queue._db.execute("DELETE FROM studies")
+    leftover = Path(recorded[0]).with_name(".partial.dcm.1.tmp")
+    leftover.write_bytes(b"half")
+    again = Receiver(ReceiverSettings(port=0), queue, inbox)
+    again.start()
+    try:
+        assert sorted(queue.instance_paths()) == recorded
+        assert not leftover.exists()
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        assert queue.study_state(uid) == RECEIVING  # the stability timer will process it
+        calling = queue._db.execute("SELECT DISTINCT calling_ae FROM instances").fetchall()
+        assert [r[0] for r in calling] == ["MODALITY"]
+    finally:
+        again.stop()

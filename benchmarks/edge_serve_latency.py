@@ -104,6 +104,9 @@ def main() -> None:
                 while service.queue.counts().get("deliveries_sent", 0) < 2 * (len(latencies) + 1):
                     time.sleep(0.002)
                 latencies.append(time.perf_counter() - released)
+            stages = {
+                name: 1000 * hist.total / max(hist.n, 1) for name, hist in service.latency.items()
+            }
             stored = orthanc.studies()
             assert len(stored) == args.studies and set(stored.values()) == {2}, stored
 
@@ -123,6 +126,11 @@ def main() -> None:
     print(
         f"association release -> SR and key image stored in Orthanc: p50 {1000 * p50:.0f} ms, "
         f"p95 {1000 * p95:.0f} ms  ({p95 / f:.1f}x the forward pass at p95)"
+    )
+    print(
+        f"  where it goes (service histograms, means): predict + write SR/SC "
+        f"{stages['predict']:.0f} ms, each C-STORE into Orthanc {stages['deliver']:.0f} ms, "
+        f"ready -> last result sent {stages['ready_to_sent']:.0f} ms"
     )
     print(
         f"targets: p95 < 1 s: {'met' if p95 < 1 else 'MISSED'}; overhead <= 2x forward: "

@@ -252,7 +252,13 @@ def _edge_serve(args: argparse.Namespace) -> int:
     from shiftguard.config import EdgeConfig, compose_section
     from shiftguard.edge.service import Service, settings_from_config
 
-    service = Service(settings_from_config(compose_section("edge", EdgeConfig, args.overrides)))
+    if args.config is not None:  # a site file: no conf/ tree needed
+        from shiftguard.config.site import load_site_config
+
+        cfg = load_site_config(args.config, args.overrides)
+    else:
+        cfg = compose_section("edge", EdgeConfig, args.overrides)
+    service = Service(settings_from_config(cfg))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -268,6 +274,18 @@ def _edge_serve(args: argparse.Namespace) -> int:
     )
     stop.wait()
     service.stop()
+    return 0
+
+
+def _edge_config(args: argparse.Namespace) -> int:
+    from shiftguard.config.site import site_config_template
+
+    text = site_config_template()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        log.info("wrote %s; edit it, then: shiftguard edge serve --config %s", args.out, args.out)
     return 0
 
 
@@ -363,8 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.set_defaults(func=_edge_predict)
     srv = edge_sub.add_parser("serve", help="the DICOM service: receive, infer, route (conf/edge/)")
+    srv.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a site file (see `shiftguard edge config`) instead of the project's conf/edge/",
+    )
     overrides(srv)
     srv.set_defaults(func=_edge_serve)
+    template = edge_sub.add_parser(
+        "config", help="print an annotated site file for `edge serve --config` (the defaults)"
+    )
+    template.add_argument("--out", type=Path, default=None, help="write it here instead")
+    template.set_defaults(func=_edge_config)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

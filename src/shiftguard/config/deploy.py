@@ -73,17 +73,19 @@ class EdgeConfig(_Strict):
     challenger: str | None = Field(None, description="a second bundle run on every study (shadow)")
     storage: str = Field("edge-data", description="queue database, received studies, results")
     shadow: bool = Field(True, description="send nothing to clinical destinations")
-    ae_title: str = Field("SHIFTGUARD", min_length=1, max_length=16)
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 11112
+    ae_title: str = Field("SHIFTGUARD", min_length=1, max_length=16, description="our AE title")
+    host: str = Field(
+        "127.0.0.1", description="listen address: the hospital LAN interface on a real site"
+    )
+    port: Annotated[int, Field(ge=0, le=65535, description="DICOM port (0: any free one)")] = 11112
     calling_ae_titles: list[str] = Field(
         default_factory=list, description="AE titles allowed to send; empty: any"
     )
     allowed_addresses: list[str] = Field(
         default_factory=list, description="addresses or CIDR networks allowed; empty: any"
     )
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls_cert: str | None = Field(None, description="PEM certificate: DICOM over TLS when set")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
     tls_ca: str | None = Field(None, description="CA bundle; set to require client certificates")
     engine: Literal["asyncio", "pynetdicom"] = Field(
         "asyncio", description="the Storage SCP: ShiftGuard's asyncio one (fast) or pynetdicom's"
@@ -93,14 +95,22 @@ class EdgeConfig(_Strict):
         description="fsync before acknowledging each C-STORE (instance) or before acknowledging "
         "the release of the association that brought it (association)",
     )
-    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    destinations: list[EdgeDestination] = Field(default_factory=list)
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    stability_s: Annotated[float, Field(gt=0)] = 30.0
-    retry_base_s: Annotated[float, Field(gt=0)] = 2.0
-    retry_max_s: Annotated[float, Field(gt=0)] = 300.0
-    http_host: str = "127.0.0.1"
-    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    network_timeout_s: Annotated[
+        float, Field(gt=0, description="an association silent this long is aborted")
+    ] = 60.0
+    destinations: list[EdgeDestination] = Field(
+        default_factory=list, description="where results go: {name, ae_title, host, port, role}"
+    )
+    workers: Annotated[int, Field(ge=1, le=64, description="studies processed at once")] = 1
+    stability_s: Annotated[
+        float, Field(gt=0, description="a study with no new image this long is processed")
+    ] = 30.0
+    retry_base_s: Annotated[
+        float, Field(gt=0, description="first delivery retry delay; doubles each time")
+    ] = 2.0
+    retry_max_s: Annotated[float, Field(gt=0, description="longest delivery retry delay")] = 300.0
+    http_host: str = Field("127.0.0.1", description="/healthz and /metrics listen here")
+    http_port: Annotated[int, Field(ge=0, le=65535, description="0: any free port")] = 8080
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> EdgeConfig:

@@ -286,3 +286,41 @@ def test_malformed_objects_are_refused_or_skipped_and_the_service_keeps_serving(
             assert study_uid not in orthanc.studies()
     finally:
         service.stop()
+
+
+def test_a_site_runs_the_service_from_a_site_file_without_the_project(
+    tmp_path: Path, bundle_path: Path, cohort: Path
+) -> None:
+    """What a hospital does: an installed package, a bundle and one YAML file; no conf/ tree."""
+    import os
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(bundle_path, site / bundle_path.name)
+    # the environment points the project lookup nowhere: only the site file may be read
+    env = {**os.environ, "SHIFTGUARD_CONF_DIR": str(tmp_path / "no-conf-here")}
+    cli = [sys.executable, "-m", "shiftguard.cli", "edge"]
+    made = subprocess.run(
+        [*cli, "config", "--out", "site.yaml"], cwd=site, env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    port, http = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*cli, "serve", "--config", "site.yaml", f"bundle={bundle_path.name}", f"port={port}",
+         f"http_port={http}", "calling_ae_titles=[MODALITY]"],
+        cwd=site, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait(lambda: _healthy(http), timeout=120)
+        _send(port, sorted(next(cohort.iterdir()).iterdir())[0])
+        _wait(lambda: b"shiftguard_edge_processed_total 1" in _metrics(http))
+        assert (site / "edge-data" / "queue.db").is_file()  # storage relative to the site folder
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0  # SIGTERM: a clean stop
+
+
+def _metrics(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        return r.read()

@@ -175,7 +175,9 @@ def receive_throughput(
         for name in names:
             where = tmp / f"receive{round_}-{names.index(name)}"
             files = [
-                p for s in copy_study(source, where / "sent", n_studies) for p in sorted(s.iterdir())
+                p
+                for s in copy_study(source, where / "sent", n_studies)
+                for p in sorted(s.iterdir())
             ]
             images = len(files)
             variant = variants[name]

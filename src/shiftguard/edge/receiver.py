@@ -62,7 +62,9 @@ class ReceiverSettings:
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
-            raise ValueError(f"receiver engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+            raise ValueError(
+                f"receiver engine {self.engine!r}: expected one of {', '.join(ENGINES)}"
+            )
         if self.durability not in DURABILITY:
             raise ValueError(
                 f"receiver durability {self.durability!r}: expected one of {', '.join(DURABILITY)}"
@@ -166,7 +168,21 @@ def _uids(data: bytes) -> tuple[str, str]:
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 _VRS = {
     b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
     b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
@@ -174,7 +190,11 @@ _VRS = {
 _EXPLICIT, _IMPLICIT, _U32 = struct.Struct("<HH2sH"), struct.Struct("<HHI"), struct.Struct("<I")
 _STUDY, _SERIES = 0x0020000D, 0x0020000E
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_IMPLICIT_LE, _EXPLICIT_BE, _DEFLATED = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
+_IMPLICIT_LE, _EXPLICIT_BE, _DEFLATED = (
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+)
 
 
 def scan_uids(data: bytes) -> tuple[str, str] | None:
@@ -214,7 +234,7 @@ def scan_uids(data: bytes) -> tuple[str, str] | None:
                 offset = _skip_items(data, start, explicit)
                 continue
             offset = start + length
-            if tag == _STUDY or tag == _SERIES:
+            if tag in (_STUDY, _SERIES):
                 if offset > size:
                     return None
                 values[tag] = data[start:offset].decode("ascii").rstrip("\0 ")
@@ -321,7 +341,7 @@ def write_durably(path: Path, data: bytes, sync: bool = True) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    tmp.replace(path)
     if sync:
         fsync_folder(path.parent)
 
@@ -476,7 +496,7 @@ class Receiver:
                 data = path.read_bytes()
                 study_uid, series_uid = _uids(data)
                 sop_uid, calling_ae = _meta_identity(data)
-            except Exception as exc:  # noqa: BLE001 - leave it, say so
+            except Exception as exc:
                 log.error("inbox file %s cannot be recovered: %s", path, exc)
                 continue
             mtime = path.stat().st_mtime

@@ -18,6 +18,7 @@ requestor proposing them gets the default behaviour.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import struct
@@ -137,9 +138,7 @@ def associate_ac(
     body = struct.pack(">HH", 1, 0) + request.raw_aes + bytes(32)
     body += _item(0x10, APPLICATION_CONTEXT)
     for context_id, result, syntax in results:
-        body += _item(
-            0x21, bytes([context_id, 0, result, 0]) + _item(0x40, syntax.encode("ascii"))
-        )
+        body += _item(0x21, bytes([context_id, 0, result, 0]) + _item(0x40, syntax.encode("ascii")))
     user = _item(0x51, struct.pack(">I", max_pdu))
     user += _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii"))
     user += _item(0x55, IMPLEMENTATION_VERSION.encode("ascii"))
@@ -220,7 +219,9 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
 
     def element(number: int, vr: bytes, value: bytes) -> bytes:
         if vr == b"OB":
-            return struct.pack("<HH", 2, number) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+            return (
+                struct.pack("<HH", 2, number) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+            )
         return struct.pack("<HH", 2, number) + vr + struct.pack("<H", len(value)) + value
 
     group = b"".join(
@@ -303,7 +304,7 @@ class Acceptor:
                     )
                 )  # fmt: skip
                 self.port = int(self._server.sockets[0].getsockname()[1])
-            except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
+            except BaseException as exc:
                 failure.append(exc)
                 started.set()
                 loop.close()
@@ -363,10 +364,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:  # request / response messages: no Nagle delay
+            with contextlib.suppress(OSError):  # request / response messages: no Nagle delay
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.address = str(peer[0])
         self.acceptor._connections.add(self)

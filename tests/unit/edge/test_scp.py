@@ -50,15 +50,14 @@ def _storescu(port: int, files: list[Path], *extra: str) -> subprocess.Completed
 
 
 def test_scan_uids_agrees_with_pydicom_on_its_test_files() -> None:
-    from pydicom.data import get_testdata_files
+    import pydicom.data
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the files it would download
-        names = get_testdata_files("*")
+    # the files pydicom ships (get_testdata_files would also try to download its larger set)
+    names = sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*"))
     compared = 0
     for name in names:
-        if not Path(name).is_file():
-            continue
+        if not Path(name).is_file() or Path(name).stat().st_size > 1_000_000:
+            continue  # the header is what matters; big pixel payloads only cost time
         raw = Path(name).read_bytes()
         try:
             with warnings.catch_warnings():
@@ -119,7 +118,9 @@ def test_unsupported_contexts_are_rejected_and_supported_ones_used(make_receiver
     assert assoc.is_established
     accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
     rejected = {str(c.abstract_syntax) for c in assoc.rejected_contexts}
-    assert accepted == {MRImageStorage} and rejected == {PatientRootQueryRetrieveInformationModelFind}
+    assert accepted == {MRImageStorage} and rejected == {
+        PatientRootQueryRetrieveInformationModelFind
+    }
     assoc.release()
 
 

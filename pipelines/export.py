@@ -20,6 +20,7 @@ DATASET = Path("artifacts/split/dataset.csv")
 INGEST = Path("artifacts/ingest")
 VALIDATION = Path("reports/validate")
 OUT = Path("artifacts/export")
+DICOM = Path("data/dicom")  # the training series, run through the edge runner for the reference
 REPORTS = Path("reports/export")
 
 
@@ -34,6 +35,7 @@ def main() -> int:
         VALIDATION,
         OUT,
         model_info=MODEL_INFO,
+        dicom_dir=DICOM,
     )
     write_json(REPORTS / "metrics.json", summary.to_metrics())
     return 0

@@ -82,13 +82,30 @@ class Model:
         (``None`` when the model has no such output): on the network's last grid, or resampled to
         ``canonical_shape`` when given (the key image needs one slice of it, and resamples that
         slice alone)."""
-        outputs = self.logits(image)
-        probability = float(sigmoid(outputs[0].reshape(-1)[0].astype(np.float64)))
-        saliency = None
-        if len(outputs) > 1:
-            saliency = outputs[1][0, 0].astype(np.float32)
+        probability, saliency, _ = self.infer(image, canonical_shape)
+        return probability, saliency
+
+    def infer(
+        self, image: np.ndarray, canonical_shape: Sequence[int] | None = None
+    ) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+        """:meth:`predict` plus the penultimate features ``(D,)`` (``None`` when the model has
+        no ``embedding`` output). Outputs are found by name; a model with unnamed outputs has
+        the logit first and the activation map second."""
+        values = self.logits(image)
+        outputs = dict(zip(self.output_names, values, strict=True))
+        if "logit" in outputs:
+            logit, saliency = outputs["logit"], outputs.get("saliency")
+            embedding = outputs.get("embedding")
+        else:  # an older or foreign model: by position
+            logit, saliency = values[0], values[1] if len(values) > 1 else None
+            embedding = None
+        probability = float(sigmoid(logit.reshape(-1)[0].astype(np.float64)))
+        if saliency is not None:
+            saliency = saliency[0, 0].astype(np.float32)
             if canonical_shape is not None:
                 from shiftguard.edge.preprocess import linear_resize
 
                 saliency = linear_resize(saliency, canonical_shape)
-        return probability, saliency
+        if embedding is not None:
+            embedding = embedding[0].astype(np.float64)
+        return probability, saliency, embedding

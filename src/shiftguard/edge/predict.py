@@ -18,6 +18,7 @@ Nothing here imports torch, MONAI, MLflow or DVC.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 import time
@@ -38,6 +39,14 @@ from shiftguard.edge.dicom_out import SeriesResult, write_sc, write_sr
 from shiftguard.edge.infer import Model
 from shiftguard.edge.preprocess import preprocess
 from shiftguard.errors import ShiftGuardError
+from shiftguard.monitor.features import (
+    FEATURE_NAMES,
+    Projection,
+    acquisition_features,
+    image_features,
+    output_features,
+    segment_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +57,13 @@ class InputError(ShiftGuardError, FileNotFoundError):
 
 RESULTS_CSV = "results.csv"
 SKIPPED_CSV = "skipped.csv"
-#: PHI-free image and acquisition features recorded per series (the drift monitor's inputs)
-FEATURES = ("mean", "std", "p01", "p50", "p99", "foreground_fraction", "snr")
+#: PHI-free features recorded per series: the drift monitor's inputs (shiftguard.monitor.features)
+FEATURES = tuple(
+    name
+    for name in FEATURE_NAMES
+    if name not in ("manufacturer", "scanner_model", "field_strength", "n_slices", "probability")
+)
+PROJECTION_MEMBER = "embedding_pca.json"
 RESULT_COLUMNS = (
     "series_key",
     "study_uid",
@@ -73,6 +87,7 @@ RESULT_COLUMNS = (
     "read_s",
     "preprocess_s",
     "infer_s",
+    "features_s",
     "write_s",
 )
 SKIPPED_COLUMNS = ("path", "series_uid", "series_description", "code", "reason")
@@ -123,6 +138,20 @@ class SelectionRules:
 
 
 @dataclass
+class Analysis:
+    """One series through the runner, before anything is written."""
+
+    series: Any
+    resampled: Any
+    ref: Any
+    probability: float
+    saliency: np.ndarray | None
+    embedding: np.ndarray | None
+    features: dict[str, Any]
+    timings: dict[str, float]
+
+
+@dataclass
 class PredictSummary:
     """What one ``predict`` call did."""
 
@@ -162,9 +191,13 @@ class Predictor:
         self.model = Model(bundle, providers=providers)
         self.rules = rules_from_manifest(bundle.manifest)
         self.selection = SelectionRules.from_manifest(bundle.manifest.get("series_selection", {}))
+        self.projection: Projection | None = None
+        if PROJECTION_MEMBER in bundle.members:
+            self.projection = Projection.from_json(json.loads(bundle.text(PROJECTION_MEMBER)))
 
-    def predict_group(self, group: SeriesGroup, out_dir: Path) -> dict[str, Any]:
-        """Predict one series and write its SR and SC; raises InvalidSeriesError when unusable."""
+    def analyse(self, group: SeriesGroup) -> Analysis:
+        """Read, resample, preprocess and infer one series, and compute its monitor features;
+        raises InvalidSeriesError when the series is unusable. Writes nothing."""
         import pydicom
 
         began = time.perf_counter()
@@ -181,13 +214,47 @@ class Predictor:
         preprocess_s = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        probability, saliency = self.model.predict(image)
+        probability, saliency, embedding = self.model.infer(image)
         infer_s = time.perf_counter() - mark
 
         mark = time.perf_counter()
+        h = series.headers[0]
+        projection = (
+            self.projection.project(embedding)
+            if self.projection is not None and embedding is not None
+            else None
+        )
+        features = {
+            **acquisition_features(h, len(series.headers)),
+            **image_features(resampled.array, resampled.inside, stats),
+            **output_features(probability, projection),
+            **segment_features(h),
+        }
+        features_s = time.perf_counter() - mark
+        return Analysis(
+            series=series,
+            resampled=resampled,
+            ref=ref,
+            probability=probability,
+            saliency=saliency,
+            embedding=embedding,
+            features=features,
+            timings={
+                "read_s": read_s,
+                "preprocess_s": preprocess_s,
+                "infer_s": infer_s,
+                "features_s": features_s,
+            },
+        )
+
+    def predict_group(self, group: SeriesGroup, out_dir: Path) -> dict[str, Any]:
+        """Predict one series and write its SR and SC; raises InvalidSeriesError when unusable."""
+        a = self.analyse(group)
+        series = a.series
+        mark = time.perf_counter()
         result = SeriesResult(
             series_uid=series.series_uid,
-            probability=probability,
+            probability=a.probability,
             threshold=self.bundle.threshold,
             model_name=self.bundle.name,
             model_version=self.bundle.version,
@@ -196,8 +263,8 @@ class Predictor:
         key = series_key(series.series_uid)
         sr_path = out_dir / f"{key}_SR.dcm"
         sc_path = out_dir / f"{key}_SC.dcm"
-        write_sr(ref, series.headers, result, sr_path)
-        write_sc(ref, resampled.array, self.rules.spacing, saliency, result, sc_path)
+        write_sr(a.ref, series.headers, result, sr_path)
+        write_sc(a.ref, a.resampled.array, self.rules.spacing, a.saliency, result, sc_path)
         write_s = time.perf_counter() - mark
 
         h = series.headers[0]
@@ -206,24 +273,22 @@ class Predictor:
             "study_uid": series.study_uid,
             "series_uid": series.series_uid,
             "series_description": h.series_description,
-            "manufacturer": h.manufacturer,
-            "scanner_model": h.model,
+            "manufacturer": a.features["manufacturer"],
+            "scanner_model": a.features["scanner_model"],
             "field_strength": "" if h.field_strength is None else h.field_strength,
             "n_slices": len(series.headers),
-            "probability": round(probability, 6),
+            "probability": round(a.probability, 6),
             "threshold": round(self.bundle.threshold, 6),
             "result": result.label,
             "shadow": int(self.shadow),
             "model": self.bundle.name,
             "model_version": self.bundle.version,
-            **{name: _round(stats.get(name)) for name in FEATURES},
+            **{name: _round(a.features.get(name)) for name in FEATURES},
             "sr_file": sr_path.name,
             "sc_file": sc_path.name,
             "sr_uid": result.uid("sr"),
             "sc_uid": result.uid("sc"),
-            "read_s": round(read_s, 4),
-            "preprocess_s": round(preprocess_s, 4),
-            "infer_s": round(infer_s, 4),
+            **{name: round(value, 4) for name, value in a.timings.items()},
             "write_s": round(write_s, 4),
         }
         return row
@@ -291,6 +356,8 @@ class Predictor:
 
 
 def _round(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return ""
     return round(float(value), 6)

@@ -2,15 +2,16 @@
 
 The stage (``pipelines/export.py``, DVC stage ``export``):
 
-1. loads ``artifacts/train/model.pt`` and exports it to ONNX with two outputs, the logit and, for
-   networks that have one (:meth:`shiftguard.models.SmallCNN3d.activation_map`), a class-activation
-   map; and to TorchScript;
+1. loads ``artifacts/train/model.pt`` and exports it to ONNX with the logit, for networks that
+   have one (:meth:`shiftguard.models.SmallCNN3d.activation_map`) a class-activation map, and the
+   penultimate features (the drift monitor's embedding); and to TorchScript;
 2. checks parity on a batch of validation series: ONNX Runtime against PyTorch (logits within
    ``export.parity_tolerance``), and the edge runner's numpy preprocessing against the training
    pipeline's MONAI preprocessing (within 1e-5): the stage fails otherwise;
-3. writes the bundle (:mod:`shiftguard.edge.bundle`): manifest, model(s), the training series'
-   PHI-free feature statistics (the drift baseline), a model card built from the validation
-   reports, and those reports;
+3. writes the bundle (:mod:`shiftguard.edge.bundle`): manifest, model(s), a model card built from
+   the validation reports, those reports, and the drift baseline: the edge runner itself run on
+   the training series' DICOM files (:mod:`shiftguard.monitor.features`), with the PCA basis of
+   their penultimate features;
 4. logs the bundle to the training run in MLflow and tags the registered model version with it.
 """
 

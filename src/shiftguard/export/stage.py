@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,28 +23,18 @@ from shiftguard.edge.bundle import bundle_file_name, open_bundle, sha256_bytes, 
 from shiftguard.edge.predict import FEATURES
 from shiftguard.edge.preprocess import preprocess
 from shiftguard.errors import ShiftGuardError
+from shiftguard.monitor.features import SCHEMA_VERSION as MONITOR_SCHEMA
 
 log = logging.getLogger(__name__)
 
 ONNX_MEMBER = "model.onnx"
 TORCHSCRIPT_MEMBER = "model.torchscript.pt"
 REFERENCE_MEMBER = "reference.csv"
+PROJECTION_MEMBER = "embedding_pca.json"
 CARD_MEMBER = "model_card.md"
 #: the validation reports the bundle carries (and the card quotes)
 VALIDATION_FILES = ("metrics.json", "segments.csv", "robustness.csv")
 #: acquisition columns of the split table kept in the drift baseline (no identifiers, no dates)
-ACQUISITION = (
-    "manufacturer",
-    "scanner_model",
-    "field_strength",
-    "n_slices",
-    "pixel_spacing_row",
-    "pixel_spacing_col",
-    "slice_thickness",
-    "repetition_time",
-    "echo_time",
-    "flip_angle",
-)
 PREPROCESSING_TOLERANCE = 1e-5
 
 
@@ -75,25 +66,54 @@ class ExportSummary:
         }
 
 
-class _LogitAndMap(nn.Module):
-    """The network with its class-activation map as a second output (when it has one)."""
+class _ExportOutputs(nn.Module):
+    """The network's logit, then its class-activation map (when it has ``activation_map``), then
+    its penultimate features: the input of its last linear layer, captured by a hook while the
+    logit is computed (the drift monitor projects them onto a fixed PCA basis)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.has_map = callable(getattr(net, "activation_map", None))
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        self.last_linear = linears[-1] if linears else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net(x), self.net.activation_map(x)  # type: ignore[operator]
+    @property
+    def output_names(self) -> list[str]:
+        names = ["logit"]
+        if self.has_map:
+            names.append("saliency")
+        if self.last_linear is not None:
+            names.append("embedding")
+        return names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        captured: list[torch.Tensor] = []
+        handle = None
+        if self.last_linear is not None:
+            handle = self.last_linear.register_forward_pre_hook(
+                lambda _module, args: captured.append(args[0])
+            )
+        try:
+            outputs = [self.net(x)]
+        finally:
+            if handle is not None:
+                handle.remove()
+        if self.has_map:
+            outputs.append(self.net.activation_map(x))  # type: ignore[operator]
+        if captured:
+            outputs.append(captured[0].flatten(1))
+        return tuple(outputs)
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
     """ONNX bytes of ``net`` (eval mode) with input ``image`` ``(B, 1, X, Y, Z)`` and outputs
-    ``logit`` ``(B, 1)`` and, when ``net`` has ``activation_map``, ``saliency``."""
-    has_map = callable(getattr(net, "activation_map", None))
+    ``logit`` ``(B, 1)``, ``saliency`` when ``net`` has ``activation_map``, and ``embedding``
+    ``(B, D)`` (the penultimate features) when it has a linear layer."""
     # the exporter restores the *top* module's training flag on every submodule afterwards, so a
     # wrapper left in training mode would switch ``net`` back to training (batch-norm statistics)
-    module: nn.Module = (_LogitAndMap(net) if has_map else net).eval()
-    outputs = ["logit", "saliency"] if has_map else ["logit"]
+    module = _ExportOutputs(net).eval()
+    outputs = module.output_names
     axes = {"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -178,12 +198,58 @@ def check_parity(
     return diff, prep_diff
 
 
-def reference_table(rows: pd.DataFrame, probabilities: np.ndarray) -> bytes:
-    """The drift baseline: PHI-free features and the model's probability per training series."""
-    columns = [c for c in (*FEATURES, *ACQUISITION) if c in rows.columns]
-    table = rows[columns].copy()
-    table["probability"] = np.round(probabilities, 6)
+def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
+    """The drift baseline: one row of monitor features per training series (exactly
+    :data:`~shiftguard.monitor.features.FEATURE_NAMES`, nothing that identifies anyone)."""
+    from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, _clean
+
+    table = pd.DataFrame(
+        [{n: _clean(r.get(n), BY_NAME[n].kind) for n in FEATURE_NAMES} for r in records],
+        columns=list(FEATURE_NAMES),
+    )
     return table.to_csv(index=False, lineterminator="\n").encode()
+
+
+def monitor_reference(
+    bundle_path: Path, dicom_dir: Path, series_uids: Sequence[str]
+) -> tuple[bytes, bytes, int]:
+    """Run the edge runner (:meth:`~shiftguard.edge.predict.Predictor.analyse`) on the training
+    series' DICOM files, fit the embedding's PCA basis on their penultimate features, and return
+    ``reference.csv``, ``embedding_pca.json`` and how many series went in. Live records and the
+    reference are thus computed by the same code on the same kind of input."""
+    from shiftguard.dicom.errors import InvalidSeriesError
+    from shiftguard.dicom.scan import list_files, scan_files
+    from shiftguard.dicom.series import group_series
+    from shiftguard.edge.bundle import open_bundle
+    from shiftguard.edge.predict import Predictor
+    from shiftguard.monitor.features import Projection, output_features
+
+    if not dicom_dir.is_dir():
+        raise ExportError(f"{dicom_dir}: no DICOM folder to compute the drift reference from")
+    wanted = set(series_uids)
+    headers, _ = scan_files(list_files(dicom_dir))
+    groups = sorted(
+        (g for g in group_series(headers) if g.series_uid in wanted), key=lambda g: g.series_uid
+    )
+    predictor = Predictor(open_bundle(bundle_path))
+    analyses = []
+    for group in groups:
+        try:
+            analyses.append(predictor.analyse(group))
+        except InvalidSeriesError as exc:
+            log.warning("export: reference skips series %s: %s", group.series_uid, exc)
+    if not analyses or any(a.embedding is None for a in analyses):
+        raise ExportError(
+            f"{dicom_dir}: {len(analyses)} of {len(wanted)} training series usable, or the model "
+            "has no embedding output; cannot build the drift reference"
+        )
+    projection = Projection.fit(np.stack([a.embedding for a in analyses]))  # type: ignore[misc]
+    records = [
+        {**a.features, **output_features(a.probability, projection.project(a.embedding))}  # type: ignore[arg-type]
+        for a in analyses
+    ]
+    basis = json.dumps(projection.to_json(), indent=1).encode()
+    return reference_table(records), basis, len(records)
 
 
 def _fmt_ci(entry: Any) -> str:
@@ -304,6 +370,7 @@ def run(
     track: bool = True,
     root: Path | None = None,
     parity_series: int = 8,
+    dicom_dir: Path | None = None,
 ) -> ExportSummary:
     """The stage (see the package docstring). Returns what it wrote and measured.
 
@@ -311,7 +378,6 @@ def run(
         ExportError: parity fails, or the validation reports are missing.
         ModelFileError: the model file is missing or unreadable.
     """
-    from shiftguard.evaluation.validate import predict_paths
     from shiftguard.tracking import data_version
     from shiftguard.training.stage import load_model, read_rows
 
@@ -361,19 +427,13 @@ def run(
     torchscript = export_torchscript(net, example) if cfg.torchscript else None
 
     train_rows = rows[rows["split"] == "train"]
-    probabilities = predict_paths(
-        net, [str(ingest_dir / p) for p in train_rows["volume_path"]], train_cfg
-    )
-    members: dict[str, bytes] = {
-        ONNX_MEMBER: onnx_bytes,
-        REFERENCE_MEMBER: reference_table(train_rows, probabilities),
-    }
+    members: dict[str, bytes] = {ONNX_MEMBER: onnx_bytes}
     models = [
         {
             "member": ONNX_MEMBER,
             "format": "onnx",
             "opset": cfg.opset,
-            "outputs": ["logit", "saliency"] if hasattr(net, "activation_map") else ["logit"],
+            "outputs": _ExportOutputs(net).output_names,
         }
     ]
     if torchscript is not None:
@@ -421,6 +481,21 @@ def run(
             "external_auroc": (metrics.get("external", {}).get("auroc") or {}).get("value"),
         },
         "parity": {"onnx_max_abs_logit_diff": onnx_diff, "preprocessing_max_abs_diff": prep_diff},
+    }
+    # the drift reference runs the edge runner itself, so it needs the bundle: a provisional one
+    # without it first, then the final one
+    with tempfile.TemporaryDirectory() as tmp:
+        provisional = write_bundle(Path(tmp) / "provisional.sgbundle", manifest, members)
+        reference, basis, n_reference = monitor_reference(
+            provisional, dicom_dir or root / "data" / "dicom", list(train_rows["series_uid"])
+        )
+    members[REFERENCE_MEMBER] = reference
+    members[PROJECTION_MEMBER] = basis
+    manifest["monitor"] = {
+        "reference": REFERENCE_MEMBER,
+        "projection": PROJECTION_MEMBER,
+        "schema": MONITOR_SCHEMA,
+        "n_reference": n_reference,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.sgbundle"):

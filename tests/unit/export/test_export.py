@@ -35,28 +35,32 @@ def net() -> SmallCNN3d:
     return SmallCNN3d(channels=(4, 8), local_contrast=3, pooling="meanmax").eval()
 
 
-def test_onnx_has_logit_and_activation_map_matching_torch_and_leaves_eval_mode() -> None:
+def test_onnx_has_logit_activation_map_and_embedding_matching_torch_in_eval_mode() -> None:
     model = net()
     x = torch.rand(3, 1, *SHAPE)
     data = export_onnx(model, x[:1])
     assert not model.training  # the exporter must not switch batch norm back to training
     graph = onnx.load_model_from_string(data).graph
-    assert [o.name for o in graph.output] == ["logit", "saliency"]
+    assert [o.name for o in graph.output] == ["logit", "saliency", "embedding"]
     import onnxruntime as ort
 
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    logit, cam = session.run(None, {"image": x.numpy()})  # batch 3 through a graph traced on 1
+    logit, cam, emb = session.run(None, {"image": x.numpy()})  # batch 3, graph traced on 1
     with torch.no_grad():
         np.testing.assert_allclose(logit, model(x).numpy(), atol=1e-5)
         np.testing.assert_allclose(cam, model.activation_map(x).numpy(), atol=1e-4)
+        # the embedding is what the head sees: the head applied to it gives the logit
+        np.testing.assert_allclose(model.head(torch.from_numpy(emb)).numpy(), logit, atol=1e-4)
+    assert emb.shape[0] == 3 and emb.shape[1] == model.head.in_features
 
 
-def test_network_without_activation_map_exports_the_logit_only() -> None:
+def test_network_without_activation_map_exports_the_logit_and_embedding() -> None:
     plain = nn.Sequential(
         nn.Conv3d(1, 2, 3), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2, 1)
     )
     data = export_onnx(plain.eval(), torch.zeros(1, 1, *SHAPE))
-    assert [o.name for o in onnx.load_model_from_string(data).graph.output] == ["logit"]
+    names = [o.name for o in onnx.load_model_from_string(data).graph.output]
+    assert names == ["logit", "embedding"]
 
 
 def test_torchscript_round_trip() -> None:
@@ -95,20 +99,18 @@ def test_parity_passes_on_a_faithful_export_and_fails_with_the_figure(tmp_path: 
         check_parity(model, data, paths, train, wrong, 1e-4)
 
 
-def test_reference_table_keeps_features_and_drops_identifiers() -> None:
-    rows = pd.DataFrame(
-        {
-            "patient_id": ["SG1", "SG2"],
-            "series_uid": ["1.2", "1.3"],
-            "study_date": ["20200101", "20200102"],
-            "mean": [1.0, 2.0],
-            "snr": [10.0, 12.0],
-            "manufacturer": ["GE", "Siemens"],
-        }
-    )
-    table = pd.read_csv(io.BytesIO(reference_table(rows, np.array([0.25, 0.75]))))
-    assert list(table.columns) == ["mean", "snr", "manufacturer", "probability"]
-    assert table["probability"].tolist() == [0.25, 0.75]
+def test_reference_table_has_the_monitor_features_and_nothing_else() -> None:
+    from shiftguard.monitor.features import FEATURE_NAMES
+
+    records = [
+        {"patient_id": "SG1", "series_uid": "1.2", "mean": 1.0, "manufacturer": "GE"},
+        {"patient_id": "SG2", "series_uid": "1.3", "mean": 2.0, "probability": 0.75},
+    ]
+    table = pd.read_csv(io.BytesIO(reference_table(records)))
+    assert tuple(table.columns) == FEATURE_NAMES
+    assert table["mean"].tolist() == [1.0, 2.0]
+    assert table["manufacturer"].tolist() == ["GE", "unknown"]
+    assert "patient_id" not in table and "series_uid" not in table
 
 
 def test_model_card_quotes_the_validation_tables() -> None:

@@ -46,8 +46,16 @@ print(f"      edge predict (shadow mode) on the unseen scanner: {len(rows)} seri
       f"SR + key image per series in artifacts/edge/")
 if rows:
     print(f"      read one:  dsrdump artifacts/edge/{rows[0]['sr_file']}")
+drift = json.load(open("reports/monitor/metrics.json"))
+print(f"      drift monitor on those {drift['n_studies']} studies vs the training reference: unified "
+      f"drift score {drift['unified_score']:.1f} (about 0 in distribution), "
+      f"{drift['n_drifted']} features drifted ({100 * drift['drift_share']:.0f}%), "
+      f"alerts: {', '.join(drift['alerts']) or 'none'}")
+print("      drift report: reports/monitor/drift.html")
 PY
 echo
 echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 echo "      (then open http://127.0.0.1:5000); plots: dvc plots show (reports/validate/*.png)"
+echo "      Drift dashboard:  $bin/evidently ui --workspace artifacts/monitor/workspace"
+echo "      (then open http://127.0.0.1:8000, project 'ShiftGuard drift monitor')"
 echo "      The scanner-shift experiment, both arms side by side: make experiment"

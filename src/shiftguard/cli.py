@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from shiftguard import __version__
 
@@ -289,6 +291,114 @@ def _edge_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor_config(args: argparse.Namespace) -> Any:
+    from shiftguard.config import MonitorConfig, compose_section
+
+    return compose_section("monitor", MonitorConfig, args.overrides)
+
+
+def _monitor_collect(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from shiftguard.monitor.collect import Collector, RecordStore
+
+    cfg = _monitor_config(args)
+    token = os.environ.get(cfg.collector.token_env, "")
+    if not token:
+        from shiftguard.config import ConfigError
+
+        raise ConfigError(
+            f"monitor collect: set the shared token in ${cfg.collector.token_env} "
+            "(the edges send the same one)"
+        )
+    store = RecordStore(Path(cfg.collector.store))
+    collector = Collector(
+        store,
+        token,
+        host=cfg.collector.host,
+        port=cfg.collector.port,
+        max_batch=cfg.collector.max_batch,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    collector.start()
+    log.info(
+        "monitor collect: %s (store %s, %d records)", collector.url, cfg.collector.store,
+        store.count(),
+    )  # fmt: skip
+    stop.wait()
+    collector.stop()
+    store.close()
+    return 0
+
+
+def _monitor_run(args: argparse.Namespace, check: bool) -> int:
+    from shiftguard.edge.service import resolve_bundle
+    from shiftguard.monitor.runner import Monitor, records_from_results, reference_from_bundle
+
+    cfg = _monitor_config(args)
+    reference = reference_from_bundle(resolve_bundle(args.bundle))
+    if args.results is not None:
+        records = records_from_results(args.results, args.site or cfg.site)
+    else:
+        from shiftguard.monitor.collect import RecordStore
+
+        store = RecordStore(Path(cfg.collector.store))
+        records = store.frame()
+        store.close()
+    monitor = Monitor(cfg, reference, cfg.state, cfg.workspace, cfg.reports)
+    try:
+        judged = monitor.update(records, judge_open=args.final)
+        for result in judged:
+            s = result.summary()
+            log.info(
+                "window %s/%d (%d studies): unified drift score %.2f, %d of %d features drifted "
+                "(%.0f%%)%s",
+                s["site"], s["window"], s["n"], s["unified_score"], s["n_drifted"],
+                len(result.columns), 100 * s["drift_share"],
+                f": {', '.join(s['drifted'][:8])}{' ...' if len(s['drifted']) > 8 else ''}"
+                if s["drifted"] else "",
+            )  # fmt: skip
+        if not judged:
+            log.info("monitor: no new window to judge (%d records)", len(records))
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            history = monitor.history()
+            args.json.write_text(
+                json.dumps(
+                    {site: [w.summary() for w in ws] for site, ws in history.items()}, indent=2
+                )
+                + "\n"
+            )
+        _new, active = monitor.check(notify=check)
+        for alert in active:
+            log.warning("active alert: %s", alert.message())
+    finally:
+        monitor.close()
+    log.info(
+        "dashboard: evidently ui --workspace %s   (then open http://127.0.0.1:8000)", cfg.workspace
+    )
+    return 1 if (check and active) else 0
+
+
+def _monitor_ui(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    cfg = _monitor_config(args)
+    command = [
+        "evidently", "ui", "--workspace", cfg.workspace, "--host", args.host,
+        "--port", str(args.port),
+    ]  # fmt: skip
+    if args.print_only or shutil.which("evidently") is None:
+        print(" ".join(command))
+        return 0
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, exposed for tests and shell completion."""
     parser = argparse.ArgumentParser(prog="shiftguard", description=__doc__.splitlines()[0])
@@ -394,6 +504,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     template.add_argument("--out", type=Path, default=None, help="write it here instead")
     template.set_defaults(func=_edge_config)
+
+    mon = sub.add_parser("monitor", help="drift of live studies: collect, report, check, ui")
+    mon_sub = mon.add_subparsers(dest="action", required=True)
+    col = mon_sub.add_parser("collect", help="the collector service the edges ship records to")
+    overrides(col)
+    col.set_defaults(func=_monitor_collect)
+    for name, helptext, is_check in (
+        ("report", "judge new windows: Evidently snapshots, dashboard, HTML", False),
+        ("check", "report, then evaluate the alert rules: exit 1 on an active alert", True),
+    ):
+        cmd = mon_sub.add_parser(name, help=helptext)
+        cmd.add_argument("--bundle", default="artifacts/export", help="the reference's bundle")
+        cmd.add_argument(
+            "--results", type=Path, default=None,
+            help="an `edge predict` results.csv instead of the collector's store",
+        )  # fmt: skip
+        cmd.add_argument("--site", default=None, help="site name for --results records")
+        cmd.add_argument(
+            "--final", action="store_true", help="judge each site's open (incomplete) window too"
+        )
+        cmd.add_argument("--json", type=Path, default=None, help="write every window's summary")
+        overrides(cmd)
+        cmd.set_defaults(func=lambda a, c=is_check: _monitor_run(a, c))
+    ui = mon_sub.add_parser("ui", help="open the Evidently UI on the monitor's workspace")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=8000)
+    ui.add_argument("--print-only", action="store_true", help="print the command instead")
+    overrides(ui)
+    ui.set_defaults(func=_monitor_ui)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from shiftguard.config.deploy import (
     DEPLOY_SCHEMAS,
     EdgeConfig,
@@ -22,6 +24,7 @@ from shiftguard.config.loader import (
     validate_all,
     write_params,
 )
+from shiftguard.config.monitor import AlertRule, MonitorConfig, ScenarioConfig, ScenarioPhase
 from shiftguard.config.schema import SCHEMAS as LAB_SCHEMAS
 from shiftguard.config.schema import (
     AugmentConfig,
@@ -37,11 +40,12 @@ from shiftguard.config.schema import (
 )
 
 #: the schema of every top-level section of the composed configuration
-SCHEMAS = {**LAB_SCHEMAS, **DEPLOY_SCHEMAS}
+SCHEMAS: dict[str, type[BaseModel]] = {**LAB_SCHEMAS, **DEPLOY_SCHEMAS, "monitor": MonitorConfig}
 
 __all__ = [
     "PARAMS_FILE",
     "SCHEMAS",
+    "AlertRule",
     "AugmentConfig",
     "CohortConfig",
     "ConfigError",
@@ -51,8 +55,11 @@ __all__ = [
     "ExportConfig",
     "IngestConfig",
     "ModelConfig",
+    "MonitorConfig",
     "ScannerProfile",
     "ScannerSimProfile",
+    "ScenarioConfig",
+    "ScenarioPhase",
     "SeriesSelection",
     "SiteConfig",
     "SplitConfig",

@@ -109,6 +109,15 @@ class EdgeConfig(_Strict):
         float, Field(gt=0, description="first delivery retry delay; doubles each time")
     ] = 2.0
     retry_max_s: Annotated[float, Field(gt=0, description="longest delivery retry delay")] = 300.0
+    site: str = Field(
+        "site", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="this site's name in drift records"
+    )
+    collector_url: str | None = Field(
+        None, description="the drift collector, e.g. http://10.20.0.7:8765; null: spool only"
+    )
+    collector_token_env: str = Field(
+        "SHIFTGUARD_MONITOR_TOKEN", description="environment variable holding the collector token"
+    )
     http_host: str = Field("127.0.0.1", description="/healthz and /metrics listen here")
     http_port: Annotated[int, Field(ge=0, le=65535, description="0: any free port")] = 8080
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -72,6 +73,9 @@ class ServiceSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     calling_ae_title: str = "SHIFTGUARD"
+    site: str = "site"  # this site's name in the drift records
+    collector_url: str | None = None  # where the records are shipped; None: spool only
+    collector_token: str | None = None
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -126,6 +130,9 @@ def settings_from_config(cfg: Any) -> ServiceSettings:
         http_host=cfg.http_host,
         http_port=cfg.http_port,
         calling_ae_title=cfg.ae_title,
+        site=cfg.site,
+        collector_url=cfg.collector_url,
+        collector_token=os.environ.get(cfg.collector_token_env) or None,
     )
 
 
@@ -181,6 +188,18 @@ class Service:
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
+        # drift monitoring: a PHI-free record per series, spooled, shipped when a collector is set
+        from shiftguard.monitor.collect import Shipper, Spool
+
+        self.spool = Spool(root / "spool.db")
+        self.shipper: Shipper | None = None
+        if settings.collector_url:
+            if not settings.collector_token:
+                raise ValueError(
+                    f"edge: a collector is set ({settings.collector_url}) but no token: set the "
+                    "token's environment variable (edge.collector_token_env)"
+                )
+            self.shipper = Shipper(self.spool, settings.collector_url, settings.collector_token)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -223,6 +242,8 @@ class Service:
             f"skipped {s['series_description'] or Path(s['path']).name}: {s['reason']}"
             for s in summary.skipped
         )
+        if summary.results:  # spooled first: a crash before finish_study re-sends a duplicate,
+            self._spool(summary.results)  # which the collector ignores, rather than losing one
         self.queue.finish_study(study_uid, deliveries, results, note=note)
         if not deliveries:  # nothing will be sent (shadow mode, or nothing selected)
             self._ready_at.pop(study_uid, None)
@@ -230,6 +251,25 @@ class Service:
         self._count("processed")
         if note:
             log.info("study %s: %s", study_uid, note)
+
+    def _spool(self, rows: Sequence[dict[str, Any]]) -> None:
+        from shiftguard.monitor.features import make_record
+
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        records = [
+            make_record(
+                {k: (None if v == "" else v) for k, v in row.items()},
+                site=self.settings.site,
+                bundle=str(row["model"]),
+                bundle_version=str(row["model_version"]),
+                series_uid=str(row["series_uid"]),
+                processed_at=stamp,
+            )
+            for row in rows
+        ]
+        self.spool.add(records)
+        if self.shipper is not None:
+            self.shipper.wake()
 
     def _log_row(
         self, study_uid: str, row: dict[str, Any], role: str, routes: Sequence[Destination]
@@ -342,6 +382,8 @@ class Service:
         ]
         for name, value in sorted(self.queue.counts().items()):
             lines.append(f'shiftguard_edge_queue{{item="{name}"}} {value}')
+        for name, value in sorted(self.spool.counts().items()):
+            lines.append(f'shiftguard_edge_drift_records{{state="{name}"}} {value}')
         return "\n".join(lines) + "\n"
 
     def _serve_http(self) -> None:
@@ -388,6 +430,8 @@ class Service:
         ]
         for thread in self._threads:
             thread.start()
+        if self.shipper is not None:
+            self.shipper.start()
         deadline = time.monotonic() + 5
         while self._http is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -401,4 +445,7 @@ class Service:
             self._http.shutdown()
         for thread in self._threads:
             thread.join(timeout=10)
+        if self.shipper is not None:
+            self.shipper.stop()
+        self.spool.close()
         self.queue.close()

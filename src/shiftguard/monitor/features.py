@@ -136,7 +136,7 @@ def image_features(
         + v[:-2, 2:] - 2 * v[1:-1, 2:] + v[2:, 2:]
     )  # fmt: skip
     noise = math.sqrt(math.pi / 2) * float(np.abs(lap).mean()) / 6.0
-    fg = v > (p01 + 0.1 * scale)
+    fg = v > (float(p01) + 0.1 * scale)  # type: ignore[arg-type]  # set when scale is
     if inside is not None:
         fg &= inside
     core = fg[:-1, :-1, :-1]
@@ -169,7 +169,9 @@ def _bias_cv(v: np.ndarray, fg: np.ndarray, blocks: int = 4) -> float | None:
     return float(m.std() / m.mean()) if m.mean() > 0 else None
 
 
-def output_features(probability: float, projection: Sequence[float] | None) -> dict[str, Any]:
+def output_features(
+    probability: float, projection: Sequence[float] | np.ndarray | None
+) -> dict[str, Any]:
     """Probability, binary predictive entropy (bits) and the embedding's projection."""
     p = min(max(float(probability), 1e-12), 1 - 1e-12)
     entropy = -(p * math.log2(p) + (1 - p) * math.log2(1 - p))

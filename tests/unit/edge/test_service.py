@@ -324,3 +324,51 @@ def test_a_site_runs_the_service_from_a_site_file_without_the_project(
 def _metrics(port: int) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
         return r.read()
+
+
+def test_drift_records_reach_the_collector_and_carry_no_identifier(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    """Every record that leaves the runner, scanned for what could identify a patient or a study:
+    names, ids, accession numbers, dates, UIDs, institution and station names."""
+    import re
+
+    from shiftguard.monitor.collect import Collector, RecordStore
+    from shiftguard.monitor.features import ENVELOPE, FEATURE_NAMES
+
+    store = RecordStore(tmp_path / "records.db")
+    collector = Collector(store, "s3cret")
+    collector.start()
+    service = _service(
+        tmp_path, bundle_path, orthanc, shadow=True, site="north",
+        collector_url=collector.url, collector_token="s3cret",
+    )  # fmt: skip
+    studies = sorted(p for p in cohort.iterdir() if p.is_dir())[:2]
+    try:
+        for patient in studies:
+            _send(service.receiver.port, next(patient.iterdir()))
+        _wait(lambda: store.count() == 2)
+    finally:
+        service.stop()
+        collector.stop()
+    frame = store.frame()
+    store.close()
+    assert list(frame["site"]) == ["north", "north"]
+    assert set(FEATURE_NAMES) | set(ENVELOPE) <= set(frame.columns)
+    assert frame["probability"].between(0, 1).all() and frame["n_slices"].gt(0).all()
+    leaked: set[str] = set()
+    for f in sorted(p for patient in studies for p in patient.rglob("*.dcm"))[:50]:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for keyword in (
+            "PatientName", "PatientID", "PatientBirthDate", "StudyDate", "SeriesDate",
+            "AcquisitionDate", "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID",
+            "SOPInstanceUID", "FrameOfReferenceUID", "InstitutionName", "StationName", "StudyID",
+            "ReferringPhysicianName",
+        ):  # fmt: skip
+            value = str(ds.get(keyword, "") or "").strip()
+            if len(value) >= 4:
+                leaked.add(value)
+    text = frame.drop(columns=["received_at"]).to_json(orient="records")
+    assert not [v for v in leaked if v in text]
+    assert not re.search(r"\d+\.\d+\.\d+\.\d+\.\d+", text)  # nothing shaped like a UID
+    assert not re.search(r"(19|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])", text)  # no DA

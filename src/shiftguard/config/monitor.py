@@ -1,0 +1,131 @@
+"""Schema of the ``monitor`` section (``conf/monitor/``): where records are collected, how they are
+cut into windows, how drift is scored, and when an alert is raised; and of the drift scenarios
+(``conf/monitor/scenarios/*.yaml``) that show what the monitor detects and when.
+
+Kept out of :mod:`shiftguard.config.schema`: monitoring settings do not re-run any lab stage.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from shiftguard.config.schema import _Strict
+
+
+class CollectorConfig(_Strict):
+    """The collector service (``shiftguard monitor collect``) and how the edge reaches it."""
+
+    url: str | None = Field(
+        None,
+        description="where the edge ships records, e.g. http://10.20.0.7:8765; null: spool only",
+    )
+    token_env: str = Field(
+        "SHIFTGUARD_MONITOR_TOKEN", description="environment variable holding the shared token"
+    )
+    host: str = Field("127.0.0.1", description="collector listen address")
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+    store: str = Field("monitor-data/records.db", description="the collector's SQLite store")
+    batch_size: Annotated[int, Field(ge=1, le=5000)] = 500
+    max_batch: Annotated[int, Field(ge=1)] = 5000
+
+
+class WindowConfig(_Strict):
+    """How a site's stream of records is cut into windows compared with the reference."""
+
+    by: Literal["count", "time"] = "count"
+    size: Annotated[int, Field(ge=5, description="studies per window (by: count)")] = 50
+    period_hours: Annotated[float, Field(gt=0, description="window length (by: time)")] = 24.0
+    min_size: Annotated[
+        int, Field(ge=2, description="a time window with fewer studies is not judged")
+    ] = 20
+
+
+class DriftConfig(_Strict):
+    """Per-feature tests (Evidently's defaults) and the unified score."""
+
+    drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    bootstrap: Annotated[
+        int, Field(ge=20, description="reference windows drawn to calibrate the unified score")
+    ] = 200
+    seed: int = 0
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"metadata": 1.0, "image": 1.0, "output": 1.0, "embedding": 1.0},
+        description="weight of each feature group in the unified score",
+    )
+
+
+class AlertRule(_Strict):
+    """Raise an alert when ``metric`` is above ``above`` in ``windows`` consecutive windows."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    metric: str = Field(
+        description="drift_share, unified_score, score_<group>, or drift:<feature> (1 if drifted)"
+    )
+    above: float
+    windows: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> AlertRule:
+        ok = self.metric in ("drift_share", "unified_score") or self.metric.startswith(
+            ("score_", "drift:")
+        )
+        if not ok:
+            raise ValueError(
+                f"alert {self.name!r}: metric {self.metric!r} is not drift_share, unified_score, "
+                "score_<group> or drift:<feature>"
+            )
+        return self
+
+
+class MonitorConfig(_Strict):
+    """``shiftguard monitor``: collection, windows, drift scoring, alerts, reports."""
+
+    site: str = Field("site", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="this edge's name")
+    collector: CollectorConfig = Field(default_factory=CollectorConfig)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    alerts: list[AlertRule] = Field(default_factory=list)
+    webhook: str | None = Field(None, description="POST each new alert here (JSON)")
+    state: str = Field("monitor-data/monitor.db", description="judged windows and alerts")
+    workspace: str = Field("monitor-data/workspace", description="Evidently workspace folder")
+    reports: str = Field("monitor-data/reports", description="static HTML reports")
+    html: Literal["latest", "alerts", "all", "none"] = Field(
+        "latest", description="which windows get a static HTML report"
+    )
+
+    @model_validator(mode="after")
+    def _unique_alerts(self) -> MonitorConfig:
+        names = [a.name for a in self.alerts]
+        if len(names) != len(set(names)):
+            raise ValueError(f"monitor.alerts: names must be unique, got {names}")
+        return self
+
+
+class ScenarioPhase(_Strict):
+    """A stretch of a simulated stream: ``studies`` drawn from one generating condition."""
+
+    studies: Annotated[int, Field(ge=1)]
+    scanners: list[str] = Field(
+        default_factory=list, description="scanner profile names; empty: the training scanners"
+    )
+    slice_thickness_mm: float | None = Field(None, description="override the protocol's thickness")
+    prevalence: Annotated[float, Field(ge=0, le=1)] | None = None
+    ramp: bool = Field(
+        False, description="blend linearly from the previous phase's condition to this one"
+    )
+
+
+class ScenarioConfig(_Strict):
+    """A drift scenario: phases in order; ``onset`` is the study at which drift begins (None: no
+    drift, so any alert is a false alarm)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    phases: list[ScenarioPhase] = Field(min_length=1)
+    onset: Annotated[int, Field(ge=0)] | None = None
+    expect_detection_within: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the target: flagged within this many studies of the onset"
+    )
+    seed: int = 0

@@ -1,0 +1,247 @@
+"""The monitor's loop: records in, windows judged, snapshots and HTML out, alerts recorded.
+
+:class:`Monitor` keeps its state in a small SQLite file (every judged window's summary, every
+alert) so that ``shiftguard monitor report`` is incremental (a complete window is judged once)
+and ``shiftguard monitor check`` can say which alerts are new.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from shiftguard.monitor.alerts import Alert, evaluate, post_webhook
+from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, make_record
+from shiftguard.monitor.score import Scorer, WindowResult, cut_windows
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS windows (
+    site TEXT NOT NULL, idx INTEGER NOT NULL, complete INTEGER NOT NULL, n INTEGER NOT NULL,
+    result TEXT NOT NULL, judged_at TEXT NOT NULL, PRIMARY KEY (site, idx)
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    rule TEXT NOT NULL, site TEXT NOT NULL, idx INTEGER NOT NULL, alert TEXT NOT NULL,
+    raised_at TEXT NOT NULL, notified INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rule, site, idx)
+);
+"""
+
+
+def reference_from_bundle(path: Path | str) -> pd.DataFrame:
+    """The bundle's reference table (verified bundle, :func:`~shiftguard.edge.bundle.open_bundle`)."""
+    from shiftguard.edge.bundle import BundleError, open_bundle
+
+    bundle = open_bundle(path)
+    member = bundle.manifest.get("monitor", {}).get("reference", "reference.csv")
+    if member not in bundle.members:
+        raise BundleError(f"{path}: has no drift reference ({member}); re-export it")
+    return pd.read_csv(io.BytesIO(bundle.members[member]))
+
+
+def records_from_results(
+    results_csv: Path, site: str, processed_at: str | None = None
+) -> pd.DataFrame:
+    """Records (as the edge would ship them) from an ``edge predict`` ``results.csv``, in file
+    order, numbered by ``seq``."""
+    rows = pd.read_csv(results_csv, dtype=str, keep_default_na=False)
+    if rows.empty:
+        raise ValueError(f"{results_csv}: no predictions to monitor")
+    missing = [c for c in ("series_uid", "model", "model_version", "probability") if c not in rows]
+    if missing:
+        raise ValueError(f"{results_csv}: lacks the column(s) {', '.join(missing)}")
+    stamp = processed_at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    records = [
+        make_record(
+            {k: (None if v == "" else v) for k, v in row.items()},
+            site=site,
+            bundle=row["model"],
+            bundle_version=row["model_version"],
+            series_uid=row["series_uid"],
+            processed_at=stamp,
+        )
+        for row in rows.to_dict("records")
+    ]
+    frame = typed(pd.DataFrame(records))
+    frame["seq"] = range(1, len(frame) + 1)
+    return frame
+
+
+def typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Feature columns as the drift tests read them: numbers as float, categories as str."""
+    out = frame.copy()
+    for name in FEATURE_NAMES:
+        if name not in out:
+            continue
+        if BY_NAME[name].kind == "numerical":
+            out[name] = pd.to_numeric(out[name], errors="coerce")
+        else:
+            out[name] = out[name].astype(object).where(out[name].notna(), None)
+    return out
+
+
+class Monitor:
+    """Judges windows of records against a reference; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        reference: pd.DataFrame,
+        state: Path | str,
+        workspace: Path | str | None = None,
+        reports: Path | str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.reference = typed(reference)
+        self.scorer = Scorer(
+            self.reference,
+            weights=cfg.drift.weights,
+            bootstrap=cfg.drift.bootstrap,
+            seed=cfg.drift.seed,
+            drift_share=cfg.drift.drift_share,
+        )
+        self.state_path = Path(state)
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.state_path), check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self.workspace_dir = Path(workspace) if workspace else None
+        self.reports_dir = Path(reports) if reports else None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # judging ------------------------------------------------------------------------------------
+
+    def update(self, records: pd.DataFrame, judge_open: bool = False) -> list[WindowResult]:
+        """Judge every complete window not judged yet (and, with ``judge_open``, the open last
+        window of each site, if it has ``window.min_size`` records). Returns what was judged."""
+        if records.empty:
+            return []
+        records = typed(records)
+        if "seq" not in records:
+            records = records.assign(seq=range(1, len(records) + 1))
+        records = records.sort_values("seq", kind="stable")
+        w = self.cfg.window
+        judged: list[WindowResult] = []
+        snapshots: list[tuple[WindowResult, pd.DataFrame]] = []
+        for site, rows in records.groupby("site", sort=True):
+            done = {
+                idx
+                for (idx,) in self._db.execute(
+                    "SELECT idx FROM windows WHERE site = ? AND complete = 1", (site,)
+                )
+            }
+            for index, window, complete in cut_windows(
+                rows, w.by, w.size, w.period_hours, w.min_size
+            ):
+                if index in done or (not complete and not judge_open):
+                    continue
+                if len(window) < min(w.min_size, w.size):
+                    continue
+                result = self.scorer.window_result(str(site), index, window)
+                with self._lock, self._db:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            site, index, int(complete), len(window),
+                            json.dumps(asdict(result)), _now(),
+                        ),
+                    )  # fmt: skip
+                judged.append(result)
+                snapshots.append((result, window))
+        if self.workspace_dir is not None and snapshots:
+            self._write_reports(snapshots)
+        return judged
+
+    def history(self) -> dict[str, list[WindowResult]]:
+        """Every judged window, per site, in order."""
+        out: dict[str, list[WindowResult]] = {}
+        for site, result in self._db.execute("SELECT site, result FROM windows ORDER BY site, idx"):
+            out.setdefault(site, []).append(WindowResult(**json.loads(result)))
+        return out
+
+    # alerts -------------------------------------------------------------------------------------
+
+    def check(self, notify: bool = True) -> tuple[list[Alert], list[Alert]]:
+        """Evaluate the alert rules over the history: (new alerts, alerts on each site's latest
+        window). New ones are recorded, and POSTed to the webhook when one is configured."""
+        history = self.history()
+        alerts = evaluate(self.cfg.alerts, history)
+        new = []
+        with self._lock, self._db:
+            for alert in alerts:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO alerts (rule, site, idx, alert, raised_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (alert.rule, alert.site, alert.window, json.dumps(asdict(alert)), _now()),
+                )
+                if cursor.rowcount:
+                    new.append(alert)
+        latest = {site: windows[-1].index for site, windows in history.items() if windows}
+        active = [a for a in alerts if latest.get(a.site) == a.window]
+        if notify and new and self.cfg.webhook and post_webhook(self.cfg.webhook, new):
+            with self._lock, self._db:
+                for a in new:
+                    self._db.execute(
+                        "UPDATE alerts SET notified = 1 WHERE rule = ? AND site = ? AND idx = ?",
+                        (a.rule, a.site, a.window),
+                    )
+        for alert in new:
+            log.warning("ALERT %s", alert.message())
+        return new, active
+
+    def alerts(self) -> list[Alert]:
+        return [
+            Alert(**json.loads(a))
+            for (a,) in self._db.execute("SELECT alert FROM alerts ORDER BY site, idx, rule")
+        ]
+
+    # reports ------------------------------------------------------------------------------------
+
+    def _write_reports(self, judged: Sequence[tuple[WindowResult, pd.DataFrame]]) -> None:
+        from shiftguard.monitor.report import MonitorWorkspace, snapshot
+
+        assert self.workspace_dir is not None
+        workspace = MonitorWorkspace(self.workspace_dir)
+        html = self.cfg.html
+        for i, (result, window) in enumerate(judged):
+            stamp = _stamp(result.end)
+            snap = snapshot(window, self.reference, result, stamp)
+            workspace.add(snap, name=f"{result.site} window {result.index}")
+            last = i == len(judged) - 1
+            wanted = html == "all" or (html == "latest" and last)
+            if html == "alerts":
+                wanted = any(result.metric(rule.metric) > rule.above for rule in self.cfg.alerts)
+            if wanted and self.reports_dir is not None:
+                self.reports_dir.mkdir(parents=True, exist_ok=True)
+                name = f"drift-{result.site}-window{result.index:04d}.html"
+                snap.save_html(str(self.reports_dir / name))
+                log.info("drift report: %s", self.reports_dir / name)
+        sites = sorted({r.site for r, _ in judged} | set(self.history()))
+        workspace.save_dashboard(sites)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _stamp(text: str) -> datetime:
+    try:
+        value = pd.Timestamp(text)
+        if pd.isna(value):
+            raise ValueError(text)
+        return value.to_pydatetime().replace(tzinfo=None)
+    except (ValueError, TypeError):
+        return datetime.now(UTC).replace(tzinfo=None)

@@ -1,0 +1,251 @@
+"""Windows of records judged against the reference: per-feature drift (Evidently's default tests,
+:mod:`shiftguard.monitor.drift`) and a unified drift score.
+
+The unified score follows CheXstray (Soin et al. 2022): every feature's drift statistic is put on
+a common scale, then the groups (metadata, image, output, embedding) are combined with weights.
+Here the statistic is each feature's distance to the reference (two-sample Kolmogorov-Smirnov D
+for numbers, Jensen-Shannon distance for categories), and the common scale comes from the
+reference itself: ``bootstrap`` pairs of independent resamples (a window-sized one and a
+reference-sized one) give each feature's distance under no drift, for that window size, and a
+live distance becomes a z-score against them. A group's score is the mean z of its features; the
+unified score is the weighted mean of the groups. In-distribution windows score about 0 with a
+spread below 1; a new scanner moves metadata, image and embedding together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shiftguard.monitor.drift import DriftEngine, DriftResult
+from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
+
+GROUPS = ("metadata", "image", "output", "embedding")
+MIN_SPREAD = 0.02  # floor of a feature's null spread, so a constant feature cannot explode
+
+
+@dataclass
+class WindowResult:
+    """One window's verdict."""
+
+    site: str
+    index: int
+    n: int
+    first_seq: int
+    last_seq: int
+    start: str
+    end: str
+    drift_share: float
+    n_drifted: int
+    dataset_drift: bool
+    unified_score: float
+    group_scores: dict[str, float]
+    columns: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def metric(self, name: str) -> float:
+        """The value an alert rule reads: drift_share, unified_score, score_<group>, drift:<x>."""
+        if name == "drift_share":
+            return self.drift_share
+        if name == "unified_score":
+            return self.unified_score
+        if name.startswith("score_"):
+            return self.group_scores.get(name.removeprefix("score_"), float("nan"))
+        if name.startswith("drift:"):
+            column = self.columns.get(name.removeprefix("drift:"))
+            return float(bool(column and column["drifted"]))
+        raise KeyError(name)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "window": self.index,
+            "n": self.n,
+            "start": self.start,
+            "end": self.end,
+            "drift_share": round(self.drift_share, 4),
+            "n_drifted": self.n_drifted,
+            "dataset_drift": self.dataset_drift,
+            "unified_score": round(self.unified_score, 3),
+            **{f"score_{g}": round(v, 3) for g, v in self.group_scores.items()},
+            "drifted": sorted(c for c, v in self.columns.items() if v["drifted"]),
+        }
+
+
+class Scorer:
+    """Per-feature drift and the unified score of windows against one reference table."""
+
+    def __init__(
+        self,
+        reference: pd.DataFrame,
+        weights: Mapping[str, float] | None = None,
+        bootstrap: int = 200,
+        seed: int = 0,
+        drift_share: float = 0.5,
+    ) -> None:
+        self.features = [n for n in FEATURE_NAMES if n in reference and BY_NAME[n].group in GROUPS]
+        missing = [n for n in FEATURE_NAMES if n not in reference and BY_NAME[n].group in GROUPS]
+        if missing:
+            raise ValueError(f"the reference lacks {', '.join(missing)}: re-export the bundle")
+        self.reference = reference[self.features].reset_index(drop=True)
+        self.kinds = {n: BY_NAME[n].kind for n in self.features}
+        self.engine = DriftEngine(self.reference, self.kinds)
+        self.weights = {g: float((weights or {}).get(g, 1.0)) for g in GROUPS}
+        self.bootstrap = bootstrap
+        self.seed = seed
+        self.drift_share = drift_share
+        self._null: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
+        self._values = {n: _column(self.reference[n], self.kinds[n]) for n in self.features}
+
+    # the null distribution of each feature's distance, per window size -----------------------
+
+    def null(self, n: int) -> tuple[dict[str, float], dict[str, float]]:
+        """(mean, spread) of each feature's distance for windows of ``n`` drawn with no drift."""
+        if n not in self._null:
+            rng = np.random.default_rng([self.seed, n])
+            size = len(self.reference)
+            samples: dict[str, list[float]] = {f: [] for f in self.features}
+            for _ in range(self.bootstrap):
+                ref = rng.integers(0, size, size)
+                window = rng.integers(0, size, n)
+                for f in self.features:
+                    d = distance(self._values[f][ref], self._values[f][window], self.kinds[f])
+                    if d is not None:
+                        samples[f].append(d)
+            mean = {f: float(np.mean(v)) if v else 0.0 for f, v in samples.items()}
+            spread = {
+                f: max(float(np.std(v)), MIN_SPREAD) if len(v) > 1 else 1.0
+                for f, v in samples.items()
+            }
+            self._null[n] = (mean, spread)
+        return self._null[n]
+
+    # judging a window ---------------------------------------------------------------------------
+
+    def judge(self, window: pd.DataFrame) -> tuple[DriftResult, float, dict[str, float]]:
+        """Per-feature drift, the unified score and the group scores of one window."""
+        frame = window[self.features].reset_index(drop=True)
+        result = self.engine.run(frame)
+        mean, spread = self.null(len(window))
+        by_group: dict[str, list[float]] = {g: [] for g in GROUPS}
+        for name in self.features:
+            d = distance(
+                self._values[name], _column(frame[name], self.kinds[name]), self.kinds[name]
+            )
+            if d is None:
+                continue
+            by_group[BY_NAME[name].group].append((d - mean[name]) / spread[name])
+        groups = {g: float(np.mean(v)) for g, v in by_group.items() if v}
+        total = sum(self.weights[g] for g in groups)
+        unified = (
+            sum(self.weights[g] * s for g, s in groups.items()) / total if total > 0 else math.nan
+        )
+        return result, float(unified), groups
+
+    def window_result(self, site: str, index: int, window: pd.DataFrame) -> WindowResult:
+        result, unified, groups = self.judge(window)
+        seq = window["seq"] if "seq" in window else pd.Series(range(len(window)))
+        times = window["processed_at"] if "processed_at" in window else pd.Series([""])
+        return WindowResult(
+            site=site,
+            index=index,
+            n=len(window),
+            first_seq=int(seq.min()),
+            last_seq=int(seq.max()),
+            start=str(times.min()),
+            end=str(times.max()),
+            drift_share=result.share,
+            n_drifted=result.n_drifted,
+            dataset_drift=result.dataset_drift(self.drift_share),
+            unified_score=unified,
+            group_scores=groups,
+            columns={
+                name: {
+                    "test": c.test,
+                    "score": c.score,
+                    "threshold": c.threshold,
+                    "drifted": c.drifted,
+                    "distance": c.distance,
+                }
+                for name, c in result.columns.items()
+            },
+        )
+
+
+def _column(values: pd.Series, kind: str) -> np.ndarray:
+    """A feature's values as the distance functions take them: floats (NaN for missing) or
+    strings (None for missing)."""
+    if kind == "numerical":
+        return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    return np.array([None if pd.isna(v) else str(v) for v in values], dtype=object)
+
+
+def distance(reference: np.ndarray, current: np.ndarray, kind: str) -> float | None:
+    """A feature's drift distance: the two-sample Kolmogorov-Smirnov statistic D for numbers,
+    the Jensen-Shannon distance (natural log) of the value frequencies for categories. Missing
+    values are left out; None when either side has none.
+
+    >>> distance(np.array([0.0, 1, 2, 3]), np.array([10.0, 11]), "numerical")
+    1.0
+    >>> round(distance(np.array(["a", "a", "b"], dtype=object), np.array(["a"], dtype=object), "categorical"), 3)
+    0.368
+    """
+    if kind == "numerical":
+        a = np.sort(reference[np.isfinite(reference)])
+        b = np.sort(current[np.isfinite(current)])
+        if a.size == 0 or b.size == 0:
+            return None
+        points = np.concatenate([a, b])
+        cdf_a = np.searchsorted(a, points, side="right") / a.size
+        cdf_b = np.searchsorted(b, points, side="right") / b.size
+        return float(np.max(np.abs(cdf_a - cdf_b)))
+    ref_values = [v for v in reference if v is not None]
+    cur_values = [v for v in current if v is not None]
+    if not ref_values or not cur_values:
+        return None
+    values = sorted(set(ref_values) | set(cur_values))
+    index = {v: i for i, v in enumerate(values)}
+    p = np.bincount([index[v] for v in ref_values], minlength=len(values)) / len(ref_values)
+    q = np.bincount([index[v] for v in cur_values], minlength=len(values)) / len(cur_values)
+    m = (p + q) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum()
+        kl_q = np.where(q > 0, q * np.log(q / m), 0.0).sum()
+    return float(math.sqrt(max((kl_p + kl_q) / 2, 0.0)))
+
+
+def cut_windows(
+    records: pd.DataFrame, by: str, size: int, period_hours: float, min_size: int
+) -> list[tuple[int, pd.DataFrame, bool]]:
+    """(index, rows, complete) for one site's records in arrival order. Count windows are complete
+    at ``size`` rows; time windows (on ``processed_at``) when a later record exists, and are judged
+    only with at least ``min_size`` rows. The last, still open, window comes last, flagged."""
+    if records.empty:
+        return []
+    if by == "count":
+        out = []
+        for index, start in enumerate(range(0, len(records), size)):
+            rows = records.iloc[start : start + size]
+            out.append((index, rows, len(rows) == size))
+        return out
+    stamps = pd.to_datetime(records["processed_at"], utc=True, errors="coerce")
+    if stamps.isna().any():
+        bad = records.loc[stamps.isna(), "processed_at"].iloc[0]
+        raise ValueError(f"processed_at {bad!r} is not an ISO-8601 time")
+    period = pd.Timedelta(hours=period_hours)
+    origin = stamps.min().floor("D")
+    keys = ((stamps - origin) // period).astype(int)
+    last = int(keys.max())
+    return [
+        (int(k), records[keys == k], int(k) < last)
+        for k in sorted(keys.unique())
+        if (keys == k).sum() >= min_size or int(k) == last
+    ]
+
+
+def window_sizes(windows: Sequence[tuple[int, pd.DataFrame, bool]]) -> list[int]:
+    return [len(rows) for _, rows, _ in windows]

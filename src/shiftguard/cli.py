@@ -384,6 +384,27 @@ def _monitor_run(args: argparse.Namespace, check: bool) -> int:
     return 1 if (check and active) else 0
 
 
+def _monitor_scenarios(args: argparse.Namespace) -> int:
+    from shiftguard.config import CohortConfig, MonitorConfig, SplitConfig, compose, validate
+    from shiftguard.edge.service import resolve_bundle
+    from shiftguard.monitor.scenarios import run_all, table
+
+    config = compose(args.overrides)
+    summary = run_all(
+        validate("monitor", config.get("monitor"), MonitorConfig),
+        validate("cohort", config.get("cohort"), CohortConfig),
+        validate("split", config.get("split"), SplitConfig),
+        resolve_bundle(args.bundle),
+        args.names,
+        args.workers,
+    )
+    print(table(summary))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if all(r["met"] is not False for r in summary["scenarios"]) else 1
+
+
 def _monitor_ui(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
@@ -527,6 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", type=Path, default=None, help="write every window's summary")
         overrides(cmd)
         cmd.set_defaults(func=lambda a, c=is_check: _monitor_run(a, c))
+    scn = mon_sub.add_parser(
+        "scenarios", help="simulated drift scenarios: detection delay and false alarms (conf/)"
+    )
+    scn.add_argument("--names", nargs="*", default=[], help="run only these scenarios")
+    scn.add_argument("--bundle", default="artifacts/export")
+    scn.add_argument("--json", type=Path, default=None, help="write the results here")
+    scn.add_argument("--workers", type=int, default=None, help="cohort generator processes")
+    overrides(scn)
+    scn.set_defaults(func=_monitor_scenarios)
     ui = mon_sub.add_parser("ui", help="open the Evidently UI on the monitor's workspace")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=8000)

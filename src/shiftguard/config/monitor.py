@@ -61,7 +61,8 @@ class AlertRule(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     metric: str = Field(
-        description="drift_share, unified_score, score_<group>, or drift:<feature> (1 if drifted)"
+        description="drift_share, unified_score, score_<group>, drift:<feature> (1 if drifted), "
+        "novel:<feature> (share of the window's values the reference never had)"
     )
     above: float
     windows: Annotated[int, Field(ge=1)] = 1
@@ -69,14 +70,28 @@ class AlertRule(_Strict):
     @model_validator(mode="after")
     def _known_metric(self) -> AlertRule:
         ok = self.metric in ("drift_share", "unified_score") or self.metric.startswith(
-            ("score_", "drift:")
+            ("score_", "drift:", "novel:")
         )
         if not ok:
             raise ValueError(
                 f"alert {self.name!r}: metric {self.metric!r} is not drift_share, unified_score, "
-                "score_<group> or drift:<feature>"
+                "score_<group>, drift:<feature> or novel:<feature>"
             )
         return self
+
+
+class ScenarioSettings(_Strict):
+    """Where the drift scenarios are defined and how big their simulated pools are."""
+
+    folder: str = Field("conf/monitor/scenarios", description="one YAML file per scenario")
+    pool_training: Annotated[
+        int, Field(ge=10, description="simulated studies from the training scanners")
+    ] = 300
+    pool_other: Annotated[
+        int, Field(ge=10, description="simulated studies per other condition")
+    ] = 120
+    seed: int = 1
+    cache: str = Field("artifacts/scenarios/pools", description="simulated pools, reused")
 
 
 class MonitorConfig(_Strict):
@@ -94,6 +109,7 @@ class MonitorConfig(_Strict):
     html: Literal["latest", "alerts", "all", "none"] = Field(
         "latest", description="which windows get a static HTML report"
     )
+    scenarios: ScenarioSettings = Field(default_factory=lambda: ScenarioSettings())
 
     @model_validator(mode="after")
     def _unique_alerts(self) -> MonitorConfig:

@@ -199,24 +199,33 @@ def check_parity(
 
 
 def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
-    """The drift baseline: one row of monitor features per training series (exactly
-    :data:`~shiftguard.monitor.features.FEATURE_NAMES`, nothing that identifies anyone)."""
+    """The drift baseline: one row of monitor features per development series (exactly
+    :data:`~shiftguard.monitor.features.FEATURE_NAMES`, nothing that identifies anyone) and the
+    split it belongs to (``train``, ``val`` or ``test``)."""
     from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, _clean
 
     table = pd.DataFrame(
-        [{n: _clean(r.get(n), BY_NAME[n].kind) for n in FEATURE_NAMES} for r in records],
-        columns=list(FEATURE_NAMES),
+        [
+            {
+                **{n: _clean(r.get(n), BY_NAME[n].kind) for n in FEATURE_NAMES},
+                "split": r.get("split"),
+            }
+            for r in records
+        ],
+        columns=[*FEATURE_NAMES, "split"],
     )
     return table.to_csv(index=False, lineterminator="\n").encode()
 
 
 def monitor_reference(
-    bundle_path: Path, dicom_dir: Path, series_uids: Sequence[str]
+    bundle_path: Path, dicom_dir: Path, splits: Mapping[str, str]
 ) -> tuple[bytes, bytes, int]:
-    """Run the edge runner (:meth:`~shiftguard.edge.predict.Predictor.analyse`) on the training
-    series' DICOM files, fit the embedding's PCA basis on their penultimate features, and return
-    ``reference.csv``, ``embedding_pca.json`` and how many series went in. Live records and the
-    reference are thus computed by the same code on the same kind of input."""
+    """Run the edge runner (:meth:`~shiftguard.edge.predict.Predictor.analyse`) on the development
+    series' DICOM files (``splits``: series UID -> train / val / test), fit the embedding's PCA
+    basis on the training series' penultimate features, and return ``reference.csv``,
+    ``embedding_pca.json`` and how many series went in. Live records and the reference are thus
+    computed by the same code on the same kind of input. The monitor compares the model's outputs
+    and embedding with the held-out rows only: on its training series the model is overconfident."""
     from shiftguard.dicom.errors import InvalidSeriesError
     from shiftguard.dicom.scan import list_files, scan_files
     from shiftguard.dicom.series import group_series
@@ -226,27 +235,31 @@ def monitor_reference(
 
     if not dicom_dir.is_dir():
         raise ExportError(f"{dicom_dir}: no DICOM folder to compute the drift reference from")
-    wanted = set(series_uids)
     headers, _ = scan_files(list_files(dicom_dir))
     groups = sorted(
-        (g for g in group_series(headers) if g.series_uid in wanted), key=lambda g: g.series_uid
+        (g for g in group_series(headers) if g.series_uid in splits), key=lambda g: g.series_uid
     )
     predictor = Predictor(open_bundle(bundle_path))
     analyses = []
     for group in groups:
         try:
-            analyses.append(predictor.analyse(group))
+            analyses.append((splits[group.series_uid], predictor.analyse(group)))
         except InvalidSeriesError as exc:
             log.warning("export: reference skips series %s: %s", group.series_uid, exc)
-    if not analyses or any(a.embedding is None for a in analyses):
+    train = [a for split, a in analyses if split == "train"]
+    if not train or any(a.embedding is None for _, a in analyses):
         raise ExportError(
-            f"{dicom_dir}: {len(analyses)} of {len(wanted)} training series usable, or the model "
-            "has no embedding output; cannot build the drift reference"
+            f"{dicom_dir}: {len(train)} usable training series of {len(splits)} development ones, "
+            "or the model has no embedding output; cannot build the drift reference"
         )
-    projection = Projection.fit(np.stack([a.embedding for a in analyses]))  # type: ignore[misc]
+    projection = Projection.fit(np.stack([a.embedding for a in train]))  # type: ignore[misc]
     records = [
-        {**a.features, **output_features(a.probability, projection.project(a.embedding))}  # type: ignore[arg-type]
-        for a in analyses
+        {
+            **a.features,
+            **output_features(a.probability, projection.project(a.embedding)),  # type: ignore[arg-type]
+            "split": split,
+        }
+        for split, a in analyses
     ]
     basis = json.dumps(projection.to_json(), indent=1).encode()
     return reference_table(records), basis, len(records)
@@ -486,8 +499,11 @@ def run(
     # without it first, then the final one
     with tempfile.TemporaryDirectory() as tmp:
         provisional = write_bundle(Path(tmp) / "provisional.sgbundle", manifest, members)
+        internal = rows[rows["split"].isin(["train", "val", "test"])]
         reference, basis, n_reference = monitor_reference(
-            provisional, dicom_dir or root / "data" / "dicom", list(train_rows["series_uid"])
+            provisional,
+            dicom_dir or root / "data" / "dicom",
+            dict(zip(internal["series_uid"], internal["split"], strict=True)),
         )
     members[REFERENCE_MEMBER] = reference
     members[PROJECTION_MEMBER] = basis

@@ -32,9 +32,10 @@ class Alert:
     window_end: str
 
     def message(self) -> str:
+        ending = f" (ending {self.window_end})" if self.window_end else ""
         return (
             f"[{self.site}] {self.rule}: {self.metric} = {self.value:.3f} > {self.above:g} "
-            f"for {self.windows} window(s), up to window {self.window} (ending {self.window_end})"
+            f"for {self.windows} window(s), up to window {self.window}{ending}"
         )
 
 

@@ -71,14 +71,42 @@ def snapshot(
                 frame[f] = frame[f].astype(str)
     definition = _definition(features)
     metrics: list[Any] = [DataDriftPreset(columns=features)]
-    if EMBEDDING and all(e in features for e in EMBEDDING) and len(current) >= 10:
-        metrics.append(EmbeddingsDrift(embeddings_name="embedding"))
+    complete = bool(ref[[e for e in EMBEDDING if e in ref]].notna().all(axis=1).all())
+    if complete and EMBEDDING and all(e in features for e in EMBEDDING) and len(current) >= 10:
+        metrics.append(EmbeddingsDrift(embeddings_name="embedding"))  # else: embedding_snapshot
     metrics += [MeanValue(column=name) for name in (*SCALARS, "probability")]
     report = Report(metrics, include_tests=True)
     with warnings.catch_warnings():
         # scipy's chi-square divides by zero for a category the reference never had: expected
         warnings.simplefilter("ignore", RuntimeWarning)
         return _run(report, current, ref, definition, result, timestamp)
+
+
+def embedding_snapshot(
+    window: pd.DataFrame, reference: pd.DataFrame, result: WindowResult, timestamp: datetime
+) -> Any | None:
+    """Evidently's embedding drift (a classifier told to separate the window's penultimate
+    features from the reference's; drift when its ROC AUC passes 0.55) on the reference rows
+    whose embedding is known (the held-out ones), as a snapshot of its own; None when there are
+    too few rows on either side."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift
+
+    cur = window[EMBEDDING].apply(pd.to_numeric, errors="coerce").dropna()
+    ref = reference[EMBEDDING].apply(pd.to_numeric, errors="coerce").dropna()
+    if len(cur) < 10 or len(ref) < 10:
+        return None
+    definition = DataDefinition(numerical_columns=EMBEDDING, embeddings={"embedding": EMBEDDING})
+    report = Report([EmbeddingsDrift(embeddings_name="embedding")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return report.run(
+            Dataset.from_pandas(cur.reset_index(drop=True), data_definition=definition),
+            Dataset.from_pandas(ref.reset_index(drop=True), data_definition=definition),
+            timestamp=timestamp,
+            tags=[f"site:{result.site}", "embedding"],
+            metadata={"site": result.site, "window": str(result.index)},
+        )
 
 
 def _run(
@@ -169,6 +197,12 @@ class MonitorWorkspace:
             line_plot_panel(
                 title="Share of drifted features (Evidently DataDriftPreset)",
                 values=[PanelMetric(legend="drifted share", **share)],
+            ),
+            line_plot_panel(
+                title="Embedding drift (Evidently, classifier ROC AUC; drift above 0.55)",
+                values=[
+                    PanelMetric(legend="embedding", metric="EmbeddingsDrift", tags=["embedding"])
+                ],
             ),
             bar_plot_panel(
                 title="Key features: drift score per window",

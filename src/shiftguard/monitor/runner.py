@@ -22,7 +22,7 @@ import pandas as pd
 
 from shiftguard.monitor.alerts import Alert, evaluate, post_webhook
 from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, make_record
-from shiftguard.monitor.score import Scorer, WindowResult, cut_windows
+from shiftguard.monitor.score import Scorer, WindowResult, cut_windows, held_out_outputs
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Monitor:
         reports: Path | str | None = None,
     ) -> None:
         self.cfg = cfg
-        self.reference = typed(reference)
+        self.reference = held_out_outputs(typed(reference))
         self.scorer = Scorer(
             self.reference,
             weights=cfg.drift.weights,
@@ -211,7 +211,7 @@ class Monitor:
     # reports ------------------------------------------------------------------------------------
 
     def _write_reports(self, judged: Sequence[tuple[WindowResult, pd.DataFrame]]) -> None:
-        from shiftguard.monitor.report import MonitorWorkspace, snapshot
+        from shiftguard.monitor.report import MonitorWorkspace, embedding_snapshot, snapshot
 
         assert self.workspace_dir is not None
         workspace = MonitorWorkspace(self.workspace_dir)
@@ -220,6 +220,9 @@ class Monitor:
             stamp = _stamp(result.end)
             snap = snapshot(window, self.reference, result, stamp)
             workspace.add(snap, name=f"{result.site} window {result.index}")
+            embedding = embedding_snapshot(window, self.reference, result, stamp)
+            if embedding is not None:
+                workspace.add(embedding, name=f"{result.site} window {result.index} embedding")
             last = i == len(judged) - 1
             wanted = html == "all" or (html == "latest" and last)
             if html == "alerts":

@@ -26,6 +26,32 @@ from shiftguard.monitor.drift import DriftEngine, DriftResult
 from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
 
 GROUPS = ("metadata", "image", "output", "embedding")
+MIN_HELD_OUT = 20  # held-out reference rows needed to judge outputs on them alone
+
+
+def held_out_outputs(reference: pd.DataFrame) -> pd.DataFrame:
+    """The reference as the monitor compares with it: the model's outputs and embedding of its
+    own training series blanked (a network is overconfident on what it was fitted to), when the
+    reference has enough held-out (``split`` not ``train``) rows to stand on."""
+    if "split" not in reference:
+        return reference
+    held_out = reference["split"].astype(str) != "train"
+    if held_out.sum() < MIN_HELD_OUT:
+        return reference
+    out = reference.copy()
+    for name in FEATURE_NAMES:
+        if name in out and BY_NAME[name].group in ("output", "embedding"):
+            out.loc[~held_out, name] = np.nan
+    return out
+
+
+def _novel_key(value: Any) -> Any:
+    """How a metadata value is compared with the reference's: numbers to 4 significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if np.isfinite(value) else None
+    return value
+
+
 MIN_SPREAD = 0.02  # floor of a feature's null spread, so a constant feature cannot explode
 
 
@@ -46,6 +72,7 @@ class WindowResult:
     unified_score: float
     group_scores: dict[str, float]
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
+    novel: dict[str, float] = field(default_factory=dict)  # share of never-seen categories
 
     def metric(self, name: str) -> float:
         """The value an alert rule reads: drift_share, unified_score, score_<group>, drift:<x>."""
@@ -58,6 +85,8 @@ class WindowResult:
         if name.startswith("drift:"):
             column = self.columns.get(name.removeprefix("drift:"))
             return float(bool(column and column["drifted"]))
+        if name.startswith("novel:"):
+            return self.novel.get(name.removeprefix("novel:"), 0.0)
         raise KeyError(name)
 
     def summary(self) -> dict[str, Any]:
@@ -73,6 +102,7 @@ class WindowResult:
             "unified_score": round(self.unified_score, 3),
             **{f"score_{g}": round(v, 3) for g, v in self.group_scores.items()},
             "drifted": sorted(c for c, v in self.columns.items() if v["drifted"]),
+            "novel": {c: round(v, 3) for c, v in self.novel.items() if v > 0},
         }
 
 
@@ -87,6 +117,7 @@ class Scorer:
         seed: int = 0,
         drift_share: float = 0.5,
     ) -> None:
+        reference = held_out_outputs(reference)
         self.features = [n for n in FEATURE_NAMES if n in reference and BY_NAME[n].group in GROUPS]
         missing = [n for n in FEATURE_NAMES if n not in reference and BY_NAME[n].group in GROUPS]
         if missing:
@@ -100,6 +131,13 @@ class Scorer:
         self.drift_share = drift_share
         self._null: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
         self._values = {n: _column(self.reference[n], self.kinds[n]) for n in self.features}
+        # the values the reference had, for categories and acquisition parameters: a value never
+        # seen before (a new scanner model, a new slice thickness) is news at once
+        self._seen = {
+            n: {_novel_key(v) for v in self._values[n]} - {None}
+            for n in self.features
+            if self.kinds[n] == "categorical" or BY_NAME[n].group == "metadata"
+        }
 
     # the null distribution of each feature's distance, per window size -----------------------
 
@@ -107,13 +145,16 @@ class Scorer:
         """(mean, spread) of each feature's distance for windows of ``n`` drawn with no drift."""
         if n not in self._null:
             rng = np.random.default_rng([self.seed, n])
-            size = len(self.reference)
             samples: dict[str, list[float]] = {f: [] for f in self.features}
+            # each feature from its own known values: some are known for held-out rows only
+            valid = {f: self._values[f][_known(self._values[f])] for f in self.features}
             for _ in range(self.bootstrap):
-                ref = rng.integers(0, size, size)
-                window = rng.integers(0, size, n)
-                for f in self.features:
-                    d = distance(self._values[f][ref], self._values[f][window], self.kinds[f])
+                for f, values in valid.items():
+                    if values.size < 2:
+                        continue
+                    ref = values[rng.integers(0, values.size, values.size)]
+                    window = values[rng.integers(0, values.size, n)]
+                    d = distance(ref, window, self.kinds[f])
                     if d is not None:
                         samples[f].append(d)
             mean = {f: float(np.mean(v)) if v else 0.0 for f, v in samples.items()}
@@ -148,6 +189,15 @@ class Scorer:
 
     def window_result(self, site: str, index: int, window: pd.DataFrame) -> WindowResult:
         result, unified, groups = self.judge(window)
+        novel = {}
+        any_new = np.zeros(len(window), dtype=bool)
+        for name, seen in self._seen.items():
+            keys = [_novel_key(v) for v in _column(window[name], self.kinds[name])]
+            new = np.array([k is not None and k not in seen for k in keys], dtype=bool)
+            known = sum(k is not None for k in keys)
+            novel[name] = float(new.sum() / known) if known else 0.0
+            any_new |= new
+        novel["any_metadata"] = float(any_new.mean()) if len(window) else 0.0
         seq = window["seq"] if "seq" in window else pd.Series(range(len(window)))
         times = window["processed_at"] if "processed_at" in window else pd.Series([""])
         return WindowResult(
@@ -173,6 +223,7 @@ class Scorer:
                 }
                 for name, c in result.columns.items()
             },
+            novel=novel,
         )
 
 
@@ -182,6 +233,12 @@ def _column(values: pd.Series, kind: str) -> np.ndarray:
     if kind == "numerical":
         return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     return np.array([None if pd.isna(v) else str(v) for v in values], dtype=object)
+
+
+def _known(values: np.ndarray) -> np.ndarray:
+    if values.dtype == object:
+        return np.array([v is not None for v in values], dtype=bool)
+    return np.isfinite(values)
 
 
 def distance(reference: np.ndarray, current: np.ndarray, kind: str) -> float | None:

@@ -103,11 +103,24 @@ def test_reference_table_has_the_monitor_features_and_nothing_else() -> None:
     from shiftguard.monitor.features import FEATURE_NAMES
 
     records = [
-        {"patient_id": "SG1", "series_uid": "1.2", "mean": 1.0, "manufacturer": "GE"},
-        {"patient_id": "SG2", "series_uid": "1.3", "mean": 2.0, "probability": 0.75},
+        {
+            "patient_id": "SG1",
+            "series_uid": "1.2",
+            "mean": 1.0,
+            "manufacturer": "GE",
+            "split": "train",
+        },
+        {
+            "patient_id": "SG2",
+            "series_uid": "1.3",
+            "mean": 2.0,
+            "probability": 0.75,
+            "split": "val",
+        },
     ]
     table = pd.read_csv(io.BytesIO(reference_table(records)))
-    assert tuple(table.columns) == FEATURE_NAMES
+    assert tuple(table.columns) == (*FEATURE_NAMES, "split")
+    assert table["split"].tolist() == ["train", "val"]
     assert table["mean"].tolist() == [1.0, 2.0]
     assert table["manufacturer"].tolist() == ["GE", "unknown"]
     assert "patient_id" not in table and "series_uid" not in table

@@ -14,36 +14,13 @@ import pytest
 
 from shiftguard.config import AlertRule, MonitorConfig
 from shiftguard.monitor.alerts import evaluate, post_webhook
-from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
 from shiftguard.monitor.runner import Monitor, typed
 from shiftguard.monitor.score import Scorer, cut_windows, distance
 
 
-def frame(n: int, seed: int, shift: float = 0.0, scanner: str = "Skyra") -> pd.DataFrame:
-    """Records whose numerical features are N(shift, 1) and whose scanner is ``scanner``."""
-    rng = np.random.default_rng(seed)
-    data: dict[str, Any] = {}
-    for name in FEATURE_NAMES:
-        f = BY_NAME[name]
-        if f.kind == "numerical":
-            data[name] = rng.normal(shift if f.group in ("image", "metadata") else 0.0, 1.0, n)
-        elif name == "scanner_model":
-            data[name] = [scanner] * n
-        elif name == "manufacturer":
-            data[name] = ["SIEMENS" if scanner == "Skyra" else "Canon"] * n
-        elif name == "sex":
-            data[name] = rng.choice(["F", "M"], n)
-        else:
-            data[name] = rng.choice(["40-49", "50-59", "60-69"], n)
-    out = pd.DataFrame(data)
-    out["site"] = "a"
-    out["processed_at"] = "2026-11-01T00:00:00Z"
-    return out
-
-
 @pytest.fixture(scope="module")
-def reference() -> pd.DataFrame:
-    return frame(150, seed=0)
+def reference(make_frame: Any) -> pd.DataFrame:
+    return make_frame(150, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +43,10 @@ def test_distance_is_ks_for_numbers_and_jensen_shannon_for_categories() -> None:
     assert distance(np.array([np.nan]), b, "numerical") is None
 
 
-def test_in_distribution_windows_score_near_zero_and_a_shift_scores_high(scorer: Scorer) -> None:
+def test_in_distribution_windows_score_near_zero_and_a_shift_scores_high(
+    scorer: Scorer, make_frame: Any
+) -> None:
+    frame = make_frame
     quiet = [scorer.judge(typed(frame(50, seed=10 + i)))[1] for i in range(8)]
     assert max(abs(q) for q in quiet) < 2.5, quiet
     _, shifted, groups = scorer.judge(typed(frame(50, seed=99, shift=1.0, scanner="Vantage")))
@@ -139,8 +119,9 @@ def webhook():
 
 
 def test_monitor_judges_complete_windows_once_and_alerts_once(
-    tmp_path: Path, reference: pd.DataFrame, webhook
+    tmp_path: Path, reference: pd.DataFrame, webhook, make_frame: Any
 ) -> None:
+    frame = make_frame
     url, received = webhook
     cfg = MonitorConfig(
         window={"size": 40, "min_size": 20},

@@ -47,11 +47,20 @@ print(f"      edge predict (shadow mode) on the unseen scanner: {len(rows)} seri
 if rows:
     print(f"      read one:  dsrdump artifacts/edge/{rows[0]['sr_file']}")
 drift = json.load(open("reports/monitor/metrics.json"))
-print(f"      drift monitor on those {drift['n_studies']} studies vs the training reference: unified "
-      f"drift score {drift['unified_score']:.1f} (about 0 in distribution), "
-      f"{drift['n_drifted']} features drifted ({100 * drift['drift_share']:.0f}%), "
-      f"alerts: {', '.join(drift['alerts']) or 'none'}")
+if drift.get("judged"):
+    print(f"      drift monitor on those {drift['n_studies']} studies vs the training reference: "
+          f"unified drift score {drift['unified_score']:.1f} (about 0 in distribution), "
+          f"{drift['n_drifted']} features drifted ({100 * drift['drift_share']:.0f}%), "
+          f"alerts: {', '.join(drift['alerts']) or 'none'}")
+else:
+    print(f"      drift monitor: {drift.get('reason')}")
 print("      drift report: reports/monitor/drift.html")
+scen = json.load(open("reports/monitor/scenarios.json"))
+for s in scen["scenarios"]:
+    flagged = f"flagged {s['delay']} studies after onset" if s["delay"] is not None else "not flagged"
+    if s["onset"] is None:
+        flagged = f"{s['false_alarms']} false alarms"
+    print(f"      scenario {s['name']:<17} ({s['studies']} studies): {flagged}")
 PY
 echo
 echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"

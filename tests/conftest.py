@@ -56,3 +56,39 @@ def _mlflow_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
     monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
     monkeypatch.setattr("mlflow.tracking.fluent._active_experiment_id", None)
+
+
+def _records_frame(n: int, seed: int, shift: float = 0.0, scanner: str = "Skyra") -> Any:
+    """Records whose image features are N(shift, 1), whose acquisition parameters take three
+    values (scaled by ``1 + shift``), and whose scanner is ``scanner``."""
+    import numpy as np
+    import pandas as pd
+
+    from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
+
+    rng = np.random.default_rng(seed)
+    data: dict[str, Any] = {}
+    for name in FEATURE_NAMES:
+        f = BY_NAME[name]
+        if f.kind == "numerical" and f.group == "metadata":  # protocol values: a few, discrete
+            data[name] = rng.choice([1.0, 2.0, 3.0], n) * (1.0 + shift)
+        elif f.kind == "numerical":
+            data[name] = rng.normal(shift if f.group == "image" else 0.0, 1.0, n)
+        elif name == "scanner_model":
+            data[name] = [scanner] * n
+        elif name == "manufacturer":
+            data[name] = ["SIEMENS" if scanner == "Skyra" else "Canon"] * n
+        elif name == "sex":
+            data[name] = rng.choice(["F", "M"], n)
+        else:
+            data[name] = rng.choice(["40-49", "50-59", "60-69"], n)
+    out = pd.DataFrame(data)
+    out["site"] = "a"
+    out["processed_at"] = "2026-11-01T00:00:00Z"
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_frame() -> Any:
+    """:func:`_records_frame` (constructed monitor feature records), for tests to build records with."""
+    return _records_frame

@@ -208,9 +208,8 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert exported["onnx_max_abs_diff"] < 1e-4 and exported["preprocessing_max_abs_diff"] < 1e-5
     assert {"model.onnx", "reference.csv", "model_card.md"} <= set(bundle.members)
     reference = bundle.text("reference.csv").splitlines()
-    assert len(reference) == 1 + len(
-        [r for r in read_rows(root / "artifacts/split/dataset.csv") if r["split"] == "train"]
-    )
+    splits = [r["split"] for r in read_rows(root / "artifacts/split/dataset.csv")]
+    assert len(reference) == 1 + sum(s in ("train", "val", "test") for s in splits)
     assert not {"patient_id", "study_uid", "series_uid", "accession_number"} & set(
         reference[0].split(",")
     )
@@ -229,6 +228,15 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     for row in results:
         assert (root / "artifacts/edge" / row["sr_file"]).is_file()
         assert (root / "artifacts/edge" / row["sc_file"]).is_file()
+    # monitor: the unseen scanner's records judged against the reference, an Evidently workspace
+    drift = json.loads((root / "reports/monitor/metrics.json").read_text())
+    assert drift["n_studies"] == len(results)
+    assert (root / "reports/monitor/drift.html").stat().st_size > 0
+    assert (root / "artifacts/monitor/workspace").is_dir()
+    # scenarios: every scenario of conf/monitor/scenarios ran on simulated pools
+    scenarios = json.loads((root / "reports/monitor/scenarios.json").read_text())
+    assert {s["name"] for s in scenarios["scenarios"]} >= {"in_distribution", "new_scanner"}
+    assert all(n > 0 for n in scenarios["pools"].values())
     # `shiftguard compare` reads the same figures back from MLflow.
     table = sh(root, "shiftguard", "compare").splitlines()
     assert table[0].split()[:3] == ["dvc_exp", "augment", "test"]

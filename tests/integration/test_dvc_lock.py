@@ -28,6 +28,6 @@ def test_code_and_params_deps_in_dvc_lock_are_current() -> None:
                 continue
             for path, state in change.get("changed deps", {}).items():
                 # Raw data and upstream outputs may be absent in a fresh clone; code may not differ.
-                if path.startswith(("src/", "pipelines/", "params.yaml")):
+                if path.startswith(("src/", "pipelines/", "conf/", "params.yaml")):
                     stale.append(f"{stage}: {path} {state}")
     assert not stale, "dvc.lock is stale, run `dvc repro` and commit it:\n" + "\n".join(stale)

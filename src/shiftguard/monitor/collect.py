@@ -730,7 +730,7 @@ class Collector:
             daemon=True,
         )
         self._thread.start()
-        log.info("collector: listening on %s", self.url)
+        log.debug("collector: listening on %s", self.url)
 
     def stop(self) -> None:
         """Stop serving (the port is freed) and close the store if the collector opened it."""

@@ -249,7 +249,7 @@ def distance(reference: np.ndarray, current: np.ndarray, kind: str) -> float | N
     >>> distance(np.array([0.0, 1, 2, 3]), np.array([10.0, 11]), "numerical")
     1.0
     >>> round(distance(np.array(["a", "a", "b"], dtype=object), np.array(["a"], dtype=object), "categorical"), 3)
-    0.368
+    0.364
     """
     if kind == "numerical":
         a = np.sort(reference[np.isfinite(reference)])

@@ -139,3 +139,21 @@ def test_every_scenario_in_conf_loads_and_bad_files_are_named(tmp_path: Path) ->
         load_scenarios(tmp_path)
     with pytest.raises(ValueError, match="no scenario named missing"):
         load_scenarios(REPO / "conf" / "monitor" / "scenarios", ["missing"])
+
+
+def test_the_committed_scenario_run_meets_the_targets() -> None:
+    """``reports/monitor/scenarios.json`` is the DVC stage's output for the committed bundle and
+    scenarios (test_dvc_lock keeps it in step with them): every scenario ran, none raised a false
+    alarm, and each met the target its file sets (a new scanner within 100 studies)."""
+    import json
+
+    results = json.loads((REPO / "reports" / "monitor" / "scenarios.json").read_text())
+    by_name = {r["name"]: r for r in results["scenarios"]}
+    files = load_scenarios(REPO / "conf" / "monitor" / "scenarios")
+    assert set(by_name) == {s.name for s in files}
+    assert by_name["in_distribution"]["studies"] >= 2000
+    assert all(r["false_alarms"] == 0 for r in by_name.values())
+    assert by_name["new_scanner"]["delay"] is not None and by_name["new_scanner"]["delay"] <= 100
+    for s in files:
+        if s.expect_detection_within is not None:
+            assert by_name[s.name]["met"] is True, s.name

@@ -88,13 +88,14 @@ def embedding_snapshot(
     """Evidently's embedding drift (a classifier told to separate the window's penultimate
     features from the reference's; drift when its ROC AUC passes 0.55) on the reference rows
     whose embedding is known (the held-out ones), as a snapshot of its own; None when there are
-    too few rows on either side."""
+    too few rows (fewer than 10 on a side, or 40 in all: its t-SNE view needs more than 30)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import EmbeddingsDrift
 
     cur = window[EMBEDDING].apply(pd.to_numeric, errors="coerce").dropna()
     ref = reference[EMBEDDING].apply(pd.to_numeric, errors="coerce").dropna()
-    if len(cur) < 10 or len(ref) < 10:
+    # Evidently draws a t-SNE of both with perplexity 30, which needs more than 30 rows in all
+    if len(cur) < 10 or len(ref) < 10 or len(cur) + len(ref) <= 40:
         return None
     definition = DataDefinition(numerical_columns=EMBEDDING, embeddings={"embedding": EMBEDDING})
     report = Report([EmbeddingsDrift(embeddings_name="embedding")])

@@ -163,3 +163,15 @@ def test_a_webhook_that_is_down_is_logged_not_raised(caplog: pytest.LogCaptureFi
     alert = Alert("u", "a", 1, "unified_score", 5.0, 4.0, 1, "t")
     assert post_webhook("http://127.0.0.1:9/nothing-listens", [alert], timeout=1) is False
     assert "the alerts stay recorded" in caplog.text
+
+
+def test_the_embedding_snapshot_needs_enough_rows(make_frame: Any) -> None:
+    from datetime import datetime
+
+    from shiftguard.monitor.report import embedding_snapshot
+    from shiftguard.monitor.score import WindowResult
+
+    result = WindowResult("a", 0, 10, 1, 10, "", "", 0.0, 0, False, 0.0, {})
+    when = datetime(2026, 11, 1)
+    assert embedding_snapshot(make_frame(10, 1), make_frame(20, 2), result, when) is None
+    assert embedding_snapshot(make_frame(30, 1), make_frame(40, 2), result, when) is not None

@@ -225,7 +225,7 @@ class Predictor:
             else None
         )
         features = {
-            **acquisition_features(h, len(series.headers)),
+            **acquisition_features(h, len(series.headers), ref),
             **image_features(resampled.array, resampled.inside, stats),
             **output_features(probability, projection),
             **segment_features(h),

@@ -3,7 +3,7 @@
 One record per series holds four groups of features and two coarse segment labels:
 
 * ``metadata``: how it was acquired (vendor, model, field strength, slice thickness, pixel spacing,
-  matrix, TR, TE, flip angle);
+  matrix, TR, TE, flip angle; kVp and reconstruction kernel for CT);
 * ``image``: intensity percentiles, foreground fraction, an SNR, a noise estimate, a sharpness and
   a bias-field indicator, computed on the canonical grid the model sees;
 * ``output``: the probability, its predictive entropy, and the first principal components of the
@@ -51,6 +51,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("repetition_time", "numerical", "metadata"),
     Feature("echo_time", "numerical", "metadata"),
     Feature("flip_angle", "numerical", "metadata"),
+    Feature("kvp", "numerical", "metadata"),  # CT
+    Feature("convolution_kernel", "categorical", "metadata"),  # CT
     Feature("mean", "numerical", "image"),
     Feature("std", "numerical", "image"),
     Feature("p01", "numerical", "image"),
@@ -79,9 +81,21 @@ AGE_BANDS = ("<20", "20-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80+")
 # ------------------------------------------------------------------------------------------------
 
 
-def acquisition_features(header: Any, n_slices: int) -> dict[str, Any]:
-    """From a :class:`~shiftguard.dicom.scan.SliceHeader` (any slice of the series)."""
+def acquisition_features(header: Any, n_slices: int, dataset: Any = None) -> dict[str, Any]:
+    """From a :class:`~shiftguard.dicom.scan.SliceHeader` (any slice of the series) and, for the
+    CT parameters (kVp, reconstruction kernel), the slice's pydicom ``dataset`` when given."""
     spacing = header.pixel_spacing or (None, None)
+    kvp = kernel = None
+    if dataset is not None:
+        kvp = _number(dataset.get("KVP"))
+        raw = dataset.get("ConvolutionKernel")
+        if raw is not None and str(raw).strip():
+            parts = (
+                [str(v) for v in raw]
+                if not isinstance(raw, str | bytes) and hasattr(raw, "__iter__")
+                else [str(raw)]
+            )
+            kernel = _category("\\".join(parts))
     return {
         "manufacturer": _category(header.manufacturer),
         "scanner_model": _category(header.model),
@@ -95,7 +109,17 @@ def acquisition_features(header: Any, n_slices: int) -> dict[str, Any]:
         "repetition_time": header.repetition_time,
         "echo_time": header.echo_time,
         "flip_angle": header.flip_angle,
+        "kvp": kvp,
+        "convolution_kernel": kernel or "unknown",
     }
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def image_features(

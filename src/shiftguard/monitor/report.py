@@ -69,6 +69,11 @@ def snapshot(
                 frame[f] = pd.to_numeric(frame[f], errors="coerce")
             else:
                 frame[f] = frame[f].astype(str)
+    # Evidently refuses a column with no value on a side (CT's kVp in an MR stream): left out, as
+    # the drift engine leaves it out
+    empty = [f for f in features if current[f].isna().all() or ref[f].isna().all()]
+    features = [f for f in features if f not in empty]
+    current, ref = current.drop(columns=empty), ref.drop(columns=empty)
     definition = _definition(features)
     metrics: list[Any] = [DataDriftPreset(columns=features)]
     complete = bool(ref[[e for e in EMBEDDING if e in ref]].notna().all(axis=1).all())

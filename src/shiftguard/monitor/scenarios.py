@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -343,10 +342,6 @@ def pools_for(
             cohort, split, condition, n, seed + own, predictor, bundle_sha, workers
         )
     return out
-
-
-def clean(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_all(

@@ -15,7 +15,7 @@ spread below 1; a new scanner moves metadata, image and embedding together.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,7 +302,3 @@ def cut_windows(
         for k in sorted(keys.unique())
         if (keys == k).sum() >= min_size or int(k) == last
     ]
-
-
-def window_sizes(windows: Sequence[tuple[int, pd.DataFrame, bool]]) -> list[int]:
-    return [len(rows) for _, rows, _ in windows]

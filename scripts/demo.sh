@@ -61,6 +61,15 @@ for s in scen["scenarios"]:
     if s["onset"] is None:
         flagged = f"{s['false_alarms']} false alarms"
     print(f"      scenario {s['name']:<17} ({s['studies']} studies): {flagged}")
+shadow = json.load(open("reports/shadow/metrics.json"))
+fmt = lambda m: (f"{shadow[m]:.3f} [{shadow[m + '_low']:.3f}, {shadow[m + '_high']:.3f}]"
+                 if shadow.get(m) is not None else "n/a")
+print(f"      shadow evaluation vs the verified diagnoses (data/ris/verified_diagnoses.csv): "
+      f"{shadow['judged']} of {shadow['studies']} studies verified ({shadow['pending']} pending); "
+      f"AUROC {fmt('auroc')}, sensitivity {fmt('sensitivity')}, specificity {fmt('specificity')}; "
+      f"{shadow['segments_judged']} segments judged, {shadow['segments_too_small']} too small; "
+      f"flagged: {', '.join(shadow['flagged']) or 'none'}")
+print("      shadow report: reports/shadow/report.html")
 PY
 echo
 echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"

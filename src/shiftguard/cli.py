@@ -420,6 +420,86 @@ def _monitor_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _shadow_evaluate(args: argparse.Namespace) -> int:
+    from shiftguard.config import ShadowConfig, compose_section
+    from shiftguard.shadow.diagnoses import DiagnosisBook
+    from shiftguard.shadow.stage import evaluate_files
+
+    cfg = compose_section("shadow", ShadowConfig, args.overrides)
+    if not args.diagnoses and not args.pacs:
+        from shiftguard.shadow.diagnoses import DiagnosisFileError
+
+        raise DiagnosisFileError("shadow evaluate: give --diagnoses FILE(s) and/or --pacs")
+    book = DiagnosisBook()
+    if args.pacs:
+        book.add(*_fetch(args)[:2])
+    result, report = evaluate_files(
+        args.log, cfg, args.diagnoses, book, args.bundle, args.out, args.site,
+        track=not args.no_mlflow,
+    )  # fmt: skip
+    for role, e in result.evaluations.items():
+        overall = e.overall
+        log.info(
+            "%s %s: %d studies, %d with a verified diagnosis, %d pending; AUROC %s, "
+            "%d segment(s) flagged",
+            role, e.bundle, e.n_predictions, len(e.joined), e.n_pending,
+            f"{overall['auroc']:.3f}" if overall else "n/a", len(e.flagged),
+        )  # fmt: skip
+        for _, row in e.flagged.iterrows():
+            log.warning("  flagged %s=%s: %s", row["column"], row["segment"], row["flag_reason"])
+    if result.paired is not None:
+        auroc = result.paired.overall.set_index("metric").loc["auroc"]
+        log.info(
+            "challenger - champion AUROC %+.3f [%+.3f, %+.3f] on %d paired studies; "
+            "%d segment(s) significantly worse",
+            auroc["diff"], auroc["diff_low"], auroc["diff_high"], result.paired.n,
+            len(result.paired.worse),
+        )  # fmt: skip
+    if report is not None:
+        print(f"shadow report: {report}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from shiftguard.shadow.pacs import fetch_reports, parse_pacs
+
+    if not args.pacs:
+        from shiftguard.shadow.pacs import PacsError
+
+        raise PacsError("shadow fetch: name the PACS with --pacs AET@host:port")
+    diagnoses, problems, stats = fetch_reports(
+        parse_pacs(args.pacs), ae_title=args.ae_title, retrieve=args.retrieve,
+        move_port=args.move_port, since=args.since,
+    )  # fmt: skip
+    log.info("PACS %s: %s", args.pacs, stats)
+    for problem in problems[:20]:
+        log.warning("left out: %s", problem)
+    return diagnoses, problems, stats
+
+
+def _shadow_fetch(args: argparse.Namespace) -> int:
+    from shiftguard.shadow.pacs import write_jsonl
+
+    diagnoses, _, _ = _fetch(args)
+    write_jsonl(diagnoses, args.out)
+    print(f"{len(diagnoses)} verified diagnoses -> {args.out}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from shiftguard.config import ShadowConfig, compose_section
+    from shiftguard.shadow.promote import promote
+
+    cfg = compose_section("shadow", ShadowConfig, args.overrides)
+    decision = promote(
+        args.report, cfg.gate, args.model or cfg.registered_model, args.role, args.dry_run,
+        cfg.experiment,
+    )  # fmt: skip
+    print("\n".join(decision.lines()))
+    print(f"decision recorded in MLflow run {decision.run_id}")
+    return 0 if decision.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, exposed for tests and shell completion."""
     parser = argparse.ArgumentParser(prog="shiftguard", description=__doc__.splitlines()[0])
@@ -563,6 +643,51 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--print-only", action="store_true", help="print the command instead")
     overrides(ui)
     ui.set_defaults(func=_monitor_ui)
+
+    def pacs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--pacs", default=None, help="query this PACS: AET@host:port")
+        p.add_argument("--ae-title", default="SHIFTGUARD", help="our AE title at the PACS")
+        p.add_argument("--retrieve", choices=("move", "get"), default="move")
+        p.add_argument(
+            "--move-port", type=int, default=None,
+            help="C-MOVE: port we receive on (the PACS must know our AE at it)",
+        )  # fmt: skip
+        p.add_argument("--since", default=None, help="only studies from this date (YYYYMMDD)")
+
+    sha = sub.add_parser("shadow", help="shadow predictions against verified diagnoses")
+    sha_sub = sha.add_subparsers(dest="action", required=True)
+    ev = sha_sub.add_parser(
+        "evaluate", help="per-segment figures, champion vs challenger, HTML report, MLflow run"
+    )
+    ev.add_argument("--log", type=Path, required=True, help="the edge's queue.db or results.csv")
+    ev.add_argument(
+        "--diagnoses", type=Path, nargs="*", default=[],
+        help="RIS exports (CSV or JSON lines), in any number and order",
+    )  # fmt: skip
+    ev.add_argument(
+        "--bundle", nargs="*", default=[],
+        help="the bundles the roles ran (for their validation figures)",
+    )  # fmt: skip
+    ev.add_argument("--out", type=Path, default=Path("reports/shadow"), help="report folder")
+    ev.add_argument("--site", default=None, help="site for rows whose header names none")
+    ev.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    pacs(ev)
+    overrides(ev)
+    ev.set_defaults(func=_shadow_evaluate)
+    fetch = sha_sub.add_parser("fetch", help="verified reports from the PACS -> JSON lines")
+    pacs(fetch)
+    fetch.add_argument("--out", type=Path, required=True)
+    fetch.set_defaults(func=_shadow_fetch)
+    pro = sub.add_parser(
+        "promote", help="move the MLflow alias champion to a candidate that passes the gate"
+    )
+    pro.add_argument("--report", type=Path, default=Path("reports/shadow"),
+                     help="a `shadow evaluate` report folder")  # fmt: skip
+    pro.add_argument("--role", default=None, help="the candidate's role (default: challenger)")
+    pro.add_argument("--model", default=None, help="registered model (default: the bundle's)")
+    pro.add_argument("--dry-run", action="store_true", help="judge and record, move nothing")
+    overrides(pro)
+    pro.set_defaults(func=_promote)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

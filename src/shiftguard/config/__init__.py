@@ -38,9 +38,15 @@ from shiftguard.config.schema import (
     SplitConfig,
     TrainConfig,
 )
+from shiftguard.config.shadow import GateConfig, ShadowConfig
 
 #: the schema of every top-level section of the composed configuration
-SCHEMAS: dict[str, type[BaseModel]] = {**LAB_SCHEMAS, **DEPLOY_SCHEMAS, "monitor": MonitorConfig}
+SCHEMAS: dict[str, type[BaseModel]] = {
+    **LAB_SCHEMAS,
+    **DEPLOY_SCHEMAS,
+    "monitor": MonitorConfig,
+    "shadow": ShadowConfig,
+}
 
 __all__ = [
     "PARAMS_FILE",
@@ -53,6 +59,7 @@ __all__ = [
     "EdgeDestination",
     "EvaluateConfig",
     "ExportConfig",
+    "GateConfig",
     "IngestConfig",
     "ModelConfig",
     "MonitorConfig",
@@ -61,6 +68,7 @@ __all__ = [
     "ScenarioConfig",
     "ScenarioPhase",
     "SeriesSelection",
+    "ShadowConfig",
     "SiteConfig",
     "SplitConfig",
     "TrainConfig",

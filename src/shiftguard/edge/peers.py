@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,21 @@ def free_port() -> int:
 
 
 class Orthanc:
-    """An Orthanc server in ``root`` (AE ``ORTHANC``); ``start``/``stop`` keep its ports and data."""
+    """An Orthanc server in ``root`` (AE ``ORTHANC``); ``start``/``stop`` keep its ports and data.
 
-    def __init__(self, root: Path, ae_title: str = "ORTHANC") -> None:
+    ``modalities`` maps the AE titles Orthanc knows to their ``(host, port)``: Orthanc answers
+    C-FIND, C-GET and C-MOVE only from those AEs, and sends C-MOVE results only to them.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        ae_title: str = "ORTHANC",
+        modalities: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.ae_title = ae_title
+        self.modalities = dict(modalities or {})
         self.http = free_port()
         self.dicom = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -48,6 +59,9 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
+            "DicomModalities": {
+                aet: [aet, host, port] for aet, (host, port) in self.modalities.items()
+            },
             "Plugins": [],
         }
         path = self.root / "orthanc.json"

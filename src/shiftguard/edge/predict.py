@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from shiftguard.data.ingest import Rules, canonical_volume, series_key
+from shiftguard.data.ingest import Rules, canonical_volume, parse_patient_age, series_key
 from shiftguard.data.volume import volume_stats
 from shiftguard.dicom.errors import InvalidSeriesError
 from shiftguard.dicom.scan import list_files, scan_files
@@ -79,6 +79,8 @@ RESULT_COLUMNS = (
     "shadow",
     "model",
     "model_version",
+    "institution",
+    "patient_age",
     *FEATURES,
     "sr_file",
     "sc_file",
@@ -283,6 +285,12 @@ class Predictor:
             "shadow": int(self.shadow),
             "model": self.bundle.name,
             "model_version": self.bundle.version,
+            # segments for shadow evaluation (the shadow log stays on site; the monitor's
+            # records carry only the age band)
+            "institution": " ".join(h.institution.split())[:64],
+            "patient_age": _round(
+                parse_patient_age(h.patient_age, h.patient_birth_date, h.study_date)
+            ),
             **{name: _round(a.features.get(name)) for name in FEATURES},
             "sr_file": sr_path.name,
             "sc_file": sc_path.name,

@@ -12,7 +12,10 @@ change is one transaction, so a service killed at any point (SIGKILL, power) res
   retried with backoff; unique per destination and SOP instance, so a result is queued once however
   often its study is processed (results have deterministic UIDs);
 * ``results``: the shadow log, one row per (study, series, bundle): probability, decision, role
-  (champion or challenger), for later comparison with the radiologist's verified diagnosis.
+  (champion or challenger) and the segments the evaluation slices by (sex, age, site, institution,
+  scanner vendor and model), for later comparison with the radiologist's verified diagnosis
+  (``shiftguard shadow evaluate``). A queue written by an older release gains the segment columns,
+  empty for its earlier rows, when it is opened.
 """
 
 from __future__ import annotations
@@ -77,6 +80,22 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (study_uid, series_uid, bundle)
 );
 """
+#: the shadow log's segment columns (added after the first release: see ``_migrate``)
+SEGMENT_COLUMNS = {
+    "model": "TEXT NOT NULL DEFAULT ''",
+    "model_version": "TEXT NOT NULL DEFAULT ''",
+    "site": "TEXT NOT NULL DEFAULT ''",
+    "institution": "TEXT NOT NULL DEFAULT ''",
+    "manufacturer": "TEXT NOT NULL DEFAULT ''",
+    "scanner_model": "TEXT NOT NULL DEFAULT ''",
+    "sex": "TEXT NOT NULL DEFAULT ''",
+    "age_band": "TEXT NOT NULL DEFAULT ''",
+    "patient_age": "REAL",
+}
+RESULT_FIELDS = (
+    "study_uid", "series_uid", "bundle", "role", "probability", "threshold", "result", "routed",
+    "created_at", *SEGMENT_COLUMNS,
+)  # fmt: skip
 
 RECEIVING, READY, PROCESSING, DONE, FAILED = "receiving", "ready", "processing", "done", "failed"
 PENDING, SENT, GAVE_UP = "pending", "sent", "gave_up"
@@ -92,6 +111,11 @@ class Delivery:
     sop_uid: str
     path: str
     attempts: int
+
+
+def _result_row(row: dict[str, Any], now: float) -> dict[str, Any]:
+    """A shadow-log row with every column (segments the caller did not give are empty)."""
+    return {**dict.fromkeys(SEGMENT_COLUMNS, ""), "patient_age": None, **row, "created_at": now}
 
 
 class WorkQueue:
@@ -110,6 +134,13 @@ class WorkQueue:
         self._db.execute("PRAGMA synchronous=FULL")  # a released association survives power loss
         with self._lock:
             self._db.executescript(SCHEMA)  # runs in its own transaction
+            self._migrate()
+
+    def _migrate(self) -> None:
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(results)")}
+        for name, kind in SEGMENT_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
 
     def sync(self) -> None:
         """Put every committed record on disk (fsync of the write-ahead log)."""
@@ -289,9 +320,9 @@ class WorkQueue:
                 [(study_uid, d, s, p, PENDING, now, now) for d, s, p in deliveries],
             )
             db.executemany(
-                "INSERT OR REPLACE INTO results VALUES (:study_uid, :series_uid, :bundle, :role, "
-                ":probability, :threshold, :result, :routed, :created_at)",
-                [{**r, "created_at": now} for r in results],
+                f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) "
+                f"VALUES ({', '.join(':' + f for f in RESULT_FIELDS)})",
+                [_result_row(r, now) for r in results],
             )
             db.execute(
                 "UPDATE studies SET state = ?, done_at = ?, error = ? "

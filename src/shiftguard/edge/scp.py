@@ -56,7 +56,6 @@ class Association:
     called_ae: str
     address: str
     contexts: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (sop class, ts)
-    studies: set[str] = field(default_factory=set)
     released: bool = False
 
 

@@ -283,6 +283,15 @@ class Service:
             "threshold": float(row["threshold"]),
             "result": row["result"],
             "routed": ",".join(d.name for d in routes) or "shadow log only",
+            "model": str(row["model"]),
+            "model_version": str(row["model_version"]),
+            "site": self.settings.site,
+            "institution": row.get("institution", ""),
+            "manufacturer": row.get("manufacturer", ""),
+            "scanner_model": row.get("scanner_model", ""),
+            "sex": row.get("sex", ""),
+            "age_band": row.get("age_band", ""),
+            "patient_age": None if row.get("patient_age") in (None, "") else row["patient_age"],
         }
 
     def _worker(self) -> None:

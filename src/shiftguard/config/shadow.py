@@ -1,0 +1,62 @@
+"""Schema of the ``shadow`` section (``conf/shadow/``): how shadow predictions are judged against
+the verified diagnoses, and the gate a candidate must pass before ``shiftguard promote`` moves the
+MLflow alias ``champion`` to it.
+
+Kept out of :mod:`shiftguard.config.schema`: judging and promoting models re-runs no lab stage.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from shiftguard.config.schema import _Strict
+
+Metric = Literal["auroc", "sensitivity", "specificity"]
+
+
+class GateConfig(_Strict):
+    """What a candidate's shadow evaluation must show before it becomes the champion."""
+
+    min_studies: Annotated[
+        int, Field(ge=1, description="fewest studies with a verified diagnosis")
+    ] = 100
+    max_flagged_segments: Annotated[
+        int, Field(ge=0, description="segments flagged below overall or validation")
+    ] = 0
+    noninferiority_margin: Annotated[
+        float,
+        Field(ge=0, le=1, description="challenger - champion may be at most this much lower"),
+    ] = 0.05
+    noninferiority_metrics: list[Metric] = Field(
+        default_factory=lambda: list[Metric](["auroc", "sensitivity"]),
+        description="metrics whose paired difference (lower CI bound) must exceed -margin",
+    )
+    no_segment_worse: bool = Field(
+        True, description="refuse when the candidate is significantly worse on any one segment"
+    )
+    first_champion: bool = Field(
+        True, description="allow a candidate to become champion when there is none yet"
+    )
+
+
+class ShadowConfig(_Strict):
+    """``shiftguard shadow evaluate`` and ``shiftguard promote``."""
+
+    segments: list[str] = Field(
+        default_factory=lambda: ["sex", "age_band", "site", "manufacturer", "scanner_model"],
+        description="shadow-log columns each figure is broken down by",
+    )
+    min_n: Annotated[int, Field(ge=2, description="fewest studies in a judgeable segment")] = 20
+    min_positive: Annotated[
+        int, Field(ge=1, description="fewest positives (and negatives) in a judgeable segment")
+    ] = 5
+    n_boot: Annotated[int, Field(ge=50, description="bootstrap resamples")] = 1000
+    alpha: Annotated[float, Field(gt=0, lt=0.5, description="1 - alpha: CI coverage")] = 0.05
+    seed: int = 0
+    experiment: str = Field("shiftguard", description="MLflow experiment of evaluation runs")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model; null: the bundle's name"
+    )
+    gate: GateConfig = Field(default_factory=GateConfig)

@@ -1,0 +1,267 @@
+"""The promotion gate: the MLflow alias ``champion`` moves to a candidate only when its shadow
+evaluation passes every condition of ``shadow.gate`` (``conf/shadow/``).
+
+The candidate is the shadow log's challenger (or, when the edge ran one bundle only, that bundle).
+Conditions, each reported with the evidence:
+
+* ``min_studies``: at least ``min_studies`` of its studies have a verified diagnosis;
+* ``flagged_segments``: at most ``max_flagged_segments`` segments flagged (significantly below the
+  overall figure or below the validation figure for that segment);
+* ``champion``: the log's champion is the registry's current champion (the comparison is against
+  what is serving), or there is no champion yet and ``first_champion`` allows one;
+* ``noninferior``: for each of ``noninferiority_metrics``, the lower CI bound of the paired
+  difference (candidate - champion) is above ``-noninferiority_margin``;
+* ``no_segment_worse``: no segment where the candidate is significantly worse than the champion.
+
+Every decision, promoted or refused (dry runs too), is an MLflow run (``shiftguard.stage =
+promote``) with the checks as tags and the decision as an artifact, and is tagged on the candidate's
+model version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shiftguard.config.shadow import GateConfig
+from shiftguard.errors import ShiftGuardError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+class PromotionError(ShiftGuardError):
+    """The promotion cannot be judged at all (no report, candidate unknown to the registry)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class Decision:
+    registered_model: str
+    candidate: str  # model version
+    champion: str | None  # the registry's champion before the decision
+    checks: list[Check]
+    dry_run: bool = False
+    run_id: str | None = None
+    promoted: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.promoted = all(c.passed for c in self.checks) and not self.dry_run
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+    def lines(self) -> list[str]:
+        verdict = (
+            "PROMOTED" if self.promoted else ("passes (dry run)" if self.passed else "REFUSED")
+        )
+        head = f"{self.registered_model} v{self.candidate}: {verdict}"
+        if self.champion:
+            head += f" (champion was v{self.champion})"
+        return [head] + [
+            f"  [{'pass' if c.passed else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks
+        ]
+
+
+def load_summary(report: Path | str) -> dict[str, Any]:
+    """``summary.json`` of a ``shadow evaluate`` report folder (or the file itself)."""
+    path = Path(report)
+    path = path / "summary.json" if path.is_dir() else path
+    if not path.is_file():
+        raise PromotionError(
+            f"{path}: no shadow evaluation summary; run `shiftguard shadow evaluate`"
+        )
+    try:
+        figures = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PromotionError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(figures, dict) or not figures.get("roles"):
+        raise PromotionError(f"{path}: holds no evaluated role; is it a shadow evaluation summary?")
+    return figures
+
+
+def candidate_role(figures: Mapping[str, Any]) -> str:
+    roles = figures["roles"]
+    if "challenger" in roles:
+        return "challenger"
+    if len(roles) == 1:
+        return next(iter(roles))
+    raise PromotionError(f"the summary has roles {sorted(roles)} and no challenger; name --role")
+
+
+def gate_checks(
+    figures: Mapping[str, Any], gate: GateConfig, role: str, champion: str | None
+) -> list[Check]:
+    """The gate's conditions on an evaluation summary; ``champion``: the registry's champion
+    version (``None``: there is none)."""
+    cand = figures["roles"][role]
+    checks = [
+        Check(
+            "min_studies",
+            cand["judged"] >= gate.min_studies,
+            f"{cand['judged']} studies with a verified diagnosis (need {gate.min_studies}); "
+            f"{cand['pending']} pending",
+        )
+    ]
+    flagged = cand.get("flagged", [])
+    checks.append(
+        Check(
+            "flagged_segments",
+            len(flagged) <= gate.max_flagged_segments,
+            f"{len(flagged)} flagged (at most {gate.max_flagged_segments})"
+            + "".join(f"; {f['column']}={f['segment']}: {f['flag_reason']}" for f in flagged[:5]),
+        )
+    )
+    logged_champion = figures["roles"].get(CHAMPION) if role != CHAMPION else None
+    paired = figures.get("paired")
+    if champion is None:
+        checks.append(
+            Check(
+                "champion",
+                gate.first_champion,
+                "no champion yet"
+                + ("" if gate.first_champion else "; shadow.gate.first_champion is false"),
+            )
+        )
+        return checks
+    if str(cand.get("model_version")) == str(champion):
+        checks.append(Check("champion", False, f"v{champion} is already the champion"))
+        return checks
+    logged = None if logged_champion is None else str(logged_champion.get("model_version"))
+    checks.append(
+        Check(
+            "champion",
+            logged == str(champion),
+            f"the registry's champion is v{champion}; the shadow log's champion is "
+            + (f"v{logged}" if logged else "absent (the candidate ran without the champion)"),
+        )
+    )
+    if paired is None:
+        checks.append(Check("noninferior", False, "no paired comparison with the champion"))
+        return checks
+    overall = {r["metric"]: r for r in paired["overall"]}
+    for metric in gate.noninferiority_metrics:
+        row = overall.get(metric, {})
+        low = row.get("diff_low")
+        ok = low is not None and low > -gate.noninferiority_margin
+        checks.append(
+            Check(
+                f"noninferior:{metric}",
+                ok,
+                f"{metric} {row.get('champion', float('nan')):.3f} -> "
+                f"{row.get('challenger', float('nan')):.3f}, difference "
+                f"{row.get('diff', float('nan')):+.3f} (CI low "
+                f"{'n/a' if low is None else f'{low:+.3f}'}; must be above "
+                f"{-gate.noninferiority_margin:+.3f}) on {paired['n']} paired studies",
+            )
+        )
+    if gate.no_segment_worse:
+        worse = paired.get("worse_segments", [])
+        checks.append(
+            Check(
+                "no_segment_worse",
+                not worse,
+                "no segment significantly worse than the champion"
+                if not worse
+                else "significantly worse than the champion on "
+                + ", ".join(f"{w['column']}={w['segment']} (n={w['n']})" for w in worse),
+            )
+        )
+    return checks
+
+
+def promote(
+    report: Path | str,
+    gate: GateConfig,
+    registered_model: str | None = None,
+    role: str | None = None,
+    dry_run: bool = False,
+    experiment: str = "shiftguard",
+    root: Path | None = None,
+) -> Decision:
+    """Judge the candidate of the evaluation in ``report`` against the gate; move the alias
+    ``champion`` to it when every condition passes (not on a dry run); record the decision.
+
+    Raises:
+        PromotionError: no usable summary, or the candidate is not a version in the registry.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import stage_run, tracking_uri
+
+    figures = load_summary(report)
+    role = role or candidate_role(figures)
+    if role not in figures["roles"]:
+        raise PromotionError(f"{report}: no role {role!r} (it has {sorted(figures['roles'])})")
+    cand = figures["roles"][role]
+    name = registered_model or cand.get("model") or ""
+    version = str(cand.get("model_version") or "")
+    mlflow.set_tracking_uri(tracking_uri(root))
+    client = MlflowClient()
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise PromotionError(
+            f"{name or '(no model name)'} version {version or '?'} is not in the MLflow registry "
+            f"at {mlflow.get_tracking_uri()}: export the bundle from a registered model"
+        ) from exc
+    try:
+        champion: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        champion = None
+    decision = Decision(
+        name, version, champion, gate_checks(figures, gate, role, champion), dry_run
+    )
+    verdict = (
+        "promoted" if decision.promoted else ("passed-dry-run" if decision.passed else "refused")
+    )
+    tags = {
+        "shiftguard.decision": verdict,
+        "shiftguard.candidate": f"{name} v{version}",
+        "shiftguard.champion_before": f"v{champion}" if champion else "none",
+        "shiftguard.evaluation_run": str(figures.get("mlflow_run_id", "")),
+        **{f"shiftguard.check.{c.name}": "pass" if c.passed else "fail" for c in decision.checks},
+    }
+    params = {"gate": gate.model_dump(mode="json"), "role": role, "dry_run": dry_run}
+    with stage_run("promote", params, root=root, experiment=experiment, tags=tags) as run:
+        decision.run_id = run.info.run_id
+        mlflow.log_dict(decision.to_dict(), "promotion/decision.json")
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if champion:
+            client.set_model_version_tag(name, champion, "shiftguard.replaced_by", f"v{version}")
+    if not dry_run:
+        client.set_model_version_tag(name, version, "shiftguard.promotion", verdict)
+        client.set_model_version_tag(name, version, "shiftguard.promotion_run", decision.run_id)
+        if not decision.passed:
+            client.set_model_version_tag(
+                name,
+                version,
+                "shiftguard.promotion_failed",
+                ",".join(c.name for c in decision.failed),
+            )
+    log.info("promotion of %s v%s: %s", name, version, verdict)
+    return decision

@@ -1,0 +1,382 @@
+"""What ``shiftguard shadow evaluate`` writes: a self-contained HTML report with plots, the tables
+behind it, and an MLflow run holding the same figures.
+
+Files in the report folder:
+
+* ``report.html``: counts, each role's figures overall and per segment (forest plots with CIs, the
+  overall line and the validation figure), flagged and too-small segments, ROC curves, and the
+  paired champion-versus-challenger comparison;
+* ``segments.csv``: every role's segment table (``role`` column; the first row of each role is
+  ``overall``);
+* ``paired.csv``: the paired differences, overall (``column = overall``) and per segment;
+* ``summary.json``: :func:`~shiftguard.shadow.evaluate.summary`, plus the MLflow run id.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shiftguard.evaluation.segments import SEGMENT_METRICS
+from shiftguard.shadow.evaluate import OVERALL, ShadowResult, summary
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+SEGMENTS_CSV = "segments.csv"
+PAIRED_CSV = "paired.csv"
+SUMMARY = "summary.json"
+
+
+def write_report(result: ShadowResult, out: Path | str, title: str = "Shadow evaluation") -> Path:
+    """Write the report folder (see the module docstring); returns the HTML report's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [e.segments.assign(role=r) for r, e in result.evaluations.items() if len(e.segments)]
+    segments = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if len(segments):
+        segments = segments[["role", *[c for c in segments.columns if c != "role"]]]
+    segments.to_csv(out / SEGMENTS_CSV, index=False)
+    paired_table(result).to_csv(out / PAIRED_CSV, index=False)
+    write_summary(out, summary(result))
+    path = out / REPORT
+    path.write_text(_html(result, title), encoding="utf-8")
+    return path
+
+
+def write_summary(out: Path, figures: Mapping[str, Any]) -> None:
+    (out / SUMMARY).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+
+
+def paired_table(result: ShadowResult) -> pd.DataFrame:
+    """The paired comparison as one table (empty when there is no challenger)."""
+    p = result.paired
+    if p is None:
+        return pd.DataFrame(columns=["column", "segment", "metric"])
+    overall = p.overall.assign(column=OVERALL[0], segment=OVERALL[1], n=p.n)
+    rows = [overall]
+    for _, seg in p.segments.iterrows():
+        if not seg["judgeable"]:
+            continue
+        rows.append(
+            pd.DataFrame(
+                [
+                    {
+                        "column": seg["column"],
+                        "segment": seg["segment"],
+                        "n": seg["n"],
+                        "metric": m,
+                        **{
+                            k: seg.get(f"{m}_{k}")
+                            for k in ("champion", "challenger", "diff", "diff_low", "diff_high")
+                        },
+                        "delong_p": seg.get("delong_p_lower") if m == "auroc" else np.nan,
+                        "worse": bool(seg["worse"]) if m == "auroc" else False,
+                    }
+                    for m in SEGMENT_METRICS
+                ]
+            )
+        )
+    table = pd.concat(rows, ignore_index=True)
+    lead = ["column", "segment", "n", "metric"]
+    return table[[*lead, *[c for c in table.columns if c not in lead]]]
+
+
+# ------------------------------------------------------------------------------------------------
+# MLflow
+# ------------------------------------------------------------------------------------------------
+
+
+def _key(text: str) -> str:
+    """An MLflow-safe metric-name fragment."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", str(text)).strip().replace(" ", "_") or "_"
+
+
+def flat_metrics(result: ShadowResult) -> dict[str, float]:
+    """Every figure of the report as ``{name: value}`` (names like ``champion.auroc``,
+    ``champion.scanner_model.Ingenia.auroc_low``, ``paired.auroc.diff``)."""
+    metrics: dict[str, float] = {}
+    for role, e in result.evaluations.items():
+        metrics[f"{role}.studies"] = e.n_predictions
+        metrics[f"{role}.pending"] = e.n_pending
+        metrics[f"{role}.judged"] = len(e.joined)
+        metrics[f"{role}.flagged_segments"] = len(e.flagged)
+        for _, row in e.segments.iterrows():
+            head = role if (row["column"], row["segment"]) == OVERALL else (
+                f"{role}.{_key(row['column'])}.{_key(row['segment'])}"
+            )  # fmt: skip
+            metrics[f"{head}.n"] = row["n"]
+            for m in SEGMENT_METRICS:
+                for suffix in ("", "_low", "_high", "_validation_gap"):
+                    metrics[f"{head}.{m}{suffix}"] = row.get(f"{m}{suffix}", np.nan)
+    if result.paired is not None:
+        p = result.paired
+        metrics["paired.n"] = p.n
+        metrics["paired.worse_segments"] = len(p.worse)
+        for _, row in p.overall.iterrows():
+            for key in ("diff", "diff_low", "diff_high", "p_boot", "delong_p"):
+                metrics[f"paired.{row['metric']}.{key}"] = row[key]
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(float(v))}
+
+
+def log_run(
+    result: ShadowResult,
+    out: Path,
+    params: Mapping[str, Any],
+    experiment: str = "shiftguard",
+    root: Path | None = None,
+) -> str:
+    """An MLflow run (``shiftguard.stage = shadow``) with :func:`flat_metrics`, the bundles as
+    tags and the report folder as artifacts; returns its id and records it in ``summary.json``."""
+    import mlflow
+
+    from shiftguard.tracking import MetricLogger, stage_run
+
+    tags = {f"shiftguard.{role}": e.bundle for role, e in result.evaluations.items()}
+    with stage_run("shadow", params, root=root, experiment=experiment, tags=tags) as run:
+        MetricLogger(run.info.run_id).log(flat_metrics(result))
+        figures = summary(result)
+        figures["mlflow_run_id"] = run.info.run_id
+        write_summary(out, figures)
+        for name in (REPORT, SEGMENTS_CSV, PAIRED_CSV, SUMMARY):
+            if (out / name).is_file():
+                mlflow.log_artifact(str(out / name), artifact_path="shadow")
+    return str(run.info.run_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# HTML
+# ------------------------------------------------------------------------------------------------
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3} td.l{text-align:left}
+tr.flag td{background:#fde2e2} tr.small td{color:#888}
+.warn{color:#b00020;font-weight:600} .ok{color:#1b7f3b;font-weight:600}
+img{max-width:100%}
+"""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else ""
+    if isinstance(value, float | np.floating):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _forest(table: pd.DataFrame, title: str) -> str:
+    """Per-segment point and CI of each metric, the overall figure as a line, validation as x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.iloc[1:]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.32 * len(rows) + 1.4), sharey=True)
+    labels = [f"{c}: {s}" for c, s in zip(rows["column"], rows["segment"], strict=True)]
+    y = np.arange(len(rows))[::-1]
+    for ax, m in zip(axes, SEGMENT_METRICS, strict=True):
+        judged = rows["judgeable"].to_numpy(bool)
+        flagged = rows["flagged"].to_numpy(bool)
+        point = rows[m].to_numpy(float)
+        low, high = rows[f"{m}_low"].to_numpy(float), rows[f"{m}_high"].to_numpy(float)
+        colour = np.where(flagged, "#c62828", np.where(judged, "#1f4e79", "#aaaaaa"))
+        for i in range(len(rows)):
+            if judged[i] and np.isfinite(low[i]):
+                ax.plot([low[i], high[i]], [y[i], y[i]], color=colour[i], lw=2)
+            ax.plot(point[i], y[i], "o", color=colour[i], ms=5)
+        val = rows.get(f"{m}_validation")
+        if val is not None:
+            ax.plot(val.to_numpy(float), y, "x", color="#2e7d32", ms=6, label="validation")
+        ax.axvline(float(table.iloc[0][m]), color="#555", ls="--", lw=1, label="overall")
+        ax.set_title(m)
+        ax.set_xlim(-0.02, 1.02)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, labels)
+    axes[-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title + "  (red: flagged; grey: too small to judge)", fontsize=10)
+    return _png(fig)
+
+
+def _roc(result: ShadowResult) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shiftguard.evaluation.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for role, e in result.evaluations.items():
+        if e.joined.empty or e.joined["finding"].nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(e.joined["finding"], e.joined["probability"])
+        ax.plot(fpr, tpr, label=f"{role} ({e.bundle}) AUROC {e.overall.get('auroc', np.nan):.3f}")
+        sens, spec = e.overall.get("sensitivity"), e.overall.get("specificity")
+        if sens is not None and spec is not None:
+            ax.plot(1 - spec, sens, "o", color=ax.lines[-1].get_color())
+    ax.plot([0, 1], [0, 1], color="#bbb", lw=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("ROC on verified studies (dot: the bundle's threshold)", fontsize=9)
+    return _png(fig)
+
+
+def _paired_plot(result: ShadowResult) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = paired_table(result)
+    auroc = table[table["metric"] == "auroc"]
+    if auroc.empty:
+        return ""
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(auroc) + 1.2))
+    y = np.arange(len(auroc))[::-1]
+    worse = auroc["worse"].eq(True).to_numpy() if "worse" in auroc else np.zeros(len(auroc), bool)
+    for i, (_, row) in enumerate(auroc.iterrows()):
+        colour = "#c62828" if worse[i] else "#1f4e79"
+        ax.plot([row["diff_low"], row["diff_high"]], [y[i], y[i]], color=colour, lw=2)
+        ax.plot(row["diff"], y[i], "o", color=colour)
+    ax.axvline(0, color="#555", lw=1)
+    ax.set_yticks(y, [f"{c}: {s}" for c, s in zip(auroc["column"], auroc["segment"], strict=True)])
+    ax.set_xlabel("AUROC, challenger - champion (paired bootstrap CI)")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def _table(frame: pd.DataFrame, columns: list[str], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for i, (_, row) in enumerate(frame.iterrows()):
+        css = f' class="{classes[i]}"' if classes and classes[i] else ""
+        cells = "".join(
+            f'<td class="l">{_fmt(row.get(c))}</td>'
+            if isinstance(row.get(c), str)
+            else f"<td>{_fmt(row.get(c))}</td>"
+            for c in columns
+        )
+        body.append(f"<tr{css}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _html(result: ShadowResult, title: str) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+             f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
+    counts = pd.DataFrame(
+        [
+            {
+                "role": role,
+                "bundle": e.bundle,
+                "threshold": e.threshold,
+                "studies predicted": e.n_predictions,
+                "with verified diagnosis": len(e.joined),
+                "pending (no diagnosis yet)": e.n_pending,
+                "positive": int(e.joined["finding"].sum()) if len(e.joined) else 0,
+                "flagged segments": len(e.flagged),
+            }
+            for role, e in result.evaluations.items()
+        ]
+    )
+    parts.append("<h2>Studies</h2>" + _table(counts, list(counts.columns)))
+    if result.disagreements:
+        parts.append(
+            f"<p>{len(result.disagreements)} studies have reports that disagree; the latest "
+            "signed report counts.</p>"
+        )
+    if result.problems:
+        items = "".join(f"<li>{html.escape(p)}</li>" for p in result.problems[:50])
+        parts.append(
+            f"<p class='warn'>{len(result.problems)} diagnosis rows were left out:</p><ul>{items}</ul>"
+        )
+    parts.append("<h2>ROC</h2>" + _roc(result))
+    columns = ["column", "segment", "n", "n_positive", "judgeable"]
+    for m in SEGMENT_METRICS:
+        columns += [m, f"{m}_low", f"{m}_high", f"{m}_validation"]
+    columns += ["flag_reason", "reason"]
+    for role, e in result.evaluations.items():
+        parts.append(f"<h2>{html.escape(role)}: {html.escape(e.bundle)}</h2>")
+        if e.segments.empty:
+            parts.append("<p>No verified studies of both classes yet: nothing to judge.</p>")
+            continue
+        flagged = e.flagged
+        if len(flagged):
+            items = "".join(
+                f"<li>{html.escape(r['column'])} = {html.escape(r['segment'])}: "
+                f"{html.escape(r['flag_reason'])}</li>"
+                for _, r in flagged.iterrows()
+            )
+            parts.append(f"<p class='warn'>Flagged segments:</p><ul>{items}</ul>")
+        else:
+            parts.append("<p class='ok'>No segment is significantly below the overall figure or "
+                         "its validation figure.</p>")  # fmt: skip
+        if len(e.segments) > 1:
+            parts.append(_forest(e.segments, f"{role}: {e.bundle}"))
+        classes = [
+            "flag" if f else ("small" if not j else "")
+            for f, j in zip(e.segments["flagged"], e.segments["judgeable"], strict=True)
+        ]
+        parts.append(_table(e.segments, [c for c in columns if c in e.segments], classes))
+    if result.paired is not None:
+        p = result.paired
+        parts.append(
+            f"<h2>Challenger versus champion (paired, {p.n} studies)</h2>"
+            f"<p>{html.escape(p.challenger)} against {html.escape(p.champion)}: differences are "
+            "challenger - champion with paired stratified-bootstrap CIs; DeLong's test for AUROC."
+            "</p>"
+        )
+        parts.append(
+            _table(
+                p.overall,
+                [
+                    "metric",
+                    "champion",
+                    "challenger",
+                    "diff",
+                    "diff_low",
+                    "diff_high",
+                    "p_boot",
+                    "delong_p",
+                ],
+            )
+        )
+        worse = p.worse
+        if len(worse):
+            items = "".join(
+                f"<li>{html.escape(r['column'])} = {html.escape(r['segment'])} "
+                f"(n={r['n']}): AUROC {r['auroc_champion']:.3f} → {r['auroc_challenger']:.3f}</li>"
+                for _, r in worse.iterrows()
+            )
+            parts.append(
+                f"<p class='warn'>Segments where the challenger is significantly worse:</p>"
+                f"<ul>{items}</ul>"
+            )
+        parts.append(_paired_plot(result))
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,446 @@
+"""Verified reports from the PACS: the SR written and read back, then fetched from a real Orthanc
+by C-FIND and C-MOVE or C-GET, and the ways the PACS can refuse."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
+from shiftguard.edge.peers import Orthanc, free_port, storescu
+from shiftguard.shadow.diagnoses import Diagnosis, DiagnosisBook, read_diagnoses
+from shiftguard.shadow.pacs import (
+    NOT_VERIFIED,
+    Pacs,
+    PacsError,
+    fetch_reports,
+    parse_dt,
+    parse_pacs,
+    report_to_diagnosis,
+    write_jsonl,
+    write_report_sr,
+)
+
+needs_orthanc = pytest.mark.skipif(
+    shutil.which("Orthanc") is None or shutil.which("storescu") is None,
+    reason="Orthanc and dcmtk are installed by scripts/setup.sh",
+)
+
+
+def _study(folder: Path, study_date: str, patient: str) -> list[Path]:
+    """Two small MR images of a new study dated ``study_date``."""
+    spec = SeriesSpec(rows=4, cols=4, n_slices=2, patient_id=patient)
+    paths = []
+    for k, ds in enumerate(make_datasets(spec)):
+        ds.StudyDate = study_date
+        ds.StudyID = "1"
+        paths.append(save_dataset(ds, folder / f"IM{k}.dcm"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the document
+
+
+def test_a_written_report_reads_back_as_the_diagnosis(tmp_path: Path) -> None:
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    written = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T10:30:00+01:00", tmp_path / "a")
+    read = pydicom.dcmread(tmp_path / "a")
+    diagnosis, reason = report_to_diagnosis(read, "here")
+    assert reason is None
+    assert diagnosis == Diagnosis(image.StudyInstanceUID, "2024-03-02T09:30:00Z", "Smith^Jane", 1)
+    assert diagnosis is not None and diagnosis.source == "here"
+    assert read.PatientID == "P1" and read.StudyDate == "20240301" and read.Modality == "SR"
+    assert read.SeriesInstanceUID != image.SeriesInstanceUID
+    assert read.SOPInstanceUID == written.SOPInstanceUID != image.SOPInstanceUID
+    assert read.VerifyingObserverSequence[0].VerificationDateTime == "20240302093000+0000"
+
+    write_report_sr(image, 0, "Doe^John", "20240305", tmp_path / "b", text="Normal study.")
+    diagnosis, _ = report_to_diagnosis(pydicom.dcmread(tmp_path / "b"), "")
+    assert diagnosis == Diagnosis(image.StudyInstanceUID, "2024-03-05T00:00:00Z", "Doe^John", 0)
+    assert pydicom.dcmread(tmp_path / "b").ContentSequence[1].TextValue == "Normal study."
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy")
+@pytest.mark.parametrize("finding", [0, 1])
+def test_a_written_report_is_a_valid_comprehensive_sr(tmp_path: Path, finding: int) -> None:
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    write_report_sr(image, finding, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
+    out = subprocess.run(["dciodvfy", str(tmp_path / "r.dcm")], capture_output=True, text=True)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert "ComprehensiveSR" in lines  # dciodvfy recognised the IOD it checked
+    assert [line for line in lines if line.startswith("Error")] == []
+
+
+def test_write_report_sr_refuses_what_is_not_a_report(tmp_path: Path) -> None:
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    with pytest.raises(ValueError, match="finding 2"):
+        write_report_sr(image, 2, "Smith^Jane", "2024-03-02", tmp_path / "r")
+    with pytest.raises(ValueError, match="signed_at 'yesterday'"):
+        write_report_sr(image, 1, "Smith^Jane", "yesterday", tmp_path / "r")
+    del image.StudyInstanceUID
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        write_report_sr(image, 1, "Smith^Jane", "2024-03-02", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def _report(tmp_path: Path, **changes: object) -> Dataset:
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    ds = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> DicomSequence:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return DicomSequence([item])
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the bad values set on purpose
+def test_what_is_not_a_verified_diagnosis_says_why(tmp_path: Path) -> None:
+    def reason(ds: Dataset) -> str | None:
+        diagnosis, why = report_to_diagnosis(ds, "x")
+        assert (diagnosis is None) == (why is not None)
+        return why
+
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    assert "not a structured report" in str(reason(image))
+    assert reason(_report(tmp_path, VerificationFlag="UNVERIFIED")) == NOT_VERIFIED
+    assert reason(_report(tmp_path, VerificationFlag=None)) == NOT_VERIFIED
+    assert "not a DICOM UID" in str(reason(_report(tmp_path, StudyInstanceUID="1.2.x")))
+    assert "no verification time" in str(reason(_report(tmp_path, VerifyingObserverSequence=None)))
+
+    no_finding = _report(tmp_path)
+    no_finding.ContentSequence = DicomSequence(no_finding.ContentSequence[1:])
+    assert "no Finding (DCM 121071)" in str(reason(no_finding))
+
+    indeterminate = _report(tmp_path)
+    indeterminate.ContentSequence[0].ConceptCodeSequence = _code("82334004", "SCT", "Indeterm.")
+    assert "SCT 82334004 is neither Present" in str(reason(indeterminate))
+
+    bad_time = _report(tmp_path)
+    bad_time.VerifyingObserverSequence[0].VerificationDateTime = "20241350"
+    assert "VerificationDateTime '20241350'" in str(reason(bad_time))
+
+
+def test_a_finding_under_another_name_and_several_verifiers_still_read(tmp_path: Path) -> None:
+    ds = _report(tmp_path)
+    ds.ContentSequence[0].ConceptNameCodeSequence = _code("F-01", "99LOCAL", "Lesion")
+    later = Dataset()
+    later.VerifyingObserverName = "Senior^Sam"
+    later.VerifyingOrganization = "Radiology"
+    later.VerificationDateTime = "20240303080000"  # no offset: the dataset's TimezoneOffsetFromUTC
+    later.VerifyingObserverIdentificationCodeSequence = DicomSequence()
+    ds.VerifyingObserverSequence.append(later)
+    ds.TimezoneOffsetFromUTC = "+0200"
+    diagnosis, _ = report_to_diagnosis(ds, "x")
+    assert diagnosis == Diagnosis(ds.StudyInstanceUID, "2024-03-03T06:00:00Z", "Senior^Sam", 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "offset", "expected"),
+    [
+        ("20240105093000.123456+0100", None, "2024-01-05T08:30:00Z"),
+        ("20240105093000-0330", "+0500", "2024-01-05T13:00:00Z"),  # its own offset wins
+        ("2024010509", "-0100", "2024-01-05T10:00:00Z"),
+        ("20240105", None, "2024-01-05T00:00:00Z"),
+        ("2024", None, "2024-01-01T00:00:00Z"),
+        ("20240230", None, None),  # no such day
+        ("202401050930.5", None, None),  # a fraction needs seconds
+        ("20240105+2500", None, None),
+        ("2024-01-05", None, None),
+        ("", None, None),
+    ],
+)
+def test_parse_dt(text: str, offset: str | None, expected: str | None) -> None:
+    assert parse_dt(text, offset) == expected
+
+
+def test_diagnoses_round_trip_through_json_lines(tmp_path: Path) -> None:
+    diagnoses = [
+        Diagnosis("1.2.3", "2024-03-02T09:30:00Z", "Smith^Jane", 1, "pacs:ORTHANC/1.2.3.4"),
+        Diagnosis("1.2.4", "2024-03-03T00:00:00Z", "Müller^Jörg", 0, "pacs:ORTHANC/1.2.4.5"),
+    ]
+    path = write_jsonl(diagnoses, tmp_path / "out" / "pacs.jsonl")
+    back, problems = read_diagnoses(path)
+    assert problems == []
+    assert back == diagnoses
+    assert [d.reader for d in back] == ["Smith^Jane", "Müller^Jörg"]
+    assert [d.source for d in back] == ["pacs.jsonl:1", "pacs.jsonl:2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# addresses
+
+
+def test_parse_pacs() -> None:
+    assert parse_pacs(" ORTHANC@127.0.0.1:4242 ") == Pacs("127.0.0.1", 4242, "ORTHANC")
+    assert parse_pacs("MY@AE@pacs.example.org:104") == Pacs("pacs.example.org", 104, "MY@AE")
+    assert parse_pacs("PACS@[::1]:11112") == Pacs("::1", 11112, "PACS")
+    assert str(parse_pacs("PACS@[::1]:11112")) == "PACS@[::1]:11112"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("127.0.0.1:4242", "has no AE title"),
+        ("ORTHANC@127.0.0.1", "has no port"),
+        ("ORTHANC@::1:4242", "has no port"),
+        ("ORTHANC@127.0.0.1:dicom", "port 'dicom' is not a number"),
+        ("ORTHANC@127.0.0.1:70000", "port 70000 is outside 1-65535"),
+        ("ORTHANC@:4242", "host '' is empty"),
+        ("@127.0.0.1:4242", "AE title '' must be 1-16"),
+        ("A_VERY_LONG_AE_TITLE@127.0.0.1:4242", "AE title 'A_VERY_LONG_AE_TITLE' must be"),
+    ],
+)
+def test_parse_pacs_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(PacsError, match=message) as caught:
+        parse_pacs(text)
+    assert repr(text) in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# a real PACS
+
+
+@dataclass
+class Archive:
+    """What was stored in the PACS, and what fetching it must give."""
+
+    orthanc: Orthanc
+    move_port: int
+    recent: str  # study with two reports and an AI result
+    old: str  # older study with one report and a malformed one
+    unreported: str
+    expected: dict[str, list[Diagnosis]] = field(default_factory=dict)  # study -> reports
+    sources: dict[Diagnosis, str] = field(default_factory=dict)  # report -> its SOP UID
+    malformed: str = ""  # SOP Instance UID
+
+    @property
+    def pacs(self) -> Pacs:
+        return Pacs("127.0.0.1", self.orthanc.dicom, self.orthanc.ae_title)
+
+
+def _ai_result(image: Path, out: Path) -> None:
+    """The edge runner's own (unverified) SR for the series of ``image``."""
+    from shiftguard.dicom.scan import read_headers
+    from shiftguard.edge.dicom_out import SeriesResult, write_sr
+
+    ref = pydicom.dcmread(image, stop_before_pixels=True)
+    result = SeriesResult(ref.SeriesInstanceUID, 0.9, 0.5, "small-cnn", "3", shadow=True)
+    write_sr(ref, read_headers(image), result, out)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    """An Orthanc knowing AE SHIFTGUARD, holding three studies and their SRs."""
+    if shutil.which("Orthanc") is None or shutil.which("storescu") is None:
+        pytest.skip("Orthanc and dcmtk are installed by scripts/setup.sh")
+    root = tmp_path_factory.mktemp("pacs")
+    move_port = free_port()
+    orthanc = Orthanc(root / "orthanc", modalities={"SHIFTGUARD": ("127.0.0.1", move_port)})
+    recent = _study(root / "recent", "20240301", "P1")
+    old = _study(root / "old", "20231115", "P2")
+    unreported = _study(root / "unreported", "20240310", "P3")
+    uids = [pydicom.dcmread(p[0]).StudyInstanceUID for p in (recent, old, unreported)]
+    a = Archive(orthanc, move_port, *uids)
+    files = [*recent, *old, *unreported]
+    for n, (images, finding, reader, signed) in enumerate(
+        [
+            (recent, 1, "Smith^Jane", "2024-03-02T09:00:00Z"),
+            (recent, 0, "Doe^John", "2024-03-03T14:15:00+01:00"),  # later: this one counts
+            (old, 1, "Smith^Jane", "2023-11-16T08:00:00Z"),
+        ]
+    ):
+        image = pydicom.dcmread(images[0])
+        ds = write_report_sr(image, finding, reader, signed, root / "sr" / f"{n}.dcm")
+        diagnosis, _ = report_to_diagnosis(ds, "")
+        assert diagnosis is not None
+        a.expected.setdefault(diagnosis.study_uid, []).append(diagnosis)
+        a.sources[diagnosis] = f"pacs:ORTHANC/{ds.SOPInstanceUID}"
+        files.append(root / "sr" / f"{n}.dcm")
+    malformed = write_report_sr(
+        pydicom.dcmread(old[0]), 0, "Doe^John", "2023-11-17", root / "sr" / "bad.dcm"
+    )
+    malformed.ContentSequence = DicomSequence(malformed.ContentSequence[1:])  # no Finding
+    malformed.save_as(root / "sr" / "bad.dcm", enforce_file_format=True)
+    a.malformed = malformed.SOPInstanceUID
+    files.append(root / "sr" / "bad.dcm")
+    _ai_result(recent[0], root / "sr" / "ai.dcm")
+
+    orthanc.start()
+    try:
+        sent = storescu(orthanc.dicom, files, called=orthanc.ae_title)
+        assert sent.returncode == 0, sent.stderr
+        # storescu does not propose Comprehensive 3D SR: the AI result goes in over HTTP
+        upload = urllib.request.Request(
+            f"http://127.0.0.1:{orthanc.http}/instances",
+            data=(root / "sr" / "ai.dcm").read_bytes(),
+            method="POST",
+        )
+        urllib.request.urlopen(upload, timeout=10).close()
+        assert len(orthanc.get("/instances")) == len(files) + 1
+        yield a
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.integration
+@needs_orthanc
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_the_verified_reports_come_back_from_the_pacs(archive: Archive, retrieve: str) -> None:
+    diagnoses, problems, stats = fetch_reports(
+        archive.pacs,
+        retrieve=retrieve,
+        move_port=archive.move_port,  # type: ignore[arg-type]
+    )
+    expected = [d for reports in archive.expected.values() for d in reports]
+    assert sorted(diagnoses) == sorted(expected)
+    assert {d.source for d in diagnoses} == {archive.sources[d] for d in expected}
+    assert archive.unreported not in {d.study_uid for d in diagnoses}
+
+    book = DiagnosisBook()
+    book.add(diagnoses, problems)
+    assert book.verdicts() == {archive.recent: 0, archive.old: 1}  # Doe^John signed last
+    verdict = book.verdict(archive.recent)
+    assert verdict is not None and verdict.reader == "Doe^John"
+    assert book.disagreements() == [archive.recent]
+
+    assert [p.source for p in problems] == [f"pacs:ORTHANC/{archive.malformed}"]
+    assert "no Finding" in problems[0].message
+    assert (stats.series_found, stats.instances_retrieved) == (5, 5)
+    assert (stats.verified_reports, stats.skipped_unverified, stats.problems) == (3, 1, 1)
+
+
+@pytest.mark.integration
+@needs_orthanc
+def test_since_and_studies_narrow_the_query(archive: Archive) -> None:
+    diagnoses, problems, stats = fetch_reports(
+        archive.pacs, retrieve="get", since="2024-01-01", studies=None
+    )
+    assert {d.study_uid for d in diagnoses} == {archive.recent}  # the 2023 study is left out
+    assert problems == [] and stats.series_found == 3 and stats.skipped_unverified == 1
+
+    diagnoses, problems, stats = fetch_reports(
+        archive.pacs, move_port=archive.move_port, studies=[archive.old, archive.unreported]
+    )
+    assert sorted(diagnoses) == archive.expected[archive.old]
+    assert len(problems) == 1 and stats.series_found == 2
+
+    diagnoses, _, stats = fetch_reports(archive.pacs, retrieve="get", since="20250101")
+    assert diagnoses == [] and stats.series_found == 0
+
+
+def test_an_unreachable_pacs_is_named() -> None:
+    pacs = Pacs("127.0.0.1", free_port(), "ORTHANC")  # nothing listens there
+    with pytest.raises(PacsError, match=re.escape(f"cannot reach PACS {pacs}")):
+        fetch_reports(pacs, retrieve="get", timeout=5)
+
+
+@pytest.mark.integration
+@needs_orthanc
+def test_a_pacs_that_does_not_know_our_ae_says_so(archive: Archive) -> None:
+    with pytest.raises(PacsError, match="the PACS must know AE 'STRANGER'") as caught:
+        fetch_reports(archive.pacs, ae_title="STRANGER", move_port=free_port(), timeout=5)
+    assert str(archive.pacs) in str(caught.value)
+
+
+@pytest.mark.integration
+@needs_orthanc
+def test_a_c_move_the_pacs_cannot_deliver_names_the_destination(archive: Archive) -> None:
+    elsewhere = free_port()  # Orthanc sends to archive.move_port, where nobody listens now
+    with pytest.raises(PacsError, match="C-MOVE of series") as caught:
+        fetch_reports(archive.pacs, move_port=elsewhere, timeout=10)
+    assert f"must know AE 'SHIFTGUARD' at 127.0.0.1:{elsewhere}" in str(caught.value)
+
+
+def test_a_rejected_association_is_named() -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    scp = AE("REALPACS")
+    scp.require_called_aet = True  # rejects an association called anything else
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    try:
+        pacs = Pacs("127.0.0.1", server.server_address[1], "WRONGAE")
+        with pytest.raises(PacsError, match="rejected the association") as caught:
+            fetch_reports(pacs, retrieve="get", timeout=5)
+        assert str(caught.value).startswith(f"PACS {pacs} rejected the association from AE ")
+        assert "Called AE title not recognised" in str(caught.value)
+    finally:
+        server.shutdown()
+
+
+def test_fetch_arguments_are_checked_before_connecting() -> None:
+    pacs = Pacs("127.0.0.1", 9, "ORTHANC")
+    with pytest.raises(PacsError, match="needs move_port"):
+        fetch_reports(pacs)
+    with pytest.raises(PacsError, match="since '01/02/2024'"):
+        fetch_reports(pacs, retrieve="get", since="01/02/2024")
+    with pytest.raises(PacsError, match=re.escape("'1.2.x' not DICOM UIDs")):
+        fetch_reports(pacs, retrieve="get", studies=["1.2.3", "1.2.x"])
+    with pytest.raises(PacsError, match="retrieve 'copy'"):
+        fetch_reports(pacs, retrieve="copy")  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("dcmqrscp") is None, reason="dcmtk is installed by setup.sh")
+def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
+    """dcmtk's archive: C-GET gives the report; C-MOVE to an AE it does not know is refused with
+    'move destination unknown' (Orthanc answers a bare failure)."""
+    port = free_port()
+    (tmp_path / "db").mkdir()
+    (tmp_path / "qr.cfg").write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 4\n"
+        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nQRSCP {tmp_path / 'db'} RW (10, 16mb) ANY\nAETable END\n"
+    )
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    report = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
+    proc = subprocess.Popen(
+        ["dcmqrscp", "-c", str(tmp_path / "qr.cfg")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        sent = storescu(port, [tmp_path / "r.dcm"], called="QRSCP")
+        assert sent.returncode == 0, sent.stderr
+        pacs = Pacs("127.0.0.1", port, "QRSCP")
+
+        diagnoses, problems, _ = fetch_reports(pacs, retrieve="get", timeout=5)
+        assert diagnoses == [
+            Diagnosis(image.StudyInstanceUID, "2024-03-02T09:30:00Z", "Smith^Jane", 1)
+        ]
+        assert diagnoses[0].source == f"pacs:QRSCP/{report.SOPInstanceUID}" and problems == []
+
+        elsewhere = free_port()
+        with pytest.raises(PacsError, match="does not know the C-MOVE destination") as caught:
+            fetch_reports(pacs, move_port=elsewhere, timeout=5)
+        assert f"must know AE 'SHIFTGUARD' at 127.0.0.1:{elsewhere}" in str(caught.value)
+    finally:
+        proc.terminate()
+        proc.wait(10)

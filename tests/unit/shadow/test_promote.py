@@ -1,0 +1,105 @@
+"""The promotion gate against a real MLflow registry (SQLite store in a temporary folder): a
+challenger worse on one segment is refused, a sound one becomes champion, every decision is
+recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shiftguard.config.shadow import GateConfig
+from shiftguard.shadow.evaluate import run
+from shiftguard.shadow.promote import PromotionError, promote
+from shiftguard.shadow.report import write_report
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Registered model ``m`` with versions 1, 2, 3; version 1 aliased ``champion``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias("m", "champion", "1")
+    return client
+
+
+def report(tmp_path: Path, shadow_case: Callable[..., Any], **kwargs: Any) -> Path:
+    log, book = shadow_case(**kwargs)
+    out = tmp_path / "report"
+    write_report(run(log, book, n_boot=300), out)
+    return out
+
+
+def test_a_challenger_worse_on_one_segment_is_refused(
+    tmp_path: Path, registry: Any, shadow_case: Callable[..., Any]
+) -> None:
+    out = report(tmp_path, shadow_case, challenger_broken="Vantage")
+    decision = promote(out, GateConfig(min_studies=100), root=tmp_path)
+    assert not decision.promoted and decision.champion == "1"
+    failed = {c.name for c in decision.failed}
+    assert {"flagged_segments", "no_segment_worse"} <= failed
+    assert "scanner_model=Vantage" in " ".join(c.detail for c in decision.failed)
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == "1"  # not moved
+    # the decision is on record: an MLflow run and the candidate's tags
+    tags = registry.get_model_version("m", "2").tags
+    assert tags["shiftguard.promotion"] == "refused"
+    assert tags["shiftguard.promotion_run"] == decision.run_id
+    run_ = registry.get_run(decision.run_id)
+    assert run_.data.tags["shiftguard.decision"] == "refused"
+    assert run_.data.tags["shiftguard.check.no_segment_worse"] == "fail"
+
+
+def test_a_sound_challenger_becomes_champion(
+    tmp_path: Path, registry: Any, shadow_case: Callable[..., Any]
+) -> None:
+    out = report(tmp_path, shadow_case, seed=7, challenger_separation=0.3)
+    decision = promote(out, GateConfig(min_studies=100), root=tmp_path)
+    assert decision.promoted, decision.lines()
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == "2"
+    assert registry.get_model_version("m", "1").tags["shiftguard.replaced_by"] == "v2"
+    assert registry.get_run(decision.run_id).data.tags["shiftguard.decision"] == "promoted"
+
+
+def test_too_few_verified_studies_or_a_dry_run_moves_nothing(
+    tmp_path: Path, registry: Any, shadow_case: Callable[..., Any]
+) -> None:
+    out = report(tmp_path, shadow_case, seed=7, challenger_separation=0.3)
+    few = promote(out, GateConfig(min_studies=1000), root=tmp_path)
+    assert [c.name for c in few.failed] == ["min_studies"]
+    assert "600 studies with a verified diagnosis (need 1000)" in few.failed[0].detail
+    dry = promote(out, GateConfig(min_studies=100), dry_run=True, root=tmp_path)
+    assert dry.passed and not dry.promoted
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == "1"
+
+
+def test_the_comparison_must_be_against_the_serving_champion(
+    tmp_path: Path, registry: Any, shadow_case: Callable[..., Any]
+) -> None:
+    # the log's champion is v3, the registry's is v1
+    out = report(tmp_path, shadow_case, seed=7, champion_version="3", challenger_version="2")
+    decision = promote(out, GateConfig(min_studies=100), root=tmp_path)
+    [failed] = decision.failed
+    assert failed.name == "champion" and "the shadow log's champion is v3" in failed.detail
+
+
+def test_the_first_champion_and_unknown_candidates(
+    tmp_path: Path, registry: Any, shadow_case: Callable[..., Any]
+) -> None:
+    registry.delete_registered_model_alias("m", "champion")
+    out = report(tmp_path, shadow_case, challenger=False, champion_version="3")
+    assert promote(out, GateConfig(min_studies=100), root=tmp_path).promoted
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == "3"
+    out = report(tmp_path, shadow_case, challenger=False, champion_version="9")
+    with pytest.raises(PromotionError, match="m version 9 is not in the MLflow registry"):
+        promote(out, GateConfig(), root=tmp_path)
+    with pytest.raises(PromotionError, match="no shadow evaluation summary"):
+        promote(tmp_path / "nowhere", GateConfig(), root=tmp_path)

@@ -1,0 +1,85 @@
+"""The report folder, the MLflow run holding the same figures, and `shiftguard shadow evaluate` on
+files: a shadow log and diagnoses arriving in several RIS files, one with malformed rows."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from shiftguard.cli import main
+from shiftguard.shadow.evaluate import run
+from shiftguard.shadow.report import flat_metrics, log_run, write_report
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_the_report_and_the_mlflow_run_hold_the_same_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shadow_case: Callable[..., Any]
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    log, book = shadow_case(n=400, challenger_broken="Vantage")
+    result = run(log, book, n_boot=200)
+    html = write_report(result, tmp_path / "r").read_text()
+    # the flagged segment is named, with plots embedded
+    assert "Flagged segments" in html and "Vantage" in html
+    assert len(re.findall(r"data:image/png;base64,", html)) == 4  # ROC, 2 forests, paired
+    segments = pd.read_csv(tmp_path / "r" / "segments.csv")
+    assert set(segments["role"]) == {"champion", "challenger"}
+    paired = pd.read_csv(tmp_path / "r" / "paired.csv")
+    assert paired[(paired["segment"] == "Vantage") & (paired["metric"] == "auroc")]["worse"].item()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = log_run(result, tmp_path / "r", {"shadow": {"n_boot": 200}}, "shadow-test", tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = MlflowClient().get_run(run_id).data.metrics
+    expected = flat_metrics(result)
+    assert logged.keys() == expected.keys()
+    assert all(logged[k] == pytest.approx(v) for k, v in expected.items())
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["mlflow_run_id"] == run_id
+    challenger = summary["roles"]["challenger"]
+    assert logged["challenger.auroc"] == pytest.approx(challenger["overall"]["auroc"])
+    assert (
+        logged["challenger.scanner_model.Vantage.auroc"]
+        < logged["champion.scanner_model.Vantage.auroc"]
+    )
+
+
+def test_shadow_evaluate_on_files_counts_pending_and_reports_bad_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shadow_case: Callable[..., Any], capsys: Any
+) -> None:
+    log, book = shadow_case(n=200, challenger=False)
+    log.to_csv(tmp_path / "results.csv", index=False)
+    verdicts = [max(r) for r in book.reports.values()][:150]  # 50 studies still pending
+    pd.DataFrame(
+        [{"study_uid": d.study_uid, "finding": d.finding, "reader": d.reader,
+          "report_date": "20260101"} for d in verdicts[:100]]
+    ).to_csv(tmp_path / "ris1.csv", index=False)  # fmt: skip
+    lines = [json.dumps({"study_uid": d.study_uid, "finding": d.finding, "reader": "dr",
+                         "reported_at": "2026-01-02T10:00:00Z"}) for d in verdicts[100:]]  # fmt: skip
+    lines.insert(3, '{"study_uid": "1.2.3", "finding": "maybe", "reported_at": "20260101"}')
+    (tmp_path / "ris2.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "report"
+    code = main(["shadow", "evaluate", "--log", str(tmp_path / "results.csv"), "--diagnoses",
+                 str(tmp_path / "ris2.jsonl"), str(tmp_path / "ris1.csv"), "--out", str(out),
+                 "--no-mlflow", "shadow.n_boot=100"])  # fmt: skip
+    assert code == 0
+    assert f"shadow report: {out / 'report.html'}" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    champion = summary["roles"]["champion"]
+    assert (champion["predictions"], champion["judged"], champion["pending"]) == (200, 150, 50)
+    assert summary["diagnosis_problems"] == [
+        "ris2.jsonl:4: finding 'maybe': expected 0/1, yes/no, positive/negative"
+    ]
+    assert "ris2.jsonl:4" in (out / "report.html").read_text()
+    # no diagnoses at all: a clear error, exit 2
+    assert main(["shadow", "evaluate", "--log", str(tmp_path / "results.csv")]) == 2

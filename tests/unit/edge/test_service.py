@@ -20,6 +20,7 @@ from shiftguard.edge.peers import Orthanc, copy_study, free_port, storescu
 from shiftguard.edge.queue import DONE
 from shiftguard.edge.receiver import ReceiverSettings
 from shiftguard.edge.service import Destination, Service, ServiceSettings
+from shiftguard.shadow.log import read_shadow_log
 
 pytestmark = [
     pytest.mark.integration,
@@ -115,6 +116,17 @@ def test_shadow_mode_sends_nothing_clinical_and_logs_the_result(
         [row] = service.queue.shadow_log()
         assert row["study_uid"] == uid and row["role"] == "champion"
         assert row["routed"] == "shadow log only"
+        # the segments shadow evaluation slices by, from the study's header
+        h = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True)
+        assert (row["sex"], row["manufacturer"], row["scanner_model"], row["institution"]) == (
+            h.PatientSex,
+            h.Manufacturer,
+            h.ManufacturerModelName,
+            h.InstitutionName,
+        )
+        assert row["patient_age"] == int(h.PatientAge[:3]) and row["age_band"]
+        [judged] = read_shadow_log(service.queue.path).to_dict("records")
+        assert (judged["study_uid"], judged["site"]) == (uid, h.InstitutionName)
         assert service._ready_at == {}  # nothing kept for a study that will never be sent
     finally:
         service.stop()

@@ -103,3 +103,22 @@ def test_the_first_champion_and_unknown_candidates(
         promote(out, GateConfig(), root=tmp_path)
     with pytest.raises(PromotionError, match="no shadow evaluation summary"):
         promote(tmp_path / "nowhere", GateConfig(), root=tmp_path)
+
+
+def test_the_command_prints_each_check_and_exits_1_when_refused(
+    tmp_path: Path,
+    registry: Any,
+    shadow_case: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    from shiftguard.cli import main
+
+    out = report(tmp_path, shadow_case, challenger_broken="Vantage")
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])  # the project's conf/
+    assert main(["promote", "--report", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "m v2: REFUSED (champion was v1)" in printed
+    assert "[FAIL] no_segment_worse: significantly worse than the champion on" in printed
+    assert "[pass] min_studies: 600 studies" in printed
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == "1"

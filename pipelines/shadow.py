@@ -31,8 +31,15 @@ def main() -> int:
         RESULTS, cfg, [DIAGNOSES], bundles=[BUNDLES], out=OUT,
         title="Shadow evaluation: the unseen scanner's studies",
     )  # fmt: skip
-    champion = result.evaluations["champion"]
+    champion = result.evaluations.get("champion")
+    if champion is None:  # the edge predicted nothing (the test suite's tiny cohort can do that)
+        write_json(OUT / "metrics.json", {"studies": 0, "judged": 0, "pending": 0, "flagged": [],
+                                          "segments_judged": 0, "segments_too_small": 0})  # fmt: skip
+        print(f"shadow: no predictions in {RESULTS}; report {report}")
+        return 0
     overall = champion.overall
+    judged = not champion.segments.empty
+    segments = champion.segments
     write_json(
         OUT / "metrics.json",
         {
@@ -45,16 +52,18 @@ def main() -> int:
                 for m in ("auroc", "sensitivity", "specificity")
                 for s in ("", "_low", "_high")
             },
-            "segments_judged": int(champion.segments["judgeable"].sum()) - 1,
-            "segments_too_small": int((~champion.segments["judgeable"]).sum()),
+            "segments_judged": int(segments["judgeable"].sum()) - 1 if judged else 0,
+            "segments_too_small": int((~segments["judgeable"]).sum()) if judged else 0,
             "flagged": [f"{r.column}={r.segment}" for r in champion.flagged.itertuples()],
         },
     )
-    print(
-        f"shadow: {len(champion.joined)} of {champion.n_predictions} studies verified, AUROC "
-        f"{overall.get('auroc', float('nan')):.3f}, {len(champion.flagged)} segment(s) flagged; "
-        f"report {report}"
-    )
+    if judged:
+        print(
+            f"shadow: {len(champion.joined)} of {champion.n_predictions} studies verified, AUROC "
+            f"{overall['auroc']:.3f}, {len(champion.flagged)} segment(s) flagged; report {report}"
+        )
+    else:  # the test suite's tiny cohort: too few verified studies of both classes
+        print(f"shadow: {len(champion.joined)} verified studies, not both classes; report {report}")
     return 0
 
 

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,21 @@ class Delivery:
     attempts: int
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection, lock: threading.RLock) -> Iterator[sqlite3.Connection]:
+    """One write transaction on an autocommit connection shared by threads: taken under ``lock``,
+    ``BEGIN IMMEDIATE`` (the write lock at once, so it cannot fail halfway on a busy database),
+    committed at the end, rolled back on any exception."""
+    with lock:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
 def _result_row(row: dict[str, Any], now: float) -> dict[str, Any]:
     """A shadow-log row with every column (segments the caller did not give are empty)."""
     return {**dict.fromkeys(SEGMENT_COLUMNS, ""), "patient_age": None, **row, "created_at": now}
@@ -168,16 +183,8 @@ class WorkQueue:
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock)
 
     # ---------------------------------------------------------------------------------------------
     # receiving

@@ -179,6 +179,17 @@ class Service:
             if settings.challenger
             else None
         )
+        if self.challenger is not None and (
+            (self.challenger.bundle.name, self.challenger.bundle.version)
+            == (self.champion.bundle.name, self.champion.bundle.version)
+        ):
+            from shiftguard.edge.bundle import BundleError
+
+            raise BundleError(
+                f"{settings.challenger}: the challenger is the champion's bundle "
+                f"({self.champion.bundle.name} v{self.champion.bundle.version}); the shadow log "
+                "could not tell their results apart: give a different bundle or none"
+            )
         self.receiver = Receiver(settings.receiver, self.queue, self.inbox, on_ready=self._wake)
         self.latency = {stage: Histogram() for stage in ("predict", "deliver", "ready_to_sent")}
         self.counters = {"processed": 0, "failed": 0, "sent": 0, "send_failures": 0}

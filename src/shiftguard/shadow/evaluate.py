@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm, rankdata
 
+from shiftguard.errors import ShiftGuardError
 from shiftguard.evaluation.metrics import (
     _auroc_batched,
     _percentile,
@@ -39,6 +40,11 @@ from shiftguard.evaluation.metrics import (
 )
 from shiftguard.evaluation.segments import MISSING, SEGMENT_METRICS, age_bands, segment_table
 from shiftguard.shadow.diagnoses import DiagnosisBook
+
+
+class ShadowInputError(ShiftGuardError, ValueError):
+    """A shadow log the evaluation cannot judge as given (missing columns, mixed thresholds)."""
+
 
 SEGMENTS = ("sex", "age_band", "site", "manufacturer", "scanner_model")
 OVERALL = ("overall", "all")
@@ -111,11 +117,11 @@ def join(predictions: pd.DataFrame, book: DiagnosisBook) -> tuple[pd.DataFrame, 
     """Predictions with a ``finding`` column from the verdicts, and how many are still pending.
 
     Raises:
-        ValueError: ``predictions`` lacks ``study_uid`` or ``probability``.
+        ShadowInputError: ``predictions`` lacks ``study_uid`` or ``probability``.
     """
     missing = [c for c in ("study_uid", "probability") if c not in predictions]
     if missing:
-        raise ValueError(f"shadow log: lacks the column(s) {', '.join(missing)}")
+        raise ShadowInputError(f"shadow log: lacks the column(s) {', '.join(missing)}")
     verdicts = book.verdicts()
     finding = predictions["study_uid"].map(verdicts)
     pending = int(finding.isna().sum())
@@ -183,7 +189,7 @@ def _threshold(
         return float(threshold)
     values = pd.to_numeric(rows.get("threshold"), errors="coerce").dropna().unique()
     if len(values) != 1:
-        raise ValueError(
+        raise ShadowInputError(
             f"shadow log: role {role} has {len(values)} different thresholds "
             f"({', '.join(map(str, values[:3]))}); give the threshold to judge at"
         )

@@ -210,7 +210,7 @@ def _forest(table: pd.DataFrame, title: str) -> str:
                 ax.plot([low[i], high[i]], [y[i], y[i]], color=colour[i], lw=2)
             ax.plot(point[i], y[i], "o", color=colour[i], ms=5)
         val = rows.get(f"{m}_validation")
-        if val is not None:
+        if val is not None and val.notna().any():
             ax.plot(val.to_numpy(float), y, "x", color="#2e7d32", ms=6, label="validation")
         ax.axvline(float(table.iloc[0][m]), color="#555", ls="--", lw=1, label="overall")
         ax.set_title(m)
@@ -242,7 +242,8 @@ def _roc(result: ShadowResult) -> str:
     ax.plot([0, 1], [0, 1], color="#bbb", lw=1)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_title("ROC on verified studies (dot: the bundle's threshold)", fontsize=9)
     return _png(fig)
 

@@ -81,3 +81,16 @@ def bundle_path(
         make_manifest(tiny),
         {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
     )
+
+
+@pytest.fixture(scope="session")
+def challenger_path(
+    tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any], onnx_model: bytes
+) -> Path:
+    """A second version of the test model, to run as the challenger."""
+    root = tmp_path_factory.mktemp("challenger")
+    return write_bundle(
+        root / bundle_file_name("test-model", "8"),
+        make_manifest(tiny, version="8"),
+        {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
+    )

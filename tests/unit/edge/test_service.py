@@ -16,6 +16,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from shiftguard.edge.bundle import BundleError
 from shiftguard.edge.peers import Orthanc, copy_study, free_port, storescu
 from shiftguard.edge.queue import DONE
 from shiftguard.edge.receiver import ReceiverSettings
@@ -102,34 +103,48 @@ def test_a_study_in_gives_an_sr_and_a_key_image_in_the_pacs(
         service.stop()
 
 
-def test_shadow_mode_sends_nothing_clinical_and_logs_the_result(
-    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+def test_shadow_mode_sends_nothing_clinical_and_logs_both_roles(
+    tmp_path: Path, bundle_path: Path, challenger_path: Path, cohort: Path, orthanc: Orthanc
 ) -> None:
-    service = _service(tmp_path, bundle_path, orthanc, shadow=True)
+    service = _service(tmp_path, bundle_path, orthanc, shadow=True, challenger=str(challenger_path))
     try:
         study = sorted(next(cohort.iterdir()).iterdir())[0]
-        uid = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+        h = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True)
+        uid = h.StudyInstanceUID
         _send(service.receiver.port, study)
         _wait(lambda: service.queue.study_state(uid) == DONE)
         time.sleep(1.0)  # a sender would have had time to deliver
         assert orthanc.get("/instances") == []
-        [row] = service.queue.shadow_log()
-        assert row["study_uid"] == uid and row["role"] == "champion"
-        assert row["routed"] == "shadow log only"
-        # the segments shadow evaluation slices by, from the study's header
-        h = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True)
-        assert (row["sex"], row["manufacturer"], row["scanner_model"], row["institution"]) == (
-            h.PatientSex,
-            h.Manufacturer,
-            h.ManufacturerModelName,
-            h.InstitutionName,
+        rows = {r["role"]: r for r in service.queue.shadow_log()}
+        assert rows.keys() == {"champion", "challenger"}
+        row = rows["champion"]
+        assert row["study_uid"] == uid and row["routed"] == "shadow log only"
+        assert (rows["champion"]["bundle"], rows["challenger"]["bundle"]) == (
+            "test-model-v7",
+            "test-model-v8",
         )
-        assert row["patient_age"] == int(h.PatientAge[:3]) and row["age_band"]
-        [judged] = read_shadow_log(service.queue.path).to_dict("records")
-        assert (judged["study_uid"], judged["site"]) == (uid, h.InstitutionName)
+        # the segments shadow evaluation slices by, from the study's header
+        for row in rows.values():
+            assert (row["sex"], row["manufacturer"], row["scanner_model"], row["institution"]) == (
+                h.PatientSex,
+                h.Manufacturer,
+                h.ManufacturerModelName,
+                h.InstitutionName,
+            )
+            assert row["patient_age"] == int(h.PatientAge[:3]) and row["age_band"]
+        judged = read_shadow_log(service.queue.path)
+        assert list(judged["role"]) == ["challenger", "champion"]
+        assert set(judged["site"]) == {h.InstitutionName} and set(judged["study_uid"]) == {uid}
         assert service._ready_at == {}  # nothing kept for a study that will never be sent
     finally:
         service.stop()
+
+
+def test_the_champion_cannot_be_its_own_challenger(
+    tmp_path: Path, bundle_path: Path, orthanc: Orthanc
+) -> None:
+    with pytest.raises(BundleError, match="the challenger is the champion's bundle"):
+        _service(tmp_path, bundle_path, orthanc, shadow=True, challenger=str(bundle_path))
 
 
 def test_results_wait_for_a_pacs_that_is_down_and_arrive_when_it_returns(

@@ -444,3 +444,35 @@ def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.integration
+@needs_orthanc
+def test_the_commands_take_their_diagnoses_from_the_pacs(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from shiftguard.cli import main
+    from shiftguard.shadow.diagnoses import read_diagnoses
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])  # the project's conf/
+    pacs = f"ORTHANC@127.0.0.1:{archive.orthanc.dicom}"
+    assert main(["shadow", "fetch", "--pacs", pacs, "--retrieve", "get",
+                 "--out", str(tmp_path / "d.jsonl")]) == 0  # fmt: skip
+    fetched, bad = read_diagnoses(tmp_path / "d.jsonl")
+    assert not bad and sorted(fetched) == sorted(
+        d for reports in archive.expected.values() for d in reports
+    )
+    log = tmp_path / "results.csv"
+    log.write_text(
+        "study_uid,series_uid,probability,threshold,model,model_version\n"
+        + "".join(f"{u},1.{i},0.{i + 3},0.5,m,1\n" for i, u in
+                  enumerate((archive.recent, archive.old, archive.unreported)))
+    )  # fmt: skip
+    out = tmp_path / "report"
+    assert main(["shadow", "evaluate", "--log", str(log), "--pacs", pacs, "--move-port",
+                 str(archive.move_port), "--out", str(out), "--no-mlflow"]) == 0  # fmt: skip
+    champion = json.loads((out / "summary.json").read_text())["roles"]["champion"]
+    assert (champion["predictions"], champion["judged"], champion["pending"]) == (3, 2, 1)
+    assert champion["positive"] == 1  # the old study; the recent one's latest report says absent

@@ -70,7 +70,16 @@ class EdgeConfig(_Strict):
     """``shiftguard edge serve``: the DICOM service a site runs beside its PACS."""
 
     bundle: str = Field("artifacts/export", description="a .sgbundle file, or a folder holding one")
-    challenger: str | None = Field(None, description="a second bundle run on every study (shadow)")
+    challenger: str | None = Field(None, description="a second bundle run in shadow beside it")
+    challenger_fraction: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="share of studies the challenger reads too, chosen by a hash of the "
+            "study UID (the same studies after a restart)",
+        ),
+    ] = 1.0
     storage: str = Field("edge-data", description="queue database, received studies, results")
     shadow: bool = Field(True, description="send nothing to clinical destinations")
     ae_title: str = Field("SHIFTGUARD", min_length=1, max_length=16, description="our AE title")

@@ -5,7 +5,8 @@ Threads, all sharing one :class:`~shiftguard.edge.queue.WorkQueue`:
 * the Storage SCP (:class:`~shiftguard.edge.receiver.Receiver`): studies in, written and queued
   before they are acknowledged; ready when their association is released;
 * a stability timer: studies with no new instance for ``stability_s`` become ready as well;
-* workers: claim a ready study, run the champion bundle (and the challenger, if any) on its files,
+* workers: claim a ready study, run the champion bundle (and the challenger, if any, on the
+  ``challenger_fraction`` of studies :func:`sampled` picks) on its files,
   write SR and key image, log every result in the shadow log, and queue the champion's objects for
   the destinations its mode allows, all in the transaction that marks the study done;
 * one sender per destination: C-STOREs its due objects over one association per batch, retrying
@@ -18,6 +19,7 @@ Shadow mode: nothing goes to a ``clinical`` destination; results stay in the sha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +66,7 @@ class ServiceSettings:
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
     destinations: tuple[Destination, ...] = ()
     challenger: str | None = None
+    challenger_fraction: float = 1.0
     shadow: bool = True
     workers: int = 1
     stability_s: float = 30.0
@@ -100,11 +103,25 @@ def resolve_bundle(path: str | Path) -> Path:
     return path
 
 
+def sampled(study_uid: str, fraction: float) -> bool:
+    """Whether a study is among the ``fraction`` the challenger reads: decided by a hash of its
+    UID, so the same studies are chosen after a restart and by every edge with that fraction.
+
+    >>> sampled("1.2.3", 1.0), sampled("1.2.3", 0.5) == sampled("1.2.3", 0.5)
+    (True, True)
+    """
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(study_uid.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 def settings_from_config(cfg: Any) -> ServiceSettings:
     """:class:`ServiceSettings` from a validated :class:`~shiftguard.config.EdgeConfig`."""
     return ServiceSettings(
         bundle=str(resolve_bundle(cfg.bundle)),
         challenger=str(resolve_bundle(cfg.challenger)) if cfg.challenger else None,
+        challenger_fraction=cfg.challenger_fraction,
         storage=cfg.storage,
         shadow=cfg.shadow,
         receiver=ReceiverSettings(
@@ -246,7 +263,7 @@ class Service:
                 deliveries.append((dest.name, row["sr_uid"], str(out / row["sr_file"])))
                 deliveries.append((dest.name, row["sc_uid"], str(out / row["sc_file"])))
             results.append(self._log_row(study_uid, row, "champion", routes))
-        if self.challenger is not None:
+        if self.challenger is not None and sampled(study_uid, self.settings.challenger_fraction):
             ch = self.challenger.predict_files(files, self.outbox / "challenger" / study_uid)
             results += [self._log_row(study_uid, r, "challenger", []) for r in ch.results]
         note = "; ".join(

@@ -165,10 +165,11 @@ def evaluate(
         columns = [c for c in by if c in joined]
         table = pd.DataFrame()
         if len(joined) and joined["finding"].nunique() == 2:
+            # point values, counts and judgeability; the CIs come from _flag's resamples
             table = segment_table(
                 joined.assign(overall="all"), ["overall", *columns], score_col="probability",
                 label_col="finding", threshold=cut, min_n=min_n, min_positive=min_positive,
-                n_boot=n_boot, seed=seed, alpha=alpha,
+                n_boot=1, seed=seed, alpha=alpha,
             )  # fmt: skip
             table = _flag(table, joined, cut, role_validation, n_boot, seed, alpha)
         first = rows.iloc[0]
@@ -256,10 +257,12 @@ def _flag(
     seed: int,
     alpha: float,
 ) -> pd.DataFrame:
-    """Flag the segments significantly below the overall figure or their validation figure.
+    """The CIs of the judgeable segments, and flags on those significantly below the overall
+    figure or their validation figure.
 
-    Each judgeable (segment, metric, reference) is a one-sided test: a Wald test with the
-    bootstrap standard error (the same resamples as the table's CIs). The tests of one role are
+    One set of stratified resamples per segment gives both its percentile CIs (the same as
+    :func:`segment_table` draws with the same seed) and the standard errors of the tests. Each
+    judgeable (segment, metric, reference) is a one-sided Wald test; the tests of one role are
     Holm-corrected together, so that a model fine everywhere is not flagged by the sheer number
     of segments looked at.
     """
@@ -280,7 +283,7 @@ def _flag(
             refs[m] = ([] if is_overall else [("overall", overall[m])]) + (
                 [] if val is None else [("validation", val)]
             )
-        if not row["judgeable"] or not any(refs.values()):
+        if not row["judgeable"]:
             continue
         if is_overall:
             pos = np.arange(y_all.size)
@@ -295,6 +298,7 @@ def _flag(
         boot = {"auroc": _auroc_batched(y[idx], s[idx]), "sensitivity": sens_b,
                 "specificity": spec_b}  # fmt: skip
         for m in SEGMENT_METRICS:
+            table.loc[index, [f"{m}_low", f"{m}_high"]] = _percentile(boot[m], alpha)
             finite = boot[m][np.isfinite(boot[m])]
             se = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
             for name, ref in refs[m]:

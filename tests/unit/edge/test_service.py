@@ -20,7 +20,7 @@ from shiftguard.edge.bundle import BundleError
 from shiftguard.edge.peers import Orthanc, copy_study, free_port, storescu
 from shiftguard.edge.queue import DONE
 from shiftguard.edge.receiver import ReceiverSettings
-from shiftguard.edge.service import Destination, Service, ServiceSettings
+from shiftguard.edge.service import Destination, Service, ServiceSettings, sampled
 from shiftguard.shadow.log import read_shadow_log
 
 pytestmark = [
@@ -136,6 +136,33 @@ def test_shadow_mode_sends_nothing_clinical_and_logs_both_roles(
         assert list(judged["role"]) == ["challenger", "champion"]
         assert set(judged["site"]) == {h.InstitutionName} and set(judged["study_uid"]) == {uid}
         assert service._ready_at == {}  # nothing kept for a study that will never be sent
+    finally:
+        service.stop()
+
+
+def test_the_challenger_reads_a_stable_share_of_studies() -> None:
+    uids = [f"1.2.826.0.1.{i}" for i in range(4000)]
+    quarter = [u for u in uids if sampled(u, 0.25)]
+    assert 0.22 < len(quarter) / len(uids) < 0.28
+    assert quarter == [u for u in uids if sampled(u, 0.25)]  # the same studies every time
+    assert set(quarter) <= {u for u in uids if sampled(u, 0.5)}  # a larger share keeps them
+    assert all(sampled(u, 1.0) for u in uids[:10])
+
+
+def test_a_study_outside_the_challengers_share_is_read_by_the_champion_only(
+    tmp_path: Path, bundle_path: Path, challenger_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    study = sorted(next(cohort.iterdir()).iterdir())[0]
+    uid = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    share = next(f for f in (0.9, 0.5, 0.1, 0.01, 0.001) if not sampled(uid, f))
+    service = _service(
+        tmp_path, bundle_path, orthanc, shadow=True, challenger=str(challenger_path),
+        challenger_fraction=share,
+    )  # fmt: skip
+    try:
+        _send(service.receiver.port, study)
+        _wait(lambda: service.queue.study_state(uid) == DONE)
+        assert [r["role"] for r in service.queue.shadow_log()] == ["champion"]
     finally:
         service.stop()
 

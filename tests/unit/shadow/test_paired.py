@@ -108,3 +108,48 @@ def test_thresholds_come_from_the_log_and_must_be_one_per_role(
     log.loc[0, "threshold"] = 0.7
     with pytest.raises(ValueError, match="2 different thresholds"):
         evaluate(log, book, n_boot=50)
+
+
+def test_segment_figures_equal_fairlearns_metricframe(shadow_case: Callable[..., Any]) -> None:
+    """The per-group figures of the peer (Fairlearn's MetricFrame with scikit-learn's metrics)
+    on the same predictions, segment by segment."""
+    from fairlearn.metrics import MetricFrame
+    from sklearn.metrics import recall_score, roc_auc_score
+
+    log, book = shadow_case(n=500, challenger=False)
+    ours = evaluate(log, book, 0.55, n_boot=50)["champion"].segments
+    y = log["study_uid"].map(book.verdicts()).to_numpy()
+    metrics = {
+        "auroc": roc_auc_score,
+        "sensitivity": lambda t, p: recall_score(t, p >= 0.55),
+        "specificity": lambda t, p: recall_score(t, p >= 0.55, pos_label=0),
+    }
+    compared = 0
+    for column in ("sex", "age_band", "scanner_model"):
+        theirs = MetricFrame(
+            metrics=metrics, y_true=y, y_pred=log["probability"].to_numpy(),
+            sensitive_features=log[column],
+        )  # fmt: skip
+        for segment, row in theirs.by_group.iterrows():
+            mine = ours[(ours["column"] == column) & (ours["segment"] == segment)].iloc[0]
+            assert mine[["auroc", "sensitivity", "specificity"]].tolist() == pytest.approx(
+                row[["auroc", "sensitivity", "specificity"]].tolist(), abs=1e-12
+            )
+            compared += 1
+    assert compared == 7
+
+
+def test_the_cis_are_segment_tables_with_the_same_seed(shadow_case: Callable[..., Any]) -> None:
+    from shiftguard.evaluation.segments import segment_table
+
+    log, book = shadow_case(n=500, challenger=False)
+    ours = evaluate(log, book, 0.5, by=("sex", "scanner_model"), n_boot=300, seed=3)["champion"]
+    frame = ours.joined.assign(overall="all")
+    reference = segment_table(
+        frame, ["overall", "sex", "scanner_model"], score_col="probability", label_col="finding",
+        threshold=0.5, n_boot=300, seed=3,
+    )  # fmt: skip
+    columns = [
+        f"{m}{s}" for m in ("auroc", "sensitivity", "specificity") for s in ("_low", "_high")
+    ]
+    np.testing.assert_array_equal(ours.segments[columns], reference[columns])

@@ -61,15 +61,6 @@ for s in scen["scenarios"]:
     if s["onset"] is None:
         flagged = f"{s['false_alarms']} false alarms"
     print(f"      scenario {s['name']:<17} ({s['studies']} studies): {flagged}")
-shadow = json.load(open("reports/shadow/metrics.json"))
-fmt = lambda m: (f"{shadow[m]:.3f} [{shadow[m + '_low']:.3f}, {shadow[m + '_high']:.3f}]"
-                 if shadow.get(m) is not None else "n/a")
-print(f"      shadow evaluation vs the verified diagnoses (data/ris/verified_diagnoses.csv): "
-      f"{shadow['judged']} of {shadow['studies']} studies verified ({shadow['pending']} pending); "
-      f"AUROC {fmt('auroc')}, sensitivity {fmt('sensitivity')}, specificity {fmt('specificity')}; "
-      f"{shadow['segments_judged']} segments judged, {shadow['segments_too_small']} too small; "
-      f"flagged: {', '.join(shadow['flagged']) or 'none'}")
-print("      shadow report: reports/shadow/report.html")
 PY
 echo
 echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
@@ -77,3 +68,18 @@ echo "      (then open http://127.0.0.1:5000); plots: dvc plots show (reports/va
 echo "      Drift dashboard:  $bin/evidently ui --workspace artifacts/monitor/workspace"
 echo "      (then open http://127.0.0.1:8000, project 'ShiftGuard drift monitor')"
 echo "      The scanner-shift experiment, both arms side by side: make experiment"
+echo
+# last: the shadow evaluation of the edge's predictions against the radiologists' verdicts
+"$bin/python" - <<'PY'
+import json
+shadow = json.load(open("reports/shadow/metrics.json"))
+fmt = lambda m: (f"{shadow[m]:.3f} [{shadow[m + '_low']:.3f}, {shadow[m + '_high']:.3f}]"
+                 if shadow.get(m) is not None else "n/a")
+print(f"demo: shadow evaluation of the edge predictions vs the verified diagnoses "
+      f"(data/ris/verified_diagnoses.csv):\n      "
+      f"{shadow['judged']} of {shadow['studies']} studies verified ({shadow['pending']} pending); "
+      f"AUROC {fmt('auroc')}, sensitivity {fmt('sensitivity')}, specificity {fmt('specificity')}; "
+      f"{shadow['segments_judged']} segments judged, {shadow['segments_too_small']} too small; "
+      f"flagged: {', '.join(shadow['flagged']) or 'none'}")
+print("      shadow report: reports/shadow/report.html")
+PY

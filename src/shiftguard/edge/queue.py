@@ -128,6 +128,12 @@ def transaction(db: sqlite3.Connection, lock: threading.RLock) -> Iterator[sqlit
         db.execute("COMMIT")
 
 
+INSERT_RESULT = (
+    f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) "
+    f"VALUES ({', '.join(':' + f for f in RESULT_FIELDS)})"
+)
+
+
 def _result_row(row: dict[str, Any], now: float) -> dict[str, Any]:
     """A shadow-log row with every column (segments the caller did not give are empty)."""
     return {**dict.fromkeys(SEGMENT_COLUMNS, ""), "patient_age": None, **row, "created_at": now}
@@ -327,14 +333,22 @@ class WorkQueue:
                 [(study_uid, d, s, p, PENDING, now, now) for d, s, p in deliveries],
             )
             db.executemany(
-                f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) "
-                f"VALUES ({', '.join(':' + f for f in RESULT_FIELDS)})",
+                INSERT_RESULT,
                 [_result_row(r, now) for r in results],
             )
             db.execute(
                 "UPDATE studies SET state = ?, done_at = ?, error = ? "
                 "WHERE study_uid = ? AND state = ?",
                 (DONE, now, note[:2000], study_uid, PROCESSING),
+            )
+
+    def log_results(self, results: Sequence[dict[str, Any]], now: float | None = None) -> None:
+        """Add rows to the shadow log (a challenger's, after its study was finished)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.executemany(
+                INSERT_RESULT,
+                [_result_row(r, now) for r in results],
             )
 
     def fail_study(self, study_uid: str, error: str, now: float | None = None) -> None:

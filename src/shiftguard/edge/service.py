@@ -5,10 +5,10 @@ Threads, all sharing one :class:`~shiftguard.edge.queue.WorkQueue`:
 * the Storage SCP (:class:`~shiftguard.edge.receiver.Receiver`): studies in, written and queued
   before they are acknowledged; ready when their association is released;
 * a stability timer: studies with no new instance for ``stability_s`` become ready as well;
-* workers: claim a ready study, run the champion bundle (and the challenger, if any, on the
-  ``challenger_fraction`` of studies :func:`sampled` picks) on its files,
-  write SR and key image, log every result in the shadow log, and queue the champion's objects for
-  the destinations its mode allows, all in the transaction that marks the study done;
+* workers: claim a ready study, run the champion bundle on its files, write SR and key image, log
+  its results in the shadow log and queue its objects for the destinations its mode allows, all
+  in the transaction that marks the study done; then the challenger, if any (on the
+  ``challenger_fraction`` of studies :func:`sampled` picks), whose results go to the shadow log;
 * one sender per destination: C-STOREs its due objects over one association per batch, retrying
   with exponential backoff, so a destination that is down delays only itself;
 * an HTTP endpoint (loopback by default): ``/healthz`` and ``/metrics`` (Prometheus text format).
@@ -209,7 +209,9 @@ class Service:
             )
         self.receiver = Receiver(settings.receiver, self.queue, self.inbox, on_ready=self._wake)
         self.latency = {stage: Histogram() for stage in ("predict", "deliver", "ready_to_sent")}
-        self.counters = {"processed": 0, "failed": 0, "sent": 0, "send_failures": 0}
+        self.counters = {
+            "processed": 0, "failed": 0, "challenger_failed": 0, "sent": 0, "send_failures": 0,
+        }  # fmt: skip
         self._ready_at: dict[str, float] = {}
         self._counter_lock = threading.Lock()
         self._stop = threading.Event()
@@ -263,9 +265,6 @@ class Service:
                 deliveries.append((dest.name, row["sr_uid"], str(out / row["sr_file"])))
                 deliveries.append((dest.name, row["sc_uid"], str(out / row["sc_file"])))
             results.append(self._log_row(study_uid, row, "champion", routes))
-        if self.challenger is not None and sampled(study_uid, self.settings.challenger_fraction):
-            ch = self.challenger.predict_files(files, self.outbox / "challenger" / study_uid)
-            results += [self._log_row(study_uid, r, "challenger", []) for r in ch.results]
         note = "; ".join(
             f"skipped {s['series_description'] or Path(s['path']).name}: {s['reason']}"
             for s in summary.skipped
@@ -279,6 +278,21 @@ class Service:
         self._count("processed")
         if note:
             log.info("study %s: %s", study_uid, note)
+        if self.challenger is not None and sampled(study_uid, self.settings.challenger_fraction):
+            self._challenge(study_uid, files)
+
+    def _challenge(self, study_uid: str, files: Sequence[str]) -> None:
+        """The challenger on a study whose champion results are already queued: it never delays
+        them, and its failure costs the shadow log one study, never the champion's results."""
+        assert self.challenger is not None
+        try:
+            ch = self.challenger.predict_files(files, self.outbox / "challenger" / study_uid)
+            self.queue.log_results(
+                [self._log_row(study_uid, r, "challenger", []) for r in ch.results]
+            )
+        except Exception:
+            log.exception("challenger failed on study %s (the champion's results stand)", study_uid)
+            self._count("challenger_failed")
 
     def _spool(self, rows: Sequence[dict[str, Any]]) -> None:
         from shiftguard.monitor.features import make_record

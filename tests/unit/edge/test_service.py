@@ -113,6 +113,7 @@ def test_shadow_mode_sends_nothing_clinical_and_logs_both_roles(
         uid = h.StudyInstanceUID
         _send(service.receiver.port, study)
         _wait(lambda: service.queue.study_state(uid) == DONE)
+        _wait(lambda: len(service.queue.shadow_log()) == 2)  # the challenger runs after
         time.sleep(1.0)  # a sender would have had time to deliver
         assert orthanc.get("/instances") == []
         rows = {r["role"]: r for r in service.queue.shadow_log()}
@@ -163,6 +164,27 @@ def test_a_study_outside_the_challengers_share_is_read_by_the_champion_only(
         _send(service.receiver.port, study)
         _wait(lambda: service.queue.study_state(uid) == DONE)
         assert [r["role"] for r in service.queue.shadow_log()] == ["champion"]
+    finally:
+        service.stop()
+
+
+def test_a_failing_challenger_costs_the_champion_nothing(
+    tmp_path: Path, bundle_path: Path, challenger_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    (tmp_path / "edge" / "results").mkdir(parents=True)
+    (tmp_path / "edge" / "results" / "challenger").write_text("")  # its output folder cannot be
+    service = _service(
+        tmp_path, bundle_path, orthanc, shadow=False, challenger=str(challenger_path)
+    )
+    try:
+        study = sorted(next(cohort.iterdir()).iterdir())[0]
+        uid = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+        _send(service.receiver.port, study)
+        _wait(lambda: service.counters["challenger_failed"] == 1)
+        _wait(lambda: service.counters["sent"] == 2)  # the champion's SR and key image
+        assert service.queue.study_state(uid) == DONE
+        assert [r["role"] for r in service.queue.shadow_log()] == ["champion"]
+        assert orthanc.studies() == {uid: 2}
     finally:
         service.stop()
 

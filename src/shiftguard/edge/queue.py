@@ -332,10 +332,7 @@ class WorkQueue:
                 "next_try, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(study_uid, d, s, p, PENDING, now, now) for d, s, p in deliveries],
             )
-            db.executemany(
-                INSERT_RESULT,
-                [_result_row(r, now) for r in results],
-            )
+            db.executemany(INSERT_RESULT, [_result_row(r, now) for r in results])
             db.execute(
                 "UPDATE studies SET state = ?, done_at = ?, error = ? "
                 "WHERE study_uid = ? AND state = ?",
@@ -346,10 +343,7 @@ class WorkQueue:
         """Add rows to the shadow log (a challenger's, after its study was finished)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.executemany(
-                INSERT_RESULT,
-                [_result_row(r, now) for r in results],
-            )
+            db.executemany(INSERT_RESULT, [_result_row(r, now) for r in results])
 
     def fail_study(self, study_uid: str, error: str, now: float | None = None) -> None:
         now = time.time() if now is None else now

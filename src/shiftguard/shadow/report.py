@@ -180,23 +180,18 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def _forest(table: pd.DataFrame, title: str) -> str:
     """Per-segment point and CI of each metric, the overall figure as a line, validation as x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     rows = table.iloc[1:]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.32 * len(rows) + 1.4), sharey=True)
+    fig = Figure(figsize=(13, 0.32 * len(rows) + 1.4))
+    axes = fig.subplots(1, 3, sharey=True)
     labels = [f"{c}: {s}" for c, s in zip(rows["column"], rows["segment"], strict=True)]
     y = np.arange(len(rows))[::-1]
     for ax, m in zip(axes, SEGMENT_METRICS, strict=True):
@@ -223,14 +218,12 @@ def _forest(table: pd.DataFrame, title: str) -> str:
 
 
 def _roc(result: ShadowResult) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     from shiftguard.evaluation.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     for role, e in result.evaluations.items():
         if e.joined.empty or e.joined["finding"].nunique() < 2:
             continue
@@ -249,16 +242,14 @@ def _roc(result: ShadowResult) -> str:
 
 
 def _paired_plot(result: ShadowResult) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     table = paired_table(result)
     auroc = table[table["metric"] == "auroc"]
     if auroc.empty:
         return ""
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(auroc) + 1.2))
+    fig = Figure(figsize=(7, 0.32 * len(auroc) + 1.2))
+    ax = fig.subplots()
     y = np.arange(len(auroc))[::-1]
     worse = auroc["worse"].eq(True).to_numpy() if "worse" in auroc else np.zeros(len(auroc), bool)
     for i, (_, row) in enumerate(auroc.iterrows()):

@@ -321,6 +321,7 @@ def _run(
     val_ds = build_dataset(val_items if ctx.is_main else val_items[:1], train_cfg)
     train_loader = build_loader(train_ds, train_cfg, shuffle=True, ctx=ctx)
     val_loader = build_loader(val_ds, train_cfg, shuffle=False)
+    torch.manual_seed(train_cfg.seed)  # the initial weights: the same seed, the same network
     net = build_model(model_cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -209,3 +209,34 @@ def test_amp_on_cuda_learns_the_blob_and_resumes(rows, tmp_path: Path) -> None:
     assert np.all((probs >= 0) & (probs <= 1))
     _, resumed, _ = run(rows, train_cfg(epochs=7, amp=True), None, tmp_path, device="cuda")
     assert resumed.epochs_run == 1 and len(resumed.history) == 7
+
+
+def test_the_train_stage_twice_gives_the_same_network(
+    rows, augment: AugmentConfig, tmp_path: Path
+) -> None:
+    """The stage seeds the initial weights too (it once built the network before seeding)."""
+    import csv
+
+    from shiftguard.config.schema import ModelConfig
+    from shiftguard.training.stage import load_model
+    from shiftguard.training.stage import run as train_stage
+
+    root, table = rows
+    dataset = tmp_path / "dataset.csv"
+    with dataset.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    model = ModelConfig(
+        network={"_target_": "shiftguard.models.SmallCNN3d", "channels": [4, 8, 16]}
+    )
+    weights = []
+    for i in range(2):
+        torch.manual_seed(1000 + i)  # whatever the global state before the stage
+        train_stage(
+            train_cfg(epochs=1), model, augment, dataset, root, tmp_path / f"run{i}", track=False
+        )
+        net, _ = load_model(tmp_path / f"run{i}" / "model.pt", "cpu")
+        weights.append(net.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -1,5 +1,6 @@
-"""DVC stage ``validate``: the trained model judged in distribution, on the unseen scanner, under
-simulated scanner shift, and per segment (see :mod:`shiftguard.evaluation.validate`).
+"""DVC stage ``validate``: the trained model judged in distribution, on the unseen scanners (pooled
+and each scanner model on its own), under simulated scanner shift, and per segment (see
+:mod:`shiftguard.evaluation.validate`).
 
 Writes ``reports/validate/`` (metrics.json for ``dvc metrics``; ROC, reliability and robustness
 plots for ``dvc plots``; predictions, segments and robustness tables) and logs an MLflow ``validate``

@@ -32,10 +32,18 @@ report = json.load(open("reports/validate/metrics.json"))
 auc = lambda name: report.get(name, {}).get("auroc", {})
 print(f"\ndemo: registered {info['registered_model']} version {info['version']} as @{info['alias']} "
       f"(MLflow run {info['run_id']})")
-for name, label in (("test", "internal test"), ("external", "unseen scanner")):
+for name, label in (("test", "internal test"), ("external", "unseen, pooled")):
     a = auc(name)
     if a.get("value") is not None:
         print(f"      {label:>14}: AUROC {a['value']:.3f} (95% CI {a['low']:.3f}-{a['high']:.3f})")
+ci = lambda m: (f"{m['value']:.3f} ({m['low']:.3f}-{m['high']:.3f})"
+                if (m or {}).get("value") is not None and m.get("low") is not None else "n/a")
+threshold = "n/a" if report.get("threshold") is None else f"{report['threshold']:.3f}"
+for model, s in (report.get("external_scanners") or {}).items():
+    auroc = f"n/a, {s['reason']}" if s.get("reason") else ci(s.get("auroc"))
+    print(f"        {model} (n={s.get('n')}, {s.get('n_positive')} positive): AUROC {auroc}; at the "
+          f"val threshold {threshold}: sensitivity {ci(s.get('sensitivity'))}, "
+          f"specificity {ci(s.get('specificity'))}")
 export = json.load(open("artifacts/export/export.json"))
 print(f"      bundle: {export['bundle']} ({export['bundle_bytes']:,} bytes, sha256 "
       f"{export['bundle_sha256'][:16]}...; ONNX parity {export['onnx_max_abs_diff']:.1e})")

@@ -261,11 +261,16 @@ plt.show()""",
         """fig, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 4.5), sharey=True, squeeze=False)
 for ax, (arm, row) in zip(axes[0], arms.iterrows()):
     rob = artifact_csv(client, row["validate_run_id"], "robustness.csv")
-    for profile, part in rob[rob["profile"] != "external"].groupby("profile"):
+    real = rob["profile"].str.match(r"^external(:|$)")  # the unseen scanners: pooled, and each
+    for profile, part in rob[~real].groupby("profile"):
         ax.plot(part["severity"], part["auroc"], "o-", label=profile)
     ext = rob[rob["profile"] == "external"]
     if len(ext):
-        ax.axhline(ext["auroc"].iloc[0], ls="--", c="k", label="unseen scanner")
+        ax.axhline(ext["auroc"].iloc[0], ls="--", c="k", label="unseen scanners, pooled")
+    for i, (_, one) in enumerate(rob[real & (rob["profile"] != "external")].iterrows()):
+        ax.errorbar([-1 + 0.1 * i], [one["auroc"]], yerr=[[one["auroc"] - one["auroc_low"]],
+                    [one["auroc_high"] - one["auroc"]]], marker="s", ls="none", capsize=2,
+                    label=one["profile"].split(":", 1)[1])
     ax.set(title=arm, xlabel="severity", ylim=(0, 1))
 axes[0][0].set_ylabel("AUROC")
 axes[0][-1].legend(fontsize=7, loc="lower left")

@@ -4,7 +4,8 @@
   applied to test), sensitivity/specificity, calibration (ECE, reliability curve), percentile
   bootstrap CIs and :func:`binary_report`. numpy/scipy only.
 * :mod:`shiftguard.evaluation.segments`: per-segment table (sex, age band, site, scanner) with gaps
-  to the overall figure and a ``judgeable`` flag for segments too small to judge.
+  to the overall figure and a ``judgeable`` flag for segments too small to judge
+  (:func:`~shiftguard.evaluation.segments.unjudgeable_reason`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from shiftguard.evaluation.metrics import (
     roc_curve,
     sensitivity_specificity,
 )
-from shiftguard.evaluation.segments import age_bands, segment_table
+from shiftguard.evaluation.segments import age_bands, segment_table, unjudgeable_reason
 
 __all__ = [
     "MetricInputError",
@@ -36,4 +37,5 @@ __all__ = [
     "roc_curve",
     "segment_table",
     "sensitivity_specificity",
+    "unjudgeable_reason",
 ]

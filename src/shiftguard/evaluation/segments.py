@@ -28,7 +28,7 @@ from shiftguard.evaluation.metrics import (
     _sens_spec_batched,
 )
 
-__all__ = ["MISSING", "SEGMENT_METRICS", "age_bands", "segment_table"]
+__all__ = ["MISSING", "SEGMENT_METRICS", "age_bands", "segment_table", "unjudgeable_reason"]
 
 SEGMENT_METRICS = ("auroc", "sensitivity", "specificity")
 MISSING = "missing"
@@ -86,8 +86,30 @@ def _overall_value(overall: Mapping[str, object], name: str) -> float:
         ) from err
 
 
-def _judge(n: int, n_pos: int, n_neg: int, min_n: int, min_pos: int, min_neg: int) -> str:
-    """Empty string when the segment is judgeable, else the reason."""
+def unjudgeable_reason(
+    n: int, n_pos: int, n_neg: int, min_n: int, min_pos: int, min_neg: int
+) -> str:
+    """Why a set of cases is too small to judge, or the empty string when it can be judged.
+
+    The rule of :func:`segment_table`, shared by every caller that flags small sets (the validate
+    stage's per-scanner figures use it too).
+
+    Args:
+        n: Cases in the set.
+        n_pos: Positives among them.
+        n_neg: Negatives among them.
+        min_n: Fewest cases for a judgeable set.
+        min_pos: Fewest positives for a judgeable set.
+        min_neg: Fewest negatives for a judgeable set.
+
+    Returns:
+        ``""`` when judgeable, else the reason, e.g. ``"one class only (0 positive, 4 negative)"``.
+
+    >>> unjudgeable_reason(8, 3, 5, min_n=10, min_pos=3, min_neg=3)
+    'n=8 < min_n=10'
+    >>> unjudgeable_reason(20, 5, 15, min_n=10, min_pos=3, min_neg=3)
+    ''
+    """
     if n_pos == 0 or n_neg == 0:
         return f"one class only ({n_pos} positive, {n_neg} negative)"
     reasons = []
@@ -168,7 +190,7 @@ def segment_table(
             pos = np.asarray(positions)
             y, s = y_all[pos], s_all[pos]
             n, n_pos = int(y.size), int(y.sum())
-            reason = _judge(n, n_pos, n - n_pos, min_n, min_positive, min_neg)
+            reason = unjudgeable_reason(n, n_pos, n - n_pos, min_n, min_positive, min_neg)
             label = MISSING if pd.isna(value) else str(value)
             row: dict[str, object] = {
                 "column": column,

@@ -1,16 +1,21 @@
-"""The ``validate`` stage: how the trained model does in distribution, on the unseen scanner, under
+"""The ``validate`` stage: how the trained model does in distribution, on the unseen scanners, under
 simulated scanner shift, and for whom it fails.
 
 :func:`run` scores the validation split (to choose the operating point), the internal ``test`` split,
-the ``external`` split (the scanner held out of training) and the augment stage's robustness sets
-(every ``robustness_splits`` volume under every scanner profile at every severity), then writes to
-``reports_dir``:
+the ``external`` split (the scanner models held out of training) and the augment stage's robustness
+sets (every ``robustness_splits`` volume under every scanner profile at every severity), then writes
+to ``reports_dir``:
 
 - ``metrics.json``: test and external AUROC, sensitivity, specificity and ECE with bootstrap CIs at
-  the validation-chosen threshold, the robustness summary, and the segment flags (``dvc metrics``);
-- ``predictions.csv``: one row per scored volume (set, profile, severity, series, label, probability);
+  the validation-chosen threshold; the same per unseen scanner model (``external_scanners``, keyed
+  by the split table's ``scanner_model``); the robustness summary, and the segment flags
+  (``dvc metrics``);
+- ``predictions.csv``: one row per scored volume (set, profile, severity, series, scanner model,
+  label, probability);
 - ``segments.csv``: the per-segment table over the held-out series (test + external);
-- ``robustness.csv``: AUROC with CI for every profile x severity, plus the external set;
+- ``robustness.csv``: AUROC with CI for every profile x severity, plus the pooled external set
+  (profile ``external``) and each unseen scanner (profile ``external:<scanner model>``), all three
+  at severity -1;
 - ``roc.csv``, ``reliability.csv`` (DVC plots) and ``roc.png``, ``reliability.png``,
   ``robustness.png``.
 
@@ -23,8 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,35 +50,81 @@ from shiftguard.evaluation.metrics import (
     reliability_curve,
     roc_curve,
 )
-from shiftguard.evaluation.segments import age_bands, segment_table
+from shiftguard.evaluation.segments import MISSING, age_bands, segment_table, unjudgeable_reason
 
 log = logging.getLogger(__name__)
 
 EXTERNAL = "external"
 IN_DISTRIBUTION = "test"
 FALLBACK_THRESHOLD = 0.5
+SCANNER_COLUMN = "scanner_model"
+"""The split table's column that names a series' scanner model; the external figures are also
+reported per value of it."""
+EXTERNAL_SCANNERS = "external_scanners"
+"""The ``metrics.json`` key of the per-scanner external figures."""
+_UNDEFINED = {"value": math.nan, "low": math.nan, "high": math.nan}
 
 
 class ValidationError(ShiftGuardError, ValueError):
     """The inputs of the validation stage cannot be judged (a split missing, one class only)."""
 
 
+def external_profile(scanner_model: str) -> str:
+    """The ``robustness.csv`` profile of one unseen scanner's row.
+
+    >>> external_profile("Vantage Orian")
+    'external:Vantage Orian'
+    """
+    return f"{EXTERNAL}:{scanner_model}"
+
+
+def is_external_profile(profile: object) -> bool:
+    """Whether a ``robustness.csv`` profile is a real scanner's (pooled or one model), not a
+    simulated shift.
+
+    >>> [is_external_profile(p) for p in ("external", "external:SIGNA Premier", "low_field")]
+    [True, True, False]
+    """
+    text = str(profile)
+    return text == EXTERNAL or text.startswith(f"{EXTERNAL}:")
+
+
+def scanner_slug(scanner_model: str) -> str:
+    """An MLflow-safe, lower-case metric name part for a scanner model: every run of characters
+    other than letters and digits becomes ``_``.
+
+    >>> scanner_slug("MAGNETOM Free.Max"), scanner_slug("Vantage Orian")
+    ('magnetom_free_max', 'vantage_orian')
+    """
+    return re.sub(r"[^0-9a-z]+", "_", scanner_model.lower()).strip("_") or "unnamed"
+
+
 @dataclass
 class ValidationResult:
-    """Everything the stage computed; :meth:`to_metrics` is its ``metrics.json``."""
+    """Everything the stage computed; :meth:`to_metrics` is its ``metrics.json``.
+
+    ``scanners`` holds the external figures per unseen scanner model (see
+    :func:`scanner_reports`); the pooled ones are ``reports["external"]``.
+    """
 
     threshold: float
     reports: dict[str, dict[str, Any]]
     predictions: pd.DataFrame
     segments: pd.DataFrame
     robustness: pd.DataFrame
+    scanners: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_metrics(self) -> dict[str, Any]:
-        """Headline figures for ``dvc metrics``: reports per set, robustness summary, segments."""
+        """Headline figures for ``dvc metrics``: reports per set and per unseen scanner,
+        robustness summary, segments."""
         out: dict[str, Any] = {"threshold": round(self.threshold, 6)}
         for name, report in self.reports.items():
             out[name] = _rounded(report)
-        shifted = self.robustness[self.robustness["profile"] != EXTERNAL]
+        if self.scanners:
+            out[EXTERNAL_SCANNERS] = {
+                model: _rounded(report) for model, report in self.scanners.items()
+            }
+        shifted = self.robustness[~self.robustness["profile"].map(is_external_profile)]
         if len(shifted):
             by_sev = shifted.groupby("severity")["auroc"].mean()
             out["robustness"] = {
@@ -155,6 +207,84 @@ def _report(
     )
 
 
+def scanner_reports(
+    cfg: EvaluateConfig, external: pd.DataFrame, threshold: float
+) -> dict[str, dict[str, Any]]:
+    """The external figures per unseen scanner model, at the validation-chosen ``threshold``.
+
+    Each scanner's rows get :func:`~shiftguard.evaluation.metrics.binary_report` (AUROC,
+    sensitivity, specificity and ECE with paired bootstrap CIs, same settings as the pooled set),
+    plus ``false_positive_rate`` (``1 - specificity``, its interval mirrored). A scanner too small
+    to judge by the segment rule (:func:`~shiftguard.evaluation.segments.unjudgeable_reason` with
+    ``min_segment_size`` and ``min_segment_positives``), or with one class only, keeps its counts
+    and the figures defined on it but its AUROC is null, with the reason in ``reason``.
+
+    Args:
+        cfg: the ``evaluate`` section.
+        external: the scored external rows (``label``, ``prob`` and ``scanner_model``).
+        threshold: the operating point chosen on the validation split.
+
+    Returns:
+        ``{scanner model: report}`` in sorted order (an empty model is ``"missing"``); each report
+        is binary_report's dict plus ``n_negative``, ``false_positive_rate``, ``judgeable``,
+        ``reason`` and ``slug`` (the MLflow-safe name, unique among the scanners). Empty when
+        there is no external row or the table has no ``scanner_model`` column.
+    """
+    if external.empty:
+        return {}
+    if SCANNER_COLUMN not in external.columns:
+        log.warning(
+            "the split table has no %s column: the external figures are reported pooled only",
+            SCANNER_COLUMN,
+        )
+        return {}
+    models = external[SCANNER_COLUMN].fillna("").astype(str).str.strip().replace("", MISSING)
+    out: dict[str, dict[str, Any]] = {}
+    slugs: set[str] = set()
+    for model, part in external.groupby(models, sort=True):
+        model = str(model)
+        labels, probs = part["label"].to_numpy(), part["prob"].to_numpy()
+        n, n_pos = len(part), int(labels.sum())
+        reason = unjudgeable_reason(
+            n,
+            n_pos,
+            n - n_pos,
+            cfg.min_segment_size,
+            cfg.min_segment_positives,
+            cfg.min_segment_positives,
+        )
+        report = binary_report(
+            labels,
+            probs,
+            threshold,
+            n_boot=cfg.n_bootstrap,
+            seed=cfg.seed,
+            alpha=cfg.alpha,
+            n_bins=cfg.ece_bins,
+        )
+        if reason:
+            log.warning("unseen scanner %s: AUROC not reported, %s", model, reason)
+            report["auroc"] = dict(_UNDEFINED)
+        spec: dict[str, float] = report["specificity"]  # type: ignore[assignment]
+        slug, k = scanner_slug(model), 2
+        while slug in slugs:  # two names that differ only in punctuation or case
+            slug, k = f"{scanner_slug(model)}_{k}", k + 1
+        slugs.add(slug)
+        out[model] = {
+            **report,
+            "n_negative": n - n_pos,
+            "false_positive_rate": {
+                "value": 1.0 - spec["value"],
+                "low": 1.0 - spec["high"],
+                "high": 1.0 - spec["low"],
+            },
+            "judgeable": not reason,
+            "reason": reason,
+            "slug": slug,
+        }
+    return out
+
+
 def _auroc_ci(
     cfg: EvaluateConfig, labels: np.ndarray, probs: np.ndarray
 ) -> tuple[float, float, float]:
@@ -182,8 +312,8 @@ def evaluate(
         net: the trained network, ``(B, 1, X, Y, Z) -> (B, 1)`` logits.
         train_cfg: the training section the network was trained with (its preprocessing).
         cfg: the ``evaluate`` section.
-        dataset: the split table (``series_key, volume_path, finding, split`` and the segment
-            columns).
+        dataset: the split table (``series_key, volume_path, finding, split``, ``scanner_model``
+            and the segment columns).
         ingest_dir: the folder ``volume_path`` is relative to.
         robustness_manifest: the augment stage's manifest (``split, profile, severity,
             volume_path, finding, series_key``), or ``None`` to skip the robustness table.
@@ -229,6 +359,7 @@ def evaluate(
             reports[name] = _report(
                 cfg, part["label"].to_numpy(), part["prob"].to_numpy(), threshold
             )
+    scanners = scanner_reports(cfg, scored[scored["split"] == EXTERNAL], threshold)
 
     held_out = scored[scored["split"].isin([IN_DISTRIBUTION, EXTERNAL])].copy()
     if "patient_age" in held_out.columns:
@@ -273,6 +404,12 @@ def evaluate(
         )
         shifted["prob"] = shifted["volume_path"].map(probs)
         shifted["set"] = "robustness"
+        if SCANNER_COLUMN in dataset.columns and SCANNER_COLUMN not in shifted.columns:
+            # the scanner the shifted copy was simulated from
+            source = dict(
+                zip(dataset["series_key"].astype(str), dataset[SCANNER_COLUMN], strict=True)
+            )
+            shifted[SCANNER_COLUMN] = shifted["series_key"].astype(str).map(source)
         frames.append(shifted)
         for (profile, severity), part in shifted.groupby(["profile", "severity"], sort=True):
             value, low, high = _auroc_ci(cfg, part["label"].to_numpy(), part["prob"].to_numpy())
@@ -301,13 +438,34 @@ def evaluate(
                 "auroc_high": high,
             }
         )
-    columns = ["set", "profile", "severity", "split", "series_key", "label", "prob"]
+    for model, report in scanners.items():
+        rob_rows.append(
+            {
+                "profile": external_profile(model),
+                "severity": -1,
+                "n": report["n"],
+                "n_positive": report["n_positive"],
+                "auroc": report["auroc"]["value"],
+                "auroc_low": report["auroc"]["low"],
+                "auroc_high": report["auroc"]["high"],
+            }
+        )
+    columns = [
+        "set",
+        "profile",
+        "severity",
+        "split",
+        "series_key",
+        SCANNER_COLUMN,
+        "label",
+        "prob",
+    ]
     predictions = pd.concat([f.reindex(columns=columns) for f in frames], ignore_index=True)
     robustness = pd.DataFrame(
         rob_rows,
         columns=["profile", "severity", "n", "n_positive", "auroc", "auroc_low", "auroc_high"],
     )
-    return ValidationResult(threshold, reports, predictions, segments, robustness)
+    return ValidationResult(threshold, reports, predictions, segments, robustness, scanners)
 
 
 def _curves(result: ValidationResult, cfg: EvaluateConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -349,13 +507,11 @@ def _curves(result: ValidationResult, cfg: EvaluateConfig) -> tuple[pd.DataFrame
 def _figures(
     result: ValidationResult, roc: pd.DataFrame, rel: pd.DataFrame, out: Path
 ) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # drawn without pyplot: a caller's backend is left alone
 
     paths = []
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     for name, part in roc.groupby("set", sort=False):
         value = result.reports.get(str(name), {}).get("auroc", {}).get("value", math.nan)
         ax.plot(
@@ -367,9 +523,9 @@ def _figures(
         ax.legend(loc="lower right")
     paths.append(out / "roc.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     for name, part in rel.groupby("set", sort=False):
         ece = result.reports.get(str(name), {}).get("ece", {}).get("value", math.nan)
         ax.plot(
@@ -390,11 +546,11 @@ def _figures(
         ax.legend(loc="upper left")
     paths.append(out / "reliability.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     rob = result.robustness
-    for profile, part in rob[rob["profile"] != EXTERNAL].groupby("profile"):
+    for profile, part in rob[~rob["profile"].map(is_external_profile)].groupby("profile"):
         ax.errorbar(
             part["severity"],
             part["auroc"],
@@ -405,18 +561,42 @@ def _figures(
         )
     ext = rob[rob["profile"] == EXTERNAL]
     if len(ext):
-        ax.axhline(float(ext["auroc"].iloc[0]), ls="--", c="k", label="unseen scanner (external)")
+        ax.axhline(
+            float(ext["auroc"].iloc[0]), ls="--", c="k", label="unseen scanners, pooled (external)"
+        )
+    # each unseen scanner: its own marker with CI at x = -1 (robustness.csv's severity for them)
+    markers = "sD^vP*X<>"
+    models = list(result.scanners)
+    for i, model in enumerate(models):
+        auc = result.scanners[model]["auroc"]
+        n = result.scanners[model]["n"]
+        x = -1.0 + 0.4 * (i - (len(models) - 1) / 2) / max(len(models), 1)
+        if auc["value"] is None or not math.isfinite(auc["value"]):
+            ax.plot([], [], ls="none", marker=markers[i % len(markers)], mfc="none", c="grey",
+                    label=f"{model} (n={n}): AUROC n/a")  # fmt: skip
+            continue
+        ax.errorbar(
+            [x],
+            [auc["value"]],
+            yerr=[[auc["value"] - auc["low"]], [auc["high"] - auc["value"]]],
+            ls="none",
+            marker=markers[i % len(markers)],
+            capsize=2,
+            label=f"{model} (n={n})",
+        )
+    if models:
+        severities = sorted(int(v) for v in rob.loc[rob["severity"] >= 0, "severity"].unique())
+        ax.set_xticks([-1, *severities], ["unseen\nscanners", *map(str, severities)])
     ax.set(
         xlabel="severity",
         ylabel="AUROC",
-        title="Robustness to simulated scanner shift",
-        ylim=(0, 1),
+        title="Robustness to simulated scanner shift, and the unseen scanners",
+        ylim=(0, 1.02),
     )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower left")
     paths.append(out / "robustness.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 
@@ -449,6 +629,24 @@ def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]
         ):
             flat[name] = float(value)
     return flat
+
+
+def tracked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``metrics.json`` flattened to the validate run's MLflow metrics, e.g.
+    ``external.auroc.value``; the per-scanner figures are named by the scanner's slug
+    (``external_scanners.magnetom_free_max.auroc.value``), since model names may hold dots.
+
+    >>> m = {"external_scanners": {"Free.Max": {"slug": "free_max", "n": 3, "reason": "few"}}}
+    >>> tracked_metrics(m)
+    {'external_scanners.free_max.n': 3.0}
+    """
+    named = dict(metrics)
+    if EXTERNAL_SCANNERS in named:
+        named[EXTERNAL_SCANNERS] = {
+            str(report.get("slug") or scanner_slug(model)): report
+            for model, report in named[EXTERNAL_SCANNERS].items()
+        }
+    return _flat_metrics(named)
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -513,6 +711,15 @@ def run(
         metrics.get("test", {}).get("auroc"),
         metrics.get(EXTERNAL, {}).get("auroc"),
     )
+    for model, report in metrics.get(EXTERNAL_SCANNERS, {}).items():
+        log.info(
+            "validate: unseen scanner %s (n=%d, %d positive): AUROC %s%s",
+            model,
+            report["n"],
+            report["n_positive"],
+            report["auroc"],
+            f" ({report['reason']})" if report["reason"] else "",
+        )
     if track:
         _track(
             metrics, files, params or {"evaluate": cfg.model_dump(mode="json")}, model_info, root
@@ -537,7 +744,7 @@ def _track(
         info = json.loads(model_info.read_text())
     tags = {"shiftguard.train_run_id": str(info.get("run_id"))} if info.get("run_id") else {}
     with stage_run("validate", params, root=root, tags=tags) as run:
-        MetricLogger(run.info.run_id).log(_flat_metrics(metrics))
+        MetricLogger(run.info.run_id).log(tracked_metrics(metrics))
         for path in files:
             mlflow.log_artifact(str(path))
     top = headline(metrics)

@@ -315,6 +315,13 @@ def model_card(
                 f"{_fmt_ci(m.get('sensitivity'))}, specificity {_fmt_ci(m.get('specificity'))}, "
                 f"ECE {_fmt_ci(m.get('ece'))}"
             )
+    for model, m in (metrics.get("external_scanners") or {}).items():
+        auroc = f"n/a ({m['reason']})" if m.get("reason") else _fmt_ci(m.get("auroc"))
+        lines.append(
+            f"  - {model} (n={m.get('n')}, {m.get('n_positive')} with the finding): AUROC "
+            f"{auroc}, sensitivity {_fmt_ci(m.get('sensitivity'))}, specificity "
+            f"{_fmt_ci(m.get('specificity'))}, ECE {_fmt_ci(m.get('ece'))}"
+        )
     lines += ["", "## Per segment (test + unseen scanner)", ""]
     if len(segments):
         lines.append("| column | segment | n | positives | AUROC | gap | judgeable |")

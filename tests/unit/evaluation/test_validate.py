@@ -125,7 +125,8 @@ def test_segments_cover_the_held_out_series_and_flag_small_ones(project) -> None
     assert vendor.loc["Canon", "n"] == 8 and bool(vendor.loc["Canon", "judgeable"])
     small = seg[seg["n"] < 4]
     assert not small["judgeable"].any() and small["auroc_gap"].isna().all()
-    assert result.robustness["profile"].tolist() == ["external"]
+    # no robustness sets: only the unseen scanners, pooled and the one model on its own
+    assert result.robustness["profile"].tolist() == ["external", "external:Orian"]
 
 
 def test_reports_and_figures_are_written(project, tmp_path: Path) -> None:

@@ -137,6 +137,17 @@ def test_model_card_quotes_the_validation_tables() -> None:
     metrics = {
         "threshold": 0.42,
         "test": {"n": 25, "auroc": {"value": 0.9, "low": 0.8, "high": 0.97}},
+        "external": {"n": 18, "auroc": {"value": 0.85, "low": 0.7, "high": 0.95}},
+        "external_scanners": {
+            "SIGNA Premier": {"n": 5, "n_positive": 0, "auroc": {"value": None}, "reason": "one"},
+            "Vantage Orian": {
+                "n": 13,
+                "n_positive": 6,
+                "auroc": {"value": 0.88, "low": 0.75, "high": 0.96},
+                "sensitivity": {"value": 0.5, "low": 0.25, "high": 0.75},
+                "reason": "",
+            },
+        },
     }
     segments = pd.DataFrame(
         [
@@ -167,6 +178,10 @@ def test_model_card_quotes_the_validation_tables() -> None:
     )
     assert card.startswith("# Model card: m v3") and "0.4200" in card
     assert "AUROC 0.900 (0.800-0.970)" in card
+    assert "- external (n=18): AUROC 0.850 (0.700-0.950)" in card
+    assert "  - Vantage Orian (n=13, 6 with the finding): AUROC 0.880 (0.750-0.960), " in card
+    assert "sensitivity 0.500 (0.250-0.750)" in card
+    assert "  - SIGNA Premier (n=5, 0 with the finding): AUROC n/a (one)" in card
     assert "| patient_sex | F | 12 | 4 | 0.800 | -0.100 | yes |" in card
     assert "| low_field | 0.900 | 0.800 | 0.700 |" in card
     assert "train: 2 series, 1 with the finding" in card and "Known limitations" in card

@@ -571,7 +571,9 @@ def _anisotropy_tables(
     more than half a coarse slice outside the coarse grid are 0). The coarse slices sit exactly
     half-way between fine slices for many factors, so which neighbour "nearest" picks depends on
     SimpleITK's rounding; the tables are therefore read off TorchIO's own ``Resample`` applied to a
-    one-voxel-thick ramp along ``axis`` (tiny; cached).
+    one-voxel-thick ramp along ``axis`` (tiny; cached). TorchIO's transforms draw from torch's
+    global generator (their probability check), so they run on a fork of it: whether the tables
+    were cached must not change what dropout or any other caller draws next.
 
     Returns:
         ``(nearest, position, inside)``: ``(m,)`` fine slice of each coarse slice; ``(n,)`` coarse
@@ -582,16 +584,17 @@ def _anisotropy_tables(
     probe_shape[axis] = n
     affine = np.diag([*spacing, 1.0])
     ramp = torch.arange(1, n + 1, dtype=torch.float32).reshape(1, *probe_shape)
-    image = tio.ScalarImage(tensor=ramp, affine=affine)
-    target = list(image.spacing)
-    target[axis] *= factor
-    coarse_spacing = (float(target[0]), float(target[1]), float(target[2]))
-    down = tio.Resample(target=coarse_spacing, image_interpolation="nearest")(image)
-    nearest = down.data.reshape(-1).numpy().astype(np.int64) - 1
-    m = nearest.size
-    coarse_ramp = torch.arange(1, m + 1, dtype=torch.float32).reshape(down.data.shape)
-    coarse = tio.ScalarImage(tensor=coarse_ramp, affine=down.affine)
-    up = tio.Resample(target=(tuple(probe_shape), affine), image_interpolation="linear")(coarse)
+    with torch.random.fork_rng(devices=[]):
+        image = tio.ScalarImage(tensor=ramp, affine=affine)
+        target = list(image.spacing)
+        target[axis] *= factor
+        coarse_spacing = (float(target[0]), float(target[1]), float(target[2]))
+        down = tio.Resample(target=coarse_spacing, image_interpolation="nearest")(image)
+        nearest = down.data.reshape(-1).numpy().astype(np.int64) - 1
+        m = nearest.size
+        coarse_ramp = torch.arange(1, m + 1, dtype=torch.float32).reshape(down.data.shape)
+        coarse = tio.ScalarImage(tensor=coarse_ramp, affine=down.affine)
+        up = tio.Resample(target=(tuple(probe_shape), affine), image_interpolation="linear")(coarse)
     values = up.data.reshape(-1).numpy().astype(float)
     inside = values > 0  # the ramp starts at 1; SimpleITK writes 0 outside
     return nearest, np.where(inside, values - 1, 0.0), inside

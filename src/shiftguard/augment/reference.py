@@ -142,7 +142,10 @@ def apply_reference(
         torch.quantile(tensor.flatten()[:: max(1, tensor.numel() // 65536)], 0.99)
     )
     subject = tio.Subject(image=image)
-    for transform in torchio_transforms(params, reference_max):
-        subject = transform(subject)
+    # TorchIO's transforms draw from torch's global generator (their probability check): run them on
+    # a fork of it, so simulating a scanner leaves what the caller draws next (dropout) unchanged
+    with torch.random.fork_rng(devices=[]):
+        for transform in torchio_transforms(params, reference_max):
+            subject = transform(subject)
     result: torch.Tensor = subject.get_first_image().data
     return result.float()

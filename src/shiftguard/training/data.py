@@ -5,6 +5,12 @@ stored scale) is cached by :class:`monai.data.CacheDataset`; the training set ad
 simulation and a random left-right flip, drawn per sample when the loader serves it. The simulation
 runs on the ingest grid, where the robustness test sets are made too; the last transform
 area-resamples to ``train.input_shape`` when the network sees a coarser grid.
+
+The random transforms are seeded per sample (:class:`SeededCacheDataset`): sample ``i`` in epoch ``e``
+draws from a seed derived from ``train.seed``, ``e`` and ``i``, whichever process transforms it. A
+loader worker's own seed (MONAI's ``worker_init_fn``) is overridden, so the draws, and the trained
+network, do not depend on the number of loader workers, on which worker serves which batch, or on
+the batch size.
 """
 
 from __future__ import annotations
@@ -117,13 +123,53 @@ def to_input_grid(cfg: TrainConfig) -> list[Any]:
     return [Resized(IMAGE, spatial_size=tuple(cfg.input_shape), mode="area")]
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random transforms in ``epoch``: a 32-bit value mixed from the
+    three by :class:`numpy.random.SeedSequence` (neighbouring indices or epochs give unrelated seeds).
+
+    >>> sample_seed(0, 0, 0) == sample_seed(0, 0, 0) != sample_seed(0, 0, 1)
+    True
+    """
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class SeededCacheDataset(CacheDataset):
+    """A :class:`~monai.data.CacheDataset` that seeds its random transforms per sample.
+
+    Before transforming sample ``i`` it calls ``transform.set_random_state`` with
+    :func:`sample_seed` ``(seed, epoch, i)``, so a sample's draws are the same in the main process and
+    in any loader worker, in any order. :func:`shiftguard.training.fit` calls :meth:`set_epoch` before
+    each epoch; the loader copies the dataset into its workers when an epoch's iteration starts,
+    which needs ``persistent_workers=False`` (persistent workers would keep the first epoch).
+
+    Args:
+        data: the items, as for :class:`~monai.data.CacheDataset`.
+        transform: a :class:`~monai.transforms.Compose`.
+        seed: ``train.seed``.
+        **kwargs: :class:`~monai.data.CacheDataset`'s other arguments.
+    """
+
+    def __init__(self, data: Sequence[Any], transform: Compose, seed: int, **kwargs: Any) -> None:
+        self.seed = int(seed)
+        self.epoch = 0
+        super().__init__(data=data, transform=transform, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch``'s random numbers from now on."""
+        self.epoch = int(epoch)
+
+    def _transform(self, index: int) -> Any:
+        self.transform.set_random_state(seed=sample_seed(self.seed, self.epoch, index % len(self)))
+        return super()._transform(index)
+
+
 def build_dataset(
     items: Sequence[Mapping[str, Any]],
     cfg: TrainConfig,
     train: bool = False,
     augment: AugmentConfig | None = None,
     spacing: Sequence[float] | None = None,
-) -> CacheDataset:
+) -> SeededCacheDataset:
     """A cached dataset; a training set adds a random left-right flip and the scanner simulation.
 
     Args:
@@ -134,9 +180,9 @@ def build_dataset(
         spacing: voxel size in mm for the simulation; read from the volumes when omitted.
 
     Each sample is ``{"image": (1, X, Y, Z) float32, "label": float, "key": str}`` with ``(X, Y, Z)``
-    the ``cfg.input_shape`` (the ingest grid when unset). Random
-    transforms are seeded from ``cfg.seed`` here and re-seeded per epoch by
-    :func:`shiftguard.training.fit`.
+    the ``cfg.input_shape`` (the ingest grid when unset). Random transforms are seeded per
+    sample from ``cfg.seed``, the epoch (set by :func:`shiftguard.training.fit`) and the sample's
+    index (see :class:`SeededCacheDataset`).
     """
     transforms = preprocessing(cfg)
     if train and augment is not None:
@@ -148,11 +194,10 @@ def build_dataset(
     if train:
         transforms.append(RandFlipd(IMAGE, prob=cfg.flip_probability, spatial_axis=0))
     transforms += to_input_grid(cfg)
-    pipeline = Compose(transforms)
-    pipeline.set_random_state(seed=cfg.seed)
-    return CacheDataset(
+    return SeededCacheDataset(
         data=[dict(item) for item in items],
-        transform=pipeline,
+        transform=Compose(transforms),
+        seed=cfg.seed,
         cache_rate=cfg.cache_rate,
         num_workers=max(workers_for(cfg), 1) if cfg.cache_rate > 0 else 0,
         progress=False,

@@ -1,8 +1,10 @@
 """A seeded, resumable training loop selecting the epoch with the best validation AUROC.
 
 Every epoch starts from seeds derived from ``cfg.seed`` and the epoch number (torch's global
-generator, the loader's shuffling generator or distributed sampler, the dataset's random transforms),
-so a run resumed from its last checkpoint follows exactly the path an uninterrupted run takes.
+generator, the loader's shuffling generator or distributed sampler, the dataset's random transforms,
+seeded per sample by :class:`~shiftguard.training.data.SeededCacheDataset`), so a run resumed from
+its last checkpoint follows exactly the path an uninterrupted run takes, whatever the number of
+loader workers.
 
 Under ``torchrun`` (a :class:`~shiftguard.training.distributed.DistContext` with several processes)
 the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, each rank trains on its
@@ -167,7 +169,11 @@ def _seed_epoch(loader: DataLoader[Any], seed: int, epoch: int) -> None:
     sampler: Any = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)  # DistributedSampler: seed + epoch decides the shards
-    set_rnd(loader.dataset, seed)
+    dataset: Any = loader.dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)  # SeededCacheDataset: each sample seeded from seed, epoch, index
+    else:
+        set_rnd(dataset, seed)  # other datasets: one stream per process (workers: MONAI's seeds)
 
 
 def _checksum(model: nn.Module) -> float:

@@ -15,7 +15,7 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose
 
-from shiftguard.augment.params import Noise, SimParams
+from shiftguard.augment.params import Anisotropy, Noise, SimParams
 from shiftguard.augment.profiles import draw
 from shiftguard.augment.transforms import (
     BackendUnavailableError,
@@ -90,6 +90,25 @@ def test_scanner_sim_is_deterministic_and_changes_the_image(
         assert torch.isfinite(a).all(), name
         assert torch.equal(a, b), name
         assert not torch.allclose(a, torch.from_numpy(phantom), atol=1e-3), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scanner_sim_leaves_torchs_global_generator_alone(
+    augment: AugmentConfig, phantom: np.ndarray, backend: str
+) -> None:
+    """Dropout draws from torch's global generator. TorchIO's transforms draw from it too (their
+    probability check): the fast path's slice-thickness tables, computed once per new geometry, did,
+    so a second training run in one process differed from the first."""
+    if FAST:  # the tables of a geometry seen before come from a cache
+        import shiftguard.augment.fast
+
+        shiftguard.augment.fast._anisotropy_tables.cache_clear()
+    thick = SimParams(anisotropy=Anisotropy(axis=2, downsampling=2.37))
+    drawn = [draw(p, 4, np.random.default_rng(1), SHAPE) for p in augment.profiles.values()]
+    for params in [thick, *drawn]:
+        state = torch.random.get_rng_state()
+        ScannerSim(params, SPACING, backend)(phantom)  # type: ignore[arg-type]
+        assert torch.equal(torch.random.get_rng_state(), state), params
 
 
 def test_scanner_sim_keeps_a_metatensor_and_reads_its_spacing(phantom: np.ndarray) -> None:

@@ -160,7 +160,10 @@ def grid_to_template(
 
 
 def template_coordinates(
-    affine: NDArray[np.float64], shape: tuple[int, int, int], anatomy: SubjectAnatomy
+    affine: NDArray[np.float64],
+    shape: tuple[int, int, int],
+    anatomy: SubjectAnatomy,
+    warp_step: int = 1,
 ) -> NDArray[np.float32]:
     """Template voxel coordinates of every scanner voxel, warp included.
 
@@ -168,6 +171,9 @@ def template_coordinates(
         affine: ``(4, 4)`` from :func:`grid_to_template`.
         shape: ``(K, R, C)`` of the scanner grid.
         anatomy: the subject (its displacement field).
+        warp_step: evaluate the smooth displacement field at every ``warp_step``-th row and column
+            and repeat it in between (the field varies over centimetres; a finer grid than the
+            reconstructed one needs no finer warp). ``R`` and ``C`` must be multiples of it.
 
     Returns:
         ``(3, K, R, C)`` float32 template voxel coordinates.
@@ -179,11 +185,15 @@ def template_coordinates(
     coords = np.empty((3, *shape), dtype=np.float32)
     for i in range(3):
         coords[i] = a[i, 0] * k + (a[i, 1] * r + (a[i, 2] * c + a[i, 3]))
-    scaled = coords / np.float32(FIELD_STEP)
+    step = max(1, warp_step)
+    scaled = coords[:, :, ::step, ::step] / np.float32(FIELD_STEP)
     for i in range(3):
-        coords[i] += ndi.map_coordinates(
+        shift = ndi.map_coordinates(
             anatomy.field[i], scaled, order=1, mode="nearest", output=np.float32
         )
+        if step > 1:
+            shift = np.repeat(np.repeat(shift, step, axis=1), step, axis=2)
+        coords[i] += shift
     return coords
 
 

@@ -28,6 +28,8 @@ STREAM_DEMOGRAPHICS = 0
 STREAM_ANATOMY = 1
 STREAM_LESION = 2
 STREAM_SCANNER = 3
+STREAM_TISSUE = 4
+STREAM_LESION_TISSUE = 5
 #: the site allocation's stream (a two-word entropy: it belongs to no subject)
 STREAM_ALLOCATION = 0x517E
 
@@ -83,14 +85,14 @@ def subject_rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, stream])
 
 
-def patient_id(index: int, n_subjects: int) -> str:
-    """``SG`` + the 1-based index, zero-padded to at least 4 digits.
+def patient_id(index: int, n_subjects: int, prefix: str = "SG") -> str:
+    """``prefix`` + the 1-based index, zero-padded to at least 4 digits.
 
     >>> patient_id(0, 200)
     'SG0001'
     """
     width = max(4, len(str(n_subjects)))
-    return f"SG{index + 1:0{width}d}"
+    return f"{prefix}{index + 1:0{width}d}"
 
 
 def allocate_sites(weights: Sequence[float], n: int) -> list[int]:
@@ -224,7 +226,7 @@ def sample_subjects(cfg: CohortConfig) -> list[SubjectPlan]:
         plans.append(
             SubjectPlan(
                 index=index,
-                patient_id=patient_id(index, cfg.n_subjects),
+                patient_id=patient_id(index, cfg.n_subjects, cfg.patient_prefix),
                 site_index=site_index,
                 site=site.name,
                 scanner=site.scanner,
@@ -234,7 +236,7 @@ def sample_subjects(cfg: CohortConfig) -> list[SubjectPlan]:
                 finding_probability=prob,
                 study_datetime=study_datetime,
                 birth_date=birth,
-                accession_number=f"A{study_day:%y}{index + 1:06d}",
+                accession_number=f"{cfg.accession_prefix}{study_day:%y}{index + 1:06d}",
                 reader=reader,
                 report_date=report,
             )

@@ -8,6 +8,8 @@
       ris/verified_diagnoses.csv                    one row per study
       ground_truth/lesions.csv                      one row per subject with the finding
       ground_truth/masks/<PatientID>.nii.gz         lesion mask for every subject (all 0 without)
+      ground_truth/labels/<PatientID>.nii.gz        tissue label map (physics renderer; see
+                                                    shiftguard.cohort.physics.LABELS)
 
 Subjects are rendered in a process pool, each worker writing its subjects' files to disjoint paths;
 the tables are written by the parent in subject order. The same seed and config give a byte-identical
@@ -33,7 +35,7 @@ from shiftguard import __version__
 from shiftguard.cohort import tables
 from shiftguard.cohort.demographics import SubjectPlan, sample_subjects
 from shiftguard.cohort.errors import CohortError, OutputDirectoryError
-from shiftguard.cohort.render import render_subject
+from shiftguard.cohort.render import RenderedSeries, render_subject
 from shiftguard.cohort.writer import check_transfer_syntax, series_uids, write_mask, write_series
 from shiftguard.config.schema import CohortConfig
 from shiftguard.utils import progress_bar
@@ -103,6 +105,9 @@ def _generate_subject(
     )
     mask_rel = Path("ground_truth") / "masks" / f"{plan.patient_id}.nii.gz"
     write_mask(series.mask, series.geometry, out_dir / mask_rel)
+    if series.labels is not None:
+        labels_rel = Path("ground_truth") / "labels" / f"{plan.patient_id}.nii.gz"
+        write_mask(series.labels, series.geometry, out_dir / labels_rel)
     lesion = None
     if series.lesion is not None:
         centre = series.lesion_centre_ras
@@ -119,12 +124,32 @@ def _generate_subject(
             "centre_a_mm": f"{centre[1]:.2f}",
             "centre_s_mm": f"{centre[2]:.2f}",
             "radius_mm": f"{series.lesion.radius_mm:.2f}",
-            "contrast": f"{series.lesion.contrast:.3f}",
-            "sign": f"{series.lesion.sign:+d}",
+            **_lesion_contrast(series),
             "mask_voxels": int(series.mask.sum()),
             "mask_path": mask_rel.as_posix(),
         }
     return SubjectResult(plan.index, uids.study, uids.series, len(paths), lesion)
+
+
+def _lesion_contrast(series: RenderedSeries) -> dict[str, str]:
+    """The lesions.csv columns that describe the lesion's appearance on its scanner."""
+    assert series.lesion is not None
+    tissue = series.lesion_tissue
+    if tissue is None:  # legacy renderer: the drawn contrast and sign
+        return {
+            "contrast": f"{series.lesion.contrast:.3f}",
+            "sign": f"{series.lesion.sign:+d}",
+            "t1_ms": "",
+            "t2_ms": "",
+            "pd": "",
+        }
+    return {
+        "contrast": f"{abs(tissue['contrast']):.3f}",
+        "sign": "+1" if tissue["contrast"] >= 0 else "-1",
+        "t1_ms": f"{tissue['t1_ms']:.1f}",
+        "t2_ms": f"{tissue['t2_ms']:.1f}",
+        "pd": f"{tissue['pd']:.3f}",
+    }
 
 
 def _generate_chunk(

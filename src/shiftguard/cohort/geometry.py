@@ -109,6 +109,28 @@ class AcquisitionGeometry:
             origin=origin,
         )
 
+    def refined(self, factor: int) -> AcquisitionGeometry:
+        """The same field of view sampled ``factor`` times finer in-plane, voxel ``[k, 0, 0]`` unmoved.
+
+        Voxel ``[k, r * factor, c * factor]`` of the refined grid is voxel ``[k, r, c]`` of this one,
+        which is what a discrete Fourier transform of the finer grid truncated to this matrix
+        reconstructs (see :mod:`shiftguard.cohort.kspace`).
+        """
+        if factor == 1:
+            return self
+        return AcquisitionGeometry(
+            rows=self.rows * factor,
+            columns=self.columns * factor,
+            n_slices=self.n_slices,
+            row_spacing=self.row_spacing / factor,
+            col_spacing=self.col_spacing / factor,
+            slice_spacing=self.slice_spacing,
+            slice_thickness=self.slice_thickness,
+            row_dir=self.row_dir,
+            col_dir=self.col_dir,
+            origin=self.origin,
+        )
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(n_slices, rows, columns)``: the shape of the series' voxel array."""

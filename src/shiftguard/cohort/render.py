@@ -1,8 +1,16 @@
 """Render one subject's series on its scanner's acquisition grid.
 
 For every voxel the template coordinates are computed once (see :mod:`.anatomy`); thick slices are
-sampled at several offsets across the slice thickness and averaged (partial volume), the lesion is
-applied at each sub-sample, and the scanner's image formation (:mod:`.scanner`) follows.
+sampled at several offsets across the slice thickness and averaged (partial volume), and the lesion
+is applied at each sub-sample. Then, by ``cohort.rendering``:
+
+* ``physics`` (the default): the subject's own tissues (:mod:`.physics`: relaxation at the scanner's
+  field with per-subject variation, the lesion a tissue of its own) give each tissue's signal under
+  the scanner's sequence; the object is sampled ``physics.oversampling`` times finer in-plane, weighted
+  by the receive coil's smooth sensitivity, and acquired in k-space (:mod:`.kspace`: truncation,
+  partial Fourier, apodisation, zero-filling, thermal and parallel-imaging noise, magnitude);
+* ``legacy``: the template's T1 intensities on every scanner, then blur, bias field, gamma and Rician
+  noise (:mod:`.scanner`).
 """
 
 from __future__ import annotations
@@ -14,18 +22,20 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
 from shiftguard.cohort import anatomy as anat
-from shiftguard.cohort import scanner
+from shiftguard.cohort import kspace, physics, scanner
 from shiftguard.cohort.demographics import (
     STREAM_ANATOMY,
     STREAM_LESION,
+    STREAM_LESION_TISSUE,
     STREAM_SCANNER,
+    STREAM_TISSUE,
     SubjectPlan,
     subject_rng,
 )
 from shiftguard.cohort.geometry import LPS_TO_RAS, AcquisitionGeometry
 from shiftguard.cohort.lesion import Lesion, draw_lesion, lesion_membership
-from shiftguard.cohort.template import Template, load_template
-from shiftguard.config.schema import CohortConfig, ScannerProfile
+from shiftguard.cohort.template import HEAD_TISSUES, Template, load_template
+from shiftguard.config.schema import PHYSICS_TISSUES, CohortConfig, PhysicsConfig, ScannerProfile
 
 MASK_THRESHOLD = 0.5
 
@@ -47,6 +57,10 @@ class RenderedSeries:
         wm: ``(K, R, C)`` float32 white-matter probability at the slice centres, only when asked
             for (checks).
         brain: ``(K, R, C)`` float32 grey + white matter probability, likewise.
+        labels: ``(K, R, C)`` uint8 tissue label map (:data:`.physics.LABELS`, the lesion's voxels
+            are its mask); physics renderer only.
+        lesion_tissue: the lesion's ``pd``, ``t1_ms``, ``t2_ms`` and its ``contrast`` against the
+            subject's white matter on this scanner (signed, relative); physics renderer only.
     """
 
     geometry: AcquisitionGeometry
@@ -57,6 +71,8 @@ class RenderedSeries:
     lesion_centre_ras: NDArray[np.float64] | None
     wm: NDArray[np.float32] | None = None
     brain: NDArray[np.float32] | None = None
+    labels: NDArray[np.uint8] | None = None
+    lesion_tissue: dict[str, float] | None = None
 
 
 #: the field of view is centred this far (mm) above the brain's bounding-box centre, so the vertex
@@ -79,7 +95,7 @@ def render_subject(
     with_tissue: bool = False,
     template: Template | None = None,
 ) -> RenderedSeries:
-    """Render a subject's series.
+    """Render a subject's series with the cohort's renderer (``cfg.rendering``).
 
     Args:
         cfg: the cohort config.
@@ -92,6 +108,215 @@ def render_subject(
     Returns:
         The rendered series.
     """
+    tpl = template if template is not None else load_template()
+    if cfg.rendering == "legacy":
+        return _render_legacy(
+            cfg, plan, with_lesion=with_lesion, with_tissue=with_tissue, template=tpl
+        )
+    return _render_physics(
+        cfg, plan, with_lesion=with_lesion, with_tissue=with_tissue, template=tpl
+    )
+
+
+def subject_tissues(cfg: CohortConfig, plan: SubjectPlan) -> physics.Relaxation:
+    """The subject's tissues at its scanner's field: the table's values, each tissue's PD, T1 and T2
+    scaled by ``1 + physics.subject_variation * z`` (``z`` standard normal clipped to +-2.5)."""
+    assert cfg.physics is not None
+    table = physics.relaxation_at(cfg.physics, cfg.scanners[plan.scanner].field_strength)
+    table = physics.Relaxation(
+        PHYSICS_TISSUES,
+        *(
+            np.array([getattr(table, key)[table.index(t)] for t in PHYSICS_TISSUES])
+            for key in ("pd", "t1", "t2", "t2s")
+        ),
+    )
+    rng = subject_rng(cfg.seed, plan.index, STREAM_TISSUE)
+    z = np.clip(rng.standard_normal((3, len(PHYSICS_TISSUES))), -2.5, 2.5)
+    f = 1.0 + cfg.physics.subject_variation * z
+    return table.scaled(f[0], f[1], f[2])
+
+
+def lesion_tissue(
+    cfg: CohortConfig, plan: SubjectPlan, tissues: physics.Relaxation
+) -> tuple[float, float, float, float]:
+    """The lesion's ``(pd, t1, t2, t2s)``: the subject's white matter times factors drawn from
+    ``cfg.lesion`` (a ``t1_short_fraction`` of lesions shorten T1)."""
+    rng = subject_rng(cfg.seed, plan.index, STREAM_LESION_TISSUE)
+    lc = cfg.lesion
+    short = bool(rng.random() < lc.t1_short_fraction)
+    t1f = float(rng.uniform(*(lc.t1_short_factor if short else lc.t1_factor)))
+    t2f = float(rng.uniform(*lc.t2_factor))
+    pdf = float(rng.uniform(*lc.pd_factor))
+    w = tissues.index("wm")
+    return (
+        float(tissues.pd[w] * pdf),
+        float(tissues.t1[w] * t1f),
+        float(tissues.t2[w] * t2f),
+        float(min(tissues.t2s[w] * t2f, tissues.t2[w] * t2f)),
+    )
+
+
+def tissue_volume(
+    anatomy: anat.SubjectAnatomy, template: Template, signal: dict[str, float]
+) -> NDArray[np.float32]:
+    """The subject's signed signal on the template grid ``(X, Y, Z)`` float32.
+
+    Brain voxels mix grey matter, white matter and CSF by their fractions (atrophy moves grey matter
+    next to CSF into CSF); outside the brain the head's layers follow the distance from the brain's
+    envelope (:data:`~.template.HEAD_TISSUES`); the coil's head-foot profile fades out the neck.
+    """
+    s_gm, s_wm, s_csf = (np.float32(signal[t]) for t in ("gm", "wm", "csf"))
+    vol = template.gm_fraction * s_gm
+    vol += template.wm_fraction * s_wm
+    vol += template.csf_fraction * s_csf
+    lost = min(anat.SULCAL_GAIN * anatomy.atrophy, 0.9)
+    if lost > 0:
+        vol -= np.float32(lost) * (s_gm - s_csf) * template.atrophy_fraction
+    xs = np.array([d for d, _ in HEAD_TISSUES], dtype=np.float32)
+    ys = np.array([signal.get(t, 0.0) for _, t in HEAD_TISSUES], dtype=np.float32)
+    vol += np.interp(template.head_distance, xs, ys, right=0.0).astype(np.float32)
+    vol *= template.coil_profile[None, None, :]
+    return vol
+
+
+def _render_physics(
+    cfg: CohortConfig,
+    plan: SubjectPlan,
+    *,
+    with_lesion: bool | None,
+    with_tissue: bool,
+    template: Template,
+) -> RenderedSeries:
+    tpl = template
+    assert cfg.physics is not None
+    phys: PhysicsConfig = cfg.physics
+    profile: ScannerProfile = cfg.scanners[plan.scanner]
+    geometry = AcquisitionGeometry.from_profile(profile, scanner_centre_lps(tpl))
+    over = phys.oversampling
+    fine = geometry.refined(over)
+
+    anatomy = anat.draw_anatomy(
+        subject_rng(cfg.seed, plan.index, STREAM_ANATOMY), cfg.anatomy, plan.age, tpl
+    )
+    lesion = None
+    if plan.finding if with_lesion is None else with_lesion:
+        lesion = draw_lesion(subject_rng(cfg.seed, plan.index, STREAM_LESION), cfg.lesion, tpl)
+    tissues = subject_tissues(cfg, plan)
+    les = lesion_tissue(cfg, plan, tissues)
+    tissues = tissues.append("lesion", *les)
+    signals = physics.sequence_signal(profile, tissues)
+    signal = dict(zip(tissues.names, map(float, signals), strict=True))
+    nominal = physics.relaxation_at(phys, profile.field_strength)
+    s_ref = abs(float(physics.sequence_signal(profile, nominal)[nominal.index("wm")]))
+    if s_ref <= 0:
+        raise ValueError(f"{plan.scanner}: white matter gives no signal with this sequence")
+
+    affine = anat.grid_to_template(fine.index_to_lps(), anatomy, tpl)
+    coords = anat.template_coordinates(affine, fine.shape, anatomy, warp_step=over)
+    volume = tissue_volume(anatomy, tpl, signal)
+
+    offsets = anat.partial_volume_offsets(geometry.slice_thickness)
+    obj = np.zeros(fine.shape, dtype=np.float32)
+    membership = np.zeros(fine.shape, dtype=np.float32) if lesion is not None else None
+    sub = np.empty_like(coords)
+    s_les = np.float32(signal["lesion"])
+    for off in offsets:
+        step = anat.slab_offset(affine, off, geometry.slice_spacing)
+        for i in range(3):
+            np.add(coords[i], step[i], out=sub[i])
+        sample = ndi.map_coordinates(
+            volume, sub, order=1, mode="constant", cval=0.0, output=np.float32
+        )
+        if lesion is not None and membership is not None:
+            m = lesion_membership(lesion, sub)
+            sample += m * (s_les - sample)
+            membership += m
+        obj += sample
+    obj /= np.float32(len(offsets))
+
+    rng = subject_rng(cfg.seed, plan.index, STREAM_SCANNER)
+    obj *= scanner.bias_field(rng, fine.shape, profile.bias_field)
+    magnitude = kspace.acquire(obj, profile, rng, physics.noise_sd(profile, phys))
+    physical = (magnitude * np.float32(profile.intensity_scale / s_ref)).astype(np.float32)
+    stored = scanner.quantise(physical, profile)
+
+    coarse = coords[:, :, ::over, ::over]  # fine voxel [k, r*o, c*o] is voxel [k, r, c]
+    if membership is not None:
+        membership /= np.float32(len(offsets))
+        shape = geometry.shape
+        membership = membership.reshape(shape[0], shape[1], over, shape[2], over).mean(axis=(2, 4))
+    mask, centre_ras = _lesion_mask(membership, geometry)
+    labels = ndi.map_coordinates(tpl.labels, coarse, order=0, mode="constant", cval=0)
+    labels = labels.astype(np.uint8)
+    lost = min(anat.SULCAL_GAIN * anatomy.atrophy, 0.9)
+    if lost > 0:  # grey matter that atrophy has half turned to CSF is labelled CSF
+        csf_from = ndi.map_coordinates(
+            tpl.csf_from, coarse, order=0, mode="constant", cval=np.inf, output=np.float32
+        )
+        labels[(labels == physics.LABELS["gm"]) & (csf_from <= lost)] = physics.LABELS["csf"]
+    labels[mask > 0] = physics.LABELS["lesion"]
+
+    wm = brain = None
+    if with_tissue:
+        wm = ndi.map_coordinates(tpl.wm, coarse, order=1, mode="constant", output=np.float32)
+        brain = ndi.map_coordinates(tpl.brain, coarse, order=1, mode="constant", output=np.float32)
+    s_wm = signal["wm"]
+    info = {
+        "pd": les[0],
+        "t1_ms": les[1],
+        "t2_ms": les[2],
+        "contrast": (abs(float(s_les)) - abs(s_wm)) / abs(s_wm) if s_wm else 0.0,
+    }
+    return RenderedSeries(
+        geometry=geometry,
+        stored=stored,
+        physical=physical,
+        mask=mask,
+        lesion=lesion,
+        lesion_centre_ras=centre_ras,
+        wm=wm,
+        brain=brain,
+        labels=labels,
+        lesion_tissue=info if lesion is not None else None,
+    )
+
+
+def _lesion_mask(
+    membership: NDArray[np.float32] | None, geometry: AcquisitionGeometry
+) -> tuple[NDArray[np.uint8], NDArray[np.float64] | None]:
+    """The lesion mask and the RAS centroid of its partial-volume fraction on the series grid."""
+    shape = geometry.shape
+    mask = np.zeros(shape, dtype=np.uint8)
+    if membership is None:
+        return mask, None
+    peak = float(membership.max())
+    # a lesion smaller than a voxel still marks the voxel holding most of it
+    mask = (membership >= min(MASK_THRESHOLD, peak)).astype(np.uint8) if peak > 0 else mask
+    total = float(membership.sum(dtype=np.float64))
+    if total <= 0:
+        return mask, None
+    centroid = (
+        np.array(
+            [
+                np.arange(n) @ membership.sum(axis=tuple(a for a in range(3) if a != ax))
+                for ax, n in enumerate(shape)
+            ],
+            dtype=np.float64,
+        )
+        / total
+    )
+    lps = geometry.index_to_lps() @ np.append(centroid, 1.0)
+    return mask, (LPS_TO_RAS @ lps)[:3]
+
+
+def _render_legacy(
+    cfg: CohortConfig,
+    plan: SubjectPlan,
+    *,
+    with_lesion: bool | None = None,
+    with_tissue: bool = False,
+    template: Template | None = None,
+) -> RenderedSeries:
     tpl = template if template is not None else load_template()
     profile: ScannerProfile = cfg.scanners[plan.scanner]
     geometry = AcquisitionGeometry.from_profile(profile, scanner_centre_lps(tpl))
@@ -126,27 +351,9 @@ def render_subject(
         signal += sample
     signal /= np.float32(len(offsets))
 
-    mask = np.zeros(shape, dtype=np.uint8)
-    centre_ras = None
     if membership is not None:
         membership /= np.float32(len(offsets))
-        peak = float(membership.max())
-        # a lesion smaller than a voxel still marks the voxel holding most of it
-        mask = (membership >= min(MASK_THRESHOLD, peak)).astype(np.uint8) if peak > 0 else mask
-        total = float(membership.sum(dtype=np.float64))
-        if total > 0:
-            centroid = (
-                np.array(
-                    [
-                        np.arange(n) @ membership.sum(axis=tuple(a for a in range(3) if a != ax))
-                        for ax, n in enumerate(shape)
-                    ],
-                    dtype=np.float64,
-                )
-                / total
-            )
-            lps = geometry.index_to_lps() @ np.append(centroid, 1.0)
-            centre_ras = (LPS_TO_RAS @ lps)[:3]
+    mask, centre_ras = _lesion_mask(membership, geometry)
 
     wm = brain = None
     if with_tissue:

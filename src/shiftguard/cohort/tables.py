@@ -40,6 +40,9 @@ LESION_COLUMNS = (
     "radius_mm",
     "contrast",
     "sign",
+    "t1_ms",
+    "t2_ms",
+    "pd",
     "mask_voxels",
     "mask_path",
 )
@@ -47,6 +50,8 @@ FINDING_LABELS = {0: "no finding", 1: "focal lesion"}
 LAYOUT = {
     "dicom": "dicom/<PatientID>/<SeriesInstanceUID>/<InstanceNumber:04d>.dcm",
     "masks": "ground_truth/masks/<PatientID>.nii.gz (uint8, series voxel grid, RAS affine)",
+    "labels": "ground_truth/labels/<PatientID>.nii.gz (uint8 tissue labels, series voxel grid): "
+    "0 air, 1 csf, 2 gm, 3 wm, 4 fat, 5 muscle, 6 bone, 7 marrow, 8 skin, 9 lesion",
     "lesions": "ground_truth/lesions.csv",
     "ris": "ris/verified_diagnoses.csv",
 }

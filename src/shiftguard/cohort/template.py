@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
 from shiftguard.cohort.errors import TemplateNotFoundError
+from shiftguard.cohort.physics import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,27 @@ HEAD_PROFILE: tuple[tuple[float, float], ...] = (
     (14.2, 0.00),
 )
 CSF_LEVEL = 0.20
+#: The same head as tissues, for the physics renderer: (distance outside the brain's envelope in mm,
+#: tissue). Between two nodes the tissue fractions mix linearly; "air" is no tissue.
+HEAD_TISSUES: tuple[tuple[float, str], ...] = (
+    (0.0, "csf"),
+    (1.6, "csf"),
+    (2.4, "bone"),
+    (3.4, "bone"),
+    (4.2, "marrow"),
+    (5.4, "marrow"),
+    (6.2, "bone"),
+    (7.2, "bone"),
+    (8.0, "muscle"),
+    (9.0, "muscle"),
+    (9.8, "fat"),
+    (12.0, "fat"),
+    (12.8, "skin"),
+    (13.6, "skin"),
+    (14.2, "air"),
+)
+#: ``Template.head_distance`` inside the brain: beyond the last node, so the head term is 0 there
+INSIDE_BRAIN_MM = 1000.0
 HEAD_MARGIN_MM = 18
 #: mm the template is continued below the medulla (then faded out)
 NECK_MM = 24
@@ -81,6 +103,19 @@ class Template:
         lesion_sites: ``(N, 3)`` voxel coordinates where a lesion can be centred, deepest first.
         lesion_depth: ``(N,)`` mm of grey/white matter around each site in ``lesion_sites``
             (descending).
+        gm_fraction: ``(X, Y, Z)`` float32 grey-matter fraction inside the brain (0 outside).
+        wm_fraction: ``(X, Y, Z)`` float32 white-matter fraction inside the brain.
+        csf_fraction: ``(X, Y, Z)`` float32 CSF fraction inside the brain: brain minus grey minus
+            white matter (the MNI152 package has no CSF map).
+        head_distance: ``(X, Y, Z)`` float32 mm outside the brain's envelope, where the head's
+            layers (:data:`HEAD_TISSUES`) are; :data:`INSIDE_BRAIN_MM` inside the brain.
+        atrophy_fraction: ``(X, Y, Z)`` float32 grey-matter fraction that turns to CSF per unit of
+            atrophy (grey matter next to CSF, so sulci widen).
+        csf_from: ``(X, Y, Z)`` float32 the atrophy gain at which a grey-matter voxel's label turns
+            to CSF (half its grey matter gone); infinite elsewhere.
+        coil_profile: ``(Z,)`` float32 receive sensitivity along the head-foot axis (fades out the
+            neck, as a head coil does).
+        labels: ``(X, Y, Z)`` uint8 dominant tissue (:data:`shiftguard.cohort.physics.LABELS`).
     """
 
     channels: NDArray[np.float32]
@@ -91,6 +126,14 @@ class Template:
     ventricle_centres: NDArray[np.float64]
     lesion_sites: NDArray[np.float64]
     lesion_depth: NDArray[np.float64]
+    gm_fraction: NDArray[np.float32]
+    wm_fraction: NDArray[np.float32]
+    csf_fraction: NDArray[np.float32]
+    head_distance: NDArray[np.float32]
+    atrophy_fraction: NDArray[np.float32]
+    csf_from: NDArray[np.float32]
+    coil_profile: NDArray[np.float32]
+    labels: NDArray[np.uint8]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -226,9 +269,12 @@ def load_template() -> Template:
 
     channels = np.stack([head, t1 * gm, t1 * wm, atrophy]).astype(np.float32)
     neck_end = NECK_MM - int(start[2])  # cropped index of the template's original bottom slice
+    coil = np.ones(shape[2], dtype=np.float32)
     if neck_end > 0:
         ramp = np.clip(np.arange(shape[2], dtype=np.float32) / neck_end, 0.0, 1.0)
-        channels *= (ramp * ramp * (3.0 - 2.0 * ramp))[None, None, None, :]
+        coil = (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)
+        channels *= coil[None, None, None, :]
+    tissue = _tissue_maps(gm, wm, brain_mask, outside, near_csf)
 
     # lateral ventricles: dark, deep inside the envelope, one centroid per hemisphere
     deep = _upsample2(inside, shape) > 15.0
@@ -257,4 +303,51 @@ def load_template() -> Template:
         ventricle_centres=np.array(centres, dtype=np.float64),
         lesion_sites=sites_vox[order],
         lesion_depth=site_depth[order].astype(np.float64),
+        coil_profile=coil,
+        **tissue,
     )
+
+
+def _tissue_maps(
+    gm: NDArray[np.float32],
+    wm: NDArray[np.float32],
+    brain_mask: NDArray[np.bool_],
+    outside: NDArray[np.float32],
+    near_csf: NDArray[np.float32],
+) -> dict[str, NDArray]:
+    """The physics renderer's tissue fractions, head distance and label map (see :class:`Template`)."""
+    inside = brain_mask.astype(np.float32)
+    gm_f = np.clip(gm, 0.0, 1.0) * inside
+    wm_f = np.clip(wm, 0.0, 1.0) * inside
+    total = gm_f + wm_f
+    over = total > 1.0
+    gm_f[over] /= total[over]
+    wm_f[over] /= total[over]
+    csf_f = np.clip(inside - gm_f - wm_f, 0.0, 1.0)
+    head_distance = np.where(brain_mask, np.float32(INSIDE_BRAIN_MM), outside).astype(np.float32)
+
+    labels = np.zeros(gm.shape, dtype=np.uint8)
+    brain_stack = np.stack([csf_f, gm_f, wm_f])
+    brain_label = np.array([LABELS["csf"], LABELS["gm"], LABELS["wm"]], dtype=np.uint8)
+    labels[brain_mask] = brain_label[np.argmax(brain_stack[:, brain_mask], axis=0)]
+    xs = np.array([d for d, _ in HEAD_TISSUES], dtype=np.float32)
+    names = sorted({t for _, t in HEAD_TISSUES})
+    dist = outside[~brain_mask]
+    fractions = np.stack(
+        [np.interp(dist, xs, [float(t == name) for _, t in HEAD_TISSUES]) for name in names]
+    )
+    codes = np.array([LABELS.get(name, 0) for name in names], dtype=np.uint8)  # air -> 0
+    labels[~brain_mask] = codes[np.argmax(fractions, axis=0)]
+    return {
+        "gm_fraction": gm_f.astype(np.float32),
+        "wm_fraction": wm_f.astype(np.float32),
+        "csf_fraction": csf_f.astype(np.float32),
+        "head_distance": head_distance,
+        "atrophy_fraction": (gm_f * near_csf).astype(np.float32),
+        "csf_from": np.where(
+            (labels == LABELS["gm"]) & (near_csf > 0),
+            np.float32(0.5) / np.maximum(near_csf, np.float32(1e-6)),
+            np.float32(np.inf),
+        ).astype(np.float32),
+        "labels": labels,
+    }

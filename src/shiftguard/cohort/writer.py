@@ -203,6 +203,45 @@ def station_name(site: str) -> str:
     return f"{initials[:10]}MR1"
 
 
+#: (ScanningSequence, SequenceVariant) of each sequence family
+SEQUENCE_TERMS: Mapping[str, tuple[list[str], list[str]]] = {
+    "spgr": (["GR"], ["SP"]),
+    "ir_gre": (["GR", "IR"], ["SP", "MP"]),
+    "se": (["SE"], ["NONE"]),
+    "tse": (["SE"], ["SK"]),
+    "flair": (["SE", "IR"], ["SK"]),
+}
+
+
+def sequence_elements(profile: ScannerProfile) -> dict[str, Any]:
+    """The acquisition elements that describe how the pixels were made (they must agree with them).
+
+    ScanningSequence / SequenceVariant from the family, ScanOptions ``PFP`` for partial Fourier,
+    MRAcquisitionType, InversionTime, AcquisitionMatrix (frequency rows, frequency columns, phase
+    rows, phase columns) and NumberOfPhaseEncodingSteps from the acquisition matrix, phase-encoding
+    direction and partial Fourier.
+    """
+    scanning, variant = SEQUENCE_TERMS[profile.sequence]
+    acq_rows, acq_cols = profile.acquired
+    if profile.phase_encoding_direction == "ROW":  # phase steps across columns
+        matrix = [acq_rows, 0, 0, acq_cols]
+        lines = acq_cols
+    else:
+        matrix = [0, acq_cols, acq_rows, 0]
+        lines = acq_rows
+    out: dict[str, Any] = {
+        "ScanningSequence": scanning,
+        "SequenceVariant": variant,
+        "ScanOptions": "PFP" if profile.partial_fourier < 1.0 else "",
+        "MRAcquisitionType": profile.acquisition_type,
+        "AcquisitionMatrix": matrix,
+        "NumberOfPhaseEncodingSteps": round(lines * profile.partial_fourier),
+    }
+    if profile.inversion_time is not None and profile.sequence in ("ir_gre", "flair"):
+        out["InversionTime"] = _ds(profile.inversion_time)
+    return out
+
+
 def _common_elements(
     plan: SubjectPlan, profile: ScannerProfile, geometry: AcquisitionGeometry, uids: SeriesUIDs
 ) -> dict[str, Any]:
@@ -241,27 +280,25 @@ def _common_elements(
         "PatientSex": plan.sex,
         "PatientAge": f"{min(plan.age, 999):03d}Y",
         "BodyPartExamined": "BRAIN",
-        "ScanningSequence": "GR",
-        "SequenceVariant": ["SP", "MP"],
-        "ScanOptions": "",
-        "MRAcquisitionType": "3D",
+        **sequence_elements(profile),
         "SequenceName": profile.sequence_name,
         "AngioFlag": "N",
         "SliceThickness": _ds(geometry.slice_thickness),
         "RepetitionTime": _ds(profile.repetition_time),
         "EchoTime": _ds(profile.echo_time),
-        "NumberOfAverages": "1",
+        "NumberOfAverages": _ds(profile.averages),
         "ImagingFrequency": _ds(GYROMAGNETIC_MHZ_PER_T * profile.field_strength),
         "ImagedNucleus": "1H",
         "EchoNumbers": "1",
         "MagneticFieldStrength": _ds(profile.field_strength),
         "SpacingBetweenSlices": _ds(geometry.slice_spacing),
-        "EchoTrainLength": "1",
-        "PercentSampling": "100",
+        "EchoTrainLength": str(profile.echo_train_length),
+        "PercentSampling": _ds(100.0 * profile.partial_fourier),
         "PercentPhaseFieldOfView": "100",
+        "PixelBandwidth": _ds(profile.pixel_bandwidth),
         "SoftwareVersions": profile.software_version,
         "ProtocolName": profile.series_description,
-        "InPlanePhaseEncodingDirection": "ROW",
+        "InPlanePhaseEncodingDirection": profile.phase_encoding_direction,
         "FlipAngle": _ds(profile.flip_angle),
         "PatientPosition": "HFS",
         "StudyInstanceUID": uids.study,

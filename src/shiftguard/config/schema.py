@@ -30,21 +30,45 @@ def _check_range(name: str, lo: float, hi: float) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+SequenceKind = Literal["spgr", "ir_gre", "se", "tse", "flair"]
+Apodisation = Literal["none", "hamming", "hann", "tukey", "fermi"]
+
+
 class ScannerProfile(_Strict):
-    """How one scanner model and protocol acquires and stores a T1-weighted brain series.
+    """How one scanner model and protocol acquires and stores a brain series.
 
-    Geometry: ``matrix`` is ``(rows, columns)`` of each slice, ``pixel_spacing`` is ``(row, column)``
-    spacing in mm, slices are ``slice_thickness`` thick and ``slice_spacing`` apart (centre to centre),
-    ``n_slices`` of them. ``orientation`` is the acquisition plane; ``tilt_deg`` tilts it about the
-    left-right axis (an oblique, AC-PC-like acquisition when non-zero).
+    Geometry: ``matrix`` is ``(rows, columns)`` of each reconstructed slice, ``pixel_spacing`` is
+    ``(row, column)`` spacing in mm, slices are ``slice_thickness`` thick and ``slice_spacing`` apart
+    (centre to centre), ``n_slices`` of them. ``orientation`` is the acquisition plane; ``tilt_deg``
+    tilts it about the left-right axis (an oblique, AC-PC-like acquisition when non-zero).
 
-    Image formation: ``noise`` is the Rician noise standard deviation relative to white-matter signal,
-    ``bias_field`` the peak-to-peak amplitude of the smooth multiplicative receive-coil field (0.3 means
-    intensities vary by about +-15 %), ``blur_fwhm_mm`` an in-plane point-spread function, ``gamma`` a
-    vendor contrast curve, ``intensity_scale`` the vendor's stored value for white matter.
+    Sequence (the ``physics`` renderer; see :mod:`shiftguard.cohort.physics`): ``sequence`` is the
+    family, driven by ``repetition_time``, ``echo_time``, ``flip_angle`` (ms, ms, degrees), and for the
+    inversion-prepared families ``inversion_time`` (inversion to the centre of k-space). An
+    ``ir_gre`` (MPRAGE / 3D TFE / BRAVO) also needs its gradient-echo train: ``readout_tr`` between
+    readout pulses, ``shot_interval`` between inversions, ``readouts_per_shot`` pulses per shot. The
+    header's RepetitionTime follows the vendor: Siemens writes the shot interval, GE and Philips the
+    readout TR; ``repetition_time`` must equal one of the two.
 
-    Storage: stored values are ``round((signal - rescale_intercept) / rescale_slope)`` as ``bits_stored``
-    unsigned integers, with ``transfer_syntax`` one of the names in
+    Acquisition and reconstruction: ``acquisition_matrix`` ``(rows, columns)`` is what k-space
+    holds (``None``: the reconstructed matrix); a smaller one is zero-filled up to ``matrix``
+    (interpolation, correlated noise). ``phase_encoding_direction`` is DICOM's
+    InPlanePhaseEncodingDirection (``ROW``: phase encoded along a row, i.e. across columns);
+    ``partial_fourier`` the sampled fraction of phase-encoding lines (zero-filled);
+    ``apodisation`` and ``apodisation_width`` the vendor's k-space filter; ``parallel_factor`` and
+    ``g_factor_max`` the in-plane acceleration and its peak noise amplification; ``pixel_bandwidth``
+    (Hz/pixel) and ``averages`` set the sampling time, hence with field strength and voxel volume the
+    noise level. ``bias_field`` is the peak-to-peak amplitude of the smooth multiplicative
+    receive-coil sensitivity (0.3 means intensities vary by about +-15 %), ``intensity_scale`` the
+    vendor's stored value for white matter.
+
+    Legacy image formation (``cohort.rendering: legacy``, the generator before the physics one): the
+    same template intensities on every scanner, then ``blur_fwhm_mm`` (in-plane point-spread
+    function), the bias field, ``gamma`` (a contrast curve) and Rician ``noise`` (standard deviation
+    relative to white matter). The physics renderer ignores these three.
+
+    Storage: stored values are ``round((signal - rescale_intercept) / rescale_slope)`` as
+    ``bits_stored`` unsigned integers, with ``transfer_syntax`` one of the names in
     :data:`shiftguard.cohort.TRANSFER_SYNTAXES`.
     """
 
@@ -54,16 +78,34 @@ class ScannerProfile(_Strict):
     software_version: str = "1.0"
     series_description: str = "T1 3D"
     sequence_name: str = "tfl3d1"
+    sequence: SequenceKind = "spgr"
+    acquisition_type: Literal["2D", "3D"] = "3D"
     repetition_time: PositiveFloat = 2300.0
     echo_time: PositiveFloat = 2.98
     flip_angle: PositiveFloat = 9.0
+    inversion_time: PositiveFloat | None = None
+    readout_tr: PositiveFloat | None = None
+    shot_interval: PositiveFloat | None = None
+    readouts_per_shot: Annotated[int, Field(ge=1, le=2048)] | None = None
+    echo_train_length: Annotated[int, Field(ge=1, le=512)] = 1
     matrix: tuple[Annotated[int, Field(ge=16, le=1024)], Annotated[int, Field(ge=16, le=1024)]]
+    acquisition_matrix: (
+        tuple[Annotated[int, Field(ge=8, le=1024)], Annotated[int, Field(ge=8, le=1024)]] | None
+    ) = None
     pixel_spacing: tuple[PositiveFloat, PositiveFloat]
     slice_thickness: PositiveFloat
     slice_spacing: PositiveFloat
     n_slices: Annotated[int, Field(ge=3, le=1024)]
     orientation: Literal["axial", "coronal", "sagittal"] = "axial"
     tilt_deg: Annotated[float, Field(ge=-45, le=45)] = 0.0
+    phase_encoding_direction: Literal["ROW", "COL"] = "ROW"
+    partial_fourier: Annotated[float, Field(ge=0.5, le=1.0)] = 1.0
+    apodisation: Apodisation = "none"
+    apodisation_width: Annotated[float, Field(ge=0, le=1)] = 0.0
+    parallel_factor: Annotated[float, Field(ge=1, le=8)] = 1.0
+    g_factor_max: Annotated[float, Field(ge=1, le=5)] = 1.0
+    pixel_bandwidth: PositiveFloat = 200.0
+    averages: PositiveFloat = 1.0
     noise: Annotated[float, Field(ge=0, le=1)] = 0.03
     bias_field: Annotated[float, Field(ge=0, le=1.5)] = 0.2
     blur_fwhm_mm: Annotated[float, Field(ge=0, le=10)] = 0.0
@@ -75,6 +117,80 @@ class ScannerProfile(_Strict):
     transfer_syntax: Literal[
         "explicit_vr_little_endian", "rle_lossless", "jpeg_ls_lossless", "jpeg2000_lossless"
     ] = "explicit_vr_little_endian"
+
+    def resized(self, matrix: int, n_slices: int) -> ScannerProfile:
+        """The same protocol on ``matrix`` x ``matrix`` x ``n_slices`` over the same field of view.
+
+        Pixel spacing, slice spacing and thickness scale to keep the field of view; the acquisition
+        matrix keeps its fraction of the reconstructed one (at least 8).
+        """
+        rows, cols = self.matrix
+        acq_rows, acq_cols = self.acquired
+        factor = self.n_slices / n_slices
+        return self.model_copy(
+            update={
+                "matrix": (matrix, matrix),
+                "pixel_spacing": (
+                    self.pixel_spacing[0] * rows / matrix,
+                    self.pixel_spacing[1] * cols / matrix,
+                ),
+                "acquisition_matrix": None
+                if self.acquisition_matrix is None
+                else (
+                    max(8, min(matrix, round(acq_rows * matrix / rows))),
+                    max(8, min(matrix, round(acq_cols * matrix / cols))),
+                ),
+                "n_slices": n_slices,
+                "slice_spacing": self.slice_spacing * factor,
+                "slice_thickness": self.slice_thickness * factor,
+            }
+        )
+
+    @property
+    def acquired(self) -> tuple[int, int]:
+        """``(rows, columns)`` of k-space actually sampled (the acquisition matrix)."""
+        return self.acquisition_matrix or self.matrix
+
+    @model_validator(mode="after")
+    def _sequence_parameters(self) -> ScannerProfile:
+        rows, cols = self.matrix
+        acq_rows, acq_cols = self.acquired
+        if acq_rows > rows or acq_cols > cols:
+            raise ValueError(
+                f"acquisition_matrix {list(self.acquired)} exceeds the reconstructed matrix "
+                f"{list(self.matrix)}: reconstruction zero-fills up, never down"
+            )
+        if self.echo_time >= self.repetition_time and self.sequence != "ir_gre":
+            raise ValueError(
+                f"echo_time {self.echo_time} ms must be shorter than repetition_time "
+                f"{self.repetition_time} ms"
+            )
+        if self.sequence in ("ir_gre", "flair") and self.inversion_time is None:
+            raise ValueError(f"sequence {self.sequence!r} needs inversion_time (ms)")
+        if self.sequence == "ir_gre":
+            missing = [
+                name
+                for name in ("readout_tr", "shot_interval", "readouts_per_shot")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"sequence 'ir_gre' needs {', '.join(missing)}")
+            assert self.readout_tr is not None and self.shot_interval is not None
+            assert self.readouts_per_shot is not None and self.inversion_time is not None
+            if self.repetition_time not in (self.readout_tr, self.shot_interval):
+                raise ValueError(
+                    f"repetition_time {self.repetition_time} ms is written to the header and must "
+                    f"equal readout_tr ({self.readout_tr}) or shot_interval ({self.shot_interval})"
+                )
+            start = self.inversion_time - (self.readouts_per_shot // 2) * self.readout_tr
+            end = start + self.readouts_per_shot * self.readout_tr
+            if start <= 0 or end >= self.shot_interval:
+                raise ValueError(
+                    f"the readout train ({self.readouts_per_shot} x {self.readout_tr} ms, centred "
+                    f"on inversion_time {self.inversion_time} ms) does not fit between the "
+                    f"inversion and the next one ({self.shot_interval} ms)"
+                )
+        return self
 
 
 class SiteConfig(_Strict):
@@ -92,13 +208,23 @@ class SiteConfig(_Strict):
 class LesionConfig(_Strict):
     """The binary finding: one focal lesion inside brain tissue, kept as a ground-truth mask.
 
-    ``contrast`` is the relative intensity change against the surrounding tissue (sign drawn at random
-    per lesion with ``hyperintense_fraction``); small radius and low contrast make subtle cases.
+    Physics renderer: the lesion is a tissue of its own whose T1, T2 (and T2*) and proton density are
+    white matter's (of the same subject, at the scanner's field) times factors drawn per lesion from
+    ``t1_factor``, ``t2_factor`` and ``pd_factor``; a fraction ``t1_short_fraction`` of lesions
+    shortens T1 instead (``t1_short_factor``, as blood products or mineralisation do). Its contrast
+    therefore differs by sequence and field. Legacy renderer: ``contrast`` is the relative intensity
+    change against the surrounding tissue, hyperintense with probability ``hyperintense_fraction``.
+    Small radius and low contrast make subtle cases.
     """
 
     radius_mm: tuple[PositiveFloat, PositiveFloat] = (8.0, 16.0)
     contrast: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.0)
     hyperintense_fraction: Fraction = 0.75
+    t1_factor: tuple[PositiveFloat, PositiveFloat] = (1.15, 1.6)
+    t2_factor: tuple[PositiveFloat, PositiveFloat] = (1.2, 2.0)
+    pd_factor: tuple[PositiveFloat, PositiveFloat] = (1.0, 1.1)
+    t1_short_fraction: Fraction = 0.2
+    t1_short_factor: tuple[PositiveFloat, PositiveFloat] = (0.6, 0.85)
     edge_softness_mm: Annotated[float, Field(ge=0, le=5)] = 1.0
     age_log_odds_per_decade: float = Field(
         0.35, description="older subjects are more likely to have the finding, as in real cohorts"
@@ -106,8 +232,79 @@ class LesionConfig(_Strict):
 
     @model_validator(mode="after")
     def _ranges(self) -> LesionConfig:
-        _check_range("cohort.lesion.radius_mm", *self.radius_mm)
-        _check_range("cohort.lesion.contrast", *self.contrast)
+        for name in (
+            "radius_mm",
+            "contrast",
+            "t1_factor",
+            "t2_factor",
+            "pd_factor",
+            "t1_short_factor",
+        ):
+            _check_range(f"cohort.lesion.{name}", *getattr(self, name))
+        return self
+
+
+class TissueRelaxation(_Strict):
+    """One tissue's proton density and relaxation times at ``PhysicsConfig.reference_fields``.
+
+    ``pd`` is relative to pure water (CSF ~ 1); ``t1_ms``, ``t2_ms`` and ``t2s_ms`` list one value
+    per reference field. Between and beyond the reference fields a value follows the power law
+    through its two nearest anchors (T1 rises with field about as B0^0.3-0.4, T2* falls).
+    """
+
+    pd: Annotated[float, Field(ge=0, le=1.2)]
+    t1_ms: list[PositiveFloat] = Field(min_length=1)
+    t2_ms: list[PositiveFloat] = Field(min_length=1)
+    t2s_ms: list[PositiveFloat] = Field(min_length=1)
+    source: str = ""
+
+
+#: the tissues the physics renderer needs, in label order (label = index + 1; 0 is air)
+PHYSICS_TISSUES = ("csf", "gm", "wm", "fat", "muscle", "bone", "marrow", "skin")
+
+
+class PhysicsConfig(_Strict):
+    """The physics renderer's tissue table, noise constant and sampling (see
+    :mod:`shiftguard.cohort.physics`).
+
+    ``snr_constant`` fixes the thermal noise: for a full, unfiltered acquisition the image noise
+    standard deviation (relative to the magnetisation of pure water) is
+    ``1 / (snr_constant * B0[T] * voxel[mm^3] * sqrt(sampling time per voxel [s]))``, the sampling time
+    being phase-encoding lines x partitions (3D) x averages / pixel bandwidth. ``oversampling`` is
+    the factor by which the object is sampled finer than the reconstructed matrix in-plane before
+    it is Fourier transformed and truncated to the acquisition matrix (what makes truncation
+    ringing). ``subject_variation`` is the relative standard deviation of each tissue's PD, T1 and
+    T2 between subjects.
+    """
+
+    reference_fields: list[PositiveFloat] = Field(default_factory=lambda: [1.5, 3.0], min_length=1)
+    tissues: dict[str, TissueRelaxation]
+    snr_constant: PositiveFloat = 0.5
+    oversampling: Annotated[int, Field(ge=1, le=4)] = 2
+    subject_variation: Annotated[float, Field(ge=0, le=0.2)] = 0.03
+
+    @model_validator(mode="after")
+    def _table(self) -> PhysicsConfig:
+        if sorted(self.reference_fields) != list(self.reference_fields) or len(
+            set(self.reference_fields)
+        ) != len(self.reference_fields):
+            raise ValueError(
+                f"cohort.physics.reference_fields: must be increasing, got {self.reference_fields}"
+            )
+        missing = [t for t in PHYSICS_TISSUES if t not in self.tissues]
+        if missing:
+            raise ValueError(
+                f"cohort.physics.tissues: missing {', '.join(missing)} "
+                f"(needed: {', '.join(PHYSICS_TISSUES)})"
+            )
+        n = len(self.reference_fields)
+        for name, tissue in self.tissues.items():
+            for key in ("t1_ms", "t2_ms", "t2s_ms"):
+                if len(getattr(tissue, key)) != n:
+                    raise ValueError(
+                        f"cohort.physics.tissues.{name}.{key}: one value per reference field "
+                        f"({n}: {self.reference_fields}), got {len(getattr(tissue, key))}"
+                    )
         return self
 
 
@@ -129,16 +326,33 @@ class CohortConfig(_Strict):
     seed: Annotated[int, Field(ge=0)] = 20261128
     n_subjects: Annotated[int, Field(ge=1, le=100000)] = 200
     study_date_origin: str = Field("20200101", pattern=r"^\d{8}$")
+    patient_prefix: str = Field(
+        "SG", pattern=r"^[A-Z]{1,4}$", description="PatientID prefix (SG0001, ...)"
+    )
+    accession_prefix: str = Field(
+        "A", pattern=r"^[A-Z]{1,4}$", description="AccessionNumber prefix"
+    )
     readers: list[str] = Field(
         default_factory=lambda: ["reader_a", "reader_b", "reader_c"], min_length=1
     )
     anatomy: AnatomyConfig = Field(default_factory=AnatomyConfig)
     lesion: LesionConfig = Field(default_factory=lambda: LesionConfig())
+    rendering: Literal["physics", "legacy"] = Field(
+        "physics",
+        description="physics: tissue relaxation, signal equations and k-space acquisition; "
+        "legacy: the earlier template-intensity renderer",
+    )
+    physics: PhysicsConfig | None = None
     scanners: dict[str, ScannerProfile]
     sites: list[SiteConfig]
 
     @model_validator(mode="after")
     def _sites_use_known_scanners(self) -> CohortConfig:
+        if self.rendering == "physics" and self.physics is None:
+            raise ValueError(
+                "cohort.physics: the physics renderer needs the tissue table (conf/cohort/"
+                "default.yaml has one), or set cohort.rendering=legacy"
+            )
         if not self.sites:
             raise ValueError("cohort.sites: at least one site is needed")
         for i, site in enumerate(self.sites):

@@ -37,11 +37,16 @@ from shiftguard.training.distributed import DistContext, broadcast_object, gathe
 log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
+_CHECKPOINTED = ("epoch", "train_loss", "val_auroc")  # not the timings: same run, same bytes
 
 
 @dataclass
 class EpochRecord:
-    """What one epoch measured."""
+    """What one epoch measured.
+
+    ``data_wait_fraction`` and ``seconds`` are timings: they are not checkpointed (the same inputs
+    must give the same ``last.pt``), so epochs restored by a resume have NaN there.
+    """
 
     epoch: int
     train_loss: float
@@ -239,8 +244,8 @@ def fit(
         val_loader: the validation batches, for the AUROC.
         cfg: the ``train`` section (seed, epochs, optimizer, loss, patience, amp).
         device: where to train; CUDA when available when omitted. AMP runs only on CUDA.
-        checkpoint_dir: receives ``last.pt`` (model, optimizer, scaler, epoch, best so far, history)
-            after every epoch and ``best.pt`` (model weights of the best epoch).
+        checkpoint_dir: receives ``last.pt`` (model, optimizer, scaler, epoch, best so far, history
+            without timings) after every epoch and ``best.pt`` (model weights of the best epoch).
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
         log_fn: called with each epoch's record (e.g. to log to MLflow).
         loss_fn: the criterion; when omitted, :func:`build_loss` from ``cfg`` and the labels of
@@ -290,7 +295,16 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         start, best_auroc, best_epoch = state["epoch"] + 1, state["best_auroc"], state["best_epoch"]
         stale, stopped = state["stale"], state["stopped"]
-        history = [EpochRecord(**r) for r in state["history"]]
+        history = [
+            EpochRecord(
+                epoch=int(r["epoch"]),
+                train_loss=float(r["train_loss"]),
+                val_auroc=float(r["val_auroc"]),
+                data_wait_fraction=math.nan,
+                seconds=math.nan,
+            )
+            for r in state["history"]
+        ]
         log.info("resuming from %s at epoch %d", last_path, start)
 
     wait_total = step_total = train_seconds = 0.0
@@ -348,7 +362,7 @@ def fit(
                 "best_epoch": best_epoch,
                 "stale": stale,
                 "stopped": stopped,
-                "history": [asdict(r) for r in history],
+                "history": [{k: asdict(r)[k] for k in _CHECKPOINTED} for r in history],
             },
             last_path,
         )

@@ -86,9 +86,12 @@ class TrainSummary:
         return self.logging_seconds / spent if spent > 0 else 0.0
 
     def to_metrics(self) -> dict[str, object]:
-        """The stage's ``metrics.json``."""
+        """The stage's ``metrics.json``.
+
+        Timings are left out (see :meth:`timings`): metrics are committed, and the same inputs must
+        give the same file.
+        """
         f = self.fit
-        samples_per_second = f.samples_trained / f.train_seconds if f.train_seconds > 0 else 0.0
         return {
             "best_epoch": f.best_epoch,
             "best_val_auroc": round(f.best_val_auroc, 4)
@@ -96,10 +99,6 @@ class TrainSummary:
             else None,
             "epochs_run": f.epochs_run,
             "stopped_early": f.stopped_early,
-            "data_wait_fraction": round(f.data_wait_fraction, 4),
-            "logging_overhead": round(self.logging_overhead, 5),
-            "train_seconds": round(f.train_seconds, 2),
-            "samples_per_second": round(samples_per_second, 2),
             "world_size": f.world_size,
             "samples_per_rank": f.samples_per_rank,
             "weights_in_sync": f.weights_in_sync,
@@ -109,6 +108,18 @@ class TrainSummary:
             "n_train": self.n_train,
             "n_train_positive": self.n_train_positive,
             "n_val": self.n_val,
+        }
+
+    def timings(self) -> dict[str, float]:
+        """What the run measured of its speed, logged to MLflow only: loader wait (share of step
+        time), MLflow overhead (share of training time), training seconds and samples per second."""
+        f = self.fit
+        samples_per_second = f.samples_trained / f.train_seconds if f.train_seconds > 0 else 0.0
+        return {
+            "data_wait_fraction": round(f.data_wait_fraction, 4),
+            "logging_overhead": round(self.logging_overhead, 5),
+            "train_seconds": round(f.train_seconds, 2),
+            "samples_per_second": round(samples_per_second, 2),
         }
 
 
@@ -183,11 +194,15 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     return net.to(device).eval(), payload
 
 
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_auroc")
+"""The columns of ``history.csv``: not the epoch's timings (MLflow has them), so the same run gives
+the same file."""
+
+
 def _write_history(path: Path, history: list[EpochRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(EpochRecord.__dataclass_fields__)
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=names)
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for record in history:
             writer.writerow(
@@ -385,7 +400,13 @@ def _run(
             logging_seconds=logger.seconds if logger else 0.0,
             main_process=ctx.is_main,
         )
-        log.info("fit took %.1f s", time.perf_counter() - began)
+        timings = summary.timings()
+        log.info(
+            "fit took %.1f s: %.2f samples/s, loader wait %.0f%% of step time",
+            time.perf_counter() - began,
+            timings["samples_per_second"],
+            100 * timings["data_wait_fraction"],
+        )
         if not ctx.is_main:
             return summary
         save_model(
@@ -403,7 +424,7 @@ def _run(
             assert logger is not None
             final = {
                 k: float(v)
-                for k, v in summary.to_metrics().items()
+                for k, v in {**summary.to_metrics(), **summary.timings()}.items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
             }
             logger.log(final)

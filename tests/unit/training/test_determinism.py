@@ -123,3 +123,53 @@ def test_the_number_of_loader_workers_does_not_change_the_network(
     assert_same(main, again)
     assert_same(two, main)
     assert_same(two, one)
+
+
+def test_the_train_stage_twice_writes_the_same_bytes(
+    rows: tuple[Path, list[dict[str, str]]], augment: AugmentConfig, tmp_path: Path
+) -> None:
+    """What the stage writes into DVC outputs and committed reports (weights, checkpoints,
+    metrics.json, history.csv) holds no timings: the same inputs give the same files."""
+    import csv
+
+    from shiftguard.config.schema import ModelConfig
+    from shiftguard.training.stage import run as train_stage
+    from shiftguard.utils import write_json
+
+    root, table = rows
+    dataset = tmp_path / "dataset.csv"
+    with dataset.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    model = ModelConfig(
+        network={"_target_": "shiftguard.models.SmallCNN3d", "channels": [4, 8, 16]}
+    )
+    cfg = TrainConfig(seed=3, epochs=2, batch_size=4, pos_weight="balanced", num_workers=2)
+    files = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        summary = train_stage(
+            cfg,
+            model,
+            augment,
+            dataset,
+            root,
+            out / "train",
+            history_csv=out / "history.csv",
+            track=False,
+        )
+        write_json(out / "metrics.json", summary.to_metrics())
+        assert summary.timings()["train_seconds"] > 0  # measured, just not written
+        files.append(
+            {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        )
+    assert set(files[0]) >= {
+        Path("metrics.json"),
+        Path("history.csv"),
+        Path("train/model.pt"),
+        Path("train/checkpoints/last.pt"),
+    }
+    assert files[0].keys() == files[1].keys()
+    assert [p for p in files[0] if files[0][p] != files[1][p]] == []
+    assert files[0][Path("history.csv")].decode().splitlines()[0] == "epoch,train_loss,val_auroc"

@@ -24,13 +24,14 @@ def test_lesion_masks_land_on_the_lesions_after_ingest(tmp_path: Path) -> None:
     config = compose(
         [
             "experiment=tiny",
-            "cohort.n_subjects=8",
+            "cohort.n_subjects=14",
             "cohort.lesion.radius_mm=[14,16]",
-            "cohort.lesion.contrast=[0.5,0.6]",
-            "cohort.sites.0.prevalence=1.0",
-            "cohort.sites.1.prevalence=1.0",
-            "cohort.sites.2.prevalence=1.0",
-            "cohort.sites.3.prevalence=1.0",
+            # a lesion every sequence shows clearly (long T1, little T2 change), dark on all
+            "cohort.lesion.t1_factor=[1.5,1.6]",
+            "cohort.lesion.t2_factor=[1.1,1.2]",
+            "cohort.lesion.pd_factor=[1.0,1.0]",
+            "cohort.lesion.t1_short_fraction=0.0",
+            *(f"cohort.sites.{i}.prevalence=1.0" for i in range(7)),
             "ingest.spacing=[4,4,4]",
             "ingest.shape=[44,52,44]",
         ],
@@ -48,7 +49,7 @@ def test_lesion_masks_land_on_the_lesions_after_ingest(tmp_path: Path) -> None:
         manifest = {r["series_uid"]: r for r in csv.DictReader(fh)}
     with (tmp_path / "data" / "ground_truth" / "lesions.csv").open() as fh:
         lesions = list(csv.DictReader(fh))
-    assert len(lesions) == 8
+    assert len(lesions) == 14
 
     scanners_checked = set()
     for lesion in lesions:
@@ -78,4 +79,5 @@ def test_lesion_masks_land_on_the_lesions_after_ingest(tmp_path: Path) -> None:
         recorded = np.array([float(lesion[f"centre_{a}_mm"]) for a in "ras"])
         assert np.linalg.norm(centroid_ras - recorded) < 6.0, lesion["patient_id"]
         scanners_checked.add(series["scanner_model"])
-    assert len(scanners_checked) == 4  # axial, thick-slice, sagittal and oblique acquisitions
+    # axial, thick-slice, sagittal, oblique, 2D with slice gaps: every scanner of the cohort
+    assert len(scanners_checked) == 7

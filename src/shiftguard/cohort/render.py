@@ -215,11 +215,15 @@ def _render_physics(
     coords = anat.template_coordinates(affine, fine.shape, anatomy, warp_step=over)
     volume = tissue_volume(anatomy, tpl, signal)
 
-    offsets = anat.partial_volume_offsets(geometry.slice_thickness)
+    offsets = anat.partial_volume_offsets(geometry.slice_thickness, phys.slab_step_mm)
     obj = np.zeros(fine.shape, dtype=np.float32)
     membership = np.zeros(fine.shape, dtype=np.float32) if lesion is not None else None
     sub = np.empty_like(coords)
     s_les = np.float32(signal["lesion"])
+    box = None
+    if lesion is not None:
+        reach = geometry.slice_thickness / 2 + 2 * max(geometry.row_spacing, geometry.col_spacing)
+        box = _lesion_box(lesion, coords, over, reach + 1.0)
     for off in offsets:
         step = anat.slab_offset(affine, off, geometry.slice_spacing)
         for i in range(3):
@@ -227,10 +231,11 @@ def _render_physics(
         sample = ndi.map_coordinates(
             volume, sub, order=1, mode="constant", cval=0.0, output=np.float32
         )
-        if lesion is not None and membership is not None:
-            m = lesion_membership(lesion, sub)
-            sample += m * (s_les - sample)
-            membership += m
+        if lesion is not None and membership is not None and box is not None:
+            m = lesion_membership(lesion, sub[(slice(None), *box)])
+            part = sample[box]
+            part += m * (s_les - part)
+            membership[box] += m
         obj += sample
     obj /= np.float32(len(offsets))
 
@@ -279,6 +284,26 @@ def _render_physics(
         labels=labels,
         lesion_tissue=info if lesion is not None else None,
     )
+
+
+def _lesion_box(
+    lesion: Lesion, coords: NDArray[np.float32], over: int, margin_mm: float
+) -> tuple[slice, slice, slice] | None:
+    """The block of the fine grid the lesion (plus ``margin_mm``) can touch, found on the coarse grid;
+    ``None`` when it touches none."""
+    coarse = coords[:, :, ::over, ::over]
+    centre = lesion.centre.astype(np.float32)
+    d2 = np.zeros(coarse.shape[1:], dtype=np.float32)
+    for i in range(3):
+        d2 += (coarse[i] - centre[i]) ** 2
+    reach = float(lesion.semi_axes.max()) + lesion.edge_mm + margin_mm
+    near = np.nonzero(d2 <= np.float32(reach * reach))
+    if not near[0].size:
+        return None
+    k0, k1 = int(near[0].min()), int(near[0].max()) + 1
+    r0, r1 = max(int(near[1].min()) - 1, 0) * over, (int(near[1].max()) + 2) * over
+    c0, c1 = max(int(near[2].min()) - 1, 0) * over, (int(near[2].max()) + 2) * over
+    return slice(k0, k1), slice(r0, r1), slice(c0, c1)
 
 
 def _lesion_mask(

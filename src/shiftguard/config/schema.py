@@ -273,7 +273,8 @@ class PhysicsConfig(_Strict):
     being phase-encoding lines x partitions (3D) x averages / pixel bandwidth. ``oversampling`` is
     the factor by which the object is sampled finer than the reconstructed matrix in-plane before
     it is Fourier transformed and truncated to the acquisition matrix (what makes truncation
-    ringing). ``subject_variation`` is the relative standard deviation of each tissue's PD, T1 and
+    ringing). ``slab_step_mm`` is the spacing of the sub-samples averaged across a slice's thickness
+    (partial volume through the plane). ``subject_variation`` is the relative standard deviation of each tissue's PD, T1 and
     T2 between subjects.
     """
 
@@ -281,6 +282,7 @@ class PhysicsConfig(_Strict):
     tissues: dict[str, TissueRelaxation]
     snr_constant: PositiveFloat = 0.5
     oversampling: Annotated[int, Field(ge=1, le=4)] = 2
+    slab_step_mm: Annotated[float, Field(gt=0, le=5)] = 2.0
     subject_variation: Annotated[float, Field(ge=0, le=0.2)] = 0.03
 
     @model_validator(mode="after")

@@ -52,6 +52,7 @@ def tiny_config(matrix: int = 32, n_slices: int = 12, **update: Any) -> CohortCo
     }
     for i, site in enumerate(raw["sites"]):
         site["prevalence"] = 1.0 if i % 2 == 0 else 0.0
+        site["weight"] = 1.0
     raw.update(update)
     return CohortConfig(**raw)
 

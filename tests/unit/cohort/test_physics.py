@@ -124,7 +124,7 @@ def test_ir_gre_steady_state_matches_a_brute_force_bloch_simulation(t1: float) -
     assert float(closed[0]) == pytest.approx(brute, abs=2e-4)
 
 
-def test_mprage_has_more_grey_white_contrast_than_spgr_and_inversion_time_drives_it() -> None:
+def test_mprage_has_more_grey_white_contrast_than_spin_echo_and_inversion_time_drives_it() -> None:
     cfg = default_cohort()
     assert cfg.physics is not None
 
@@ -133,8 +133,8 @@ def test_mprage_has_more_grey_white_contrast_than_spgr_and_inversion_time_drives
         s = np.abs(physics.sequence_signal(profile, t))
         return float(s[t.index("gm")] / s[t.index("wm")])
 
-    mprage, spgr = cfg.scanners["skyra_3t"], cfg.scanners["signa_15t"]
-    assert 0.5 < ratio(mprage) < 0.75 < ratio(spgr) < 0.98
+    mprage, spin_echo = cfg.scanners["skyra_3t"], cfg.scanners["echelon_15t"]
+    assert 0.5 < ratio(mprage) < 0.75 < ratio(spin_echo) < 0.98
     # a later inversion time lets grey matter recover further: less T1 contrast
     later = mprage.model_copy(update={"inversion_time": 1100.0})
     assert ratio(later) > ratio(mprage)

@@ -1,7 +1,9 @@
 """DVC stage ``edge_predict``: the exported bundle run by the edge runner, as a hospital would run
 it, on the unseen scanner's studies (the external test split): DICOM in, a Comprehensive 3D SR and
 a Secondary Capture key image per series out (``artifacts/edge/``, with ``results.csv`` and
-``skipped.csv``; counts in ``reports/edge/metrics.json``), in shadow mode.
+``skipped.csv``; counts in ``reports/edge/metrics.json``), in shadow mode. The seconds each step took
+per series go to ``reports/edge/timings.csv``, which neither DVC nor git tracks: timings differ from
+run to run, the outputs must not.
 
 Only the choice of studies is lab-side (the split table says which patients are external); the
 prediction itself is ``shiftguard edge predict`` (:mod:`shiftguard.edge.predict`), which imports
@@ -23,6 +25,7 @@ DATASET = Path("artifacts/split/dataset.csv")
 DICOM = Path("data/dicom")
 OUT = Path("artifacts/edge")
 REPORTS = Path("reports/edge")
+TIMINGS = REPORTS / "timings.csv"  # not a DVC output (git-ignored)
 
 
 def external_studies(dataset_csv: Path, dicom_root: Path) -> list[Path]:
@@ -38,7 +41,8 @@ def main() -> int:
     folders = external_studies(DATASET, DICOM)
     for old in OUT.glob("*.dcm"):
         old.unlink()
-    summary = Predictor(open_bundle(bundle_path), shadow=True).predict_folder(folders, OUT)
+    predictor = Predictor(open_bundle(bundle_path), shadow=True)
+    summary = predictor.predict_folder(folders, OUT, timings_csv=TIMINGS)
     seconds = [
         sum(float(r[k]) for k in ("read_s", "preprocess_s", "infer_s", "write_s"))
         for r in summary.results
@@ -54,7 +58,8 @@ def main() -> int:
     )
     print(
         f"edge predict: {summary.n_predicted} unseen-scanner series -> SR + key image in {OUT}/ "
-        f"(median {sorted(seconds)[len(seconds) // 2] if seconds else 0:.2f} s per series)"
+        f"(median {sorted(seconds)[len(seconds) // 2] if seconds else 0:.2f} s per series; "
+        f"timings in {TIMINGS})"
     )
     return 0
 

@@ -1,6 +1,7 @@
 """DVC stage ``export``: the trained model to ONNX and TorchScript, parity-checked, packed with its
 preprocessing, threshold, drift baseline and model card into one verified edge bundle
-(``artifacts/export/NAME-vVERSION.sgbundle``), logged to MLflow (see :mod:`shiftguard.export`).
+(``artifacts/export/NAME.sgbundle``, the same bytes for the same inputs), logged to the MLflow run
+that trained the model (see :mod:`shiftguard.export`).
 
 Config: the ``export`` and ``ingest`` sections of ``params.yaml``.
 """
@@ -15,7 +16,6 @@ from shiftguard.export import run
 from shiftguard.utils import setup_logging, write_json
 
 MODEL = Path("artifacts/train/model.pt")
-MODEL_INFO = Path("artifacts/train/model.json")
 DATASET = Path("artifacts/split/dataset.csv")
 INGEST = Path("artifacts/ingest")
 VALIDATION = Path("reports/validate")
@@ -34,7 +34,6 @@ def main() -> int:
         INGEST,
         VALIDATION,
         OUT,
-        model_info=MODEL_INFO,
         dicom_dir=DICOM,
     )
     write_json(REPORTS / "metrics.json", summary.to_metrics())

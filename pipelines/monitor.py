@@ -7,6 +7,8 @@ HTML report (``reports/monitor/drift.html``), the alert rules evaluated, and the
 
 Config: the ``monitor`` section of ``params.yaml`` (windows, drift scoring, alert rules); this
 stage writes under ``artifacts/monitor`` and ``reports/monitor`` whatever the section's paths say.
+The same records give the same files: Evidently's ids come from a fixed seed
+(:func:`~shiftguard.monitor.report.seeded_ids`) and the state file records a fixed judging time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from shiftguard.config import MonitorConfig, load_section
 from shiftguard.edge.service import resolve_bundle
+from shiftguard.monitor.report import seeded_ids
 from shiftguard.monitor.runner import Monitor, records_from_results, reference_from_bundle
 from shiftguard.utils import setup_logging, write_json
 
@@ -31,7 +34,11 @@ PROCESSED_AT = "2026-01-01T00:00:00Z"
 
 def main() -> int:
     setup_logging()
-    cfg: MonitorConfig = load_section("monitor", MonitorConfig)
+    with seeded_ids():  # the workspace and the report are written whole, here, once
+        return judge(load_section("monitor", MonitorConfig))
+
+
+def judge(cfg: MonitorConfig) -> int:
     shutil.rmtree(OUT, ignore_errors=True)  # its own outputs only: reports/monitor is shared
     for name in ("drift.html", "metrics.json"):
         (REPORTS / name).unlink(missing_ok=True)
@@ -42,6 +49,7 @@ def main() -> int:
         OUT / "monitor.db",
         workspace=OUT / "workspace",
         reports=None,
+        clock=lambda: PROCESSED_AT,
     )
     records = records_from_results(RESULTS, SITE, processed_at=PROCESSED_AT)
     judged = monitor.update(records, judge_open=True)  # the studies are one (open) window

@@ -18,7 +18,6 @@ from shiftguard.evaluation import validate
 from shiftguard.utils import setup_logging, write_json
 
 MODEL = Path("artifacts/train/model.pt")
-MODEL_INFO = Path("artifacts/train/model.json")
 DATASET = Path("artifacts/split/dataset.csv")
 INGEST = Path("artifacts/ingest")
 AUGMENT = Path("artifacts/augment")
@@ -28,9 +27,7 @@ REPORTS = Path("reports/validate")
 def main() -> int:
     setup_logging()
     cfg = load_section("evaluate", EvaluateConfig)
-    result = validate.run(
-        cfg, MODEL, DATASET, INGEST, AUGMENT, REPORTS, params=read_params(), model_info=MODEL_INFO
-    )
+    result = validate.run(cfg, MODEL, DATASET, INGEST, AUGMENT, REPORTS, params=read_params())
     write_json(REPORTS / "metrics.json", result.to_metrics())
     return 0
 

@@ -27,11 +27,20 @@ dvc status
 dvc metrics show
 python - <<'PY'
 import json
-info = json.load(open("artifacts/train/model.json"))
+from pathlib import Path
+
+from shiftguard.tracking import trained_model
+
+# MLflow's run id and registry number live in MLflow only (no DVC output names them): found by
+# the model file's SHA-256, which the training run is tagged with
+info = trained_model(Path("artifacts/train/model.pt"))
 report = json.load(open("reports/validate/metrics.json"))
 auc = lambda name: report.get(name, {}).get("auroc", {})
-print(f"\ndemo: registered {info['registered_model']} version {info['version']} as @{info['alias']} "
-      f"(MLflow run {info['run_id']})")
+if info is None:
+    print("\ndemo: no MLflow run in this store trained artifacts/train/model.pt (restored by DVC?)")
+else:
+    print(f"\ndemo: registered {info.registered_model} version {info.version} "
+          f"(MLflow run {info.run_id})")
 for name, label in (("test", "internal test"), ("external", "unseen, pooled")):
     a = auc(name)
     if a.get("value") is not None:
@@ -45,8 +54,9 @@ for model, s in (report.get("external_scanners") or {}).items():
           f"val threshold {threshold}: sensitivity {ci(s.get('sensitivity'))}, "
           f"specificity {ci(s.get('specificity'))}")
 export = json.load(open("artifacts/export/export.json"))
-print(f"      bundle: {export['bundle']} ({export['bundle_bytes']:,} bytes, sha256 "
-      f"{export['bundle_sha256'][:16]}...; ONNX parity {export['onnx_max_abs_diff']:.1e})")
+print(f"      bundle: {export['bundle']} (version {export['version']}, {export['bundle_bytes']:,} "
+      f"bytes, sha256 {export['bundle_sha256'][:16]}...; ONNX parity "
+      f"{export['onnx_max_abs_diff']:.1e})")
 import csv
 rows = list(csv.DictReader(open("artifacts/edge/results.csv")))
 pos = sum(r["result"] == "finding present" for r in rows)

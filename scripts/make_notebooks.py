@@ -225,7 +225,7 @@ print(f"{len(arms)} arm(s) validated in {uri}")""",
                   out, params=config, root=work)
         validation.run(validate("evaluate", config["evaluate"], EvaluateConfig), out / "model.pt",
                        work / "split/dataset.csv", work / "ingest", work / "augment", out / "reports",
-                       params=config, model_info=out / "model.json", root=work)
+                       params=config, root=work)
     uri = embedded_uri(work)
     arms = latest_per_arm(validation_table(MlflowClient(uri)))
 client = MlflowClient(uri)

@@ -111,7 +111,6 @@ def _validate(args: argparse.Namespace) -> int:
         augment,
         args.out,
         params=config,
-        model_info=args.model.with_name("model.json"),
         track=not args.no_track,
     )
     write_json(args.out / "metrics.json", result.to_metrics())
@@ -200,12 +199,12 @@ def _export(args: argparse.Namespace) -> int:
         args.ingest,
         args.validation,
         args.out,
-        model_info=args.model.with_suffix(".json"),
         track=not args.no_track,
     )
     log.info(
-        "export: %s (%d bytes, sha256 %s); ONNX parity %.2g, preprocessing parity %.2g",
+        "export: %s (version %s, %d bytes, sha256 %s); ONNX parity %.2g, preprocessing parity %.2g",
         summary.bundle,
+        summary.version,
         summary.bundle_bytes,
         summary.bundle_sha256[:16],
         summary.onnx_max_abs_diff,

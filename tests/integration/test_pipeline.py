@@ -171,10 +171,16 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert 0 <= train.data.metrics["data_wait_fraction"] <= 1
     assert 0 <= train.data.metrics["logging_overhead"] < 1
 
-    # The model: logged with a signature, registered, aliased candidate, loadable by MLflow.
-    info = json.loads((root / "artifacts/train/model.json").read_text())
-    version = client.get_model_version_by_alias(info["registered_model"], "candidate")
-    assert str(version.version) == info["version"] and version.run_id == train.info.run_id
+    # The model: logged with a signature, registered, aliased candidate, loadable by MLflow. No
+    # DVC output names the run or the registry's number (a fresh store counts from 1): the run is
+    # found by the SHA-256 of the model.pt it wrote.
+    from shiftguard.tracking import file_sha256, trained_model
+
+    assert not (root / "artifacts/train/model.json").exists()
+    info = trained_model(root / "artifacts/train/model.pt", root)
+    assert info is not None and info.run_id == train.info.run_id and info.registered_model
+    version = client.get_model_version_by_alias(info.registered_model, "candidate")
+    assert str(version.version) == info.version and version.run_id == train.info.run_id
     import mlflow.pytorch
     import torch
 
@@ -183,7 +189,7 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
         "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{root / 'mlflow.db'}"
     )
     monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
-    loaded = mlflow.pytorch.load_model(f"models:/{info['registered_model']}@candidate")
+    loaded = mlflow.pytorch.load_model(f"models:/{info.registered_model}@candidate")
     grid = tuple(config["ingest"]["shape"])
     assert loaded(torch.zeros(2, 1, *grid)).shape == (2, 1)
 
@@ -208,9 +214,14 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
 
     exported = json.loads((root / "artifacts/export/export.json").read_text())
     bundle = open_bundle(root / exported["bundle"])
-    assert bundle.version == info["version"] and bundle.name == info["registered_model"]
+    assert Path(exported["bundle"]).name == f"{info.registered_model}.sgbundle"
+    assert bundle.name == info.registered_model and bundle.version == exported["version"]
     assert bundle.threshold == pytest.approx(report["threshold"])
-    assert bundle.manifest["mlflow"]["run_id"] == train.info.run_id
+    assert "mlflow" not in bundle.manifest
+    assert train.info.run_id.encode() not in (root / exported["bundle"]).read_bytes()
+    assert bundle.manifest["trained_model"]["sha256"] == file_sha256(
+        root / "artifacts/train/model.pt"
+    )
     assert bundle.manifest["training_data"]["data_dvc_md5"] == data_md5
     assert exported["onnx_max_abs_diff"] < 1e-4 and exported["preprocessing_max_abs_diff"] < 1e-5
     assert {"model.onnx", "reference.csv", "model_card.md"} <= set(bundle.members)
@@ -220,8 +231,9 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert not {"patient_id", "study_uid", "series_uid", "accession_number"} & set(
         reference[0].split(",")
     )
-    tags = client.get_model_version(info["registered_model"], info["version"]).tags
+    tags = client.get_model_version(info.registered_model, info.version).tags
     assert tags["bundle_sha256"] == exported["bundle_sha256"]
+    assert tags["bundle_version"] == bundle.version
     assert [a.path for a in client.list_artifacts(train.info.run_id, "bundle")] == [
         f"bundle/{Path(exported['bundle']).name}"
     ]
@@ -232,6 +244,9 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     results = read_rows(root / "artifacts/edge/results.csv")
     assert sorted(r["series_uid"] for r in results) == sorted(r["series_uid"] for r in external)
     assert all(r["shadow"] == "1" for r in results)
+    assert not {"read_s", "infer_s", "write_s"} & set(results[0] if results else {})
+    timings = read_rows(root / "reports/edge/timings.csv")  # neither DVC's nor git's
+    assert [t["series_uid"] for t in timings] == [r["series_uid"] for r in results]
     for row in results:
         assert (root / "artifacts/edge" / row["sr_file"]).is_file()
         assert (root / "artifacts/edge" / row["sc_file"]).is_file()
@@ -252,6 +267,24 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert table[0].split()[:3] == ["dvc_exp", "augment", "test"]
     assert table[1].split()[:2] == ["workspace", "True"]
     assert json.loads(sh(root, "dvc", "status", "--json")) == {}
+
+
+def test_running_the_stages_again_gives_the_same_outputs(project: tuple[Path, dict]) -> None:
+    """Train and everything after it once more, in the same MLflow store: a new run id and the
+    next registry number (v2), new timings, new Evidently ids; the same bytes in every DVC output,
+    so ``dvc.lock`` does not change (a fresh clone's ``make demo`` reproduces the committed one)."""
+    root, _ = project
+    sh(root, "dvc", "repro")
+    lock = (root / "dvc.lock").read_text()
+    reports = {p: p.read_bytes() for p in sorted((root / "reports").rglob("*.json")) if p.is_file()}
+    sh(root, "dvc", "repro", "--force", "--downstream", "train")
+    assert (root / "dvc.lock").read_text() == lock
+    assert {p: p.read_bytes() for p in reports} == reports
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    name = json.loads((root / "artifacts/export/export.json").read_text())["name"]
+    assert len(client.search_model_versions(f"name = '{name}'")) >= 2  # it did train again
 
 
 def test_changing_a_param_invalidates_only_the_stages_that_read_it(

@@ -1,10 +1,10 @@
 """The edge bundle: one versioned file holding a model and everything needed to run and judge it.
 
-A bundle is a ZIP archive (``NAME-vVERSION.sgbundle``) with ``manifest.json`` at its root and the
-members the manifest lists, each with its SHA-256 and size::
+A bundle is a ZIP archive (``NAME.sgbundle``) with ``manifest.json`` at its root and the members
+the manifest lists, each with its SHA-256 and size::
 
     manifest.json          name, version, members, input, preprocessing, threshold, selection rules,
-                           class names, training-data fingerprint, MLflow run id
+                           class names, training-data fingerprint, the trained model file's SHA-256
     model.onnx             the network (ONNX; what the edge runner executes)
     model.torchscript.pt   the same network as TorchScript, for GPU sites that prefer it
     reference.csv          PHI-free feature statistics of the training series (drift baseline)
@@ -15,6 +15,11 @@ members the manifest lists, each with its SHA-256 and size::
 member names stay inside the archive, whose manifest has a known format version, whose members are
 exactly those listed with matching hashes, and whose models are in formats the runner knows.
 Nothing is ever unpickled: the manifest is JSON, the model ONNX, the tables CSV.
+
+A bundle's ``version`` is :func:`content_version`: a digest of what decides its predictions, so the
+same export gives the same bytes wherever it runs. The MLflow registry's version number and run id
+are not in the bundle; MLflow tags the registered model version with the bundle's version, file
+name and SHA-256 (``shiftguard.export``).
 """
 
 from __future__ import annotations
@@ -66,12 +71,52 @@ def _check_member_name(bundle: Path, name: str) -> None:
         )
 
 
-def bundle_file_name(name: str, version: str) -> str:
-    """``NAME-vVERSION.sgbundle``, e.g. ``shiftguard-classifier-v3.sgbundle``."""
+def bundle_file_name(name: str, version: str | None = None) -> str:
+    """``NAME.sgbundle`` (what the export stage writes), or ``NAME-vVERSION.sgbundle`` to keep
+    several versions side by side.
+
+    >>> bundle_file_name("shiftguard-classifier"), bundle_file_name("m", "3")
+    ('shiftguard-classifier.sgbundle', 'm-v3.sgbundle')
+    """
     for what, value in (("name", name), ("version", version)):
-        if not _NAME_RE.match(value):
+        if value is not None and not _NAME_RE.match(value):
             raise ValueError(f"bundle {what} {value!r}: use letters, digits, '.', '_' and '-'")
-    return f"{name}-v{version}{SUFFIX}"
+    return f"{name}{SUFFIX}" if version is None else f"{name}-v{version}{SUFFIX}"
+
+
+#: the manifest's sections that decide what a bundle predicts (with its model members' bytes)
+PREDICTIVE_SECTIONS = (
+    "models",
+    "input",
+    "preprocessing",
+    "output",
+    "threshold",
+    "series_selection",
+)
+VERSION_DIGITS = 12
+
+
+def content_version(manifest: Mapping[str, Any], members: Mapping[str, bytes]) -> str:
+    """A bundle version that is a digest of what decides its predictions: the SHA-256 of each model
+    member and the manifest's :data:`PREDICTIVE_SECTIONS`; the first 12 hex digits.
+
+    Two exports that predict alike get the same version (and so the same SR and key-image UIDs);
+    a new network, threshold, preprocessing or selection rule gets a new one. The drift reference,
+    model card and validation tables do not enter it: the bundle file's SHA-256 covers them.
+
+    >>> m = {"models": [{"member": "model.onnx", "format": "onnx"}], "threshold": 0.5}
+    >>> content_version(m, {"model.onnx": b"net"})
+    '604430951f56'
+    >>> content_version({**m, "threshold": 0.4}, {"model.onnx": b"net"})
+    '83ab9d561494'
+    """
+    decisive = {key: manifest.get(key) for key in PREDICTIVE_SECTIONS}
+    decisive["model_sha256"] = {
+        str(entry["member"]): sha256_bytes(members[str(entry["member"])])
+        for entry in manifest.get("models", [])
+    }
+    text = json.dumps(decisive, sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(text.encode())[:VERSION_DIGITS]
 
 
 @dataclass(frozen=True)
@@ -268,7 +313,7 @@ def describe(bundle: Bundle) -> str:
         f"{m['input'].get('dtype', 'float32')}",
         f"threshold {m['threshold']:.4f} (chosen on the validation split)",
     ]
-    for key in ("training_data", "mlflow"):
+    for key in ("training_data", "trained_model", "mlflow"):
         if m.get(key):
             lines.append(f"{key:<8} {json.dumps(m[key], sort_keys=True)}")
     lines.append("members")

@@ -10,7 +10,9 @@
    (:func:`shiftguard.data.ingest.canonical_volume`), preprocess it in numpy
    (:mod:`shiftguard.edge.preprocess`) and run the ONNX model (:mod:`shiftguard.edge.infer`);
 4. write a Comprehensive 3D SR and a Secondary Capture key image into ``OUT_DIR`` (deterministic
-   UIDs: re-running never creates duplicates), and ``results.csv`` / ``skipped.csv``.
+   UIDs: re-running never creates duplicates), and ``results.csv`` / ``skipped.csv``: the same
+   input gives the same bytes. How long each step took goes to ``timings.csv`` (in ``OUT_DIR``
+   unless the caller names another file), so that a pipeline can keep it out of what it hashes.
 
 Nothing here imports torch, MONAI, MLflow or DVC.
 """
@@ -57,6 +59,9 @@ class InputError(ShiftGuardError, FileNotFoundError):
 
 RESULTS_CSV = "results.csv"
 SKIPPED_CSV = "skipped.csv"
+TIMINGS_CSV = "timings.csv"
+#: seconds per step of one series, in ``timings.csv`` (and in the rows ``predict_*`` return)
+TIMING_COLUMNS = ("read_s", "preprocess_s", "infer_s", "features_s", "write_s")
 #: PHI-free features recorded per series: the drift monitor's inputs (shiftguard.monitor.features)
 FEATURES = tuple(
     name
@@ -86,12 +91,8 @@ RESULT_COLUMNS = (
     "sc_file",
     "sr_uid",
     "sc_uid",
-    "read_s",
-    "preprocess_s",
-    "infer_s",
-    "features_s",
-    "write_s",
 )
+"""The columns of ``results.csv``: no timings (see :data:`TIMING_COLUMNS`)."""
 SKIPPED_COLUMNS = ("path", "series_uid", "series_description", "code", "reason")
 
 
@@ -301,8 +302,14 @@ class Predictor:
         }
         return row
 
-    def predict_folder(self, dicom_dirs: Path | Sequence[Path], out_dir: Path) -> PredictSummary:
-        """Every series under ``dicom_dirs``; results and skip reasons go to ``out_dir``.
+    def predict_folder(
+        self,
+        dicom_dirs: Path | Sequence[Path],
+        out_dir: Path,
+        timings_csv: Path | None = None,
+    ) -> PredictSummary:
+        """Every series under ``dicom_dirs``; results and skip reasons go to ``out_dir``, the
+        timings to ``timings_csv`` (default ``out_dir/timings.csv``).
 
         Raises:
             InputError: a DICOM folder does not exist.
@@ -314,13 +321,16 @@ class Predictor:
             if not folder.is_dir():
                 raise InputError(f"{folder}: no such DICOM folder")
         files = [f for folder in dirs for f in list_files(folder, exclude=[out_dir])]
-        summary = self.predict_files(files, out_dir)
+        summary = self.predict_files(files, out_dir, timings_csv)
         summary.seconds = time.perf_counter() - began
         return summary
 
-    def predict_files(self, files: Sequence[str | Path], out_dir: Path) -> PredictSummary:
+    def predict_files(
+        self, files: Sequence[str | Path], out_dir: Path, timings_csv: Path | None = None
+    ) -> PredictSummary:
         """Every series among ``files`` (what the edge service received for one study); results,
-        ``results.csv`` and ``skipped.csv`` go to ``out_dir``."""
+        ``results.csv`` and ``skipped.csv`` go to ``out_dir``, the seconds each step took to
+        ``timings_csv`` (default ``out_dir/timings.csv``)."""
         began = time.perf_counter()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -359,6 +369,9 @@ class Predictor:
             )
         _write_csv(out_dir / RESULTS_CSV, RESULT_COLUMNS, summary.results)
         _write_csv(out_dir / SKIPPED_CSV, SKIPPED_COLUMNS, summary.skipped)
+        timings = Path(timings_csv) if timings_csv is not None else out_dir / TIMINGS_CSV
+        timings.parent.mkdir(parents=True, exist_ok=True)
+        _write_csv(timings, ("series_key", "series_uid", *TIMING_COLUMNS), summary.results)
         summary.seconds = time.perf_counter() - began
         return summary
 

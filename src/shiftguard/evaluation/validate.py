@@ -25,7 +25,6 @@ the registered model version, so runs compare side by side in the MLflow UI.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -672,7 +671,6 @@ def run(
     augment_dir: Path | None,
     reports_dir: Path,
     params: dict[str, Any] | None = None,
-    model_info: Path | None = None,
     track: bool = True,
     root: Path | None = None,
 ) -> ValidationResult:
@@ -686,8 +684,9 @@ def run(
         augment_dir: the augment stage's folder (``manifest.csv``); ``None`` skips robustness.
         reports_dir: receives the reports (see the module docstring).
         params: the resolved config logged as MLflow params (default: the ``evaluate`` section).
-        model_info: the train stage's ``model.json`` (its MLflow run and model version), if any.
-        track: log to MLflow.
+        track: log to MLflow; the headline figures also go onto the run that trained
+            ``model_file`` and its registered model version, found by the file's SHA-256
+            (:func:`~shiftguard.tracking.trained_model`).
         root: the project root (tracking store, ``data.dvc``).
     """
     from shiftguard.training.stage import load_model, read_rows
@@ -722,7 +721,7 @@ def run(
         )
     if track:
         _track(
-            metrics, files, params or {"evaluate": cfg.model_dump(mode="json")}, model_info, root
+            metrics, files, params or {"evaluate": cfg.model_dump(mode="json")}, model_file, root
         )
     return result
 
@@ -731,28 +730,27 @@ def _track(
     metrics: dict[str, Any],
     files: list[Path],
     params: dict[str, Any],
-    model_info: Path | None,
+    model_file: Path,
     root: Path | None,
 ) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from shiftguard.tracking import MetricLogger, stage_run
+    from shiftguard.tracking import MetricLogger, stage_run, trained_model
 
-    info: dict[str, Any] = {}
-    if model_info is not None and model_info.is_file():
-        info = json.loads(model_info.read_text())
-    tags = {"shiftguard.train_run_id": str(info.get("run_id"))} if info.get("run_id") else {}
+    trained = trained_model(model_file, root)
+    tags = {"shiftguard.train_run_id": trained.run_id} if trained else {}
     with stage_run("validate", params, root=root, tags=tags) as run:
         MetricLogger(run.info.run_id).log(tracked_metrics(metrics))
         for path in files:
             mlflow.log_artifact(str(path))
     top = headline(metrics)
     client = MlflowClient()
-    if info.get("run_id"):
-        MetricLogger(str(info["run_id"])).log({f"validate.{k}": v for k, v in top.items()})
-    if info.get("registered_model") and info.get("version"):
+    if trained is None:
+        return
+    MetricLogger(trained.run_id).log({f"validate.{k}": v for k, v in top.items()})
+    if trained.registered_model and trained.version:
         for key, value in top.items():
             client.set_model_version_tag(
-                str(info["registered_model"]), str(info["version"]), key, f"{value:.4f}"
+                trained.registered_model, trained.version, key, f"{value:.4f}"
             )

@@ -19,7 +19,13 @@ from torch import nn
 
 from shiftguard.config.deploy import ExportConfig
 from shiftguard.config.schema import IngestConfig, TrainConfig
-from shiftguard.edge.bundle import bundle_file_name, open_bundle, sha256_bytes, write_bundle
+from shiftguard.edge.bundle import (
+    bundle_file_name,
+    content_version,
+    open_bundle,
+    sha256_bytes,
+    write_bundle,
+)
 from shiftguard.edge.predict import FEATURES
 from shiftguard.edge.preprocess import preprocess
 from shiftguard.errors import ShiftGuardError
@@ -132,17 +138,46 @@ def export_onnx(net: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes
 
 
 def export_torchscript(net: nn.Module, example: torch.Tensor) -> bytes | None:
-    """TorchScript bytes of ``net`` traced on ``example``; ``None`` (logged) when tracing fails."""
+    """TorchScript bytes of ``net`` traced on ``example``, without debug information
+    (:func:`strip_debug_info`); ``None`` (logged) when tracing fails."""
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(net.eval(), example)
             buffer = io.BytesIO()
             torch.jit.save(traced, buffer)
-        return buffer.getvalue()
+        return strip_debug_info(buffer.getvalue())
     except Exception as exc:  # tracing support varies by network and torch release
         log.warning("TorchScript export skipped: %s", exc)
         return None
+
+
+#: records ``torch.jit.save`` writes itself; copied, they would appear twice
+_WRITER_RECORDS = ("version", ".data/version", "byteorder", ".data/serialization_id")
+
+
+def strip_debug_info(torchscript: bytes) -> bytes:
+    """A TorchScript archive without its ``*.debug_pkl`` records.
+
+    Those hold the source ranges error messages quote, with the absolute path of every traced
+    module's source file: the checkout's folder would change the bundle's bytes. ``torch.jit.load``
+    does without them (an error inside the model then names no source line); the code, constants
+    and weights are copied unchanged, through torch's own archive reader and writer.
+    """
+    reader = torch._C.PyTorchFileReader(io.BytesIO(torchscript))
+    buffer = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(buffer)
+    records = reader.get_all_records()
+    # the format version decides which operator upgraders torch.jit.load applies: keep it
+    version = next(n for n in (".data/version", "version") if n in records)
+    writer.set_min_version(int(bytes(reader.get_record(version)).decode().strip()))
+    for name in records:
+        if name.endswith(".debug_pkl") or name in _WRITER_RECORDS:
+            continue
+        data = reader.get_record(name)
+        writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+    return buffer.getvalue()
 
 
 def onnx_logits(onnx_bytes: bytes, batch: np.ndarray) -> np.ndarray:
@@ -386,7 +421,6 @@ def run(
     ingest_dir: Path,
     reports_dir: Path,
     out_dir: Path,
-    model_info: Path | None = None,
     track: bool = True,
     root: Path | None = None,
     parity_series: int = 8,
@@ -394,21 +428,24 @@ def run(
 ) -> ExportSummary:
     """The stage (see the package docstring). Returns what it wrote and measured.
 
+    The bundle (``out_dir/NAME.sgbundle``, ``NAME`` from ``train.registered_model``) is the same
+    bytes for the same inputs: its version is :func:`~shiftguard.edge.bundle.content_version`, and
+    its manifest names the trained model by ``model_file``'s SHA-256, never by MLflow run or
+    registry number. With ``track``, the training run that wrote ``model_file`` is found in MLflow
+    by that hash (:func:`~shiftguard.tracking.trained_model`); the bundle is logged to it and its
+    registered model version is tagged with the bundle's file name, version, SHA-256 and URI.
+
     Raises:
         ExportError: parity fails, or the validation reports are missing.
         ModelFileError: the model file is missing or unreadable.
     """
-    from shiftguard.tracking import data_version
+    from shiftguard.tracking import data_version, file_sha256
     from shiftguard.training.stage import load_model, read_rows
 
     root = root or Path.cwd()
     net, payload = load_model(model_file, "cpu")
     train_cfg = TrainConfig.model_validate(payload["train"])
-    info: dict[str, Any] = {}
-    if model_info is not None and model_info.is_file():
-        info = json.loads(model_info.read_text())
-    name = str(info.get("registered_model") or train_cfg.registered_model)
-    version = str(info.get("version") or "0")
+    name = train_cfg.registered_model
 
     missing = [f for f in VALIDATION_FILES if not (reports_dir / f).is_file()]
     if missing:
@@ -463,13 +500,9 @@ def run(
         members[f"validation/{fname}"] = (reports_dir / fname).read_bytes()
     segments = pd.read_csv(reports_dir / "segments.csv")
     robustness = pd.read_csv(reports_dir / "robustness.csv")
-    members[CARD_MEMBER] = model_card(
-        cfg, name, version, train_cfg, payload["model"], rows, metrics, segments, robustness
-    ).encode()
 
-    manifest = {
+    manifest: dict[str, Any] = {
         "name": name,
-        "version": version,
         "models": models,
         "input": {
             "name": "image",
@@ -491,17 +524,18 @@ def run(
             "n_train": len(train_rows),
             "n_val": len(val),
         },
-        "mlflow": {
-            "run_id": info.get("run_id"),
-            "registered_model": info.get("registered_model"),
-            "model_version": info.get("version"),
-        },
+        "trained_model": {"file": model_file.name, "sha256": file_sha256(model_file)},
         "validation": {
             "test_auroc": (metrics.get("test", {}).get("auroc") or {}).get("value"),
             "external_auroc": (metrics.get("external", {}).get("auroc") or {}).get("value"),
         },
         "parity": {"onnx_max_abs_logit_diff": onnx_diff, "preprocessing_max_abs_diff": prep_diff},
     }
+    version = content_version(manifest, members)
+    manifest = {"name": name, "version": version, **manifest}
+    members[CARD_MEMBER] = model_card(
+        cfg, name, version, train_cfg, payload["model"], rows, metrics, segments, robustness
+    ).encode()
     # the drift reference runs the edge runner itself, so it needs the bundle: a provisional one
     # without it first, then the final one
     with tempfile.TemporaryDirectory() as tmp:
@@ -523,7 +557,7 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.sgbundle"):
         old.unlink()
-    path = write_bundle(out_dir / bundle_file_name(name, version), manifest, members)
+    path = write_bundle(out_dir / bundle_file_name(name), manifest, members)
     bundle = open_bundle(path)
     summary = ExportSummary(
         bundle=str(path),
@@ -538,34 +572,51 @@ def run(
         members=sorted(bundle.members),
     )
     (out_dir / "export.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    if track and info.get("run_id"):
-        _track(path, summary, info, root)
+    if track:
+        _track(path, summary, model_file, root)
     return summary
 
 
-def _track(path: Path, summary: ExportSummary, info: Mapping[str, Any], root: Path) -> None:
-    """Log the bundle to the training run and tag the registered model version with it."""
-    import mlflow
+def _track(path: Path, summary: ExportSummary, model_file: Path, root: Path) -> None:
+    """Log the bundle to the run that trained ``model_file`` and tag the model version registered
+    from it with the bundle's file name, version, SHA-256 and artifact URI."""
     from mlflow.tracking import MlflowClient
 
-    from shiftguard.tracking import tracking_uri
+    from shiftguard.tracking import BUNDLE_VERSION_TAG, tracking_uri, trained_model
 
-    mlflow.set_tracking_uri(tracking_uri(root))
-    client = MlflowClient()
-    run_id = str(info["run_id"])
-    client.log_artifact(run_id, str(path), artifact_path="bundle")
-    client.log_metric(run_id, "export.onnx_max_abs_diff", summary.onnx_max_abs_diff)
-    client.set_tag(run_id, "shiftguard.bundle_sha256", summary.bundle_sha256)
-    if info.get("registered_model") and info.get("version"):
-        name, version = str(info["registered_model"]), str(info["version"])
-        artifact = f"{client.get_run(run_id).info.artifact_uri}/bundle/{path.name}"
+    found = trained_model(model_file, root)
+    if found is None:
+        log.warning(
+            "export: no MLflow run in %s trained %s (tracked training tags its run with the "
+            "model's SHA-256); the bundle is not logged to MLflow",
+            tracking_uri(root),
+            model_file,
+        )
+        return
+    client = MlflowClient(tracking_uri(root))
+    client.log_artifact(found.run_id, str(path), artifact_path="bundle")
+    client.log_metric(found.run_id, "export.onnx_max_abs_diff", summary.onnx_max_abs_diff)
+    client.set_tag(found.run_id, "shiftguard.bundle_sha256", summary.bundle_sha256)
+    client.set_tag(found.run_id, "shiftguard.bundle_version", summary.version)
+    if found.registered_model and found.version:
+        artifact = f"{client.get_run(found.run_id).info.artifact_uri}/bundle/{path.name}"
         for key, value in (
             ("bundle", path.name),
+            (BUNDLE_VERSION_TAG, summary.version),
             ("bundle_sha256", summary.bundle_sha256),
             ("bundle_uri", artifact),
         ):
-            client.set_model_version_tag(name, version, key, value)
-    log.info("export: bundle logged to MLflow run %s", run_id)
+            client.set_model_version_tag(found.registered_model, found.version, key, value)
+        log.info(
+            "export: bundle %s (version %s) is %s version %s, MLflow run %s",
+            path.name,
+            summary.version,
+            found.registered_model,
+            found.version,
+            found.run_id,
+        )
+    else:
+        log.info("export: bundle logged to MLflow run %s", found.run_id)
 
 
 __all__ = [
@@ -577,4 +628,5 @@ __all__ = [
     "model_card",
     "reference_table",
     "run",
+    "strip_debug_info",
 ]

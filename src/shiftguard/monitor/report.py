@@ -6,13 +6,23 @@ tagged with their site): Evidently's DataDriftPreset on every feature (the verdi
 components of the penultimate features, and the window's unified and group scores and mean
 probability as scalars the dashboard plots over time. ``evidently ui --workspace <folder>`` shows
 the ready-made dashboard; static HTML reports are written beside it.
+
+Evidently names projects, snapshots, widgets and dashboard panels with random UUIDs (``uuid4`` and
+the clock-based ``uuid7``): inside :func:`seeded_ids` they come from a seeded generator instead, so a
+workspace or report written whole in one go is the same bytes for the same windows (the DVC stage
+``monitor`` does that).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import random
+import sys
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +38,76 @@ PROJECT = "ShiftGuard drift monitor"
 SCALARS = ("unified_score", *(f"score_{g}" for g in GROUPS))
 KEY_FEATURES = ("scanner_model", "slice_thickness", "snr", "noise", "emb_0", "probability")
 EMBEDDING = [n for n in FEATURE_NAMES if BY_NAME[n].group == "embedding"]
+
+
+#: the Evidently modules that draw ids (or hold ``uuid7`` under their own name)
+_EVIDENTLY_ID_MODULES = (
+    "evidently.core.metric_types",
+    "evidently.legacy.core",
+    "evidently.legacy.renderers.html_widgets",
+    "evidently.sdk.models",
+    "evidently.ui.workspace",
+)
+#: the time field of the ids :func:`seeded_ids` draws: 2026-01-01T00:00:00Z in ms, then one more each
+SEEDED_EPOCH_MS = 1_767_225_600_000
+
+
+@contextmanager
+def seeded_ids(seed: int = 0) -> Iterator[None]:
+    """While in the block, Evidently's ids come from a generator seeded with ``seed``: version-4
+    UUIDs from its random bits, version-7 ones from a counter from :data:`SEEDED_EPOCH_MS` (time
+    ordered, as Evidently expects) and its random bits.
+
+    Evidently draws its ids from ``uuid.uuid4`` and ``uuid6.uuid7``, and some of its modules hold
+    those functions under their own names; each of those is swapped for the seeded one and put back
+    on leaving, also in Evidently modules first imported inside the block. Evidently's own demo
+    projects replace the same two functions to be reproducible
+    (``evidently.cli.ui.setup_deterministic_generation_uuid``).
+
+    The swap is process-wide: use it where one thread writes a workspace or report whole (a
+    batch job), never in a service. Ids from one seed repeat, so a workspace must not be appended
+    to under the same seed twice.
+    """
+    import uuid6
+
+    for module in _EVIDENTLY_ID_MODULES:  # loaded first, so that the swap finds the names they hold
+        importlib.import_module(module)
+    rng = random.Random(seed)
+    count = 0
+
+    def uuid4() -> uuid.UUID:
+        return uuid.UUID(int=rng.getrandbits(128), version=4)
+
+    def uuid7() -> uuid6.UUID:
+        nonlocal count
+        count += 1
+        stamp = (SEEDED_EPOCH_MS + count) & 0xFFFFFFFFFFFF
+        return uuid6.UUID(int=(stamp << 80) | rng.getrandbits(76), version=7)
+
+    swaps: dict[Callable[..., Any], Callable[..., Any]] = {
+        uuid.uuid4: uuid4,
+        uuid6.uuid7: uuid7,
+    }
+    _swap_ids(swaps)
+    try:
+        yield
+    finally:
+        _swap_ids({seeded: real for real, seeded in swaps.items()})
+
+
+def _swap_ids(swaps: dict[Callable[..., Any], Callable[..., Any]]) -> None:
+    """Rebind every name in ``uuid``, ``uuid6`` and the loaded Evidently modules that holds a key of
+    ``swaps`` to its value."""
+    modules = [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None and (name in ("uuid", "uuid6") or name.split(".")[0] == "evidently")
+    ]
+    by_id = {id(old): new for old, new in swaps.items()}
+    for module in modules:
+        for attr, value in list(vars(module).items()):
+            if id(value) in by_id:
+                setattr(module, attr, by_id[id(value)])
 
 
 def _definition(features: Sequence[str]) -> Any:
@@ -168,7 +248,8 @@ class MonitorWorkspace:
 
     def save_dashboard(self, sites: Sequence[str]) -> None:
         """(Re)write the dashboard: scores over time, drift share, key features, probability per
-        site. Written whole each time (adding panels to an existing tab duplicates them)."""
+        site. Written whole each time (adding panels to an existing tab duplicates them), with
+        panel and tab ids derived from the project's (Evidently draws random ones)."""
         from evidently.sdk.models import DashboardModel, DashboardTabModel, PanelMetric
         from evidently.sdk.panels import bar_plot_panel, counter_panel, line_plot_panel, text_panel
 
@@ -223,10 +304,17 @@ class MonitorWorkspace:
                 or [mean("probability", "all sites")],
             ),
         ]
-        self.workspace.save_dashboard(
-            self.project.id,
-            DashboardModel(
-                tabs=[DashboardTabModel(title="Drift", panels=[p.id for p in overview])],
-                panels=overview,
-            ),
+        # ids from the project and the panel's place, not random: a rewrite changes nothing
+        overview = [
+            p.copy(update={"id": self._stable_id("panel", str(i), p.title)})
+            for i, p in enumerate(overview)
+        ]
+        tab = DashboardTabModel(
+            id=self._stable_id("tab", "Drift"), title="Drift", panels=[p.id for p in overview]
+        )
+        self.workspace.save_dashboard(self.project.id, DashboardModel(tabs=[tab], panels=overview))
+
+    def _stable_id(self, *parts: str) -> uuid.UUID:
+        return uuid.uuid5(
+            uuid.NAMESPACE_URL, "/".join(["shiftguard", str(self.project.id), *parts])
         )

@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,8 +100,13 @@ class Monitor:
         state: Path | str,
         workspace: Path | str | None = None,
         reports: Path | str | None = None,
+        clock: Callable[[], str] | None = None,
     ) -> None:
+        """``clock``: the time recorded as a window's ``judged_at`` and an alert's ``raised_at``
+        (ISO 8601, UTC); default: now. A batch job replaying fixed records passes a fixed one, so
+        the state file is the same bytes each time."""
         self.cfg = cfg
+        self.clock = clock or _now
         self.reference = held_out_outputs(typed(reference))
         self.scorer = Scorer(
             self.reference,
@@ -156,7 +161,7 @@ class Monitor:
                         "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)",
                         (
                             site, index, int(complete), len(window),
-                            json.dumps(asdict(result)), _now(),
+                            json.dumps(asdict(result)), self.clock(),
                         ),
                     )  # fmt: skip
                 judged.append(result)
@@ -185,7 +190,7 @@ class Monitor:
                 cursor = self._db.execute(
                     "INSERT OR IGNORE INTO alerts (rule, site, idx, alert, raised_at) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (alert.rule, alert.site, alert.window, json.dumps(asdict(alert)), _now()),
+                    (alert.rule, alert.site, alert.window, json.dumps(asdict(alert)), self.clock()),
                 )
                 if cursor.rowcount:
                     new.append(alert)

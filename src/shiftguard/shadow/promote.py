@@ -2,20 +2,24 @@
 evaluation passes every condition of ``shadow.gate`` (``conf/shadow/``).
 
 The candidate is the shadow log's challenger (or, when the edge ran one bundle only, that bundle).
-Conditions, each reported with the evidence:
+Bundles carry a content version, not the registry's number: the model version a bundle came from is
+the one the export stage tagged ``bundle_version`` with it (the newest, if several were); a bundle
+exported before bundles had content versions carries the registry's number itself. Conditions, each
+reported with the evidence:
 
 * ``min_studies``: at least ``min_studies`` of its studies have a verified diagnosis;
 * ``flagged_segments``: at most ``max_flagged_segments`` segments flagged (significantly below the
   overall figure or below the validation figure for that segment);
-* ``champion``: the log's champion is the registry's current champion (the comparison is against
-  what is serving), or there is no champion yet and ``first_champion`` allows one;
+* ``champion``: the log's champion is the bundle of the registry's current champion (the comparison
+  is against what is serving), or there is no champion yet and ``first_champion`` allows one;
 * ``noninferior``: for each of ``noninferiority_metrics``, the lower CI bound of the paired
   difference (candidate - champion) is above ``-noninferiority_margin``;
 * ``no_segment_worse``: no segment where the candidate is significantly worse than the champion.
 
 Every decision, promoted or refused (dry runs too), is an MLflow run (``shiftguard.stage =
 promote``) with the checks as tags and the decision as an artifact, and is tagged on the candidate's
-model version.
+model version; the decision's run is tagged with the evaluation's MLflow run
+(:func:`~shiftguard.shadow.report.evaluation_run`).
 """
 
 from __future__ import annotations
@@ -110,11 +114,43 @@ def candidate_role(figures: Mapping[str, Any]) -> str:
     raise PromotionError(f"the summary has roles {sorted(roles)} and no challenger; name --role")
 
 
+def registry_version(client: Any, name: str, bundle_version: str) -> str:
+    """The registry's version number of ``name`` that the bundle of version ``bundle_version`` was
+    exported from: the newest one tagged ``bundle_version`` with it, else (a bundle exported before
+    bundles had content versions) the version numbered ``bundle_version``.
+
+    Raises:
+        PromotionError: no such version in the registry.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from shiftguard.tracking import BUNDLE_VERSION_TAG
+
+    if name and bundle_version:
+        tagged = client.search_model_versions(
+            f"name = '{name}' and tags.`{BUNDLE_VERSION_TAG}` = '{bundle_version}'"
+        )
+        if tagged:
+            return str(max(int(v.version) for v in tagged))
+    try:
+        client.get_model_version(name, bundle_version)
+    except MlflowException as exc:
+        raise PromotionError(
+            f"{name or '(no model name)'} version {bundle_version or '?'} is not in the MLflow "
+            f"registry at {mlflow.get_tracking_uri()}: no model version is tagged "
+            f"{BUNDLE_VERSION_TAG}={bundle_version or '?'}; export the bundle from a registered "
+            "model (the export stage tags it)"
+        ) from exc
+    return bundle_version
+
+
 def gate_checks(
     figures: Mapping[str, Any], gate: GateConfig, role: str, champion: str | None
 ) -> list[Check]:
-    """The gate's conditions on an evaluation summary; ``champion``: the registry's champion
-    version (``None``: there is none)."""
+    """The gate's conditions on an evaluation summary; ``champion``: the version of the bundle
+    exported from the registry's champion, as the shadow log names bundles (``None``: there is no
+    champion)."""
     cand = figures["roles"][role]
     checks = [
         Check(
@@ -210,7 +246,8 @@ def promote(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from shiftguard.tracking import stage_run, tracking_uri
+    from shiftguard.shadow.report import SUMMARY, evaluation_run
+    from shiftguard.tracking import BUNDLE_VERSION_TAG, stage_run, tracking_uri
 
     figures = load_summary(report)
     role = role or candidate_role(figures)
@@ -218,31 +255,31 @@ def promote(
         raise PromotionError(f"{report}: no role {role!r} (it has {sorted(figures['roles'])})")
     cand = figures["roles"][role]
     name = registered_model or cand.get("model") or ""
-    version = str(cand.get("model_version") or "")
+    bundle_version = str(cand.get("model_version") or "")
     mlflow.set_tracking_uri(tracking_uri(root))
     client = MlflowClient()
+    version = registry_version(client, name, bundle_version)
     try:
-        client.get_model_version(name, version)
-    except MlflowException as exc:
-        raise PromotionError(
-            f"{name or '(no model name)'} version {version or '?'} is not in the MLflow registry "
-            f"at {mlflow.get_tracking_uri()}: export the bundle from a registered model"
-        ) from exc
-    try:
-        champion: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        serving = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        champion = None
+        serving = None
+    champion = None if serving is None else str(serving.version)
+    champion_bundle = None
+    if serving is not None:
+        champion_bundle = (serving.tags or {}).get(BUNDLE_VERSION_TAG) or champion
     decision = Decision(
-        name, version, champion, gate_checks(figures, gate, role, champion), dry_run
+        name, version, champion, gate_checks(figures, gate, role, champion_bundle), dry_run
     )
+    summary_json = Path(report) / SUMMARY if Path(report).is_dir() else Path(report)
     verdict = (
         "promoted" if decision.promoted else ("passed-dry-run" if decision.passed else "refused")
     )
     tags = {
         "shiftguard.decision": verdict,
         "shiftguard.candidate": f"{name} v{version}",
+        "shiftguard.candidate_bundle": bundle_version,
         "shiftguard.champion_before": f"v{champion}" if champion else "none",
-        "shiftguard.evaluation_run": str(figures.get("mlflow_run_id", "")),
+        "shiftguard.evaluation_run": evaluation_run(summary_json, root) or "",
         **{f"shiftguard.check.{c.name}": "pass" if c.passed else "fail" for c in decision.checks},
     }
     params = {"gate": gate.model_dump(mode="json"), "role": role, "dry_run": dry_run}

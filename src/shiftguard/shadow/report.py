@@ -9,7 +9,11 @@ Files in the report folder:
 * ``segments.csv``: every role's segment table (``role`` column; the first row of each role is
   ``overall``);
 * ``paired.csv``: the paired differences, overall (``column = overall``) and per segment;
-* ``summary.json``: :func:`~shiftguard.shadow.evaluate.summary`, plus the MLflow run id.
+* ``summary.json``: :func:`~shiftguard.shadow.evaluate.summary`.
+
+The MLflow run is not named in these files (its id differs from one store to the next, and the DVC
+stage ``shadow`` hashes them): it is tagged with the SHA-256 of ``summary.json``, by which
+:func:`evaluation_run` finds it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ REPORT = "report.html"
 SEGMENTS_CSV = "segments.csv"
 PAIRED_CSV = "paired.csv"
 SUMMARY = "summary.json"
+#: the shadow run's tag holding the SHA-256 of the ``summary.json`` it logged
+SUMMARY_SHA256_TAG = "shiftguard.summary_sha256"
 
 
 def write_report(result: ShadowResult, out: Path | str, title: str = "Shadow evaluation") -> Path:
@@ -136,22 +142,41 @@ def log_run(
     experiment: str = "shiftguard",
     root: Path | None = None,
 ) -> str:
-    """An MLflow run (``shiftguard.stage = shadow``) with :func:`flat_metrics`, the bundles as
-    tags and the report folder as artifacts; returns its id and records it in ``summary.json``."""
+    """An MLflow run (``shiftguard.stage = shadow``) with :func:`flat_metrics`, the bundles and
+    ``summary.json``'s SHA-256 as tags and the report folder as artifacts; returns its id."""
     import mlflow
 
-    from shiftguard.tracking import MetricLogger, stage_run
+    from shiftguard.tracking import MetricLogger, file_sha256, stage_run
 
     tags = {f"shiftguard.{role}": e.bundle for role, e in result.evaluations.items()}
+    if (out / SUMMARY).is_file():
+        tags[SUMMARY_SHA256_TAG] = file_sha256(out / SUMMARY)
     with stage_run("shadow", params, root=root, experiment=experiment, tags=tags) as run:
         MetricLogger(run.info.run_id).log(flat_metrics(result))
-        figures = summary(result)
-        figures["mlflow_run_id"] = run.info.run_id
-        write_summary(out, figures)
         for name in (REPORT, SEGMENTS_CSV, PAIRED_CSV, SUMMARY):
             if (out / name).is_file():
                 mlflow.log_artifact(str(out / name), artifact_path="shadow")
     return str(run.info.run_id)
+
+
+def evaluation_run(summary_json: Path, root: Path | None = None) -> str | None:
+    """The id of the latest MLflow run that logged this ``summary.json`` (found by its SHA-256,
+    :data:`SUMMARY_SHA256_TAG`, in any experiment of the tracking store); ``None`` when none did."""
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import file_sha256, tracking_uri
+
+    client = MlflowClient(tracking_uri(root))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(
+        experiments,
+        f"tags.`{SUMMARY_SHA256_TAG}` = '{file_sha256(summary_json)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return str(runs[0].info.run_id) if runs else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,16 +4,22 @@ The default store is embedded in the project: a SQLite database ``mlflow.db`` an
 ``mlruns/`` at the repository root, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
 shows every run. ``MLFLOW_TRACKING_URI`` points it at a team server instead (a runtime setting, never
 part of ``conf/``).
+
+Run ids and registry version numbers differ from one store to the next, so no DVC output holds
+them: a training run is tagged with the SHA-256 of the ``model.pt`` it wrote, and later stages find
+it, and the model version registered from it, by that tag (:func:`trained_model`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,10 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "shiftguard"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
+#: the training run's tag holding the SHA-256 of the ``model.pt`` it wrote
+MODEL_SHA256_TAG = "shiftguard.model_sha256"
+#: the registered model version's tag holding the version of the edge bundle exported from it
+BUNDLE_VERSION_TAG = "bundle_version"
 
 
 #: embedded-store URIs this process handed to ``mlflow.set_tracking_uri``, which exports its argument
@@ -170,3 +180,56 @@ def stage_run(
             mlflow.log_params(dict(items[start : start + 100]))
         yield run
     log.info("%s: MLflow run %s in %s", stage, run.info.run_id, mlflow.get_tracking_uri())
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The MLflow training run that wrote a model file, and the model version registered from it
+    (``None`` when the run registered none)."""
+
+    run_id: str
+    registered_model: str | None = None
+    version: str | None = None
+
+
+def trained_model(
+    model_file: Path, root: Path | None = None, experiment: str = EXPERIMENT
+) -> TrainedModel | None:
+    """The latest training run in the tracking store (:func:`tracking_uri`) tagged with
+    ``model_file``'s SHA-256 (:data:`MODEL_SHA256_TAG`), and the newest model version registered
+    from it; ``None`` when no run there wrote these bytes (trained untracked, or another store).
+
+    >>> trained_model(Path("no-such-model.pt")) is None
+    True
+    """
+    if not Path(model_file).is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(root))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        f"tags.`{MODEL_SHA256_TAG}` = '{file_sha256(model_file)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run_id = str(runs[0].info.run_id)
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    if not versions:
+        return TrainedModel(run_id)
+    newest = max(versions, key=lambda v: int(v.version))
+    return TrainedModel(run_id, str(newest.name), str(newest.version))

@@ -5,18 +5,20 @@ validation AUROC, and writes to ``out_dir``:
 
 - ``model.pt``: the weights with everything needed to rebuild and feed the network (the ``model`` and
   ``train`` sections, the ingest grid, the network's input grid, the intensity percentiles);
-- ``checkpoints/``: ``last.pt`` and ``best.pt`` (a ``shiftguard train --resume`` continues from them);
-- ``model.json``: the MLflow run, the model's URI and its registered version.
+- ``checkpoints/``: ``last.pt`` and ``best.pt`` (a ``shiftguard train --resume`` continues from them).
 
 On rank 0 it logs one MLflow run: the resolved config as params, per-epoch metrics (one batched call
 per epoch), provenance tags, the split table as a dataset input, the model with a signature, and
-registers it as a new version of ``train.registered_model`` aliased ``candidate``.
+registers it as a new version of ``train.registered_model`` aliased ``candidate``. The run id and
+the registry's version number are MLflow's alone (a fresh store numbers from 1): nothing in
+``out_dir`` names them, so the same inputs give the same files. The run is tagged with the SHA-256 of
+``model.pt`` (``shiftguard.model_sha256``), by which :func:`shiftguard.tracking.trained_model` finds
+it and its registered version.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import time
@@ -46,7 +48,6 @@ from shiftguard.training.loop import EpochRecord, FitResult, fit
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
-MODEL_INFO = "model.json"
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.csv"
 CANDIDATE = "candidate"
@@ -260,7 +261,7 @@ def run(
         augment_cfg: the ``augment`` section; ``enabled: false`` trains without scanner simulation.
         dataset_csv: the split table.
         ingest_dir: the folder its ``volume_path`` column is relative to.
-        out_dir: receives ``model.pt``, ``model.json`` and ``checkpoints/``.
+        out_dir: receives ``model.pt`` and ``checkpoints/``.
         params: the resolved config logged as MLflow params (default: the three sections).
         history_csv: per-epoch records for ``dvc plots``.
         track: log to MLflow (rank 0 only).
@@ -421,7 +422,12 @@ def _run(
         if history_csv is not None:
             _write_history(history_csv, result.history)
         if mlrun is not None:
+            import mlflow
+
+            from shiftguard.tracking import MODEL_SHA256_TAG, file_sha256
+
             assert logger is not None
+            mlflow.set_tag(MODEL_SHA256_TAG, file_sha256(out_dir / MODEL_FILE))
             final = {
                 k: float(v)
                 for k, v in {**summary.to_metrics(), **summary.timings()}.items()
@@ -433,18 +439,8 @@ def _run(
                 net, input_shape, train_cfg.registered_model
             )
             summary.registered_model = train_cfg.registered_model
-            import mlflow
-
             if history_csv is not None:
                 mlflow.log_artifact(str(history_csv))
-        info = {
-            "run_id": summary.run_id,
-            "model_uri": summary.model_uri,
-            "registered_model": summary.registered_model,
-            "version": summary.version,
-            "alias": CANDIDATE if summary.version else None,
-        }
-        (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return summary
 
 

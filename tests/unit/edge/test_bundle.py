@@ -13,6 +13,7 @@ from shiftguard.edge.bundle import (
     MANIFEST,
     BundleError,
     bundle_file_name,
+    content_version,
     describe,
     open_bundle,
     write_bundle,
@@ -55,6 +56,33 @@ def test_writing_is_deterministic(tmp_path: Path, tiny: dict[str, Any], onnx_mod
     a = write_bundle(tmp_path / "a.sgbundle", make_manifest(tiny), members)
     b = write_bundle(tmp_path / "b.sgbundle", make_manifest(tiny), dict(reversed(members.items())))
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_the_version_is_a_digest_of_what_decides_the_predictions(
+    tiny: dict[str, Any], onnx_model: bytes
+) -> None:
+    """No registry counter: the same model, preprocessing, threshold and selection rules give the
+    same version wherever they are exported; any of them changed gives another."""
+    manifest = make_manifest(tiny)
+    members = {"model.onnx": onnx_model, "reference.csv": b"a\n1\n"}
+    version = content_version(manifest, members)
+    assert len(version) == 12 and bundle_file_name("test-model", version)  # a valid name part
+    assert content_version(dict(reversed(manifest.items())), members) == version
+    # the drift reference, card and validation tables do not decide a prediction
+    assert content_version(manifest, {**members, "reference.csv": b"a\n2\n"}) == version
+    assert content_version({**manifest, "version": "99"}, members) == version
+    changed = [
+        content_version({**manifest, "threshold": 0.4}, members),
+        content_version(manifest, {**members, "model.onnx": onnx_model + b"\0"}),
+        content_version({**manifest, "series_selection": {"modalities": ["CT"]}}, members),
+        content_version(
+            {**manifest, "preprocessing": {**manifest["preprocessing"], "input_shape": [1, 2, 3]}},
+            members,
+        ),
+    ]
+    assert version not in changed and len(set(changed)) == len(changed)
+    # the export stage's file name carries no version at all
+    assert bundle_file_name("shiftguard-classifier") == "shiftguard-classifier.sgbundle"
 
 
 def test_a_changed_member_is_refused(bundle_path: Path, tmp_path: Path) -> None:

@@ -136,12 +136,29 @@ def test_non_images_and_foreign_files_are_skipped_with_reasons(predicted: Any) -
 def test_rerunning_writes_identical_objects(
     bundle_path: Path, cohort: Path, tmp_path: Path
 ) -> None:
+    """The SRs, key images and tables are the same bytes run after run; the seconds each step took
+    are in ``timings.csv``, beside them or wherever the caller wants it (the DVC stage keeps it
+    out of its outputs)."""
     predictor = Predictor(open_bundle(bundle_path))
     a = predictor.predict_folder(cohort, tmp_path / "a")
-    b = predictor.predict_folder(cohort, tmp_path / "b")
+    b = predictor.predict_folder(cohort, tmp_path / "b", timings_csv=tmp_path / "t" / "b.csv")
     assert [r["sr_file"] for r in a.results] == [r["sr_file"] for r in b.results]
-    for name in sorted(p.name for p in (tmp_path / "a").glob("*.dcm")):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    written = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert {"results.csv", "skipped.csv", "timings.csv"} <= set(written)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        n for n in written if n != "timings.csv"
+    ]
+    for name in written:
+        if name != "timings.csv":
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), (
+                name
+            )
+    results = _rows(tmp_path / "a" / "results.csv")
+    assert not {"read_s", "infer_s", "write_s"} & set(results[0])
+    timings = _rows(tmp_path / "t" / "b.csv")
+    assert [t["series_uid"] for t in timings] == [r["series_uid"] for r in results]
+    assert all(float(t["infer_s"]) > 0 for t in timings)
+    assert float(a.results[0]["infer_s"]) > 0  # the returned rows still carry them
     first = a.results[0]
     sr = pydicom.dcmread(tmp_path / "a" / first["sr_file"])
     assert sr.SOPInstanceUID == derived_uid(first["series_uid"], "test-model", "7", "sr")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -63,13 +64,29 @@ def test_network_without_activation_map_exports_the_logit_and_embedding() -> Non
     assert names == ["logit", "embedding"]
 
 
-def test_torchscript_round_trip() -> None:
+def test_torchscript_round_trip_without_debug_info_or_paths() -> None:
+    """The archive holds no ``*.debug_pkl`` (source ranges with each traced module's absolute
+    path: a checkout elsewhere gave another bundle) and predicts exactly what the traced module
+    with its debug information does."""
+    import zipfile
+
+    import shiftguard
+
     model = net()
     x = torch.rand(2, 1, *SHAPE)
     data = export_torchscript(model, x[:1])
     assert data is not None
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+        blob = b"".join(zf.read(n) for n in names)
+    assert not [n for n in names if n.endswith(".debug_pkl")]
+    assert any(n.endswith("small_cnn.py") for n in names)  # the code itself is kept
+    package = str(Path(shiftguard.__file__).resolve().parent)
+    assert package.encode() not in blob
     loaded = torch.jit.load(io.BytesIO(data))
     with torch.no_grad():
+        traced = torch.jit.trace(model, x[:1])
+        assert torch.equal(loaded(x), traced(x))
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
 
@@ -238,3 +255,110 @@ def test_onnx_logits_helper_and_edge_model_agree(tmp_path: Path) -> None:
     logit = float(onnx_logits(data, x)[0, 0])
     assert probability == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-6)
     assert saliency is not None and saliency.shape == (32, 40, 32)
+
+
+def _store(root: Path, earlier_versions: int) -> tuple[Any, str]:
+    """A fresh embedded MLflow store under ``root`` holding ``earlier_versions`` versions of
+    ``shiftguard-classifier`` and then the run that trained ``root/model.pt`` (tagged with its
+    SHA-256, as the train stage tags it) registered as the next one; the client and that run's id."""
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import EXPERIMENT, MODEL_SHA256_TAG, embedded_uri, file_sha256
+
+    client = MlflowClient(embedded_uri(root))
+    experiment = client.create_experiment(EXPERIMENT, (root / "mlruns").resolve().as_uri())
+    client.create_registered_model("shiftguard-classifier")
+    for _ in range(earlier_versions):
+        other = client.create_run(experiment).info.run_id
+        client.create_model_version("shiftguard-classifier", (root / "x").as_uri(), other)
+    run_id = client.create_run(
+        experiment, tags={MODEL_SHA256_TAG: file_sha256(root / "model.pt")}
+    ).info.run_id
+    client.create_model_version("shiftguard-classifier", (root / "x").as_uri(), run_id)
+    return client, run_id
+
+
+def _export_inputs(root: Path, volumes: list[Path]) -> None:
+    """What the export stage reads, made small: a model file, a split table, validation reports."""
+    cfg = ModelConfig(
+        network={
+            "_target_": "shiftguard.models.SmallCNN3d",
+            "channels": [4, 8],
+            "local_contrast": 3,
+            "pooling": "meanmax",
+        }
+    )
+    save_model(
+        root / "model.pt", net(), cfg, TrainConfig(input_shape=SHAPE), (2.0,) * 3, (24, 28, 24)
+    )
+    rows = pd.DataFrame(
+        {
+            "series_uid": [f"1.2.{i}" for i in range(len(volumes))],
+            "volume_path": [str(v) for v in volumes],
+            "split": ["train", "val", "test"][: len(volumes)],
+            "finding": [0, 1, 1][: len(volumes)],
+            "scanner_model": "A",
+        }
+    )
+    rows.to_csv(root / "dataset.csv", index=False)
+    reports = root / "reports"
+    reports.mkdir()
+    (reports / "metrics.json").write_text('{"threshold": 0.42, "test": {"n": 1}}\n')
+    pd.DataFrame(
+        [{"column": "sex", "segment": "F", "n": 1, "n_positive": 1, "auroc": None,
+          "auroc_gap": None, "judgeable": False}]
+    ).to_csv(reports / "segments.csv", index=False)  # fmt: skip
+    pd.DataFrame([{"profile": "p", "severity": 0, "auroc": 0.5}]).to_csv(
+        reports / "robustness.csv", index=False
+    )
+
+
+def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two fresh MLflow stores give the training run other ids and the model other registry
+    numbers (v1 and v4): the bundles are byte for byte the same and name neither; each store's
+    model version is tagged with the bundle's version, name and SHA-256."""
+    from shiftguard.edge.bundle import open_bundle
+    from shiftguard.tracking import file_sha256
+
+    # the drift reference runs the edge runner on DICOM files; these tests have none
+    monkeypatch.setattr(
+        "shiftguard.export.stage.monitor_reference",
+        lambda bundle, dicom, splits: (b"mean,split\n1.0,train\n", b"{}", 1),
+    )
+    volumes = _volumes(tmp_path)
+    bundles, tags, runs = [], [], []
+    for name, earlier in (("a", 0), ("b", 3)):
+        root = tmp_path / name
+        root.mkdir()
+        _export_inputs(root, volumes)
+        client, run_id = _store(root, earlier)
+        summary = run(
+            ExportConfig(torchscript=False),  # traced twice in one process, torch renames its types
+            IngestConfig(shape=(24, 28, 24)),
+            root / "model.pt",
+            root / "dataset.csv",
+            tmp_path,
+            root / "reports",
+            root / "out",
+            root=root,
+            parity_series=1,
+        )
+        path = Path(summary.bundle)
+        assert path.name == "shiftguard-classifier.sgbundle"
+        bundles.append(path.read_bytes())
+        runs.append(run_id)
+        tags.append(client.get_model_version("shiftguard-classifier", str(earlier + 1)).tags)
+        assert client.get_run(run_id).data.tags["shiftguard.bundle_sha256"] == summary.bundle_sha256
+    assert runs[0] != runs[1]
+    assert bundles[0] == bundles[1]
+    bundle = open_bundle(path)
+    assert "mlflow" not in bundle.manifest and runs[0].encode() not in bundles[0]
+    assert bundle.manifest["trained_model"]["sha256"] == file_sha256(tmp_path / "a" / "model.pt")
+    assert bundle.text("model_card.md").startswith(
+        f"# Model card: shiftguard-classifier v{bundle.version}"
+    )
+    for found in tags:
+        assert found["bundle_version"] == bundle.version
+        assert found["bundle"] == path.name and found["bundle_sha256"] == summary.bundle_sha256

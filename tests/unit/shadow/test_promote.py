@@ -122,3 +122,40 @@ def test_the_command_prints_each_check_and_exits_1_when_refused(
     assert "[FAIL] no_segment_worse: significantly worse than the champion on" in printed
     assert "[pass] min_studies: 600 studies" in printed
     assert str(registry.get_model_version_by_alias("m", "champion").version) == "1"
+
+
+def test_bundles_name_their_content_version_and_the_registry_maps_it_to_its_number(
+    tmp_path: Path, registry: Any, shadow_case: Callable[..., Any]
+) -> None:
+    """Bundles carry a content version, not the registry's number: the export stage tags the
+    model version with it, and promotion maps it back (the newest version so tagged); the
+    evaluation's MLflow run is found by the summary's SHA-256 (the summary names no run)."""
+    from shiftguard.shadow.report import log_run
+
+    champion, challenger = "0c0ffee00001", "0c0ffee00002"
+    registry.set_model_version_tag("m", "1", "bundle_version", champion)
+    for version in ("2", "3"):  # the same bundle exported from two registrations: v3 is newest
+        registry.set_model_version_tag("m", version, "bundle_version", challenger)
+    log, book = shadow_case(seed=7, challenger_separation=0.3, champion_version=champion,
+                            challenger_version=challenger)  # fmt: skip
+    result = run(log, book, n_boot=300)
+    out = tmp_path / "report"
+    write_report(result, out)
+    evaluation = log_run(result, out, {"shadow": {}}, root=tmp_path)
+    decision = promote(out, GateConfig(min_studies=100), root=tmp_path)
+    assert decision.promoted, decision.lines()
+    assert (decision.candidate, decision.champion) == ("3", "1")
+    assert decision.lines()[0] == "m v3: PROMOTED (champion was v1)"
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == "3"
+    tags = registry.get_run(decision.run_id).data.tags
+    assert tags["shiftguard.candidate_bundle"] == challenger
+    assert tags["shiftguard.evaluation_run"] == evaluation
+    # the log's champion must be the serving champion's bundle, compared by content version
+    out2 = tmp_path / "report2"
+    log2, book2 = shadow_case(seed=7, champion_version="0c0ffee00009", challenger_version=champion)
+    write_report(run(log2, book2, n_boot=300), out2)
+    decision = promote(out2, GateConfig(min_studies=100), dry_run=True, root=tmp_path)
+    assert decision.candidate == "1"
+    [failed] = [c for c in decision.failed if c.name == "champion"]
+    assert f"champion is v{challenger}" in failed.detail  # v3's bundle now serves
+    assert "the shadow log's champion is v0c0ffee00009" in failed.detail

@@ -129,10 +129,15 @@ def test_the_train_stage_twice_writes_the_same_bytes(
     rows: tuple[Path, list[dict[str, str]]], augment: AugmentConfig, tmp_path: Path
 ) -> None:
     """What the stage writes into DVC outputs and committed reports (weights, checkpoints,
-    metrics.json, history.csv) holds no timings: the same inputs give the same files."""
+    metrics.json, history.csv) holds no timings and nothing of MLflow's: two runs, each tracked in
+    a fresh store where the model gets another run id and registry number (v1, v3), give the same
+    files. Each store finds its run, and the version registered from it, by the model's SHA-256."""
     import csv
 
+    from mlflow.tracking import MlflowClient
+
     from shiftguard.config.schema import ModelConfig
+    from shiftguard.tracking import embedded_uri, trained_model
     from shiftguard.training.stage import run as train_stage
     from shiftguard.utils import write_json
 
@@ -146,9 +151,15 @@ def test_the_train_stage_twice_writes_the_same_bytes(
         network={"_target_": "shiftguard.models.SmallCNN3d", "channels": [4, 8, 16]}
     )
     cfg = TrainConfig(seed=3, epochs=2, batch_size=4, pos_weight="balanced", num_workers=2)
-    files = []
-    for name in ("a", "b"):
-        out = tmp_path / name
+    files, found = [], []
+    for name, earlier in (("a", 0), ("b", 2)):
+        project = tmp_path / name
+        if earlier:  # this store's registry has counted other models already
+            client = MlflowClient(embedded_uri(project))
+            client.create_registered_model(cfg.registered_model)
+            for _ in range(earlier):
+                client.create_model_version(cfg.registered_model, (project / "x").as_uri())
+        out = project / "out"
         summary = train_stage(
             cfg,
             model,
@@ -157,19 +168,25 @@ def test_the_train_stage_twice_writes_the_same_bytes(
             root,
             out / "train",
             history_csv=out / "history.csv",
-            track=False,
+            root=project,
         )
         write_json(out / "metrics.json", summary.to_metrics())
         assert summary.timings()["train_seconds"] > 0  # measured, just not written
+        assert summary.version == str(earlier + 1)
         files.append(
             {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
         )
+        found.append(trained_model(out / "train" / "model.pt", project))
+        assert found[-1] is not None
+        assert (found[-1].run_id, found[-1].version) == (summary.run_id, summary.version)
     assert set(files[0]) >= {
         Path("metrics.json"),
         Path("history.csv"),
         Path("train/model.pt"),
         Path("train/checkpoints/last.pt"),
     }
+    assert Path("train/model.json") not in files[0]
+    assert found[0].run_id != found[1].run_id  # type: ignore[union-attr]
     assert files[0].keys() == files[1].keys()
     assert [p for p in files[0] if files[0][p] != files[1][p]] == []
     assert files[0][Path("history.csv")].decode().splitlines()[0] == "epoch,train_loss,val_auroc"

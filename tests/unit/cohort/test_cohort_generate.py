@@ -219,7 +219,22 @@ def test_stored_values_decode_to_the_physical_range(cfg: CohortConfig, cohort: P
         wm = physical[series.wm > 0.9]
         assert wm.size > 20
         assert np.median(wm) == pytest.approx(profile.intensity_scale, rel=0.25), pid
-        assert physical.max() < 2.0 * profile.intensity_scale  # nothing clipped at the top
+        assert stored.max() < 2**profile.bits_stored - 1  # nothing clipped at the top
+        # the headers carry the parameters the pixels were made with
+        assert float(ds.RepetitionTime) == pytest.approx(profile.repetition_time)
+        assert float(ds.EchoTime) == pytest.approx(profile.echo_time)
+        assert float(ds.FlipAngle) == pytest.approx(profile.flip_angle)
+        assert float(ds.MagneticFieldStrength) == pytest.approx(profile.field_strength)
+        assert ds.MRAcquisitionType == profile.acquisition_type
+        assert ds.InPlanePhaseEncodingDirection == profile.phase_encoding_direction
+        assert float(ds.PixelBandwidth) == pytest.approx(profile.pixel_bandwidth)
+        if profile.sequence in ("ir_gre", "flair"):
+            assert float(ds.InversionTime) == pytest.approx(profile.inversion_time)
+            assert "IR" in ds.ScanningSequence
+        else:
+            assert "InversionTime" not in ds
+        acq = [int(v) for v in ds.AcquisitionMatrix]
+        assert sorted(v for v in acq if v) == sorted(profile.acquired)
         assert (ds.PatientSex, ds.PatientAge) == (plan.sex, f"{plan.age:03d}Y")
         assert ds.InstitutionName == plan.site and ds.Manufacturer == profile.manufacturer
 

@@ -7,6 +7,8 @@ a coarse ingest grid).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,12 @@ import pytest
 from shiftguard.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
+
+# the generator's derived template is cached on disk (shiftguard.cohort.template.cache_dir): under
+# the system's temporary folder for tests, shared by xdist workers and the processes they spawn
+os.environ.setdefault(
+    "SHIFTGUARD_CACHE_DIR", str(Path(tempfile.gettempdir()) / "shiftguard-test-cache")
+)
 CONF = REPO / "conf"
 TINY = ("experiment=tiny",)
 

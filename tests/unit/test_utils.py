@@ -12,7 +12,7 @@ def test_worker_counts_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("SHIFTGUARD_LOADER_WORKERS", raising=False)
     assert env_workers() == (os.cpu_count() or 1)
     assert env_workers(default=3) == 3
-    assert loader_workers() == max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert loader_workers() == max(0, min(4, (os.cpu_count() or 1) - 2))
     monkeypatch.setenv("SHIFTGUARD_WORKERS", "5")
     monkeypatch.setenv("SHIFTGUARD_LOADER_WORKERS", "0")  # 0: load in the training process
     assert env_workers(default=3) == 5

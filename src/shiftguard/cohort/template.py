@@ -1,11 +1,12 @@
 """The anatomical template every synthetic subject is built from: MNI152 2009c (sym) at 1 mm.
 
 nilearn's wheel ships the T1-weighted template and the grey/white matter probability maps; they are
-located without importing nilearn (slow) and loaded once per process. The template is skull-stripped,
-so a synthetic head is added around it (extra-axial CSF, skull tables and diploe, scalp muscle and
-fat) to give the images a realistic field of view, and the template, which ends at the medulla, is
-continued downwards by a short cord and neck that fade out like a head coil's sensitivity (no flat cut
-on sagittal images). Everything derived here is deterministic.
+located without importing nilearn (slow). The template is skull-stripped, so a synthetic head is
+added around it (extra-axial CSF, skull tables and diploe, scalp muscle and fat) to give the images
+a realistic field of view, and the template, which ends at the medulla, is continued downwards by a
+short cord and neck that fade out like a head coil's sensitivity (no flat cut on sagittal images).
+Everything derived here is deterministic; it is computed once and kept on disk (:func:`cache_dir`),
+so the generator's worker processes read it back instead of deriving it again.
 
 Intensities are on a "white matter = 1" scale: the T1 template is divided by its median white-matter
 value.
@@ -14,9 +15,13 @@ value.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -216,12 +221,84 @@ def _bbox(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64]
     return idx.min(axis=0), idx.max(axis=0)
 
 
+CACHE_ENV = "SHIFTGUARD_CACHE_DIR"
+
+
+def cache_dir() -> Path | None:
+    """Where derived templates are kept between processes: ``$SHIFTGUARD_CACHE_DIR`` (empty: no
+    cache), else ``$XDG_CACHE_HOME/shiftguard``, else ``~/.cache/shiftguard``."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return Path(value) if value.strip() else None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shiftguard"
+
+
+def template_key() -> str:
+    """What the derived template depends on, hashed: the three template files, this module's source
+    (every derivation step), the tissue labels and the numpy and scipy versions that compute it."""
+    import scipy
+
+    h = hashlib.sha256()
+    folder = template_dir()
+    for name in sorted(TEMPLATE_FILES.values()):
+        h.update(name.encode())
+        h.update((folder / name).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    h.update(json.dumps(LABELS, sort_keys=True).encode())
+    h.update(f"numpy {np.__version__} scipy {scipy.__version__}".encode())
+    return h.hexdigest()[:20]
+
+
+def _read_cached(folder: Path) -> Template | None:
+    try:
+        arrays = {f.name: np.load(folder / f"{f.name}.npy") for f in fields(Template)}
+    except (OSError, ValueError):
+        return None
+    return Template(**arrays)
+
+
+def _write_cached(folder: Path, template: Template) -> None:
+    """Write the template's arrays into ``folder`` atomically (another process may race us)."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in fields(Template):
+            np.save(tmp / f"{f.name}.npy", getattr(template, f.name), allow_pickle=False)
+        tmp.replace(folder)
+    except OSError as exc:  # a read-only home, a full disk, a racing writer: derive next time
+        log.debug("template cache %s not written: %s", folder, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=1)
 def load_template() -> Template:
-    """Load the MNI152 template and derive the synthetic head, once per process.
+    """The MNI152 template with the synthetic head, once per process.
+
+    Deriving it takes about 6 s; the result is kept in :func:`cache_dir` under
+    :func:`template_key`, so every later process (the generator's spawned workers) reads it back in
+    a fraction of a second. The cached arrays are the derived ones, byte for byte.
 
     Returns:
-        The cropped template with its derived maps (about 100 MB of float32).
+        The cropped template with its derived maps (about 370 MB, mostly float32).
+
+    Raises:
+        TemplateNotFoundError: see :func:`template_dir`.
+    """
+    root = cache_dir()
+    folder = root / f"template-{template_key()}" if root is not None else None
+    if folder is not None and folder.is_dir():
+        cached = _read_cached(folder)
+        if cached is not None:
+            return cached
+    template = derive_template()
+    if folder is not None:
+        _write_cached(folder, template)
+    return template
+
+
+def derive_template() -> Template:
+    """Load the MNI152 template and derive the synthetic head (no cache).
 
     Raises:
         TemplateNotFoundError: see :func:`template_dir`.

@@ -86,10 +86,10 @@ class ScenarioSettings(_Strict):
     folder: str = Field("conf/monitor/scenarios", description="one YAML file per scenario")
     pool_training: Annotated[
         int, Field(ge=10, description="simulated studies from the training scanners")
-    ] = 300
+    ] = 150
     pool_other: Annotated[
         int, Field(ge=10, description="simulated studies per other condition")
-    ] = 120
+    ] = 60
     seed: int = 1
     cache: str = Field("artifacts/scenarios/pools", description="simulated pools, reused")
 

@@ -665,7 +665,8 @@ class TrainConfig(_Strict):
     ``weight_decay``; ``loss`` is instantiated with ``pos_weight`` as a one-element tensor when it is
     set (``balanced``: negatives / positives of the training set). Training stops when the validation
     AUROC has not risen by more than ``min_delta`` for ``patience`` epochs; the epoch with the best
-    validation AUROC is kept. ``amp`` applies on CUDA only. Input spacing and shape are read from the
+    validation AUROC is kept. ``lr_schedule`` sets each epoch's learning rate (:func:`~shiftguard.training.loop.lr_at`).
+    ``amp`` applies on CUDA only. Input spacing and shape are read from the
     volumes themselves. Intensities are mapped so the ``intensity_percentiles`` go to 0 and 1.
     """
 
@@ -681,11 +682,23 @@ class TrainConfig(_Strict):
     pos_weight: PositiveFloat | Literal["balanced"] | None = None
     patience: Annotated[int, Field(ge=1)] = 8
     min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="the learning rate per epoch: constant, or cosine (from lr after the warm-up "
+        "down to lr * min_lr_ratio at the last epoch)",
+    )
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    channels_last: bool = Field(
+        False,
+        description="train in the channels-last 3D memory layout (faster convolutions on CPU and "
+        "CUDA); the saved weights are in the default layout either way",
+    )
     amp: bool = False
     num_workers: Annotated[int, Field(ge=0, le=64)] | None = Field(
         None,
         description="loader worker processes; null: $SHIFTGUARD_LOADER_WORKERS, else one per "
-        "spare core up to 4 (a runtime setting, so leave it null in conf/)",
+        "core beyond two, up to 4 (a runtime setting, so leave it null in conf/)",
     )
     cache_rate: Fraction = 1.0
     flip_probability: Fraction = 0.5
@@ -717,6 +730,11 @@ class TrainConfig(_Strict):
         if lo >= hi:
             raise ValueError(
                 f"train.intensity_percentiles: lower {lo} must be below upper {hi}; write [low, high]"
+            )
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs ({self.warmup_epochs}) must be below train.epochs "
+                f"({self.epochs})"
             )
         return self
 

@@ -1,8 +1,10 @@
 """The model's input from a canonical volume, in numpy alone.
 
-Training preprocesses with MONAI (``ScaleIntensityRangePercentilesd``, then ``Resized`` with
-``mode="area"``, see :mod:`shiftguard.training.data`); the edge runner has no torch, so this module
-redoes the same arithmetic in numpy. A parity test holds the two within 1e-5 on the same series.
+Training scales intensities with :func:`scale_percentiles` itself (MONAI's
+``ScaleIntensityRangePercentiles`` definition, without its full sort) and resamples with MONAI's
+``Resized`` with ``mode="area"`` (see :mod:`shiftguard.training.data`); the edge runner has no
+torch, so :func:`area_resize` redoes that in numpy. A parity test holds the two within 1e-5 on the
+same series.
 
 The specification travels in the bundle's manifest (``preprocessing``), so a bundle carries the
 exact recipe its model was trained with::

@@ -123,7 +123,7 @@ class ValidationResult:
             out[EXTERNAL_SCANNERS] = {
                 model: _rounded(report) for model, report in self.scanners.items()
             }
-        shifted = self.robustness[~self.robustness["profile"].map(is_external_profile)]
+        shifted = self.robustness.loc[~_external_rows(self.robustness)]
         if len(shifted):
             by_sev = shifted.groupby("severity")["auroc"].mean()
             out["robustness"] = {
@@ -503,6 +503,12 @@ def _curves(result: ValidationResult, cfg: EvaluateConfig) -> tuple[pd.DataFrame
     return roc, rel
 
 
+def _external_rows(robustness: pd.DataFrame) -> pd.Series:
+    """Which rows of a robustness table are real scanners' (a boolean mask, also when the table is
+    empty: a dataset without external series validated with ``--no-robustness``)."""
+    return robustness["profile"].map(is_external_profile).astype(bool)
+
+
 def _figures(
     result: ValidationResult, roc: pd.DataFrame, rel: pd.DataFrame, out: Path
 ) -> list[Path]:
@@ -549,7 +555,7 @@ def _figures(
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
     rob = result.robustness
-    for profile, part in rob[~rob["profile"].map(is_external_profile)].groupby("profile"):
+    for profile, part in rob.loc[~_external_rows(rob)].groupby("profile"):
         ax.errorbar(
             part["severity"],
             part["auroc"],

@@ -28,14 +28,15 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     RandFlipd,
     Resized,
-    ScaleIntensityRangePercentilesd,
 )
 from torch.utils.data import DistributedSampler
 
 from shiftguard.augment import RandScannerSimd
 from shiftguard.config.schema import AugmentConfig, TrainConfig
+from shiftguard.edge.preprocess import scale_percentiles
 from shiftguard.training.distributed import DistContext
 from shiftguard.utils import loader_workers
 
@@ -100,13 +101,37 @@ def volume_geometry(
     return geometry.pop()
 
 
+class ScalePercentilesd(MapTransform):
+    """Map each volume's ``lower`` and ``upper`` intensity percentiles to 0 and 1, without clipping:
+    :func:`shiftguard.edge.preprocess.scale_percentiles`, the very function the edge runs, so
+    training and the deployed bundle scale alike.
+
+    It replaces MONAI's ``ScaleIntensityRangePercentilesd`` (the same definition: linear
+    interpolation between order statistics), whose ``torch.quantile`` sorts the whole volume once
+    per percentile: 0.09 s per call on a 2 mm grid, most of the validation stage's time, against
+    numpy's partial sort.
+    """
+
+    def __init__(self, keys: Any, lower: float, upper: float) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = float(lower), float(upper)
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            value = out[key]
+            array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+            out[key] = torch.from_numpy(scale_percentiles(array, self.lower, self.upper))
+        return out
+
+
 def preprocessing(cfg: TrainConfig) -> list[Any]:
     """The deterministic transforms: file to a ``(1, X, Y, Z)`` float tensor scaled by percentiles."""
     lo, hi = cfg.intensity_percentiles
     return [
         LoadImaged(IMAGE, image_only=True),
         EnsureChannelFirstd(IMAGE),
-        ScaleIntensityRangePercentilesd(IMAGE, lo, hi, 0.0, 1.0, clip=False),
+        ScalePercentilesd(IMAGE, lo, hi),
         EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
     ]
 

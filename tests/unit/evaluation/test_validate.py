@@ -142,6 +142,20 @@ def test_reports_and_figures_are_written(project, tmp_path: Path) -> None:
     assert (tmp_path / "robustness.png").stat().st_size > 5_000
 
 
+def test_a_hold_out_set_without_unseen_scanners_or_robustness_sets_is_reported(
+    project, tmp_path: Path
+) -> None:
+    # an in-distribution hold-out (conf/cohort/holdout.yaml): val and test only, no robustness
+    root, table, _manifest = project
+    internal = table[table["split"].isin(["val", "test"])]
+    result = evaluate(PeakNet(), TrainConfig(), cfg(), internal, root / "ingest", None, None)
+    assert result.robustness.empty
+    assert result.reports["test"]["auroc"]["value"] == 1.0
+    written = {p.name for p in write_reports(result, cfg(), tmp_path)}
+    assert {"roc.csv", "robustness.png", "segments.csv"} <= written
+    assert set(pd.read_csv(tmp_path / "roc.csv")["set"]) == {"test"}
+
+
 def test_one_class_val_falls_back_and_missing_test_is_an_error(project) -> None:
     root, table, _ = project
     one_class = table[(table["split"] != "val") | (table["finding"] == "1")]

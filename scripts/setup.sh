@@ -28,8 +28,10 @@ if [ -z "$python" ]; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# --no-compile: pip would byte-compile all ~38,000 installed modules up front, on one core; Python
+# compiles the few thousand the project imports on first use instead.
 # torch is pinned to the CPU wheel that the build machines keep on disk: an unpinned torch pulls a
 # multi-GB CUDA build. On a GPU workstation install the CUDA wheel of the same version first.
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[pipeline,dev]"
+.venv/bin/python -m pip install -q --no-compile "torch==2.13.0"
+.venv/bin/python -m pip install -q --no-compile -e ".[pipeline,dev]"
 echo "setup: environment ready in .venv ($(.venv/bin/python --version))"

@@ -112,6 +112,7 @@ def _validate(args: argparse.Namespace) -> int:
         args.out,
         params=config,
         track=not args.no_track,
+        external_sets=[(Path(a), Path(b)) for a, b in args.external_set],
     )
     write_json(args.out / "metrics.json", result.to_metrics())
     return 0
@@ -553,6 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
     val.add_argument("--augment", type=Path, default=Path("artifacts/augment"))
     val.add_argument("--no-robustness", action="store_true", help="skip the robustness sets")
+    val.add_argument(
+        "--external-set",
+        nargs=2,
+        action="append",
+        type=Path,
+        default=[],
+        metavar=("DATASET", "INGEST"),
+        help="an unseen-scanner set (cohort=external, ingested and split) judged in place of the "
+        "split table's external series; repeatable",
+    )
     val.add_argument("--out", type=Path, default=Path("reports/validate"))
     val.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     overrides(val)

@@ -669,6 +669,41 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     return {short: flat[long] for long, short in keys.items() if long in flat}
 
 
+def with_external_sets(
+    dataset: pd.DataFrame, external_sets: Sequence[tuple[Path, Path]]
+) -> pd.DataFrame:
+    """``dataset`` with its ``external`` series replaced by those of ``external_sets`` (each a split
+    table and the ingest folder its ``volume_path`` is relative to; the paths become absolute).
+
+    Raises:
+        ValidationError: a set without external series, or a series key already present.
+    """
+    from shiftguard.training.stage import read_rows
+
+    if not external_sets:
+        return dataset
+    parts = [dataset[dataset["split"] != EXTERNAL]]
+    for table, ingest in external_sets:
+        extra = pd.DataFrame(read_rows(Path(table)))
+        extra = extra[extra["split"] == EXTERNAL] if len(extra) else extra
+        if extra.empty:
+            raise ValidationError(
+                f"{table}: no series in the external split; split the unseen scanners' set with "
+                "their scanner models in split.external.values"
+            )
+        root = Path(ingest).resolve()
+        extra = extra.assign(volume_path=[str(root / p) for p in extra["volume_path"]])
+        parts.append(extra)
+    merged = pd.concat(parts, ignore_index=True)
+    repeated = merged["series_key"][merged["series_key"].duplicated()]
+    if len(repeated):
+        raise ValidationError(
+            f"series {repeated.iloc[0]!r} is in more than one of the tables validated together; "
+            "an external set must come from another cohort (its own seed and patient IDs)"
+        )
+    return merged
+
+
 def run(
     cfg: EvaluateConfig,
     model_file: Path,
@@ -679,6 +714,7 @@ def run(
     params: dict[str, Any] | None = None,
     track: bool = True,
     root: Path | None = None,
+    external_sets: Sequence[tuple[Path, Path]] = (),
 ) -> ValidationResult:
     """The stage: load the model, :func:`evaluate`, write reports, log to MLflow.
 
@@ -694,13 +730,16 @@ def run(
             ``model_file`` and its registered model version, found by the file's SHA-256
             (:func:`~shiftguard.tracking.trained_model`).
         root: the project root (tracking store, ``data.dvc``).
+        external_sets: ``(split table, ingest folder)`` pairs of inference-only unseen-scanner
+            sets (``cohort=external``, ingested and split): their ``external`` series replace the
+            split table's own and are judged at the operating point chosen on its val split.
     """
     from shiftguard.training.stage import load_model, read_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net, payload = load_model(model_file, device)
     train_cfg = TrainConfig.model_validate(payload["train"])
-    dataset = pd.DataFrame(read_rows(dataset_csv))
+    dataset = with_external_sets(pd.DataFrame(read_rows(dataset_csv)), external_sets)
     manifest = None
     if augment_dir is not None:
         manifest_path = augment_dir / "manifest.csv"

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from shiftguard.config.schema import EvaluateConfig, TrainConfig
-from shiftguard.evaluation.validate import ValidationError, evaluate, headline, write_reports
+from shiftguard.evaluation.validate import (
+    ValidationError,
+    evaluate,
+    headline,
+    with_external_sets,
+    write_reports,
+)
 
 SHAPE = (16, 20, 16)
 
@@ -154,6 +160,37 @@ def test_a_hold_out_set_without_unseen_scanners_or_robustness_sets_is_reported(
     written = {p.name for p in write_reports(result, cfg(), tmp_path)}
     assert {"roc.csv", "robustness.png", "segments.csv"} <= written
     assert set(pd.read_csv(tmp_path / "roc.csv")["set"]) == {"test"}
+
+
+def test_a_large_external_set_replaces_the_split_tables_unseen_scanner(
+    project, tmp_path: Path
+) -> None:
+    root, table, _manifest = project
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(10):  # another cohort's unseen scanner: its own folder, its own keys
+        volume(tmp_path / "ext_ingest/volumes" / f"x{i}.nii", bool(i % 2), rng)
+        rows.append(
+            {**table.iloc[-1].to_dict(), "series_key": f"x{i}", "volume_path": f"volumes/x{i}.nii",
+             "finding": str(i % 2), "split": "external", "scanner_model": "Premier"}
+        )  # fmt: skip
+    rows.append({**rows[0], "series_key": "xt", "split": "test"})  # not inference-only: left out
+    pd.DataFrame(rows).to_csv(tmp_path / "ext.csv", index=False)
+
+    merged = with_external_sets(table, [(tmp_path / "ext.csv", tmp_path / "ext_ingest")])
+    external = merged[merged["split"] == "external"]
+    assert sorted(external["series_key"]) == [f"x{i}" for i in range(10)]
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in external["volume_path"])
+    assert "xt" not in set(merged["series_key"])
+    result = evaluate(PeakNet(), TrainConfig(), cfg(), merged, root / "ingest", None, None)
+    assert result.reports["external"]["n"] == 10
+    assert set(result.to_metrics()["external_scanners"]) == {"Premier"}
+
+    with pytest.raises(ValidationError, match="more than one"):
+        with_external_sets(table, [(tmp_path / "ext.csv", tmp_path)] * 2)
+    pd.DataFrame(rows[-1:]).to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(ValidationError, match="no series in the external split"):
+        with_external_sets(table, [(tmp_path / "none.csv", tmp_path)])
 
 
 def test_one_class_val_falls_back_and_missing_test_is_an_error(project) -> None:

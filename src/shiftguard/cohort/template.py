@@ -253,7 +253,7 @@ def template_key() -> str:
 def _read_cached(folder: Path) -> Template | None:
     try:
         arrays = {f.name: np.load(folder / f"{f.name}.npy") for f in fields(Template)}
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return None
     return Template(**arrays)
 
@@ -291,6 +291,7 @@ def load_template() -> Template:
         cached = _read_cached(folder)
         if cached is not None:
             return cached
+        shutil.rmtree(folder, ignore_errors=True)  # damaged: derive and write it afresh
     template = derive_template()
     if folder is not None:
         _write_cached(folder, template)

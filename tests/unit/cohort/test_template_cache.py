@@ -42,9 +42,11 @@ def test_a_damaged_cache_is_derived_again(cache: Path) -> None:
     tpl.load_template.cache_clear()
     again = tpl.load_template()
     assert np.array_equal(again.channels, derived.channels)
+    repaired = tpl._read_cached(folder)  # written afresh, so later processes read it again
+    assert repaired is not None and np.array_equal(repaired.channels, derived.channels)
 
 
-def test_an_empty_cache_setting_writes_nothing(
+def test_the_cache_folder_follows_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(tpl.CACHE_ENV, "")

@@ -6,14 +6,20 @@
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the main job's part of the environment: no system packages, no dev tools
+DEMO_STAMP := $(VENV)/.installed-demo
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: env
+$(DEMO_STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh demo
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	bash scripts/demo.sh
 
 # The scanner-shift experiment: both arms with `dvc exp run`, then side by side (also in the MLflow UI

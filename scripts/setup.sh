@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# Build the environment on a fresh Debian/Ubuntu machine: the system packages the pipeline, tests and
-# benchmarks call (dciodvfy, dcm2niix, dcmtk, the Orthanc PACS; PostgreSQL for the tracking-server
-# test), then a virtual
-# environment in .venv with the package installed editable with its pipeline and dev extras. Safe to
-# re-run: it installs only what is missing.
+# Build the environment on a fresh Debian/Ubuntu machine.
+#
+#   scripts/setup.sh        everything: the system packages the tests and benchmarks call (dciodvfy,
+#                           dcm2niix, dcmtk, the Orthanc PACS; PostgreSQL for the tracking-server
+#                           test), then .venv with the package installed editable with its pipeline
+#                           and dev extras (`make test`)
+#   scripts/setup.sh demo   only what the main job runs: .venv with the pipeline extra, no system
+#                           packages (`make demo`; the pipeline calls none of them)
+#
+# Safe to re-run: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=${1:-all}
+case "$profile" in
+  all) extras="pipeline,dev" ;;
+  demo) extras="pipeline" ;;
+  *) echo "setup: unknown profile '$profile' (all or demo)" >&2; exit 2 ;;
+esac
 
 APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql orthanc)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-if ((${#missing[@]})); then
+if [ "$profile" = all ] && ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing system packages: ${missing[*]}"
@@ -33,5 +44,5 @@ fi
 # torch is pinned to the CPU wheel that the build machines keep on disk: an unpinned torch pulls a
 # multi-GB CUDA build. On a GPU workstation install the CUDA wheel of the same version first.
 .venv/bin/python -m pip install -q --no-compile "torch==2.13.0"
-.venv/bin/python -m pip install -q --no-compile -e ".[pipeline,dev]"
-echo "setup: environment ready in .venv ($(.venv/bin/python --version))"
+.venv/bin/python -m pip install -q --no-compile -e ".[$extras]"
+echo "setup: environment ($profile) ready in .venv ($(.venv/bin/python --version))"

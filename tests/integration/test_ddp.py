@@ -62,7 +62,7 @@ def test_two_gloo_processes_train_one_model_on_disjoint_shards(tmp_path: Path) -
         "-m", "shiftguard.cli", "train", "--no-track", "--device", "cpu",
         "--dataset", str(table), "--ingest", str(tmp_path / "ingest"), "--out", str(out),
         "experiment=tiny", "train.epochs=2", "train.batch_size=2", "train.patience=5",
-        "augment.enabled=false",
+        "augment.enabled=false", "train.lesion_masks=null",
     ]  # fmt: skip
     result = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False

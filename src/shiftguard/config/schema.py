@@ -717,6 +717,17 @@ class TrainConfig(_Strict):
         description="grid (X, Y, Z) the network sees, area-resampled from the ingest grid; "
         "null: the ingest grid itself",
     )
+    lesion_masks: str | None = Field(
+        None,
+        description="folder of lesion masks (<series_key>.nii.gz or <PatientID>.nii.gz, any grid "
+        "with a world affine; all zero without a lesion) for the auxiliary lesion-map loss; null: "
+        "trained on the labels alone",
+    )
+    lesion_loss_weight: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="weight of the lesion-map loss beside the classification loss (used when "
+        "lesion_masks is set and the network has a lesion head)",
+    )
     registered_model: str = Field(
         "shiftguard-classifier",
         min_length=1,

@@ -27,6 +27,10 @@ class SmallCNN3d(nn.Module):
         pooling: how the feature maps become one vector: ``"meanmax"`` (global mean and max,
             concatenated) or ``"max"`` (max only: "is there a lesion anywhere", which leaves the
             network no whole-volume statistic such as head size to lean on).
+        lesion_head: add a 1x1x1 convolution mapping the last block's features to a lesion logit
+            per position, ``forward(x, lesion_map=True)``. Training supervises it with lesion masks
+            (``train.lesion_masks``), which tells the shared features where the finding is; the
+            volume's logit, and so inference and the exported bundle, do not use it.
 
     >>> SmallCNN3d(channels=(4, 8))(torch.zeros(2, 1, 24, 28, 24)).shape
     torch.Size([2, 1])
@@ -41,6 +45,7 @@ class SmallCNN3d(nn.Module):
         spatial_dims: int = 3,
         local_contrast: int = 0,
         pooling: str = "meanmax",
+        lesion_head: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -70,6 +75,7 @@ class SmallCNN3d(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear((2 if pooling == "meanmax" else 1) * previous, out_channels)
+        self.lesion_head = nn.Conv3d(previous, 1, 1) if lesion_head else None
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.local_contrast:
@@ -94,11 +100,24 @@ class SmallCNN3d(nn.Module):
             w = w[: f.shape[1]] + w[f.shape[1] :]
         return torch.einsum("bcxyz,c->bxyz", f, w)[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, out_channels)`` for volumes ``(B, in_channels, X, Y, Z)``."""
+    def forward(
+        self, x: torch.Tensor, lesion_map: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, out_channels)`` for volumes ``(B, in_channels, X, Y, Z)``; with
+        ``lesion_map`` (a network built with ``lesion_head``) also the lesion logits
+        ``(B, 1, x, y, z)`` on the last block's grid, from the same features.
+
+        >>> net = SmallCNN3d(channels=(2, 4), lesion_head=True)
+        >>> [tuple(t.shape) for t in net(torch.zeros(1, 1, 8, 8, 8), lesion_map=True)]
+        [(1, 1), (1, 1, 4, 4, 4)]
+        """
         f = self._features(x)
         pooled = f.amax(dim=(2, 3, 4))
         if self.pooling == "meanmax":
             pooled = torch.cat([f.mean(dim=(2, 3, 4)), pooled], dim=1)
         out: torch.Tensor = self.head(self.dropout(pooled))
-        return out
+        if not lesion_map:
+            return out
+        if self.lesion_head is None:
+            raise ValueError("SmallCNN3d: lesion_map=True needs a network built with lesion_head")
+        return out, self.lesion_head(f)

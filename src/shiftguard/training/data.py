@@ -4,7 +4,9 @@ Deterministic preprocessing (load, channel first, percentile intensity scaling, 
 stored scale) is cached by :class:`monai.data.CacheDataset`; the training set adds the scanner
 simulation and a random left-right flip, drawn per sample when the loader serves it. The simulation
 runs on the ingest grid, where the robustness test sets are made too; the last transform
-area-resamples to ``train.input_shape`` when the network sees a coarser grid.
+area-resamples to ``train.input_shape`` when the network sees a coarser grid. With lesion masks
+(``train.lesion_masks``) each training item also carries its mask, moved onto the volume's grid
+through both affines and cached on the network's grid; the flip turns it with the image.
 
 The random transforms are seeded per sample (:class:`SeededCacheDataset`): sample ``i`` in epoch ``e``
 draws from a seed derived from ``train.seed``, ``e`` and ``i``, whichever process transforms it. A
@@ -40,21 +42,48 @@ from shiftguard.edge.preprocess import scale_percentiles
 from shiftguard.training.distributed import DistContext
 from shiftguard.utils import loader_workers
 
-IMAGE, LABEL, KEY = "image", "label", "key"
+IMAGE, LABEL, KEY, MASK = "image", "label", "key", "mask"
+
+
+def mask_file(masks_dir: Path, row: Mapping[str, Any]) -> Path:
+    """The lesion mask of a ``dataset.csv`` row: ``<series_key>.nii.gz`` in ``masks_dir``, else
+    ``<patient_id>.nii.gz`` (one mask per subject, in world coordinates, serves all its series).
+
+    Raises:
+        ValueError: when neither exists.
+    """
+    names = [str(row["series_key"])]
+    if row.get("patient_id"):
+        names.append(str(row["patient_id"]))
+    for name in names:
+        path = Path(masks_dir) / f"{name}.nii.gz"
+        if path.is_file():
+            return path
+    raise ValueError(
+        f"series {row['series_key']}: no lesion mask in {masks_dir} (looked for "
+        + " or ".join(f"{n}.nii.gz" for n in names)
+        + "); give every training series a mask (all zero without a lesion) or set "
+        "train.lesion_masks=null"
+    )
 
 
 def items_from_rows(
-    rows: Iterable[Mapping[str, Any]], ingest_dir: Path, split: str | None = None
+    rows: Iterable[Mapping[str, Any]],
+    ingest_dir: Path,
+    split: str | None = None,
+    masks_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Dataset items ``{"image": path, "label": float, "key": series_key}`` for one split.
+    """Dataset items ``{"image": path, "label": float, "key": series_key}`` for one split, with
+    ``"mask": path`` (:func:`mask_file`) when ``masks_dir`` is given.
 
     Args:
         rows: rows of ``dataset.csv`` (``series_key``, ``volume_path``, ``finding``, ``split``).
         ingest_dir: the folder ``volume_path`` is relative to.
         split: keep only rows of this split; ``None`` keeps all.
+        masks_dir: the folder of lesion masks (``train.lesion_masks``).
 
     Raises:
-        ValueError: when a kept row has no 0/1 ``finding``.
+        ValueError: when a kept row has no 0/1 ``finding``, or no mask in ``masks_dir``.
     """
     items = []
     for row in rows:
@@ -66,13 +95,14 @@ def items_from_rows(
                 f"series {row['series_key']}: finding {row['finding']!r} is not 0/1; only labelled "
                 "splits can be trained or validated on"
             )
-        items.append(
-            {
-                IMAGE: str(Path(ingest_dir) / str(row["volume_path"])),
-                LABEL: float(finding),
-                KEY: str(row["series_key"]),
-            }
-        )
+        item: dict[str, Any] = {
+            IMAGE: str(Path(ingest_dir) / str(row["volume_path"])),
+            LABEL: float(finding),
+            KEY: str(row["series_key"]),
+        }
+        if masks_dir is not None:
+            item[MASK] = str(mask_file(masks_dir, row))
+        items.append(item)
     return items
 
 
@@ -125,10 +155,45 @@ class ScalePercentilesd(MapTransform):
         return out
 
 
-def preprocessing(cfg: TrainConfig) -> list[Any]:
-    """The deterministic transforms: file to a ``(1, X, Y, Z)`` float tensor scaled by percentiles."""
+class LesionMaskOnGridd(MapTransform):
+    """Load ``data["mask"]`` (a file path) onto the grid of the volume ``data["image"]`` (still a
+    file path: place it before :class:`~monai.transforms.LoadImaged`) through both files' affines,
+    trilinearly: ``(1, X, Y, Z)`` float32, each voxel's lesion fraction in ``[0, 1]``.
+
+    Masks written on the acquired series grid (any orientation, spacing or tilt) thereby land on
+    the lesion in the ingest volume, which is on its own grid.
+    """
+
+    def __init__(self, mask_key: str = MASK, image_key: str = IMAGE) -> None:
+        super().__init__([mask_key])
+        self.mask_key, self.image_key = mask_key, image_key
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        from nibabel.processing import resample_from_to
+
+        out = dict(data)
+        reference: Any = nib.load(str(out[self.image_key]))
+        mask: Any = nib.load(str(out[self.mask_key]))
+        if mask.ndim != 3:
+            raise ValueError(f"{out[self.mask_key]}: a lesion mask must be 3D, got {mask.shape}")
+        source = nib.Nifti1Image(np.asarray(mask.dataobj, dtype=np.float32), mask.affine)
+        grid = (tuple(reference.shape[:3]), reference.affine)
+        moved = resample_from_to(source, grid, order=1, mode="constant", cval=0.0)
+        array = np.clip(np.asarray(moved.dataobj, dtype=np.float32), 0.0, 1.0)
+        out[self.mask_key] = torch.from_numpy(np.ascontiguousarray(array[None]))
+        return out
+
+
+def preprocessing(cfg: TrainConfig, masks: bool = False) -> list[Any]:
+    """The deterministic transforms: file to a ``(1, X, Y, Z)`` float tensor scaled by percentiles;
+    with ``masks``, the item's lesion mask on the same grid (:class:`LesionMaskOnGridd`), already
+    area-resampled to the network's grid (the cache keeps it there: a flip commutes with it)."""
     lo, hi = cfg.intensity_percentiles
+    mask_steps: list[Any] = []
+    if masks:
+        mask_steps = [LesionMaskOnGridd(), *to_input_grid(cfg, (MASK,))]
     return [
+        *mask_steps,
         LoadImaged(IMAGE, image_only=True),
         EnsureChannelFirstd(IMAGE),
         ScalePercentilesd(IMAGE, lo, hi),
@@ -141,11 +206,12 @@ def workers_for(cfg: TrainConfig) -> int:
     return loader_workers() if cfg.num_workers is None else cfg.num_workers
 
 
-def to_input_grid(cfg: TrainConfig) -> list[Any]:
-    """The transform to the network's grid: area resampling to ``cfg.input_shape`` (none if unset)."""
+def to_input_grid(cfg: TrainConfig, keys: Sequence[str] = (IMAGE,)) -> list[Any]:
+    """The transform to the network's grid: area resampling of ``keys`` to ``cfg.input_shape``
+    (none if unset)."""
     if cfg.input_shape is None:
         return []
-    return [Resized(IMAGE, spatial_size=tuple(cfg.input_shape), mode="area")]
+    return [Resized(list(keys), spatial_size=tuple(cfg.input_shape), mode="area")]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -205,11 +271,13 @@ def build_dataset(
         spacing: voxel size in mm for the simulation; read from the volumes when omitted.
 
     Each sample is ``{"image": (1, X, Y, Z) float32, "label": float, "key": str}`` with ``(X, Y, Z)``
-    the ``cfg.input_shape`` (the ingest grid when unset). Random transforms are seeded per
-    sample from ``cfg.seed``, the epoch (set by :func:`shiftguard.training.fit`) and the sample's
-    index (see :class:`SeededCacheDataset`).
+    the ``cfg.input_shape`` (the ingest grid when unset), plus ``"mask"`` (the lesion fraction per
+    voxel on the same grid, flipped with the image, never simulated) when the items have one. Random
+    transforms are seeded per sample from ``cfg.seed``, the epoch (set by
+    :func:`shiftguard.training.fit`) and the sample's index (see :class:`SeededCacheDataset`).
     """
-    transforms = preprocessing(cfg)
+    masks = bool(items) and all(MASK in item for item in items)
+    transforms = preprocessing(cfg, masks=masks)
     if train and augment is not None:
         if spacing is None:
             spacing = volume_geometry([item[IMAGE] for item in items])[0]
@@ -217,7 +285,9 @@ def build_dataset(
             RandScannerSimd.from_config(IMAGE, augment, spacing=spacing, record_key=None)
         )
     if train:
-        transforms.append(RandFlipd(IMAGE, prob=cfg.flip_probability, spatial_axis=0))
+        transforms.append(
+            RandFlipd([IMAGE, MASK] if masks else IMAGE, prob=cfg.flip_probability, spatial_axis=0)
+        )
     transforms += to_input_grid(cfg)
     return SeededCacheDataset(
         data=[dict(item) for item in items],

@@ -28,6 +28,7 @@ import torch
 from monai.data.utils import set_rnd
 from monai.utils import set_determinism
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from shiftguard.config.schema import TrainConfig
@@ -120,9 +121,37 @@ def build_loss(cfg: TrainConfig, train_labels: np.ndarray | None = None) -> nn.M
     return loss
 
 
+def lesion_map_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Class-balanced binary cross-entropy between lesion logits ``(B, 1, x, y, z)`` and the lesion
+    fraction per voxel ``mask`` ``(B, 1, X, Y, Z)`` on the input grid.
+
+    The target of each logit is the largest lesion fraction within its cell (adaptive max pooling
+    to the logits' grid), a soft label in ``[0, 1]``. Lesion and background each weigh half of the
+    loss, so a lesion filling a few of the ~1,000 cells is not drowned out; a batch without lesions
+    weighs its background by one half too.
+
+    >>> x = torch.zeros(1, 1, 2, 2, 2); m = torch.zeros(1, 1, 4, 4, 4); m[..., 0, 0, 0] = 1.0
+    >>> round(float(lesion_map_loss(x, m)), 4)  # log 2 whatever the balance
+    0.6931
+    """
+    target = F.adaptive_max_pool3d(mask.float(), logits.shape[2:]).clamp(0.0, 1.0)
+    cells = float(target.numel())
+    positive = target.sum()
+    negative = cells - positive
+    w_pos = cells / (2.0 * positive) if float(positive) > 0 else torch.zeros(())
+    w_neg = cells / (2.0 * negative) if float(negative) > 0 else torch.zeros(())
+    per_cell = -(
+        w_pos * target * F.logsigmoid(logits) + w_neg * (1 - target) * F.logsigmoid(-logits)
+    )
+    return per_cell.mean()
+
+
 class TrainStep:
     """One optimisation step: forward, loss, backward, optimizer update; AMP (float16 autocast with
     a gradient scaler) when ``amp`` is set and the device is CUDA.
+
+    With a lesion ``mask`` and ``lesion_weight`` above 0 the loss adds ``lesion_weight`` times
+    :func:`lesion_map_loss` of the network's lesion map (``model(image, lesion_map=True)``).
 
     :func:`fit` runs every batch through it, and ``benchmarks/train_throughput.py`` times it, so the
     benchmark measures the step training really takes.
@@ -133,6 +162,7 @@ class TrainStep:
         criterion: maps ``(logits (B, 1) float32, labels (B, 1))`` to a scalar loss.
         device: where ``model`` lives.
         amp: mixed precision; ignored off CUDA.
+        lesion_weight: the lesion-map loss's weight.
     """
 
     def __init__(
@@ -142,6 +172,7 @@ class TrainStep:
         criterion: nn.Module,
         device: torch.device,
         amp: bool = False,
+        lesion_weight: float = 0.0,
     ) -> None:
         self.model, self.optimizer, self.criterion, self.device = (
             model,
@@ -151,15 +182,24 @@ class TrainStep:
         )
         self.amp = amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.lesion_weight = float(lesion_weight)
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> float:
+    def __call__(
+        self, image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> float:
         """Train on one batch already on the device; returns its loss (synchronised on CUDA)."""
         self.optimizer.zero_grad(set_to_none=True)
         autocast = (
             torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else nullcontext()
         )
         with autocast:
-            loss = self.criterion(self.model(image).float(), label)
+            if mask is not None and self.lesion_weight > 0:
+                logits, lesion = self.model(image, lesion_map=True)
+                loss = self.criterion(logits.float(), label) + self.lesion_weight * (
+                    lesion_map_loss(lesion.float(), mask)
+                )
+            else:
+                loss = self.criterion(self.model(image).float(), label)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -227,6 +267,11 @@ def _to_device(
     return image, label
 
 
+def _mask_to_device(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    mask = batch.get("mask")
+    return None if mask is None else torch.as_tensor(mask).to(device, non_blocking=True).float()
+
+
 def predict(
     model: nn.Module, loader: DataLoader[Any], device: torch.device | str
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -273,7 +318,8 @@ def fit(
 
     Args:
         model: maps ``(B, 1, X, Y, Z)`` to logits ``(B, 1)``.
-        train_loader: batches ``{"image", "label"}``; reseeded every epoch.
+        train_loader: batches ``{"image", "label"}`` (and ``"mask"``: the lesion-map loss, weighted
+            by ``cfg.lesion_loss_weight``); reseeded every epoch.
         val_loader: the validation batches, for the AUROC.
         cfg: the ``train`` section (seed, epochs, optimizer, loss, patience, amp).
         device: where to train; CUDA when available when omitted. AMP runs only on CUDA.
@@ -318,7 +364,9 @@ def fit(
 
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(net, device_ids=ids)
-    stepper = TrainStep(model, optimizer, criterion, device, amp=cfg.amp)
+    stepper = TrainStep(
+        model, optimizer, criterion, device, amp=cfg.amp, lesion_weight=cfg.lesion_loss_weight
+    )
     scaler = stepper.scaler
 
     start, best_auroc, best_epoch, stale, stopped = 0, -math.inf, -1, 0, False
@@ -357,7 +405,7 @@ def fit(
         for batch in train_loader:
             arrived = time.perf_counter()
             image, label = _to_device(batch, device, cfg.channels_last)
-            losses.append(stepper(image, label))
+            losses.append(stepper(image, label, _mask_to_device(batch, device)))
             seen += int(label.shape[0])
             done = time.perf_counter()
             wait += arrived - mark

@@ -292,6 +292,29 @@ def run(
         shutdown(ctx)
 
 
+def _lesion_masks(train_cfg: TrainConfig, model_cfg: ModelConfig, root: Path) -> Path | None:
+    """The folder of ``train.lesion_masks`` (relative to ``root``) when the lesion-map loss is on.
+
+    Raises:
+        TrainingDataError: when the folder is missing or the network has no lesion head.
+    """
+    if train_cfg.lesion_masks is None or train_cfg.lesion_loss_weight == 0:
+        return None
+    folder = Path(train_cfg.lesion_masks)
+    folder = folder if folder.is_absolute() else root / folder
+    if not folder.is_dir():
+        raise TrainingDataError(
+            f"train.lesion_masks: {folder} is not a folder of lesion masks; point it at one "
+            "(the cohort writes data/ground_truth/masks) or set train.lesion_masks=null"
+        )
+    if not model_cfg.network.get("lesion_head", False):
+        raise TrainingDataError(
+            "train.lesion_masks is set but model.network has no lesion head: set "
+            "model.network.lesion_head=true (SmallCNN3d) or train.lesion_masks=null"
+        )
+    return folder
+
+
 def _run(
     ctx: DistContext,
     train_cfg: TrainConfig,
@@ -307,7 +330,11 @@ def _run(
     root: Path,
 ) -> TrainSummary:
     rows = read_rows(dataset_csv)
-    train_items = items_from_rows(rows, ingest_dir, "train")
+    masks_dir = _lesion_masks(train_cfg, model_cfg, root)
+    try:
+        train_items = items_from_rows(rows, ingest_dir, "train", masks_dir=masks_dir)
+    except ValueError as exc:
+        raise TrainingDataError(f"{dataset_csv}: {exc}") from exc
     val_items = items_from_rows(rows, ingest_dir, "val")
     for name, items in (("train", train_items), ("val", val_items)):
         if not items:
@@ -324,13 +351,15 @@ def _run(
     input_shape = tuple(train_cfg.input_shape or shape)
     augment = augment_cfg if augment_cfg.enabled else None
     log.info(
-        "train: %d series (%d positive), val: %d; grid %s -> input %s; scanner simulation %s; %s",
+        "train: %d series (%d positive), val: %d; grid %s -> input %s; scanner simulation %s; "
+        "lesion masks %s; %s",
         len(train_items),
         int(labels.sum()),
         len(val_items),
         shape,
         input_shape,
         "on" if augment else "off",
+        masks_dir or "off",
         f"{ctx.world_size} processes" if ctx.distributed else "1 process",
     )
     train_ds = build_dataset(train_items, train_cfg, train=True, augment=augment, spacing=spacing)

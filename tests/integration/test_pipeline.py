@@ -15,6 +15,7 @@ from typing import Any
 
 import nibabel as nib
 import pytest
+import yaml
 
 from shiftguard.cohort import generate
 from shiftguard.config import CohortConfig, compose, dump_params, validate
@@ -303,32 +304,31 @@ def test_changing_a_param_invalidates_only_the_stages_that_read_it(
 
 
 def test_exp_run_composes_conf_with_hydra_overrides(project: tuple[Path, dict]) -> None:
+    """``dvc exp run -S`` composes conf/ with the override and re-runs only the stage that reads
+    it: an 80 % interval for the shadow evaluation, which must come out inside the 95 % one."""
     root, _ = project
     sh(root, "dvc", "repro")
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "tiny pipeline")
-    sh(
-        root,
-        "dvc",
-        "exp",
-        "run",
-        "-n",
-        "seed11",
-        "-S",
-        "experiment=tiny",
-        "-S",
-        "split.seed=11",
-        "-S",
-        "ingest.shape=[20,24,20]",
-    )
+    summary = root / "reports/shadow/summary.json"
+    before = json.loads(summary.read_text())["roles"]["champion"]["overall"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    out = sh(root, "dvc", "exp", "run", "-n", "alpha20", "-S", "experiment=tiny",
+             "-S", "shadow.alpha=0.2")  # fmt: skip
+    assert "Running stage 'shadow'" in out
+    assert "Running stage 'train'" not in out and "Running stage 'ingest'" not in out
     exps = json.loads(sh(root, "dvc", "exp", "show", "--json"))
-    text = json.dumps(exps)
-    assert "seed11" in text
-    # DVC composed conf/ with the overrides and wrote params.yaml from it.
-    composed = params_yaml = (root / "params.yaml").read_text()
-    assert "seed: 11" in composed and params_yaml
-    volume = next((root / "artifacts/ingest/volumes").glob("*.nii"))
-    assert nib.load(volume).shape == (20, 24, 20)
+    assert "alpha20" in json.dumps(exps)
+    # DVC composed conf/ with the override and wrote params.yaml from it
+    assert yaml.safe_load((root / "params.yaml").read_text())["shadow"]["alpha"] == 0.2
+    after = json.loads(summary.read_text())["roles"]["champion"]["overall"]
+    assert after["auroc"] == before["auroc"]
+    assert before["auroc_low"] <= after["auroc_low"] <= after["auroc_high"] <= before["auroc_high"]
+    assert after["auroc_high"] - after["auroc_low"] < before["auroc_high"] - before["auroc_low"]
+    relocked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert {k: v for k, v in relocked.items() if k != "shadow"} == {
+        k: v for k, v in lock.items() if k != "shadow"
+    }
     sh(root, "git", "checkout", "-q", "--", ".")
     sh(root, "dvc", "checkout", "-q", "--force")
 

@@ -5,7 +5,9 @@ OpenBLAS (numpy's and scipy's matrix products), PyTorch's ATen and oneDNN (convo
 pick kernels for the CPU they load on; AVX-512 and AVX2 kernels sum in another order, so the float
 rounding differs. The same ingest of the same DICOM bytes gave other bytes for 147 of 240 volumes on
 an AVX-512 host than on an AVX2 one, and from there another trained network. Pinned to the AVX2 level,
-which x86-64 CPUs have had since 2013-2015, a pipeline gives the same bytes on hosts of either kind.
+which x86-64 CPUs have had since 2013-2015, ingest and the scanner simulation give the same bytes on
+hosts of either kind. Training does not: oneDNN's convolutions still round differently from host to
+host (README, Reproducibility, says by how much).
 
 Only on x86-64 with AVX2 and FMA, only variables the user has not set, and only before numpy or torch
 loads: the package sets them on its first import, and every stage script imports it first. Worker

@@ -353,8 +353,8 @@ def fit(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     optimizer = build_optimizer(model, cfg)
+    items = getattr(train_loader.dataset, "data", None)
     if loss_fn is None:
-        items = getattr(train_loader.dataset, "data", None)
         labels = np.asarray([float(i["label"]) for i in items]) if items is not None else None
         loss_fn = build_loss(cfg, labels)
     criterion = loss_fn.to(device)
@@ -363,7 +363,11 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(net, device_ids=ids)
+        # a lesion head trained without masks (train.lesion_masks=null) gets no gradient, which
+        # DDP refuses unless told to look for unused parameters
+        first = items[0] if items else {}
+        unused_head = getattr(net, "lesion_head", None) is not None and "mask" not in first
+        model = DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused_head)
     stepper = TrainStep(
         model, optimizer, criterion, device, amp=cfg.amp, lesion_weight=cfg.lesion_loss_weight
     )

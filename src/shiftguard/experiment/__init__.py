@@ -1,0 +1,1 @@
+"""The augmentation experiment: arms, their paired comparison, and the design's power."""

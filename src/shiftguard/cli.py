@@ -118,6 +118,36 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_power(args: argparse.Namespace) -> int:
+    from shiftguard.experiment.design import class_counts, design_table
+
+    rows = design_table(
+        class_counts(args.dataset, split=args.split, by=args.by),
+        delta=args.delta,
+        auroc=args.auroc,
+        correlations=args.correlation,
+        power=args.power,
+        alpha=args.alpha,
+    )
+    rs = args.correlation
+    print(
+        f"paired test of two arms on each {args.split} set: AUROC {args.auroc:.2f} against "
+        f"{args.auroc + args.delta:.2f} (difference {args.delta}), two-sided alpha {args.alpha}; "
+        f"r = correlation of the two AUROC estimates"
+    )
+    header = f"{args.by:<24} {'pos':>5} {'neg':>5} " + " ".join(
+        f"{f'power r={r:g}':>12}" for r in rs
+    )
+    header += " " + " ".join(f"{f'n for {args.power:g} r={r:g}':>16}" for r in rs)
+    print(header)
+    for row in rows:
+        line = f"{row.group:<24} {row.n_positive:>5} {row.n_negative:>5} "
+        line += " ".join(f"{row.power[r]:>12.2f}" for r in rs)
+        line += " " + " ".join(f"{row.cases_needed[r]:>16,}" for r in rs)
+        print(line)
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -572,6 +602,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="validated models side by side, read from MLflow")
     cmp_.add_argument("--last", type=int, default=20, help="how many runs, newest first")
     cmp_.set_defaults(func=_compare)
+
+    xp = sub.add_parser("experiment", help="design and compare the augmentation experiment")
+    xp_sub = xp.add_subparsers(dest="action", required=True)
+    pw = xp_sub.add_parser(
+        "power", help="each unseen set's power to detect an AUROC difference between two arms"
+    )
+    pw.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
+    pw.add_argument("--split", default="external", help="the split whose series are counted")
+    pw.add_argument("--by", default="scanner_model", help="the column that names a set")
+    pw.add_argument("--delta", type=float, default=0.05, help="the AUROC difference to detect")
+    pw.add_argument("--auroc", type=float, default=0.85, help="the reference arm's AUROC")
+    pw.add_argument(
+        "--correlation",
+        type=float,
+        nargs="+",
+        default=[0.3, 0.5, 0.7],
+        help="assumed correlations of the two arms' AUROC estimates",
+    )
+    pw.add_argument("--power", type=float, default=0.8)
+    pw.add_argument("--alpha", type=float, default=0.05)
+    pw.set_defaults(func=_experiment_power)
 
     exp = sub.add_parser("export", help="ONNX + TorchScript, parity-checked, into an edge bundle")
     exp.add_argument("--model", type=Path, default=Path("artifacts/train/model.pt"))

@@ -6,6 +6,8 @@
 - :mod:`~shiftguard.augment.transforms`: MONAI transforms :class:`ScannerSim`, :class:`ScannerSimd`
   and :class:`RandScannerSimd`.
 - :mod:`~shiftguard.augment.reference` / :mod:`~shiftguard.augment.fast`: the two implementations.
+- :mod:`~shiftguard.augment.randconv`: :class:`RandConvd`, random convolutions (contrast and
+  texture randomisation for the intensity arm of the augmentation experiment).
 
 The transforms (MONAI, TorchIO) are imported on first use, so ``import shiftguard.augment.params``
 stays light.

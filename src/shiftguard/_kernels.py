@@ -69,12 +69,14 @@ def pin(
     env = os.environ if environ is None else environ
     if env.get(OPT_OUT, "") not in ("", "0"):
         return {}
+    added = {name: value for name, value in PINNED.items() if name not in env}
+    if not added:  # a worker process inherits them: no need to read the CPU's flags again
+        return {}
     machine = platform.machine() if machine is None else machine
     if machine.lower() not in ("x86_64", "amd64"):
         return {}
     flags = cpu_flags() if flags is None else flags
     if not {"avx2", "fma"} <= flags:
         return {}
-    added = {name: value for name, value in PINNED.items() if name not in env}
     env.update(added)
     return added

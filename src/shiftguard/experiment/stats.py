@@ -26,6 +26,7 @@ from scipy.stats import norm
 from shiftguard.errors import ShiftGuardError
 from shiftguard.evaluation.metrics import (
     _auroc_batched,
+    _check_boot,
     _percentile,
     _resample_indices,
     _sens_spec_batched,
@@ -148,10 +149,7 @@ def paired_bootstrap(
     >>> d.metric, d.arm, round(d.reference, 3), round(d.diff, 3)
     ('auroc', 1.0, 0.667, 0.333)
     """
-    if not isinstance(n_boot, int | np.integer) or n_boot < 1:
-        raise PairedInputError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0.0 < alpha < 1.0:
-        raise PairedInputError(f"alpha must lie in (0, 1), got {alpha!r}")
+    _check_boot(n_boot, alpha)
     y = _labels(y_true)
     a = _scores("arm", arm, y.size)
     r = _scores("reference", reference, y.size)

@@ -85,7 +85,7 @@ echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqli
 echo "      (then open http://127.0.0.1:5000); plots: dvc plots show (reports/validate/*.png)"
 echo "      Drift dashboard:  $bin/evidently ui --workspace artifacts/monitor/workspace"
 echo "      (then open http://127.0.0.1:8000, project 'ShiftGuard drift monitor')"
-echo "      The scanner-shift experiment, both arms side by side: make experiment"
+echo "      The augmentation experiment (five arms, paired, on unseen scanners): make experiment"
 echo
 # last: the shadow evaluation of the edge's predictions against the radiologists' verdicts
 "$bin/python" - <<'PY'

@@ -174,7 +174,7 @@ and **without** it (`sim_off`). Both are judged on the same internal test set, t
 (the external site) and the same simulated-shift robustness sets. Everything below is read back from the
 MLflow tracking store through its API, exactly what a reviewer sees in the MLflow UI.
 
-Run both arms first (`make experiment`: `dvc exp run -S experiment=sim_on`, then `... sim_off`).
+Run both arms first (`dvc exp run -n sim-on -S experiment=sim_on`, then `... sim_off`); the five-arm, paired experiment on the unseen scanners is `make experiment` (`shiftguard compare --experiment`).
 Without them in the store, the notebook runs both arms on a tiny cohort in a temporary folder (the test
 suite runs it that way), and the figures then only show that the machinery works.""",
     ),

@@ -148,12 +148,41 @@ def _experiment_power(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_report(args: argparse.Namespace) -> int:
+    from shiftguard.experiment.report import run
+
+    result = run(args.runs, args.out, tracking=not args.no_track)
+    print((args.out / "table.md").read_text())
+    log.info("experiment report of %d runs written to %s", len(result.cells), args.out)
+    return 0
+
+
+def _compare_experiment() -> int:
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import tracking_uri
+    from shiftguard.tracking.compare import experiment_table
+
+    found = experiment_table(MlflowClient(tracking_uri()))
+    if found is None:
+        log.warning(
+            "no augmentation experiment in %s yet: run `make experiment` first", tracking_uri()
+        )
+        return 1
+    run_id, text = found
+    print(f"MLflow run {run_id} (the latest `experiment` run)\n")
+    print(text)
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from shiftguard.tracking import tracking_uri
     from shiftguard.tracking.compare import validation_table
 
+    if args.experiment:
+        return _compare_experiment()
     table = validation_table(MlflowClient(tracking_uri()))
     if table.empty:
         log.warning(
@@ -601,6 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="validated models side by side, read from MLflow")
     cmp_.add_argument("--last", type=int, default=20, help="how many runs, newest first")
+    cmp_.add_argument(
+        "--experiment",
+        action="store_true",
+        help="the latest augmentation experiment's table (arms x unseen scanners) instead",
+    )
     cmp_.set_defaults(func=_compare)
 
     xp = sub.add_parser("experiment", help="design and compare the augmentation experiment")
@@ -623,6 +657,16 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--power", type=float, default=0.8)
     pw.add_argument("--alpha", type=float, default=0.05)
     pw.set_defaults(func=_experiment_power)
+    rep = xp_sub.add_parser(
+        "report", help="compare a sweep's arms: table, figure and paired tests, into MLflow"
+    )
+    rep.add_argument(
+        "--runs", type=Path, default=Path("artifacts/experiment/runs/reduced"),
+        help="the sweep's folder (hydra.sweep.dir)",
+    )  # fmt: skip
+    rep.add_argument("--out", type=Path, default=Path("reports/experiment"))
+    rep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    rep.set_defaults(func=_experiment_report)
 
     exp = sub.add_parser("export", help="ONNX + TorchScript, parity-checked, into an edge bundle")
     exp.add_argument("--model", type=Path, default=Path("artifacts/train/model.pt"))

@@ -579,6 +579,89 @@ class RobustnessConfig(_Strict):
         return self
 
 
+ARMS = ("none", "artifact", "intensity", "labels", "physics")
+"""The training-time augmentation arms of ``augment.arm`` (``conf/augment/<arm>.yaml``)."""
+Arm = Literal["none", "artifact", "intensity", "labels", "physics"]
+PositiveRange = Annotated[
+    tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]], AfterValidator(_ordered)
+]
+"""``[min, max]`` of a strictly positive quantity (a gamma, a time in ms, a field in T)."""
+
+
+class IntensityArmConfig(_Strict):
+    """The intensity and contrast arm: MONAI's random gamma (``RandAdjustContrast``) and histogram
+    shift (``RandHistogramShift``), then a random convolution
+    (:class:`~shiftguard.augment.randconv.RandConvd`), each applied with its own probability."""
+
+    gamma: PositiveRange = (0.5, 2.0)
+    gamma_probability: Fraction = 0.5
+    histogram_control_points: CountRange = (5, 15)
+    histogram_probability: Fraction = 0.5
+    randconv_kernel_sizes: list[Annotated[int, Field(ge=1, le=9)]] = Field(
+        default_factory=lambda: [1, 3, 5], min_length=1
+    )
+    randconv_probability: Fraction = 0.5
+
+
+class AcquisitionEffectsConfig(_Strict):
+    """What the label-driven arms add to a synthetic image, as SynthSeg does: a Gaussian blur per
+    axis (``blur_mm``, the standard deviation; resolution and partial volume), a smooth
+    multiplicative bias field (log-amplitude up to ``bias``), and Rician noise (``noise``, the
+    standard deviation relative to the image's 99th percentile)."""
+
+    blur_mm: MagnitudeRange = (0.0, 2.5)
+    bias: NonNegativeFloat = 0.3
+    noise: MagnitudeRange = (0.0, 0.06)
+
+
+class LabelsArmConfig(_Strict):
+    """The label-driven arm (SynthSeg): a new image from the subject's tissue label map, each label a
+    Gaussian with mean in ``mean`` and standard deviation in ``std`` (TorchIO's
+    ``RandomLabelsToImage``), then :class:`AcquisitionEffectsConfig`. ``labels_dir`` holds one label
+    map per series or subject (``<series_key>.nii.gz`` or ``<patient_id>.nii.gz``)."""
+
+    labels_dir: str = "data/ground_truth/labels"
+    mean: Range = (0.0, 1.0)
+    std: MagnitudeRange = (0.0, 0.1)
+    effects: AcquisitionEffectsConfig = Field(default_factory=AcquisitionEffectsConfig)
+
+
+class SequenceRanges(_Strict):
+    """Random sequence parameters of the physics arm, per family (ms and degrees)."""
+
+    spgr_tr: PositiveRange = (8.0, 30.0)
+    spgr_te: PositiveRange = (2.0, 6.0)
+    spgr_flip: PositiveRange = (5.0, 40.0)
+    ir_ti: PositiveRange = (500.0, 1400.0)
+    ir_flip: PositiveRange = (5.0, 15.0)
+    ir_readout_tr: PositiveRange = (6.0, 10.0)
+    ir_readouts: Annotated[int, Field(ge=8, le=512)] = 128
+    ir_recovery: PositiveRange = (200.0, 1500.0)
+    se_tr: PositiveRange = (350.0, 900.0)
+    se_te: PositiveRange = (8.0, 25.0)
+
+
+ArmSequence = Literal["spgr", "ir_gre", "se"]
+ARM_SEQUENCES: tuple[ArmSequence, ...] = ("spgr", "ir_gre", "se")
+
+
+class PhysicsArmConfig(_Strict):
+    """The physics arm: the subject's tissue label map re-rendered with a random field strength and
+    a random sequence (family and parameters), through the cohort's signal equations and tissue
+    table (``tissue_model``, :mod:`shiftguard.cohort.physics`); the lesion label gets white matter's parameters times
+    factors drawn from ``lesion_*``. Then :class:`AcquisitionEffectsConfig`."""
+
+    labels_dir: str = "data/ground_truth/labels"
+    tissue_model: PhysicsConfig
+    field_strength: PositiveRange = (0.5, 3.0)
+    sequences: list[ArmSequence] = Field(default_factory=lambda: list(ARM_SEQUENCES), min_length=1)
+    ranges: SequenceRanges = Field(default_factory=SequenceRanges)
+    lesion_t1_factor: PositiveRange = (0.6, 2.2)
+    lesion_t2_factor: PositiveRange = (0.8, 2.5)
+    lesion_pd_factor: PositiveRange = (0.9, 1.1)
+    effects: AcquisitionEffectsConfig = Field(default_factory=AcquisitionEffectsConfig)
+
+
 class AugmentConfig(_Strict):
     """Scanner-simulating augmentation for training and the robustness test sets.
 
@@ -590,12 +673,30 @@ class AugmentConfig(_Strict):
     """
 
     enabled: bool = True
+    arm: Arm = "artifact"
     probability: Fraction = 0.8
     profiles: dict[str, ScannerSimProfile] = Field(default_factory=dict)
     profile_weights: dict[str, NonNegativeFloat] = Field(default_factory=dict)
     severity: SeverityRange = (1, SEVERITY_MAX)
     backend: Literal["fast", "torchio"] = "fast"
     robustness: RobustnessConfig
+    intensity: IntensityArmConfig = Field(default_factory=IntensityArmConfig)
+    labels: LabelsArmConfig = Field(default_factory=LabelsArmConfig)
+    physics: PhysicsArmConfig | None = None
+
+    @property
+    def training_arm(self) -> Arm:
+        """The arm training uses: ``arm``, or ``none`` when ``enabled`` is false."""
+        return self.arm if self.enabled else "none"
+
+    def seen_profiles(self) -> list[str]:
+        """The scanner profiles training draws from (the artifact arm's positive weights; every
+        profile when ``profile_weights`` is empty); none for any other arm."""
+        if self.training_arm != "artifact":
+            return []
+        if not self.profile_weights:
+            return sorted(self.profiles)
+        return sorted(name for name, w in self.profile_weights.items() if w > 0)
 
     def _unknown(self, key: str, names: list[str]) -> None:
         for name in names:
@@ -611,6 +712,11 @@ class AugmentConfig(_Strict):
         self._unknown("augment.profile_weights", list(self.profile_weights))
         self._unknown("augment.robustness.profiles", self.robustness.profiles)
         # (robustness.profiles is never empty, so neither is the catalogue)
+        if self.enabled and self.arm == "physics" and self.physics is None:
+            raise ValueError(
+                "augment.physics: the physics arm needs its tissue table; compose it with "
+                "augment=physics (conf/augment/physics.yaml)"
+            )
         if self.enabled and self.profile_weights and sum(self.profile_weights.values()) <= 0:
             raise ValueError(
                 "augment.profile_weights: at least one weight must be positive while augmentation "
@@ -682,6 +788,11 @@ class TrainConfig(_Strict):
     pos_weight: PositiveFloat | Literal["balanced"] | None = None
     patience: Annotated[int, Field(ge=1)] = 8
     min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="which epoch's weights the run keeps: the best on validation, or the last "
+        "(a fixed epoch budget, when the validation split is too small to choose on)",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
         description="the learning rate per epoch: constant, or cosine (from lr after the warm-up "
@@ -805,3 +916,38 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 }
 """The schema of every lab-side section (the deployment sections, ``export`` and ``edge``, are in
 :mod:`shiftguard.config.deploy`; :data:`shiftguard.config.SCHEMAS` holds both)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The augmentation experiment's design (conf/design/, selected with +design=<name>)
+# --------------------------------------------------------------------------------------------------
+
+
+class DesignConfig(_Strict):
+    """One design of the augmentation experiment (``conf/design/<name>.yaml``): Hydra's sweeper
+    runs one cell per arm x training seed x split seed (``hydra.sweeper.params``); this section says
+    what each cell trains on and is scored against.
+
+    A cell splits the embedded cohort (``manifest``, ``diagnoses``, ``ingest``) with its split seed,
+    trains for a fixed ``epochs`` budget keeping the last epoch, chooses its operating point on the
+    ``val`` split of the in-distribution hold-out set (``holdout``, a split table, and
+    ``holdout_ingest``), and scores that set and every unseen scanner of ``external``.
+    """
+
+    name: str = Field(min_length=1)
+    epochs: Annotated[int, Field(ge=1, le=10_000)]
+    manifest: str = "artifacts/ingest/manifest.csv"
+    diagnoses: str = "data/ris/verified_diagnoses.csv"
+    ingest: str = "artifacts/ingest"
+    holdout: str = "artifacts/experiment/cohorts/holdout/split/dataset.csv"
+    holdout_ingest: str = "artifacts/experiment/cohorts/holdout/ingest"
+    external: str = "artifacts/experiment/cohorts/external/split/dataset.csv"
+    external_ingest: str = "artifacts/experiment/cohorts/external/ingest"
+    reference_arm: Arm = "none"
+    delta: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    power: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    correlation: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    n_boot: Annotated[int, Field(ge=100, le=100_000)] = 2000
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    retained_fraction: Annotated[float, Field(gt=0, le=1)] = 0.97
+    reference_loss: Annotated[float, Field(gt=0, lt=1)] = 0.10

@@ -9,13 +9,15 @@ to ``reports_dir``:
 - ``metrics.json``: test and external AUROC, sensitivity, specificity and ECE with bootstrap CIs at
   the validation-chosen threshold; the same per unseen scanner model (``external_scanners``, keyed
   by the split table's ``scanner_model``); the robustness summary, and the segment flags
-  (``dvc metrics``);
+  (``dvc metrics``). The robustness summary's drop under simulated shift is scored on the profiles
+  held out from training only (:func:`robustness_summary`; the model file names the profiles it
+  trained with): a profile used in training is never scored as unseen;
 - ``predictions.csv``: one row per scored volume (set, profile, severity, series, scanner model,
   label, probability);
 - ``segments.csv``: the per-segment table over the held-out series (test + external);
 - ``robustness.csv``: AUROC with CI for every profile x severity, plus the pooled external set
   (profile ``external``) and each unseen scanner (profile ``external:<scanner model>``), all three
-  at severity -1;
+  at severity -1; ``seen_in_training`` marks the profiles the model trained with;
 - ``roc.csv``, ``reliability.csv`` (DVC plots) and ``roc.png``, ``reliability.png``,
   ``robustness.png``.
 
@@ -112,6 +114,9 @@ class ValidationResult:
     segments: pd.DataFrame
     robustness: pd.DataFrame
     scanners: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen_profiles: tuple[str, ...] | None = ()
+    """The scanner profiles the model trained with (``None``: not known). A profile used in
+    training is never scored as unseen: the robustness summary's drop uses the others only."""
 
     def to_metrics(self) -> dict[str, Any]:
         """Headline figures for ``dvc metrics``: reports per set and per unseen scanner,
@@ -125,12 +130,7 @@ class ValidationResult:
             }
         shifted = self.robustness.loc[~_external_rows(self.robustness)]
         if len(shifted):
-            by_sev = shifted.groupby("severity")["auroc"].mean()
-            out["robustness"] = {
-                "mean_auroc_by_severity": {str(int(k)): _r(v) for k, v in by_sev.items()},
-                "worst_profile_at_max_severity": _worst(shifted),
-                "auroc_drop_at_max_severity": _r(by_sev.iloc[0] - by_sev.iloc[-1]),
-            }
+            out["robustness"] = robustness_summary(shifted, self.seen_profiles)
         if IN_DISTRIBUTION in self.reports and EXTERNAL in self.reports:
             out["external_auroc_gap"] = _r(
                 self.reports[EXTERNAL]["auroc"]["value"]
@@ -160,6 +160,61 @@ def _rounded(report: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def held_out_profiles(profiles: Sequence[str], seen: Sequence[str] | None) -> list[str]:
+    """The profiles of ``profiles`` a model did not train with (none when ``seen`` is unknown).
+
+    >>> held_out_profiles(["low_field", "rf_spike"], ["low_field"])
+    ['rf_spike']
+    >>> held_out_profiles(["low_field"], None)
+    []
+    """
+    if seen is None:
+        return []
+    return [p for p in profiles if p not in set(seen)]
+
+
+def robustness_summary(
+    shifted: pd.DataFrame, seen_profiles: Sequence[str] | None
+) -> dict[str, Any]:
+    """The robustness table's summary: mean AUROC by severity and the worst profile, over the
+    profiles held out from training only; the drop is the mean at the lowest severity (0, the
+    identity) minus the mean at the highest. With every profile seen in training (or the training
+    profiles unknown) the drop is ``None`` and ``reason`` says why.
+
+    Args:
+        shifted: robustness rows (``profile, severity, auroc``), not the real scanners'.
+        seen_profiles: the profiles the model trained with; ``None`` when not known.
+    """
+    profiles = sorted(str(p) for p in shifted["profile"].unique())
+    held_out = held_out_profiles(profiles, seen_profiles)
+    out: dict[str, Any] = {
+        "profiles_seen_in_training": None if seen_profiles is None else sorted(seen_profiles),
+        "profiles_scored": held_out,
+    }
+    part = shifted[shifted["profile"].isin(held_out)]
+    if part.empty:
+        reason = (
+            "the model file does not say which profiles it trained with"
+            if seen_profiles is None
+            else "every profile was used in training; hold some out (augment.profile_weights: 0)"
+        )
+        return {
+            **out,
+            "mean_auroc_by_severity": {},
+            "worst_profile_at_max_severity": None,
+            "auroc_drop_at_max_severity": None,
+            "reason": reason,
+        }
+    by_sev = part.groupby("severity")["auroc"].mean()
+    return {
+        **out,
+        "mean_auroc_by_severity": {str(int(k)): _r(v) for k, v in by_sev.items()},
+        "worst_profile_at_max_severity": _worst(part),
+        "auroc_drop_at_max_severity": _r(by_sev.iloc[0] - by_sev.iloc[-1]),
+        "reason": "",
+    }
 
 
 def _worst(shifted: pd.DataFrame) -> str | None:
@@ -304,6 +359,7 @@ def evaluate(
     robustness_manifest: pd.DataFrame | None,
     augment_dir: Path | None,
     device: str | torch.device = "cpu",
+    seen_profiles: Sequence[str] | None = (),
 ) -> ValidationResult:
     """Score every set and compute the reports, segments and robustness table.
 
@@ -318,6 +374,8 @@ def evaluate(
             volume_path, finding, series_key``), or ``None`` to skip the robustness table.
         augment_dir: the folder the manifest's ``volume_path`` is relative to.
         device: where to run the network.
+        seen_profiles: the scanner profiles the network trained with (``None``: unknown); the
+            robustness table marks them (``seen_in_training``) and its summary leaves them out.
 
     Raises:
         ValidationError: when the validation or test split is missing or one-class.
@@ -421,6 +479,7 @@ def evaluate(
                     "auroc": value,
                     "auroc_low": low,
                     "auroc_high": high,
+                    "seen_in_training": seen_profiles is None or profile in set(seen_profiles),
                 }
             )
     external = scored[scored["split"] == EXTERNAL]
@@ -462,9 +521,22 @@ def evaluate(
     predictions = pd.concat([f.reindex(columns=columns) for f in frames], ignore_index=True)
     robustness = pd.DataFrame(
         rob_rows,
-        columns=["profile", "severity", "n", "n_positive", "auroc", "auroc_low", "auroc_high"],
+        columns=[
+            "profile",
+            "severity",
+            "n",
+            "n_positive",
+            "auroc",
+            "auroc_low",
+            "auroc_high",
+            "seen_in_training",
+        ],
     )
-    return ValidationResult(threshold, reports, predictions, segments, robustness, scanners)
+    robustness["seen_in_training"] = robustness["seen_in_training"].fillna(False).astype(bool)
+    seen = None if seen_profiles is None else tuple(seen_profiles)
+    return ValidationResult(
+        threshold, reports, predictions, segments, robustness, scanners, seen_profiles=seen
+    )
 
 
 def _curves(result: ValidationResult, cfg: EvaluateConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -556,13 +628,16 @@ def _figures(
     ax = fig.subplots()
     rob = result.robustness
     for profile, part in rob.loc[~_external_rows(rob)].groupby("profile"):
+        seen = bool(part["seen_in_training"].any()) if "seen_in_training" in part else False
         ax.errorbar(
             part["severity"],
             part["auroc"],
             yerr=[part["auroc"] - part["auroc_low"], part["auroc_high"] - part["auroc"]],
             marker="o",
             capsize=2,
-            label=str(profile),
+            ls=":" if seen else "-",
+            alpha=0.5 if seen else 1.0,
+            label=f"{profile} (trained with)" if seen else f"{profile} (held out)",
         )
     ext = rob[rob["profile"] == EXTERNAL]
     if len(ext):
@@ -746,7 +821,11 @@ def run(
         if not manifest_path.is_file():
             raise ValidationError(f"{manifest_path}: no robustness manifest; run the augment stage")
         manifest = pd.read_csv(manifest_path, dtype={"series_key": str})
-    result = evaluate(net, train_cfg, cfg, dataset, ingest_dir, manifest, augment_dir, device)
+    trained_with = payload.get("augment")
+    seen = trained_with.get("profiles_seen") if isinstance(trained_with, dict) else None
+    result = evaluate(
+        net, train_cfg, cfg, dataset, ingest_dir, manifest, augment_dir, device, seen_profiles=seen
+    )
     files = write_reports(result, cfg, reports_dir)
     metrics = result.to_metrics()
     log.info(

@@ -200,6 +200,70 @@ def paired_bootstrap(
 
 
 @dataclass(frozen=True)
+class SeedCaseInterval:
+    """One metric of one arm: the mean over its seeds' runs, with a ``1 - alpha`` percentile
+    interval from resampling seeds and cases together (as :func:`paired_bootstrap` does)."""
+
+    metric: str
+    value: float
+    low: float
+    high: float
+    n_seeds: int
+    n_cases: int
+
+
+def seed_case_bootstrap(
+    y_true: ArrayLike,
+    scores: ArrayLike,
+    thresholds: ArrayLike | None = None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> list[SeedCaseInterval]:
+    """One arm's AUROC (and sensitivity and specificity at each run's ``thresholds``), averaged over
+    seeds, with an interval over seeds and cases.
+
+    Args:
+        y_true: ``(N,)`` labels (0/1).
+        scores: ``(S, N)`` one row per seed's run (``(N,)`` for one run).
+        thresholds: ``(S,)`` each run's operating point, or one number; ``None`` for AUROC only.
+        n_boot: resamples, each drawing ``S`` seeds with replacement and ``N`` cases stratified by
+            class.
+        alpha: the interval is ``1 - alpha``.
+        seed: the bootstrap's generator seed.
+
+    >>> r = seed_case_bootstrap([0, 0, 1, 1], [[0.1, 0.2, 0.8, 0.9], [0.1, 0.9, 0.8, 0.2]], n_boot=200)
+    >>> r[0].metric, r[0].value, r[0].n_seeds
+    ('auroc', 0.75, 2)
+    """
+    _check_boot(n_boot, alpha)
+    y = _labels(y_true)
+    s = _scores("scores", scores, y.size)
+    n_seeds = s.shape[0]
+    t = _thresholds("thresholds", thresholds, n_seeds)
+    point = _per_seed(y, s, t, np.arange(y.size)[None, :])
+    rng = np.random.default_rng(seed)
+    idx = _resample_indices(y, n_boot, rng, stratified=True)
+    boot = _per_seed(y, s, t, idx)
+    counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot)
+    out = []
+    for metric, values in boot.items():
+        means = (counts * values.T).sum(axis=1) / n_seeds
+        low, high = _percentile(means, alpha)
+        out.append(
+            SeedCaseInterval(
+                metric=metric,
+                value=float(point[metric].mean()),
+                low=low,
+                high=high,
+                n_seeds=n_seeds,
+                n_cases=int(y.size),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
 class DeLongResult:
     """DeLong's test of one seed's pair of runs: ``diff`` = arm AUROC - reference AUROC."""
 

@@ -7,11 +7,14 @@ store holds (the embedded one or a team server), not files on one machine.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import pandas as pd
 
 from shiftguard.tracking import EXPERIMENT
+
+log = logging.getLogger(__name__)
 
 #: metric keys of the validate run -> column names of :func:`validation_table`
 COLUMNS = {
@@ -92,3 +95,31 @@ def artifact_csv(client: Any, run_id: str, name: str) -> pd.DataFrame:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, name, tmp)
         return pd.read_csv(io.StringIO(Path(path).read_text()))
+
+
+def experiment_table(client: Any, experiment: str = EXPERIMENT) -> tuple[str, str] | None:
+    """The newest augmentation experiment report in the store: ``(run id, its table.md)``, or
+    ``None`` when no ``experiment`` run has one."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        "tags.`shiftguard.stage` = 'experiment'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    for run in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run.info.run_id, "table.md", tmp)
+            except (MlflowException, OSError) as exc:  # a run without the file: the next one
+                log.debug("run %s has no table.md: %s", run.info.run_id, exc)
+                continue
+            return run.info.run_id, Path(path).read_text()
+    return None

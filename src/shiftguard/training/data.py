@@ -1,10 +1,12 @@
 """MONAI datasets and loaders built from rows of ``artifacts/split/dataset.csv``.
 
 Deterministic preprocessing (load, channel first, percentile intensity scaling, robust to each vendor's
-stored scale) is cached by :class:`monai.data.CacheDataset`; the training set adds the scanner
-simulation and a random left-right flip, drawn per sample when the loader serves it. The simulation
-runs on the ingest grid, where the robustness test sets are made too; the last transform
-area-resamples to ``train.input_shape`` when the network sees a coarser grid. With lesion masks
+stored scale) is cached by :class:`monai.data.CacheDataset`; the training set adds the augmentation
+arm (:mod:`shiftguard.augment.arms`) and a random left-right flip, drawn per sample when the loader
+serves it. The arm runs on the ingest grid and on the volume's own intensities, before percentile
+scaling, where the robustness test sets are simulated too and where the edge receives a study (one
+intensity domain); the last transform area-resamples to ``train.input_shape`` when the network sees a
+coarser grid. The label-driven arms also load each item's tissue label map onto its grid. With lesion masks
 (``train.lesion_masks``) each training item also carries its mask, moved onto the volume's grid
 through both affines and cached on the network's grid; the flip turns it with the image.
 
@@ -27,6 +29,7 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import (
     Compose,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -36,7 +39,7 @@ from monai.transforms import (
 )
 from torch.utils.data import DistributedSampler
 
-from shiftguard.augment import RandScannerSimd
+from shiftguard.augment.arms import LABELS_KEY, arm_transforms
 from shiftguard.config.schema import AugmentConfig, TrainConfig
 from shiftguard.edge.preprocess import scale_percentiles
 from shiftguard.training.distributed import DistContext
@@ -45,9 +48,10 @@ from shiftguard.utils import loader_workers
 IMAGE, LABEL, KEY, MASK = "image", "label", "key", "mask"
 
 
-def mask_file(masks_dir: Path, row: Mapping[str, Any]) -> Path:
-    """The lesion mask of a ``dataset.csv`` row: ``<series_key>.nii.gz`` in ``masks_dir``, else
-    ``<patient_id>.nii.gz`` (one mask per subject, in world coordinates, serves all its series).
+def mask_file(masks_dir: Path, row: Mapping[str, Any], what: str = "lesion mask") -> Path:
+    """The lesion mask (or another per-series map, ``what``) of a ``dataset.csv`` row:
+    ``<series_key>.nii.gz`` in ``masks_dir``, else ``<patient_id>.nii.gz`` (one map per subject, in
+    world coordinates, serves all its series).
 
     Raises:
         ValueError: when neither exists.
@@ -59,11 +63,16 @@ def mask_file(masks_dir: Path, row: Mapping[str, Any]) -> Path:
         path = Path(masks_dir) / f"{name}.nii.gz"
         if path.is_file():
             return path
-    raise ValueError(
-        f"series {row['series_key']}: no lesion mask in {masks_dir} (looked for "
-        + " or ".join(f"{n}.nii.gz" for n in names)
-        + "); give every training series a mask (all zero without a lesion) or set "
+    hint = (
+        "give every training series a mask (all zero without a lesion) or set "
         "train.lesion_masks=null"
+        if what == "lesion mask"
+        else "give every training series one, or train another augmentation arm"
+    )
+    raise ValueError(
+        f"series {row['series_key']}: no {what} in {masks_dir} (looked for "
+        + " or ".join(f"{n}.nii.gz" for n in names)
+        + f"); {hint}"
     )
 
 
@@ -72,18 +81,22 @@ def items_from_rows(
     ingest_dir: Path,
     split: str | None = None,
     masks_dir: Path | None = None,
+    labels_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Dataset items ``{"image": path, "label": float, "key": series_key}`` for one split, with
-    ``"mask": path`` (:func:`mask_file`) when ``masks_dir`` is given.
+    ``"mask": path`` (:func:`mask_file`) when ``masks_dir`` is given and ``"labels": path`` (the
+    tissue label map) when ``labels_dir`` is given.
 
     Args:
         rows: rows of ``dataset.csv`` (``series_key``, ``volume_path``, ``finding``, ``split``).
         ingest_dir: the folder ``volume_path`` is relative to.
         split: keep only rows of this split; ``None`` keeps all.
         masks_dir: the folder of lesion masks (``train.lesion_masks``).
+        labels_dir: the folder of tissue label maps (the label-driven augmentation arms).
 
     Raises:
-        ValueError: when a kept row has no 0/1 ``finding``, or no mask in ``masks_dir``.
+        ValueError: when a kept row has no 0/1 ``finding``, or no mask in ``masks_dir`` or label
+            map in ``labels_dir``.
     """
     items = []
     for row in rows:
@@ -102,6 +115,8 @@ def items_from_rows(
         }
         if masks_dir is not None:
             item[MASK] = str(mask_file(masks_dir, row))
+        if labels_dir is not None:
+            item[LABELS_KEY] = str(mask_file(labels_dir, row, what="tissue label map"))
         items.append(item)
     return items
 
@@ -164,9 +179,9 @@ class LesionMaskOnGridd(MapTransform):
     the lesion in the ingest volume, which is on its own grid.
     """
 
-    def __init__(self, mask_key: str = MASK, image_key: str = IMAGE) -> None:
+    def __init__(self, mask_key: str = MASK, image_key: str = IMAGE, order: int = 1) -> None:
         super().__init__([mask_key])
-        self.mask_key, self.image_key = mask_key, image_key
+        self.mask_key, self.image_key, self.order = mask_key, image_key, order
 
     def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
         from nibabel.processing import resample_from_to
@@ -178,24 +193,50 @@ class LesionMaskOnGridd(MapTransform):
             raise ValueError(f"{out[self.mask_key]}: a lesion mask must be 3D, got {mask.shape}")
         source = nib.Nifti1Image(np.asarray(mask.dataobj, dtype=np.float32), mask.affine)
         grid = (tuple(reference.shape[:3]), reference.affine)
-        moved = resample_from_to(source, grid, order=1, mode="constant", cval=0.0)
-        array = np.clip(np.asarray(moved.dataobj, dtype=np.float32), 0.0, 1.0)
-        out[self.mask_key] = torch.from_numpy(np.ascontiguousarray(array[None]))
+        moved = resample_from_to(source, grid, order=self.order, mode="constant", cval=0.0)
+        array = np.asarray(moved.dataobj, dtype=np.float32)
+        if self.order == 0:  # label values stay labels
+            tensor = torch.from_numpy(np.ascontiguousarray(np.rint(array)[None].astype(np.uint8)))
+        else:
+            tensor = torch.from_numpy(np.ascontiguousarray(np.clip(array, 0.0, 1.0)[None]))
+        out[self.mask_key] = tensor
         return out
 
 
-def preprocessing(cfg: TrainConfig, masks: bool = False) -> list[Any]:
+class LabelMapOnGridd(LesionMaskOnGridd):
+    """A tissue label map (``data["labels"]``, a file path) onto the volume's grid by nearest
+    neighbour: ``(1, X, Y, Z)`` uint8 label values. Place it before
+    :class:`~monai.transforms.LoadImaged`, like :class:`LesionMaskOnGridd`."""
+
+    def __init__(self, labels_key: str = LABELS_KEY, image_key: str = IMAGE) -> None:
+        super().__init__(labels_key, image_key, order=0)
+
+
+def preprocessing(
+    cfg: TrainConfig, masks: bool = False, labels: bool = False, scale: bool = True
+) -> list[Any]:
     """The deterministic transforms: file to a ``(1, X, Y, Z)`` float tensor scaled by percentiles;
     with ``masks``, the item's lesion mask on the same grid (:class:`LesionMaskOnGridd`), already
-    area-resampled to the network's grid (the cache keeps it there: a flip commutes with it)."""
-    lo, hi = cfg.intensity_percentiles
+    area-resampled to the network's grid (the cache keeps it there: a flip commutes with it); with
+    ``labels``, its tissue label map on the volume's grid (:class:`LabelMapOnGridd`). ``scale=False``
+    leaves the percentile scaling out (:func:`intensity_scaling`), for a training set whose
+    augmentation runs on the volume's own intensities first."""
     mask_steps: list[Any] = []
     if masks:
         mask_steps = [LesionMaskOnGridd(), *to_input_grid(cfg, (MASK,))]
+    if labels:
+        mask_steps.append(LabelMapOnGridd())
+    steps = [*mask_steps, LoadImaged(IMAGE, image_only=True), EnsureChannelFirstd(IMAGE)]
+    if not scale:
+        return [*steps, EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False)]
+    return [*steps, *intensity_scaling(cfg)]
+
+
+def intensity_scaling(cfg: TrainConfig) -> list[Any]:
+    """Percentile scaling to the network's intensities (:class:`ScalePercentilesd`), a float32
+    tensor."""
+    lo, hi = cfg.intensity_percentiles
     return [
-        *mask_steps,
-        LoadImaged(IMAGE, image_only=True),
-        EnsureChannelFirstd(IMAGE),
         ScalePercentilesd(IMAGE, lo, hi),
         EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
     ]
@@ -266,9 +307,10 @@ def build_dataset(
     Args:
         items: from :func:`items_from_rows`.
         cfg: the ``train`` section (cache rate, workers, percentiles, flip probability).
-        train: add the random transforms (flip; the simulation when ``augment`` is given).
-        augment: the ``augment`` section; ``None`` trains without scanner simulation.
-        spacing: voxel size in mm for the simulation; read from the volumes when omitted.
+        train: add the random transforms (flip; the augmentation arm when ``augment`` is given).
+        augment: the ``augment`` section (its :attr:`~shiftguard.config.schema.AugmentConfig.training_arm`);
+            ``None`` trains without augmentation.
+        spacing: voxel size in mm for the arm; read from the volumes when omitted.
 
     Each sample is ``{"image": (1, X, Y, Z) float32, "label": float, "key": str}`` with ``(X, Y, Z)``
     the ``cfg.input_shape`` (the ingest grid when unset), plus ``"mask"`` (the lesion fraction per
@@ -277,13 +319,19 @@ def build_dataset(
     :func:`shiftguard.training.fit`) and the sample's index (see :class:`SeededCacheDataset`).
     """
     masks = bool(items) and all(MASK in item for item in items)
-    transforms = preprocessing(cfg, masks=masks)
-    if train and augment is not None:
+    labels = bool(items) and all(LABELS_KEY in item for item in items)
+    arm: list[Any] = []
+    if train and augment is not None and augment.training_arm != "none":
         if spacing is None:
             spacing = volume_geometry([item[IMAGE] for item in items])[0]
-        transforms.append(
-            RandScannerSimd.from_config(IMAGE, augment, spacing=spacing, record_key=None)
-        )
+        arm = arm_transforms(augment, spacing, IMAGE)
+    if arm:  # the arm sees the volume's own intensities; scaling follows, per sample
+        transforms = preprocessing(cfg, masks=masks, labels=labels, scale=False)
+        transforms += [*arm, *intensity_scaling(cfg)]
+        if labels:
+            transforms.append(DeleteItemsd(LABELS_KEY))
+    else:
+        transforms = preprocessing(cfg, masks=masks)
     if train:
         transforms.append(
             RandFlipd([IMAGE, MASK] if masks else IMAGE, prob=cfg.flip_probability, spatial_axis=0)

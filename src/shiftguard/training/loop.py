@@ -333,7 +333,8 @@ def fit(
             ``device`` is used when ``device`` is omitted. ``log_fn`` runs on rank 0 only.
 
     Returns:
-        The :class:`FitResult`; the model holds the best epoch's weights.
+        The :class:`FitResult`; the model holds the best epoch's weights (the last epoch's with
+        ``cfg.keep == "last"``).
     """
     ctx = ctx or DistContext()
     if device is None:
@@ -474,7 +475,7 @@ def fit(
         import torch.distributed as dist
 
         dist.barrier()  # rank 0 has written best.pt
-    if best_path.is_file():
+    if best_path.is_file() and cfg.keep == "best":
         net.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
     if cfg.channels_last:
         net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

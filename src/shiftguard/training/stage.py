@@ -315,6 +315,27 @@ def _lesion_masks(train_cfg: TrainConfig, model_cfg: ModelConfig, root: Path) ->
     return folder
 
 
+def _label_maps(augment_cfg: AugmentConfig, root: Path) -> Path | None:
+    """The folder of tissue label maps the augmentation arm reads (relative to ``root``), if any.
+
+    Raises:
+        TrainingDataError: when the arm needs one and the folder is missing.
+    """
+    from shiftguard.augment.arms import labels_dir
+
+    name = labels_dir(augment_cfg)
+    if name is None:
+        return None
+    folder = Path(name) if Path(name).is_absolute() else root / name
+    if not folder.is_dir():
+        raise TrainingDataError(
+            f"augment.{augment_cfg.training_arm}.labels_dir: {folder} is not a folder of tissue "
+            "label maps; point it at one (the cohort writes data/ground_truth/labels) or train "
+            "another augmentation arm"
+        )
+    return folder
+
+
 def _run(
     ctx: DistContext,
     train_cfg: TrainConfig,
@@ -331,8 +352,15 @@ def _run(
 ) -> TrainSummary:
     rows = read_rows(dataset_csv)
     masks_dir = _lesion_masks(train_cfg, model_cfg, root)
+    augment = augment_cfg if augment_cfg.training_arm != "none" else None
     try:
-        train_items = items_from_rows(rows, ingest_dir, "train", masks_dir=masks_dir)
+        train_items = items_from_rows(
+            rows,
+            ingest_dir,
+            "train",
+            masks_dir=masks_dir,
+            labels_dir=_label_maps(augment_cfg, root),
+        )
     except ValueError as exc:
         raise TrainingDataError(f"{dataset_csv}: {exc}") from exc
     val_items = items_from_rows(rows, ingest_dir, "val")
@@ -349,16 +377,15 @@ def _run(
         )
     spacing, shape = volume_geometry([i["image"] for i in train_items + val_items])
     input_shape = tuple(train_cfg.input_shape or shape)
-    augment = augment_cfg if augment_cfg.enabled else None
     log.info(
-        "train: %d series (%d positive), val: %d; grid %s -> input %s; scanner simulation %s; "
+        "train: %d series (%d positive), val: %d; grid %s -> input %s; augmentation arm %s; "
         "lesion masks %s; %s",
         len(train_items),
         int(labels.sum()),
         len(val_items),
         shape,
         input_shape,
-        "on" if augment else "off",
+        augment_cfg.training_arm,
         masks_dir or "off",
         f"{ctx.world_size} processes" if ctx.distributed else "1 process",
     )
@@ -384,7 +411,13 @@ def _run(
         from shiftguard.tracking import stage_run
 
         context: Any = stage_run(
-            "train", params, root=root, tags={"shiftguard.augment": str(bool(augment))}
+            "train",
+            params,
+            root=root,
+            tags={
+                "shiftguard.augment": str(bool(augment)),
+                "shiftguard.augment_arm": augment_cfg.training_arm,
+            },
         )
     else:
         context = nullcontext(None)
@@ -446,7 +479,15 @@ def _run(
             train_cfg,
             spacing,
             shape,
-            extra={"best_epoch": result.best_epoch, "best_val_auroc": result.best_val_auroc},
+            extra={
+                "best_epoch": result.best_epoch,
+                "best_val_auroc": result.best_val_auroc,
+                # what the held-out-profile rule of validation needs to know
+                "augment": {
+                    "arm": augment_cfg.training_arm,
+                    "profiles_seen": augment_cfg.seen_profiles(),
+                },
+            },
         )
         if history_csv is not None:
             _write_history(history_csv, result.history)

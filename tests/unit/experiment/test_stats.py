@@ -16,6 +16,7 @@ from shiftguard.experiment.stats import (
     delong_per_run,
     paired_bootstrap,
     paired_difference_power,
+    seed_case_bootstrap,
 )
 
 
@@ -167,3 +168,21 @@ def test_cases_for_power_is_the_smallest_set_that_reaches_it() -> None:
 def test_inputs_that_cannot_be_paired_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(PairedInputError, match=message):
         paired_bootstrap(**kwargs, n_boot=10)
+
+
+def test_seed_case_interval_is_the_mean_of_the_runs_and_covers_it() -> None:
+    rng = np.random.default_rng(4)
+    y = np.repeat([0, 1], 200)
+    runs = np.vstack([y * d + rng.normal(0, 1, y.size) for d in (0.3, 1.2, 2.5)])
+    thresholds = [0.4, 0.5, 0.6]
+    out = {r.metric: r for r in seed_case_bootstrap(y, runs, thresholds, n_boot=400)}
+    assert set(out) == {"auroc", "sensitivity", "specificity"}
+    assert out["auroc"].value == pytest.approx(np.mean([auroc(y, s) for s in runs]))
+    sens = np.mean([(s[y == 1] >= t).mean() for s, t in zip(runs, thresholds, strict=True)])
+    assert out["sensitivity"].value == pytest.approx(sens)
+    for r in out.values():
+        assert r.low <= r.value <= r.high and (r.n_seeds, r.n_cases) == (3, 400)
+    # runs that disagree widen the interval against three copies of the middle run
+    same = seed_case_bootstrap(y, np.vstack([runs[1]] * 3), n_boot=400)[0]
+    assert (out["auroc"].high - out["auroc"].low) > (same.high - same.low)
+    assert seed_case_bootstrap(y, runs[0], n_boot=100)[0].n_seeds == 1  # one run: (N,) works

@@ -122,5 +122,24 @@ def test_the_two_experiment_arms_differ_only_in_training_time_simulation(conf_di
     on = compose(["experiment=sim_on"], conf_dir)
     off = compose(["experiment=sim_off"], conf_dir)
     assert on["augment"]["enabled"] is True and off["augment"]["enabled"] is False
-    off["augment"]["enabled"] = True
+    assert (on["augment"]["arm"], off["augment"]["arm"]) == ("artifact", "none")
+    off["augment"].update(enabled=True, arm="artifact")
     assert on == off  # same data, model, training, robustness sets and evaluation
+
+
+def test_every_augmentation_arm_changes_only_what_training_does(conf_dir: Path) -> None:
+    from shiftguard.config.schema import ARMS
+
+    default = compose(conf_dir=conf_dir)
+    assert sorted(p.stem for p in (conf_dir / "augment").glob("*.yaml")) == sorted(
+        [*ARMS, "default"]
+    )
+    for arm in ARMS:
+        config = compose([f"augment={arm}"], conf_dir)
+        assert config["augment"]["arm"] == arm
+        # the robustness sets and the profile catalogue are every arm's, so arms score alike
+        for key in ("robustness", "profiles"):
+            assert config["augment"][key] == default["augment"][key], (arm, key)
+        assert {k: v for k, v in config.items() if k != "augment"} == {
+            k: v for k, v in default.items() if k != "augment"
+        }

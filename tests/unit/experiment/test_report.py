@@ -123,3 +123,37 @@ def test_a_missing_cell_or_reference_is_named(tmp_path: Path) -> None:
         compare_arms(load_runs(sweep), read_design(sweep))
     with pytest.raises(ExperimentReportError, match="no finished cell"):
         load_runs(tmp_path / "empty")
+
+
+def test_the_report_goes_to_mlflow_and_compare_reads_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``experiment`` run holds the files and each arm's figures, a nested run per cell, and
+    ``shiftguard compare --experiment`` prints the newest run's table."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.experiment.report import track, write_report
+    from shiftguard.tracking.compare import experiment_table
+
+    root = tmp_path / "project"
+    root.mkdir()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    sweep = write_sweep(tmp_path / "sweep")
+    result = compare_arms(load_runs(sweep), read_design(sweep))
+    files = write_report(result, tmp_path / "out")
+    run_id = track(result, files, root=root)
+    stored = client.get_run(run_id)
+    assert stored.data.tags["shiftguard.stage"] == "experiment"
+    mean_none = np.mean([auroc(labels(), scores("none", k, "Scanner A")) for k in (0, 1)])
+    assert stored.data.metrics["auroc.none.scanner_a"] == pytest.approx(mean_none)
+    assert "diff.auroc.artifact.scanner_a" in stored.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert set(FILES) <= artifacts
+    children = client.search_runs(
+        [stored.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'"
+    )
+    assert len(children) == len(result.cells) == 4
+    found = experiment_table(client)
+    assert found is not None and found[0] == run_id
+    assert found[1] == (tmp_path / "out" / "table.md").read_text()

@@ -488,13 +488,15 @@ def figure(result: ExperimentResult, path: Path) -> Path:
     ax.set_xticks(range(len(result.sets)), [SET_LABEL.get(n, n).replace(" ", "\n", 1)
                                             for n in result.sets], fontsize=8)  # fmt: skip
     ax.axvline(0.5, c="grey", lw=0.6, ls=":")
-    ax.set(ylabel="AUROC (mean of runs, 95 % CI)", ylim=(0.4, 1.0))
+    bottom = min(0.4, float(s["low"].min()) - 0.02) if len(s) else 0.4
+    ax.axhline(0.5, c="grey", lw=0.6, ls="--")
+    ax.set(ylabel="AUROC (mean of runs, 95 % CI)", ylim=(bottom, 1.0))
     ax.set_title(
         f"Augmentation arms on unseen scanners (design {result.design.name}: "
         f"{len(result.cells)} runs)",
         fontsize=10,
     )
-    ax.legend(fontsize=8, ncol=len(result.arms), loc="lower left")
+    ax.legend(fontsize=8, ncol=len(result.arms), loc="upper right")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
     return path

@@ -532,7 +532,7 @@ def evaluate(
             "seen_in_training",
         ],
     )
-    robustness["seen_in_training"] = robustness["seen_in_training"].fillna(False).astype(bool)
+    robustness["seen_in_training"] = robustness["seen_in_training"].eq(True)  # scanners' rows: no
     seen = None if seen_profiles is None else tuple(seen_profiles)
     return ValidationResult(
         threshold, reports, predictions, segments, robustness, scanners, seen_profiles=seen

@@ -26,14 +26,13 @@ for cohort in holdout external; do
     rm -rf "${data:?}/$cohort"
     shiftguard cohort generate "cohort=$cohort" --out "$data/$cohort/data"
     shiftguard ingest "$data/$cohort/data/dicom" --out "$data/$cohort/ingest"
-    if [ "$cohort" = holdout ]; then  # half chooses the operating point, all of it is scored
-      fractions='split.fractions={train: 0.0, val: 0.5, test: 0.5}'
-    else  # every series is an unseen scanner's: split.external lists all four
-      fractions='split.fractions={train: 0.7, val: 0.15, test: 0.15}'
-    fi
+    # the hold-out: half chooses the operating point, all of it is scored; the unseen sets: every
+    # series lands in the external split (split.external lists all four scanners)
+    overrides=()
+    [ "$cohort" = holdout ] && overrides=('split.fractions={train: 0.0, val: 0.5, test: 0.5}')
     shiftguard split --manifest "$data/$cohort/ingest/manifest.csv" \
       --diagnoses "$data/$cohort/data/ris/verified_diagnoses.csv" \
-      --out "$data/$cohort/split" "$fractions"
+      --out "$data/$cohort/split" "${overrides[@]}"
   fi
 done
 prepared=$(stamp)

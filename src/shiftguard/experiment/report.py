@@ -17,7 +17,6 @@ with the reference arm's runs of the same training and split seeds, and writes i
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -596,17 +595,3 @@ def run(
         run_id = track(result, files, root)
         log.info("experiment report logged to MLflow run %s", run_id)
     return result
-
-
-def read_table(out_dir: Path) -> str:
-    """The committed table (``table.md``) of a report folder."""
-    path = out_dir / "table.md"
-    if not path.is_file():
-        raise ExperimentReportError(f"{path}: no experiment report; run make experiment")
-    return path.read_text()
-
-
-def rows(path: Path) -> list[dict[str, str]]:
-    """A report CSV's rows."""
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))

@@ -272,7 +272,6 @@ def main() -> None:
     """The Hydra application: ``python -m shiftguard.experiment.runner --multirun +design=NAME``."""
     import hydra
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     app = hydra.main(config_path=str(find_conf_dir()), config_name="config", version_base=None)
     app(_hydra_cell)()
 

@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import dcmwrite
+from pydicom.charset import default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_file_meta_info
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
     UID,
@@ -357,6 +360,9 @@ def write_series(
     for keyword, value in _common_elements(plan, profile, geometry, uids).items():
         setattr(common, keyword, value)
     pixels = np.ascontiguousarray(stored, dtype="<u2")
+    # Uncompressed slices differ only in five elements: the shared ones are encoded once and each
+    # file is spliced from bytes (the same bytes dcmwrite writes; a test holds the two equal)
+    shared = None if uid.is_compressed else _SharedElements(common)
     paths = []
     for k in range(geometry.n_slices):
         number = k + 1
@@ -367,23 +373,60 @@ def write_series(
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION
         ds = Dataset()
-        ds.file_meta = meta
-        ds.update(common)  # shares the (never mutated) elements; per-slice ones are added below
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = number
         ds.ImagePositionPatient = [_ds(v) for v in geometry.position(k)]
         ds.SliceLocation = _ds(geometry.slice_location(k))
-        if uid.is_compressed:
+        path = folder / f"{number:04d}.dcm"
+        if shared is not None:
+            ds.PixelData = pixels[k].tobytes()
+            ds["PixelData"].VR = "OW"
+            path.write_bytes(shared.file_bytes(meta, ds))
+        else:
+            ds.file_meta = meta
+            ds.update(common)  # shares the (never mutated) elements
             ds.compress(
                 uid, pixels[k], encoding_plugin=encoding_plugin, generate_instance_uid=False
             )
-        else:
-            ds.PixelData = pixels[k].tobytes()
-            ds["PixelData"].VR = "OW"
-        path = folder / f"{number:04d}.dcm"
-        dcmwrite(path, ds, enforce_file_format=True)
+            dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+class _SharedElements:
+    """A series' shared elements encoded once, in Explicit VR Little Endian, to splice each slice's
+    file from: preamble, ``DICM``, the file meta group (pydicom's :func:`write_file_meta_info`),
+    then the shared and the slice's own elements merged in tag order, each encoded by pydicom's
+    :func:`write_data_element` with the shared Specific Character Set, as
+    ``dcmwrite(path, ds, enforce_file_format=True)`` encodes them (about 4 times faster: dcmwrite
+    re-encodes some 60 shared elements per slice)."""
+
+    def __init__(self, common: Dataset) -> None:
+        correct_ambiguous_vr(common, True)  # as write_dataset does for a new dataset
+        self.encodings = common.get("SpecificCharacterSet", default_encoding)
+        self.elements = self._encode(common)
+
+    def _encode(self, ds: Dataset) -> list[tuple[int, bytes]]:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        out = []
+        for tag in sorted(ds.keys()):
+            if tag.element == 0 and tag.group > 6:  # group lengths: write_dataset skips them
+                continue
+            start = fp.tell()
+            write_data_element(fp, ds[tag], self.encodings)
+            out.append((int(tag), fp.getvalue()[start:]))
+        return out
+
+    def file_bytes(self, meta: FileMetaDataset, own: Dataset) -> bytes:
+        """One file: ``meta`` and the shared elements with ``own`` (the slice's elements, none
+        of them shared)."""
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        fp.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fp, meta, enforce_standard=True)
+        merged = sorted(self.elements + self._encode(own), key=lambda item: item[0])
+        return bytes(fp.getvalue()) + b"".join(chunk for _, chunk in merged)
 
 
 def write_mask(mask: NDArray[np.uint8], geometry: AcquisitionGeometry, path: Path) -> None:

@@ -24,13 +24,102 @@ def scale_percentiles(volume: np.ndarray, lower: float, upper: float) -> np.ndar
     """Map the ``lower`` and ``upper`` percentiles of ``volume`` to 0 and 1, without clipping.
 
     As MONAI's ``ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip=False)``: linear
-    interpolation between order statistics; a constant volume becomes all zeros.
+    interpolation between order statistics; a constant volume becomes all zeros. The percentiles
+    are :func:`percentiles`, bit for bit ``np.percentile``'s.
     """
     values = np.asarray(volume, dtype=np.float32)
-    lo, hi = np.percentile(values, [lower, upper])
+    lo, hi = percentiles(values, (lower, upper))
     if hi - lo == 0:
         return (values - lo).astype(np.float32)
     return ((values - lo) / (hi - lo)).astype(np.float32)
+
+
+#: below this many values :func:`percentiles` leaves the work to ``np.percentile``
+_SELECT_MIN = 8192
+#: values sampled to find a cut-off near each tail
+_SELECT_SAMPLE = 8192
+
+
+def percentiles(values: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """``np.percentile(values, qs)`` (linear interpolation), bit for bit, for percentiles near the
+    tails of a large float32 array, without partitioning all of it.
+
+    ``np.percentile`` copies the array and partitions the copy (about 5 ms for a 80x96x80 volume).
+    Here each tail's order statistics come from a cut-off drawn from an even sample of the values:
+    the values beyond it (about twice the tail's share, plus 64 sampled places) are gathered and
+    partitioned; a rank whose value equals the cut-off takes it directly, so long runs of ties (an
+    empty background) cost nothing. The interpolation is then ``np.percentile``'s own arithmetic on
+    the two order statistics. Whenever a cut-off falls short of its ranks, or the array is small, not
+    float32, or holds a NaN or an infinity, the answer is ``np.percentile``'s.
+
+    Args:
+        values: any shape; its memory order does not matter.
+        qs: percentiles in ``[0, 100]``.
+
+    Returns:
+        ``(len(qs),)`` float64, as ``np.percentile`` returns them.
+
+    >>> x = np.random.default_rng(0).gamma(2.0, 300.0, 50_000).astype(np.float32)
+    >>> bool(np.array_equal(percentiles(x, [1, 99]), np.percentile(x, [1, 99])))
+    True
+    """
+    flat = np.asarray(values).ravel(order="K")
+    n = flat.size
+    if flat.dtype != np.float32 or n < _SELECT_MIN:
+        return np.asarray(np.percentile(values, qs))
+    if not (np.isfinite(flat.max()) and np.isfinite(flat.min())):
+        return np.asarray(np.percentile(values, qs))
+    # np.percentile's "linear" method: virtual index (n - 1) q and its two neighbours
+    virtual = (n - 1) * np.true_divide(qs, 100)
+    previous = np.floor(virtual)
+    following = previous + 1
+    past = virtual >= n - 1
+    previous[past], following[past] = n - 1, n - 1
+    before = virtual < 0
+    previous[before], following[before] = 0, 0
+    gamma = np.asarray(virtual - np.floor(virtual), dtype=virtual.dtype)
+    prev_rank, next_rank = previous.astype(np.intp).tolist(), following.astype(np.intp).tolist()
+    ranks = sorted(set(prev_rank) | set(next_rank))
+    step = max(1, n // _SELECT_SAMPLE)
+    found: dict[int, np.float32] = {}
+    for low in (True, False):
+        group = [r for r in ranks if (r < n // 2) == low]
+        if group:
+            got = _tail_order_statistics(flat, group, low, flat[::step])
+            if got is None:
+                return np.asarray(np.percentile(values, qs))
+            found.update(got)
+    a = np.array([found[r] for r in prev_rank], dtype=flat.dtype)
+    b = np.array([found[r] for r in next_rank], dtype=flat.dtype)
+    diff_b_a = b - a  # numpy's _lerp, exactly: from a below one half, from b above it
+    lerp: np.ndarray = np.add(a, diff_b_a * gamma)
+    np.subtract(
+        b, diff_b_a * (1 - gamma), out=lerp, where=gamma >= 0.5, casting="unsafe", dtype=lerp.dtype
+    )
+    return lerp
+
+
+def _tail_order_statistics(
+    flat: np.ndarray, ranks: Sequence[int], low: bool, sample: np.ndarray
+) -> dict[int, np.float32] | None:
+    """The values at sorted positions ``ranks`` of ``flat`` (1D, finite), all in its lower
+    (``low``) or upper half; ``None`` when the sample's cut-off does not reach them."""
+    n, s = flat.size, sample.size
+    reach = (max(ranks) + 1) if low else (n - min(ranks))  # how many values the tail must hold
+    m = min(s - 1, int(reach * s * 2 / n) + 64)
+    cut = np.partition(sample, m if low else s - 1 - m)[m if low else s - 1 - m]
+    beyond = flat < cut if low else flat > cut
+    n_beyond = int(np.count_nonzero(beyond))
+    if n_beyond + int(np.count_nonzero(flat == cut)) < reach:
+        return None
+    # ranks of the values beyond the cut-off, counted from the array's start
+    first = 0 if low else n - n_beyond
+    inside = [r for r in ranks if first <= r < first + n_beyond]
+    out: dict[int, np.float32] = {r: cut for r in ranks if r not in inside}
+    if inside:
+        part = np.partition(flat[beyond], [r - first for r in inside])
+        out.update({r: part[r - first] for r in inside})
+    return out
 
 
 def _area_matrix(n_in: int, n_out: int) -> np.ndarray:

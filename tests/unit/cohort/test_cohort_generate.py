@@ -359,6 +359,34 @@ def test_each_transfer_syntax_encodes_losslessly_or_fails_clearly(
         np.testing.assert_array_equal(ds.pixel_array, series.stored[k])
 
 
+def test_spliced_files_are_the_bytes_dcmwrite_writes(
+    cfg: CohortConfig, cohort: Path, tmp_path: Path
+) -> None:
+    """Uncompressed slices are spliced from elements encoded once per series; each file must be
+    what pydicom's dcmwrite writes for the slice's whole dataset (every scanner of the cohort)."""
+    for plan in sample_subjects(cfg):
+        profile = cfg.scanners[plan.scanner]
+        if profile.transfer_syntax != "explicit_vr_little_endian":
+            continue
+        folder = next((cohort / "dicom" / plan.patient_id).iterdir())
+        for path in sorted(folder.glob("*.dcm"))[:3]:
+            ds = pydicom.dcmread(path)
+            rebuilt = pydicom.Dataset()
+            rebuilt.file_meta = pydicom.dataset.FileMetaDataset()
+            for keyword in (
+                "MediaStorageSOPClassUID",
+                "MediaStorageSOPInstanceUID",
+                "TransferSyntaxUID",
+                "ImplementationVersionName",
+            ):
+                setattr(rebuilt.file_meta, keyword, ds.file_meta[keyword].value)
+            for element in ds:
+                rebuilt.add(element)
+            written = tmp_path / f"{plan.patient_id}-{path.name}"
+            pydicom.dcmwrite(written, rebuilt, enforce_file_format=True)
+            assert written.read_bytes() == path.read_bytes(), (plan.scanner, path.name)
+
+
 def test_jpeg2000_on_a_too_small_matrix_fails_with_the_reason() -> None:
     profile = (
         tiny_config()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The augmentation experiment (conf/design/<design>.yaml; README, "Does augmentation help?"):
 #   1. the embedded cohort ingested and split (as `make demo` leaves it; `dvc repro split` otherwise)
-#   2. the in-distribution hold-out set and the unseen scanners' sets, generated and ingested once
+#   2. the in-distribution hold-out set and the unseen scanners' sets the design names, generated,
+#      ingested and split once (shiftguard experiment prepare)
 #   3. every cell of the design with Hydra's multirun sweeper (arms x training seeds x split seeds)
 #   4. the report: reports/experiment/ (table, figure, paired tests) and an MLflow run
 # Usage: scripts/experiment.sh [reduced|full]
@@ -10,7 +11,6 @@ cd "$(dirname "$0")/.."
 design="${1:-reduced}"
 bin=.venv/bin
 export PATH="$PWD/$bin:$PATH"
-data=artifacts/experiment/cohorts
 stamp() { date +%s; }
 began=$(stamp)
 
@@ -21,20 +21,9 @@ if [ ! -f artifacts/ingest/manifest.csv ] || [ ! -f artifacts/split/dataset.csv 
   fi
   dvc repro split
 fi
-for cohort in holdout external; do
-  if [ ! -f "$data/$cohort/split/dataset.csv" ]; then
-    rm -rf "${data:?}/$cohort"
-    shiftguard cohort generate "cohort=$cohort" --out "$data/$cohort/data"
-    shiftguard ingest "$data/$cohort/data/dicom" --out "$data/$cohort/ingest"
-    # the hold-out: half chooses the operating point, all of it is scored; the unseen sets: every
-    # series lands in the external split (split.external lists all four scanners)
-    overrides=()
-    [ "$cohort" = holdout ] && overrides=('split.fractions={train: 0.0, val: 0.5, test: 0.5}')
-    shiftguard split --manifest "$data/$cohort/ingest/manifest.csv" \
-      --diagnoses "$data/$cohort/data/ris/verified_diagnoses.csv" \
-      --out "$data/$cohort/split" "${overrides[@]}"
-  fi
-done
+# the hold-out and unseen-scanner cohorts the design names (design.holdout_cohort, external_cohort),
+# generated, ingested and split once into artifacts/experiment/cohorts/<cohort>/
+shiftguard experiment prepare --design "$design"
 prepared=$(stamp)
 
 runs="artifacts/experiment/runs/$design"

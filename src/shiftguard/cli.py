@@ -148,6 +148,21 @@ def _experiment_power(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_prepare(args: argparse.Namespace) -> int:
+    from shiftguard.config import compose, validate
+    from shiftguard.config.schema import DesignConfig
+    from shiftguard.experiment.prepare import prepare
+
+    config = compose([f"+design={args.design}"])
+    design = validate("design", config.get("design"), DesignConfig)
+    for s in prepare(design, workers=args.workers, progress=not args.quiet):
+        state = f"built in {s.seconds / 60:.1f} min" if s.built else "already there"
+        log.info(
+            "experiment %s: %s set %s in %s (%s)", design.name, s.role, s.cohort, s.folder, state
+        )
+    return 0
+
+
 def _experiment_report(args: argparse.Namespace) -> int:
     from shiftguard.experiment.report import run
 
@@ -657,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--power", type=float, default=0.8)
     pw.add_argument("--alpha", type=float, default=0.05)
     pw.set_defaults(func=_experiment_power)
+    prep = xp_sub.add_parser(
+        "prepare", help="generate, ingest and split the cohorts a design is scored on (once)"
+    )
+    prep.add_argument("--design", default="reduced", help="a conf/design/ choice")
+    workers(prep)
+    prep.set_defaults(func=_experiment_prepare)
     rep = xp_sub.add_parser(
         "report", help="compare a sweep's arms: table, figure and paired tests, into MLflow"
     )

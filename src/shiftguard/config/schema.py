@@ -6,6 +6,7 @@ or command loads it, so a wrong key or value fails at load time with a message t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -930,8 +931,11 @@ class DesignConfig(_Strict):
 
     A cell splits the embedded cohort (``manifest``, ``diagnoses``, ``ingest``) with its split seed,
     trains for a fixed ``epochs`` budget keeping the last epoch, chooses its operating point on the
-    ``val`` split of the in-distribution hold-out set (``holdout``, a split table, and
-    ``holdout_ingest``), and scores that set and every unseen scanner of ``external``.
+    ``val`` split of the in-distribution hold-out set (the ``conf/cohort/`` choice
+    ``holdout_cohort``), and scores that set and every unseen scanner of ``external_cohort``. Both
+    are generated, ingested and split once into ``cohorts/<cohort>/``
+    (:func:`shiftguard.experiment.prepare.prepare`), so a design that needs more studies names a
+    larger cohort.
     """
 
     name: str = Field(min_length=1)
@@ -939,10 +943,9 @@ class DesignConfig(_Strict):
     manifest: str = "artifacts/ingest/manifest.csv"
     diagnoses: str = "data/ris/verified_diagnoses.csv"
     ingest: str = "artifacts/ingest"
-    holdout: str = "artifacts/experiment/cohorts/holdout/split/dataset.csv"
-    holdout_ingest: str = "artifacts/experiment/cohorts/holdout/ingest"
-    external: str = "artifacts/experiment/cohorts/external/split/dataset.csv"
-    external_ingest: str = "artifacts/experiment/cohorts/external/ingest"
+    cohorts: str = "artifacts/experiment/cohorts"
+    holdout_cohort: str = Field("holdout", pattern=r"^[A-Za-z0-9_-]+$")
+    external_cohort: str = Field("external", pattern=r"^[A-Za-z0-9_-]+$")
     reference_arm: Arm = "none"
     delta: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
     power: Annotated[float, Field(gt=0, lt=1)] = 0.8
@@ -951,3 +954,28 @@ class DesignConfig(_Strict):
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
     retained_fraction: Annotated[float, Field(gt=0, le=1)] = 0.97
     reference_loss: Annotated[float, Field(gt=0, lt=1)] = 0.10
+
+    def cohort_folder(self, cohort: str, root: Path | None = None) -> Path:
+        """``cohorts/<cohort>`` (under ``root`` when ``cohorts`` is relative)."""
+        base = Path(self.cohorts)
+        return (base if base.is_absolute() or root is None else root / base) / cohort
+
+    @property
+    def holdout(self) -> str:
+        """The hold-out set's split table."""
+        return str(self.cohort_folder(self.holdout_cohort) / "split" / "dataset.csv")
+
+    @property
+    def holdout_ingest(self) -> str:
+        """The hold-out set's ingest folder."""
+        return str(self.cohort_folder(self.holdout_cohort) / "ingest")
+
+    @property
+    def external(self) -> str:
+        """The unseen scanners' split table."""
+        return str(self.cohort_folder(self.external_cohort) / "split" / "dataset.csv")
+
+    @property
+    def external_ingest(self) -> str:
+        """The unseen scanners' ingest folder."""
+        return str(self.cohort_folder(self.external_cohort) / "ingest")

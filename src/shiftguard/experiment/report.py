@@ -33,6 +33,8 @@ from shiftguard.config.schema import ARMS, DesignConfig
 from shiftguard.errors import ShiftGuardError
 from shiftguard.experiment.runner import CELL_FILE, HOLDOUT, PREDICTIONS_FILE
 from shiftguard.experiment.stats import (
+    auroc_correlation,
+    cases_for_power,
     delong_per_run,
     paired_bootstrap,
     paired_difference_power,
@@ -118,7 +120,25 @@ def read_design(runs_dir: Path) -> DesignConfig:
     if not path.is_file():
         raise ExperimentReportError(f"{path}: missing; is {runs_dir} a sweep's folder?")
     data = yaml.safe_load(path.read_text())
-    return validate("design", (data or {}).get("design"), DesignConfig)
+    section = (data or {}).get("design")
+    if isinstance(section, dict):
+        section = _named_cohorts(section)
+    return validate("design", section, DesignConfig)
+
+
+def _named_cohorts(section: dict[str, Any]) -> dict[str, Any]:
+    """A sweep run before designs named their cohorts gave the scored sets' paths instead
+    (``holdout``/``external``: ``<cohorts>/<cohort>/split/dataset.csv``, and their ``*_ingest``
+    folders): the cohort names and their folder, read back from those paths."""
+    out = dict(section)
+    for role in ("holdout", "external"):
+        table = out.pop(role, None)
+        out.pop(f"{role}_ingest", None)
+        parts = Path(table).parts if isinstance(table, str) else ()
+        if len(parts) >= 4 and parts[-2:] == ("split", "dataset.csv"):
+            out.setdefault(f"{role}_cohort", parts[-3])
+            out.setdefault("cohorts", str(Path(*parts[:-3])))
+    return out
 
 
 def _set_frame(run: Run, name: str) -> pd.DataFrame:
@@ -184,6 +204,7 @@ def compare_arms(runs: Sequence[Run], design: DesignConfig) -> ExperimentResult:
         ref_runs = [by_arm[ref][k] for k in seeds]
         y, ref_scores = _matrix(ref_runs, name)
         ref_thr = np.array([r.threshold for r in ref_runs])
+        set_correlations: list[float] = []
         for arm in arms:
             arm_runs = [by_arm[arm][k] for k in seeds]
             y_arm, scores = _matrix(arm_runs, name)
@@ -227,6 +248,8 @@ def compare_arms(runs: Sequence[Run], design: DesignConfig) -> ExperimentResult:
             if arm == ref:
                 continue
             delong = delong_per_run(y, scores, ref_scores)
+            correlations = auroc_correlation(y, scores, ref_scores)
+            set_correlations += correlations
             for d in paired_bootstrap(
                 y, scores, ref_scores, thr, ref_thr, n_boot=design.n_boot, alpha=design.alpha
             ):
@@ -247,9 +270,13 @@ def compare_arms(runs: Sequence[Run], design: DesignConfig) -> ExperimentResult:
                 if d.metric == "auroc":
                     row["delong_p"] = ";".join(f"{r.p:.3g}" for r in delong)
                     row["delong_significant"] = sum(r.p < design.alpha for r in delong)
+                    finite = [c for c in correlations if math.isfinite(c)]
+                    row["delong_correlation"] = float(np.mean(finite)) if finite else math.nan
                 paired_rows.append(row)
         ref_auc = float(np.mean([_auc(y, s) for s in ref_scores]))
         n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+        finite = [c for c in set_correlations if math.isfinite(c)]
+        measured = float(np.median(finite)) if finite else math.nan
         power_rows.append(
             {
                 "set": name,
@@ -258,7 +285,10 @@ def compare_arms(runs: Sequence[Run], design: DesignConfig) -> ExperimentResult:
                 "reference_auroc": ref_auc,
                 "delta": design.delta,
                 "correlation": design.correlation,
-                "power_one_pair": _power(design, ref_auc, n_pos, n_neg),
+                "power_one_pair": _power(design, ref_auc, n_pos, n_neg, design.correlation),
+                "correlation_measured": measured,
+                "power_measured": _power(design, ref_auc, n_pos, n_neg, measured),
+                "cases_needed": _cases_needed(design, ref_auc, n_pos / max(y.size, 1), measured),
             }
         )
     summary = pd.DataFrame(summary_rows)
@@ -284,12 +314,24 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
     return auroc(y, s) if y.min() != y.max() else math.nan
 
 
-def _power(design: DesignConfig, auroc: float, n_pos: int, n_neg: int) -> float:
-    if not math.isfinite(auroc) or n_pos < 1 or n_neg < 1:
+def _power(design: DesignConfig, auroc: float, n_pos: int, n_neg: int, correlation: float) -> float:
+    if not (math.isfinite(auroc) and math.isfinite(correlation)) or n_pos < 1 or n_neg < 1:
         return math.nan
     base = min(max(auroc, 0.5), 0.99 - design.delta)
-    return paired_difference_power(
-        design.delta, base, n_pos, n_neg, design.correlation, design.alpha
+    return paired_difference_power(design.delta, base, n_pos, n_neg, correlation, design.alpha)
+
+
+def _cases_needed(
+    design: DesignConfig, auroc: float, prevalence: float, correlation: float
+) -> float:
+    """Studies a set needs for ``design.power`` at ``correlation`` (the one measured on the runs;
+    the design's assumed one where none could be measured), at the set's prevalence."""
+    if not math.isfinite(auroc) or not 0.0 < prevalence < 1.0:
+        return math.nan
+    r = correlation if math.isfinite(correlation) else design.correlation
+    base = min(max(auroc, 0.5), 0.99 - design.delta)
+    return float(
+        cases_for_power(design.delta, base, prevalence, r, design.power, design.alpha)
     )
 
 
@@ -441,13 +483,21 @@ def markdown(result: ExperimentResult) -> str:
         "",
         "## Power and aims",
         "",
-        f"Power of one pair of runs (DeLong, normal approximation, correlation {d.correlation}) to "
-        f"detect an AUROC difference of {d.delta} at the reference arm's AUROC: "
-        + "; ".join(
-            f"{label(r['set'])} {r['power_one_pair']:.2f} (n={r['n']}, {r['n_positive']} positive)"
+        f"Power of one pair of runs (DeLong, normal approximation) to detect an AUROC difference "
+        f"of {d.delta} at the reference arm's AUROC, at the correlation the design assumed "
+        f"({d.correlation}) and at the one measured on these runs (median over arms and seeds of "
+        f"DeLong's correlation between an arm's AUROC and `{ref}`'s), and the studies a set would "
+        f"need for power {d.power} at the measured correlation:",
+        "",
+        "| set | n (positive) | reference AUROC | power, r assumed | r measured | power, r measured "
+        f"| studies for power {d.power} |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {label(r['set'])} | {r['n']} ({r['n_positive']}) | {r['reference_auroc']:.3f} | "
+            f"{r['power_one_pair']:.2f} | {r['correlation_measured']:.2f} | "
+            f"{r['power_measured']:.2f} | {r['cases_needed']:.0f} |"
             for _, r in result.power.iterrows()
-        )
-        + ".",
+        ),
         "",
         f"Aim: the best arm keeps at least {d.retained_fraction:.0%} of its in-distribution AUROC on "
         f"every unseen scanner, while `{ref}` loses at least {d.reference_loss} on at least one.",

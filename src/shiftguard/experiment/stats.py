@@ -8,7 +8,9 @@ cases of an unseen scanner, so arms are compared in pairs:
   reference arm's, with a percentile interval from a two-level bootstrap that resamples seeds (the
   training runs, paired across arms) and, within every resample, cases (stratified, the same cases
   for both arms). Seeds carry the run-to-run variation of training; cases carry the finite test set.
-* :func:`delong_per_run`: DeLong's test for the two correlated AUROCs of each seed's pair of runs.
+* :func:`delong_per_run`: DeLong's test for the two correlated AUROCs of each seed's pair of runs;
+  :func:`auroc_correlation`: how correlated those two AUROC estimates are over cases, the figure
+  the power calculation needs.
 * :func:`auroc_variance`, :func:`paired_difference_power`, :func:`cases_for_power`: Hanley and
   McNeil's variance of an AUROC and the power of the paired test it gives (Hanley and McNeil 1983,
   Obuchowski 1997): how many cases a scanner's set needs to detect a difference of, say, 0.05.
@@ -31,7 +33,7 @@ from shiftguard.evaluation.metrics import (
     _resample_indices,
     _sens_spec_batched,
 )
-from shiftguard.shadow.evaluate import delong
+from shiftguard.shadow.evaluate import delong, delong_covariance
 
 FloatArray = NDArray[np.float64]
 METRICS = ("auroc", "sensitivity", "specificity")
@@ -296,6 +298,29 @@ def delong_per_run(y_true: ArrayLike, arm: ArrayLike, reference: ArrayLike) -> l
             z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
             p = 1.0 if diff == 0 else 0.0
         out.append(DeLongResult(seed_index=j, diff=diff, se=se, z=z, p=p))
+    return out
+
+
+def auroc_correlation(y_true: ArrayLike, arm: ArrayLike, reference: ArrayLike) -> list[float]:
+    """For each seed's two runs (rows of ``(S, N)`` score arrays), the correlation of their AUROC
+    estimates over cases, from DeLong's covariance matrix: the ``correlation`` that
+    :func:`paired_difference_power` and :func:`cases_for_power` take (NaN where a run's AUROC has
+    no case-level variance, e.g. a perfectly separating or a constant score).
+
+    >>> y = [0, 0, 0, 1, 1, 1]
+    >>> round(auroc_correlation(y, [[0.1, 0.4, 0.35, 0.8, 0.3, 0.9]], [[0.1, 0.4, 0.35, 0.8, 0.3, 0.9]])[0], 6)
+    1.0
+    """
+    y = _labels(y_true)
+    a = _scores("arm", arm, y.size)
+    r = _scores("reference", reference, y.size)
+    if a.shape[0] != r.shape[0]:
+        raise PairedInputError("arm and reference must have the same seeds (rows)")
+    out = []
+    for j in range(a.shape[0]):
+        _, cov = delong_covariance(y, r[j], a[j])
+        denom = math.sqrt(max(cov[0, 0], 0.0) * max(cov[1, 1], 0.0))
+        out.append(float(cov[0, 1] / denom) if denom > 0 else math.nan)
     return out
 
 

@@ -340,12 +340,25 @@ def _validation_value(
 def delong(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray) -> tuple[float, float]:
     """DeLong's test for two correlated AUROCs: the difference challenger - champion and its
     standard error (Sun and Xu's O(N log N) algorithm). ``(nan, nan)`` with one class only."""
+    aucs, cov = delong_covariance(y, champion, challenger)
+    if np.isnan(aucs).all():  # one class only
+        return math.nan, math.nan
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    return float(aucs[1] - aucs[0]), float(math.sqrt(max(var, 0.0)))
+
+
+def delong_covariance(
+    y: np.ndarray, first: np.ndarray, second: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two models' AUROCs on the same cases and DeLong's ``(2, 2)`` covariance matrix of the two
+    estimates (Sun and Xu's O(N log N) structural components); all NaN with fewer than two cases of
+    either class."""
     y = np.asarray(y).astype(bool)
     m, n = int(y.sum()), int((~y).sum())
     if m < 2 or n < 2:
-        return math.nan, math.nan
+        return np.full(2, math.nan), np.full((2, 2), math.nan)
     v10, v01, aucs = [], [], []
-    for s in (np.asarray(champion, float), np.asarray(challenger, float)):
+    for s in (np.asarray(first, float), np.asarray(second, float)):
         x, z = s[y], s[~y]
         tz = rankdata(np.concatenate([x, z]))
         tx, ty = rankdata(x), rankdata(z)
@@ -353,9 +366,7 @@ def delong(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray) -> tuple
         v10.append((tz[:m] - tx) / n)
         v01.append(1.0 - (tz[m:] - ty) / m)
     s10, s01 = np.cov(np.vstack(v10)), np.cov(np.vstack(v01))
-    cov = s10 / m + s01 / n
-    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    return float(aucs[1] - aucs[0]), float(math.sqrt(max(var, 0.0)))
+    return np.asarray(aucs), s10 / m + s01 / n
 
 
 def _paired_boot(

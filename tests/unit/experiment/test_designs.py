@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from shiftguard.config.loader import compose, validate
-from shiftguard.config.schema import ARMS, DesignConfig, TrainConfig
+from shiftguard.config.schema import ARMS, CohortConfig, DesignConfig, SplitConfig, TrainConfig
 
 
 @pytest.mark.parametrize("name", ["reduced", "full"])
@@ -29,3 +29,27 @@ def test_a_design_composes_and_sweeps_every_arm(conf_dir: Path, name: str) -> No
 def test_the_default_config_has_no_design(conf_dir: Path) -> None:
     """params.yaml (what DVC stages read) never carries a design: a sweep selects one."""
     assert "design" not in compose(conf_dir=conf_dir)
+
+
+@pytest.mark.parametrize("name", ["reduced", "full"])
+def test_a_designs_cohorts_are_unseen_and_seen_scanners(conf_dir: Path, name: str) -> None:
+    """The hold-out cohort has only training scanners, the unseen cohort only scanners the split
+    sends to ``external``; each is large enough for the power the design claims."""
+    design = validate("design", compose([f"+design={name}"], conf_dir)["design"], DesignConfig)
+    split = validate("split", compose(conf_dir=conf_dir)["split"], SplitConfig)
+    unseen = set(split.external.values) if split.external else set()
+    for role, cohort in (("holdout", design.holdout_cohort), ("external", design.external_cohort)):
+        cfg = validate("cohort", compose([f"cohort={cohort}"], conf_dir)["cohort"], CohortConfig)
+        models = {cfg.scanners[site.scanner].model for site in cfg.sites}
+        assert (models <= unseen) if role == "external" else not (models & unseen), (role, models)
+        assert design.cohort_folder(cohort) == Path(design.cohorts) / cohort
+    assert design.external == f"{design.cohorts}/{design.external_cohort}/split/dataset.csv"
+
+
+def test_the_full_design_scores_more_studies_per_scanner_than_the_reduced(conf_dir: Path) -> None:
+    sizes = {}
+    for name in ("reduced", "full"):
+        design = validate("design", compose([f"+design={name}"], conf_dir)["design"], DesignConfig)
+        cohort = compose([f"cohort={design.external_cohort}"], conf_dir)["cohort"]
+        sizes[name] = cohort["n_subjects"] / len(cohort["sites"])
+    assert sizes["reduced"] == 300 and sizes["full"] >= 1600

@@ -104,6 +104,48 @@ def test_paired_differences_follow_their_definition(tmp_path: Path) -> None:
     assert a["reference_loss"]["Scanner A"] > 0.10 and a["reference_loses"]
 
 
+def test_power_uses_the_correlation_measured_on_the_runs(tmp_path: Path) -> None:
+    from shiftguard.experiment.stats import auroc_correlation, cases_for_power
+
+    sweep = write_sweep(tmp_path / "sweep", seeds=(0, 1, 2))
+    result = compare_arms(load_runs(sweep), read_design(sweep))
+    power = result.power.set_index("set")
+    paired = result.paired[result.paired["metric"] == "auroc"].set_index("set")
+    y = labels()
+    for name in result.sets:
+        per_seed = auroc_correlation(
+            y,
+            [scores("artifact", k, name) for k in (0, 1, 2)],
+            [scores("none", k, name) for k in (0, 1, 2)],
+        )
+        assert paired.loc[name, "delong_correlation"] == pytest.approx(np.mean(per_seed))
+        row = power.loc[name]
+        assert row["correlation_measured"] == pytest.approx(np.median(per_seed))
+        assert row["cases_needed"] == cases_for_power(
+            0.05, row["reference_auroc"], 0.5, row["correlation_measured"]
+        )
+        assert row["power_measured"] != row["power_one_pair"]  # another correlation than 0.5
+
+
+def test_a_sweep_that_gave_the_sets_paths_names_their_cohorts(tmp_path: Path) -> None:
+    """Sweeps run before designs named their cohorts stored the split tables' paths."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    legacy = {
+        "name": "reduced", "epochs": 20,
+        "holdout": "artifacts/experiment/cohorts/holdout/split/dataset.csv",
+        "holdout_ingest": "artifacts/experiment/cohorts/holdout/ingest",
+        "external": "artifacts/experiment/cohorts/external/split/dataset.csv",
+        "external_ingest": "artifacts/experiment/cohorts/external/ingest",
+    }  # fmt: skip
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"design": legacy}))
+    design = read_design(sweep)
+    assert (design.holdout_cohort, design.external_cohort) == ("holdout", "external")
+    assert (
+        design.external == legacy["external"] and design.holdout_ingest == legacy["holdout_ingest"]
+    )
+
+
 def test_the_report_files_name_the_design(tmp_path: Path) -> None:
     result = run(write_sweep(tmp_path / "sweep"), tmp_path / "out", tracking=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)

@@ -11,6 +11,7 @@ import pytest
 from shiftguard.evaluation.metrics import auroc
 from shiftguard.experiment.stats import (
     PairedInputError,
+    auroc_correlation,
     auroc_variance,
     cases_for_power,
     delong_per_run,
@@ -186,3 +187,40 @@ def test_seed_case_interval_is_the_mean_of_the_runs_and_covers_it() -> None:
     same = seed_case_bootstrap(y, np.vstack([runs[1]] * 3), n_boot=400)[0]
     assert (out["auroc"].high - out["auroc"].low) > (same.high - same.low)
     assert seed_case_bootstrap(y, runs[0], n_boot=100)[0].n_seeds == 1  # one run: (N,) works
+
+
+def _delong_correlation_by_definition(y: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> float:
+    """DeLong, DeLong and Clarke-Pearson (1988) from the kernel psi(x, z) = 1 if x > z, 1/2 if
+    equal: each case's placement, their covariances over positives and negatives, O(m n)."""
+    comps = []
+    for s in (s1, s2):
+        x, z = s[y == 1], s[y == 0]
+        psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+        comps.append((psi.mean(axis=1), psi.mean(axis=0)))  # V10 per positive, V01 per negative
+    m, n = comps[0][0].size, comps[0][1].size
+    cov = np.cov([comps[0][0], comps[1][0]]) / m + np.cov([comps[0][1], comps[1][1]]) / n
+    return float(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]))
+
+
+def test_auroc_correlation_is_delongs_from_the_placements() -> None:
+    rng = np.random.default_rng(11)
+    y, s = binormal(rng, 160, 0.4, [1.0, 1.2, 0.8], rho=0.6)
+    s = np.round(s, 1)  # ties, which the kernel counts as one half
+    got = auroc_correlation(y, s[1:], s[[0, 0]])
+    assert got == pytest.approx([_delong_correlation_by_definition(y, s[0], s[k]) for k in (1, 2)])
+    assert auroc_correlation(y, s[:1], s[:1]) == pytest.approx([1.0])
+    # noise correlated 0.9 between two models gives more correlated AUROCs than noise at 0.1
+    hi = np.mean([auroc_correlation(*_pair(rng, 0.9))[0] for _ in range(20)])
+    lo = np.mean([auroc_correlation(*_pair(rng, 0.1))[0] for _ in range(20)])
+    assert hi > lo + 0.4
+
+
+def _pair(rng: np.random.Generator, rho: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y, s = binormal(rng, 300, 0.4, [1.0, 1.0], rho=rho)
+    return y, s[:1], s[1:]
+
+
+def test_auroc_correlation_is_nan_without_case_variation() -> None:
+    y = np.array([0, 0, 1, 1])
+    perfect = np.array([[0.1, 0.2, 0.8, 0.9]])
+    assert math.isnan(auroc_correlation(y, perfect, perfect)[0])

@@ -330,9 +330,7 @@ def _cases_needed(
         return math.nan
     r = correlation if math.isfinite(correlation) else design.correlation
     base = min(max(auroc, 0.5), 0.99 - design.delta)
-    return float(
-        cases_for_power(design.delta, base, prevalence, r, design.power, design.alpha)
-    )
+    return float(cases_for_power(design.delta, base, prevalence, r, design.power, design.alpha))
 
 
 def _value(summary: pd.DataFrame, arm: str, name: str, metric: str = "auroc") -> float:

@@ -260,8 +260,15 @@ def run_cell(config: Mapping[str, Any], out_dir: Path, root: Path | None = None)
 
 
 def _hydra_cell(cfg: Any) -> None:
+    import multiprocessing as mp
+
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
+
+    if mp.get_start_method(allow_none=True) == "loky":
+        # a cell in a worker of Hydra's joblib launcher, whose default start method is loky's:
+        # the data loader's workers are plain processes, forked as they are outside joblib
+        mp.set_start_method("fork", force=True)
 
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)

@@ -276,6 +276,18 @@ class DeLongResult:
     p: float
 
 
+def _run_pairs(
+    y_true: ArrayLike, arm: ArrayLike, reference: ArrayLike
+) -> tuple[NDArray[np.bool_], FloatArray, FloatArray]:
+    """Labels ``(N,)`` and the two arms' ``(S, N)`` scores, one row per seed, checked."""
+    y = _labels(y_true)
+    a = _scores("arm", arm, y.size)
+    r = _scores("reference", reference, y.size)
+    if a.shape[0] != r.shape[0]:
+        raise PairedInputError("arm and reference must have the same seeds (rows)")
+    return y, a, r
+
+
 def delong_per_run(y_true: ArrayLike, arm: ArrayLike, reference: ArrayLike) -> list[DeLongResult]:
     """DeLong's paired test for each seed's two runs (rows of ``(S, N)`` score arrays).
 
@@ -283,11 +295,7 @@ def delong_per_run(y_true: ArrayLike, arm: ArrayLike, reference: ArrayLike) -> l
     >>> r.diff, r.se  # AUROC 1.0 against 0.5
     (0.5, 0.5)
     """
-    y = _labels(y_true)
-    a = _scores("arm", arm, y.size)
-    r = _scores("reference", reference, y.size)
-    if a.shape[0] != r.shape[0]:
-        raise PairedInputError("arm and reference must have the same seeds (rows)")
+    y, a, r = _run_pairs(y_true, arm, reference)
     out = []
     for j in range(a.shape[0]):
         diff, se = delong(y, r[j], a[j])
@@ -307,15 +315,11 @@ def auroc_correlation(y_true: ArrayLike, arm: ArrayLike, reference: ArrayLike) -
     :func:`paired_difference_power` and :func:`cases_for_power` take (NaN where a run's AUROC has
     no case-level variance, e.g. a perfectly separating or a constant score).
 
-    >>> y = [0, 0, 0, 1, 1, 1]
-    >>> round(auroc_correlation(y, [[0.1, 0.4, 0.35, 0.8, 0.3, 0.9]], [[0.1, 0.4, 0.35, 0.8, 0.3, 0.9]])[0], 6)
+    >>> y, s = [0, 0, 0, 1, 1, 1], [[0.1, 0.4, 0.35, 0.8, 0.3, 0.9]]
+    >>> round(auroc_correlation(y, s, s)[0], 6)  # a run against itself
     1.0
     """
-    y = _labels(y_true)
-    a = _scores("arm", arm, y.size)
-    r = _scores("reference", reference, y.size)
-    if a.shape[0] != r.shape[0]:
-        raise PairedInputError("arm and reference must have the same seeds (rows)")
+    y, a, r = _run_pairs(y_true, arm, reference)
     out = []
     for j in range(a.shape[0]):
         _, cov = delong_covariance(y, r[j], a[j])

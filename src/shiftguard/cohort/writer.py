@@ -398,8 +398,8 @@ class _SharedElements:
     file from: preamble, ``DICM``, the file meta group (pydicom's :func:`write_file_meta_info`),
     then the shared and the slice's own elements merged in tag order, each encoded by pydicom's
     :func:`write_data_element` with the shared Specific Character Set, as
-    ``dcmwrite(path, ds, enforce_file_format=True)`` encodes them (about 4 times faster: dcmwrite
-    re-encodes some 60 shared elements per slice)."""
+    ``dcmwrite(path, ds, enforce_file_format=True)`` encodes them (dcmwrite re-encodes the 78
+    shared elements per slice: 0.132 s against 0.058 s to write an uncompressed subject's series)."""
 
     def __init__(self, common: Dataset) -> None:
         correct_ambiguous_vr(common, True)  # as write_dataset does for a new dataset
@@ -426,7 +426,7 @@ class _SharedElements:
         fp.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(fp, meta, enforce_standard=True)
         merged = sorted(self.elements + self._encode(own), key=lambda item: item[0])
-        return bytes(fp.getvalue()) + b"".join(chunk for _, chunk in merged)
+        return fp.getvalue() + b"".join(chunk for _, chunk in merged)
 
 
 def write_mask(mask: NDArray[np.uint8], geometry: AcquisitionGeometry, path: Path) -> None:

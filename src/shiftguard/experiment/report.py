@@ -317,8 +317,14 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
 def _power(design: DesignConfig, auroc: float, n_pos: int, n_neg: int, correlation: float) -> float:
     if not (math.isfinite(auroc) and math.isfinite(correlation)) or n_pos < 1 or n_neg < 1:
         return math.nan
-    base = min(max(auroc, 0.5), 0.99 - design.delta)
-    return paired_difference_power(design.delta, base, n_pos, n_neg, correlation, design.alpha)
+    return paired_difference_power(
+        design.delta, _base_auroc(design, auroc), n_pos, n_neg, correlation, design.alpha
+    )
+
+
+def _base_auroc(design: DesignConfig, auroc: float) -> float:
+    """The reference AUROC the power is computed at: at least chance, and room for ``delta``."""
+    return min(max(auroc, 0.5), 0.99 - design.delta)
 
 
 def _cases_needed(
@@ -329,8 +335,11 @@ def _cases_needed(
     if not math.isfinite(auroc) or not 0.0 < prevalence < 1.0:
         return math.nan
     r = correlation if math.isfinite(correlation) else design.correlation
-    base = min(max(auroc, 0.5), 0.99 - design.delta)
-    return float(cases_for_power(design.delta, base, prevalence, r, design.power, design.alpha))
+    return float(
+        cases_for_power(
+            design.delta, _base_auroc(design, auroc), prevalence, r, design.power, design.alpha
+        )
+    )
 
 
 def _value(summary: pd.DataFrame, arm: str, name: str, metric: str = "auroc") -> float:

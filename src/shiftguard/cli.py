@@ -150,13 +150,16 @@ def _experiment_power(args: argparse.Namespace) -> int:
 
 def _experiment_prepare(args: argparse.Namespace) -> int:
     from shiftguard.config import compose, validate
-    from shiftguard.config.schema import DesignConfig
+    from shiftguard.config.schema import DesignConfig, TrainConfig
     from shiftguard.experiment.prepare import prepare
 
     config = compose([f"+design={args.design}"])
     design = validate("design", config.get("design"), DesignConfig)
-    for s in prepare(design, workers=args.workers, progress=not args.quiet):
+    train = validate("train", config.get("train"), TrainConfig)
+    for s in prepare(design, workers=args.workers, progress=not args.quiet, train=train):
         state = f"built in {s.seconds / 60:.1f} min" if s.built else "already there"
+        if s.inputs is not None:
+            state += f"; network inputs {s.inputs.name}"
         log.info(
             "experiment %s: %s set %s in %s (%s)", design.name, s.role, s.cohort, s.folder, state
         )
@@ -673,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--alpha", type=float, default=0.05)
     pw.set_defaults(func=_experiment_power)
     prep = xp_sub.add_parser(
-        "prepare", help="generate, ingest and split the cohorts a design is scored on (once)"
+        "prepare",
+        help="generate, ingest, split and preprocess the cohorts a design is scored on (once)",
     )
     prep.add_argument("--design", default="reduced", help="a conf/design/ choice")
     workers(prep)

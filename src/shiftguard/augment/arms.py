@@ -16,6 +16,13 @@ study: one intensity domain for training, the robustness sets and inference.
 
 The arm is applied to ``augment.probability`` of the training samples (:class:`RandApplyd`); every
 random number comes from the transforms' own generators, which the training dataset seeds per sample.
+
+Where the arm runs is ``augment.device``: unset, in the loader's worker processes on the CPU (numpy,
+SimpleITK and TorchIO); a torch device (``cuda``), in the training process on that device, where the
+label-driven arms and their acquisition effects have torch implementations
+(:func:`labels_to_image_torch`, :func:`acquisition_effects_torch`). Both draw every parameter from the
+same seeded generators; the full-volume noise fields come from the device's generator, so they are
+the same distribution, not the same numbers.
 """
 
 from __future__ import annotations
@@ -47,8 +54,11 @@ __all__ = [
     "RandLabelsToImaged",
     "RandPhysicsRenderd",
     "acquisition_effects",
+    "acquisition_effects_torch",
     "arm_transforms",
     "labels_dir",
+    "labels_to_image_torch",
+    "physics_lut",
     "render_physics",
 ]
 
@@ -135,6 +145,51 @@ def acquisition_effects(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def acquisition_effects_torch(
+    image: torch.Tensor,
+    spacing: Sequence[float],
+    cfg: AcquisitionEffectsConfig,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """:func:`acquisition_effects` in torch, on ``image``'s device (an ``(X, Y, Z)`` tensor).
+
+    The draws from ``rng`` are the numpy path's, in its order (blur widths, bias grid and strength,
+    noise level), so the blur and the bias field are the same to float32 precision (scipy's
+    ``gaussian_filter`` with ``mode="nearest"`` and its order-1 ``zoom`` on the grid are trilinear
+    interpolation with the edges held, which :func:`torch.nn.functional.interpolate` computes).
+    The noise field comes from a torch generator on the device, seeded from ``rng``: another draw
+    of the same distribution, not the numpy path's numbers.
+
+    >>> x = torch.ones(8, 8, 8)
+    >>> cfg = AcquisitionEffectsConfig(blur_mm=(0, 0), bias=0.0, noise=(0, 0))
+    >>> bool(torch.allclose(acquisition_effects_torch(x, (1, 1, 1), cfg, np.random.default_rng(0)), x))
+    True
+    """
+    from shiftguard.augment.fast import _gaussian_along
+
+    out = image.to(torch.float32)
+    sigma = [_uniform(rng, cfg.blur_mm) / float(s) for s in spacing]
+    for axis, s in enumerate(sigma):
+        if s > 1e-15:  # scipy leaves such an axis alone
+            out = _gaussian_along(out, axis, s, mode="nearest")
+    coarse = rng.normal(0.0, 1.0, size=(4, 4, 4))
+    if cfg.bias > 0:
+        coarse *= cfg.bias * rng.uniform(0.0, 1.0) / max(float(np.abs(coarse).max()), 1e-6)
+        grid = torch.as_tensor(coarse, dtype=torch.float64, device=out.device)[None, None]
+        field = torch.nn.functional.interpolate(
+            grid, size=tuple(out.shape), mode="trilinear", align_corners=False
+        )[0, 0]
+        out = out * torch.exp(field).to(torch.float32)
+    level = _uniform(rng, cfg.noise)
+    std = level * float(torch.quantile(out.reshape(-1), 0.99)) if level > 0 else 0.0
+    if std > 0:
+        gen = torch.Generator(device=out.device).manual_seed(int(rng.integers(2**62)))
+        real = torch.empty_like(out).normal_(0.0, std, generator=gen).add_(out)
+        imag = torch.empty_like(out).normal_(0.0, std, generator=gen)
+        out = torch.hypot(real, imag)
+    return out.contiguous()
+
+
 def _spacing(value: Sequence[float]) -> tuple[float, float, float]:
     s = [float(v) for v in value]
     if len(s) != 3 or min(s) <= 0:
@@ -143,7 +198,12 @@ def _spacing(value: Sequence[float]) -> tuple[float, float, float]:
 
 
 class _FromLabelsd(RandomizableTransform, MapTransform):
-    """Shared by the label-driven arms: replace ``keys`` by an image made from ``label_key``."""
+    """Shared by the label-driven arms: replace ``keys`` by an image made from ``label_key``.
+
+    With ``device`` ``None`` the image is made in numpy (TorchIO for the label arm) on the CPU and
+    returned as a CPU tensor; with a torch device, in torch on that device
+    (:meth:`synthesise_torch`), from the label map wherever it is.
+    """
 
     def __init__(
         self,
@@ -151,11 +211,13 @@ class _FromLabelsd(RandomizableTransform, MapTransform):
         spacing: Sequence[float],
         label_key: str = LABELS_KEY,
         prob: float = 1.0,
+        device: str | torch.device | None = None,
     ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.spacing = _spacing(spacing)
         self.label_key = label_key
+        self.device = None if device is None else torch.device(device)
         self._seed = 0
 
     def randomize(self, data: Any = None) -> None:
@@ -163,6 +225,9 @@ class _FromLabelsd(RandomizableTransform, MapTransform):
         self._seed = int(self.R.randint(_SEED_BOUND))
 
     def synthesise(self, labels: NDArray[np.integer], seed: int) -> NDArray[np.float32]:
+        raise NotImplementedError
+
+    def synthesise_torch(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -175,11 +240,48 @@ class _FromLabelsd(RandomizableTransform, MapTransform):
                 f"{type(self).__name__}: the item has no {self.label_key!r} (its tissue label map)"
             )
         value = d[self.label_key]
+        if self.device is not None:
+            labels_t = torch.as_tensor(value, device=self.device)
+            image_t = self.synthesise_torch(
+                labels_t.reshape(labels_t.shape[-3:]).long(), self._seed
+            )
+            for key in self.key_iterator(d):
+                d[key] = image_t[None]
+            return d
         labels = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
         image = self.synthesise(labels.reshape(labels.shape[-3:]).astype(np.int64), self._seed)
         for key in self.key_iterator(d):
             d[key] = torch.from_numpy(image[None])
         return d
+
+
+def labels_to_image_torch(
+    labels: torch.Tensor, cfg: LabelsArmConfig, rng: np.random.Generator
+) -> torch.Tensor:
+    """SynthSeg's Gaussian mixture in torch, on ``labels``' device: each label value present
+    (ascending) draws a mean from ``cfg.mean`` and a standard deviation from ``cfg.std`` (uniform,
+    from ``rng``), and every voxel is its label's mean plus its standard deviation times a normal
+    draw. TorchIO's ``RandomLabelsToImage`` makes the same distribution with one full-volume draw per
+    label; this makes one in all.
+
+    >>> labels = torch.tensor([[[0, 1], [1, 2]]])
+    >>> cfg = LabelsArmConfig(mean=(0.5, 0.5), std=(0.0, 0.0))
+    >>> labels_to_image_torch(labels, cfg, np.random.default_rng(0)).unique().tolist()
+    [0.5]
+    """
+    present = torch.unique(labels)
+    n = int(present.numel())
+    means = rng.uniform(cfg.mean[0], cfg.mean[1], size=n)
+    stds = rng.uniform(cfg.std[0], cfg.std[1], size=n)
+    size = int(present.max()) + 1 if n else 1
+    lut = torch.zeros((2, size), dtype=torch.float32, device=labels.device)
+    lut[:, present] = torch.as_tensor(
+        np.stack([means, stds]), dtype=torch.float32, device=labels.device
+    )
+    gen = torch.Generator(device=labels.device).manual_seed(int(rng.integers(2**62)))
+    noise = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+    noise.normal_(0.0, 1.0, generator=gen)
+    return noise.mul_(lut[1][labels]).add_(lut[0][labels])
 
 
 class RandLabelsToImaged(_FromLabelsd):
@@ -193,6 +295,8 @@ class RandLabelsToImaged(_FromLabelsd):
         spacing: voxel size (mm) of the label map's grid.
         label_key: the item's tissue label map ``(1, X, Y, Z)``.
         prob: chance per call (the arm's gate is :class:`RandApplyd`; 1 here).
+        device: ``None``: TorchIO and numpy on the CPU; a torch device:
+            :func:`labels_to_image_torch` and :func:`acquisition_effects_torch` there.
     """
 
     def __init__(
@@ -202,9 +306,15 @@ class RandLabelsToImaged(_FromLabelsd):
         spacing: Sequence[float],
         label_key: str = LABELS_KEY,
         prob: float = 1.0,
+        device: str | torch.device | None = None,
     ) -> None:
-        super().__init__(keys, spacing, label_key, prob)
+        super().__init__(keys, spacing, label_key, prob, device)
         self.cfg = cfg
+
+    def synthesise_torch(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng([seed, 1])
+        image = labels_to_image_torch(labels, self.cfg, rng)
+        return acquisition_effects_torch(image, self.spacing, self.cfg.effects, rng)
 
     def synthesise(self, labels: NDArray[np.integer], seed: int) -> NDArray[np.float32]:
         import torchio as tio
@@ -259,16 +369,12 @@ def _sequence_signal(
     return physics.spin_echo(pd, t1, t2, **p), {"sequence": family, **p}
 
 
-def render_physics(
-    labels: NDArray[np.integer], cfg: PhysicsArmConfig, rng: np.random.Generator
+def physics_lut(
+    cfg: PhysicsArmConfig, rng: np.random.Generator
 ) -> tuple[NDArray[np.float32], dict[str, Any]]:
-    """One random acquisition of a tissue label map: ``(X, Y, Z)`` magnitude relative to white
-    matter, before :func:`acquisition_effects`, and the drawn field and sequence.
-
-    Label values are :data:`shiftguard.cohort.physics.LABELS` (0 air, one per tissue, then the lesion);
-    each tissue's PD, T1, T2 and T2* at the drawn field come from ``cfg.tissue_model``; the lesion's are
-    white matter's times factors drawn from ``cfg.lesion_*``.
-    """
+    """One random acquisition's signal per label value: ``lut[v]`` is the magnitude of label value
+    ``v`` (:data:`shiftguard.cohort.physics.LABELS`) relative to white matter, and the drawn field
+    and sequence. :func:`render_physics` indexes it with a label map."""
     from shiftguard.cohort import physics
 
     b0 = _uniform(rng, cfg.field_strength)
@@ -288,12 +394,31 @@ def render_physics(
     for name, value in physics.LABELS.items():
         if name != "background" and name in tissues.names:
             lut[value] = magnitude[tissues.index(name)] / reference
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= lut.size):
+    return lut, {"field_strength": b0, **params}
+
+
+def _check_label_values(low: int, high: int, size: int) -> None:
+    if low < 0 or high >= size:
         raise ValueError(
-            f"tissue label values must be 0..{lut.size - 1} (shiftguard.cohort.physics.LABELS), "
-            f"got {int(labels.min())}..{int(labels.max())}"
+            f"tissue label values must be 0..{size - 1} (shiftguard.cohort.physics.LABELS), "
+            f"got {low}..{high}"
         )
-    return lut[labels], {"field_strength": b0, **params}
+
+
+def render_physics(
+    labels: NDArray[np.integer], cfg: PhysicsArmConfig, rng: np.random.Generator
+) -> tuple[NDArray[np.float32], dict[str, Any]]:
+    """One random acquisition of a tissue label map: ``(X, Y, Z)`` magnitude relative to white
+    matter, before :func:`acquisition_effects`, and the drawn field and sequence.
+
+    Label values are :data:`shiftguard.cohort.physics.LABELS` (0 air, one per tissue, then the lesion);
+    each tissue's PD, T1, T2 and T2* at the drawn field come from ``cfg.tissue_model``; the lesion's are
+    white matter's times factors drawn from ``cfg.lesion_*`` (:func:`physics_lut`).
+    """
+    lut, params = physics_lut(cfg, rng)
+    if labels.size:
+        _check_label_values(int(labels.min()), int(labels.max()), lut.size)
+    return lut[labels], params
 
 
 class RandPhysicsRenderd(_FromLabelsd):
@@ -306,6 +431,8 @@ class RandPhysicsRenderd(_FromLabelsd):
         spacing: voxel size (mm) of the label map's grid.
         label_key: the item's tissue label map ``(1, X, Y, Z)``.
         prob: chance per call (the arm's gate is :class:`RandApplyd`; 1 here).
+        device: ``None``: numpy on the CPU; a torch device: the same acquisition drawn, rendered
+            there with :func:`acquisition_effects_torch`.
     """
 
     def __init__(
@@ -315,9 +442,18 @@ class RandPhysicsRenderd(_FromLabelsd):
         spacing: Sequence[float],
         label_key: str = LABELS_KEY,
         prob: float = 1.0,
+        device: str | torch.device | None = None,
     ) -> None:
-        super().__init__(keys, spacing, label_key, prob)
+        super().__init__(keys, spacing, label_key, prob, device)
         self.cfg = cfg
+
+    def synthesise_torch(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng([seed, 2])
+        lut, _ = physics_lut(self.cfg, rng)
+        if labels.numel():
+            _check_label_values(int(labels.min()), int(labels.max()), lut.size)
+        image = torch.as_tensor(lut, device=labels.device)[labels]
+        return acquisition_effects_torch(image, self.spacing, self.cfg.effects, rng)
 
     def synthesise(self, labels: NDArray[np.integer], seed: int) -> NDArray[np.float32]:
         rng = np.random.default_rng([seed, 2])
@@ -326,11 +462,19 @@ class RandPhysicsRenderd(_FromLabelsd):
 
 
 def arm_transforms(
-    cfg: AugmentConfig, spacing: Sequence[float], image_key: str = "image"
+    cfg: AugmentConfig,
+    spacing: Sequence[float],
+    image_key: str = "image",
+    device: str | torch.device | None = None,
 ) -> list[Randomizable]:
     """The random transforms of ``cfg.training_arm`` (empty for ``none``), for a training item
     ``{image_key: (1, X, Y, Z)}`` on the ingest grid (``spacing`` mm) in the volume's own
     intensities, with ``"labels"`` (:data:`LABELS_KEY`) for the label-driven arms.
+
+    ``device`` (``augment.device``): ``None`` for the CPU implementations (numpy, SimpleITK,
+    TorchIO: what a loader worker runs); a torch device for torch implementations that run on the
+    item's tensors there. The artifact and intensity arms are the same transforms either way (they
+    work on the tensor's device); the label-driven arms switch to :meth:`_FromLabelsd.synthesise_torch`.
 
     Raises:
         ValueError: the physics arm without its ``augment.physics`` section.
@@ -361,9 +505,9 @@ def arm_transforms(
             RandConvd(image_key, prob=c.randconv_probability, kernel_sizes=c.randconv_kernel_sizes),
         ]
     elif arm == "labels":
-        inner = [RandLabelsToImaged(image_key, cfg.labels, spacing)]
+        inner = [RandLabelsToImaged(image_key, cfg.labels, spacing, device=device)]
     else:
         if cfg.physics is None:
             raise ValueError("augment.physics is not set; compose with augment=physics")
-        inner = [RandPhysicsRenderd(image_key, cfg.physics, spacing)]
+        inner = [RandPhysicsRenderd(image_key, cfg.physics, spacing, device=device)]
     return [RandApplyd(inner, prob=cfg.probability)]

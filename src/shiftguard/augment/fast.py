@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 - SimpleITK's usual alias
@@ -515,10 +515,12 @@ def _kspace_artifacts(x: torch.Tensor, params: SimParams, spacing: Spacing) -> t
 # --------------------------------------------------------------------------------------------------
 
 
-def _gaussian_along(x: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:
-    """scipy's ``gaussian_filter1d`` (``mode="reflect"``, ``truncate=4``) along ``dim`` of ``x``:
-    the same normalised kernel on the reflect-padded signal, applied directly (a weighted sum of
-    shifted views) for narrow kernels and by FFT for wide ones; exact either way."""
+def _gaussian_along(
+    x: torch.Tensor, dim: int, sigma: float, mode: Literal["reflect", "nearest"] = "reflect"
+) -> torch.Tensor:
+    """scipy's ``gaussian_filter1d`` (``truncate=4``, ``mode`` ``"reflect"`` or ``"nearest"``)
+    along ``dim`` of ``x``: the same normalised kernel on the padded signal, applied directly (a
+    weighted sum of shifted views) for narrow kernels and by FFT for wide ones; exact either way."""
     n = x.shape[dim]
     radius = int(_GAUSSIAN_TRUNCATE * sigma + 0.5)
     if radius == 0:
@@ -526,9 +528,11 @@ def _gaussian_along(x: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:
     taps = np.arange(-radius, radius + 1, dtype=float)
     kernel = np.exp(-0.5 / (sigma * sigma) * taps**2)
     kernel /= kernel.sum()
-    # Half-sample symmetric extension, periodic with period 2n (scipy's "reflect", any radius).
-    p = np.arange(-radius, n + radius) % (2 * n)
-    source = np.where(p < n, p, 2 * n - 1 - p)
+    if mode == "nearest":  # the edge value repeated
+        source = np.clip(np.arange(-radius, n + radius), 0, n - 1)
+    else:  # half-sample symmetric extension, periodic with period 2n (scipy's "reflect")
+        p = np.arange(-radius, n + radius) % (2 * n)
+        source = np.where(p < n, p, 2 * n - 1 - p)
     padded = x.index_select(dim, torch.as_tensor(source, device=x.device))
     if radius <= _DIRECT_BLUR_RADIUS:
         out = padded.narrow(dim, radius, n).mul(float(kernel[radius]))

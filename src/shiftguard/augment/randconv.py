@@ -48,12 +48,18 @@ def random_conv(
     padded = F.pad(x[:, None], pad, mode="replicate")  # (C, 1, X+k-1, Y+k-1, Z+k-1)
     conv = F.conv3d(padded, kernel.to(x)[None, None])[:, 0]
     mixed = alpha * x + (1.0 - alpha) * conv
-    q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], dtype=x.dtype)
+    q = torch.tensor(
+        [percentiles[0] / 100.0, percentiles[1] / 100.0], dtype=x.dtype, device=x.device
+    )
     out = torch.empty_like(x)
     for c in range(x.shape[0]):
         lo_in, hi_in = torch.quantile(x[c].flatten(), q)
         lo, hi = torch.quantile(mixed[c].flatten(), q)
-        scale = (hi_in - lo_in) / (hi - lo) if hi > lo else torch.zeros((), dtype=x.dtype)
+        scale = (
+            (hi_in - lo_in) / (hi - lo)
+            if hi > lo
+            else torch.zeros((), dtype=x.dtype, device=x.device)
+        )
         out[c] = (mixed[c] - lo) * scale + lo_in
     return out.to(image.dtype)
 

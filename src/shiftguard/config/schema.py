@@ -684,6 +684,13 @@ class AugmentConfig(_Strict):
     intensity: IntensityArmConfig = Field(default_factory=IntensityArmConfig)
     labels: LabelsArmConfig = Field(default_factory=LabelsArmConfig)
     physics: PhysicsArmConfig | None = None
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")] | None = Field(
+        None,
+        description="where the training arm runs: null, in the loader's worker processes on the "
+        "CPU; a torch device (cuda, cuda:N or cpu), in the training process on that device, the "
+        "cached volumes with it (torch implementations of the label-driven arms): for a GPU "
+        "machine, whose CPU cores would otherwise bound training",
+    )
 
     @property
     def training_arm(self) -> Arm:

@@ -9,6 +9,10 @@ studies names a larger cohort instead of overwriting a smaller one.
 
 The hold-out is split half ``val`` (the operating point) and half ``test``; every series of the
 unseen cohort lands in the ``external`` split (``split.external`` lists the unseen scanners).
+
+Given the design's ``train`` section, it also writes each set's network inputs once
+(``<cohort>/inputs/``, :func:`shiftguard.experiment.inputs.write_inputs`), which every cell of a
+parallel sweep then reads instead of preprocessing the volumes in each of its processes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shiftguard.config.schema import DesignConfig
+from shiftguard.config.schema import DesignConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class PreparedSet:
     folder: Path
     built: bool
     seconds: float
+    inputs: Path | None = None
 
 
 def prepare(
@@ -46,9 +51,10 @@ def prepare(
     workers: int | None = None,
     progress: bool = True,
     overrides: Sequence[str] = (),
+    train: TrainConfig | None = None,
 ) -> list[PreparedSet]:
     """Generate, ingest and split the design's hold-out and unseen-scanner cohorts where their
-    split tables are missing.
+    split tables are missing; with ``train``, write their network inputs where those are missing.
 
     Args:
         design: the design section.
@@ -57,6 +63,7 @@ def prepare(
         progress: show progress bars.
         overrides: more Hydra overrides for the cohort, ingest and split sections (after the
             design's ``cohort=<name>``).
+        train: the design's ``train`` section (its preprocessing); ``None`` writes no inputs.
 
     Returns:
         The two sets, hold-out first.
@@ -75,7 +82,10 @@ def prepare(
         table = folder / "split" / "dataset.csv"
         if table.is_file():
             log.info("experiment: %s set %s already prepared in %s", role, cohort, folder)
-            out.append(PreparedSet(role, cohort, folder, built=False, seconds=0.0))
+            began = time.perf_counter()
+            inputs = _inputs(folder, train, workers, progress)
+            seconds = time.perf_counter() - began if inputs else 0.0
+            out.append(PreparedSet(role, cohort, folder, False, seconds, inputs))
             continue
         began = time.perf_counter()
         cohort_cfg = compose_section("cohort", CohortConfig, [f"cohort={cohort}", *overrides])
@@ -103,5 +113,26 @@ def prepare(
             folder / "data" / "ris" / "verified_diagnoses.csv",
             folder / "split",
         )
-        out.append(PreparedSet(role, cohort, folder, True, time.perf_counter() - began))
+        inputs = _inputs(folder, train, workers, progress)
+        out.append(PreparedSet(role, cohort, folder, True, time.perf_counter() - began, inputs))
     return out
+
+
+def _inputs(
+    folder: Path, train: TrainConfig | None, workers: int | None, progress: bool
+) -> Path | None:
+    """Write the network inputs of every series of ``folder``'s split table for ``train``'s
+    preprocessing unless they are there; the file, or ``None`` without ``train``."""
+    import csv
+
+    from shiftguard.experiment.inputs import INPUTS_DIR, input_tag, write_inputs
+
+    if train is None:
+        return None
+    target = folder / INPUTS_DIR
+    tag = input_tag(train)
+    if (target / f"{tag}.npy").is_file() and (target / f"{tag}.txt").is_file():
+        return target / f"{tag}.npy"
+    with (folder / "split" / "dataset.csv").open(newline="", encoding="utf-8") as fh:
+        paths = [str(folder / "ingest" / row["volume_path"]) for row in csv.DictReader(fh)]
+    return write_inputs(paths, train, target, workers=workers, progress=progress)

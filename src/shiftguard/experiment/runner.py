@@ -2,9 +2,10 @@
 
 ``python -m shiftguard.experiment.runner --multirun +design=reduced`` composes ``conf/`` with the
 design's sweep (``hydra.sweeper.params`` in ``conf/design/<name>.yaml``: arms x training seeds x
-split seeds) and calls :func:`run_cell` once per combination, in one process, so the scored volumes
-are read and preprocessed once for every cell (:class:`InputCache`). Each cell writes, into its
-Hydra job folder:
+split seeds) and calls :func:`run_cell` once per combination, in one process (or, with the joblib
+launcher, in a few), so the scored volumes are read and preprocessed once for every cell
+(:class:`~shiftguard.experiment.inputs.InputCache`, from the files ``shiftguard experiment prepare``
+wrote where they exist). Each cell writes, into its Hydra job folder:
 
 - ``cell.json``: the arm, seeds, design, threshold, timings and per-set figures;
 - ``predictions.csv``: every scored series with its set, scanner, label and probability;
@@ -37,6 +38,7 @@ from shiftguard.config.schema import (
     TrainConfig,
 )
 from shiftguard.errors import ShiftGuardError
+from shiftguard.experiment.inputs import INPUTS_DIR, InputCache
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +50,6 @@ HOLDOUT, EXTERNAL = "in_distribution", "external"
 
 class ExperimentInputError(ShiftGuardError, ValueError):
     """A design's data is missing or unusable; the message names the file and what to do."""
-
-
-class InputCache:
-    """Network inputs of scored volumes, preprocessed once per (path, intensity percentiles, input
-    shape) and kept in memory for the sweep's later cells (``(1, X, Y, Z)`` float32 each)."""
-
-    def __init__(self) -> None:
-        self._store: dict[tuple[str, tuple[float, ...], tuple[int, ...] | None], torch.Tensor] = {}
-
-    def inputs(self, paths: Sequence[str], cfg: TrainConfig) -> list[torch.Tensor]:
-        """The network inputs of ``paths``, exactly as validation preprocesses them."""
-        from shiftguard.training.data import build_dataset
-
-        key = (
-            tuple(float(v) for v in cfg.intensity_percentiles),
-            tuple(cfg.input_shape) if cfg.input_shape else None,
-        )
-        missing = [p for p in paths if (p, *key) not in self._store]
-        if missing:
-            items = [{"image": p, "label": 0.0, "key": p} for p in missing]
-            dataset = build_dataset(items, cfg.model_copy(update={"cache_rate": 0.0}))
-            for i, path in enumerate(missing):
-                self._store[(path, *key)] = dataset[i]["image"].float()
-        return [self._store[(p, *key)] for p in paths]
 
 
 _CACHE = InputCache()
@@ -192,6 +170,8 @@ def run_cell(config: Mapping[str, Any], out_dir: Path, root: Path | None = None)
             raise ExperimentInputError(
                 f"design {design.name}: the {name} set has no labelled series"
             )
+    for cohort in (design.holdout_cohort, design.external_cohort):
+        _CACHE.attach(design.cohort_folder(cohort, root) / INPUTS_DIR, train)
     sets = [(HOLDOUT, r, here(design.holdout_ingest)) for r in holdout]
     sets += [(EXTERNAL, r, here(design.external_ingest)) for r in external]
     probs = score(net, [str(folder / r["volume_path"]) for _, r, folder in sets], train)

@@ -10,6 +10,10 @@ coarser grid. The label-driven arms also load each item's tissue label map onto 
 (``train.lesion_masks``) each training item also carries its mask, moved onto the volume's grid
 through both affines and cached on the network's grid; the flip turns it with the image.
 
+With ``augment.device`` set the cache lives on that device and the arm, scaling, flip and resampling
+run there, in the training process (MONAI's recipe for fast GPU training: cache on the GPU, random
+transforms on the GPU, no loader workers).
+
 The random transforms are seeded per sample (:class:`SeededCacheDataset`): sample ``i`` in epoch ``e``
 draws from a seed derived from ``train.seed``, ``e`` and ``i``, whichever process transforms it. A
 loader worker's own seed (MONAI's ``worker_init_fn``) is overridden, so the draws, and the trained
@@ -36,6 +40,7 @@ from monai.transforms import (
     MapTransform,
     RandFlipd,
     Resized,
+    ToDeviced,
 )
 from torch.utils.data import DistributedSampler
 
@@ -165,9 +170,30 @@ class ScalePercentilesd(MapTransform):
         out = dict(data)
         for key in self.key_iterator(out):
             value = out[key]
+            if torch.is_tensor(value) and value.device.type != "cpu":
+                out[key] = scale_percentiles_torch(value, self.lower, self.upper)
+                continue
             array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
             out[key] = torch.from_numpy(scale_percentiles(array, self.lower, self.upper))
         return out
+
+
+def scale_percentiles_torch(volume: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """:func:`~shiftguard.edge.preprocess.scale_percentiles` on ``volume``'s device, for volumes
+    that live on a GPU (``augment.device``): the same definition (linear interpolation between
+    order statistics, :func:`torch.quantile`), equal to float32 rounding; a constant volume becomes
+    all zeros.
+
+    >>> x = torch.arange(101.0)
+    >>> scale_percentiles_torch(x, 1.0, 99.0)[[1, 99]].tolist()
+    [0.0, 1.0]
+    """
+    values = volume.to(torch.float32)
+    q = torch.tensor([lower / 100.0, upper / 100.0], dtype=torch.float64, device=values.device)
+    lo, hi = torch.quantile(values.reshape(-1).double(), q).tolist()
+    if hi - lo == 0:
+        return values - float(lo)
+    return ((values.double() - lo) / (hi - lo)).to(torch.float32)
 
 
 class LesionMaskOnGridd(MapTransform):
@@ -284,6 +310,7 @@ class SeededCacheDataset(CacheDataset):
     def __init__(self, data: Sequence[Any], transform: Compose, seed: int, **kwargs: Any) -> None:
         self.seed = int(seed)
         self.epoch = 0
+        self.device: torch.device | None = None  # where the random transforms run (augment.device)
         super().__init__(data=data, transform=transform, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
@@ -321,12 +348,17 @@ def build_dataset(
     masks = bool(items) and all(MASK in item for item in items)
     labels = bool(items) and all(LABELS_KEY in item for item in items)
     arm: list[Any] = []
+    device = None
     if train and augment is not None and augment.training_arm != "none":
         if spacing is None:
             spacing = volume_geometry([item[IMAGE] for item in items])[0]
-        arm = arm_transforms(augment, spacing, IMAGE)
+        device = augment.device
+        arm = arm_transforms(augment, spacing, IMAGE, device=device)
     if arm:  # the arm sees the volume's own intensities; scaling follows, per sample
         transforms = preprocessing(cfg, masks=masks, labels=labels, scale=False)
+        if device is not None:  # the cache on the device; what follows runs there
+            keys = [IMAGE] + ([MASK] if masks else []) + ([LABELS_KEY] if labels else [])
+            transforms.append(ToDeviced(keys, device=device))
         transforms += [*arm, *intensity_scaling(cfg)]
         if labels:
             transforms.append(DeleteItemsd(LABELS_KEY))
@@ -337,7 +369,7 @@ def build_dataset(
             RandFlipd([IMAGE, MASK] if masks else IMAGE, prob=cfg.flip_probability, spatial_axis=0)
         )
     transforms += to_input_grid(cfg)
-    return SeededCacheDataset(
+    dataset = SeededCacheDataset(
         data=[dict(item) for item in items],
         transform=Compose(transforms),
         seed=cfg.seed,
@@ -345,6 +377,8 @@ def build_dataset(
         num_workers=max(workers_for(cfg), 1) if cfg.cache_rate > 0 else 0,
         progress=False,
     )
+    dataset.device = None if device is None else torch.device(device)
+    return dataset
 
 
 def build_loader(
@@ -358,8 +392,11 @@ def build_loader(
 
     Under ``torchrun`` (``ctx`` with several processes) a
     :class:`~torch.utils.data.DistributedSampler` gives each rank its shard instead.
-    Batches are ``{"image": (B, 1, X, Y, Z), "label": (B,) float, "key": list[str]}``.
+    Batches are ``{"image": (B, 1, X, Y, Z), "label": (B,) float, "key": list[str]}``. A dataset
+    whose random transforms run on a device (``dataset.device``, from ``augment.device``) is served
+    by the training process itself: no worker processes, nothing to pin.
     """
+    on_device = getattr(dataset, "device", None) is not None
     generator = torch.Generator()
     generator.manual_seed(cfg.seed)
     sampler: DistributedSampler[Any] | None = None
@@ -372,9 +409,9 @@ def build_loader(
         batch_size=batch_size or cfg.batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
-        num_workers=workers_for(cfg),
+        num_workers=0 if on_device else workers_for(cfg),
         generator=generator,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() and not on_device,
         persistent_workers=False,
     )
 

@@ -353,6 +353,14 @@ def _run(
     rows = read_rows(dataset_csv)
     masks_dir = _lesion_masks(train_cfg, model_cfg, root)
     augment = augment_cfg if augment_cfg.training_arm != "none" else None
+    if augment is not None and str(augment.device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingDataError(
+                f"augment.device={augment.device}: no CUDA device is available here; run the arm "
+                "in the loader's workers on the CPU (augment.device=null)"
+            )
+        if ctx.distributed:
+            augment = augment.model_copy(update={"device": str(ctx.device)})  # a GPU per rank
     try:
         train_items = items_from_rows(
             rows,

@@ -316,3 +316,18 @@ def test_cuda_matches_the_cpu(brain: tuple[torch.Tensor, tuple[float, float, flo
         noisy, apply_reference(volume, FULL, spacing), apply_fast(volume, clean, spacing)
     )
     assert math.isfinite(float(noisy.sum()))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+@pytest.mark.parametrize("sigma", [0.7, 1.9, 3.4, 9.0])
+def test_gaussian_along_is_scipys_filter_in_both_edge_modes(mode: str, sigma: float) -> None:
+    """Narrow kernels (direct sum) and wide ones (FFT, radius over 8 and over the signal's
+    length) equal ``scipy.ndimage.gaussian_filter1d`` with the same edge mode."""
+    from scipy import ndimage
+
+    x = np.random.default_rng(2).gamma(2.0, 50.0, (3, 20, 7)).astype(np.float32)
+    x[:, :3] += 400.0  # a bright edge, where the two modes differ
+    for dim in range(3):
+        expected = ndimage.gaussian_filter1d(x, sigma, axis=dim, mode=mode, truncate=4.0)
+        got = fast._gaussian_along(torch.from_numpy(x), dim, sigma, mode=mode).numpy()  # type: ignore[arg-type]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)

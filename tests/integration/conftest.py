@@ -11,6 +11,7 @@ unprivileged account (``postgres``, which Debian's package creates, else ``nobod
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import pwd
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers_plugin import peer_missing
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +222,15 @@ def _start_postgres(
 def postgres() -> Iterator[Postgres]:
     """A fresh PostgreSQL cluster on 127.0.0.1, superuser ``shiftguard`` with trust auth.
 
-    Skips when the server binaries are not installed or, running as root, no unprivileged account
-    exists to run them; fails with the server's log when it is installed but does not start.
+    Skips (fails where peers are required: ``peers_plugin``) when the server binaries or psycopg2
+    are not installed or, running as root, no unprivileged account exists to run them; fails with
+    the server's log when it is installed but does not start.
     """
-    pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install -e '.[dev]'")
+    if importlib.util.find_spec("psycopg2") is None:
+        peer_missing("psycopg2 missing: pip install -e '.[dev]'")
     bindir = postgres_bindir()
     if bindir is None:
-        pytest.skip(f"PostgreSQL server binaries (initdb, postgres) not found: {PG_BIN_HINT}")
+        peer_missing(f"PostgreSQL server binaries (initdb, postgres) not found: {PG_BIN_HINT}")
     as_user: dict[str, Any] = {}
     # A short path: the Unix socket's full name must fit in 107 bytes. Not pytest's tmp_path, whose
     # parent folder is private to root and so not traversable by the account postgres runs as.
@@ -236,7 +240,7 @@ def postgres() -> Iterator[Postgres]:
         if os.geteuid() == 0:
             account = _unprivileged_account()
             if account is None:
-                pytest.skip(
+                peer_missing(
                     f"running as root and none of {UNPRIVILEGED_ACCOUNTS} exists to run PostgreSQL"
                 )
             for path in (base, base / "sockets"):

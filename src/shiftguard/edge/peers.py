@@ -5,12 +5,17 @@ Orthanc (Debian package ``orthanc``, installed by ``scripts/setup.sh``) runs fro
 configuration: its own storage and index folders, free ports, HTTP restricted to local clients.
 Orthanc 1.10 has no option to bind its DICOM port to one address; the tests only ever connect to
 127.0.0.1.
+
+:func:`find_tool` finds a peer's program where Debian installs it, not only on ``$PATH``: Debian puts
+``Orthanc`` in ``/usr/sbin``, which a normal user's ``$PATH`` lacks, and PostgreSQL's server programs
+in ``/usr/lib/postgresql/<version>/bin``, which no ``$PATH`` has.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -18,6 +23,68 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from shiftguard.errors import ShiftGuardError
+
+#: the Debian package that installs each peer program (what a missing one's message names)
+PACKAGES = {
+    "Orthanc": "orthanc",
+    "storescu": "dcmtk",
+    "findscu": "dcmtk",
+    "movescu": "dcmtk",
+    "dcmqrscp": "dcmtk",
+    "echoscu": "dcmtk",
+    "dciodvfy": "dicom3tools",
+    "dcm2niix": "dcm2niix",
+    "openssl": "openssl",
+    "initdb": "postgresql",
+    "postgres": "postgresql",
+    "pg_ctl": "postgresql",
+}
+#: folders searched after ``$PATH``: the system programs' folders a normal user's ``$PATH`` lacks
+SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+#: PostgreSQL's server programs, newest version first
+POSTGRES_DIRS = "/usr/lib/postgresql/*/bin"
+
+
+class PeerMissingError(ShiftGuardError, FileNotFoundError):
+    """A peer program is not installed; the message names it and the package that installs it."""
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    return tuple(int(p) for p in path.parent.name.split(".") if p.isdigit())
+
+
+def find_tool(name: str) -> str | None:
+    """The path of the program ``name``: on ``$PATH``, else in :data:`SYSTEM_DIRS`, else (for
+    PostgreSQL's programs) in the newest ``/usr/lib/postgresql/<version>/bin``; ``None`` when it is
+    nowhere.
+
+    >>> find_tool("no-such-program-here") is None
+    True
+    """
+    found = shutil.which(name)
+    if found:
+        return found
+    folders = [Path(d) for d in SYSTEM_DIRS]
+    folders += sorted(Path("/").glob(POSTGRES_DIRS.lstrip("/")), key=_version_key, reverse=True)
+    for folder in folders:
+        candidate = folder / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def tool(name: str) -> str:
+    """:func:`find_tool`, or :class:`PeerMissingError` naming the package to install."""
+    found = find_tool(name)
+    if found is None:
+        package = PACKAGES.get(name, name)
+        raise PeerMissingError(
+            f"{name}: not installed (looked on $PATH and in {', '.join(SYSTEM_DIRS)}); install "
+            f"the Debian package {package} (scripts/setup.sh does)"
+        )
+    return found
 
 
 def free_port() -> int:
@@ -68,7 +135,7 @@ class Orthanc:
         path.write_text(json.dumps(config))
         log = (self.root / "orthanc.log").open("ab")
         self.proc = subprocess.Popen(
-            ["Orthanc", str(path)],
+            [tool("Orthanc"), str(path)],
             stdout=log,
             stderr=log,
             env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk (inside Orthanc) reads it too
@@ -110,7 +177,16 @@ def storescu(
     """Send ``files`` over one association with dcmtk's ``storescu`` (with ``TCP_NODELAY``, as a
     modality tuned for throughput would)."""
     return subprocess.run(
-        ["storescu", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        [
+            tool("storescu"),
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -423,7 +423,7 @@ def test_a_missing_encoder_fails_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+@pytest.mark.peers("dciodvfy")
 def test_files_pass_dciodvfy_without_errors(cohort: Path) -> None:
     for folder in series_folders(cohort).values():
         path = sorted(folder.glob("*.dcm"))[3]

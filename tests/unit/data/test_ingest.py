@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from peers_plugin import peer_missing
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import RLELossless
 
@@ -34,7 +35,7 @@ def _read(path: Path) -> list[dict[str, str]]:
 def _bundled(name: str) -> Path:
     path = get_testdata_file(name, download=False)
     if path is None:
-        pytest.skip(f"pydicom test file {name} is not bundled")
+        peer_missing(f"pydicom test file {name} is not bundled")
     return Path(str(path))
 
 
@@ -270,11 +271,15 @@ def _fork_pools_available() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
+_FORK_POOLS = _fork_pools_available()  # decided at collection, before tests start threads
+
+
 @pytest.mark.integration
-@pytest.mark.skipif(not _fork_pools_available(), reason="needs fork-started worker processes")
 def test_a_worker_crash_is_reported_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if not _FORK_POOLS:
+        peer_missing("needs fork-started worker processes (this platform or process has none)")
     import os
 
     import shiftguard.data.ingest as ingest_module

@@ -11,19 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from peers_plugin import peer_missing
 from pydicom.data import get_testdata_file
 
 
 def _bundled(name: str) -> Path:
     path = get_testdata_file(name, download=False)
     if path is None:
-        pytest.skip(f"pydicom test file {name} is not bundled with this pydicom")
+        peer_missing(f"pydicom test file {name} is not bundled with this pydicom")
     return Path(str(path))
 
 
 @pytest.fixture
 def bundled() -> Callable[[str], Path]:
-    """Path of one of pydicom's bundled test files (skips the test if it is absent)."""
+    """Path of one of pydicom's bundled test files (skips the test if it is absent, fails it
+    where peers are required)."""
     return _bundled
 
 

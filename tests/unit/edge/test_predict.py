@@ -106,7 +106,7 @@ def _walk(items: Any) -> Any:
             yield from _walk(item.ContentSequence)
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+@pytest.mark.peers("dciodvfy")
 def test_outputs_pass_dciodvfy_without_errors(predicted: Any) -> None:
     _, out = predicted
     files = sorted(out.glob("*.dcm"))

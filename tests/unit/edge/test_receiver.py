@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pydicom.uid import generate_uid
 from shiftguard.edge.queue import READY, WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings
 
-pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+pytestmark = pytest.mark.peers("storescu")
 
 
 @pytest.fixture(params=["asyncio", "pynetdicom"])
@@ -118,7 +117,7 @@ def test_address_allow_list() -> None:
     assert ReceiverSettings().address_allowed("192.168.1.5")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+@pytest.mark.peers("openssl")
 def test_tls_only_lets_clients_with_a_trusted_certificate_in(
     tmp_path: Path, cohort: Path, engine: str
 ) -> None:

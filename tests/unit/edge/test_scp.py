@@ -4,7 +4,6 @@ context negotiation, garbage, timeouts, aborts; and the header scan the receive 
 from __future__ import annotations
 
 import io
-import shutil
 import socket
 import subprocess
 import time
@@ -17,7 +16,7 @@ import pytest
 from shiftguard.edge.queue import RECEIVING, WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, scan_uids
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+needs_dcmtk = pytest.mark.peers("storescu")
 
 
 @pytest.fixture

@@ -25,10 +25,7 @@ from shiftguard.shadow.log import read_shadow_log
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("Orthanc") is None or shutil.which("storescu") is None,
-        reason="Orthanc and dcmtk are installed by scripts/setup.sh",
-    ),
+    pytest.mark.peers("Orthanc", "storescu"),
 ]
 
 

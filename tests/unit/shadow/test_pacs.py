@@ -4,7 +4,6 @@ by C-FIND and C-MOVE or C-GET, and the ways the PACS can refuse."""
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -15,11 +14,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from peers_plugin import peer_missing
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
-from shiftguard.edge.peers import Orthanc, free_port, storescu
+from shiftguard.edge.peers import Orthanc, find_tool, free_port, storescu
 from shiftguard.shadow.diagnoses import Diagnosis, DiagnosisBook, read_diagnoses
 from shiftguard.shadow.pacs import (
     NOT_VERIFIED,
@@ -33,10 +33,7 @@ from shiftguard.shadow.pacs import (
     write_report_sr,
 )
 
-needs_orthanc = pytest.mark.skipif(
-    shutil.which("Orthanc") is None or shutil.which("storescu") is None,
-    reason="Orthanc and dcmtk are installed by scripts/setup.sh",
-)
+needs_orthanc = pytest.mark.peers("Orthanc", "storescu")
 
 
 def _study(folder: Path, study_date: str, patient: str) -> list[Path]:
@@ -73,7 +70,7 @@ def test_a_written_report_reads_back_as_the_diagnosis(tmp_path: Path) -> None:
     assert pydicom.dcmread(tmp_path / "b").ContentSequence[1].TextValue == "Normal study."
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy")
+@pytest.mark.peers("dciodvfy")
 @pytest.mark.parametrize("finding", [0, 1])
 def test_a_written_report_is_a_valid_comprehensive_sr(tmp_path: Path, finding: int) -> None:
     image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
@@ -251,8 +248,9 @@ def _ai_result(image: Path, out: Path) -> None:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     """An Orthanc knowing AE SHIFTGUARD, holding three studies and their SRs."""
-    if shutil.which("Orthanc") is None or shutil.which("storescu") is None:
-        pytest.skip("Orthanc and dcmtk are installed by scripts/setup.sh")
+    missing = [name for name in ("Orthanc", "storescu") if find_tool(name) is None]
+    if missing:
+        peer_missing(f"needs {', '.join(missing)}: scripts/setup.sh installs them")
     root = tmp_path_factory.mktemp("pacs")
     move_port = free_port()
     orthanc = Orthanc(root / "orthanc", modalities={"SHIFTGUARD": ("127.0.0.1", move_port)})
@@ -402,7 +400,7 @@ def test_fetch_arguments_are_checked_before_connecting() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(shutil.which("dcmqrscp") is None, reason="dcmtk is installed by setup.sh")
+@pytest.mark.peers("dcmqrscp", "storescu")
 def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
     """dcmtk's archive: C-GET gives the report; C-MOVE to an AE it does not know is refused with
     'move destination unknown' (Orthanc answers a bare failure)."""

@@ -1,0 +1,48 @@
+"""Finding peer programs where Debian installs them, not only on $PATH."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from shiftguard.edge import peers
+from shiftguard.edge.peers import PeerMissingError, find_tool, tool
+
+
+def _program(folder: Path, name: str, executable: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\nexit 0\n")
+    if executable:
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_a_program_in_sbin_is_found_without_sbin_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian installs Orthanc in /usr/sbin, which a normal user's $PATH lacks."""
+    sbin = tmp_path / "sbin"
+    orthanc = _program(sbin, "Orthanc-test")
+    _program(sbin, "not-executable", executable=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(peers, "SYSTEM_DIRS", (str(sbin),))
+    assert find_tool("Orthanc-test") == str(orthanc)
+    assert find_tool("not-executable") is None
+    first = _program(tmp_path / "bin", "Orthanc-test")
+    assert find_tool("Orthanc-test") == str(first)  # $PATH first
+    with pytest.raises(PeerMissingError, match=r"Orthanc: not installed.*package orthanc"):
+        tool("Orthanc")
+
+
+def test_postgres_programs_are_found_in_the_newest_versioned_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for version in ("9.6", "15", "13"):
+        _program(tmp_path / "postgresql" / version / "bin", "initdb-test")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(peers, "SYSTEM_DIRS", ())
+    monkeypatch.setattr(peers, "POSTGRES_DIRS", str(tmp_path / "postgresql" / "*" / "bin"))
+    assert find_tool("initdb-test") == str(tmp_path / "postgresql" / "15" / "bin" / "initdb-test")

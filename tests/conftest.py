@@ -27,6 +27,20 @@ CONF = REPO / "conf"
 TINY = ("experiment=tiny",)
 
 
+def _test_signing_key() -> None:
+    """A signing key for this test process, not the user's: export and write_bundle sign with it
+    and opening a bundle trusts it (subprocesses inherit both variables)."""
+    from shiftguard.edge.signing import SIGNING_KEY_ENV, TRUSTED_KEYS_ENV, generate
+
+    if os.environ.get(SIGNING_KEY_ENV) and os.environ.get(TRUSTED_KEYS_ENV):
+        return
+    private, public = generate(Path(tempfile.mkdtemp(prefix="shiftguard-test-keys-")), "tests")
+    os.environ[SIGNING_KEY_ENV], os.environ[TRUSTED_KEYS_ENV] = str(private), str(public)
+
+
+_test_signing_key()
+
+
 @pytest.fixture(scope="session")
 def conf_dir() -> Path:
     return CONF

@@ -291,10 +291,63 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust(args: argparse.Namespace) -> Any:
+    """The keys a bundle opened by this command may be signed by (``--trusted-key``, the
+    environment, ``--allow-unsigned``)."""
+    from shiftguard.edge.signing import Trust
+
+    return Trust(keys=[str(k) for k in args.trusted_key], allow_unsigned=args.allow_unsigned)
+
+
 def _edge_verify(args: argparse.Namespace) -> int:
     from shiftguard.edge.bundle import describe, open_bundle
 
-    print(describe(open_bundle(args.bundle)))
+    print(describe(open_bundle(args.bundle, _trust(args))))
+    return 0
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    import shutil
+
+    from shiftguard.edge.signing import (
+        DEVELOPMENT,
+        KeyFileError,
+        development_key_path,
+        generate,
+        read_signing_key,
+        trust_dir,
+    )
+
+    if args.development:
+        folder, name = development_key_path().parent, DEVELOPMENT
+        if (folder / f"{name}.key").is_file() and not args.overwrite:
+            key = read_signing_key(folder / f"{name}.key")
+            log.info("keys: the development key %s (id %s) is already there", key.path, key.key_id)
+        else:
+            generate(folder, name, overwrite=args.overwrite)
+        trust_dir().mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / f"{name}.pub", trust_dir() / f"{name}.pub")
+        key = read_signing_key(folder / f"{name}.key")
+        log.info(
+            "keys: development key %s (id %s), trusted on this machine via %s; for development "
+            "only: a site trusts its lab's release key instead",
+            key.path,
+            key.key_id,
+            trust_dir() / f"{name}.pub",
+        )
+        return 0
+    if args.out is None:
+        raise KeyFileError("shiftguard keys generate: give --out FOLDER, or --development")
+    if args.out.exists() and not args.out.is_dir():
+        raise KeyFileError(f"keys generate --out {args.out}: not a folder (it is a file)")
+    try:
+        private, public = generate(args.out, args.name, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise KeyFileError(str(exc)) from None
+    key = read_signing_key(private)
+    print(f"private key {private} (keep it secret, never in git)")
+    print(f"public key  {public} (give it to sites: trusted_keys)")
+    print(f"key id      {key.key_id}")
     return 0
 
 
@@ -302,7 +355,9 @@ def _edge_predict(args: argparse.Namespace) -> int:
     from shiftguard.edge.bundle import open_bundle
     from shiftguard.edge.predict import Predictor
 
-    predictor = Predictor(open_bundle(args.bundle), shadow=args.shadow, providers=args.providers)
+    predictor = Predictor(
+        open_bundle(args.bundle, _trust(args)), shadow=args.shadow, providers=args.providers
+    )
     summary = predictor.predict_folder(args.dicom, args.out)
     for row in summary.results:
         log.info(
@@ -703,10 +758,43 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(exp)
     exp.set_defaults(func=_export)
 
+    keys = sub.add_parser("keys", help="Ed25519 keys that sign bundles")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    gen = keys_sub.add_parser("generate", help="a new key pair: NAME.key (private) and NAME.pub")
+    gen.add_argument("--out", type=Path, default=None, help="folder for the two files")
+    gen.add_argument("--name", default="release", help="the key's name (file stem)")
+    gen.add_argument(
+        "--development",
+        action="store_true",
+        help="the development key export signs with by default, trusted on this machine "
+        "(kept if already there; make demo runs this)",
+    )
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing key")
+    gen.set_defaults(func=_keys_generate)
+
     edge = sub.add_parser("edge", help="the hospital-side runner (no torch, MONAI, MLflow, DVC)")
     edge_sub = edge.add_subparsers(dest="action", required=True)
-    ver = edge_sub.add_parser("verify", help="check a bundle's hashes and print its manifest")
+
+    def trust(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--trusted-key",
+            type=Path,
+            action="append",
+            default=[],
+            help="a public key (.pub) the bundle may be signed by (repeatable; besides "
+            "$SHIFTGUARD_TRUSTED_KEYS, else the user's trust folder)",
+        )
+        p.add_argument(
+            "--allow-unsigned",
+            action="store_true",
+            help="development only: accept an unsigned bundle or an untrusted key, with a warning",
+        )
+
+    ver = edge_sub.add_parser(
+        "verify", help="check a bundle's signature and hashes and print its manifest"
+    )
     ver.add_argument("bundle", type=Path)
+    trust(ver)
     ver.set_defaults(func=_edge_verify)
     pred = edge_sub.add_parser("predict", help="DICOM folder(s) in, DICOM SR + key images out")
     pred.add_argument("--bundle", type=Path, required=True)
@@ -720,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument(
         "--providers", nargs="+", default=None, help="ONNX Runtime execution providers, best first"
     )
+    trust(pred)
     pred.set_defaults(func=_edge_predict)
     srv = edge_sub.add_parser("serve", help="the DICOM service: receive, infer, route (conf/edge/)")
     srv.add_argument(

@@ -54,6 +54,11 @@ class ExportConfig(_Strict):
         min_length=1,
     )
     series_selection: SeriesSelection = Field(default_factory=SeriesSelection)
+    signing_key: str | None = Field(
+        None,
+        description="the private key export signs the bundle with; null: $SHIFTGUARD_SIGNING_KEY, "
+        "else the development key (`shiftguard keys generate --development`). Never a file in git",
+    )
 
 
 class EdgeDestination(_Strict):
@@ -71,6 +76,16 @@ class EdgeConfig(_Strict):
 
     bundle: str = Field("artifacts/export", description="a .sgbundle file, or a folder holding one")
     challenger: str | None = Field(None, description="a second bundle run in shadow beside it")
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="public key files (.pub) a bundle may be signed by, besides "
+        "$SHIFTGUARD_TRUSTED_KEYS (else the user's trust folder)",
+    )
+    allow_unsigned: bool = Field(
+        False,
+        description="development only: load an unsigned bundle, or one signed by a key not "
+        "trusted, with a warning on every load; a clinical site leaves it false",
+    )
     challenger_fraction: Annotated[
         float,
         Field(

@@ -12,8 +12,9 @@ the manifest lists, each with its SHA-256 and size::
     validation/...         the validation stage's tables the card quotes
 
 :func:`open_bundle` verifies a bundle before anything in it is used: it must be a readable ZIP whose
-member names stay inside the archive, whose manifest has a known format version, whose members are
-exactly those listed with matching hashes, and whose models are in formats the runner knows.
+member names stay inside the archive, whose manifest is signed by a key the site trusts
+(``signature.json``, :mod:`shiftguard.edge.signing`) and has a known format version, whose members
+are exactly those listed with matching hashes, and whose models are in formats the runner knows.
 Nothing is ever unpickled: the manifest is JSON, the model ONNX, the tables CSV.
 
 A bundle's ``version`` is :func:`content_version`: a digest of what decides its predictions, so the
@@ -26,15 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import stat
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from shiftguard.edge.signing import SIGNATURE, SigningKey, Trust, check_signature
 from shiftguard.errors import ShiftGuardError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "shiftguard-bundle"
 FORMAT_VERSION = 1
@@ -119,6 +124,22 @@ def content_version(manifest: Mapping[str, Any], members: Mapping[str, bytes]) -
     return sha256_bytes(text.encode())[:VERSION_DIGITS]
 
 
+def runtime_digest(manifest: Mapping[str, Any]) -> str:
+    """A digest of everything in a bundle that decides what its runner computes: the manifest
+    without its documents (Markdown members: the model card, which names the signer) and without
+    the manifest's free text. Re-signing a bundle, or signing it with another key, leaves it
+    unchanged; a cache of the runner's outputs keyed by it stays valid (the drift scenarios'
+    pools)."""
+    members = {
+        str(name): str(entry.get("sha256"))
+        for name, entry in dict(manifest.get("members", {})).items()
+        if not str(name).endswith(".md")
+    }
+    decisive = {key: manifest.get(key) for key in (*PREDICTIVE_SECTIONS, "monitor")}
+    text = json.dumps({"members": members, **decisive}, sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(text.encode())
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle: its manifest and members' bytes, read once, checked against their hashes."""
@@ -126,6 +147,8 @@ class Bundle:
     path: Path
     manifest: dict[str, Any]
     members: dict[str, bytes]
+    signer: str | None = None  # the key id that signed it; None: unsigned (development switch)
+    trusted: bool = False  # whether a trusted key verified the signature
 
     @property
     def name(self) -> str:
@@ -157,19 +180,39 @@ class Bundle:
         return self.members[member].decode("utf-8")
 
 
-def write_bundle(path: Path, manifest: Mapping[str, Any], members: Mapping[str, bytes]) -> Path:
-    """Write ``members`` and a manifest listing them (with hashes and sizes) to ``path``.
+def write_bundle(
+    path: Path,
+    manifest: Mapping[str, Any],
+    members: Mapping[str, bytes],
+    signer: SigningKey | None = None,
+    sign: bool = True,
+    stored: Collection[str] = (),
+) -> Path:
+    """Write ``members``, a manifest listing them (with hashes and sizes) and the manifest's
+    signature (``signature.json``) to ``path``.
 
-    The archive is deterministic for the same inputs: members in name order, fixed timestamps.
-    ``manifest`` must not carry ``members`` or ``format`` keys; they are filled in here.
+    The archive is deterministic for the same inputs and key (Ed25519 signatures are): members in
+    name order, fixed timestamps. ``manifest`` must not carry ``members`` or ``format`` keys; they
+    are filled in here. The key is ``signer``, else :func:`~shiftguard.edge.signing.default_signer`
+    (``$SHIFTGUARD_SIGNING_KEY`` or the development key); with none, or ``sign=False``, the bundle
+    is unsigned (logged), and a site opens it only with the development switch. The manifest,
+    ``signature.json`` and the members named in ``stored`` are stored uncompressed, so a bundle's size does not
+    depend on which key signed it (compressed, the key id in a model card could change it).
 
     Returns:
-        ``path``, verified by :func:`open_bundle`.
+        ``path``, verified by :func:`open_bundle` (trusting ``signer``'s key).
     """
+    from shiftguard.edge.signing import default_signer, signature_document
+
+    if sign and signer is None:
+        signer = default_signer()
+    if signer is None:
+        log.warning("%s: written UNSIGNED (no signing key); sites refuse it", path)
+
     for name in members:
         _check_member_name(path, name)
-        if name == MANIFEST:
-            raise ValueError(f"{MANIFEST} is written by write_bundle; do not pass it as a member")
+        if name in (MANIFEST, SIGNATURE):
+            raise ValueError(f"{name} is written by write_bundle; do not pass it as a member")
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -181,16 +224,23 @@ def write_bundle(path: Path, manifest: Mapping[str, Any], members: Mapping[str, 
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    manifest_bytes = json.dumps(full, indent=2, sort_keys=True).encode()
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        entries = [(MANIFEST, json.dumps(full, indent=2, sort_keys=True).encode())]
+        entries = [(MANIFEST, manifest_bytes)]
+        if signer is not None:
+            entries.append((SIGNATURE, signature_document(manifest_bytes, signer)))
         entries += sorted(members.items())
+        plain = {MANIFEST, SIGNATURE, *stored}  # the manifest holds hashes that differ per key
         for name, data in entries:
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = zipfile.ZIP_STORED if name in plain else zipfile.ZIP_DEFLATED
             info.external_attr = (stat.S_IFREG | 0o644) << 16
             zf.writestr(info, data)
     tmp.replace(path)
-    open_bundle(path)
+    if signer is not None:
+        open_bundle(path, Trust(extra=(signer.public,), environment=False))
+    else:
+        open_bundle(path, signature=False)
     return path
 
 
@@ -265,20 +315,35 @@ def _check_manifest(path: Path, manifest: Any) -> dict[str, Any]:
     return manifest
 
 
-def open_bundle(path: Path | str) -> Bundle:
+def open_bundle(path: Path | str, trust: Trust | None = None, signature: bool = True) -> Bundle:
     """Read and verify a bundle.
+
+    Args:
+        path: the ``.sgbundle`` file.
+        trust: the keys it may be signed by (:class:`~shiftguard.edge.signing.Trust`; default:
+            ``$SHIFTGUARD_TRUSTED_KEYS``, else the user's trust folder).
+        signature: check the signature (``False`` only where the caller just wrote the bundle).
 
     Raises:
         BundleError: the file is missing, truncated or not a ZIP; a member path escapes the
             archive; the manifest is missing, malformed or of an unknown format version; a member
             is missing, unlisted or does not match its SHA-256 or size; a model format is unknown.
+        SignatureError: the bundle is unsigned, signed by a key not trusted, or altered after it
+            was signed (:func:`~shiftguard.edge.signing.check_signature`).
     """
     path = Path(path)
     files = _read_archive(path)
     if MANIFEST not in files:
         raise BundleError(f"{path}: has no {MANIFEST}; not a ShiftGuard bundle")
+    manifest_bytes = files.pop(MANIFEST)
+    signed = files.pop(SIGNATURE, None)
+    verdict = (
+        check_signature(path, manifest_bytes, signed, trust if trust is not None else Trust())
+        if signature
+        else None
+    )
     try:
-        manifest = json.loads(files.pop(MANIFEST).decode("utf-8"))
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: {MANIFEST} is not valid JSON ({exc})") from exc
     manifest = _check_manifest(path, manifest)
@@ -299,7 +364,13 @@ def open_bundle(path: Path | str) -> Bundle:
                 f"{path}: member {name!r} does not match its SHA-256 in the manifest; the bundle "
                 "was altered or damaged after export: do not use it"
             )
-    return Bundle(path=path, manifest=manifest, members=files)
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        members=files,
+        signer=verdict.key_id if verdict else None,
+        trusted=bool(verdict and verdict.trusted),
+    )
 
 
 def describe(bundle: Bundle) -> str:
@@ -319,5 +390,15 @@ def describe(bundle: Bundle) -> str:
     lines.append("members")
     for name, entry in sorted(m["members"].items()):
         lines.append(f"  {name:<28} {entry['size']:>10} B  sha256 {entry['sha256']}")
-    lines.append("verified: every member matches its SHA-256")
+    if bundle.signer is None:
+        lines.append("verified: every member matches its SHA-256; UNSIGNED (development switch)")
+    elif bundle.trusted:
+        lines.append(
+            f"verified: every member matches its SHA-256; signed by trusted key {bundle.signer}"
+        )
+    else:
+        lines.append(
+            f"verified: every member matches its SHA-256; signed by key {bundle.signer}, NOT "
+            "trusted here (development switch)"
+        )
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from shiftguard.edge.bundle import open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
+from shiftguard.edge.signing import Trust
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,12 @@ class ServiceSettings:
     site: str = "site"  # this site's name in the drift records
     collector_url: str | None = None  # where the records are shipped; None: spool only
     collector_token: str | None = None
+    trusted_keys: tuple[str, ...] = ()  # public key files a bundle may be signed by
+    allow_unsigned: bool = False  # development switch (warns on every load)
+
+    def trust(self) -> Trust:
+        """The keys this site's bundles must be signed by."""
+        return Trust(keys=self.trusted_keys, allow_unsigned=self.allow_unsigned)
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -122,6 +129,8 @@ def settings_from_config(cfg: Any) -> ServiceSettings:
         bundle=str(resolve_bundle(cfg.bundle)),
         challenger=str(resolve_bundle(cfg.challenger)) if cfg.challenger else None,
         challenger_fraction=cfg.challenger_fraction,
+        trusted_keys=tuple(cfg.trusted_keys),
+        allow_unsigned=cfg.allow_unsigned,
         storage=cfg.storage,
         shadow=cfg.shadow,
         receiver=ReceiverSettings(
@@ -190,9 +199,11 @@ class Service:
         self.queue = WorkQueue(root / "queue.db")
         self.inbox = root / "inbox"
         self.outbox = root / "results"
-        self.champion = Predictor(open_bundle(settings.bundle), shadow=settings.shadow)
+        self.champion = Predictor(
+            open_bundle(settings.bundle, settings.trust()), shadow=settings.shadow
+        )
         self.challenger = (
-            Predictor(open_bundle(settings.challenger), shadow=True)
+            Predictor(open_bundle(settings.challenger, settings.trust()), shadow=True)
             if settings.challenger
             else None
         )

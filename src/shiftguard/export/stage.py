@@ -28,6 +28,14 @@ from shiftguard.edge.bundle import (
 )
 from shiftguard.edge.predict import FEATURES
 from shiftguard.edge.preprocess import preprocess
+from shiftguard.edge.signing import (
+    SIGNING_KEY_ENV,
+    SigningKey,
+    Trust,
+    default_signer,
+    development_key_path,
+    read_signing_key,
+)
 from shiftguard.errors import ShiftGuardError
 from shiftguard.monitor.features import SCHEMA_VERSION as MONITOR_SCHEMA
 
@@ -62,6 +70,7 @@ class ExportSummary:
     parity_series: int
     torchscript: bool
     members: list[str] = field(default_factory=list)
+    signer: str = ""  # the signing key's id
 
     def to_metrics(self) -> dict[str, Any]:
         return {
@@ -253,7 +262,7 @@ def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
 
 
 def monitor_reference(
-    bundle_path: Path, dicom_dir: Path, splits: Mapping[str, str]
+    bundle_path: Path, dicom_dir: Path, splits: Mapping[str, str], trust: Trust | None = None
 ) -> tuple[bytes, bytes, int]:
     """Run the edge runner (:meth:`~shiftguard.edge.predict.Predictor.analyse`) on the development
     series' DICOM files (``splits``: series UID -> train / val / test), fit the embedding's PCA
@@ -274,7 +283,7 @@ def monitor_reference(
     groups = sorted(
         (g for g in group_series(headers) if g.series_uid in splits), key=lambda g: g.series_uid
     )
-    predictor = Predictor(open_bundle(bundle_path))
+    predictor = Predictor(open_bundle(bundle_path, trust))
     analyses = []
     for group in groups:
         try:
@@ -316,11 +325,17 @@ def model_card(
     metrics: Mapping[str, Any],
     segments: pd.DataFrame,
     robustness: pd.DataFrame,
+    signer: str | None = None,
 ) -> str:
-    """A model card (Markdown) from the split table and the validation reports."""
+    """A model card (Markdown) from the split table and the validation reports; ``signer`` is the
+    id of the key the bundle is signed with."""
     counts = rows.groupby("split")["finding"].agg(["count", "sum"]) if len(rows) else None
     lines = [
         f"# Model card: {name} v{version}",
+        "",
+        f"Signed by key {signer} (Ed25519; a site checks it against its trusted keys)."
+        if signer
+        else "Unsigned: a site opens it only with the development switch.",
         "",
         "## Intended use",
         cfg.intended_use,
@@ -443,6 +458,7 @@ def run(
     from shiftguard.training.stage import load_model, read_rows
 
     root = root or Path.cwd()
+    signer = _signer(cfg, root)
     net, payload = load_model(model_file, "cpu")
     train_cfg = TrainConfig.model_validate(payload["train"])
     name = train_cfg.registered_model
@@ -534,17 +550,31 @@ def run(
     version = content_version(manifest, members)
     manifest = {"name": name, "version": version, **manifest}
     members[CARD_MEMBER] = model_card(
-        cfg, name, version, train_cfg, payload["model"], rows, metrics, segments, robustness
+        cfg,
+        name,
+        version,
+        train_cfg,
+        payload["model"],
+        rows,
+        metrics,
+        segments,
+        robustness,
+        signer.key_id,
     ).encode()
+    own = Trust(extra=(signer.public,), environment=False)  # what export itself opens
+    stored = (CARD_MEMBER,)  # it names the key: uncompressed, the size is the same for any key
     # the drift reference runs the edge runner itself, so it needs the bundle: a provisional one
     # without it first, then the final one
     with tempfile.TemporaryDirectory() as tmp:
-        provisional = write_bundle(Path(tmp) / "provisional.sgbundle", manifest, members)
+        provisional = write_bundle(
+            Path(tmp) / "provisional.sgbundle", manifest, members, signer=signer, stored=stored
+        )
         internal = rows[rows["split"].isin(["train", "val", "test"])]
         reference, basis, n_reference = monitor_reference(
             provisional,
             dicom_dir or root / "data" / "dicom",
             dict(zip(internal["series_uid"], internal["split"], strict=True)),
+            own,
         )
     members[REFERENCE_MEMBER] = reference
     members[PROJECTION_MEMBER] = basis
@@ -557,8 +587,10 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.sgbundle"):
         old.unlink()
-    path = write_bundle(out_dir / bundle_file_name(name), manifest, members)
-    bundle = open_bundle(path)
+    path = write_bundle(
+        out_dir / bundle_file_name(name), manifest, members, signer=signer, stored=stored
+    )
+    bundle = open_bundle(path, own)
     summary = ExportSummary(
         bundle=str(path),
         bundle_sha256=sha256_bytes(path.read_bytes()),
@@ -570,11 +602,32 @@ def run(
         parity_series=len(parity_paths),
         torchscript=torchscript is not None,
         members=sorted(bundle.members),
+        signer=signer.key_id,
     )
     (out_dir / "export.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     if track:
         _track(path, summary, model_file, root)
     return summary
+
+
+def _signer(cfg: ExportConfig, root: Path) -> SigningKey:
+    """The key export signs with: ``export.signing_key`` (relative to ``root``), else
+    ``$SHIFTGUARD_SIGNING_KEY``, else the development key.
+
+    Raises:
+        ExportError: there is none, naming how to make one.
+    """
+    if cfg.signing_key:
+        path = Path(cfg.signing_key).expanduser()
+        return read_signing_key(path if path.is_absolute() else root / path)
+    found = default_signer()
+    if found is None:
+        raise ExportError(
+            f"no signing key: set {SIGNING_KEY_ENV} (or export.signing_key) to a private key, or "
+            f"make the development key with `shiftguard keys generate --development` (make demo "
+            f"does; it goes to {development_key_path()})"
+        )
+    return found
 
 
 def _track(path: Path, summary: ExportSummary, model_file: Path, root: Path) -> None:
@@ -598,12 +651,14 @@ def _track(path: Path, summary: ExportSummary, model_file: Path, root: Path) -> 
     client.log_metric(found.run_id, "export.onnx_max_abs_diff", summary.onnx_max_abs_diff)
     client.set_tag(found.run_id, "shiftguard.bundle_sha256", summary.bundle_sha256)
     client.set_tag(found.run_id, "shiftguard.bundle_version", summary.version)
+    client.set_tag(found.run_id, "shiftguard.bundle_signer", summary.signer)
     if found.registered_model and found.version:
         artifact = f"{client.get_run(found.run_id).info.artifact_uri}/bundle/{path.name}"
         for key, value in (
             ("bundle", path.name),
             (BUNDLE_VERSION_TAG, summary.version),
             ("bundle_sha256", summary.bundle_sha256),
+            ("bundle_signer", summary.signer),
             ("bundle_uri", artifact),
         ):
             client.set_model_version_tag(found.registered_model, found.version, key, value)

@@ -145,14 +145,14 @@ class PoolCache:
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
 
-    def key(self, cohort: Any, condition: Condition, n: int, seed: int, bundle_sha: str) -> str:
+    def key(self, cohort: Any, condition: Condition, n: int, seed: int, bundle_digest: str) -> str:
         text = json.dumps(
             {
                 "cohort": cohort.model_dump(mode="json"),
                 "condition": [list(condition.scanners), condition.slice_thickness_mm],
                 "n": n,
                 "seed": seed,
-                "bundle": bundle_sha,
+                "bundle": bundle_digest,
             },
             sort_keys=True,
         )
@@ -166,10 +166,10 @@ class PoolCache:
         n: int,
         seed: int,
         predictor: Any,
-        bundle_sha: str,
+        bundle_digest: str,
         workers: int | None = None,
     ) -> pd.DataFrame:
-        path = self.folder / f"pool-{self.key(cohort, condition, n, seed, bundle_sha)}.csv"
+        path = self.folder / f"pool-{self.key(cohort, condition, n, seed, bundle_digest)}.csv"
         if path.is_file():
             return typed(pd.read_csv(path))
         log.info("scenarios: simulating a pool of %d studies (%s)", n, condition.label)
@@ -325,7 +325,7 @@ def pools_for(
     split: Any,
     cache: PoolCache,
     predictor: Any,
-    bundle_sha: str,
+    bundle_digest: str,
     sizes: Mapping[str, int],
     seed: int,
     workers: int | None = None,
@@ -339,7 +339,7 @@ def pools_for(
         # a seed of the condition's own, so that adding a scenario leaves other pools cached
         own = int(hashlib.sha256(condition.label.encode()).hexdigest()[:6], 16)
         out[condition] = cache.get(
-            cohort, split, condition, n, seed + own, predictor, bundle_sha, workers
+            cohort, split, condition, n, seed + own, predictor, bundle_digest, workers
         )
     return out
 
@@ -354,18 +354,19 @@ def run_all(
 ) -> dict[str, Any]:
     """Every scenario in ``cfg.scenarios.folder`` (or those named) against the bundle: the pools
     (cached), the streams, the verdicts. Returns a JSON-able summary."""
-    from shiftguard.edge.bundle import open_bundle, sha256_bytes
+    from shiftguard.edge.bundle import open_bundle, runtime_digest
     from shiftguard.edge.predict import Predictor
     from shiftguard.monitor.runner import reference_from_bundle
 
     scenarios = load_scenarios(cfg.scenarios.folder, names)
+    bundle = open_bundle(bundle_path)
     pools = pools_for(
         scenarios,
         cohort,
         split,
         PoolCache(cfg.scenarios.cache),
-        Predictor(open_bundle(bundle_path)),
-        sha256_bytes(Path(bundle_path).read_bytes()),
+        Predictor(bundle),
+        runtime_digest(bundle.manifest),  # not the file's hash, which the signature enters
         {"training": cfg.scenarios.pool_training, "other": cfg.scenarios.pool_other},
         cfg.scenarios.seed,
         workers,

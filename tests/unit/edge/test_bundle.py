@@ -18,6 +18,7 @@ from shiftguard.edge.bundle import (
     open_bundle,
     write_bundle,
 )
+from shiftguard.edge.signing import SIGNATURE, SigningKey, default_signer, signature_document
 
 from .conftest import make_manifest
 
@@ -122,12 +123,19 @@ def test_member_paths_escaping_the_bundle_are_refused(
         write_bundle(tmp_path / "w.sgbundle", {}, {evil: b"x"})
 
 
-def _with_manifest(src: Path, dst: Path, edit: Any) -> Path:
+def _with_manifest(src: Path, dst: Path, edit: Any, signer: SigningKey | None = None) -> Path:
+    """``src`` with its manifest edited and, with ``signer``, signed again by it (a signer's own
+    bad manifest); without, the old signature stays (an attacker's edit)."""
+    with zipfile.ZipFile(src) as zf:
+        manifest = json.loads(zf.read(MANIFEST))
+    edit(manifest)
+    text = json.dumps(manifest).encode()
+
     def change(name: str, data: bytes) -> tuple[str, bytes]:
         if name == MANIFEST:
-            manifest = json.loads(data)
-            edit(manifest)
-            data = json.dumps(manifest).encode()
+            return name, text
+        if name == SIGNATURE and signer is not None:
+            return name, signature_document(text, signer)
         return name, data
 
     return _rewrite(src, dst, change)
@@ -155,8 +163,11 @@ def _with_manifest(src: Path, dst: Path, edit: Any) -> Path:
 def test_bad_manifests_are_refused_with_the_reason(
     bundle_path: Path, tmp_path: Path, edit: Any, message: str
 ) -> None:
+    """Even signed by a trusted key, a manifest that breaks the format is refused."""
+    signer = default_signer()
+    assert signer is not None  # the test process's key (tests/conftest.py)
     with pytest.raises(BundleError, match=message):
-        open_bundle(_with_manifest(bundle_path, tmp_path / "m.sgbundle", edit))
+        open_bundle(_with_manifest(bundle_path, tmp_path / "m.sgbundle", edit, signer))
 
 
 def test_nothing_in_a_bundle_is_unpickled(

@@ -320,12 +320,13 @@ def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
     numbers (v1 and v4): the bundles are byte for byte the same and name neither; each store's
     model version is tagged with the bundle's version, name and SHA-256."""
     from shiftguard.edge.bundle import open_bundle
+    from shiftguard.edge.signing import default_signer
     from shiftguard.tracking import file_sha256
 
     # the drift reference runs the edge runner on DICOM files; these tests have none
     monkeypatch.setattr(
         "shiftguard.export.stage.monitor_reference",
-        lambda bundle, dicom, splits: (b"mean,split\n1.0,train\n", b"{}", 1),
+        lambda bundle, dicom, splits, trust=None: (b"mean,split\n1.0,train\n", b"{}", 1),
     )
     volumes = _volumes(tmp_path)
     bundles, tags, runs = [], [], []
@@ -359,6 +360,11 @@ def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
     assert bundle.text("model_card.md").startswith(
         f"# Model card: shiftguard-classifier v{bundle.version}"
     )
+    # signed with this process's key (tests/conftest.py): the card, export.json and MLflow say which
+    signer = default_signer()
+    assert signer is not None and bundle.signer == signer.key_id == summary.signer
+    assert bundle.trusted and f"Signed by key {signer.key_id}" in bundle.text("model_card.md")
+    assert client.get_run(run_id).data.tags["shiftguard.bundle_signer"] == signer.key_id
     for found in tags:
-        assert found["bundle_version"] == bundle.version
+        assert found["bundle_version"] == bundle.version and found["bundle_signer"] == signer.key_id
         assert found["bundle"] == path.name and found["bundle_sha256"] == summary.bundle_sha256

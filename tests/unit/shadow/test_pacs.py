@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dciodvfy_check import assert_dciodvfy_clean
 from peers_plugin import peer_missing
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -75,10 +76,8 @@ def test_a_written_report_reads_back_as_the_diagnosis(tmp_path: Path) -> None:
 def test_a_written_report_is_a_valid_comprehensive_sr(tmp_path: Path, finding: int) -> None:
     image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
     write_report_sr(image, finding, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
-    out = subprocess.run(["dciodvfy", str(tmp_path / "r.dcm")], capture_output=True, text=True)
-    lines = (out.stdout + out.stderr).splitlines()
-    assert "ComprehensiveSR" in lines  # dciodvfy recognised the IOD it checked
-    assert [line for line in lines if line.startswith("Error")] == []
+    # no error, no warning, exit status 0, checked as a Comprehensive SR
+    assert_dciodvfy_clean(tmp_path / "r.dcm", iod="ComprehensiveSR")
 
 
 def test_write_report_sr_refuses_what_is_not_a_report(tmp_path: Path) -> None:

@@ -44,8 +44,14 @@ def _cohort_generate(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from shiftguard.config import IngestConfig, compose_section
     from shiftguard.data import ingest
+    from shiftguard.dicom.scan import iter_files
 
     cfg = compose_section("ingest", IngestConfig, args.overrides)
+    if args.input.is_dir() and next(iter(iter_files(args.input)), None) is None:
+        raise ingest.IngestInputError(
+            f"ingest: {args.input} holds no files (no DICOM to read); pass the root of the "
+            "DICOM tree"
+        )
     summary = ingest.run(cfg, args.input, args.out, workers=args.workers, progress=not args.quiet)
     log.info(
         "ingest: %d series accepted, %d rejected, %d files quarantined; see %s",
@@ -235,7 +241,13 @@ def _config_check(args: argparse.Namespace) -> int:
     from shiftguard.config import compose, dump_params
 
     expected = dump_params(compose())
-    actual = args.params.read_text(encoding="utf-8") if args.params.is_file() else ""
+    if not args.params.is_file():
+        from shiftguard.config import ConfigError
+
+        raise ConfigError(
+            f"{args.params}: no such parameters file; write it with `shiftguard config dump`"
+        )
+    actual = args.params.read_text(encoding="utf-8")
     if actual == expected:
         print(f"{args.params} is up to date with conf/")
         return 0
@@ -258,6 +270,13 @@ def _config_show(args: argparse.Namespace) -> int:
 
     config = compose(args.overrides)
     validate_all(config)
+    if args.section is not None and args.section not in config:
+        from shiftguard.config import ConfigError
+
+        raise ConfigError(
+            f"config show --section {args.section}: no such section; the sections are "
+            + ", ".join(sorted(config))
+        )
     print(
         OmegaConf.to_yaml(config if args.section is None else {args.section: config[args.section]})
     )
@@ -415,6 +434,10 @@ def _edge_config(args: argparse.Namespace) -> int:
     from shiftguard.config.site import site_config_template
 
     text = site_config_template()
+    if args.out is not None and args.out.is_dir():
+        from shiftguard.config import ConfigError
+
+        raise ConfigError(f"edge config --out {args.out}: is a folder; name the site file to write")
     if args.out is None:
         sys.stdout.write(text)
     else:
@@ -452,6 +475,9 @@ def _monitor_collect(args: argparse.Namespace) -> int:
         host=cfg.collector.host,
         port=cfg.collector.port,
         max_batch=cfg.collector.max_batch,
+        tls_cert=cfg.collector.tls_cert,
+        tls_key=cfg.collector.tls_key,
+        tls_ca=cfg.collector.tls_ca,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -549,6 +575,12 @@ def _monitor_ui(args: argparse.Namespace) -> int:
     if args.print_only or shutil.which("evidently") is None:
         print(" ".join(command))
         return 0
+    import socket
+
+    from shiftguard.errors import listening
+
+    with listening(args.host, args.port, "monitor ui --host/--port"), socket.socket() as probe:
+        probe.bind((args.host, args.port))  # the UI's server would only say so in its own log
     return subprocess.call(command)
 
 
@@ -558,13 +590,16 @@ def _shadow_evaluate(args: argparse.Namespace) -> int:
     from shiftguard.shadow.stage import evaluate_files
 
     cfg = compose_section("shadow", ShadowConfig, args.overrides)
-    if not args.diagnoses and not args.pacs:
+    pacs = args.pacs or cfg.pacs.address
+    if not args.diagnoses and not pacs:
         from shiftguard.shadow.diagnoses import DiagnosisFileError
 
-        raise DiagnosisFileError("shadow evaluate: give --diagnoses FILE(s) and/or --pacs")
+        raise DiagnosisFileError(
+            "shadow evaluate: give --diagnoses FILE(s) and/or --pacs (or shadow.pacs.address)"
+        )
     book = DiagnosisBook()
-    if args.pacs:
-        book.add(*_fetch(args)[:2])
+    if pacs:
+        book.add(*_fetch(args, cfg)[:2])
     result, report = evaluate_files(
         args.log, cfg, args.diagnoses, book, args.bundle, args.out, args.site,
         track=not args.no_mlflow,
@@ -592,27 +627,42 @@ def _shadow_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fetch(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def _fetch(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
+    """Reports from the PACS: each setting from its flag, else from ``shadow.pacs``."""
     from shiftguard.shadow.pacs import fetch_reports, parse_pacs
 
-    if not args.pacs:
+    settings = cfg.pacs.model_copy(
+        update={
+            name: value
+            for name, value in (
+                ("address", args.pacs), ("ae_title", args.ae_title),
+                ("retrieve", args.retrieve), ("move_host", args.move_host),
+                ("move_port", args.move_port),
+            )
+            if value is not None
+        }
+    )  # fmt: skip
+    if not settings.address:
         from shiftguard.shadow.pacs import PacsError
 
-        raise PacsError("shadow fetch: name the PACS with --pacs AET@host:port")
+        raise PacsError(
+            f"shadow {args.action}: name the PACS with --pacs AET@host:port (or shadow.pacs.address)"
+        )
     diagnoses, problems, stats = fetch_reports(
-        parse_pacs(args.pacs), ae_title=args.ae_title, retrieve=args.retrieve,
-        move_port=args.move_port, since=args.since,
+        parse_pacs(settings.address), ae_title=settings.ae_title, retrieve=settings.retrieve,
+        move_port=settings.move_port, move_host=settings.move_host, since=args.since,
     )  # fmt: skip
-    log.info("PACS %s: %s", args.pacs, stats)
+    log.info("PACS %s: %s", settings.address, stats)
     for problem in problems[:20]:
         log.warning("left out: %s", problem)
     return diagnoses, problems, stats
 
 
 def _shadow_fetch(args: argparse.Namespace) -> int:
+    from shiftguard.config import ShadowConfig, compose_section
     from shiftguard.shadow.pacs import write_jsonl
 
-    diagnoses, _, _ = _fetch(args)
+    diagnoses, _, _ = _fetch(args, compose_section("shadow", ShadowConfig, args.overrides))
     write_jsonl(diagnoses, args.out)
     print(f"{len(diagnoses)} verified diagnoses -> {args.out}")
     return 0
@@ -630,6 +680,17 @@ def _promote(args: argparse.Namespace) -> int:
     print("\n".join(decision.lines()))
     print(f"decision recorded in MLflow run {decision.run_id}")
     return 0 if decision.passed else 1
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -702,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=_validate)
 
     cmp_ = sub.add_parser("compare", help="validated models side by side, read from MLflow")
-    cmp_.add_argument("--last", type=int, default=20, help="how many runs, newest first")
+    cmp_.add_argument("--last", type=_positive, default=20, help="how many runs, newest first")
     cmp_.add_argument(
         "--experiment",
         action="store_true",
@@ -864,12 +925,23 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=_monitor_ui)
 
     def pacs(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--pacs", default=None, help="query this PACS: AET@host:port")
-        p.add_argument("--ae-title", default="SHIFTGUARD", help="our AE title at the PACS")
-        p.add_argument("--retrieve", choices=("move", "get"), default="move")
+        p.add_argument(
+            "--pacs", default=None, help="query this PACS: AET@host:port (shadow.pacs.address)"
+        )
+        p.add_argument(
+            "--ae-title", default=None, help="our AE title at the PACS (shadow.pacs.ae_title)"
+        )
+        p.add_argument("--retrieve", choices=("move", "get"), default=None,
+                       help="how reports come back (shadow.pacs.retrieve; default move)")  # fmt: skip
+        p.add_argument(
+            "--move-host", default=None,
+            help="C-MOVE: the address we receive on, the one the PACS has for our AE "
+            "(shadow.pacs.move_host; default 127.0.0.1, 0.0.0.0 for every interface)",
+        )  # fmt: skip
         p.add_argument(
             "--move-port", type=int, default=None,
-            help="C-MOVE: port we receive on (the PACS must know our AE at it)",
+            help="C-MOVE: the port we receive on, the one the PACS has for our AE "
+            "(shadow.pacs.move_port)",
         )  # fmt: skip
         p.add_argument("--since", default=None, help="only studies from this date (YYYYMMDD)")
 
@@ -896,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sha_sub.add_parser("fetch", help="verified reports from the PACS -> JSON lines")
     pacs(fetch)
     fetch.add_argument("--out", type=Path, required=True)
+    overrides(fetch)
     fetch.set_defaults(func=_shadow_fetch)
     pro = sub.add_parser(
         "promote", help="move the MLflow alias champion to a candidate that passes the gate"
@@ -935,6 +1008,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ShiftGuardError as exc:
         print(f"shiftguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        if exc.filename is None:  # not about a path: a bug, keep the traceback
+            raise
+        problem = {
+            FileNotFoundError: "no such file or folder",
+            IsADirectoryError: "is a folder, a file was expected",
+            NotADirectoryError: "is not a folder",
+            PermissionError: "permission denied",
+        }[type(exc)]
+        print(f"shiftguard {args.command}: error: {exc.filename}: {problem}", file=sys.stderr)
         return 2
 
 

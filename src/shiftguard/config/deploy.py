@@ -137,10 +137,24 @@ class EdgeConfig(_Strict):
         "site", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="this site's name in drift records"
     )
     collector_url: str | None = Field(
-        None, description="the drift collector, e.g. http://10.20.0.7:8765; null: spool only"
+        None,
+        description="the drift collector, e.g. https://10.20.0.7:8765 (http:// on loopback "
+        "only); null: spool only",
     )
     collector_token_env: str = Field(
         "SHIFTGUARD_MONITOR_TOKEN", description="environment variable holding the collector token"
+    )
+    collector_ca: str | None = Field(
+        None, description="CA bundle the collector's certificate is checked against (https)"
+    )
+    collector_cert: str | None = Field(
+        None, description="PEM client certificate, when the collector requires one"
+    )
+    collector_key: str | None = Field(None, description="PEM private key of collector_cert")
+    record_key: str | None = Field(
+        None,
+        description="file holding the site secret that keys drift record ids; null: "
+        "<storage>/record.key, made on first start",
     )
     http_host: str = Field("127.0.0.1", description="/healthz and /metrics listen here")
     http_port: Annotated[int, Field(ge=0, le=65535, description="0: any free port")] = 8080
@@ -152,6 +166,10 @@ class EdgeConfig(_Strict):
             raise ValueError(f"edge.destinations: names must be unique, got {names}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("edge.tls_cert and edge.tls_key go together: set both or neither")
+        if bool(self.collector_cert) != bool(self.collector_key):
+            raise ValueError(
+                "edge.collector_cert and edge.collector_key go together: set both or neither"
+            )
         return self
 
 

@@ -19,7 +19,7 @@ class CollectorConfig(_Strict):
 
     url: str | None = Field(
         None,
-        description="where the edge ships records, e.g. http://10.20.0.7:8765; null: spool only",
+        description="where the edge ships records, e.g. https://10.20.0.7:8765; null: spool only",
     )
     token_env: str = Field(
         "SHIFTGUARD_MONITOR_TOKEN", description="environment variable holding the shared token"
@@ -27,8 +27,19 @@ class CollectorConfig(_Strict):
     host: str = Field("127.0.0.1", description="collector listen address")
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
     store: str = Field("monitor-data/records.db", description="the collector's SQLite store")
+    tls_cert: str | None = Field(None, description="PEM certificate: HTTPS when set")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: str | None = Field(None, description="CA bundle; set to require client certificates")
     batch_size: Annotated[int, Field(ge=1, le=5000)] = 500
     max_batch: Annotated[int, Field(ge=1)] = 5000
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> CollectorConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(
+                "monitor.collector.tls_cert and tls_key go together: set both or neither"
+            )
+        return self
 
 
 class WindowConfig(_Strict):

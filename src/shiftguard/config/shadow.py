@@ -41,6 +41,28 @@ class GateConfig(_Strict):
     )
 
 
+class PacsConfig(_Strict):
+    """Where ``shadow fetch`` / ``shadow evaluate --pacs`` read verified reports (each a flag too)."""
+
+    address: str | None = Field(
+        None, description="the PACS as AE_TITLE@host:port, e.g. ORTHANC@10.20.0.5:4242"
+    )
+    ae_title: str = Field(
+        "SHIFTGUARD", min_length=1, max_length=16, description="our AE title at the PACS"
+    )
+    retrieve: Literal["move", "get"] = Field(
+        "move", description="C-MOVE (the PACS connects back) or C-GET (on our association)"
+    )
+    move_host: str = Field(
+        "127.0.0.1",
+        description="C-MOVE: the address we receive on, the one the PACS has for our AE "
+        "(0.0.0.0: every interface)",
+    )
+    move_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        None, description="C-MOVE: the port we receive on, the one the PACS has for our AE"
+    )
+
+
 class ShadowConfig(_Strict):
     """``shiftguard shadow evaluate`` and ``shiftguard promote``."""
 
@@ -60,3 +82,4 @@ class ShadowConfig(_Strict):
         None, description="MLflow registered model; null: the bundle's name"
     )
     gate: GateConfig = Field(default_factory=GateConfig)
+    pacs: PacsConfig = Field(default_factory=PacsConfig)

@@ -57,6 +57,7 @@ from shiftguard.dicom.series import (
     group_series,
     validate_series,
 )
+from shiftguard.errors import ShiftGuardError
 from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,17 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MANIFEST_COLUMNS",
     "QUARANTINE_COLUMNS",
+    "IngestInputError",
     "IngestSummary",
     "parse_patient_age",
     "run",
     "series_key",
 ]
+
+
+class IngestInputError(ShiftGuardError, FileNotFoundError):
+    """The folder to ingest is missing or holds no file at all."""
+
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "series_key",
@@ -627,14 +634,14 @@ def run(
         The run's counts and speed.
 
     Raises:
-        FileNotFoundError: ``input_dir`` does not exist.
+        IngestInputError: ``input_dir`` does not exist (a ``FileNotFoundError`` too).
         OSError: The output cannot be written (disk full, permissions); bad *input* never raises.
     """
     started = time.perf_counter()
     input_dir = Path(input_dir)
     out_dir = Path(out_dir)
     if not input_dir.exists():
-        raise FileNotFoundError(
+        raise IngestInputError(
             f"ingest: input folder {input_dir} does not exist; pass the root of the DICOM tree"
         )
     rules = Rules.from_config(cfg)

@@ -101,3 +101,7 @@ class QuarantineEntry:
     def for_file(cls, err: UnreadableFileError, series_uid: str = "") -> QuarantineEntry:
         """Build the file-level entry of an :class:`UnreadableFileError`."""
         return cls(err.path, "file", series_uid, err.code, err.reason, err.fix, (err.path,))
+
+
+class InvalidUidError(ShiftGuardError, ValueError):
+    """A value that should be a DICOM UID breaks the UI rules (PS3.5 9.1); the message names it."""

@@ -8,6 +8,7 @@ the same objects instead of duplicates in the PACS.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -68,6 +69,14 @@ class SeriesResult:
         return derived_uid(self.series_uid, self.model_name, self.model_version, role)
 
 
+STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName", "StudyDate", "StudyTime",
+)  # fmt: skip
+"""Patient and study attributes the SR copies from its source, which must be present but may be
+empty (type 2): a source without one gets it empty instead of failing the whole study."""
+
+
 def evidence_datasets(ref: Dataset, headers: Sequence[SliceHeader]) -> list[Dataset]:
     """The datasets naming each source image, for the SR's evidence: ``ref`` (the header read
     from disk, which carries the patient and study) for the first, then light datasets built from
@@ -119,6 +128,11 @@ def build_sr(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    missing = [k for k in STUDY_TYPE2 if k not in ref]
+    if missing:  # type 2 (present, may be empty) in the SR; some senders leave them out
+        ref = copy.deepcopy(ref)  # the caller keeps its dataset as it was
+        for keyword in missing:
+            setattr(ref, keyword, "")
     algorithm = hd.sr.AlgorithmIdentification(name=result.model_name, version=result.model_version)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

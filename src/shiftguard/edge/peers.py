@@ -172,10 +172,14 @@ class Orthanc:
 
 
 def storescu(
-    port: int, files: list[str] | list[Path], called: str = "SHIFTGUARD", calling: str = "MODALITY"
+    port: int,
+    files: list[str] | list[Path],
+    called: str = "SHIFTGUARD",
+    calling: str = "MODALITY",
+    host: str = "127.0.0.1",
 ) -> subprocess.CompletedProcess[str]:
-    """Send ``files`` over one association with dcmtk's ``storescu`` (with ``TCP_NODELAY``, as a
-    modality tuned for throughput would)."""
+    """Send ``files`` to ``host:port`` over one association with dcmtk's ``storescu`` (with
+    ``TCP_NODELAY``, as a modality tuned for throughput would)."""
     return subprocess.run(
         [
             tool("storescu"),
@@ -183,7 +187,7 @@ def storescu(
             calling,
             "-aec",
             called,
-            "127.0.0.1",
+            host,
             str(port),
             *map(str, files),
         ],

@@ -14,7 +14,6 @@ import io
 import ipaddress
 import logging
 import os
-import re
 import socket
 import ssl
 import struct
@@ -26,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shiftguard.dicom.uid import check_uid
 from shiftguard.edge.queue import WorkQueue
+from shiftguard.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +306,6 @@ def _item_header(data: bytes, offset: int) -> tuple[int, int]:
     return group << 16 | element, int.from_bytes(data[offset + 4 : offset + 8], "little")
 
 
-_UID_CHARS = re.compile(r"[^0-9.]")
-
-
 def _meta_identity(data: bytes) -> tuple[str, str]:
     """(SOP instance UID, source AE title) from a Part 10 file's meta information."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -316,11 +314,6 @@ def _meta_identity(data: bytes) -> tuple[str, str]:
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)
     return str(meta.MediaStorageSOPInstanceUID), str(meta.get("SourceApplicationEntityTitle", ""))
-
-
-def _safe(uid: str) -> str:
-    """A UID as a file name: digits and dots only (a UID can come from anyone on the network)."""
-    return _UID_CHARS.sub("", uid)[:64] or "unknown"
 
 
 def write_durably(path: Path, data: bytes, sync: bool = True) -> None:
@@ -417,11 +410,15 @@ class Receiver:
         batches, and everything is fsynced before the association's release is acknowledged."""
         try:
             study_uid, series_uid = _uids(data)
+            # they name the files: checked against the UI rules before any path is built
+            check_uid(study_uid, "StudyInstanceUID")
+            check_uid(series_uid, "SeriesInstanceUID")
+            check_uid(sop_uid, "Affected SOP Instance UID")
         except Exception as exc:  # a malformed object: refuse it, keep serving
-            log.warning("refusing instance %s from %s: %s", sop_uid, calling_ae, exc)
+            log.warning("refusing instance %r from %s: %s", sop_uid[:80], calling_ae, exc)
             self.stats.add(rejected=1)
-            return CANNOT_UNDERSTAND, f"cannot read the study/series UIDs: {exc}"
-        path = self.inbox / _safe(study_uid) / f"{_safe(sop_uid)}.dcm"
+            return CANNOT_UNDERSTAND, f"cannot use the instance's UIDs: {exc}"
+        path = self.inbox / study_uid / f"{sop_uid}.dcm"
         row = (sop_uid, study_uid, series_uid, str(path), calling_ae, time.time())
         try:
             if self.settings.durability == "instance":
@@ -535,11 +532,7 @@ class Receiver:
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.settings.tls_cert:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.settings.tls_ca)
-        context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
-        if self.settings.tls_ca:
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return server_context(self.settings.tls_cert, self.settings.tls_key, self.settings.tls_ca)
 
     def start(self) -> None:
         from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -31,11 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from shiftguard.config.errors import ConfigError
 from shiftguard.edge.bundle import open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
 from shiftguard.edge.signing import Trust
+from shiftguard.errors import listening
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,10 @@ class ServiceSettings:
     site: str = "site"  # this site's name in the drift records
     collector_url: str | None = None  # where the records are shipped; None: spool only
     collector_token: str | None = None
+    collector_ca: str | None = None  # CA bundle the collector's certificate is checked against
+    collector_cert: str | None = None  # client certificate and key, if the collector wants one
+    collector_key: str | None = None
+    record_key: str | None = None  # site secret keying record ids; None: <storage>/record.key
     trusted_keys: tuple[str, ...] = ()  # public key files a bundle may be signed by
     allow_unsigned: bool = False  # development switch (warns on every load)
 
@@ -123,8 +130,58 @@ def sampled(study_uid: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+RECORD_KEY = "record.key"
+"""The site secret's file in the storage folder when ``record_key`` is not set."""
+
+
+def load_record_key(path: Path | str) -> bytes:
+    """The site secret that keys drift record ids (32 random bytes), made on first use.
+
+    The file is created with mode 0600 and never leaves the site; keep it with the storage folder
+    (a new secret gives every series a new record id, so the collector would count a re-sent
+    series twice). Several edges of one site that must agree share one file.
+
+    Raises:
+        ConfigError: the file exists but is unreadable or shorter than 16 bytes.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: read theirs
+            pass
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            log.info("edge: made the site's record key %s (keep it with the storage)", path)
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"edge.record_key {path}: cannot read it ({exc.strerror})") from None
+    if len(key) < 16:
+        raise ConfigError(
+            f"edge.record_key {path}: {len(key)} bytes; a record key is at least 16 random bytes "
+            "(delete the file to have a new one made)"
+        )
+    return key
+
+
 def settings_from_config(cfg: Any) -> ServiceSettings:
-    """:class:`ServiceSettings` from a validated :class:`~shiftguard.config.EdgeConfig`."""
+    """:class:`ServiceSettings` from a validated :class:`~shiftguard.config.EdgeConfig`.
+
+    Raises:
+        ConfigError: a collector is set but its token's environment variable is empty.
+    """
+    token = os.environ.get(cfg.collector_token_env) or None
+    if cfg.collector_url and not token:
+        raise ConfigError(
+            f"edge.collector_url is set ({cfg.collector_url}) but ${cfg.collector_token_env} is "
+            "empty: export the collector's token there (edge.collector_token_env names the "
+            "variable), or set edge.collector_url=null to keep records in the spool"
+        )
     return ServiceSettings(
         bundle=str(resolve_bundle(cfg.bundle)),
         challenger=str(resolve_bundle(cfg.challenger)) if cfg.challenger else None,
@@ -158,7 +215,11 @@ def settings_from_config(cfg: Any) -> ServiceSettings:
         calling_ae_title=cfg.ae_title,
         site=cfg.site,
         collector_url=cfg.collector_url,
-        collector_token=os.environ.get(cfg.collector_token_env) or None,
+        collector_token=token,
+        collector_ca=cfg.collector_ca,
+        collector_cert=cfg.collector_cert,
+        collector_key=cfg.collector_key,
+        record_key=cfg.record_key,
     )
 
 
@@ -234,13 +295,18 @@ class Service:
 
         self.spool = Spool(root / "spool.db")
         self.shipper: Shipper | None = None
+        self.record_key = load_record_key(settings.record_key or root / RECORD_KEY)
         if settings.collector_url:
             if not settings.collector_token:
-                raise ValueError(
+                raise ConfigError(
                     f"edge: a collector is set ({settings.collector_url}) but no token: set the "
                     "token's environment variable (edge.collector_token_env)"
                 )
-            self.shipper = Shipper(self.spool, settings.collector_url, settings.collector_token)
+            self.shipper = Shipper(
+                self.spool, settings.collector_url, settings.collector_token,
+                tls_ca=settings.collector_ca, tls_cert=settings.collector_cert,
+                tls_key=settings.collector_key,
+            )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------
 
@@ -317,6 +383,7 @@ class Service:
                 bundle_version=str(row["model_version"]),
                 series_uid=str(row["series_uid"]),
                 processed_at=stamp,
+                record_key=self.record_key,
             )
             for row in rows
         ]
@@ -448,7 +515,8 @@ class Service:
             lines.append(f'shiftguard_edge_drift_records{{state="{name}"}} {value}')
         return "\n".join(lines) + "\n"
 
-    def _serve_http(self) -> None:
+    def _http_server(self) -> ThreadingHTTPServer:
+        """The /healthz and /metrics server, bound (not yet serving)."""
         service = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -470,9 +538,11 @@ class Service:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._http = ThreadingHTTPServer(
-            (self.settings.http_host, self.settings.http_port), Handler
-        )
+        with listening(self.settings.http_host, self.settings.http_port, "edge.http_port"):
+            return ThreadingHTTPServer((self.settings.http_host, self.settings.http_port), Handler)
+
+    def _serve_http(self) -> None:
+        assert self._http is not None
         self._http.serve_forever(poll_interval=0.2)
 
     @property
@@ -483,7 +553,14 @@ class Service:
         recovered = self.queue.recover()
         if recovered:
             log.info("resuming %d studies interrupted by the last shutdown", recovered)
-        self.receiver.start()
+        self._http = self._http_server()
+        try:
+            with listening(self.settings.receiver.host, self.settings.receiver.port, "edge.port"):
+                self.receiver.start()
+        except BaseException:
+            self._http.server_close()
+            self._http = None
+            raise
         targets = [self._stability, self._serve_http] + [self._worker] * self.settings.workers
         self._threads = [threading.Thread(target=t, daemon=True) for t in targets]
         self._threads += [
@@ -494,9 +571,6 @@ class Service:
             thread.start()
         if self.shipper is not None:
             self.shipper.start()
-        deadline = time.monotonic() + 5
-        while self._http is None and time.monotonic() < deadline:
-            time.sleep(0.01)
         self._work.set()
 
     def stop(self) -> None:
@@ -505,6 +579,7 @@ class Service:
         self.receiver.stop()
         if self._http is not None:
             self._http.shutdown()
+            self._http.server_close()
         for thread in self._threads:
             thread.join(timeout=10)
         if self.shipper is not None:

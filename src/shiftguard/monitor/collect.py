@@ -47,12 +47,14 @@ from __future__ import annotations
 
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import math
 import random
 import re
 import sqlite3
+import ssl
 import threading
 import time
 import urllib.error
@@ -66,8 +68,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from shiftguard.edge.queue import transaction
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ShiftGuardError, listening
 from shiftguard.monitor.features import BY_NAME, ENVELOPE, FEATURE_NAMES, SCHEMA_VERSION
+from shiftguard.tls import client_context, server_context
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -356,7 +359,8 @@ class Shipper:
 
     Args:
         spool: the records to send.
-        url: the collector's base URL, e.g. ``http://collector.example:8470``.
+        url: the collector's base URL, e.g. ``https://collector.example:8470``; ``http://``
+            only to a loopback address (the token would cross the network in clear).
         token: the collector's bearer token.
         batch_size: the most records per request (halved on every 413).
         timeout_s: the timeout of each HTTP request.
@@ -365,6 +369,12 @@ class Shipper:
             sites do not all come back at the same instant).
         poll_s: how often an idle shipper looks at the spool without :meth:`wake` (records added
             by another process).
+        tls_ca: PEM CA bundle the collector's certificate must chain to (None: the system's).
+        tls_cert: PEM client certificate, for a collector that requires one.
+        tls_key: its private key.
+
+    Raises:
+        CollectorAddressError: ``url`` is not http(s), or plain ``http://`` to another machine.
     """
 
     def __init__(
@@ -378,9 +388,13 @@ class Shipper:
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         poll_s: float = 5.0,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         if not token:
             raise ValueError("Shipper: the collector's token is empty; pass the site's token")
+        self._tls = _client_tls(url, tls_ca, tls_cert, tls_key)
         if batch_size < 1:
             raise ValueError(f"Shipper: batch_size must be at least 1, got {batch_size}")
         self.spool = spool
@@ -510,11 +524,42 @@ class Shipper:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout_s, context=self._tls
+            ) as response:
                 return int(response.status), _json_object(response.read(MAX_ANSWER_BYTES))
         except urllib.error.HTTPError as exc:
             with exc:
                 return int(exc.code), _json_object(exc.read(MAX_ANSWER_BYTES))
+
+
+class CollectorAddressError(ShiftGuardError, ValueError):
+    """A collector URL a shipper must not use (not http(s), or plain HTTP across the network)."""
+
+
+def _client_tls(
+    url: str, ca: str | None, cert: str | None, key: str | None
+) -> ssl.SSLContext | None:
+    """The TLS context for ``url`` (None for plain HTTP to loopback)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return client_context(ca, cert, key)
+    if parts.scheme != "http" or not parts.hostname:
+        raise CollectorAddressError(
+            f"collector URL {url!r}: expected https://host:port (http:// on loopback only)"
+        )
+    host = parts.hostname
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise CollectorAddressError(
+            f"collector URL {url}: plain HTTP would send the bearer token across the network in "
+            f"clear; serve the collector over TLS (monitor.collector.tls_cert/tls_key) and use "
+            f"https://{parts.netloc}"
+        )
+    return None
 
 
 def _named_problems(problems: Any, seqs: Sequence[int]) -> dict[int, str]:
@@ -663,6 +708,36 @@ class _RefusedError(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
+class _Server(ThreadingHTTPServer):
+    """The collector's HTTP server; with a TLS context, each connection's handshake runs in its
+    own thread (bounded by the read timeout), so a slow or failing client delays nobody."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        tls: ssl.SSLContext | None,
+        timeout_s: float,
+    ) -> None:
+        self.tls, self.timeout_s = tls, timeout_s
+        super().__init__(address, handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(self.timeout_s)
+        try:
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:  # plain HTTP, no client certificate, a scanner
+            log.warning("collector: TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()
+
+
 class Collector:
     """The HTTP service every site's :class:`Shipper` reports to (see the module docstring).
 
@@ -675,6 +750,9 @@ class Collector:
         max_batch: the most records per request (413 beyond).
         max_body_bytes: the largest request body (413 beyond).
         read_timeout_s: how long a connection may stall while its request is read.
+        tls_cert: PEM certificate: HTTPS when set (the SCP's options: cert, key, CA).
+        tls_key: its private key.
+        tls_ca: PEM CA bundle; when set, a shipper must present a certificate it signed.
     """
 
     def __init__(
@@ -686,6 +764,9 @@ class Collector:
         max_batch: int = 5000,
         max_body_bytes: int = 8 << 20,
         read_timeout_s: float = 30.0,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         if not token or not token.strip():
             raise ValueError(
@@ -697,6 +778,7 @@ class Collector:
         self.host, self._port = host, port
         self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
         self.read_timeout_s = read_timeout_s
+        self._tls = server_context(tls_cert, tls_key, tls_ca) if tls_cert else None
         self._http: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -707,15 +789,18 @@ class Collector:
 
     @property
     def url(self) -> str:
-        """``http://host:port``, what a :class:`Shipper` is given."""
+        """``https://host:port`` (``http://`` without TLS), what a :class:`Shipper` is given."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self._tls is not None else 'http'}://{host}:{self.port}"
 
     def start(self) -> None:
         """Bind the port and serve from a background thread; returns when requests are taken."""
         if self._http is not None:
             return
-        self._http = ThreadingHTTPServer((self.host, self._port), self._handler())
+        with listening(self.host, self._port, "monitor.collector.port"):
+            self._http = _Server(
+                (self.host, self._port), self._handler(), self._tls, self.read_timeout_s
+            )
         self._thread = threading.Thread(
             target=self._http.serve_forever,
             kwargs={"poll_interval": 0.1},

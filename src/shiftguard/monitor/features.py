@@ -19,6 +19,7 @@ are comparable by construction. Everything here is numpy: the edge runtime impor
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -287,11 +288,20 @@ class Projection:
 # ------------------------------------------------------------------------------------------------
 
 
-def record_id(site: str, bundle: str, version: str, series_uid: str) -> str:
-    """A one-way id: the same series seen twice by the same site and bundle has the same id (the
-    collector ignores the duplicate), and nobody can read the series UID back from it."""
+def record_id(key: bytes, site: str, bundle: str, version: str, series_uid: str) -> str:
+    """A keyed one-way id: HMAC-SHA256 under the site's secret ``key`` (32 hex digits).
+
+    The same series seen twice by the same site and bundle has the same id (the collector ignores
+    the duplicate); without the key, nobody holding the series UID can compute the id and so
+    link a record to a study, and the UID cannot be read back from it.
+
+    Raises:
+        ValueError: ``key`` is shorter than 16 bytes.
+    """
+    if len(key) < 16:
+        raise ValueError(f"record_id: the key is {len(key)} bytes; use at least 16 bytes")
     text = f"shiftguard-record|{site}|{bundle}|{version}|{series_uid}"
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def make_record(
@@ -302,10 +312,12 @@ def make_record(
     bundle_version: str,
     series_uid: str,
     processed_at: str,
+    record_key: bytes,
 ) -> dict[str, Any]:
-    """A record as it leaves the runner: the envelope and exactly :data:`FEATURE_NAMES`."""
+    """A record as it leaves the runner: the envelope and exactly :data:`FEATURE_NAMES`; its id
+    is keyed with the site's secret ``record_key`` (:func:`record_id`)."""
     record: dict[str, Any] = {
-        "record_id": record_id(site, bundle, bundle_version, series_uid),
+        "record_id": record_id(record_key, site, bundle, bundle_version, series_uid),
         "schema": SCHEMA_VERSION,
         "site": site,
         "bundle": bundle,

@@ -7,6 +7,7 @@ and ``shiftguard monitor check`` can say which alerts are new.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from shiftguard.errors import ShiftGuardError
 from shiftguard.monitor.alerts import Alert, evaluate, post_webhook
 from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, make_record
 from shiftguard.monitor.score import Scorer, WindowResult, cut_windows, held_out_outputs
@@ -49,17 +51,45 @@ def reference_from_bundle(path: Path | str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(bundle.members[member]))
 
 
+class ResultsFileError(ShiftGuardError, ValueError):
+    """An ``edge predict`` results file that is missing, empty or lacks a column."""
+
+
 def records_from_results(
     results_csv: Path, site: str, processed_at: str | None = None
 ) -> pd.DataFrame:
     """Records (as the edge would ship them) from an ``edge predict`` ``results.csv``, in file
-    order, numbered by ``seq``."""
-    rows = pd.read_csv(results_csv, dtype=str, keep_default_na=False)
+    order, numbered by ``seq``.
+
+    The records never leave this process, and the file holds the series UIDs in the clear, so
+    their ids are keyed with a digest of the file itself (the same file gives the same ids).
+
+    Raises:
+        ResultsFileError: the file is missing, empty, not CSV, or lacks a column.
+    """
+    try:
+        raw = Path(results_csv).read_bytes()
+    except OSError as exc:
+        raise ResultsFileError(
+            f"{results_csv}: cannot read the results file ({exc.strerror}); give an "
+            "`edge predict` results.csv"
+        ) from None
+    try:
+        rows = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        reason = "empty" if isinstance(exc, pd.errors.EmptyDataError) else f"not CSV ({exc})"
+        raise ResultsFileError(
+            f"{results_csv}: {reason}; give an `edge predict` results.csv"
+        ) from None
     if rows.empty:
-        raise ValueError(f"{results_csv}: no predictions to monitor")
+        raise ResultsFileError(f"{results_csv}: empty, no predictions to monitor")
     missing = [c for c in ("series_uid", "model", "model_version", "probability") if c not in rows]
     if missing:
-        raise ValueError(f"{results_csv}: lacks the column(s) {', '.join(missing)}")
+        raise ResultsFileError(
+            f"{results_csv}: lacks the column(s) {', '.join(missing)}; give an `edge predict` "
+            "results.csv"
+        )
+    key = hashlib.sha256(b"shiftguard-results|" + raw).digest()
     stamp = processed_at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     records = [
         make_record(
@@ -69,6 +99,7 @@ def records_from_results(
             bundle_version=row["model_version"],
             series_uid=row["series_uid"],
             processed_at=stamp,
+            record_key=key,
         )
         for row in rows.to_dict("records")
     ]

@@ -305,17 +305,21 @@ def load_scenarios(folder: Path | str, names: Sequence[str] = ()) -> list[Any]:
     """The scenario files in ``folder`` (``*.yaml``), validated; ``names`` picks some."""
     import yaml
 
-    from shiftguard.config import ScenarioConfig, validate
+    from shiftguard.config import ConfigError, ScenarioConfig, validate
 
-    found = []
+    found, known = [], []
     for path in sorted(Path(folder).glob("*.yaml")):
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         scenario = validate(f"scenario {path.name}", data, ScenarioConfig)
+        known.append(scenario.name)
         if not names or scenario.name in names:
             found.append(scenario)
     missing = set(names) - {s.name for s in found}
     if missing:
-        raise ValueError(f"no scenario named {', '.join(sorted(missing))} in {folder}")
+        raise ConfigError(
+            f"monitor scenarios --names: no scenario named {', '.join(sorted(missing))} in "
+            f"{folder}; the scenarios are {', '.join(known) or 'none'}"
+        )
     return found
 
 

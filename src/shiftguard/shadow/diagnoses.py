@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shiftguard.dicom.uid import is_uid
 from shiftguard.errors import ShiftGuardError
 
 UID_KEYS = ("study_uid", "study_instance_uid", "studyinstanceuid")
@@ -30,7 +31,6 @@ READER_KEYS = ("reader", "radiologist", "reported_by")
 TIME_KEYS = ("reported_at", "report_date", "time", "signed_at")
 POSITIVE = {"1", "yes", "true", "positive", "present", "finding", "y"}
 NEGATIVE = {"0", "no", "false", "negative", "absent", "no finding", "n"}
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class DiagnosisFileError(ShiftGuardError):
@@ -127,7 +127,7 @@ def parse_row(row: Mapping[str, Any], source: str = "") -> tuple[Diagnosis | Non
     if uid is None:
         return None, "no study UID"
     uid = str(uid).strip()
-    if not UID.match(uid) or len(uid) > 64:
+    if not is_uid(uid):
         return None, f"study UID {uid[:70]!r} is not a DICOM UID"
     raw = _pick(row, FINDING_KEYS)
     if raw is None:

@@ -39,8 +39,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from shiftguard.dicom.uid import is_uid
 from shiftguard.errors import ShiftGuardError
-from shiftguard.shadow.diagnoses import UID, Diagnosis, Problem, parse_time
+from shiftguard.shadow.diagnoses import Diagnosis, Problem, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def write_report_sr(
     if not reader.strip():
         raise ValueError("reader is empty: a verified report names its verifying observer")
     study_uid = str(source.get("StudyInstanceUID", ""))
-    if not UID.match(study_uid) or len(study_uid) > 64:
+    if not is_uid(study_uid):
         raise ValueError(f"source: StudyInstanceUID {study_uid!r} is not a DICOM UID")
     signed = _utc(signed_at)
 
@@ -362,7 +363,7 @@ def report_to_diagnosis(ds: Dataset, source: str) -> tuple[Diagnosis | None, str
     study_uid = str(ds.get("StudyInstanceUID", "")).strip()
     if not study_uid:
         return None, "no StudyInstanceUID"
-    if not UID.match(study_uid) or len(study_uid) > 64:
+    if not is_uid(study_uid):
         return None, f"StudyInstanceUID {study_uid[:70]!r} is not a DICOM UID"
     finding, problem = _finding(ds)
     if finding is None:
@@ -615,7 +616,7 @@ def _study_uids(studies: Iterable[str] | None) -> list[str] | None:
     if studies is None:
         return None
     uids = sorted({str(s).strip() for s in studies})
-    bad = [u for u in uids if not UID.match(u) or len(u) > 64]
+    bad = [u for u in uids if not is_uid(u)]
     if bad:
         raise PacsError(f"studies: {', '.join(map(repr, bad[:5]))} not DICOM UIDs")
     return uids
@@ -691,7 +692,7 @@ class _Query:
             q.ModalitiesInStudy = "SR"
             for answer in self._find(q, "the studies"):
                 uid = str(answer.get("StudyInstanceUID", ""))
-                if UID.match(uid) and (wanted is None or uid in wanted):
+                if is_uid(uid) and (wanted is None or uid in wanted):
                     found.add(uid)
         return sorted(found)
 
@@ -704,7 +705,7 @@ class _Query:
         found = set()
         for answer in self._find(q, f"the SR series of study {study_uid}"):
             uid = str(answer.get("SeriesInstanceUID", ""))
-            if UID.match(uid) and str(answer.get("Modality", "SR")) == "SR":
+            if is_uid(uid) and str(answer.get("Modality", "SR")) == "SR":
                 found.add(uid)
         return sorted(found)
 

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from shiftguard.config.schema import TrainConfig
+from shiftguard.errors import ShiftGuardError
 from shiftguard.evaluation.metrics import auroc
 from shiftguard.training.distributed import DistContext, broadcast_object, gather_objects
 
@@ -77,6 +78,31 @@ class FitResult:
     weights_in_sync: bool = True
     train_seconds: float = 0.0
     samples_trained: int = 0
+
+
+class ModelFileError(ShiftGuardError, ValueError):
+    """A ``model.pt`` or checkpoint that is missing, unreadable or not written by training."""
+
+
+def _load_checkpoint(path: Path, device: str | torch.device) -> dict[str, Any]:
+    """A resume checkpoint (``last.pt``), read with ``weights_only``: a pickled object is refused,
+    never run.
+
+    Raises:
+        ModelFileError: the file is unreadable or holds anything but tensors and plain values.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(
+            f"{path}: not a readable checkpoint ({reason}); delete it to train from the start"
+        ) from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise ModelFileError(
+            f"{path}: not a training checkpoint; delete it to train from the start"
+        )
+    return state
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -377,7 +403,7 @@ def fit(
     start, best_auroc, best_epoch, stale, stopped = 0, -math.inf, -1, 0, False
     history: list[EpochRecord] = []
     if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        state = _load_checkpoint(last_path, device)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

@@ -43,7 +43,7 @@ from shiftguard.training.data import (
     volume_geometry,
 )
 from shiftguard.training.distributed import DistContext, init_distributed, shutdown
-from shiftguard.training.loop import EpochRecord, FitResult, fit
+from shiftguard.training.loop import EpochRecord, FitResult, ModelFileError, fit
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ CHECKPOINTS = "checkpoints"
 HISTORY = "history.csv"
 CANDIDATE = "candidate"
 FORMAT = 1
-
-
-class ModelFileError(ShiftGuardError, ValueError):
-    """A ``model.pt`` that is missing, unreadable or not written by the train stage."""
 
 
 class TrainingDataError(ShiftGuardError, ValueError):
@@ -179,10 +175,14 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
         raise ModelFileError(
             f"{path}: no trained model; run the train stage first (dvc repro train)"
         )
-    try:
-        payload = torch.load(path, map_location=device, weights_only=False)
+    try:  # weights_only: tensors and plain containers; a pickled object is refused, never run
+        payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike
-        raise ModelFileError(f"{path}: not a readable model file ({err}); re-run training") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(
+            f"{path}: not a readable model file ({reason}); a model file holds tensors and plain "
+            "values only: re-run training"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(
             f"{path}: not a ShiftGuard model file of format {FORMAT}; re-run the train stage"

@@ -119,7 +119,8 @@ def test_collect_needs_a_token_and_serves_records_to_report(
         frame = make_frame(45, seed=9)
         records = [
             make_record(row, site="east", bundle="test-model", bundle_version="7",
-                        series_uid=f"1.2.{i}", processed_at="2026-11-01T00:00:00Z")
+                        series_uid=f"1.2.{i}", processed_at="2026-11-01T00:00:00Z",
+                        record_key=bytes(32))
             for i, row in enumerate(frame.to_dict("records"))
         ]  # fmt: skip
         request = urllib.request.Request(

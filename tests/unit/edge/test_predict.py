@@ -296,3 +296,37 @@ def test_the_fast_sr_is_the_document_highdicom_writes_with_every_image(
     _fix_dates(reference, ref)
     reference.save_as(tmp_path / "highdicom.dcm", enforce_file_format=True)
     assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "highdicom.dcm").read_bytes()
+
+
+@pytest.mark.peers("dciodvfy")
+def test_a_source_without_type_2_study_attributes_still_gets_a_clean_sr(
+    tmp_path: Path, cohort: Path
+) -> None:
+    """Some senders leave out Study ID, Accession Number or the referring physician; the SR
+    needs them present (empty is allowed), so their absence must not cost the study its result."""
+    from shiftguard.dicom.scan import list_files, scan_files
+    from shiftguard.dicom.series import group_series
+    from shiftguard.edge.dicom_out import STUDY_TYPE2, SeriesResult, write_sr
+
+    headers, _ = scan_files(list_files(next(cohort.iterdir())))
+    slices = sorted(group_series(headers)[0].headers, key=lambda h: h.instance_number or 0)
+    ref = pydicom.dcmread(slices[0].path, stop_before_pixels=True)
+    for keyword in STUDY_TYPE2:
+        if keyword in ref:
+            delattr(ref, keyword)
+    result = SeriesResult(
+        series_uid=str(ref.SeriesInstanceUID), probability=0.8, threshold=0.5,
+        model_name="m", model_version="3", shadow=False,
+    )  # fmt: skip
+    sr = write_sr(ref, slices, result, tmp_path / "sr.dcm")
+    assert sr.StudyID == "" and sr.AccessionNumber == ""
+    assert "StudyID" not in ref  # the caller's dataset is left as it was
+    # valid DICOM; dciodvfy only notes that a DICOMDIR needs the values the source did not have
+    no_values = {
+        f"Warning - Missing attribute or value that would be needed to build DICOMDIR - {name}"
+        for name in ("Patient ID", "Study Date", "Study Time", "Study ID")
+    }
+    report = assert_dciodvfy_clean(
+        tmp_path / "sr.dcm", iod="Comprehensive3DSR", allowed_warnings=no_values
+    )
+    assert set(report.warnings) == no_values

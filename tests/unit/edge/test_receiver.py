@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from tls_certs import self_signed
 
 from shiftguard.edge.queue import READY, WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings
@@ -110,6 +112,53 @@ def test_an_object_without_study_uid_is_refused_and_the_service_keeps_serving(
     assert queue.counts()["instances"] == 2
 
 
+@pytest.mark.parametrize(
+    ("study_uid", "sop_uid"),
+    [
+        ("..", None),  # the study's folder would be the inbox's parent
+        ("1.2.3", ".."),
+        ("1.2..3", None),  # an empty component
+        ("1.02.3", None),  # a leading zero
+        ("1.2.3/../../4", None),
+        ("1." + "2" * 63, None),  # 65 characters
+    ],
+)
+def test_an_object_whose_uids_break_the_dicom_rules_is_refused_before_any_path(
+    receiver, cohort: Path, tmp_path: Path, study_uid: str, sop_uid: str | None
+) -> None:
+    """UIDs come from anyone on the network: each is checked against PS3.5's UI rules (digits,
+    no leading zero, single dots, at most 64 characters) before a file name is made of it."""
+    from pydicom import config
+    from pynetdicom import AE
+
+    rx, queue, _ = receiver
+    ds = pydicom.dcmread(sorted(cohort.rglob("*.dcm"))[0])
+    with warnings.catch_warnings():  # pydicom warns of the invalid values it is given
+        warnings.simplefilter("ignore")
+        ds.StudyInstanceUID = study_uid
+        if sop_uid is not None:
+            ds.SOPInstanceUID = sop_uid
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="SHIFTGUARD")
+    assert assoc.is_established
+    validation = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE  # send it as a careless modality would
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        config.settings.writing_validation_mode = validation
+    assoc.release()
+    assert status.Status == 0xC210 and rx.stats.rejected == 1
+    assert queue.counts()["instances"] == 0
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    assert not [p for p in written if p.suffix == ".dcm"], written
+    files = sorted(cohort.rglob("*.dcm"))[:2]
+    assert storescu(rx.port, files).returncode == 0  # and it keeps serving
+    assert queue.counts()["instances"] == 2
+
+
 def test_address_allow_list() -> None:
     settings = ReceiverSettings(allowed_addresses=("10.0.0.0/8", "127.0.0.1"))
     assert settings.address_allowed("10.2.3.4") and settings.address_allowed("127.0.0.1")
@@ -126,18 +175,8 @@ def test_tls_only_lets_clients_with_a_trusted_certificate_in(
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage
 
-    def cert(name: str) -> tuple[Path, Path]:
-        key, crt = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-             "-keyout", str(key), "-out", str(crt)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        return crt, key
-
-    server_crt, server_key = cert("server")
-    client_crt, client_key = cert("client")
+    server_crt, server_key = self_signed(tmp_path, "server")
+    client_crt, client_key = self_signed(tmp_path, "client")
     queue = WorkQueue(tmp_path / "q.db")
     rx = Receiver(
         ReceiverSettings(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tls_certs import self_signed
 
 from shiftguard.monitor import collect
 from shiftguard.monitor.collect import (
@@ -39,6 +40,9 @@ MAX_BATCH, MAX_BODY = 20, 64 << 10
 DROP = object()
 
 MakeEdge = Callable[..., tuple[Spool, Shipper]]
+
+
+RECORD_KEY = b"site secret for the tests, 32 byte"
 
 
 def _features(i: int) -> dict[str, Any]:
@@ -82,6 +86,7 @@ def _record(i: int, site: str = "north") -> dict[str, Any]:
         bundle_version="1.2.0",
         series_uid=f"1.2.826.0.1.3680043.{i}",
         processed_at=f"2026-11-28T10:{i % 60:02d}:16Z",
+        record_key=RECORD_KEY,
     )
 
 
@@ -466,3 +471,65 @@ def test_a_wrong_token_keeps_the_records_pending(collector: Collector, edge: Mak
         "rejected": 0,
     }  # not rejected: a config error
     assert collector.store.count() == 0
+
+
+@pytest.mark.peers("openssl")
+def test_records_travel_over_https_to_a_collector_the_site_trusts(
+    tmp_path: Path, edge: MakeEdge
+) -> None:
+    """The collector serves HTTPS with the SCP's certificate options (cert, key, a CA that makes
+    client certificates required); a shipper verifies the collector against its CA, so the
+    token never goes to a server it cannot authenticate."""
+    server_crt, server_key = self_signed(tmp_path, "collector")
+    client_crt, client_key = self_signed(tmp_path, "edge")
+    collector = Collector(
+        tmp_path / "records.db", TOKEN, tls_cert=str(server_crt), tls_key=str(server_key),
+        tls_ca=str(client_crt),
+    )  # fmt: skip
+    collector.start()
+    try:
+        assert collector.url.startswith("https://127.0.0.1:")
+        records = [_record(i) for i in range(6)]
+        spool, shipper = edge(
+            collector.url, tls_ca=str(server_crt), tls_cert=str(client_crt),
+            tls_key=str(client_key),
+        )  # fmt: skip
+        spool.add(records)
+        shipper.start()
+        assert shipper.flush(timeout=10)
+        assert collector.store.count() == 6
+
+        # no CA for the collector's certificate: nothing sent, everything kept, the reason named
+        untrusting_spool, untrusting = edge(
+            collector.url, site="south", tls_cert=str(client_crt), tls_key=str(client_key)
+        )
+        untrusting_spool.add([_record(i, site="south") for i in range(3)])
+        untrusting.start()
+        _wait(lambda: "certificate" in (untrusting.last_error or ""))
+        assert untrusting_spool.counts()["pending"] == 3
+        # no client certificate, or plain HTTP on the TLS port: refused; the collector serves on
+        anonymous_spool, anonymous = edge(collector.url, site="west", tls_ca=str(server_crt))
+        anonymous_spool.add([_record(i, site="west") for i in range(2)])
+        anonymous.start()
+        _wait(lambda: anonymous.last_error is not None)
+        with pytest.raises(OSError):
+            _request(collector.url.replace("https://", "http://"), "/healthz", token=None)
+        assert anonymous_spool.counts()["pending"] == 2
+        assert collector.store.count() == 6
+        spool.add([_record(i) for i in range(6, 9)])
+        shipper.wake()
+        assert shipper.flush(timeout=10)
+        assert collector.store.count() == 9
+    finally:
+        collector.stop()
+
+
+def test_a_token_is_never_sent_in_clear_over_the_network(tmp_path: Path) -> None:
+    """Plain HTTP is for loopback only: a LAN address needs https://."""
+    spool = Spool(tmp_path / "spool.db")
+    try:
+        with pytest.raises(ValueError, match=r"https://"):
+            Shipper(spool, "http://10.20.0.5:8765", TOKEN)
+        Shipper(spool, "http://127.0.0.1:8765", TOKEN)  # the same machine: allowed
+    finally:
+        spool.close()

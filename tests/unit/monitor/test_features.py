@@ -86,9 +86,10 @@ def test_a_record_carries_exactly_the_features_and_no_identifier() -> None:
         **segment_features(header),
         "patient_name": str(ds.PatientName),  # anything else offered is dropped
     }
+    key = b"k" * 32
     record = make_record(
         features, site="north", bundle="m", bundle_version="3",
-        series_uid=str(ds.SeriesInstanceUID), processed_at="2026-11-28T10:00:00Z",
+        series_uid=str(ds.SeriesInstanceUID), processed_at="2026-11-28T10:00:00Z", record_key=key,
     )  # fmt: skip
     assert set(record) - set(FEATURE_NAMES) == {
         "record_id", "schema", "site", "bundle", "bundle_version", "processed_at",
@@ -98,5 +99,23 @@ def test_a_record_carries_exactly_the_features_and_no_identifier() -> None:
                   ds.SOPInstanceUID, ds.get("StudyDate"), ds.get("InstitutionName")):  # fmt: skip
         if value and len(str(value)) > 3:
             assert str(value) not in text
-    assert record["record_id"] == record_id("north", "m", "3", str(ds.SeriesInstanceUID))
-    assert record["record_id"] != record_id("south", "m", "3", str(ds.SeriesInstanceUID))
+    series = str(ds.SeriesInstanceUID)
+    assert record["record_id"] == record_id(key, "north", "m", "3", series)
+    assert record["record_id"] != record_id(key, "south", "m", "3", series)
+
+
+def test_record_ids_are_keyed_so_whoever_holds_the_uids_cannot_link_them() -> None:
+    """The id is an HMAC under the site's secret: stable for one key (the collector's
+    de-duplication), unrelated under another, and not the plain hash anyone could recompute."""
+    import hashlib
+
+    series, a, b = "1.2.826.0.1.3680043.7", b"a" * 32, b"b" * 32
+    assert record_id(a, "north", "m", "3", series) == record_id(a, "north", "m", "3", series)
+    assert record_id(a, "north", "m", "3", series) != record_id(b, "north", "m", "3", series)
+    for text in (series, f"shiftguard-record|north|m|3|{series}"):
+        assert (
+            record_id(a, "north", "m", "3", series)
+            != hashlib.sha256(text.encode()).hexdigest()[:32]
+        )
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        record_id(b"short", "north", "m", "3", series)

@@ -444,6 +444,65 @@ def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.peers("dcmqrscp", "storescu")
+def test_c_move_reaches_us_on_another_host_from_flag_and_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote PACS (dcmqrscp on 127.0.0.2) sends the C-MOVE to the address it knows for our AE
+    (127.0.0.3, not where we connect from): fetch_reports, the --move-host flag and the
+    shadow.pacs config each make us listen there, and the reports arrive."""
+    from shiftguard.cli import main
+
+    port, move_port = free_port(), free_port()
+    (tmp_path / "db").mkdir()
+    (tmp_path / "qr.cfg").write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 4\n"
+        f"HostTable BEGIN\nshiftguard = (SHIFTGUARD, 127.0.0.3, {move_port})\nHostTable END\n"
+        "VendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nQRSCP {tmp_path / 'db'} RW (10, 16mb) ANY\nAETable END\n"
+    )
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
+    proc = subprocess.Popen(
+        [find_tool("dcmqrscp"), "-c", str(tmp_path / "qr.cfg")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.2", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        sent = storescu(port, [tmp_path / "r.dcm"], called="QRSCP", host="127.0.0.2")
+        assert sent.returncode == 0, sent.stderr
+        pacs = Pacs("127.0.0.2", port, "QRSCP")
+        expected = [Diagnosis(image.StudyInstanceUID, "2024-03-02T09:30:00Z", "Smith^Jane", 1)]
+
+        with pytest.raises(PacsError, match="127.0.0.1"):  # the default: not where it sends
+            fetch_reports(pacs, move_port=move_port, timeout=5)
+        diagnoses, problems, _ = fetch_reports(
+            pacs, move_host="127.0.0.3", move_port=move_port, timeout=5
+        )
+        assert diagnoses == expected and problems == []
+
+        monkeypatch.chdir(Path(__file__).resolve().parents[3])  # the project's conf/
+        address = f"QRSCP@127.0.0.2:{port}"
+        flag, config = tmp_path / "flag.jsonl", tmp_path / "config.jsonl"
+        assert main(["shadow", "fetch", "--pacs", address, "--move-host", "127.0.0.3",
+                     "--move-port", str(move_port), "--out", str(flag)]) == 0  # fmt: skip
+        assert main(["shadow", "fetch", "--out", str(config), f"shadow.pacs.address={address}",
+                     "shadow.pacs.move_host=127.0.0.3",
+                     f"shadow.pacs.move_port={move_port}"]) == 0  # fmt: skip
+        for out in (flag, config):
+            assert read_diagnoses(out)[0] == expected, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.integration
 @needs_orthanc
 def test_the_commands_take_their_diagnoses_from_the_pacs(
     archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

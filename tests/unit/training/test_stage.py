@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pickle_trap import Trap
 
 from shiftguard.config.schema import ModelConfig, TrainConfig
 from shiftguard.models import build_model
@@ -54,6 +55,18 @@ def test_bad_model_files_are_named_with_the_fix(tmp_path: Path) -> None:
     torch.save(payload, path)
     with pytest.raises(ModelFileError, match="weights do not fit"):
         load_model(path)
+
+
+def test_a_model_file_that_would_run_code_is_refused_unrun(tmp_path: Path) -> None:
+    net = build_model(MODEL)
+    marker = tmp_path / "the trap ran"
+    path = save_model(
+        tmp_path / "m.pt", net, MODEL, TrainConfig(), (2.0,) * 3, (16, 16, 16),
+        extra={"note": Trap(marker)},
+    )  # fmt: skip
+    with pytest.raises(ModelFileError, match=r"m\.pt: not a readable model file"):
+        load_model(path)
+    assert not marker.exists()
 
 
 def test_split_table_problems_name_the_file(tmp_path: Path) -> None:

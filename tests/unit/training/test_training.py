@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pickle_trap import Trap
 
 from shiftguard.config import ConfigError, compose_section
 from shiftguard.config.schema import AugmentConfig, TrainConfig
@@ -112,6 +113,20 @@ def test_resume_reaches_the_uninterrupted_state(rows, tmp_path: Path) -> None:
         whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(rows, tmp_path: Path) -> None:
+    from shiftguard.training.stage import ModelFileError
+
+    run(rows, train_cfg(epochs=1), None, tmp_path)
+    last = tmp_path / "last.pt"
+    state = torch.load(last, weights_only=True)
+    marker = tmp_path / "the trap ran"
+    state["history"].append(Trap(marker))
+    torch.save(state, last)
+    with pytest.raises(ModelFileError, match=r"last\.pt: not a readable checkpoint"):
+        run(rows, train_cfg(epochs=2), None, tmp_path)
+    assert not marker.exists()
 
 
 def test_early_stopping_when_val_auroc_does_not_improve(rows, tmp_path: Path) -> None:

@@ -1,0 +1,66 @@
+"""TLS contexts, one recipe for every ShiftGuard service and client.
+
+The DICOM Storage SCP and the drift collector take the same three settings: a PEM certificate and
+its key (TLS on when set) and a CA bundle (when set, a client must present a certificate it
+signed). Their clients (a shipper, a modality) check the server's certificate against a CA bundle
+and may present their own.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from shiftguard.errors import ShiftGuardError
+
+
+class TlsConfigError(ShiftGuardError, ValueError):
+    """A certificate, key or CA file that cannot be used; the message names the file."""
+
+
+def server_context(cert: str, key: str | None, ca: str | None = None) -> ssl.SSLContext:
+    """A server-side context (TLS 1.2 or later).
+
+    Args:
+        cert: PEM certificate (chain) of the server.
+        key: its PEM private key (None: in ``cert``).
+        ca: PEM CA bundle; when given, clients must present a certificate it signed.
+
+    Raises:
+        TlsConfigError: a file is missing or not a certificate/key that fits.
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(
+            f"TLS: cannot use certificate {cert}, key {key}, CA {ca}: {exc}"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext:
+    """A client-side context that checks the server's certificate and host name.
+
+    Args:
+        ca: PEM CA bundle the server's certificate must chain to (None: the system's).
+        cert: PEM client certificate, for a server that requires one.
+        key: its PEM private key.
+
+    Raises:
+        TlsConfigError: a file is missing or not a certificate/key that fits.
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(
+            f"TLS: cannot use CA {ca}, certificate {cert}, key {key}: {exc}"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

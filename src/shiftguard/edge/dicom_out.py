@@ -3,7 +3,9 @@
 Both join the source study as new series (study and patient attributes copied from the source),
 and every UID they carry is derived from the source series UID, the bundle's name and version and
 the object's role (:func:`derived_uid`), so running the same bundle on the same series again writes
-the same objects instead of duplicates in the PACS.
+the same objects instead of duplicates in the PACS. A later revision of the input (the edge service
+received more of the study after sending its results) keeps the series UIDs and changes the instance
+UIDs: the next SR and key image in the same result series, with the next instance number.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class SeriesResult:
     model_name: str
     model_version: str
     shadow: bool
+    revision: int = 0  # how often the study gained instances after its results were sent
 
     @property
     def positive(self) -> bool:
@@ -65,8 +68,18 @@ class SeriesResult:
 
     def uid(self, role: str) -> str:
         """The UID of this result's object ``role`` (``"sr"``, ``"sc-series"``...): the same for
-        the same series, model and version, so re-running writes the same objects."""
-        return derived_uid(self.series_uid, self.model_name, self.model_version, role)
+        the same series, model and version, so re-running writes the same objects; the instances'
+        (``"sr"``, ``"sc"``) differ by revision, the series' do not.
+
+        >>> first = SeriesResult("1.2.3", 0.7, 0.5, "model", "1", shadow=False)
+        >>> later = SeriesResult("1.2.3", 0.7, 0.5, "model", "1", shadow=False, revision=1)
+        >>> first.uid("sr") == later.uid("sr"), first.uid("sr-series") == later.uid("sr-series")
+        (False, True)
+        """
+        parts = [self.series_uid, self.model_name, self.model_version, role]
+        if self.revision and role in ("sr", "sc"):
+            parts.append(f"revision {self.revision}")
+        return derived_uid(*parts)
 
 
 STUDY_TYPE2 = (
@@ -189,7 +202,7 @@ def build_sr(
         series_instance_uid=result.uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=result.uid("sr"),
-        instance_number=1,
+        instance_number=result.revision + 1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
@@ -367,7 +380,7 @@ def write_sc(
         series_instance_uid=result.uid("sc-series"),
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=result.uid("sc"),
-        instance_number=1,
+        instance_number=result.revision + 1,
         manufacturer=MANUFACTURER,
         patient_orientation=("L", "P"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",

@@ -18,6 +18,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import sysconfig
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -55,17 +57,34 @@ def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(p) for p in path.parent.name.split(".") if p.isdigit())
 
 
+def _python_scripts() -> set[Path]:
+    """The folders Python packages install their programs in (this environment's)."""
+    folders = {Path(sys.executable).parent, Path(sys.prefix) / "bin"}
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        folders.add(Path(scripts))
+    return {f.resolve() for f in folders}
+
+
 def find_tool(name: str) -> str | None:
     """The path of the program ``name``: on ``$PATH``, else in :data:`SYSTEM_DIRS`, else (for
     PostgreSQL's programs) in the newest ``/usr/lib/postgresql/<version>/bin``; ``None`` when it is
     nowhere.
 
+    A peer in :data:`PACKAGES` is never taken from the Python environment's own program folder:
+    pynetdicom installs its own ``storescu``, ``findscu``, ``echoscu``... there, and an activated
+    environment puts them before dcmtk's on ``$PATH``.
+
     >>> find_tool("no-such-program-here") is None
     True
     """
-    found = shutil.which(name)
-    if found:
-        return found
+    skip = _python_scripts() if name in PACKAGES else set()
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        if not entry or Path(entry).resolve() in skip:
+            continue
+        found = shutil.which(name, path=entry)
+        if found:
+            return found
     folders = [Path(d) for d in SYSTEM_DIRS]
     folders += sorted(Path("/").glob(POSTGRES_DIRS.lstrip("/")), key=_version_key, reverse=True)
     for folder in folders:

@@ -250,8 +250,10 @@ class Predictor:
             },
         )
 
-    def predict_group(self, group: SeriesGroup, out_dir: Path) -> dict[str, Any]:
-        """Predict one series and write its SR and SC; raises InvalidSeriesError when unusable."""
+    def predict_group(self, group: SeriesGroup, out_dir: Path, revision: int = 0) -> dict[str, Any]:
+        """Predict one series and write its SR and SC (``revision``: see
+        :class:`~shiftguard.edge.dicom_out.SeriesResult`); raises InvalidSeriesError when
+        unusable."""
         a = self.analyse(group)
         series = a.series
         mark = time.perf_counter()
@@ -262,10 +264,12 @@ class Predictor:
             model_name=self.bundle.name,
             model_version=self.bundle.version,
             shadow=self.shadow,
+            revision=revision,
         )
         key = series_key(series.series_uid)
-        sr_path = out_dir / f"{key}_SR.dcm"
-        sc_path = out_dir / f"{key}_SC.dcm"
+        tag = f"_r{revision}" if revision else ""  # a revision never overwrites what may be sent
+        sr_path = out_dir / f"{key}_SR{tag}.dcm"
+        sc_path = out_dir / f"{key}_SC{tag}.dcm"
         write_sr(a.ref, series.headers, result, sr_path)
         write_sc(a.ref, a.resampled.array, self.rules.spacing, a.saliency, result, sc_path)
         write_s = time.perf_counter() - mark
@@ -326,11 +330,17 @@ class Predictor:
         return summary
 
     def predict_files(
-        self, files: Sequence[str | Path], out_dir: Path, timings_csv: Path | None = None
+        self,
+        files: Sequence[str | Path],
+        out_dir: Path,
+        timings_csv: Path | None = None,
+        revision: int = 0,
     ) -> PredictSummary:
         """Every series among ``files`` (what the edge service received for one study); results,
         ``results.csv`` and ``skipped.csv`` go to ``out_dir``, the seconds each step took to
-        ``timings_csv`` (default ``out_dir/timings.csv``)."""
+        ``timings_csv`` (default ``out_dir/timings.csv``). ``revision``: the study's (see
+        :meth:`~shiftguard.edge.queue.WorkQueue.study_revision`), which the result objects'
+        instance UIDs and numbers carry."""
         began = time.perf_counter()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +361,7 @@ class Predictor:
             skip = self.selection.check_header(group)
             if skip is None:
                 try:
-                    summary.results.append(self.predict_group(group, out_dir))
+                    summary.results.append(self.predict_group(group, out_dir, revision))
                     continue
                 except InvalidSeriesError as err:
                     skip = (err.code, err.reason)

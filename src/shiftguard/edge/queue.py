@@ -7,10 +7,16 @@ change is one transaction, so a service killed at any point (SIGKILL, power) res
 * ``studies``: ``receiving`` -> ``ready`` (association released, or no new instance for the
   stability time) -> ``processing`` -> ``done`` (or ``failed`` with the reason); a study being
   processed when the service died goes back to ``ready`` on restart, and an instance arriving for a
-  finished study reopens it;
+  finished study reopens it. A new instance for a ``done`` study, or for one being processed, starts
+  its next ``revision`` (a resend of instances it already has changes nothing): the results were
+  computed without that instance, so the study is processed again (a study being processed goes
+  back to ``receiving``, or ``ready`` if the new instances' association was released meanwhile,
+  when its processing finishes) and its next results are new objects (new instance UIDs in the same
+  result series), not a resend of the old ones that a PACS would take for a duplicate and drop;
 * ``deliveries``: one row per (destination, result object), ``pending`` until a C-STORE succeeds,
   retried with backoff; unique per destination and SOP instance, so a result is queued once however
-  often its study is processed (results have deterministic UIDs);
+  often its study is processed (results have deterministic UIDs); a study's pending deliveries
+  that its latest processing did not produce again (an earlier revision's) are ``superseded``;
 * ``results``: the shadow log, one row per (study, series, bundle): probability, decision, role
   (champion or challenger) and the segments the evaluation slices by (sex, age, site, institution,
   scanner vendor and model), for later comparison with the radiologist's verified diagnosis
@@ -49,7 +55,8 @@ CREATE TABLE IF NOT EXISTS studies (
     ready_at REAL,
     done_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT NOT NULL DEFAULT ''
+    error TEXT NOT NULL DEFAULT '',
+    revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -98,7 +105,7 @@ RESULT_FIELDS = (
 )  # fmt: skip
 
 RECEIVING, READY, PROCESSING, DONE, FAILED = "receiving", "ready", "processing", "done", "failed"
-PENDING, SENT, GAVE_UP = "pending", "sent", "gave_up"
+PENDING, SENT, GAVE_UP, SUPERSEDED = "pending", "sent", "gave_up", "superseded"
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,8 @@ class WorkQueue:
         for name, kind in SEGMENT_COLUMNS.items():
             if name not in have:
                 self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
+        if "revision" not in {r["name"] for r in self._db.execute("PRAGMA table_info(studies)")}:
+            self._db.execute("ALTER TABLE studies ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
 
     def sync(self) -> None:
         """Put every committed record on disk (fsync of the write-ahead log)."""
@@ -207,7 +216,8 @@ class WorkQueue:
         sync: bool = True,
     ) -> bool:
         """Record a received instance (its file already on disk). Returns False for a duplicate
-        SOP instance UID (the file is replaced, the queue unchanged). Reopens a finished study.
+        SOP instance UID (the file is replaced, the queue unchanged). Reopens a finished study (a
+        ``done`` one as its next revision).
 
         ``sync=False`` commits without waiting for the disk (WAL, ``synchronous=NORMAL``): the record
         survives the process being killed, and the next synchronous commit (for example
@@ -242,9 +252,11 @@ class WorkQueue:
                     )
                 elif new:
                     reopened = RECEIVING if state["state"] in (DONE, FAILED, READY) else None
+                    revised = int(state["state"] in (DONE, PROCESSING))  # results lack it
                     db.execute(
-                        "UPDATE studies SET state = ?, last_received = ? WHERE study_uid = ?",
-                        (reopened or state["state"], now, study_uid),
+                        "UPDATE studies SET state = ?, last_received = ?, "
+                        "revision = revision + ? WHERE study_uid = ?",
+                        (reopened or state["state"], now, revised, study_uid),
                     )
                 out.append(new)
         return out
@@ -255,7 +267,8 @@ class WorkQueue:
             return {r[0] for r in self._db.execute("SELECT path FROM instances").fetchall()}
 
     def mark_ready(self, study_uids: Iterable[str], now: float | None = None) -> int:
-        """Studies whose association was released: ready to process. Returns how many changed."""
+        """Studies whose association was released: ready to process. Returns how many changed.
+        A study being processed keeps its state and notes the release (see :meth:`finish_study`)."""
         now = time.time() if now is None else now
         changed = 0
         with self._tx() as db:
@@ -264,6 +277,10 @@ class WorkQueue:
                     "UPDATE studies SET state = ?, ready_at = ? WHERE study_uid = ? AND state = ?",
                     (READY, now, uid, RECEIVING),
                 ).rowcount
+                db.execute(
+                    "UPDATE studies SET ready_at = ? WHERE study_uid = ? AND state = ?",
+                    (now, uid, PROCESSING),
+                )
         return changed
 
     def mark_stable(self, stability_s: float, now: float | None = None) -> list[str]:
@@ -307,6 +324,15 @@ class WorkQueue:
             )
             return str(row["study_uid"])
 
+    def study_revision(self, study_uid: str) -> int:
+        """How many times new instances reopened the study after it was done (0 for none, or for
+        a study the queue does not know): its results' revision."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revision FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return 0 if row is None else int(row["revision"])
+
     def study_files(self, study_uid: str) -> list[str]:
         with self._lock:
             rows = self._db.execute(
@@ -321,10 +347,15 @@ class WorkQueue:
         results: Sequence[dict[str, Any]] = (),
         now: float | None = None,
         note: str = "",
+        revision: int | None = None,
     ) -> None:
         """Processing done: queue ``(destination, sop_uid, path)`` deliveries (once each, ever) and
-        log ``results`` rows, in the same transaction that marks the study done. ``note`` records
-        why parts of the study were skipped (kept in the ``error`` column)."""
+        log ``results`` rows, in the same transaction that marks the study done. The study's
+        pending deliveries not among ``deliveries`` (an earlier revision's, not sent yet) are
+        superseded. ``note`` records why parts of the study were skipped (kept in the ``error``
+        column). ``revision``: the study's revision when its processing began; if new instances
+        came meanwhile, the study is not done but waits to be processed again: ``ready`` if their
+        association was released, else ``receiving``."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.executemany(
@@ -332,11 +363,30 @@ class WorkQueue:
                 "next_try, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(study_uid, d, s, p, PENDING, now, now) for d, s, p in deliveries],
             )
+            keep = {(d, s) for d, s, _ in deliveries}
+            stale = [
+                (SUPERSEDED, r["id"])
+                for r in db.execute(
+                    "SELECT id, destination, sop_uid FROM deliveries "
+                    "WHERE study_uid = ? AND state = ?",
+                    (study_uid, PENDING),
+                )
+                if (r["destination"], r["sop_uid"]) not in keep
+            ]
+            db.executemany("UPDATE deliveries SET state = ? WHERE id = ?", stale)
             db.executemany(INSERT_RESULT, [_result_row(r, now) for r in results])
+            row = db.execute(
+                "SELECT revision, ready_at >= last_received AS released FROM studies "
+                "WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchone()
+            state = DONE
+            if revision is not None and row is not None and row["revision"] != revision:
+                state = READY if row["released"] else RECEIVING
             db.execute(
                 "UPDATE studies SET state = ?, done_at = ?, error = ? "
                 "WHERE study_uid = ? AND state = ?",
-                (DONE, now, note[:2000], study_uid, PROCESSING),
+                (state, now, note[:2000], study_uid, PROCESSING),
             )
 
     def log_results(self, results: Sequence[dict[str, Any]], now: float | None = None) -> None:

@@ -332,9 +332,13 @@ class Service:
     def process(self, study_uid: str) -> None:
         """Run the bundle(s) on one claimed study and queue its deliveries."""
         began = time.monotonic()
-        files = self.queue.study_files(study_uid)
+        revision = self.queue.study_revision(study_uid)  # before the files: an instance that
+        files = self.queue.study_files(study_uid)  # comes between is then processed again
         out = self.outbox / study_uid
-        summary = self.champion.predict_files(files, out)
+        if revision:
+            log.info("study %s gained instances after or while it was processed: revision %d",
+                     study_uid, revision)  # fmt: skip
+        summary = self.champion.predict_files(files, out, revision=revision)
         deliveries, results = [], []
         routes = self._routes()
         for row in summary.results:
@@ -348,7 +352,7 @@ class Service:
         )
         if summary.results:  # spooled first: a crash before finish_study re-sends a duplicate,
             self._spool(summary.results)  # which the collector ignores, rather than losing one
-        self.queue.finish_study(study_uid, deliveries, results, note=note)
+        self.queue.finish_study(study_uid, deliveries, results, note=note, revision=revision)
         if not deliveries:  # nothing will be sent (shadow mode, or nothing selected)
             self._ready_at.pop(study_uid, None)
         self.latency["predict"].observe(time.monotonic() - began)

@@ -46,3 +46,18 @@ def test_postgres_programs_are_found_in_the_newest_versioned_folder(
     monkeypatch.setattr(peers, "SYSTEM_DIRS", ())
     monkeypatch.setattr(peers, "POSTGRES_DIRS", str(tmp_path / "postgresql" / "*" / "bin"))
     assert find_tool("initdb-test") == str(tmp_path / "postgresql" / "15" / "bin" / "initdb-test")
+
+
+def test_a_peer_is_never_the_python_environments_program_of_the_same_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom installs its own storescu in the environment's bin, which an activated
+    environment puts first on $PATH; the peer is dcmtk's, further along."""
+    venv_bin, system_bin = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    _program(venv_bin, "storescu")
+    dcmtk = _program(system_bin, "storescu")
+    mine = _program(venv_bin, "shiftguard-helper")
+    monkeypatch.setenv("PATH", f"{venv_bin}:{system_bin}")
+    monkeypatch.setattr(peers, "_python_scripts", lambda: {venv_bin.resolve()})
+    assert find_tool("storescu") == str(dcmtk)
+    assert find_tool("shiftguard-helper") == str(mine)  # not a peer: found where it is

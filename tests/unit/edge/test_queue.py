@@ -118,3 +118,73 @@ def test_shadow_log_keeps_every_bundles_results(tmp_path: Path) -> None:
     )
     log = q.shadow_log()
     assert [(r["bundle"], r["role"]) for r in log] == [("m-v1", "champion"), ("m-v2", "challenger")]
+
+
+def test_new_instances_after_the_results_start_a_revision_and_replace_unsent_ones(
+    tmp_path: Path,
+) -> None:
+    q = WorkQueue(tmp_path / "q.db")
+    _fill(q, "1.1", 2)
+    q.mark_ready(["1.1"])
+    assert q.claim_study() == "1.1" and q.study_revision("1.1") == 0
+    q.finish_study("1.1", [("PACS", "2.25.1", "/out/sr.dcm")])
+    # a resend of what it has changes nothing; an instance it lacked makes the next revision
+    assert not q.record_instance("1.1.0", "1.1", "1.1.s", "/in/1.1/0.dcm", "MODALITY")
+    assert q.study_state("1.1") == DONE and q.study_revision("1.1") == 0
+    assert q.record_instance("1.1.2", "1.1", "1.1.s", "/in/1.1/2.dcm", "MODALITY")
+    assert q.record_instance("1.1.3", "1.1", "1.1.s", "/in/1.1/3.dcm", "MODALITY")
+    assert q.study_state("1.1") == RECEIVING and q.study_revision("1.1") == 1  # once per reopening
+    q.mark_ready(["1.1"])
+    assert q.claim_study() == "1.1"
+    q.finish_study("1.1", [("PACS", "2.25.2", "/out/sr.dcm")])
+    # the first revision's result, never sent, is superseded: only the latest goes out
+    assert [d.sop_uid for d in q.due("PACS")] == ["2.25.2"]
+    assert q.counts()["deliveries_superseded"] == 1
+    assert WorkQueue(tmp_path / "q.db").study_revision("1.1") == 1  # on disk
+    assert q.study_revision("9.9") == 0
+
+
+def test_a_queue_from_before_revisions_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "q.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE studies (study_uid TEXT PRIMARY KEY, state TEXT NOT NULL, calling_ae TEXT "
+        "NOT NULL, first_received REAL NOT NULL, last_received REAL NOT NULL, ready_at REAL, "
+        "done_at REAL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '')"
+    )
+    db.execute("INSERT INTO studies (study_uid, state, calling_ae, first_received, last_received)"
+               " VALUES ('1.1', 'done', 'MODALITY', 1.0, 1.0)")  # fmt: skip
+    db.commit()
+    db.close()
+    q = WorkQueue(path)
+    assert q.study_revision("1.1") == 0 and q.study_state("1.1") == DONE
+
+
+def test_instances_arriving_while_the_study_is_processed_are_processed_too(
+    tmp_path: Path,
+) -> None:
+    q = WorkQueue(tmp_path / "q.db")
+    _fill(q, "1.1", 2, now=100.0)
+    q.mark_ready(["1.1"], now=101.0)
+    assert q.claim_study() == "1.1"
+    revision = q.study_revision("1.1")  # what the worker read before the study's files
+    # a second association brings more of the study while its first part is processed
+    assert q.record_instance("1.1.2", "1.1", "1.1.s", "/in/1.1/2.dcm", "MODALITY", now=102.0)
+    q.finish_study("1.1", [("PACS", "2.25.1", "/o/sr")], now=103.0, revision=revision)
+    assert q.study_state("1.1") == RECEIVING  # not done: waits for that association's release
+    q.mark_ready(["1.1"], now=104.0)
+    assert q.claim_study() == "1.1" and q.study_revision("1.1") == revision + 1
+    assert len(q.study_files("1.1")) == 3
+    # released while still processing: ready again as soon as the processing ends
+    assert q.record_instance("1.1.3", "1.1", "1.1.s", "/in/1.1/3.dcm", "MODALITY", now=105.0)
+    q.mark_ready(["1.1"], now=106.0)
+    assert q.study_state("1.1") == PROCESSING
+    q.finish_study("1.1", [("PACS", "2.25.2", "/o/sr")], now=107.0, revision=revision + 1)
+    assert q.study_state("1.1") == READY and q.claim_study() == "1.1"
+    q.finish_study("1.1", [("PACS", "2.25.3", "/o/sr")], now=108.0, revision=revision + 2)
+    assert q.study_state("1.1") == DONE
+    # the earlier revisions' results, not sent yet, are superseded by the last
+    assert [d.sop_uid for d in q.due("PACS", now=1e9)] == ["2.25.3"]
+    assert q.counts()["deliveries_superseded"] == 2

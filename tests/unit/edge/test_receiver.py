@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from tls_certs import self_signed
 
+from shiftguard.edge.peers import tool
 from shiftguard.edge.queue import READY, WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings
 
@@ -44,7 +45,16 @@ def storescu(
     port: int, files: list[Path], aet: str = "MODALITY"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", "-aet", aet, "-aec", "SHIFTGUARD", "127.0.0.1", str(port), *map(str, files)],
+        [
+            tool("storescu"),
+            "-aet",
+            aet,
+            "-aec",
+            "SHIFTGUARD",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from shiftguard.edge.peers import tool
 from shiftguard.edge.queue import RECEIVING, WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, scan_uids
 
@@ -42,7 +43,7 @@ def make_receiver(tmp_path: Path):
 
 def _storescu(port: int, files: list[Path], *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", *extra, "-aet", "MODALITY", "-aec", "SHIFTGUARD", "127.0.0.1", str(port),
+        [tool("storescu"), *extra, "-aet", "MODALITY", "-aec", "SHIFTGUARD", "127.0.0.1", str(port),
          *map(str, files)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -99,7 +100,7 @@ def _all_files(queue: WorkQueue) -> list[str]:
 def test_c_echo_answers(make_receiver) -> None:
     rx, _ = make_receiver()
     proc = subprocess.run(
-        ["echoscu", "-aet", "MODALITY", "-aec", "SHIFTGUARD", "127.0.0.1", str(rx.port)],
+        [tool("echoscu"), "-aet", "MODALITY", "-aec", "SHIFTGUARD", "127.0.0.1", str(rx.port)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

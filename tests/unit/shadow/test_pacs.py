@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
-from shiftguard.edge.peers import Orthanc, find_tool, free_port, storescu
+from shiftguard.edge.peers import Orthanc, find_tool, free_port, storescu, tool
 from shiftguard.shadow.diagnoses import Diagnosis, DiagnosisBook, read_diagnoses
 from shiftguard.shadow.pacs import (
     NOT_VERIFIED,
@@ -413,7 +413,7 @@ def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
     image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
     report = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
     proc = subprocess.Popen(
-        ["dcmqrscp", "-c", str(tmp_path / "qr.cfg")],
+        [tool("dcmqrscp"), "-c", str(tmp_path / "qr.cfg")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -480,7 +480,7 @@ def test_c_move_reaches_us_on_another_host_from_flag_and_config(
         pacs = Pacs("127.0.0.2", port, "QRSCP")
         expected = [Diagnosis(image.StudyInstanceUID, "2024-03-02T09:30:00Z", "Smith^Jane", 1)]
 
-        with pytest.raises(PacsError, match="127.0.0.1"):  # the default: not where it sends
+        with pytest.raises(PacsError, match=r"127\.0\.0\.1"):  # the default: not where it sends
             fetch_reports(pacs, move_port=move_port, timeout=5)
         diagnoses, problems, _ = fetch_reports(
             pacs, move_host="127.0.0.3", move_port=move_port, timeout=5

@@ -32,6 +32,9 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
+#: Sequences nested deeper than this are left to pydicom. Real objects nest a few levels; each level
+#: costs two Python frames here, so a crafted file could otherwise exhaust the stack.
+MAX_NESTING = 64
 
 #: VRs whose explicit-VR header has 2 reserved bytes and a 32-bit length.
 _LONG_VRS = frozenset(
@@ -346,8 +349,13 @@ def _walk_implicit(
     return -1, -1
 
 
-def _skip_undefined_sequence(data: bytes, pos: int, explicit: bool) -> int:
-    """Return the offset just past the sequence delimiter of a sequence starting at ``pos``."""
+def _skip_undefined_sequence(data: bytes, pos: int, explicit: bool, depth: int = 1) -> int:
+    """Return the offset just past the sequence delimiter of a sequence starting at ``pos``.
+
+    ``depth`` is the sequence's nesting level; past :data:`MAX_NESTING` the file needs pydicom.
+    """
+    if depth > MAX_NESTING:
+        raise NeedsFallback(f"sequences nested deeper than {MAX_NESTING} levels")
     n = len(data)
     while True:
         if pos + 8 > n:
@@ -359,12 +367,12 @@ def _skip_undefined_sequence(data: bytes, pos: int, explicit: bool) -> int:
         if tag != _ITEM:
             raise NeedsFallback(f"({group:04X},{elem:04X}) inside a sequence where an item belongs")
         if length == _UNDEFINED:
-            pos = _skip_undefined_item(data, pos + 8, explicit)
+            pos = _skip_undefined_item(data, pos + 8, explicit, depth)
         else:
             pos += 8 + length
 
 
-def _skip_undefined_item(data: bytes, pos: int, explicit: bool) -> int:
+def _skip_undefined_item(data: bytes, pos: int, explicit: bool, depth: int = 1) -> int:
     """Return the offset just past the item delimiter of an item whose content starts at ``pos``."""
     n = len(data)
     while True:
@@ -392,6 +400,6 @@ def _skip_undefined_item(data: bytes, pos: int, explicit: bool) -> int:
         if tag == _ITEM_END:
             return pos + 8
         if length == _UNDEFINED:
-            pos = _skip_undefined_sequence(data, vpos, explicit and vr != b"UN")
+            pos = _skip_undefined_sequence(data, vpos, explicit and vr != b"UN", depth + 1)
         else:
             pos = vpos + length

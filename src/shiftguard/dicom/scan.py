@@ -259,7 +259,10 @@ def _decode_text(raw: bytes, charset: str) -> str:
         return raw.decode("utf-8", "replace").strip(" \x00")
     from pydicom.charset import convert_encodings, decode_bytes
 
-    encodings = convert_encodings([c.strip() for c in charset.split("\\")])
+    try:
+        encodings = convert_encodings([c.strip() for c in charset.split("\\")])
+    except ValueError:  # a NUL inside a name: unknown, decoded as pydicom decodes unknown names
+        encodings = ["iso8859"]
     return decode_bytes(raw, encodings, {0x5C}).strip(" \x00")
 
 
@@ -693,8 +696,8 @@ def read_headers(path: str | Path) -> list[SliceHeader]:
     f = _LeanFields(el, lean.explicit)
     media_sop = f.texts.get(_lean.MEDIA_SOP_CLASS_TAG, "")
     forced = not lean.has_preamble and not lean.has_meta
-    _check_common(spath, f, media_sop, lean.pixel_offset >= 0, forced)
-    try:
+    try:  # Rows, Columns, ... are read here first: a value that is not a number raises
+        _check_common(spath, f, media_sop, lean.pixel_offset >= 0, forced)
         n_frames = _int(f.texts.get(_T["NumberOfFrames"], ""), _T["NumberOfFrames"]) or 1
     except _BadValue as exc:
         raise _bad_value_error(spath, exc) from None
@@ -753,12 +756,15 @@ def _read_with_pydicom_quietly(path: str) -> list[SliceHeader]:
             "re-export the file from the archive; if it opens elsewhere, report a bug with it",
         ) from None
     meta = getattr(ds, "file_meta", None)
-    media_sop = _value_text(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
-    ts = _value_text(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    forced = getattr(ds, "preamble", None) is None and not meta
-    f = _DatasetFields(ds)
-    with _as_unreadable(path):
-        _check_common(path, f, media_sop, 0x7FE00010 in elements, forced)
+    try:
+        with _as_unreadable(path):  # values are converted on first access: a bad one raises here
+            media_sop = _value_text(meta.get("MediaStorageSOPClassUID", "")) if meta else ""
+            ts = _value_text(meta.get("TransferSyntaxUID", "")) if meta else ""
+            forced = getattr(ds, "preamble", None) is None and not meta
+            f = _DatasetFields(ds)
+            _check_common(path, f, media_sop, 0x7FE00010 in elements, forced)
+    except _BadValue as exc:
+        raise _bad_value_error(path, exc) from None
     if not ts:
         ts = _guess_ts(ds)
     try:

@@ -209,6 +209,8 @@ def scan_uids(data: bytes) -> tuple[str, str] | None:
     if data[132:138] != b"\x02\x00\x00\x00UL":
         return None
     end = 144 + int.from_bytes(data[140:144], "little")
+    if end > len(data):  # a group length past the end of the object
+        return None
     syntax = _meta_syntax(data, 144, end)
     if syntax is None or syntax in (_EXPLICIT_BE, _DEFLATED):
         return None
@@ -231,15 +233,15 @@ def scan_uids(data: bytes) -> tuple[str, str] | None:
             tag = group << 16 | element
             if tag > _SERIES:
                 break
-            if length == 0xFFFFFFFF:
-                offset = _skip_items(data, start, explicit)
+            if length == 0xFFFFFFFF:  # an undefined-length UN holds implicit VR (PS3.5 6.2.2)
+                offset = _skip_items(data, start, explicit and vr != b"UN")
                 continue
             offset = start + length
             if tag in (_STUDY, _SERIES):
                 if offset > size:
                     return None
                 values[tag] = data[start:offset].decode("ascii").rstrip("\0 ")
-    except (IndexError, ValueError, UnicodeDecodeError, struct.error):
+    except (IndexError, ValueError, UnicodeDecodeError, struct.error, _TooDeep):
         return None
     if _STUDY not in values or _SERIES not in values:
         raise ValueError("no StudyInstanceUID / SeriesInstanceUID in the dataset")
@@ -260,8 +262,19 @@ def _meta_syntax(data: bytes, offset: int, end: int) -> str | None:
     return None
 
 
-def _element(data: bytes, offset: int, explicit: bool) -> tuple[int, memoryview | None]:
+class _TooDeep(Exception):  # noqa: N818 - a signal: leave the object to pydicom
+    """Sequences nested deeper than the walker follows."""
+
+
+#: nesting levels :func:`scan_uids` follows (each costs two Python frames); pydicom reads deeper ones
+MAX_NESTING = 64
+
+
+def _element(
+    data: bytes, offset: int, explicit: bool, depth: int = 1
+) -> tuple[int, memoryview | None]:
     """Skip one element at ``offset``: (next offset, its value or None for a sequence)."""
+    vr = b""
     if explicit:
         vr = data[offset + 4 : offset + 6]
         if not vr.isalpha():
@@ -273,13 +286,15 @@ def _element(data: bytes, offset: int, explicit: bool) -> tuple[int, memoryview 
     else:
         length, start = int.from_bytes(data[offset + 4 : offset + 8], "little"), offset + 8
     if length == 0xFFFFFFFF:  # a sequence of undefined length: walk its items
-        return _skip_items(data, start, explicit), None
+        return _skip_items(data, start, explicit and vr != b"UN", depth + 1), None
     if start + length > len(data):
         raise ValueError("element overruns the data")
     return start + length, memoryview(data)[start : start + length]
 
 
-def _skip_items(data: bytes, offset: int, explicit: bool) -> int:
+def _skip_items(data: bytes, offset: int, explicit: bool, depth: int = 1) -> int:
+    if depth > MAX_NESTING:
+        raise _TooDeep(f"sequences nested deeper than {MAX_NESTING} levels")
     while True:
         tag, length = _item_header(data, offset)
         offset += 8
@@ -295,7 +310,7 @@ def _skip_items(data: bytes, offset: int, explicit: bool) -> int:
             if tag == _ITEM_END:
                 offset += 8
                 break
-            offset, _ = _element(data, offset, explicit)
+            offset, _ = _element(data, offset, explicit, depth)
 
 
 def _item_header(data: bytes, offset: int) -> tuple[int, int]:

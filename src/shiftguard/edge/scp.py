@@ -69,7 +69,10 @@ def _ae(raw: bytes) -> str:
 
 
 def _uid(raw: bytes) -> str:
-    return raw.decode("ascii", "replace").rstrip("\0 ")
+    try:
+        return raw.decode("ascii").rstrip("\0 ")
+    except UnicodeDecodeError:  # a UID is digits and dots; it is echoed back in the answers
+        raise ProtocolError(f"a UID that is not ASCII: {raw[:64]!r}") from None
 
 
 def _items(data: bytes, offset: int = 0) -> list[tuple[int, bytes]]:
@@ -376,7 +379,8 @@ class _Connection(asyncio.Protocol):
         self.last_activity = asyncio.get_running_loop().time()
         self.buffer += data
         try:
-            while self.transport is not None and len(self.buffer) >= 6:
+            # once closing (released, aborted, refused) nothing more is read
+            while self._open() and len(self.buffer) >= 6:
                 kind = self.buffer[0]
                 length = struct.unpack_from(">I", self.buffer, 2)[0]
                 if kind not in (ASSOCIATE_RQ, P_DATA, RELEASE_RQ, ABORT, RELEASE_RP):
@@ -390,6 +394,10 @@ class _Connection(asyncio.Protocol):
                 self._pdu(kind, body)
         except ProtocolError as exc:
             log.warning("association from %s aborted: %s", self.address, exc)
+            self._send(abort_pdu())
+            self.close()
+        except Exception:  # a bug must not leave the association half-open: abort it
+            log.exception("association from %s aborted: unexpected error", self.address)
             self._send(abort_pdu())
             self.close()
 
@@ -525,6 +533,9 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("DICOM SCP callback %s failed", getattr(function, "__name__", function))
             return None
+
+    def _open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -572,7 +572,7 @@ def _monitor_ui(args: argparse.Namespace) -> int:
         "evidently", "ui", "--workspace", cfg.workspace, "--host", args.host,
         "--port", str(args.port),
     ]  # fmt: skip
-    if args.print_only or shutil.which("evidently") is None:
+    if args.print_only:
         print(" ".join(command))
         return 0
     import socket
@@ -581,7 +581,13 @@ def _monitor_ui(args: argparse.Namespace) -> int:
 
     with listening(args.host, args.port, "monitor ui --host/--port"), socket.socket() as probe:
         probe.bind((args.host, args.port))  # the UI's server would only say so in its own log
-    return subprocess.call(command)
+    beside = Path(sys.executable).parent / "evidently"  # an environment not on $PATH
+    program = shutil.which("evidently") or (str(beside) if beside.is_file() else None)
+    if program is None:
+        print(" ".join(command))
+        log.warning("monitor ui: evidently is not installed; the command above starts the UI")
+        return 0
+    return subprocess.call([program, *command[1:]])
 
 
 def _shadow_evaluate(args: argparse.Namespace) -> int:

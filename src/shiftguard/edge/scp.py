@@ -38,6 +38,8 @@ VERIFICATION = "1.2.840.10008.1.1"
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 MAX_PDU_ACCEPTED = 64 * 1024 * 1024  # a PDU claiming more than this is not DICOM; abort
+MAX_COMMAND_BYTES = 64 * 1024  # a DIMSE command set is a few hundred bytes
+MAX_DATASET_BYTES = 1 << 30  # one instance; a larger one aborts its association (memory bound)
 
 # DIMSE command fields (PS3.7 E.1)
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
@@ -274,8 +276,11 @@ class Acceptor:
         max_pdu: int = 0,
         acse_timeout: float = 30.0,
         network_timeout: float = 60.0,
+        max_dataset: int | None = None,
     ) -> None:
         self.host, self.requested_port, self.ae_title = host, port, ae_title
+        #: the largest instance taken (bytes); its fragments are held in memory until complete
+        self.max_dataset = MAX_DATASET_BYTES if max_dataset is None else max_dataset
         self.abstract_syntaxes = abstract_syntaxes
         self.transfer_syntaxes = transfer_syntaxes
         self.accept, self.store, self.released, self.aborted = accept, store, released, aborted
@@ -483,6 +488,8 @@ class _Connection(asyncio.Protocol):
                 raise ProtocolError(f"data on presentation context {context}, not accepted")
             if control & 0x01:
                 self.command += fragment
+                if len(self.command) > MAX_COMMAND_BYTES:
+                    raise ProtocolError(f"a command set over {MAX_COMMAND_BYTES} bytes")
                 if control & 0x02:
                     command = parse_command(bytes(self.command))
                     self.command.clear()
@@ -494,6 +501,10 @@ class _Connection(asyncio.Protocol):
                 if self.pending is None:
                     raise ProtocolError("a dataset fragment before its command")
                 self.dataset += fragment
+                if len(self.dataset) > self.acceptor.max_dataset:
+                    raise ProtocolError(
+                        f"an instance over {self.acceptor.max_dataset} bytes (the SCP's limit)"
+                    )
                 if control & 0x02:
                     command, self.pending = self.pending, None
                     self._respond(context, command, bytes(self.dataset))

@@ -30,7 +30,8 @@ A round trip on the loopback interface (the collector on a free port):
 >>> collector.start()
 >>> spool = Spool(tmp / "spool.db")
 >>> record = make_record({"snr": 21.5}, site="north", bundle="brain-ct", bundle_version="1.0",
-...                      series_uid="1.2.3", processed_at="2026-11-28T10:04:16Z")
+...                      series_uid="1.2.3", processed_at="2026-11-28T10:04:16Z",
+...                      record_key=b"the site's secret, 32 bytes long")
 >>> spool.add([record])
 1
 >>> shipper = Shipper(spool, collector.url, token="s3cret")

@@ -140,6 +140,38 @@ def test_garbage_is_aborted_and_the_scp_keeps_serving(make_receiver, cohort: Pat
     assert queue.counts()["instances"] == 2
 
 
+@needs_dcmtk
+def test_an_instance_over_the_size_limit_aborts_its_association_only(
+    make_receiver, cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fragments are held in memory until an instance is complete: one over the limit ends its
+    association (bounded memory), and what came before it and after it is kept."""
+    from shiftguard.edge import scp
+
+    files = sorted(cohort.rglob("*.dcm"))
+    small = min(files, key=lambda f: f.stat().st_size)
+    monkeypatch.setattr(scp, "MAX_DATASET_BYTES", small.stat().st_size + 1024)
+    big = _padded_copy(small, tmp_path / "big.dcm", 64 * 1024)
+    rx, queue = make_receiver()
+    assert _storescu(rx.port, [small]).returncode == 0
+    refused = _storescu(rx.port, [big])
+    assert refused.returncode != 0 and queue.counts()["instances"] == 1
+    assert _storescu(rx.port, files[:2]).returncode == 0
+    assert queue.counts()["instances"] == len({small, *files[:2]})
+
+
+def _padded_copy(source: Path, dest: Path, extra: int) -> Path:
+    """``source`` with a new SOP Instance UID and ``extra`` bytes of private data."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.add_new(0x00291010, "OB", bytes(extra))
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
 def test_a_silent_association_is_aborted_after_the_network_timeout(make_receiver) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage

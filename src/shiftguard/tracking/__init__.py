@@ -44,6 +44,25 @@ def embedded_uri(root: Path | None = None) -> str:
     return f"sqlite:///{((root or Path.cwd()) / DEFAULT_DB).resolve()}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite store's file (``<folder>/mlruns``),
+    whichever folder the command runs in; ``None`` (the server decides) for any other store.
+
+    MLflow's own default for a SQLite store is ``./mlruns`` under the working directory, so runs
+    started from different folders would scatter their artifacts.
+
+    >>> artifact_root("sqlite:////srv/mlflow/mlflow.db")
+    'file:///srv/mlflow/mlruns'
+    >>> artifact_root("http://mlflow.example:5000") is None
+    True
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    database = Path(uri[len(prefix) :])
+    return (database.resolve().parent / DEFAULT_ARTIFACTS).as_uri()
+
+
 def tracking_uri(root: Path | None = None) -> str:
     """``$MLFLOW_TRACKING_URI`` when the user set it, else the embedded store under ``root``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -169,9 +188,7 @@ def stage_run(
     if embedded:
         _EXPORTED.add(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        # the embedded store keeps artifacts next to it; a server decides for itself
-        artifacts = (root / DEFAULT_ARTIFACTS).resolve().as_uri() if embedded else None
-        mlflow.create_experiment(experiment, artifact_location=artifacts)
+        mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
     mlflow.set_experiment(experiment)
     all_tags = {"shiftguard.stage": stage, **provenance_tags(root), **dict(tags or {})}
     with mlflow.start_run(run_name=stage, tags=all_tags) as run:

@@ -395,6 +395,17 @@ def _edge_predict(args: argparse.Namespace) -> int:
         summary.seconds,
         args.out / "results.csv",
     )
+    if summary.n_predicted == 0:
+        from shiftguard.errors import EmptyInputError
+
+        folders = ", ".join(map(str, args.dicom))
+        why = (
+            f"{len(summary.skipped)} file(s) or series skipped, each with its reason in "
+            f"{args.out / 'skipped.csv'}"
+            if summary.skipped
+            else "no files at all"
+        )
+        raise EmptyInputError(f"edge predict: no series predicted in {folders}: {why}")
     return 0
 
 

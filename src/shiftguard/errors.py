@@ -51,3 +51,7 @@ def listening(host: str, port: int, setting: str) -> Iterator[None]:
         raise PortInUseError(
             f"{host}:{port} {reason}: stop it or choose another ({setting})"
         ) from None
+
+
+class EmptyInputError(ShiftGuardError, ValueError):
+    """An input that exists but holds nothing to work on (no DICOM series, no rows)."""

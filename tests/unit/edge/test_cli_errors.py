@@ -100,6 +100,8 @@ def _cases(root: Path, bundle: Path, busy: int) -> list[Case]:
         Case(("edge", "verify", g), (g, "not a")),
         Case(("edge", "predict", "--bundle", str(bundle), m, "--out", str(root / "p")),
              (m, NOT_FOUND)),
+        Case(("edge", "predict", "--bundle", str(bundle), str(empty_dir), "--out",
+              str(root / "p")), (str(empty_dir), "no series predicted")),
         Case(("edge", "serve", "--config", m), (m, NOT_FOUND)),
         Case(("edge", "serve", *edge, "edge.collector_url=https://127.0.0.1:9/"),
              ("collector", "token", "SHIFTGUARD_MONITOR_TOKEN"), no_token),

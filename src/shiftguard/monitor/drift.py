@@ -273,6 +273,7 @@ class DriftEngine:
                 f"(it has {list(reference.columns)}); add them or drop them from kinds"
             )
         self._kinds: dict[str, str] = dict(kinds)
+        self._said_empty: set[str] = set()
         self._numerical: dict[str, _NumericalReference] = {}
         self._categorical: dict[str, _CategoricalReference] = {}
         for column, kind in self._kinds.items():
@@ -320,8 +321,14 @@ class DriftEngine:
                 empty.append(column)
             else:
                 columns[column] = drift
-        if empty:
-            logger.info("drift: no values in the reference or current window for %s", empty)
+        unsaid = [c for c in empty if c not in self._said_empty]
+        if unsaid:  # once per column: a window after window of the same gap is not news
+            self._said_empty.update(unsaid)
+            logger.info(
+                "drift: no values in the reference or current window for %s (not tested while "
+                "they have none; said once)",
+                unsaid,
+            )
         return DriftResult(columns, tuple(empty))
 
     def _numerical_drift(self, column: str, series: pd.Series) -> ColumnDrift | None:

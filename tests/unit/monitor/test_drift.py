@@ -329,6 +329,18 @@ def test_empty_column_is_reported_not_tested() -> None:
     assert all_missing.dataset_drift() is False
 
 
+def test_an_empty_column_is_logged_once_not_every_window(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(1)
+    reference = pd.DataFrame({"x": rng.normal(0, 1, 200), "kvp": np.nan})
+    engine = DriftEngine(reference, {"x": NUMERICAL, "kvp": NUMERICAL})
+    with caplog.at_level("INFO", logger="shiftguard.monitor.drift"):
+        for _ in range(5):
+            window = pd.DataFrame({"x": rng.normal(0, 1, 50), "kvp": np.nan})
+            assert engine.run(window).empty == ("kvp",)  # still left out every time
+    said = [r for r in caplog.records if "no values" in r.getMessage()]
+    assert len(said) == 1 and "kvp" in said[0].getMessage()
+
+
 def test_missing_current_column_is_named() -> None:
     reference = pd.DataFrame({"snr": [1.0, 2.0, 3.0], "vendor": ["a", "b", "a"]})
     engine = DriftEngine(reference, {"snr": NUMERICAL, "vendor": CATEGORICAL})

@@ -27,7 +27,6 @@ fi
 shiftguard keys generate --development
 dvc repro
 dvc status
-dvc metrics show
 python - <<'PY'
 import json
 from pathlib import Path
@@ -83,13 +82,6 @@ for s in scen["scenarios"]:
         flagged = f"{s['false_alarms']} false alarms"
     print(f"      scenario {s['name']:<17} ({s['studies']} studies): {flagged}")
 PY
-echo
-echo "demo: done. Browse the runs with:  $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
-echo "      (then open http://127.0.0.1:5000); plots: dvc plots show (reports/validate/*.png)"
-echo "      Drift dashboard:  $bin/evidently ui --workspace artifacts/monitor/workspace"
-echo "      (then open http://127.0.0.1:8000, project 'ShiftGuard drift monitor')"
-echo "      The augmentation experiment (five arms, paired, on unseen scanners): make experiment"
-echo
 # last: the shadow evaluation of the edge's predictions against the radiologists' verdicts
 "$bin/python" - <<'PY'
 import json
@@ -127,3 +119,10 @@ if shown.returncode == 0:
     else:
         print(f"demo: every stage's outputs match the committed dvc.lock{note}")
 PY
+echo
+echo "demo: done. Every metric: dvc metrics show. Browse the runs with:"
+echo "      $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+echo "      plots: dvc plots show (reports/validate/*.png)"
+echo "      Drift dashboard:  $bin/evidently ui --workspace artifacts/monitor/workspace"
+echo "      (then open http://127.0.0.1:8000, project 'ShiftGuard drift monitor')"
+echo "      The augmentation experiment (five arms, paired, on unseen scanners): make experiment"

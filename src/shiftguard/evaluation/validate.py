@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,23 @@ reported per value of it."""
 EXTERNAL_SCANNERS = "external_scanners"
 """The ``metrics.json`` key of the per-scanner external figures."""
 _UNDEFINED = {"value": math.nan, "low": math.nan, "high": math.nan}
+
+
+def interval_text(figure: Mapping[str, Any] | None) -> str:
+    """A figure with its interval for people: ``0.814 [0.600, 0.972]``; ``n/a`` when undefined.
+
+    >>> interval_text({"value": 0.8141, "low": 0.6, "high": 0.97204})
+    '0.814 [0.600, 0.972]'
+    >>> interval_text({"value": float("nan"), "low": None, "high": None})
+    'n/a'
+    """
+    value = None if figure is None else figure.get("value")
+    if value is None or not math.isfinite(float(value)):
+        return "n/a"
+    low, high = figure.get("low"), figure.get("high")  # type: ignore[union-attr]
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 class ValidationError(ShiftGuardError, ValueError):
@@ -831,8 +848,8 @@ def run(
     log.info(
         "validate: threshold %.3f; test AUROC %s, external AUROC %s",
         result.threshold,
-        metrics.get("test", {}).get("auroc"),
-        metrics.get(EXTERNAL, {}).get("auroc"),
+        interval_text(metrics.get("test", {}).get("auroc")),
+        interval_text(metrics.get(EXTERNAL, {}).get("auroc")),
     )
     for model, report in metrics.get(EXTERNAL_SCANNERS, {}).items():
         log.info(
@@ -840,7 +857,7 @@ def run(
             model,
             report["n"],
             report["n_positive"],
-            report["auroc"],
+            interval_text(report["auroc"]),
             f" ({report['reason']})" if report["reason"] else "",
         )
     if track:

@@ -881,7 +881,8 @@ def _track(
 
     trained = trained_model(model_file, root)
     tags = {"shiftguard.train_run_id": trained.run_id} if trained else {}
-    with stage_run("validate", params, root=root, tags=tags) as run:
+    name = f"validate v{trained.version}" if trained and trained.version else "validate"
+    with stage_run("validate", params, root=root, tags=tags, name=name) as run:
         MetricLogger(run.info.run_id).log(tracked_metrics(metrics))
         for path in files:
             mlflow.log_artifact(str(path))

@@ -283,7 +283,10 @@ def promote(
         **{f"shiftguard.check.{c.name}": "pass" if c.passed else "fail" for c in decision.checks},
     }
     params = {"gate": gate.model_dump(mode="json"), "role": role, "dry_run": dry_run}
-    with stage_run("promote", params, root=root, experiment=experiment, tags=tags) as run:
+    with stage_run(
+        "promote", params, root=root, experiment=experiment, tags=tags,
+        name=f"promote {name} v{version}: {verdict}",
+    ) as run:  # fmt: skip
         decision.run_id = run.info.run_id
         mlflow.log_dict(decision.to_dict(), "promotion/decision.json")
     if decision.promoted:

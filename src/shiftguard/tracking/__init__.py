@@ -166,6 +166,14 @@ class MetricLogger:
         self.seconds += time.perf_counter() - began
 
 
+def run_name(what: str) -> str:
+    """A run's name: ``what`` (``"train artifact seed 0"``), with the DVC experiment it ran in
+    (``$DVC_EXP_NAME`` under ``dvc exp run``) in brackets, so repeated runs do not look alike:
+    ``train artifact seed 0 [lusty-kiln]``."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return f"{what} [{experiment}]" if experiment else what
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -173,11 +181,14 @@ def stage_run(
     root: Path | None = None,
     experiment: str = EXPERIMENT,
     tags: Mapping[str, str] | None = None,
+    name: str | None = None,
 ) -> Iterator[Any]:
     """Open an MLflow run for one invocation of ``stage`` with ``params`` logged, and yield it.
 
-    Params are logged in batches (MLflow accepts 100 per call), the stage name as the run name and
-    as the ``shiftguard.stage`` tag, with :func:`provenance_tags` and ``tags`` added.
+    Params are logged in batches (MLflow accepts 100 per call), the stage name as the
+    ``shiftguard.stage`` tag, with :func:`provenance_tags` and ``tags`` added. The run's name says
+    what and which (:func:`run_name`): ``name`` (default: the stage), then the DVC experiment it
+    ran in, if any.
     """
     import mlflow
 
@@ -191,7 +202,7 @@ def stage_run(
         mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
     mlflow.set_experiment(experiment)
     all_tags = {"shiftguard.stage": stage, **provenance_tags(root), **dict(tags or {})}
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+    with mlflow.start_run(run_name=run_name(name or stage), tags=all_tags) as run:
         items = sorted(flatten(params).items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))

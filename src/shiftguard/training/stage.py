@@ -426,6 +426,7 @@ def _run(
                 "shiftguard.augment": str(bool(augment)),
                 "shiftguard.augment_arm": augment_cfg.training_arm,
             },
+            name=f"train {augment_cfg.training_arm} seed {train_cfg.seed}",
         )
     else:
         context = nullcontext(None)

@@ -77,3 +77,22 @@ def test_stage_run_logs_params_tags_and_batched_metrics(
     assert "auroc" not in stored.data.metrics  # NaN is skipped, not stored
     experiment = client.get_experiment_by_name("shiftguard")
     assert experiment.artifact_location == (repo / "mlruns").resolve().as_uri()
+
+
+def test_run_names_say_what_and_which(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated runs must not all be called ``train``: the name carries what ran (the caller's
+    name) and the DVC experiment it ran in."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    with stage_run("validate", {}, root=repo) as plain:
+        pass
+    monkeypatch.setenv("DVC_EXP_NAME", "lusty-kiln")
+    with stage_run("train", {}, root=repo, name="train artifact seed 3") as named:
+        pass
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert client.get_run(plain.info.run_id).info.run_name == "validate"
+    stored = client.get_run(named.info.run_id)
+    assert stored.info.run_name == "train artifact seed 3 [lusty-kiln]"
+    assert stored.data.tags["shiftguard.stage"] == "train"  # the stage stays filterable

@@ -42,12 +42,13 @@ def _cohort_generate(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    import os
+
     from shiftguard.config import IngestConfig, compose_section
     from shiftguard.data import ingest
-    from shiftguard.dicom.scan import iter_files
 
     cfg = compose_section("ingest", IngestConfig, args.overrides)
-    if args.input.is_dir() and next(iter(iter_files(args.input)), None) is None:
+    if args.input.is_dir() and not any(files for _, _, files in os.walk(args.input)):
         raise ingest.IngestInputError(
             f"ingest: {args.input} holds no files (no DICOM to read); pass the root of the "
             "DICOM tree"

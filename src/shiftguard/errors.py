@@ -43,9 +43,7 @@ def listening(host: str, port: int, setting: str) -> Iterator[None]:
             errno.EADDRNOTAVAIL: "is not an address of this machine",
             errno.EACCES: "needs privileges (ports below 1024)",
         }
-        reason = reasons.get(exc.errno or 0)
-        if reason is None and "address already in use" in str(exc).lower():
-            reason = reasons[errno.EADDRINUSE]  # asyncio rewords the error but keeps its errno
+        reason = reasons.get(exc.errno or 0)  # asyncio rewords its bind error, keeps the errno
         if reason is None:
             raise
         raise PortInUseError(

@@ -3,6 +3,7 @@ export stage makes one (ONNX from a real network, the manifest's preprocessing f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from shiftguard.config import (
     validate,
 )
 from shiftguard.edge.bundle import bundle_file_name, write_bundle
+from shiftguard.edge.peers import Orthanc
 from shiftguard.export.stage import export_onnx, preprocessing_spec
 from shiftguard.models import SmallCNN3d
 
@@ -94,3 +96,12 @@ def challenger_path(
         make_manifest(tiny, version="8"),
         {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
     )
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A real Orthanc (AE ``ORTHANC``) in ``tmp_path``, stopped afterwards."""
+    server = Orthanc(tmp_path / "orthanc")
+    server.start()
+    yield server
+    server.stop()

@@ -81,14 +81,6 @@ def storescu() -> str:
     return str(found)
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path / "orthanc")
-    server.start()
-    yield server
-    server.stop()
-
-
 def _wait(predicate: Callable[[], Any], what: str, timeout: float = WAIT_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -279,6 +271,18 @@ def assert_each_result_once(orthanc: Orthanc, sent: list[list[Path]]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def _cut_short(edge: Edge, storescu: str, study: list[Path], k: int) -> int:
+    """Send ``study`` and SIGKILL the service (stability time 1 s) after it stored ``k`` of its
+    instances, storescu waiting for the next answer; storescu's exit status."""
+    edge.stability_s = 1.0
+    edge.start(pause_at="shiftguard.edge.receiver:Receiver._store", after=k)
+    modality = _storescu(storescu, edge.port, study)
+    edge.wait_paused()
+    edge.kill()
+    modality.communicate(timeout=30)
+    return int(modality.returncode)
+
+
 def test_killed_mid_association_the_resent_studies_are_processed_once(
     edge: Edge, orthanc: Orthanc, cohort: Path, tmp_path: Path, storescu: str
 ) -> None:
@@ -380,13 +384,7 @@ def test_a_study_cut_short_and_processed_before_the_retry_still_gets_its_complet
     instead of being dropped as a resend of the first one's objects."""
     [study] = _studies(cohort, tmp_path, 1)
     n, k = len(study), len(study) // 2
-    edge.stability_s = 1.0
-    edge.start(pause_at="shiftguard.edge.receiver:Receiver._store", after=k)
-    modality = _storescu(storescu, edge.port, study)
-    edge.wait_paused()
-    edge.kill()
-    modality.communicate(timeout=30)
-    assert modality.returncode != 0
+    assert _cut_short(edge, storescu, study, k) != 0
 
     edge.start()
     _wait(lambda: edge.counts().get("deliveries_sent") == 2, "the result on k instances")
@@ -412,12 +410,7 @@ def test_a_retry_that_arrives_while_the_cut_short_study_is_processed_is_processe
     before it if the sender was quicker)."""
     [study] = _studies(cohort, tmp_path, 1)
     n, k = len(study), len(study) // 2
-    edge.stability_s = 1.0
-    edge.start(pause_at="shiftguard.edge.receiver:Receiver._store", after=k)
-    modality = _storescu(storescu, edge.port, study)
-    edge.wait_paused()
-    edge.kill()
-    modality.communicate(timeout=30)
+    _cut_short(edge, storescu, study, k)
 
     edge.start(pause_at="shiftguard.edge.queue:WorkQueue.finish_study", after=0, hold=True)
     edge.wait_paused()  # the result on the k instances is computed, not yet recorded

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,6 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.peers("Orthanc", "storescu"),
 ]
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path / "orthanc")
-    server.start()
-    yield server
-    server.stop()
 
 
 def _service(

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -398,35 +399,50 @@ def test_fetch_arguments_are_checked_before_connecting() -> None:
         fetch_reports(pacs, retrieve="copy")  # type: ignore[arg-type]
 
 
-@pytest.mark.integration
-@pytest.mark.peers("dcmqrscp", "storescu")
-def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
-    """dcmtk's archive: C-GET gives the report; C-MOVE to an AE it does not know is refused with
-    'move destination unknown' (Orthanc answers a bare failure)."""
+@contextmanager
+def dcmqrscp(
+    folder: Path, host: str, destinations: dict[str, tuple[str, int]] | None = None
+) -> Iterator[Pacs]:
+    """dcmtk's archive (AE ``QRSCP``, storage in ``folder/db``) reached at ``host``; it sends a
+    C-MOVE to an AE of ``destinations`` (AE title -> host, port) and to no other."""
     port = free_port()
-    (tmp_path / "db").mkdir()
-    (tmp_path / "qr.cfg").write_text(
-        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 4\n"
-        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
-        f"AETable BEGIN\nQRSCP {tmp_path / 'db'} RW (10, 16mb) ANY\nAETable END\n"
+    (folder / "db").mkdir()
+    hosts = "".join(
+        f"{ae.lower()} = ({ae}, {h}, {p})\n" for ae, (h, p) in (destinations or {}).items()
     )
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
-    report = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
+    (folder / "qr.cfg").write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 4\n"
+        f"HostTable BEGIN\n{hosts}HostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nQRSCP {folder / 'db'} RW (10, 16mb) ANY\nAETable END\n"
+    )
     proc = subprocess.Popen(
-        [tool("dcmqrscp"), "-c", str(tmp_path / "qr.cfg")],
+        [tool("dcmqrscp"), "-c", str(folder / "qr.cfg")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(100):
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection((host, port), timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.05)
-        sent = storescu(port, [tmp_path / "r.dcm"], called="QRSCP")
+        yield Pacs(host, port, "QRSCP")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.integration
+@pytest.mark.peers("dcmqrscp", "storescu")
+def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
+    """dcmtk's archive: C-GET gives the report; C-MOVE to an AE it does not know is refused with
+    'move destination unknown' (Orthanc answers a bare failure)."""
+    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    report = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
+    with dcmqrscp(tmp_path, "127.0.0.1") as pacs:
+        sent = storescu(pacs.port, [tmp_path / "r.dcm"], called="QRSCP")
         assert sent.returncode == 0, sent.stderr
-        pacs = Pacs("127.0.0.1", port, "QRSCP")
 
         diagnoses, problems, _ = fetch_reports(pacs, retrieve="get", timeout=5)
         assert diagnoses == [
@@ -438,9 +454,6 @@ def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
         with pytest.raises(PacsError, match="does not know the C-MOVE destination") as caught:
             fetch_reports(pacs, move_port=elsewhere, timeout=5)
         assert f"must know AE 'SHIFTGUARD' at 127.0.0.1:{elsewhere}" in str(caught.value)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.mark.integration
@@ -453,31 +466,13 @@ def test_c_move_reaches_us_on_another_host_from_flag_and_config(
     shadow.pacs config each make us listen there, and the reports arrive."""
     from shiftguard.cli import main
 
-    port, move_port = free_port(), free_port()
-    (tmp_path / "db").mkdir()
-    (tmp_path / "qr.cfg").write_text(
-        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 4\n"
-        f"HostTable BEGIN\nshiftguard = (SHIFTGUARD, 127.0.0.3, {move_port})\nHostTable END\n"
-        "VendorTable BEGIN\nVendorTable END\n"
-        f"AETable BEGIN\nQRSCP {tmp_path / 'db'} RW (10, 16mb) ANY\nAETable END\n"
-    )
+    move_port = free_port()
     image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
     write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
-    proc = subprocess.Popen(
-        [find_tool("dcmqrscp"), "-c", str(tmp_path / "qr.cfg")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.2", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    with dcmqrscp(tmp_path, "127.0.0.2", {"SHIFTGUARD": ("127.0.0.3", move_port)}) as pacs:
+        port = pacs.port
         sent = storescu(port, [tmp_path / "r.dcm"], called="QRSCP", host="127.0.0.2")
         assert sent.returncode == 0, sent.stderr
-        pacs = Pacs("127.0.0.2", port, "QRSCP")
         expected = [Diagnosis(image.StudyInstanceUID, "2024-03-02T09:30:00Z", "Smith^Jane", 1)]
 
         with pytest.raises(PacsError, match=r"127\.0\.0\.1"):  # the default: not where it sends
@@ -497,9 +492,6 @@ def test_c_move_reaches_us_on_another_host_from_flag_and_config(
                      f"shadow.pacs.move_port={move_port}"]) == 0  # fmt: skip
         for out in (flag, config):
             assert read_diagnoses(out)[0] == expected, out
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.mark.integration

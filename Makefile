@@ -1,7 +1,7 @@
 # Two set-up commands on a fresh machine (see README):
 #   make demo   build the environment and run the main job end to end on the synthetic cohort
 #   make test   build the environment and run the whole test suite
-.PHONY: env demo experiment test lint bench clean
+.PHONY: env demo experiment test lint bench screenshots clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -40,6 +40,11 @@ lint: env
 
 bench: env
 	$(BIN)/python benchmarks/ingest_vs_dcm2niix.py
+
+# After make demo: headless-Chromium screenshots of the MLflow model version, the drift dashboard,
+# drift.html, the shadow report and dvc plots, each checked for the text it must show
+screenshots: env
+	$(BIN)/python scripts/screenshots.py
 
 clean:
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -51,6 +51,14 @@ class WindowConfig(_Strict):
     min_size: Annotated[
         int, Field(ge=2, description="a time window with fewer studies is not judged")
     ] = 20
+    batch_windows: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="a batch of past studies (the DVC stage monitor) is cut, in time order, "
+            "into at most this many count windows of equal size, each of min_size or more",
+        ),
+    ] = 4
 
 
 class DriftConfig(_Strict):

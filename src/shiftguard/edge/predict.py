@@ -72,6 +72,7 @@ PROJECTION_MEMBER = "embedding_pca.json"
 RESULT_COLUMNS = (
     "series_key",
     "study_uid",
+    "study_datetime",
     "series_uid",
     "series_description",
     "manufacturer",
@@ -278,6 +279,7 @@ class Predictor:
         row: dict[str, Any] = {
             "series_key": key,
             "study_uid": series.study_uid,
+            "study_datetime": study_datetime(h.study_date, h.study_time),
             "series_uid": series.series_uid,
             "series_description": h.series_description,
             "manufacturer": a.features["manufacturer"],
@@ -384,6 +386,25 @@ class Predictor:
         _write_csv(timings, ("series_key", "series_uid", *TIMING_COLUMNS), summary.results)
         summary.seconds = time.perf_counter() - began
         return summary
+
+
+def study_datetime(date: str, time_of_day: str) -> str:
+    """StudyDate and StudyTime as ISO 8601, ``YYYY-MM-DDTHH:MM:SS``, in the scanner's local time
+    (DICOM gives no zone unless TimezoneOffsetFromUTC is set); ``""`` without a valid date. A
+    missing or short time reads as its missing digits being 0; fractions of a second are dropped.
+
+    >>> study_datetime("20211128", "115938.25"), study_datetime("20211128", "09"), study_datetime("", "1200")
+    ('2021-11-28T11:59:38', '2021-11-28T09:00:00', '')
+    """
+    import datetime as dt
+
+    digits = time_of_day.strip().split(".")[0].replace(":", "")
+    try:
+        day = dt.datetime.strptime(date.strip(), "%Y%m%d")
+        hour, minute, second = (int(digits[i : i + 2] or 0) for i in (0, 2, 4))
+        return day.replace(hour=hour, minute=minute, second=second).isoformat()
+    except ValueError:
+        return ""
 
 
 def _round(value: Any) -> Any:

@@ -42,29 +42,54 @@ class Alert:
 def evaluate(rules: Sequence[Any], history: Mapping[str, Sequence[Any]]) -> list[Alert]:
     """Every firing of every rule over each site's windows (in order). ``history`` maps a site to
     its :class:`~shiftguard.monitor.score.WindowResult` list (anything with ``index``, ``end``
-    and ``metric(name)``)."""
+    and ``metric(name)``). A rule fires on a window whose :func:`streaks` reach its ``windows``."""
     out = []
     for site, windows in history.items():
-        values_by_rule = {}
         for rule in rules:
-            values = [_value(w, rule.metric) for w in windows]
-            values_by_rule[rule.name] = values
-            for i in range(rule.windows - 1, len(windows)):
-                run = values[i - rule.windows + 1 : i + 1]
-                if all(v is not None and v > rule.above for v in run):
+            for window, run in zip(windows, streaks(rule, windows), strict=True):
+                if run >= rule.windows:
                     out.append(
                         Alert(
                             rule=rule.name,
                             site=site,
-                            window=int(windows[i].index),
+                            window=int(window.index),
                             metric=rule.metric,
-                            value=float(run[-1]),  # type: ignore[arg-type]
+                            value=float(_value(window, rule.metric)),  # type: ignore[arg-type]
                             above=float(rule.above),
                             windows=int(rule.windows),
-                            window_end=str(windows[i].end),
+                            window_end=str(window.end),
                         )
                     )
     return out
+
+
+def streaks(rule: Any, windows: Sequence[Any]) -> list[int]:
+    """Per window, how many windows in a row, up to and including it, have the rule's metric above
+    its threshold (0 where it is not, or has no value). The rule fires where this reaches
+    ``rule.windows``.
+
+    >>> from types import SimpleNamespace as NS
+    >>> rule = NS(metric="unified_score", above=4.0, windows=2)
+    >>> streaks(rule, [NS(metric=lambda _, v=v: v) for v in (5.0, 3.0, 4.5, 6.0, 7.0)])
+    [1, 0, 1, 2, 3]
+    """
+    out, run = [], 0
+    for window in windows:
+        value = _value(window, rule.metric)
+        run = run + 1 if value is not None and value > rule.above else 0
+        out.append(run)
+    return out
+
+
+def rule_text(rule: Any) -> str:
+    """A rule in words, e.g. ``unified_score above 4 in 2 windows in a row``.
+
+    >>> from types import SimpleNamespace as NS
+    >>> rule_text(NS(metric="novel:scanner_model", above=0.1, windows=1))
+    'novel:scanner_model above 0.1 in a window'
+    """
+    span = "in a window" if rule.windows == 1 else f"in {rule.windows} windows in a row"
+    return f"{rule.metric} above {rule.above:g} {span}"
 
 
 def _value(window: Any, metric: str) -> float | None:

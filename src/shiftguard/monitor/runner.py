@@ -2,7 +2,8 @@
 
 :class:`Monitor` keeps its state in a small SQLite file (every judged window's summary, every
 alert) so that ``shiftguard monitor report`` is incremental (a complete window is judged once)
-and ``shiftguard monitor check`` can say which alerts are new.
+and ``shiftguard monitor check`` can say which alerts are new. The snapshots of each site's latest
+judged window stay in :attr:`Monitor.latest`, for a caller that writes its own page of them.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 import pandas as pd
 
 from shiftguard.errors import ShiftGuardError
-from shiftguard.monitor.alerts import Alert, evaluate, post_webhook
+from shiftguard.monitor.alerts import Alert, evaluate, post_webhook, streaks
 from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, make_record
+from shiftguard.monitor.report import BundleInfo, WindowReport
 from shiftguard.monitor.score import Scorer, WindowResult, cut_windows, held_out_outputs
 
 log = logging.getLogger(__name__)
@@ -51,21 +53,39 @@ def reference_from_bundle(path: Path | str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(bundle.members[member]))
 
 
+def bundle_info(path: Path | str) -> BundleInfo:
+    """The name, version and file digest of a verified bundle, as a report names it."""
+    from shiftguard.edge.bundle import open_bundle
+
+    bundle = open_bundle(path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return BundleInfo(name=bundle.name, version=bundle.version, sha256=digest)
+
+
 class ResultsFileError(ShiftGuardError, ValueError):
     """An ``edge predict`` results file that is missing, empty or lacks a column."""
 
 
 def records_from_results(
-    results_csv: Path, site: str, processed_at: str | None = None
+    results_csv: Path,
+    site: str,
+    processed_at: str | None = None,
+    time_column: str | None = None,
 ) -> pd.DataFrame:
-    """Records (as the edge would ship them) from an ``edge predict`` ``results.csv``, in file
-    order, numbered by ``seq``.
+    """Records (as the edge would ship them) from an ``edge predict`` ``results.csv``, numbered by
+    ``seq``.
+
+    Each record's ``processed_at`` is ``processed_at``, else the row's ``time_column`` (for example
+    ``study_datetime``, the study's StudyDate and StudyTime, read as UTC), else now. With
+    ``time_column`` the records are in the order of that time (file order among equal times), as
+    the studies would have reached the edge; otherwise in file order.
 
     The records never leave this process, and the file holds the series UIDs in the clear, so
     their ids are keyed with a digest of the file itself (the same file gives the same ids).
 
     Raises:
-        ResultsFileError: the file is missing, empty, not CSV, or lacks a column.
+        ResultsFileError: the file is missing, empty, not CSV, or lacks a column, or a row's
+            ``time_column`` is not an ISO 8601 time.
     """
     try:
         raw = Path(results_csv).read_bytes()
@@ -83,14 +103,35 @@ def records_from_results(
         ) from None
     if rows.empty:
         raise ResultsFileError(f"{results_csv}: empty, no predictions to monitor")
-    missing = [c for c in ("series_uid", "model", "model_version", "probability") if c not in rows]
+    needed = ["series_uid", "model", "model_version", "probability"]
+    if time_column and processed_at is None:
+        needed.append(time_column)
+    missing = [c for c in needed if c not in rows]
     if missing:
         raise ResultsFileError(
             f"{results_csv}: lacks the column(s) {', '.join(missing)}; give an `edge predict` "
-            "results.csv"
+            "results.csv (the study times came with edge predict's study_datetime column: run "
+            "it again)"
+            if time_column in missing
+            else f"{results_csv}: lacks the column(s) {', '.join(missing)}; give an `edge "
+            "predict` results.csv"
         )
+    if processed_at is not None:
+        stamps = [processed_at] * len(rows)
+    elif time_column:
+        times = pd.to_datetime(rows[time_column], errors="coerce", utc=True)
+        if times.isna().any():
+            bad = rows.loc[times.isna(), time_column].iloc[0]
+            raise ResultsFileError(
+                f"{results_csv}: {time_column} {bad!r} (series "
+                f"{rows.loc[times.isna(), 'series_uid'].iloc[0]}) is not an ISO 8601 time"
+            )
+        stamps = list(times.dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        order = sorted(range(len(rows)), key=lambda i: (times.iloc[i], i))
+        rows, stamps = rows.iloc[order].reset_index(drop=True), [stamps[i] for i in order]
+    else:
+        stamps = [datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")] * len(rows)
     key = hashlib.sha256(b"shiftguard-results|" + raw).digest()
-    stamp = processed_at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     records = [
         make_record(
             {k: (None if v == "" else v) for k, v in row.items()},
@@ -101,7 +142,7 @@ def records_from_results(
             processed_at=stamp,
             record_key=key,
         )
-        for row in rows.to_dict("records")
+        for row, stamp in zip(rows.to_dict("records"), stamps, strict=True)
     ]
     frame = typed(pd.DataFrame(records))
     frame["seq"] = range(1, len(frame) + 1)
@@ -132,10 +173,11 @@ class Monitor:
         workspace: Path | str | None = None,
         reports: Path | str | None = None,
         clock: Callable[[], str] | None = None,
+        bundle: BundleInfo | None = None,
     ) -> None:
         """``clock``: the time recorded as a window's ``judged_at`` and an alert's ``raised_at``
         (ISO 8601, UTC); default: now. A batch job replaying fixed records passes a fixed one, so
-        the state file is the same bytes each time."""
+        the state file is the same bytes each time. ``bundle``: named in the pages' headers."""
         self.cfg = cfg
         self.clock = clock or _now
         self.reference = held_out_outputs(typed(reference))
@@ -154,6 +196,9 @@ class Monitor:
         self._db.executescript(SCHEMA)
         self.workspace_dir = Path(workspace) if workspace else None
         self.reports_dir = Path(reports) if reports else None
+        self.bundle = bundle
+        #: per site, its latest judged window's snapshots (when a workspace is written)
+        self.latest: dict[str, WindowReport] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -171,7 +216,7 @@ class Monitor:
         records = records.sort_values("seq", kind="stable")
         w = self.cfg.window
         judged: list[WindowResult] = []
-        snapshots: list[tuple[WindowResult, pd.DataFrame]] = []
+        snapshots: list[tuple[WindowResult, pd.DataFrame, str]] = []
         for site, rows in records.groupby("site", sort=True):
             done = {
                 idx
@@ -187,16 +232,17 @@ class Monitor:
                 if len(window) < min(w.min_size, w.size):
                     continue
                 result = self.scorer.window_result(str(site), index, window)
+                judged_at = self.clock()
                 with self._lock, self._db:
                     self._db.execute(
                         "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)",
                         (
                             site, index, int(complete), len(window),
-                            json.dumps(asdict(result)), self.clock(),
+                            json.dumps(asdict(result)), judged_at,
                         ),
                     )  # fmt: skip
                 judged.append(result)
-                snapshots.append((result, window))
+                snapshots.append((result, window, judged_at))
         if self.workspace_dir is not None and snapshots:
             self._write_reports(snapshots)
         return judged
@@ -210,9 +256,10 @@ class Monitor:
 
     # alerts -------------------------------------------------------------------------------------
 
-    def check(self, notify: bool = True) -> tuple[list[Alert], list[Alert]]:
+    def check(self, notify: bool = True, announce: bool = True) -> tuple[list[Alert], list[Alert]]:
         """Evaluate the alert rules over the history: (new alerts, alerts on each site's latest
-        window). New ones are recorded, and POSTed to the webhook when one is configured."""
+        window). New ones are recorded, POSTed to the webhook when one is configured (``notify``)
+        and logged as warnings (``announce``: off where the caller reports them per window)."""
         history = self.history()
         alerts = evaluate(self.cfg.alerts, history)
         new = []
@@ -234,7 +281,7 @@ class Monitor:
                         "UPDATE alerts SET notified = 1 WHERE rule = ? AND site = ? AND idx = ?",
                         (a.rule, a.site, a.window),
                     )
-        for alert in new:
+        for alert in new if announce else ():
             log.warning("ALERT %s", alert.message())
         return new, active
 
@@ -246,30 +293,49 @@ class Monitor:
 
     # reports ------------------------------------------------------------------------------------
 
-    def _write_reports(self, judged: Sequence[tuple[WindowResult, pd.DataFrame]]) -> None:
-        from shiftguard.monitor.report import MonitorWorkspace, embedding_snapshot, snapshot
+    def _write_reports(self, judged: Sequence[tuple[WindowResult, pd.DataFrame, str]]) -> None:
+        from shiftguard.monitor.report import (
+            MonitorWorkspace,
+            embedding_snapshot,
+            snapshot,
+            write_page,
+        )
 
         assert self.workspace_dir is not None
         workspace = MonitorWorkspace(self.workspace_dir)
+        history = self.history()  # holds the windows just judged: the rules read back from them
+        rules = self.cfg.alerts
+        alerts = evaluate(rules, history)
         html = self.cfg.html
-        for i, (result, window) in enumerate(judged):
+        for i, (result, window, judged_at) in enumerate(judged):
+            windows = history.get(result.site, [])
+            place = next(k for k, w in enumerate(windows) if w.index == result.index)
+            runs = {rule.name: streaks(rule, windows[: place + 1])[-1] for rule in rules}
             stamp = _stamp(result.end)
-            snap = snapshot(window, self.reference, result, stamp)
+            snap = snapshot(window, self.reference, result, stamp, rules, runs)
             workspace.add(snap, name=f"{result.site} window {result.index}")
             embedding = embedding_snapshot(window, self.reference, result, stamp)
             if embedding is not None:
                 workspace.add(embedding, name=f"{result.site} window {result.index} embedding")
+            report = WindowReport(
+                result=result,
+                snapshot=snap,
+                embedding=embedding,
+                streaks=runs,
+                alerts=[a for a in alerts if a.site == result.site and a.window == result.index],
+                judged_at=judged_at,
+            )
+            self.latest[result.site] = report
             last = i == len(judged) - 1
             wanted = html == "all" or (html == "latest" and last)
             if html == "alerts":
-                wanted = any(result.metric(rule.metric) > rule.above for rule in self.cfg.alerts)
+                wanted = bool(report.alerts)
             if wanted and self.reports_dir is not None:
-                self.reports_dir.mkdir(parents=True, exist_ok=True)
                 name = f"drift-{result.site}-window{result.index:04d}.html"
-                snap.save_html(str(self.reports_dir / name))
+                write_page(self.reports_dir / name, report, rules, self.bundle)
                 log.info("drift report: %s", self.reports_dir / name)
-        sites = sorted({r.site for r, _ in judged} | set(self.history()))
-        workspace.save_dashboard(sites)
+        sites = sorted({r.site for r, _, _ in judged} | set(history))
+        workspace.save_dashboard(sites, rules)
 
 
 def _now() -> str:

@@ -22,10 +22,11 @@ import hashlib
 import json
 import logging
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,10 @@ import pandas as pd
 from shiftguard.monitor.alerts import evaluate
 from shiftguard.monitor.runner import typed
 from shiftguard.monitor.score import Scorer, WindowResult
+from shiftguard.utils import progress_bar
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -113,29 +118,55 @@ def build_pool(
     seed: int,
     predictor: Any,
     workers: int | None = None,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Generate ``n`` subjects under ``condition``, run the edge runner on each, and return one
-    row of monitor features per series plus its ``finding`` (0/1)."""
+    row of monitor features per series plus its ``finding`` (0/1). ``progress``: a bar to show
+    both steps on. Series the runner refuses are left out, and said in one warning."""
     from shiftguard.cohort import generate
     from shiftguard.dicom.errors import InvalidSeriesError
     from shiftguard.dicom.scan import list_files, scan_files
     from shiftguard.dicom.series import group_series
 
     cfg = condition_cohort(cohort, split, condition, n, seed)
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"pool {condition.label}: simulating {n} subjects", total=None)
     with tempfile.TemporaryDirectory(prefix="sg-pool-") as tmp:
         out = Path(tmp)
-        generate.run(cfg, out, workers=workers, progress=False)
+        # the pool's own line and progress bar say it: not the generator's two lines per pool
+        quiet = logging.getLogger(generate.__name__)
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            generate.run(cfg, out, workers=workers, progress=False)
+        finally:
+            quiet.setLevel(level)
         truth = pd.read_csv(out / "ris" / "verified_diagnoses.csv", dtype=str)
         finding = dict(zip(truth["study_instance_uid"], truth["finding"].astype(int), strict=True))
         headers, _ = scan_files(list_files(out / "dicom"))
-        rows = []
-        for group in sorted(group_series(headers), key=lambda g: g.series_uid):
+        groups = sorted(group_series(headers), key=lambda g: g.series_uid)
+        if progress is not None and task is not None:
+            progress.update(
+                task, description=f"pool {condition.label}: edge runner", total=len(groups)
+            )
+        rows, skipped = [], []
+        for group in groups:
             try:
                 analysis = predictor.analyse(group)
             except InvalidSeriesError as exc:
-                log.warning("pool %s: skips a series: %s", condition.label, exc)
-                continue
-            rows.append({**analysis.features, "finding": finding.get(group.study_uid, 0)})
+                skipped.append(str(exc))
+            else:
+                rows.append({**analysis.features, "finding": finding.get(group.study_uid, 0)})
+            if progress is not None and task is not None:
+                progress.advance(task)
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    if skipped:
+        log.warning(
+            "pool %s: the edge runner skipped %d of %d series (first: %s)",
+            condition.label, len(skipped), len(groups), skipped[0],
+        )  # fmt: skip
     return typed(pd.DataFrame(rows))
 
 
@@ -168,12 +199,13 @@ class PoolCache:
         predictor: Any,
         bundle_digest: str,
         workers: int | None = None,
+        progress: Progress | None = None,
     ) -> pd.DataFrame:
         path = self.folder / f"pool-{self.key(cohort, condition, n, seed, bundle_digest)}.csv"
         if path.is_file():
             return typed(pd.read_csv(path))
         log.info("scenarios: simulating a pool of %d studies (%s)", n, condition.label)
-        pool = build_pool(cohort, split, condition, n, seed, predictor, workers)
+        pool = build_pool(cohort, split, condition, n, seed, predictor, workers, progress)
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         pool.to_csv(tmp, index=False)
@@ -333,18 +365,24 @@ def pools_for(
     sizes: Mapping[str, int],
     seed: int,
     workers: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[Condition, pd.DataFrame]:
     """Every pool the scenarios draw from (``sizes``: ``training`` for the training scanners'
-    condition, ``other`` for the rest)."""
-    conditions = {phase_condition(p) for s in scenarios for p in s.phases}
+    condition, ``other`` for the rest), shown on ``progress`` when given."""
+    conditions = sorted(
+        {phase_condition(p) for s in scenarios for p in s.phases}, key=lambda c: c.label
+    )
+    task = progress.add_task("scenario pools", total=len(conditions)) if progress else None
     out = {}
-    for condition in sorted(conditions, key=lambda c: c.label):
+    for condition in conditions:
         n = sizes["training"] if condition == Condition() else sizes["other"]
         # a seed of the condition's own, so that adding a scenario leaves other pools cached
         own = int(hashlib.sha256(condition.label.encode()).hexdigest()[:6], 16)
         out[condition] = cache.get(
-            cohort, split, condition, n, seed + own, predictor, bundle_digest, workers
+            cohort, split, condition, n, seed + own, predictor, bundle_digest, workers, progress
         )
+        if progress is not None and task is not None:
+            progress.advance(task)
     return out
 
 
@@ -364,25 +402,34 @@ def run_all(
 
     scenarios = load_scenarios(cfg.scenarios.folder, names)
     bundle = open_bundle(bundle_path)
-    pools = pools_for(
-        scenarios,
-        cohort,
-        split,
-        PoolCache(cfg.scenarios.cache),
-        Predictor(bundle),
-        runtime_digest(bundle.manifest),  # not the file's hash, which the signature enters
-        {"training": cfg.scenarios.pool_training, "other": cfg.scenarios.pool_other},
-        cfg.scenarios.seed,
-        workers,
-    )
-    scorer = Scorer(
-        reference_from_bundle(bundle_path),
-        weights=cfg.drift.weights,
-        bootstrap=cfg.drift.bootstrap,
-        seed=cfg.drift.seed,
-        drift_share=cfg.drift.drift_share,
-    )
-    results = [run_scenario(s, pools, scorer, cfg.window.size, cfg.alerts) for s in scenarios]
+    # a warning repeated by every pool, stream or window is said once
+    with warnings.catch_warnings(), progress_bar() as progress:
+        warnings.simplefilter("once")
+        pools = pools_for(
+            scenarios,
+            cohort,
+            split,
+            PoolCache(cfg.scenarios.cache),
+            Predictor(bundle),
+            runtime_digest(bundle.manifest),  # not the file's hash, which the signature enters
+            {"training": cfg.scenarios.pool_training, "other": cfg.scenarios.pool_other},
+            cfg.scenarios.seed,
+            workers,
+            progress,
+        )
+        scorer = Scorer(
+            reference_from_bundle(bundle_path),
+            weights=cfg.drift.weights,
+            bootstrap=cfg.drift.bootstrap,
+            seed=cfg.drift.seed,
+            drift_share=cfg.drift.drift_share,
+        )
+        task = progress.add_task("scenarios", total=len(scenarios))
+        results = []
+        for scenario in scenarios:
+            progress.update(task, description=f"scenario {scenario.name}")
+            results.append(run_scenario(scenario, pools, scorer, cfg.window.size, cfg.alerts))
+            progress.advance(task)
     return {
         "window_size": cfg.window.size,
         "rules": [r.model_dump() for r in cfg.alerts],
@@ -395,7 +442,7 @@ def table(summary: Mapping[str, Any]) -> str:
     """The results as a plain-text table."""
     lines = [
         f"{'scenario':<18} {'studies':>7} {'onset':>6} {'flagged at':>10} {'delay':>6} "
-        f"{'target':>6} {'false alarms':>12}  met"
+        f"{'target':>6} {'false alarms':>12}  met  first alert"
     ]
 
     def show(value: Any) -> str:
@@ -406,8 +453,19 @@ def table(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"{r['name']:<18} {r['studies']:>7} {show(r['onset']):>6} "
             f"{show(r['detected_at']):>10} {show(r['delay']):>6} {show(r['target']):>6} "
-            f"{r['false_alarms']:>12}  {met}"
+            f"{r['false_alarms']:>12}  {met:<3}  {alert_rule(r['first_alert'])}"
         )
-        if r["first_alert"]:
-            lines.append(f"{'':<18} first alert: {r['first_alert']}")
     return "\n".join(lines)
+
+
+def alert_rule(message: str | None) -> str:
+    """The rule that raised an alert, from its message (the whole message is in the summary).
+
+    >>> alert_rule("[new_scanner] new_scanner: novel:scanner_model = 1.000 > 0.1 for 1 window(s)")
+    'new_scanner'
+    >>> alert_rule(None)
+    '-'
+    """
+    if not message:
+        return "-"
+    return message.split("] ", 1)[-1].split(":", 1)[0]

@@ -71,6 +71,7 @@ class WindowResult:
     dataset_drift: bool
     unified_score: float
     group_scores: dict[str, float]
+    #: per feature: test, score, threshold, drifted, distance, z (its z-score in the unified score)
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
     novel: dict[str, float] = field(default_factory=dict)  # share of never-seen categories
 
@@ -169,9 +170,17 @@ class Scorer:
 
     def judge(self, window: pd.DataFrame) -> tuple[DriftResult, float, dict[str, float]]:
         """Per-feature drift, the unified score and the group scores of one window."""
+        result, unified, groups, _ = self._judge(window)
+        return result, unified, groups
+
+    def _judge(
+        self, window: pd.DataFrame
+    ) -> tuple[DriftResult, float, dict[str, float], dict[str, float]]:
+        """:meth:`judge`, and each feature's z-score (its distance against the null's)."""
         frame = window[self.features].reset_index(drop=True)
         result = self.engine.run(frame)
         mean, spread = self.null(len(window))
+        z: dict[str, float] = {}
         by_group: dict[str, list[float]] = {g: [] for g in GROUPS}
         for name in self.features:
             d = distance(
@@ -179,16 +188,17 @@ class Scorer:
             )
             if d is None:
                 continue
-            by_group[BY_NAME[name].group].append((d - mean[name]) / spread[name])
+            z[name] = (d - mean[name]) / spread[name]
+            by_group[BY_NAME[name].group].append(z[name])
         groups = {g: float(np.mean(v)) for g, v in by_group.items() if v}
         total = sum(self.weights[g] for g in groups)
         unified = (
             sum(self.weights[g] * s for g, s in groups.items()) / total if total > 0 else math.nan
         )
-        return result, float(unified), groups
+        return result, float(unified), groups, z
 
     def window_result(self, site: str, index: int, window: pd.DataFrame) -> WindowResult:
-        result, unified, groups = self.judge(window)
+        result, unified, groups, z = self._judge(window)
         novel = {}
         any_new = np.zeros(len(window), dtype=bool)
         for name, seen in self._seen.items():
@@ -220,6 +230,7 @@ class Scorer:
                     "threshold": c.threshold,
                     "drifted": c.drifted,
                     "distance": c.distance,
+                    "z": z.get(name, math.nan),
                 }
                 for name, c in result.columns.items()
             },

@@ -12,14 +12,15 @@ import pandas as pd
 
 from shiftguard.config import MonitorConfig
 from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
-from shiftguard.monitor.report import seeded_ids, snapshot
-from shiftguard.monitor.runner import Monitor, _stamp
+from shiftguard.monitor.report import seeded_ids, write_page
+from shiftguard.monitor.runner import Monitor
 
 EMBEDDING = [n for n in FEATURE_NAMES if BY_NAME[n].group == "embedding"]
 
 
 def _write(out: Path, reference: pd.DataFrame, records: pd.DataFrame, seeded: bool) -> None:
-    """The stage's writing, small: one judged window into a workspace, its HTML report."""
+    """The stage's writing, small: one judged window into a workspace, its page rendered from the
+    snapshot the workspace holds."""
     cfg = MonitorConfig(window={"size": 30, "min_size": 20}, drift={"bootstrap": 20}, html="none")
     with seeded_ids() if seeded else nullcontext():
         monitor = Monitor(
@@ -29,8 +30,7 @@ def _write(out: Path, reference: pd.DataFrame, records: pd.DataFrame, seeded: bo
         [result] = monitor.update(records, judge_open=True)
         monitor.check(notify=False)
         monitor.close()
-        snap = snapshot(records, monitor.reference, result, _stamp(result.end))
-        snap.save_html(str(out / "drift.html"))
+        write_page(out / "drift.html", monitor.latest[result.site], cfg.alerts)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from shiftguard.config import ShadowConfig, load_section
 from shiftguard.shadow.evaluate import jsonable
 from shiftguard.shadow.stage import evaluate_files
+from shiftguard.tracking import CHALLENGER, CHAMPION
 from shiftguard.utils import setup_logging, write_json
 
 BUNDLES = Path("artifacts/export")
@@ -31,22 +32,23 @@ def main() -> int:
         RESULTS, cfg, [DIAGNOSES], bundles=[BUNDLES], out=OUT,
         title="Shadow evaluation: the unseen scanner's studies",
     )  # fmt: skip
-    champion = result.evaluations.get("champion")
-    if champion is None:  # the edge predicted nothing (the test suite's tiny cohort can do that)
+    # the edge ran the exported bundle alone, in shadow mode: the challenger (see shadow.stage)
+    evaluated = result.evaluations.get(CHALLENGER) or result.evaluations.get(CHAMPION)
+    if evaluated is None:  # the edge predicted nothing (the test suite's tiny cohort can do that)
         write_json(OUT / "metrics.json", {"studies": 0, "judged": 0, "pending": 0, "flagged": [],
                                           "segments_judged": 0, "segments_too_small": 0})  # fmt: skip
         print(f"shadow: no predictions in {RESULTS}; report {report}")
         return 0
-    overall = champion.overall
-    judged = not champion.segments.empty
-    segments = champion.segments
+    overall = evaluated.overall
+    judged = not evaluated.segments.empty
+    segments = evaluated.segments
     write_json(
         OUT / "metrics.json",
         {
-            "bundle": champion.bundle,
-            "studies": champion.n_predictions,
-            "judged": len(champion.joined),
-            "pending": champion.n_pending,
+            "bundle": evaluated.bundle,
+            "studies": evaluated.n_predictions,
+            "judged": len(evaluated.joined),
+            "pending": evaluated.n_pending,
             **{
                 f"{m}{s}": jsonable(overall.get(f"{m}{s}"))
                 for m in ("auroc", "sensitivity", "specificity")
@@ -54,16 +56,18 @@ def main() -> int:
             },
             "segments_judged": int(segments["judgeable"].sum()) - 1 if judged else 0,
             "segments_too_small": int((~segments["judgeable"]).sum()) if judged else 0,
-            "flagged": [f"{r.column}={r.segment}" for r in champion.flagged.itertuples()],
+            "flagged": [f"{r.column}={r.segment}" for r in evaluated.flagged.itertuples()],
         },
     )
     if judged:
         print(
-            f"shadow: {len(champion.joined)} of {champion.n_predictions} studies verified, AUROC "
-            f"{overall['auroc']:.3f}, {len(champion.flagged)} segment(s) flagged; report {report}"
+            f"shadow: {len(evaluated.joined)} of {evaluated.n_predictions} studies verified, AUROC "
+            f"{overall['auroc']:.3f}, {len(evaluated.flagged)} segment(s) flagged; report {report}"
         )
     else:  # the test suite's tiny cohort: too few verified studies of both classes
-        print(f"shadow: {len(champion.joined)} verified studies, not both classes; report {report}")
+        print(
+            f"shadow: {len(evaluated.joined)} verified studies, not both classes; report {report}"
+        )
     return 0
 
 

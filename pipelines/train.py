@@ -2,8 +2,9 @@
 
 Writes ``artifacts/train/`` (``model.pt``, checkpoints), ``reports/train/metrics.json`` and the
 per-epoch ``reports/train/history.csv``; logs an MLflow run (tagged with ``model.pt``'s SHA-256) and
-registers the model as a new version aliased ``candidate``. Config: the ``train``, ``model`` and ``augment`` sections of
-``params.yaml``. Runs unchanged under ``torchrun --nproc_per_node N pipelines/train.py`` (DDP).
+registers the model as a new version aliased ``challenger``. Config: the ``train``, ``model`` and
+``augment`` sections of ``params.yaml``. Runs unchanged under
+``torchrun --nproc_per_node N pipelines/train.py`` (DDP).
 Tracking store: ``$MLFLOW_TRACKING_URI`` (default: ``mlflow.db`` here).
 """
 

@@ -989,11 +989,11 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(fetch)
     fetch.set_defaults(func=_shadow_fetch)
     pro = sub.add_parser(
-        "promote", help="move the MLflow alias champion to a candidate that passes the gate"
+        "promote", help="move the MLflow alias champion to a challenger that passes the gate"
     )
     pro.add_argument("--report", type=Path, default=Path("reports/shadow"),
                      help="a `shadow evaluate` report folder")  # fmt: skip
-    pro.add_argument("--role", default=None, help="the candidate's role (default: challenger)")
+    pro.add_argument("--role", default=None, help="the role judged (default: the challenger)")
     pro.add_argument("--model", default=None, help="registered model (default: the bundle's)")
     pro.add_argument("--dry-run", action="store_true", help="judge and record, move nothing")
     overrides(pro)

@@ -60,7 +60,7 @@ def test_stage_run_reaches_postgres_backed_server(
     assert stored.data.tags["shiftguard.stage"] == "augment"
     assert stored.data.params == FLAT
     assert stored.data.metrics == {"dice_drop": 0.05}
-    assert [a.path for a in client.list_artifacts(run_id)] == ["report.txt"]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml", "report.txt"]
     downloaded = Path(client.download_artifacts(run_id, "report.txt", str(tmp_path / "dl")))
     assert downloaded.read_text() == report.read_text()
     # Proxied uploads land in the server's --artifacts-destination.

@@ -134,7 +134,7 @@ def test_repro_ingests_splits_and_leaves_status_clean(project: tuple[Path, dict]
     assert "didn't change" in sh(root, "dvc", "repro") or "up to date" in sh(root, "dvc", "repro")
 
 
-def test_repro_trains_validates_and_registers_a_tracked_candidate(
+def test_repro_trains_validates_and_registers_a_tracked_challenger(
     project: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, config = project
@@ -172,7 +172,7 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert 0 <= train.data.metrics["data_wait_fraction"] <= 1
     assert 0 <= train.data.metrics["logging_overhead"] < 1
 
-    # The model: logged with a signature, registered, aliased candidate, loadable by MLflow. No
+    # The model: logged with a signature, registered, aliased challenger, loadable by MLflow. No
     # DVC output names the run or the registry's number (a fresh store counts from 1): the run is
     # found by the SHA-256 of the model.pt it wrote.
     from shiftguard.tracking import file_sha256, trained_model
@@ -180,7 +180,7 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert not (root / "artifacts/train/model.json").exists()
     info = trained_model(root / "artifacts/train/model.pt", root)
     assert info is not None and info.run_id == train.info.run_id and info.registered_model
-    version = client.get_model_version_by_alias(info.registered_model, "candidate")
+    version = client.get_model_version_by_alias(info.registered_model, "challenger")
     assert str(version.version) == info.version and version.run_id == train.info.run_id
     import mlflow.pytorch
     import torch
@@ -190,7 +190,7 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
         "mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{root / 'mlflow.db'}"
     )
     monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
-    loaded = mlflow.pytorch.load_model(f"models:/{info.registered_model}@candidate")
+    loaded = mlflow.pytorch.load_model(f"models:/{info.registered_model}@challenger")
     grid = tuple(config["ingest"]["shape"])
     assert loaded(torch.zeros(2, 1, *grid)).shape == (2, 1)
 
@@ -209,7 +209,7 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     logged = {a.path for a in client.list_artifacts(validate.info.run_id)}
     assert {"roc.png", "robustness.csv", "segments.csv"} <= logged
     plots = json.loads(sh(root, "dvc", "plots", "show", "--json"))
-    assert {"reports/validate/roc.csv", "reports/validate/robustness.png"} <= set(plots["data"])
+    assert {"reports/validate/roc.png", "reports/validate/robustness.png"} <= set(plots["data"])
     # Export: a verified bundle with the validated threshold, logged and tagged in MLflow.
     from shiftguard.edge.bundle import open_bundle
 
@@ -257,6 +257,12 @@ def test_repro_trains_validates_and_registers_a_tracked_candidate(
     assert (root / "reports/monitor/drift.html").stat().st_size > 0
     if drift["judged"]:  # the tiny cohort's unseen scanner may have fewer than min_size studies
         assert (root / "artifacts/monitor/workspace").is_dir()
+        # windows of consecutive studies in time, dated by the studies' own times
+        times = sorted(r["study_datetime"] for r in results)
+        assert drift["windows"][0]["start"] == f"{times[0]}Z"
+        assert drift["windows"][-1]["end"] == f"{times[-1]}Z" == drift["window"]["end"]
+        assert sum(w["n"] for w in drift["windows"]) == len(results)
+        assert "ShiftGuard drift report" in (root / "reports/monitor/drift.html").read_text()
     else:
         assert "fewer than monitor.window.min_size" in drift["reason"]
     # scenarios: every scenario of conf/monitor/scenarios ran on simulated pools
@@ -311,7 +317,7 @@ def test_exp_run_composes_conf_with_hydra_overrides(project: tuple[Path, dict]) 
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "tiny pipeline")
     summary = root / "reports/shadow/summary.json"
-    before = json.loads(summary.read_text())["roles"]["champion"]["overall"]
+    before = json.loads(summary.read_text())["roles"]["challenger"]["overall"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     out = sh(root, "dvc", "exp", "run", "-n", "alpha20", "-S", "experiment=tiny",
              "-S", "shadow.alpha=0.2")  # fmt: skip
@@ -323,7 +329,7 @@ def test_exp_run_composes_conf_with_hydra_overrides(project: tuple[Path, dict]) 
     assert yaml.safe_load((root / "params.yaml").read_text())["shadow"]["alpha"] == 0.2
     relocked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert relocked["shadow"]["params"]["params.yaml"]["shadow"]["alpha"] == 0.2
-    after = json.loads(summary.read_text())["roles"]["champion"]["overall"]
+    after = json.loads(summary.read_text())["roles"]["challenger"]["overall"]
     # the same estimates; every interval the tiny log supports is now an 80 % one, inside the 95 %
     for metric in ("auroc", "sensitivity", "specificity"):
         assert after.get(metric) == before.get(metric)

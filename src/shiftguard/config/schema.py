@@ -851,7 +851,7 @@ class TrainConfig(_Strict):
         "shiftguard-classifier",
         min_length=1,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
-        description="MLflow registry name; each training run adds a version aliased 'candidate'",
+        description="MLflow registry name; each training run adds a version aliased 'challenger'",
     )
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """Schema of the ``shadow`` section (``conf/shadow/``): how shadow predictions are judged against
-the verified diagnoses, and the gate a candidate must pass before ``shiftguard promote`` moves the
+the verified diagnoses, and the gate a challenger must pass before ``shiftguard promote`` moves the
 MLflow alias ``champion`` to it.
 
 Kept out of :mod:`shiftguard.config.schema`: judging and promoting models re-runs no lab stage.
@@ -17,7 +17,7 @@ Metric = Literal["auroc", "sensitivity", "specificity"]
 
 
 class GateConfig(_Strict):
-    """What a candidate's shadow evaluation must show before it becomes the champion."""
+    """What a challenger's shadow evaluation must show before it becomes the champion."""
 
     min_studies: Annotated[
         int, Field(ge=1, description="fewest studies with a verified diagnosis")
@@ -34,10 +34,10 @@ class GateConfig(_Strict):
         description="metrics whose paired difference (lower CI bound) must exceed -margin",
     )
     no_segment_worse: bool = Field(
-        True, description="refuse when the candidate is significantly worse on any one segment"
+        True, description="refuse when the challenger is significantly worse on any one segment"
     )
     first_champion: bool = Field(
-        True, description="allow a candidate to become champion when there is none yet"
+        True, description="allow a challenger to become champion when there is none yet"
     )
 
 

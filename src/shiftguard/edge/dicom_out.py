@@ -11,17 +11,24 @@ UIDs: the next SR and key image in the same result series, with the next instanc
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from shiftguard.dicom.scan import SliceHeader
+
+if TYPE_CHECKING:
+    from PIL import ImageDraw
+    from PIL.ImageFont import FreeTypeFont
+
+log = logging.getLogger(__name__)
 
 #: series numbers of the results, high enough to sort after the acquired series
 SR_SERIES_NUMBER = 9901
@@ -348,14 +355,95 @@ def render_key_image(
         lines.insert(0, SHADOW_BANNER)
     else:
         lines.append("AI result - to be confirmed by a radiologist")
-    banner = 14 * len(lines) + 8
+    font = banner_font()
+    margin = 4
+    wrapped = [
+        (part, i)
+        for i, line in enumerate(lines)
+        for part in wrap_text(line, font, image.width - 2 * margin)
+    ]
+    step = _line_height(font)
+    banner = step * len(wrapped) + 2 * margin
     canvas = Image.new("RGB", (image.width, image.height + banner), (0, 0, 0))
     canvas.paste(image, (0, banner))
     draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
+    for row, (text, i) in enumerate(wrapped):
         colour = (255, 80, 80) if (result.shadow and i == 0) else (255, 255, 0)
-        draw.text((4, 4 + 14 * i), line, fill=colour)
+        draw_words(draw, (margin, margin + step * row), text, font, colour)
     return np.asarray(canvas, dtype=np.uint8), z
+
+
+BANNER_FONTS = ("DejaVuSansMono.ttf",)
+"""Fonts tried, in order, for the key image's burned-in text: DejaVu Sans Mono (Debian's
+``fonts-dejavu-core``, found in the system's font folders), whose space is as wide as a letter;
+without it Pillow's own scalable font, with the gap between words widened to :data:`WORD_GAP`."""
+BANNER_FONT_SIZE = 11
+"""Pixel size of the burned-in text: 34 characters of DejaVu Sans Mono fit the 240 columns of a
+default key image (80 voxels, 3 pixels each); longer lines wrap."""
+WORD_GAP = 0.7
+"""The narrowest gap between two words, as a fraction of the font size. Pillow's default font at
+this size leaves 2 pixels for a space, no more than between two letters: "NOT FORCLINICAL USE"."""
+
+
+@functools.cache
+def banner_font(size: int = BANNER_FONT_SIZE) -> FreeTypeFont:
+    """The key image's font at ``size`` pixels (see :data:`BANNER_FONTS`)."""
+    from PIL import ImageFont
+
+    for name in BANNER_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    log.warning("none of the fonts %s is installed: the key image's text uses Pillow's own "
+                "(install fonts-dejavu-core for the usual one)", ", ".join(BANNER_FONTS))  # fmt: skip
+    font = ImageFont.load_default(size)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        raise RuntimeError("Pillow was built without FreeType: the key image's text needs it")
+    return font
+
+
+def _word_gap(font: FreeTypeFont) -> float:
+    return max(float(font.getlength(" ")), WORD_GAP * float(font.size))
+
+
+def _line_height(font: FreeTypeFont) -> int:
+    ascent, descent = font.getmetrics()
+    return int(ascent + descent) + 2
+
+
+def text_width(text: str, font: FreeTypeFont) -> float:
+    """The width in pixels of ``text`` laid out by :func:`draw_words`."""
+    words = text.split()
+    return sum(float(font.getlength(w)) for w in words) + _word_gap(font) * max(len(words) - 1, 0)
+
+
+def wrap_text(text: str, font: FreeTypeFont, width: int) -> list[str]:
+    """``text`` split into lines of at most ``width`` pixels at word boundaries (a word longer
+    than a line keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width(f"{lines[-1]} {word}", font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def draw_words(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    text: str,
+    font: FreeTypeFont,
+    fill: tuple[int, int, int],
+) -> None:
+    """Draw ``text`` word by word, at least :data:`WORD_GAP` of the font size between words, so
+    a space stays visible whatever font is installed."""
+    x, y = xy
+    gap = _word_gap(font)
+    for word in text.split():
+        draw.text((x, y), word, font=font, fill=fill)
+        x += float(font.getlength(word)) + gap
 
 
 def write_sc(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -36,6 +36,7 @@ __all__ = [
     "bootstrap_ci",
     "choose_threshold",
     "expected_calibration_error",
+    "format_interval",
     "reliability_curve",
     "roc_curve",
     "sensitivity_specificity",
@@ -520,3 +521,58 @@ def binary_report(
         low, high = _percentile(values, alpha)
         report[name] = {"value": value, "low": low, "high": high}
     return report
+
+
+# --------------------------------------------------------------------------------------------------
+# figures for people
+
+
+def format_interval(
+    value: float | None,
+    low: float | None,
+    high: float | None,
+    n: int | None = None,
+    positives: int | None = None,
+    digits: int = 3,
+) -> str:
+    """A figure with its bootstrap interval as people read it: ``0.814 (0.600–0.972)``.
+
+    An interval whose ends are equal is not an interval: every bootstrap resample scored the same
+    (a small set that the model separates perfectly gives AUROC 1.000 on every resample). It says
+    so, with the counts it was computed from when given, instead of printing ``1.000 (1.000–1.000)``.
+    An undefined figure is ``n/a``; a figure without interval is the value alone.
+
+    >>> format_interval(0.8141, 0.6, 0.97204)
+    '0.814 (0.600–0.972)'
+    >>> format_interval(1.0, 1.0, 1.0, n=19, positives=4)
+    '1.000 (interval collapsed: every bootstrap resample scored 1.000; n=19, positives=4)'
+    >>> format_interval(float("nan"), None, None), format_interval(0.5, None, None)
+    ('n/a', '0.500')
+    """
+    if not _finite(value):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if not (_finite(low) and _finite(high)):
+        return text
+    if interval_collapsed(low, high):
+        counts = [f"{k}={v}" for k, v in (("n", n), ("positives", positives)) if v is not None]
+        why = f"interval collapsed: every bootstrap resample scored {low:.{digits}f}"
+        return f"{text} ({'; '.join([why, ', '.join(counts)]) if counts else why})"
+    return f"{text} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def interval_collapsed(low: float | None, high: float | None) -> bool:
+    """Whether a bootstrap interval has equal ends (every resample gave the same figure).
+
+    >>> interval_collapsed(1.0, 1.0), interval_collapsed(0.9, 1.0), interval_collapsed(None, 1.0)
+    (True, False, False)
+    """
+    return _finite(low) and _finite(high) and math.isclose(low, high, rel_tol=0, abs_tol=1e-12)
+
+
+def _finite(value: float | None) -> TypeGuard[float]:
+    """Whether ``value`` is a finite number (``None``, nan and text are not)."""
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

@@ -18,8 +18,9 @@ to ``reports_dir``:
 - ``robustness.csv``: AUROC with CI for every profile x severity, plus the pooled external set
   (profile ``external``) and each unseen scanner (profile ``external:<scanner model>``), all three
   at severity -1; ``seen_in_training`` marks the profiles the model trained with;
-- ``roc.csv``, ``reliability.csv`` (DVC plots) and ``roc.png``, ``reliability.png``,
-  ``robustness.png``.
+- ``roc.csv``, ``reliability.csv`` (the curves, one per set: column ``set``) and the figures
+  ``dvc plots`` shows: ``roc.png``, ``reliability.png`` (test and external apart) and
+  ``robustness.png`` (:func:`robustness_figure`).
 
 The same figures go to an MLflow ``validate`` run, and the headline ones onto the training run and
 the registered model version, so runs compare side by side in the MLflow UI.
@@ -30,10 +31,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -48,10 +49,16 @@ from shiftguard.evaluation.metrics import (
     binary_report,
     bootstrap_ci,
     choose_threshold,
+    format_interval,
+    interval_collapsed,
     reliability_curve,
     roc_curve,
 )
 from shiftguard.evaluation.segments import MISSING, age_bands, segment_table, unjudgeable_reason
+from shiftguard.utils import progress_bar
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +73,23 @@ EXTERNAL_SCANNERS = "external_scanners"
 _UNDEFINED = {"value": math.nan, "low": math.nan, "high": math.nan}
 
 
-def interval_text(figure: Mapping[str, Any] | None) -> str:
-    """A figure with its interval for people: ``0.814 [0.600, 0.972]``; ``n/a`` when undefined.
+def interval_text(
+    figure: Mapping[str, Any] | None, n: int | None = None, positives: int | None = None
+) -> str:
+    """A figure with its interval for people: ``0.814 (0.600–0.972)``; ``n/a`` when undefined; a
+    collapsed interval (equal ends) is said to be one, with ``n`` and ``positives`` when given
+    (see :func:`~shiftguard.evaluation.metrics.format_interval`).
 
     >>> interval_text({"value": 0.8141, "low": 0.6, "high": 0.97204})
-    '0.814 [0.600, 0.972]'
+    '0.814 (0.600–0.972)'
+    >>> interval_text({"value": 1.0, "low": 1.0, "high": 1.0}, n=19, positives=4)
+    '1.000 (interval collapsed: every bootstrap resample scored 1.000; n=19, positives=4)'
     >>> interval_text({"value": float("nan"), "low": None, "high": None})
     'n/a'
     """
-    value = None if figure is None else figure.get("value")
-    if value is None or not math.isfinite(float(value)):
+    if figure is None:
         return "n/a"
-    low, high = figure.get("low"), figure.get("high")  # type: ignore[union-attr]
-    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    return format_interval(figure.get("value"), figure.get("low"), figure.get("high"), n, positives)
 
 
 class ValidationError(ShiftGuardError, ValueError):
@@ -245,8 +254,11 @@ def predict_paths(
     train_cfg: TrainConfig,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    progress: bool = False,
+    description: str = "scoring",
 ) -> np.ndarray:
-    """Probabilities ``(N,)`` for the volumes at ``paths``, preprocessed exactly as in training."""
+    """Probabilities ``(N,)`` for the volumes at ``paths``, preprocessed exactly as in training;
+    with ``progress``, a progress bar labelled ``description`` counts the volumes scored."""
     from shiftguard.training.data import build_dataset, build_loader
     from shiftguard.training.loop import predict
 
@@ -255,9 +267,25 @@ def predict_paths(
     items = [{"image": str(p), "label": 0.0, "key": str(i)} for i, p in enumerate(paths)]
     cfg = train_cfg.model_copy(update={"cache_rate": 0.0})
     loader = build_loader(build_dataset(items, cfg), cfg, shuffle=False, batch_size=batch_size)
-    _, probs, keys = predict(net, loader, device)
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"{description}: {len(paths)} volumes", total=len(paths))
+        counted = _Counted(loader, lambda n: bar.advance(task, n))
+        _, probs, keys = predict(net, cast("DataLoader[Any]", counted), device)
     order = np.argsort(np.asarray(keys, dtype=np.int64))
     return probs[order]
+
+
+class _Counted:
+    """A loader's batches, reporting each batch's size to ``advance`` as it is taken."""
+
+    def __init__(self, loader: Iterable[Mapping[str, Any]], advance: Callable[[int], Any]):
+        self.loader = loader
+        self.advance = advance
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        for batch in self.loader:
+            yield batch
+            self.advance(len(batch["key"]))
 
 
 def _report(
@@ -377,6 +405,7 @@ def evaluate(
     augment_dir: Path | None,
     device: str | torch.device = "cpu",
     seen_profiles: Sequence[str] | None = (),
+    progress: bool = True,
 ) -> ValidationResult:
     """Score every set and compute the reports, segments and robustness table.
 
@@ -393,6 +422,8 @@ def evaluate(
         device: where to run the network.
         seen_profiles: the scanner profiles the network trained with (``None``: unknown); the
             robustness table marks them (``seen_in_training``) and its summary leaves them out.
+        progress: show progress bars over the volumes scored (the held-out splits, then the
+            robustness sets).
 
     Raises:
         ValidationError: when the validation or test split is missing or one-class.
@@ -407,7 +438,9 @@ def evaluate(
             )
     scored = labelled[labelled["split"].isin(["val", IN_DISTRIBUTION, EXTERNAL])].copy()
     paths = [str(ingest_dir / p) for p in scored["volume_path"]]
-    scored["prob"] = predict_paths(net, paths, train_cfg, cfg.batch_size, device)
+    scored["prob"] = predict_paths(
+        net, paths, train_cfg, cfg.batch_size, device, progress, "scoring val, test and external"
+    )
     scored["set"] = scored["split"]
 
     val = scored[scored["split"] == "val"]
@@ -471,7 +504,13 @@ def evaluate(
             zip(
                 unique,
                 predict_paths(
-                    net, [str(augment_dir / p) for p in unique], train_cfg, cfg.batch_size, device
+                    net,
+                    [str(augment_dir / p) for p in unique],
+                    train_cfg,
+                    cfg.batch_size,
+                    device,
+                    progress,
+                    "scoring robustness sets",
                 ),
                 strict=True,
             )
@@ -641,60 +680,122 @@ def _figures(
     paths.append(out / "reliability.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
 
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.subplots()
+    fig = robustness_figure(result)
+    paths.append(out / "robustness.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    return paths
+
+
+_HELD_OUT = {"color": "#1f4e79", "ls": "-", "marker": "o"}
+_TRAINED_WITH = {"color": "#8c8c8c", "ls": ":", "marker": "s"}
+
+
+def robustness_figure(result: ValidationResult) -> Any:
+    """Small multiples: one panel per simulated profile (AUROC with its CI by severity, the pooled
+    unseen scanners' AUROC as a dashed line), then one panel for the unseen real scanners (pooled
+    and each model with its CI). Every profile gets its own axes, so none hides another."""
+    from matplotlib.figure import Figure  # drawn without pyplot: a caller's backend is left alone
+    from matplotlib.lines import Line2D
+
     rob = result.robustness
-    for profile, part in rob.loc[~_external_rows(rob)].groupby("profile"):
+    shifted = rob.loc[~_external_rows(rob)]
+    profiles = sorted(str(p) for p in shifted["profile"].unique())
+    pooled = rob[rob["profile"] == EXTERNAL]
+    pooled_auroc = float(pooled["auroc"].iloc[0]) if len(pooled) else math.nan
+    scanners = [("pooled", pooled.iloc[0])] if len(pooled) else []
+    scanners += [
+        (str(r["profile"]).split(":", 1)[1], r)
+        for _, r in rob[_external_rows(rob) & (rob["profile"] != EXTERNAL)].iterrows()
+    ]
+    panels = len(profiles) + bool(scanners)
+    ncols = min(4, max(panels, 1))
+    nrows = max(1, math.ceil(panels / ncols))
+    fig = Figure(figsize=(3.1 * ncols, 2.7 * nrows + 1.0))
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    severities = sorted(int(v) for v in shifted["severity"].unique())
+    for ax, profile in zip(axes, profiles, strict=False):
+        part = shifted[shifted["profile"] == profile].sort_values("severity")
         seen = bool(part["seen_in_training"].any()) if "seen_in_training" in part else False
         ax.errorbar(
             part["severity"],
             part["auroc"],
-            yerr=[part["auroc"] - part["auroc_low"], part["auroc_high"] - part["auroc"]],
-            marker="o",
-            capsize=2,
-            ls=":" if seen else "-",
-            alpha=0.5 if seen else 1.0,
-            label=f"{profile} (trained with)" if seen else f"{profile} (held out)",
+            yerr=_yerr(part["auroc"], part["auroc_low"], part["auroc_high"]),
+            capsize=3,
+            ms=4,
+            **(_TRAINED_WITH if seen else _HELD_OUT),
         )
-    ext = rob[rob["profile"] == EXTERNAL]
-    if len(ext):
-        ax.axhline(
-            float(ext["auroc"].iloc[0]), ls="--", c="k", label="unseen scanners, pooled (external)"
+        if math.isfinite(pooled_auroc):
+            ax.axhline(pooled_auroc, ls="--", c="k", lw=1)
+        ax.set_title(f"{profile}\n({'trained with' if seen else 'held out'})", fontsize=9)
+        ax.set_xticks(severities)
+        ax.set_xlim(min(severities) - 0.4, max(severities) + 0.4)
+        ax.set_xlabel("severity", fontsize=8)
+    if scanners:
+        ax = axes[len(profiles)]
+        for x, (name, row) in enumerate(scanners):
+            style = {"color": "k", "marker": "D"} if name == "pooled" else {"marker": "o"}
+            if not math.isfinite(float(row["auroc"])):
+                ax.annotate("n/a", (x, 0.05), ha="center", fontsize=8, color="grey")
+                continue
+            ax.errorbar(
+                [x],
+                [row["auroc"]],
+                yerr=_yerr(row["auroc"], row["auroc_low"], row["auroc_high"]),
+                ls="none",
+                capsize=3,
+                ms=5,
+                **style,
+            )
+            if interval_collapsed(row["auroc_low"], row["auroc_high"]):
+                ax.annotate(
+                    "CI collapsed", (x, row["auroc"]), (0, -12), textcoords="offset points",
+                    ha="center", fontsize=6, color="grey",
+                )  # fmt: skip
+        ax.set_xticks(
+            range(len(scanners)),
+            [f"{name} (n={int(r['n'])}, {int(r['n_positive'])} pos.)" for name, r in scanners],
+            rotation=35,
+            ha="right",
+            fontsize=7,
         )
-    # each unseen scanner: its own marker with CI at x = -1 (robustness.csv's severity for them)
-    markers = "sD^vP*X<>"
-    models = list(result.scanners)
-    for i, model in enumerate(models):
-        auc = result.scanners[model]["auroc"]
-        n = result.scanners[model]["n"]
-        x = -1.0 + 0.4 * (i - (len(models) - 1) / 2) / max(len(models), 1)
-        if auc["value"] is None or not math.isfinite(auc["value"]):
-            ax.plot([], [], ls="none", marker=markers[i % len(markers)], mfc="none", c="grey",
-                    label=f"{model} (n={n}): AUROC n/a")  # fmt: skip
-            continue
-        ax.errorbar(
-            [x],
-            [auc["value"]],
-            yerr=[[auc["value"] - auc["low"]], [auc["high"] - auc["value"]]],
-            ls="none",
-            marker=markers[i % len(markers)],
-            capsize=2,
-            label=f"{model} (n={n})",
-        )
-    if models:
-        severities = sorted(int(v) for v in rob.loc[rob["severity"] >= 0, "severity"].unique())
-        ax.set_xticks([-1, *severities], ["unseen\nscanners", *map(str, severities)])
-    ax.set(
-        xlabel="severity",
-        ylabel="AUROC",
-        title="Robustness to simulated scanner shift, and the unseen scanners",
-        ylim=(0, 1.02),
+        ax.set_xlim(-0.6, len(scanners) - 0.4)
+        ax.set_title("unseen real scanners", fontsize=9)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    for ax in axes[:panels]:
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    for row in range(nrows):
+        axes[row * ncols].set_ylabel("AUROC")
+    if not panels:
+        axes[0].text(0.5, 0.5, "no robustness sets scored", ha="center", va="center")
+    handles = [
+        Line2D([], [], label="profile held out from training", **_HELD_OUT),  # type: ignore[arg-type]
+        Line2D([], [], label="profile used in training", **_TRAINED_WITH),  # type: ignore[arg-type]
+    ]
+    if math.isfinite(pooled_auroc):
+        handles.append(Line2D([], [], ls="--", c="k", lw=1, label="unseen scanners, pooled"))
+    sizes = shifted[["n", "n_positive"]].drop_duplicates()
+    design = (
+        f"; n={int(sizes['n'].iloc[0])} ({int(sizes['n_positive'].iloc[0])} positive) per point"
+        if len(sizes) == 1
+        else ""
     )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower left")
-    paths.append(out / "robustness.png")
-    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-    return paths
+    fig.suptitle(
+        "AUROC with 95% bootstrap CI under simulated scanner shift (severity 0: unchanged)"
+        + design,
+        fontsize=10,
+    )
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return fig
+
+
+def _yerr(value: Any, low: Any, high: Any) -> Any:
+    """Error-bar lengths below and above ``value`` (0 where the interval is undefined)."""
+    below = np.nan_to_num(np.atleast_1d(np.asarray(value, float) - np.asarray(low, float)))
+    above = np.nan_to_num(np.atleast_1d(np.asarray(high, float) - np.asarray(value, float)))
+    return np.vstack([np.clip(below, 0, None), np.clip(above, 0, None)])
 
 
 def write_reports(result: ValidationResult, cfg: EvaluateConfig, out: Path) -> list[Path]:
@@ -807,6 +908,7 @@ def run(
     track: bool = True,
     root: Path | None = None,
     external_sets: Sequence[tuple[Path, Path]] = (),
+    progress: bool = True,
 ) -> ValidationResult:
     """The stage: load the model, :func:`evaluate`, write reports, log to MLflow.
 
@@ -825,6 +927,7 @@ def run(
         external_sets: ``(split table, ingest folder)`` pairs of inference-only unseen-scanner
             sets (``cohort=external``, ingested and split): their ``external`` series replace the
             split table's own and are judged at the operating point chosen on its val split.
+        progress: show progress bars while scoring (about 90 s on 2 CPU cores by default).
     """
     from shiftguard.training.stage import load_model, read_rows
 
@@ -841,15 +944,25 @@ def run(
     trained_with = payload.get("augment")
     seen = trained_with.get("profiles_seen") if isinstance(trained_with, dict) else None
     result = evaluate(
-        net, train_cfg, cfg, dataset, ingest_dir, manifest, augment_dir, device, seen_profiles=seen
+        net,
+        train_cfg,
+        cfg,
+        dataset,
+        ingest_dir,
+        manifest,
+        augment_dir,
+        device,
+        seen_profiles=seen,
+        progress=progress,
     )
     files = write_reports(result, cfg, reports_dir)
     metrics = result.to_metrics()
+    test, external = metrics.get(IN_DISTRIBUTION, {}), metrics.get(EXTERNAL, {})
     log.info(
         "validate: threshold %.3f; test AUROC %s, external AUROC %s",
         result.threshold,
-        interval_text(metrics.get("test", {}).get("auroc")),
-        interval_text(metrics.get(EXTERNAL, {}).get("auroc")),
+        interval_text(test.get("auroc"), test.get("n"), test.get("n_positive")),
+        interval_text(external.get("auroc"), external.get("n"), external.get("n_positive")),
     )
     for model, report in metrics.get(EXTERNAL_SCANNERS, {}).items():
         log.info(
@@ -857,7 +970,7 @@ def run(
             model,
             report["n"],
             report["n_positive"],
-            interval_text(report["auroc"]),
+            interval_text(report["auroc"], report["n"], report["n_positive"]),
             f" ({report['reason']})" if report["reason"] else "",
         )
     if track:
@@ -867,6 +980,10 @@ def run(
     return result
 
 
+#: the validate run's MLflow params (the whole config is its ``config.yaml`` artifact)
+LOGGED_PARAMS = ("evaluate",)
+
+
 def _track(
     metrics: dict[str, Any],
     files: list[Path],
@@ -874,15 +991,26 @@ def _track(
     model_file: Path,
     root: Path | None,
 ) -> None:
+    """One ``validate`` run with every figure and the reports; the headline figures also go onto
+    the training run and its logged model (``validate.*``) and the registered model version's
+    tags, and the version and the run name each other (:func:`~shiftguard.tracking.link_run`)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from shiftguard.tracking import MetricLogger, stage_run, trained_model
+    from shiftguard.tracking import (
+        VALIDATE_RUN_TAG,
+        MetricLogger,
+        link_run,
+        stage_run,
+        trained_model,
+    )
 
     trained = trained_model(model_file, root)
     tags = {"shiftguard.train_run_id": trained.run_id} if trained else {}
     name = f"validate v{trained.version}" if trained and trained.version else "validate"
-    with stage_run("validate", params, root=root, tags=tags, name=name) as run:
+    with stage_run(
+        "validate", params, root=root, tags=tags, name=name, logged_params=LOGGED_PARAMS
+    ) as run:
         MetricLogger(run.info.run_id).log(tracked_metrics(metrics))
         for path in files:
             mlflow.log_artifact(str(path))
@@ -890,9 +1018,14 @@ def _track(
     client = MlflowClient()
     if trained is None:
         return
-    MetricLogger(trained.run_id).log({f"validate.{k}": v for k, v in top.items()})
+    MetricLogger(trained.run_id).log(
+        {f"validate.{k}": v for k, v in top.items()}, model_id=trained.model_id
+    )
     if trained.registered_model and trained.version:
         for key, value in top.items():
             client.set_model_version_tag(
                 trained.registered_model, trained.version, key, f"{value:.4f}"
             )
+        link_run(
+            client, trained.registered_model, trained.version, run.info.run_id, VALIDATE_RUN_TAG
+        )

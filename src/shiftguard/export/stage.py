@@ -37,7 +37,10 @@ from shiftguard.edge.signing import (
     read_signing_key,
 )
 from shiftguard.errors import ShiftGuardError
+from shiftguard.evaluation.metrics import format_interval
+from shiftguard.evaluation.validate import is_external_profile
 from shiftguard.monitor.features import SCHEMA_VERSION as MONITOR_SCHEMA
+from shiftguard.tracking import CHALLENGER, CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +312,89 @@ def monitor_reference(
     return reference_table(records), basis, len(records)
 
 
-def _fmt_ci(entry: Any) -> str:
+def _fmt_ci(entry: Any, n: Any = None, positives: Any = None) -> str:
+    """A metrics.json figure with its interval (see
+    :func:`~shiftguard.evaluation.metrics.format_interval`: a collapsed interval says so, with the
+    counts it came from)."""
     if not isinstance(entry, Mapping) or entry.get("value") is None:
         return "n/a"
-    return f"{entry['value']:.3f} ({entry.get('low', float('nan')):.3f}-{entry.get('high', float('nan')):.3f})"
+    return format_interval(
+        entry["value"], entry.get("low"), entry.get("high"), _count(n), _count(positives)
+    )
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def robustness_markdown(robustness: pd.DataFrame) -> list[str]:
+    """The card's robustness section as Markdown lines: AUROC (95% CI) by severity for each
+    simulated profile, marked trained-with or held out, then the unseen real scanners (stored
+    with severity -1 in ``robustness.csv``) as their own table, pooled first."""
+    if robustness.empty:
+        return ["No robustness table: the validate stage ran without robustness sets.", ""]
+    frame = robustness.copy()
+    for column in ("n", "n_positive", "auroc_low", "auroc_high"):
+        if column not in frame:
+            frame[column] = None
+    real = frame["profile"].map(is_external_profile).astype(bool)
+    lines: list[str] = []
+    shifted = frame[~real]
+    if len(shifted):
+        severities = sorted(int(v) for v in shifted["severity"].unique())
+        sizes = shifted[["n", "n_positive"]].drop_duplicates()
+        each = (
+            f" (n={_count(sizes['n'].iloc[0])}, {_count(sizes['n_positive'].iloc[0])} with the "
+            "finding, in every cell)"
+            if len(sizes) == 1 and sizes.notna().all(axis=None)
+            else ""
+        )
+        lines += [
+            f"AUROC (95% CI) of the test series re-rendered under each simulated scanner profile"
+            f"{each}; severity 0 is the series unchanged.",
+            "",
+            "| profile | in training | " + " | ".join(f"severity {v}" for v in severities) + " |",
+            "| --- | --- |" + " --- |" * len(severities),
+        ]
+        for profile, part in shifted.groupby("profile", sort=True):
+            by_severity = {int(r["severity"]): r for _, r in part.iterrows()}
+            seen = part["seen_in_training"].eq(True).any() if "seen_in_training" in part else None
+            cells = [_robustness_cell(by_severity.get(v)) for v in severities]
+            trained = "n/a" if seen is None else ("yes" if seen else "no (held out)")
+            lines.append(f"| {profile} | {trained} | " + " | ".join(cells) + " |")
+        lines.append("")
+    scanners = frame[real]
+    if len(scanners):
+        lines += [
+            "Unseen real scanners (not simulated; held out of training):",
+            "",
+            "| scanner | n | with the finding | AUROC (95% CI) |",
+            "| --- | --- | --- | --- |",
+        ]
+        order = sorted(scanners.index, key=lambda i: (scanners.at[i, "profile"] != "external", i))
+        for i in order:
+            r = scanners.loc[i]
+            profile = str(r["profile"])
+            name = (
+                "all unseen scanners (pooled)" if ":" not in profile else profile.split(":", 1)[1]
+            )
+            n = "n/a" if pd.isna(r["n"]) else str(int(r["n"]))
+            pos = "n/a" if pd.isna(r["n_positive"]) else str(int(r["n_positive"]))
+            lines.append(f"| {name} | {n} | {pos} | {_robustness_cell(r)} |")
+        lines.append("")
+    return lines
+
+
+def _robustness_cell(row: Any) -> str:
+    if row is None:
+        return "–"
+    figure = {"value": _num(row["auroc"]), "low": _num(row["auroc_low"]),
+              "high": _num(row["auroc_high"])}  # fmt: skip
+    return _fmt_ci(figure, row["n"], row["n_positive"])
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def model_card(
@@ -360,17 +442,19 @@ def model_card(
     for split in ("test", "external"):
         m = metrics.get(split, {})
         if m:
+            counts = (m.get("n"), m.get("n_positive"))
             lines.append(
-                f"- {split} (n={m.get('n')}): AUROC {_fmt_ci(m.get('auroc'))}, sensitivity "
-                f"{_fmt_ci(m.get('sensitivity'))}, specificity {_fmt_ci(m.get('specificity'))}, "
-                f"ECE {_fmt_ci(m.get('ece'))}"
+                f"- {split} (n={m.get('n')}): AUROC {_fmt_ci(m.get('auroc'), *counts)}, "
+                f"sensitivity {_fmt_ci(m.get('sensitivity'), *counts)}, specificity "
+                f"{_fmt_ci(m.get('specificity'), *counts)}, ECE {_fmt_ci(m.get('ece'), *counts)}"
             )
     for model, m in (metrics.get("external_scanners") or {}).items():
-        auroc = f"n/a ({m['reason']})" if m.get("reason") else _fmt_ci(m.get("auroc"))
+        counts = (m.get("n"), m.get("n_positive"))
+        auroc = f"n/a ({m['reason']})" if m.get("reason") else _fmt_ci(m.get("auroc"), *counts)
         lines.append(
             f"  - {model} (n={m.get('n')}, {m.get('n_positive')} with the finding): AUROC "
-            f"{auroc}, sensitivity {_fmt_ci(m.get('sensitivity'))}, specificity "
-            f"{_fmt_ci(m.get('specificity'))}, ECE {_fmt_ci(m.get('ece'))}"
+            f"{auroc}, sensitivity {_fmt_ci(m.get('sensitivity'), *counts)}, specificity "
+            f"{_fmt_ci(m.get('specificity'), *counts)}, ECE {_fmt_ci(m.get('ece'), *counts)}"
         )
     lines += ["", "## Per segment (test + unseen scanner)", ""]
     if len(segments):
@@ -383,18 +467,8 @@ def model_card(
                 f"| {s['column']} | {s['segment']} | {s['n']} | {s['n_positive']} | {auroc} | "
                 f"{gap} | {'yes' if str(s['judgeable']) == 'True' else 'no'} |"
             )
-    lines += ["", "## Robustness to simulated scanner shift (AUROC by severity)", ""]
-    if len(robustness):
-        table = robustness.pivot_table(index="profile", columns="severity", values="auroc")
-        sev = [str(c) for c in table.columns]
-        lines.append("| profile | " + " | ".join(sev) + " |")
-        lines.append("| --- |" + " --- |" * len(sev))
-        for profile, r in table.iterrows():
-            lines.append(
-                f"| {profile} | "
-                + " | ".join("n/a" if pd.isna(v) else f"{v:.3f}" for v in r.to_numpy())
-                + " |"
-            )
+    lines += ["", "## Robustness to scanner shift", ""]
+    lines += robustness_markdown(robustness)
     lines += [
         "",
         "## Known limitations",
@@ -606,7 +680,7 @@ def run(
     )
     (out_dir / "export.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     if track:
-        _track(path, summary, model_file, root)
+        _track(path, summary, model_file, root, members[CARD_MEMBER].decode(), cfg.intended_use)
     return summary
 
 
@@ -630,9 +704,28 @@ def _signer(cfg: ExportConfig, root: Path) -> SigningKey:
     return found
 
 
-def _track(path: Path, summary: ExportSummary, model_file: Path, root: Path) -> None:
-    """Log the bundle to the run that trained ``model_file`` and tag the model version registered
-    from it with the bundle's file name, version, SHA-256 and artifact URI."""
+def registered_model_description(intended_use: str) -> str:
+    """The registered model's description in MLflow: its use and what its two aliases mean."""
+    return (
+        f"{intended_use.strip()}\n\n"
+        f"Aliases: `@{CHALLENGER}` is the newest trained version, run at the edge in shadow mode "
+        f"(beside the champion, or alone before there is one); `@{CHAMPION}` is the version the "
+        "promotion gate last passed, the one the edge serves. Each version's description is its "
+        "model card; its tags name the validate and shadow runs that judged it and its bundle."
+    )
+
+
+def _track(
+    path: Path,
+    summary: ExportSummary,
+    model_file: Path,
+    root: Path,
+    card: str,
+    intended_use: str,
+) -> None:
+    """Log the bundle and its model card to the run that trained ``model_file``; tag the model
+    version registered from it with the bundle's file name, version, SHA-256 and ``runs:/`` URI
+    (the same on every machine), and make the card the version's description."""
     from mlflow.tracking import MlflowClient
 
     from shiftguard.tracking import BUNDLE_VERSION_TAG, tracking_uri, trained_model
@@ -648,20 +741,24 @@ def _track(path: Path, summary: ExportSummary, model_file: Path, root: Path) -> 
         return
     client = MlflowClient(tracking_uri(root))
     client.log_artifact(found.run_id, str(path), artifact_path="bundle")
+    client.log_text(found.run_id, card, CARD_MEMBER)
     client.log_metric(found.run_id, "export.onnx_max_abs_diff", summary.onnx_max_abs_diff)
     client.set_tag(found.run_id, "shiftguard.bundle_sha256", summary.bundle_sha256)
     client.set_tag(found.run_id, "shiftguard.bundle_version", summary.version)
     client.set_tag(found.run_id, "shiftguard.bundle_signer", summary.signer)
     if found.registered_model and found.version:
-        artifact = f"{client.get_run(found.run_id).info.artifact_uri}/bundle/{path.name}"
         for key, value in (
             ("bundle", path.name),
             (BUNDLE_VERSION_TAG, summary.version),
             ("bundle_sha256", summary.bundle_sha256),
             ("bundle_signer", summary.signer),
-            ("bundle_uri", artifact),
+            ("bundle_uri", f"runs:/{found.run_id}/bundle/{path.name}"),
         ):
             client.set_model_version_tag(found.registered_model, found.version, key, value)
+        client.update_model_version(found.registered_model, found.version, description=card)
+        client.update_registered_model(
+            found.registered_model, description=registered_model_description(intended_use)
+        )
         log.info(
             "export: bundle %s (version %s) is %s version %s, MLflow run %s",
             path.name,

@@ -1,7 +1,13 @@
-"""The promotion gate: the MLflow alias ``champion`` moves to a candidate only when its shadow
+"""The promotion gate: the MLflow alias ``champion`` moves to the challenger only when its shadow
 evaluation passes every condition of ``shadow.gate`` (``conf/shadow/``).
 
-The candidate is the shadow log's challenger (or, when the edge ran one bundle only, that bundle).
+One vocabulary for the registry, the edge and the shadow report
+(:data:`~shiftguard.tracking.CHALLENGER`, :data:`~shiftguard.tracking.CHAMPION`): training
+registers each new version aliased ``challenger``; the edge runs it in shadow mode (beside the
+champion, or alone before there is one), and the shadow report calls it the challenger; when the
+gate passes, the alias ``champion`` moves to it and its ``challenger`` alias is removed. The version
+judged is the shadow log's challenger (or, when the log holds one role only, that role's bundle).
+
 Bundles carry a content version, not the registry's number: the model version a bundle came from is
 the one the export stage tagged ``bundle_version`` with it (the newest, if several were); a bundle
 exported before bundles had content versions carries the registry's number itself. Conditions, each
@@ -13,12 +19,12 @@ reported with the evidence:
 * ``champion``: the log's champion is the bundle of the registry's current champion (the comparison
   is against what is serving), or there is no champion yet and ``first_champion`` allows one;
 * ``noninferior``: for each of ``noninferiority_metrics``, the lower CI bound of the paired
-  difference (candidate - champion) is above ``-noninferiority_margin``;
-* ``no_segment_worse``: no segment where the candidate is significantly worse than the champion.
+  difference (challenger - champion) is above ``-noninferiority_margin``;
+* ``no_segment_worse``: no segment where the challenger is significantly worse than the champion.
 
 Every decision, promoted or refused (dry runs too), is an MLflow run (``shiftguard.stage =
-promote``) with the checks as tags and the decision as an artifact, and is tagged on the candidate's
-model version; the decision's run is tagged with the evaluation's MLflow run
+promote``) with the checks as tags and the decision as an artifact, and is tagged on the
+challenger's model version; the decision's run is tagged with the evaluation's MLflow run
 (:func:`~shiftguard.shadow.report.evaluation_run`).
 """
 
@@ -33,14 +39,13 @@ from typing import Any
 
 from shiftguard.config.shadow import GateConfig
 from shiftguard.errors import ShiftGuardError
+from shiftguard.tracking import CHALLENGER, CHAMPION, bundle_model_version
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-
 
 class PromotionError(ShiftGuardError):
-    """The promotion cannot be judged at all (no report, candidate unknown to the registry)."""
+    """The promotion cannot be judged at all (no report, challenger unknown to the registry)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class Check:
 @dataclass
 class Decision:
     registered_model: str
-    candidate: str  # model version
+    challenger: str  # model version
     champion: str | None  # the registry's champion before the decision
     checks: list[Check]
     dry_run: bool = False
@@ -80,7 +85,7 @@ class Decision:
         verdict = (
             "PROMOTED" if self.promoted else ("passes (dry run)" if self.passed else "REFUSED")
         )
-        head = f"{self.registered_model} v{self.candidate}: {verdict}"
+        head = f"{self.registered_model} v{self.challenger}: {verdict}"
         if self.champion:
             head += f" (champion was v{self.champion})"
         return [head] + [
@@ -105,10 +110,11 @@ def load_summary(report: Path | str) -> dict[str, Any]:
     return figures
 
 
-def candidate_role(figures: Mapping[str, Any]) -> str:
+def challenger_role(figures: Mapping[str, Any]) -> str:
+    """The role of the shadow log judged for promotion: the challenger, or the only role."""
     roles = figures["roles"]
-    if "challenger" in roles:
-        return "challenger"
+    if CHALLENGER in roles:
+        return CHALLENGER
     if len(roles) == 1:
         return next(iter(roles))
     raise PromotionError(f"the summary has roles {sorted(roles)} and no challenger; name --role")
@@ -127,12 +133,9 @@ def registry_version(client: Any, name: str, bundle_version: str) -> str:
 
     from shiftguard.tracking import BUNDLE_VERSION_TAG
 
-    if name and bundle_version:
-        tagged = client.search_model_versions(
-            f"name = '{name}' and tags.`{BUNDLE_VERSION_TAG}` = '{bundle_version}'"
-        )
-        if tagged:
-            return str(max(int(v.version) for v in tagged))
+    tagged = bundle_model_version(client, name, bundle_version)
+    if tagged is not None:
+        return tagged
     try:
         client.get_model_version(name, bundle_version)
     except MlflowException as exc:
@@ -190,7 +193,7 @@ def gate_checks(
             "champion",
             logged == str(champion),
             f"the registry's champion is v{champion}; the shadow log's champion is "
-            + (f"v{logged}" if logged else "absent (the candidate ran without the champion)"),
+            + (f"v{logged}" if logged else "absent (the challenger ran without the champion)"),
         )
     )
     if paired is None:
@@ -236,11 +239,12 @@ def promote(
     experiment: str = "shiftguard",
     root: Path | None = None,
 ) -> Decision:
-    """Judge the candidate of the evaluation in ``report`` against the gate; move the alias
-    ``champion`` to it when every condition passes (not on a dry run); record the decision.
+    """Judge the challenger of the evaluation in ``report`` against the gate; move the alias
+    ``champion`` to it (and remove its ``challenger`` alias) when every condition passes (not on a
+    dry run); record the decision.
 
     Raises:
-        PromotionError: no usable summary, or the candidate is not a version in the registry.
+        PromotionError: no usable summary, or the challenger is not a version in the registry.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -250,7 +254,7 @@ def promote(
     from shiftguard.tracking import BUNDLE_VERSION_TAG, stage_run, tracking_uri
 
     figures = load_summary(report)
-    role = role or candidate_role(figures)
+    role = role or challenger_role(figures)
     if role not in figures["roles"]:
         raise PromotionError(f"{report}: no role {role!r} (it has {sorted(figures['roles'])})")
     cand = figures["roles"][role]
@@ -276,8 +280,8 @@ def promote(
     )
     tags = {
         "shiftguard.decision": verdict,
-        "shiftguard.candidate": f"{name} v{version}",
-        "shiftguard.candidate_bundle": bundle_version,
+        "shiftguard.challenger": f"{name} v{version}",
+        "shiftguard.challenger_bundle": bundle_version,
         "shiftguard.champion_before": f"v{champion}" if champion else "none",
         "shiftguard.evaluation_run": evaluation_run(summary_json, root) or "",
         **{f"shiftguard.check.{c.name}": "pass" if c.passed else "fail" for c in decision.checks},
@@ -291,6 +295,8 @@ def promote(
         mlflow.log_dict(decision.to_dict(), "promotion/decision.json")
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
+        if CHALLENGER in (client.get_model_version(name, version).aliases or []):
+            client.delete_registered_model_alias(name, CHALLENGER)
         if champion:
             client.set_model_version_tag(name, champion, "shiftguard.replaced_by", f"v{version}")
     if not dry_run:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shiftguard.evaluation.metrics import format_interval, interval_collapsed
 from shiftguard.evaluation.segments import SEGMENT_METRICS
 from shiftguard.shadow.evaluate import OVERALL, ShadowResult, summary
 
@@ -184,14 +185,36 @@ def evaluation_run(summary_json: Path, root: Path | None = None) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3} td.l{text-align:left}
-tr.flag td{background:#fde2e2} tr.small td{color:#888}
+body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 2em;max-width:1500px;color:#222}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}
+th{background:#f3f3f3;text-align:center} td.l{text-align:left}
+td.ci{max-width:12em} .nw{white-space:nowrap} td.ci small{color:#555} td.why{text-align:left;min-width:16em;max-width:28em}
+tr.flag td{background:#fde2e2} tr.small td{color:#777;background:#f7f7f7}
+.key span{display:inline-block;padding:0 0.5em;border:1px solid #ccc;margin-right:0.3em}
+.key .flag{background:#fde2e2} .key .small{background:#f7f7f7;color:#777}
 .warn{color:#b00020;font-weight:600} .ok{color:#1b7f3b;font-weight:600}
 img{max-width:100%}
 """
+
+#: the report's column headers for the tables' fields (anything else: underscores become spaces)
+HEADERS = {
+    "n": "studies",
+    "n_positive": "with the finding",
+    "p_boot": "bootstrap p",
+    "delong_p": "DeLong p",
+    "auroc": "AUROC",
+}
+
+
+def _label(name: str) -> str:
+    """A field or segmenting column as the report names it.
+
+    >>> _label("scanner_model"), _label("n_positive"), _label("auroc")
+    ('scanner model', 'with the finding', 'AUROC')
+    """
+    return HEADERS.get(name, name.replace("_", " "))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -217,7 +240,7 @@ def _forest(table: pd.DataFrame, title: str) -> str:
     rows = table.iloc[1:]
     fig = Figure(figsize=(13, 0.32 * len(rows) + 1.4))
     axes = fig.subplots(1, 3, sharey=True)
-    labels = [f"{c}: {s}" for c, s in zip(rows["column"], rows["segment"], strict=True)]
+    labels = [f"{_label(c)}: {s}" for c, s in zip(rows["column"], rows["segment"], strict=True)]
     y = np.arange(len(rows))[::-1]
     for ax, m in zip(axes, SEGMENT_METRICS, strict=True):
         judged = rows["judgeable"].to_numpy(bool)
@@ -233,7 +256,7 @@ def _forest(table: pd.DataFrame, title: str) -> str:
         if val is not None and val.notna().any():
             ax.plot(val.to_numpy(float), y, "x", color="#2e7d32", ms=6, label="validation")
         ax.axvline(float(table.iloc[0][m]), color="#555", ls="--", lw=1, label="overall")
-        ax.set_title(m)
+        ax.set_title(_label(m))
         ax.set_xlim(-0.02, 1.02)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, labels)
@@ -282,14 +305,16 @@ def _paired_plot(result: ShadowResult) -> str:
         ax.plot([row["diff_low"], row["diff_high"]], [y[i], y[i]], color=colour, lw=2)
         ax.plot(row["diff"], y[i], "o", color=colour)
     ax.axvline(0, color="#555", lw=1)
-    ax.set_yticks(y, [f"{c}: {s}" for c, s in zip(auroc["column"], auroc["segment"], strict=True)])
+    ax.set_yticks(
+        y, [f"{_label(c)}: {s}" for c, s in zip(auroc["column"], auroc["segment"], strict=True)]
+    )
     ax.set_xlabel("AUROC, challenger - champion (paired bootstrap CI)")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
 def _table(frame: pd.DataFrame, columns: list[str], classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(_label(c))}</th>" for c in columns)
     body = []
     for i, (_, row) in enumerate(frame.iterrows()):
         css = f' class="{classes[i]}"' if classes and classes[i] else ""
@@ -300,7 +325,98 @@ def _table(frame: pd.DataFrame, columns: list[str], classes: list[str] | None = 
             for c in columns
         )
         body.append(f"<tr{css}>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>"
+
+
+def _segment_table(segments: pd.DataFrame) -> str:
+    """One role's segment table: each metric as ``value (CI)`` with its validation figure beside
+    it, and a last column saying why a row is red (flagged) or grey (not judged)."""
+    metrics = [m for m in SEGMENT_METRICS if m in segments]
+    head = ["segmented by", "segment", "studies", "with the finding"]
+    for m in metrics:
+        head += [f"{_label(m)} (95% CI)", f"{_label(m)} at validation"]
+    head.append("status")
+    rows = []
+    for _, r in segments.iterrows():
+        flagged, judged = bool(r.get("flagged")), bool(r.get("judgeable"))
+        n, positives = _count(r.get("n")), _count(r.get("n_positive"))
+        cells = [
+            f'<td class="l">{html.escape(_label(str(r["column"])))}</td>',
+            f'<td class="l">{html.escape(str(r["segment"]))}</td>',
+            f"<td>{_fmt(r.get('n'))}</td>",
+            f"<td>{_fmt(r.get('n_positive'))}</td>",
+        ]
+        for m in metrics:
+            low, high = (r.get(f"{m}_low"), r.get(f"{m}_high")) if judged else (None, None)
+            cells.append(f'<td class="ci">{_interval_cell(r.get(m), low, high, n, positives)}</td>')
+            cells.append(f"<td>{_fmt(r.get(f'{m}_validation'))}</td>")
+        if flagged:
+            why = _readable(str(r.get("flag_reason") or "below the reference"))
+            status, css = f"flagged: {why}", "flag"
+        elif not judged:
+            why = _readable(str(r.get("reason") or "too few studies"))
+            status, css = f"not judged: {why}", "small"
+        else:
+            status, css = "judged, not flagged", ""
+        cells.append(f'<td class="why">{html.escape(str(status))}</td>')
+        rows.append(
+            f"<tr class='{css}'>{''.join(cells)}</tr>" if css else f"<tr>{''.join(cells)}</tr>"
+        )
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<div class='scroll'><table><tr>{header}</tr>{''.join(rows)}</table></div>"
+
+
+SEGMENT_KEY = (
+    "<p class='key'><span class='flag'>red</span>flagged: significantly below the overall figure "
+    "or its validation figure (the status column says which). <span class='small'>grey</span>not "
+    "judged: too few studies or too few of one class for an interval (the status column says "
+    "which minimum is missed); its figures are shown without intervals and never flagged.</p>"
+)
+
+
+_READABLE = (
+    (re.compile(r"\bn=(\d+) < min_n=(\d+)"), r"\1 studies, fewer than the \2 needed"),
+    (re.compile(r"(\d+) positive < min_positive=(\d+)"), r"\1 with the finding (\2 needed)"),
+    (re.compile(r"(\d+) negative < min_negative=(\d+)"), r"\1 without the finding (\2 needed)"),
+    (re.compile(r"\bauroc\b"), "AUROC"),
+)
+
+
+def _readable(reason: str) -> str:
+    """A segment's flag or too-small reason in words.
+
+    >>> _readable("n=9 < min_n=20; 1 positive < min_positive=5")
+    '9 studies, fewer than the 20 needed; 1 with the finding (5 needed)'
+    >>> _readable("auroc 0.500 below overall 0.760 (p=0.01)")
+    'AUROC 0.500 below overall 0.760 (p=0.01)'
+    """
+    for pattern, words in _READABLE:
+        reason = pattern.sub(words, reason)
+    return reason
+
+
+def _interval_cell(
+    value: Any, low: Any, high: Any, n: int | None = None, positives: int | None = None
+) -> str:
+    """``value (low–high)`` on one line; a collapsed interval's explanation in small type below
+    the value, wrapped to the cell's width."""
+    text = format_interval(_num(value), _num(low), _num(high), n, positives)
+    if not interval_collapsed(_num(low), _num(high)):
+        return f"<span class='nw'>{html.escape(text)}</span>"
+    figure, _, note = text.partition(" (")
+    return f"{html.escape(figure)}<br><small>({html.escape(note)}</small>"
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return None if value is None or pd.isna(value) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _count(value: Any) -> int | None:
+    number = _num(value)
+    return None if number is None else int(number)
 
 
 def _html(result: ShadowResult, title: str) -> str:
@@ -333,10 +449,6 @@ def _html(result: ShadowResult, title: str) -> str:
             f"<p class='warn'>{len(result.problems)} diagnosis rows were left out:</p><ul>{items}</ul>"
         )
     parts.append("<h2>ROC</h2>" + _roc(result))
-    columns = ["column", "segment", "n", "n_positive", "judgeable"]
-    for m in SEGMENT_METRICS:
-        columns += [m, f"{m}_low", f"{m}_high", f"{m}_validation"]
-    columns += ["flag_reason", "reason"]
     for role, e in result.evaluations.items():
         parts.append(f"<h2>{html.escape(role)}: {html.escape(e.bundle)}</h2>")
         if e.segments.empty:
@@ -345,7 +457,7 @@ def _html(result: ShadowResult, title: str) -> str:
         flagged = e.flagged
         if len(flagged):
             items = "".join(
-                f"<li>{html.escape(r['column'])} = {html.escape(r['segment'])}: "
+                f"<li>{html.escape(_label(r['column']))} = {html.escape(r['segment'])}: "
                 f"{html.escape(r['flag_reason'])}</li>"
                 for _, r in flagged.iterrows()
             )
@@ -355,11 +467,7 @@ def _html(result: ShadowResult, title: str) -> str:
                          "its validation figure.</p>")  # fmt: skip
         if len(e.segments) > 1:
             parts.append(_forest(e.segments, f"{role}: {e.bundle}"))
-        classes = [
-            "flag" if f else ("small" if not j else "")
-            for f, j in zip(e.segments["flagged"], e.segments["judgeable"], strict=True)
-        ]
-        parts.append(_table(e.segments, [c for c in columns if c in e.segments], classes))
+        parts.append(SEGMENT_KEY + _segment_table(e.segments))
     if result.paired is not None:
         p = result.paired
         parts.append(
@@ -368,25 +476,29 @@ def _html(result: ShadowResult, title: str) -> str:
             "challenger - champion with paired stratified-bootstrap CIs; DeLong's test for AUROC."
             "</p>"
         )
-        parts.append(
-            _table(
-                p.overall,
-                [
-                    "metric",
-                    "champion",
-                    "challenger",
-                    "diff",
-                    "diff_low",
-                    "diff_high",
-                    "p_boot",
-                    "delong_p",
+        overall = pd.DataFrame(
+            {
+                "metric": [_label(m) for m in p.overall["metric"]],
+                "champion": p.overall["champion"],
+                "challenger": p.overall["challenger"],
+                "challenger - champion (95% CI)": [
+                    format_interval(_num(d), _num(lo), _num(hi), n=p.n)
+                    for d, lo, hi in zip(
+                        p.overall["diff"],
+                        p.overall["diff_low"],
+                        p.overall["diff_high"],
+                        strict=True,
+                    )
                 ],
-            )
+                "p_boot": p.overall["p_boot"],
+                "delong_p": p.overall["delong_p"],
+            }
         )
+        parts.append(_table(overall, list(overall.columns)))
         worse = p.worse
         if len(worse):
             items = "".join(
-                f"<li>{html.escape(r['column'])} = {html.escape(r['segment'])} "
+                f"<li>{html.escape(_label(r['column']))} = {html.escape(r['segment'])} "
                 f"(n={r['n']}): AUROC {r['auroc_champion']:.3f} → {r['auroc_challenger']:.3f}</li>"
                 for _, r in worse.iterrows()
             )

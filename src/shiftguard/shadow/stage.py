@@ -1,6 +1,13 @@
 """One shadow evaluation from files: the shadow log, the diagnoses (RIS files and/or a PACS
 query), the bundles' validation figures; the report folder and the MLflow run. What
-``shiftguard shadow evaluate`` and the DVC stage ``shadow`` call."""
+``shiftguard shadow evaluate`` and the DVC stage ``shadow`` call.
+
+Roles are the registry's aliases (:data:`~shiftguard.tracking.CHALLENGER`,
+:data:`~shiftguard.tracking.CHAMPION`): an ``edge predict`` results table without a ``role`` column
+whose every row was predicted in shadow mode is a challenger's log (nothing it predicted was sent),
+not a champion's. The MLflow run is named after the model versions it judged
+(``shadow challenger v3``) and each version and the run name each other
+(:data:`~shiftguard.tracking.SHADOW_RUN_TAG`, :data:`~shiftguard.tracking.MODEL_VERSION_TAG`)."""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from shiftguard.shadow.diagnoses import DiagnosisBook
 from shiftguard.shadow.evaluate import ShadowResult, run
 from shiftguard.shadow.log import read_shadow_log
 from shiftguard.shadow.report import log_run, write_report
+from shiftguard.tracking import CHALLENGER, CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,55 @@ def validation_tables(
     return tables
 
 
+def shadow_mode_table(path: Path | str) -> bool:
+    """Whether ``path`` is an ``edge predict`` results table without a ``role`` column whose every
+    row was predicted in shadow mode (its ``shadow`` column is 1)."""
+    try:
+        flags = pd.read_csv(path, usecols=lambda c: c in ("role", "shadow"), dtype=str)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        log.debug("%s is not a results table (%s): roles as logged", path, exc)
+        return False
+    if "role" in flags or "shadow" not in flags or flags.empty:
+        return False
+    return bool((flags["shadow"].str.strip() == "1").all())
+
+
+def link_versions(result: ShadowResult, run_id: str, root: Path | None = None) -> dict[str, str]:
+    """Tag each role's registered model version (found by its bundle's version,
+    :func:`~shiftguard.tracking.bundle_model_version`) with the shadow run, the run with them, and
+    name the run after them (``shadow challenger v3, champion v2``); returns ``{role: version}``
+    of the roles the registry knows."""
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import (
+        MODEL_VERSION_TAG,
+        SHADOW_RUN_TAG,
+        bundle_model_version,
+        run_name,
+        tracking_uri,
+    )
+
+    client = MlflowClient(tracking_uri(root))
+    versions: dict[str, str] = {}
+    for role in sorted(result.evaluations, key=lambda r: (r != CHALLENGER, r)):
+        e = result.evaluations[role]
+        version = bundle_model_version(client, e.model, e.model_version)
+        if version is None:
+            log.info("shadow: %s's bundle %s is not a registered model version", role, e.bundle)
+            continue
+        versions[role] = version
+        client.set_model_version_tag(e.model, version, SHADOW_RUN_TAG, run_id)
+        client.set_tag(run_id, f"{MODEL_VERSION_TAG}.{role}", f"{e.model}/{version}")
+    judged = versions.get(CHALLENGER) or (versions[next(iter(versions))] if versions else None)
+    if judged is not None:
+        model = result.evaluations[CHALLENGER if CHALLENGER in versions else next(iter(versions))]
+        client.set_tag(run_id, MODEL_VERSION_TAG, f"{model.model}/{judged}")
+    if versions:
+        what = ", ".join(f"{role} v{version}" for role, version in versions.items())
+        client.set_tag(run_id, "mlflow.runName", run_name(f"shadow {what}"))
+    return versions
+
+
 def evaluate_files(
     shadow_log: Path | str,
     cfg: ShadowConfig,
@@ -60,6 +117,8 @@ def evaluate_files(
 ) -> tuple[ShadowResult, Path | None]:
     """Read, join, judge and report; returns the result and the HTML report's path."""
     frame = read_shadow_log(shadow_log, site=site)
+    if shadow_mode_table(shadow_log):
+        frame["role"] = frame["role"].replace(CHAMPION, CHALLENGER)
     book = book or DiagnosisBook()
     for file in diagnoses:
         problems = book.add_file(file)
@@ -76,7 +135,8 @@ def evaluate_files(
     if out is not None:
         path = write_report(result, Path(out), title)
         if track:
-            log_run(
+            run_id = log_run(
                 result, Path(out), {"shadow": cfg.model_dump(mode="json")}, cfg.experiment, root
             )
+            link_versions(result, run_id, root)
     return result, path

@@ -8,6 +8,19 @@ part of ``conf/``).
 Run ids and registry version numbers differ from one store to the next, so no DVC output holds
 them: a training run is tagged with the SHA-256 of the ``model.pt`` it wrote, and later stages find
 it, and the model version registered from it, by that tag (:func:`trained_model`).
+
+What a reviewer reads per model version, on its page in the registry: the model card as the
+version's description, the validate and shadow runs it was judged in (:data:`VALIDATE_RUN_TAG`,
+:data:`SHADOW_RUN_TAG`), the bundle (``runs:/`` URI), and the aliases :data:`CHALLENGER` and
+:data:`CHAMPION`, the same two words the edge and the shadow report use for the bundles they run.
+
+Params: each stage logs as MLflow params only what a reviewer compares between runs (its
+``logged_params``); the full resolved config of every run is its ``config.yaml`` artifact
+(:data:`CONFIG_ARTIFACT`).
+
+The experiment is tagged as a model-training one (:data:`EXPERIMENT_KIND_TAG`). The UI of MLflow
+3.17 opens in the mode its sidebar switch last chose (GenAI at first); a link with
+``?workflowType=machine_learning`` (:func:`ui_url`) opens the model-training view.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +45,21 @@ DEFAULT_ARTIFACTS = "mlruns"
 MODEL_SHA256_TAG = "shiftguard.model_sha256"
 #: the registered model version's tag holding the version of the edge bundle exported from it
 BUNDLE_VERSION_TAG = "bundle_version"
+#: the model version's tags naming the runs that judged it; the runs carry :data:`MODEL_VERSION_TAG`
+VALIDATE_RUN_TAG = "shiftguard.validate_run"
+SHADOW_RUN_TAG = "shiftguard.shadow_run"
+#: a run's tag naming the registered model version it trained, validated or shadow-evaluated
+MODEL_VERSION_TAG = "shiftguard.model_version"
+#: the registry's aliases, the words the edge service and the shadow report use for the bundles:
+#: ``challenger`` is the newest trained version (run at the edge in shadow, beside the champion or
+#: alone), ``champion`` the version the promotion gate last passed (what the edge serves)
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+#: the experiment tag MLflow's UI reads for the kind of experiment, and ours
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: the artifact holding a run's full resolved config (its params are a reviewer's selection)
+CONFIG_ARTIFACT = "config.yaml"
 
 
 #: embedded-store URIs this process handed to ``mlflow.set_tracking_uri``, which exports its argument
@@ -69,6 +97,27 @@ def tracking_uri(root: Path | None = None) -> str:
     if env and env not in _EXPORTED:
         return env
     return embedded_uri(root)
+
+
+def ui_url(server: str, path: str = "") -> str:
+    """A link into MLflow's UI at ``server`` that opens in the model-training view.
+
+    >>> ui_url("http://127.0.0.1:5000", "models/shiftguard-classifier/versions/3")
+    'http://127.0.0.1:5000/#/models/shiftguard-classifier/versions/3?workflowType=machine_learning'
+    """
+    return f"{server.rstrip('/')}/#/{path.lstrip('/')}?workflowType=machine_learning"
+
+
+def selected(flat: Mapping[str, str], keys: Sequence[str]) -> dict[str, str]:
+    """The entries of a :func:`flatten`-ed config named by ``keys``, each a key or a section
+    (``"train"`` selects every ``train.*``).
+
+    >>> selected({"train.lr": "0.1", "train.seed": "0", "model.x": "1"}, ["train.lr", "model"])
+    {'train.lr': '0.1', 'model.x': '1'}
+    """
+    return {
+        k: v for k, v in flat.items() if any(k == key or k.startswith(f"{key}.") for key in keys)
+    }
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -137,6 +186,7 @@ class MetricLogger:
     """Collects metrics and sends each step's in one ``log_batch`` call, timing what logging costs.
 
     ``seconds`` is the wall time spent inside MLflow calls, for the logging-overhead figure.
+    ``model_id`` links the metrics to that logged model as well (its page lists them).
     """
 
     def __init__(self, run_id: str) -> None:
@@ -147,7 +197,9 @@ class MetricLogger:
         self.seconds = 0.0
         self.calls = 0
 
-    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log(
+        self, metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None
+    ) -> None:
         """Log ``metrics`` (non-finite values are skipped: MLflow stores no NaN) in one call."""
         import math
 
@@ -156,7 +208,14 @@ class MetricLogger:
         began = time.perf_counter()
         stamp = int(time.time() * 1000)
         batch = [
-            Metric(key=k, value=float(v), timestamp=stamp, step=step or 0)
+            Metric(
+                key=k,
+                value=float(v),
+                timestamp=stamp,
+                step=step or 0,
+                model_id=model_id,
+                run_id=self.run_id if model_id else None,
+            )
             for k, v in metrics.items()
             if v is not None and math.isfinite(float(v))
         ]
@@ -174,6 +233,30 @@ def run_name(what: str) -> str:
     return f"{what} [{experiment}]" if experiment else what
 
 
+def use_experiment(uri: str, experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at ``uri`` and ``experiment`` (created when missing, its artifacts beside a
+    SQLite store: :func:`artifact_root`), tagged as a model-training experiment
+    (:data:`EXPERIMENT_KIND_TAG`); returns the experiment's id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        experiment_id = mlflow.create_experiment(
+            experiment,
+            artifact_location=artifact_root(uri),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
+    else:
+        experiment_id = found.experiment_id
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return str(experiment_id)
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -182,32 +265,44 @@ def stage_run(
     experiment: str = EXPERIMENT,
     tags: Mapping[str, str] | None = None,
     name: str | None = None,
+    logged_params: Sequence[str] | None = None,
 ) -> Iterator[Any]:
-    """Open an MLflow run for one invocation of ``stage`` with ``params`` logged, and yield it.
+    """Open an MLflow run for one invocation of ``stage`` and yield it.
 
-    Params are logged in batches (MLflow accepts 100 per call), the stage name as the
+    The full ``params`` go to the run's ``config.yaml`` artifact (:data:`CONFIG_ARTIFACT`); the
+    run's MLflow params are those of them ``logged_params`` names (:func:`selected`; all when
+    ``None``), so the runs list shows what a reviewer compares. The stage name is the
     ``shiftguard.stage`` tag, with :func:`provenance_tags` and ``tags`` added. The run's name says
     what and which (:func:`run_name`): ``name`` (default: the stage), then the DVC experiment it
-    ran in, if any.
+    ran in, if any. The experiment is set up by :func:`use_experiment`.
     """
     import mlflow
 
     root = root or Path.cwd()
     uri = tracking_uri(root)
-    embedded = uri == embedded_uri(root)
-    mlflow.set_tracking_uri(uri)
-    if embedded:
+    if uri == embedded_uri(root):
         _EXPORTED.add(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
-    mlflow.set_experiment(experiment)
+    use_experiment(uri, experiment)
     all_tags = {"shiftguard.stage": stage, **provenance_tags(root), **dict(tags or {})}
+    flat = flatten(params)
+    chosen = flat if logged_params is None else selected(flat, logged_params)
     with mlflow.start_run(run_name=run_name(name or stage), tags=all_tags) as run:
-        items = sorted(flatten(params).items())
+        items = sorted(chosen.items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))
+        if params:
+            mlflow.log_dict(_plain(params), CONFIG_ARTIFACT)
         yield run
     log.info("%s: MLflow run %s in %s", stage, run.info.run_id, mlflow.get_tracking_uri())
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with mappings and sequences as plain dicts and lists (for a YAML artifact)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def file_sha256(path: Path) -> str:
@@ -227,6 +322,7 @@ class TrainedModel:
     run_id: str
     registered_model: str | None = None
     version: str | None = None
+    model_id: str | None = None  # the logged model (MLflow 3's ``models:/m-...``)
 
 
 def trained_model(
@@ -256,8 +352,29 @@ def trained_model(
     if not runs:
         return None
     run_id = str(runs[0].info.run_id)
+    outputs = runs[0].outputs.model_outputs if runs[0].outputs else []
+    model_id = str(outputs[-1].model_id) if outputs else None
     versions = client.search_model_versions(f"run_id = '{run_id}'")
     if not versions:
-        return TrainedModel(run_id)
+        return TrainedModel(run_id, model_id=model_id)
     newest = max(versions, key=lambda v: int(v.version))
-    return TrainedModel(run_id, str(newest.name), str(newest.version))
+    return TrainedModel(run_id, str(newest.name), str(newest.version), model_id)
+
+
+def bundle_model_version(client: Any, name: str, bundle_version: str) -> str | None:
+    """The registry's version number of ``name`` an edge bundle of version ``bundle_version`` was
+    exported from: the newest one the export stage tagged :data:`BUNDLE_VERSION_TAG` with it;
+    ``None`` when none is."""
+    if not (name and bundle_version):
+        return None
+    tagged = client.search_model_versions(
+        f"name = '{name}' and tags.`{BUNDLE_VERSION_TAG}` = '{bundle_version}'"
+    )
+    return str(max(int(v.version) for v in tagged)) if tagged else None
+
+
+def link_run(client: Any, name: str, version: str, run_id: str, version_tag: str) -> None:
+    """Tag model version ``name`` ``version`` with ``run_id`` under ``version_tag``, and the run
+    with the version (:data:`MODEL_VERSION_TAG`, ``name/version``)."""
+    client.set_model_version_tag(name, version, version_tag, run_id)
+    client.set_tag(run_id, MODEL_VERSION_TAG, f"{name}/{version}")

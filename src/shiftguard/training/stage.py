@@ -7,23 +7,28 @@ validation AUROC, and writes to ``out_dir``:
   ``train`` sections, the ingest grid, the network's input grid, the intensity percentiles);
 - ``checkpoints/``: ``last.pt`` and ``best.pt`` (a ``shiftguard train --resume`` continues from them).
 
-On rank 0 it logs one MLflow run: the resolved config as params, per-epoch metrics (one batched call
-per epoch), provenance tags, the split table as a dataset input, the model with a signature, and
-registers it as a new version of ``train.registered_model`` aliased ``candidate``. The run id and
-the registry's version number are MLflow's alone (a fresh store numbers from 1): nothing in
-``out_dir`` names them, so the same inputs give the same files. The run is tagged with the SHA-256 of
-``model.pt`` (``shiftguard.model_sha256``), by which :func:`shiftguard.tracking.trained_model` finds
-it and its registered version.
+On rank 0 it logs one MLflow run: the params a reviewer compares (:data:`LOGGED_PARAMS`; the full
+resolved config is the run's ``config.yaml`` artifact), per-epoch metrics (one batched call per
+epoch), provenance tags, the split table as a dataset input, the model with a signature, and
+registers it as a new version of ``train.registered_model`` aliased ``challenger``
+(:data:`~shiftguard.tracking.CHALLENGER`). The logged model carries the metrics of the epoch whose
+weights ``model.pt`` holds (the best epoch with ``train.keep: best``, else the last) and the run's
+summary (``best_val_auroc``, ``best_epoch``, ...); once registered, the run is renamed
+``train v<version> <arm> seed <seed>``. The run id and the registry's version number are MLflow's
+alone (a fresh store numbers from 1): nothing in ``out_dir`` names them, so the same inputs give the
+same files. The run is tagged with the SHA-256 of ``model.pt`` (``shiftguard.model_sha256``), by
+which :func:`shiftguard.tracking.trained_model` finds it and its registered version.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +55,34 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.csv"
-CANDIDATE = "candidate"
 FORMAT = 1
+#: the params of a training run in MLflow (keys or sections of the resolved config): what a reviewer
+#: compares between runs; the whole config is the run's ``config.yaml`` artifact
+LOGGED_PARAMS = (
+    "cohort.seed",
+    "cohort.n_subjects",
+    "split.seed",
+    "model.network._target_",
+    "model.network.channels",
+    "model.network.dropout",
+    "augment.enabled",
+    "augment.arm",
+    "augment.probability",
+    "augment.backend",
+    "train.seed",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.weight_decay",
+    "train.optimizer._target_",
+    "train.loss._target_",
+    "train.pos_weight",
+    "train.patience",
+    "train.keep",
+    "train.lr_schedule",
+    "train.input_shape",
+    "train.lesion_loss_weight",
+)
 
 
 class TrainingDataError(ShiftGuardError, ValueError):
@@ -211,32 +242,63 @@ def _write_history(path: Path, history: list[EpochRecord]) -> None:
             )
 
 
+def saved_epoch(result: FitResult, keep: str) -> int:
+    """The epoch whose weights ``model.pt`` holds: the best one with ``keep == "best"`` (when
+    there was one), else the last one run."""
+    if keep == "best" and result.best_epoch >= 0 and result.best_checkpoint.is_file():
+        return result.best_epoch
+    return result.history[-1].epoch if result.history else max(result.best_epoch, 0)
+
+
 def _log_model(
-    net: nn.Module, input_shape: tuple[int, ...], registered_model: str
-) -> tuple[str, str | None]:
-    """Log the network with its signature, register it and alias the new version ``candidate``."""
+    net: nn.Module, input_shape: tuple[int, ...], registered_model: str, step: int
+) -> tuple[str, str | None, str]:
+    """Log the network with its signature, register it and alias the new version ``challenger``.
+
+    ``step`` is the epoch whose weights these are: MLflow links that step's metrics (the epoch's
+    ``train_loss``, ``val_auroc``, ...) to the logged model. Returns the model's URI, the registered
+    version (``None`` when registration failed) and the logged model's id.
+    """
     import mlflow
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
+
+    from shiftguard.tracking import CHALLENGER
 
     example = np.zeros((1, 1, *input_shape), dtype=np.float32)
     with torch.no_grad():
         output = net.cpu().eval()(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
-    info = mlflow.pytorch.log_model(
-        net,
-        name="model",
-        signature=signature,
-        registered_model_name=registered_model,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "shiftguard"],
-        serialization_format="pickle",
-        await_registration_for=60,
-    )
+    # MLflow prints "Registered model ... already exists" and "Created version ..." straight to
+    # stderr (the log line below says it once), and warns on every call that the pickle format we
+    # chose runs code when loaded (the edge never loads it: it runs the bundle's ONNX). Its logged
+    # warnings and errors still show: logging's handler keeps the real stderr.
+    pickle_note = logging.getLogger("mlflow.pytorch")
+    level = pickle_note.level
+    pickle_note.setLevel(logging.ERROR)
+    try:
+        with redirect_stderr(io.StringIO()):
+            info = mlflow.pytorch.log_model(
+                net,
+                name="model",
+                signature=signature,
+                registered_model_name=registered_model,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    "monai",
+                    "shiftguard",
+                ],
+                serialization_format="pickle",
+                await_registration_for=60,
+                step=step,
+            )
+    finally:
+        pickle_note.setLevel(level)
     version = info.registered_model_version
     if version is not None:
-        MlflowClient().set_registered_model_alias(registered_model, CANDIDATE, str(version))
-        log.info("registered %s version %s as @%s", registered_model, version, CANDIDATE)
-    return info.model_uri, None if version is None else str(version)
+        MlflowClient().set_registered_model_alias(registered_model, CHALLENGER, str(version))
+        log.info("registered %s version %s as @%s", registered_model, version, CHALLENGER)
+    return info.model_uri, None if version is None else str(version), str(info.model_id)
 
 
 def run(
@@ -427,6 +489,7 @@ def _run(
                 "shiftguard.augment_arm": augment_cfg.training_arm,
             },
             name=f"train {augment_cfg.training_arm} seed {train_cfg.seed}",
+            logged_params=LOGGED_PARAMS,
         )
     else:
         context = nullcontext(None)
@@ -503,24 +566,44 @@ def _run(
         if mlrun is not None:
             import mlflow
 
-            from shiftguard.tracking import MODEL_SHA256_TAG, file_sha256
+            from shiftguard.tracking import (
+                MODEL_SHA256_TAG,
+                MODEL_VERSION_TAG,
+                file_sha256,
+                run_name,
+            )
 
             assert logger is not None
             mlflow.set_tag(MODEL_SHA256_TAG, file_sha256(out_dir / MODEL_FILE))
-            final = {
-                k: float(v)
-                for k, v in {**summary.to_metrics(), **summary.timings()}.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
-            }
-            logger.log(final)
             summary.run_id = mlrun.info.run_id
-            summary.model_uri, summary.version = _log_model(
-                net, input_shape, train_cfg.registered_model
+            # the model first: it takes the metrics of the epoch its weights are from; the
+            # summary then goes onto the run and the model alike
+            summary.model_uri, summary.version, model_id = _log_model(
+                net, input_shape, train_cfg.registered_model, saved_epoch(result, train_cfg.keep)
             )
             summary.registered_model = train_cfg.registered_model
+            logger.log(_numbers(summary.to_metrics()), model_id=model_id)
+            logger.log(_numbers(summary.timings()))
+            if summary.version is not None:
+                mlflow.set_tag(MODEL_VERSION_TAG, f"{train_cfg.registered_model}/{summary.version}")
+                mlflow.set_tag(
+                    "mlflow.runName",
+                    run_name(
+                        f"train v{summary.version} {augment_cfg.training_arm} seed {train_cfg.seed}"
+                    ),
+                )
             if history_csv is not None:
                 mlflow.log_artifact(str(history_csv))
     return summary
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of ``values`` (booleans and ``None`` left out) as floats."""
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
+    }
 
 
 def _log_dataset(rows: list[dict[str, str]], dataset_csv: Path, root: Path) -> None:

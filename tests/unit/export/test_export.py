@@ -194,14 +194,59 @@ def test_model_card_quotes_the_validation_tables() -> None:
         robustness,
     )
     assert card.startswith("# Model card: m v3") and "0.4200" in card
-    assert "AUROC 0.900 (0.800-0.970)" in card
-    assert "- external (n=18): AUROC 0.850 (0.700-0.950)" in card
-    assert "  - Vantage Orian (n=13, 6 with the finding): AUROC 0.880 (0.750-0.960), " in card
-    assert "sensitivity 0.500 (0.250-0.750)" in card
+    assert "AUROC 0.900 (0.800–0.970)" in card
+    assert "- external (n=18): AUROC 0.850 (0.700–0.950)" in card
+    assert "  - Vantage Orian (n=13, 6 with the finding): AUROC 0.880 (0.750–0.960), " in card
+    assert "sensitivity 0.500 (0.250–0.750)" in card
     assert "  - SIGNA Premier (n=5, 0 with the finding): AUROC n/a (one)" in card
     assert "| patient_sex | F | 12 | 4 | 0.800 | -0.100 | yes |" in card
-    assert "| low_field | 0.900 | 0.800 | 0.700 |" in card
+    assert "| low_field | n/a | 0.900 | 0.800 | 0.700 |" in card
     assert "train: 2 series, 1 with the finding" in card and "Known limitations" in card
+
+
+def test_model_card_names_the_unseen_scanners_and_says_when_an_interval_collapsed() -> None:
+    robustness = pd.DataFrame(
+        [
+            *[
+                {"profile": p, "severity": s, "n": 24, "n_positive": 10, "auroc": a,
+                 "auroc_low": a - 0.1 if a < 1 else 1.0, "auroc_high": min(a + 0.1, 1.0),
+                 "seen_in_training": p == "low_field"}
+                for p, a in (("low_field", 0.8), ("rf_spike", 1.0))
+                for s in (0, 1, 2)
+            ],
+            {"profile": "external", "severity": -1, "n": 38, "n_positive": 14, "auroc": 0.7,
+             "auroc_low": 0.55, "auroc_high": 0.84, "seen_in_training": False},
+            {"profile": "external:MAGNETOM Free.Max", "severity": -1, "n": 19, "n_positive": 4,
+             "auroc": 1.0, "auroc_low": 1.0, "auroc_high": 1.0, "seen_in_training": False},
+        ]
+    )  # fmt: skip
+    metrics = {
+        "threshold": 0.5,
+        "test": {
+            "n": 25,
+            "n_positive": 10,
+            "auroc": {"value": 1.0, "low": 1.0, "high": 1.0},
+            "sensitivity": {"value": 0.9, "low": 0.7, "high": 1.0},
+        },
+    }
+    card = model_card(
+        ExportConfig(), "m", "3", TrainConfig(), {}, pd.DataFrame(), metrics, pd.DataFrame(),
+        robustness,
+    )  # fmt: skip
+    robustness_part = card.split("## Robustness", 1)[1].split("## Known limitations", 1)[0]
+    # no severity -1 column: the simulated profiles by severity, the real scanners by name
+    assert "-1" not in robustness_part
+    header = next(line for line in robustness_part.splitlines() if line.startswith("| profile"))
+    assert header.count("severity") == 3 and "severity 0" in header
+    assert "| rf_spike | no (held out) |" in robustness_part
+    assert "| low_field | yes | 0.800 (0.700–0.900) |" in robustness_part
+    assert "| all unseen scanners (pooled) | 38 | 14 | 0.700 (0.550–0.840) |" in robustness_part
+    scanner = next(line for line in robustness_part.splitlines() if "Free.Max" in line)
+    assert "interval collapsed" in scanner and "n=19, positives=4" in scanner
+    # a collapsed interval is never printed as one, anywhere in the card
+    assert "1.000 (1.000–1.000)" not in card and "(1.000-1.000)" not in card
+    assert "AUROC 1.000 (interval collapsed: every bootstrap resample scored 1.000; n=25, " in card
+    assert "sensitivity 0.900 (0.700–1.000)" in card
 
 
 def test_run_without_validation_reports_says_which_stage_to_run(tmp_path: Path) -> None:
@@ -368,3 +413,52 @@ def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
     for found in tags:
         assert found["bundle_version"] == bundle.version and found["bundle_signer"] == signer.key_id
         assert found["bundle"] == path.name and found["bundle_sha256"] == summary.bundle_sha256
+
+
+def test_the_model_version_page_is_the_review_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After export the registered version reads as its review page: the model card is its
+    description (and a Markdown artifact of the training run, which MLflow previews), the
+    registered model says what its aliases mean, and the bundle's URI is served by the registry's
+    store, not a path on the machine that ran the export."""
+    from shiftguard.edge.bundle import open_bundle
+    from shiftguard.tracking import CHALLENGER, CHAMPION
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(
+        "shiftguard.export.stage.monitor_reference",
+        lambda bundle, dicom, splits, trust=None: (b"mean,split\n1.0,train\n", b"{}", 1),
+    )
+    volumes = _volumes(tmp_path)
+    root = tmp_path / "project"
+    root.mkdir()
+    _export_inputs(root, volumes)
+    client, run_id = _store(root, 1)
+    summary = run(
+        ExportConfig(torchscript=False, intended_use="Triage of brain MRI for review."),
+        IngestConfig(shape=(24, 28, 24)),
+        root / "model.pt",
+        root / "dataset.csv",
+        tmp_path,
+        root / "reports",
+        root / "out",
+        root=root,
+        parity_series=1,
+    )
+    card = open_bundle(Path(summary.bundle)).text("model_card.md")
+    version = client.get_model_version("shiftguard-classifier", "2")
+    assert version.description == card
+    described = client.get_registered_model("shiftguard-classifier").description
+    assert described.startswith("Triage of brain MRI for review.")
+    assert f"`@{CHALLENGER}`" in described and f"`@{CHAMPION}`" in described
+    logged = client.download_artifacts(run_id, "model_card.md", str(tmp_path / "dl"))
+    assert Path(logged).read_text() == card
+    uri = version.tags["bundle_uri"]
+    assert uri == f"runs:/{run_id}/bundle/shiftguard-classifier.sgbundle"
+    assert "file:" not in uri and str(tmp_path) not in uri
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    fetched = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "bundle"))
+    assert Path(fetched).read_bytes() == Path(summary.bundle).read_bytes()

@@ -49,7 +49,7 @@ def test_a_challenger_worse_on_one_segment_is_refused(
     assert {"flagged_segments", "no_segment_worse"} <= failed
     assert "scanner_model=Vantage" in " ".join(c.detail for c in decision.failed)
     assert str(registry.get_model_version_by_alias("m", "champion").version) == "1"  # not moved
-    # the decision is on record: an MLflow run and the candidate's tags
+    # the decision is on record: an MLflow run and the challenger's tags
     tags = registry.get_model_version("m", "2").tags
     assert tags["shiftguard.promotion"] == "refused"
     assert tags["shiftguard.promotion_run"] == decision.run_id
@@ -61,10 +61,26 @@ def test_a_challenger_worse_on_one_segment_is_refused(
 def test_a_sound_challenger_becomes_champion(
     tmp_path: Path, registry: Any, shadow_case: Callable[..., Any]
 ) -> None:
+    """The registry's aliases say what the shadow report says: before the decision v2 is the
+    challenger and v1 the champion in both; after it v2 is the champion and no longer the
+    challenger."""
+    import json
+
+    from shiftguard.tracking import CHALLENGER, CHAMPION
+
+    registry.set_registered_model_alias("m", CHALLENGER, "2")
     out = report(tmp_path, shadow_case, seed=7, challenger_separation=0.3)
+    roles = json.loads((out / "summary.json").read_text())["roles"]
+    assert {role: str(roles[role]["model_version"]) for role in roles} == {
+        alias: str(registry.get_model_version_by_alias("m", alias).version)
+        for alias in (CHALLENGER, CHAMPION)
+    }
     decision = promote(out, GateConfig(min_studies=100), root=tmp_path)
     assert decision.promoted, decision.lines()
     assert str(registry.get_model_version_by_alias("m", "champion").version) == "2"
+    assert registry.get_model_version("m", "2").aliases == [CHAMPION]
+    assert CHALLENGER not in registry.get_registered_model("m").aliases
+    assert registry.get_run(decision.run_id).data.tags["shiftguard.challenger"] == "m v2"
     assert registry.get_model_version("m", "1").tags["shiftguard.replaced_by"] == "v2"
     assert registry.get_run(decision.run_id).data.tags["shiftguard.decision"] == "promoted"
 
@@ -144,18 +160,18 @@ def test_bundles_name_their_content_version_and_the_registry_maps_it_to_its_numb
     evaluation = log_run(result, out, {"shadow": {}}, root=tmp_path)
     decision = promote(out, GateConfig(min_studies=100), root=tmp_path)
     assert decision.promoted, decision.lines()
-    assert (decision.candidate, decision.champion) == ("3", "1")
+    assert (decision.challenger, decision.champion) == ("3", "1")
     assert decision.lines()[0] == "m v3: PROMOTED (champion was v1)"
     assert str(registry.get_model_version_by_alias("m", "champion").version) == "3"
     tags = registry.get_run(decision.run_id).data.tags
-    assert tags["shiftguard.candidate_bundle"] == challenger
+    assert tags["shiftguard.challenger_bundle"] == challenger
     assert tags["shiftguard.evaluation_run"] == evaluation
     # the log's champion must be the serving champion's bundle, compared by content version
     out2 = tmp_path / "report2"
     log2, book2 = shadow_case(seed=7, champion_version="0c0ffee00009", challenger_version=champion)
     write_report(run(log2, book2, n_boot=300), out2)
     decision = promote(out2, GateConfig(min_studies=100), dry_run=True, root=tmp_path)
-    assert decision.candidate == "1"
+    assert decision.challenger == "1"
     [failed] = [c for c in decision.failed if c.name == "champion"]
     assert f"champion is v{challenger}" in failed.detail  # v3's bundle now serves
     assert "the shadow log's champion is v0c0ffee00009" in failed.detail

@@ -90,3 +90,43 @@ def test_shadow_evaluate_on_files_counts_pending_and_reports_bad_rows(
     assert "ris2.jsonl:4" in (out / "report.html").read_text()
     # no diagnoses at all: a clear error, exit 2
     assert main(["shadow", "evaluate", "--log", str(tmp_path / "results.csv")]) == 2
+
+
+def test_the_segment_table_reads_as_words_and_says_why_a_row_is_red_or_grey(
+    tmp_path: Path, shadow_case: Callable[..., Any]
+) -> None:
+    log, book = shadow_case(n=120, challenger=False)
+    result = run(log, book, min_n=50, n_boot=200)  # each scanner (~40 studies) too small to judge
+    segments = result.evaluations["champion"].segments
+    # a judged segment whose every bootstrap resample scored the same
+    judged = segments.index[segments["judgeable"].astype(bool)][1]
+    segments.loc[judged, ["sensitivity", "sensitivity_low", "sensitivity_high"]] = 1.0
+    page = write_report(result, tmp_path / "r").read_text()
+    table = page[page.index("segmented by") - 200 :]
+    table = table[: table.index("</table>")]
+    headers = re.findall(r"<th>(.*?)</th>", table)
+    assert headers[0] == "segmented by" and headers[-1] == "status"
+    assert not [h for h in headers if "_" in h], headers
+    assert "AUROC (95% CI)" in headers
+    rows = re.findall(r"<tr(?: class='(\w+)')?>(.*?)</tr>", table)[1:]
+    assert len(rows) == len(segments)
+    for css, row in rows:
+        status = re.findall(r'<td class="why">(.*?)</td>', row)[0]
+        if css == "small":
+            assert status.startswith("not judged: ")
+            assert "needed" in status or "one class" in status
+        elif css == "flag":
+            assert status.startswith("flagged: ") and "below" in status
+        else:
+            assert status == "judged, not flagged"
+    assert {c for c, _ in rows} >= {"", "small"}
+    # the segmenting columns are named in words, and the grey and red rows have a key
+    assert '<td class="l">scanner model</td>' in table and "scanner_model" not in table
+    assert "<span class='small'>grey</span>not judged" in page
+    # a collapsed interval says so, with the segment's counts; none prints as 1.000 (1.000–1.000)
+    row = segments.loc[judged]
+    assert (
+        "(interval collapsed: every bootstrap resample scored 1.000; "
+        f"n={int(row['n'])}, positives={int(row['n_positive'])})" in page
+    )
+    assert not re.search(r"(\d\.\d{3})–\1\)", page)

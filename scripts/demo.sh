@@ -25,7 +25,11 @@ fi
 # the development key export signs the bundle with (kept if already there; never in git): it lives
 # in the user's configuration folder, and its public half is trusted on this machine only
 shiftguard keys generate --development
-dvc repro
+# each stage logs what it does; DVC's own "Running stage"/"Updating lock file" lines are left out
+if ! dvc repro --quiet; then
+  echo "demo: dvc repro failed (the stage's error is above); 'dvc repro' again names the stage" >&2
+  exit 1
+fi
 dvc status
 python - <<'PY'
 import json
@@ -47,14 +51,18 @@ for name, label in (("test", "internal test"), ("external", "unseen, pooled")):
     a = auc(name)
     if a.get("value") is not None:
         print(f"      {label:>14}: AUROC {a['value']:.3f} (95% CI {a['low']:.3f}-{a['high']:.3f})")
-ci = lambda m: (f"{m['value']:.3f} ({m['low']:.3f}-{m['high']:.3f})"
-                if (m or {}).get("value") is not None and m.get("low") is not None else "n/a")
+def ci(m):
+    if (m or {}).get("value") is None or m.get("low") is None:
+        return "n/a"
+    if m["low"] == m["high"]:  # every bootstrap resample scored the same: no interval to show
+        return f"{m['value']:.3f} (interval collapsed)"
+    return f"{m['value']:.3f} ({m['low']:.3f}-{m['high']:.3f})"
 threshold = "n/a" if report.get("threshold") is None else f"{report['threshold']:.3f}"
+print(f"      per unseen scanner (sensitivity, specificity at the val threshold {threshold}):")
 for model, s in (report.get("external_scanners") or {}).items():
     auroc = f"n/a, {s['reason']}" if s.get("reason") else ci(s.get("auroc"))
-    print(f"        {model} (n={s.get('n')}, {s.get('n_positive')} positive): AUROC {auroc}; at the "
-          f"val threshold {threshold}: sensitivity {ci(s.get('sensitivity'))}, "
-          f"specificity {ci(s.get('specificity'))}")
+    print(f"        {model} (n={s.get('n')}, {s.get('n_positive')} positive): AUROC {auroc}; "
+          f"sensitivity {ci(s.get('sensitivity'))}, specificity {ci(s.get('specificity'))}")
 export = json.load(open("artifacts/export/export.json"))
 print(f"      bundle: {export['bundle']} (version {export['version']}, {export['bundle_bytes']:,} "
       f"bytes, sha256 {export['bundle_sha256'][:16]}...; ONNX parity "
@@ -68,19 +76,26 @@ if rows:
     print(f"      read one:  dsrdump artifacts/edge/{rows[0]['sr_file']}")
 drift = json.load(open("reports/monitor/metrics.json"))
 if drift.get("judged"):
-    print(f"      drift monitor on those {drift['n_studies']} studies vs the training reference: "
-          f"unified drift score {drift['unified_score']:.1f} (about 0 in distribution), "
+    windows, last = drift.get("windows", []), drift.get("window", {})
+    scores = ", ".join(f"{w['unified_score']:.1f}" for w in windows)
+    print(f"      drift monitor on those {drift['n_studies']} studies vs the training reference, "
+          f"{len(windows)} windows by study date: unified drift score (about 0 in distribution) "
+          f"{scores}; the latest window "
+          f"({last.get('n')} studies, {last.get('start', '')[:10]} to {last.get('end', '')[:10]}): "
           f"{drift['n_drifted']} features drifted ({100 * drift['drift_share']:.0f}%), "
           f"alerts: {', '.join(drift['alerts']) or 'none'}")
 else:
     print(f"      drift monitor: {drift.get('reason')}")
 print("      drift report: reports/monitor/drift.html")
 scen = json.load(open("reports/monitor/scenarios.json"))
+said = []
 for s in scen["scenarios"]:
-    flagged = f"flagged {s['delay']} studies after onset" if s["delay"] is not None else "not flagged"
     if s["onset"] is None:
-        flagged = f"{s['false_alarms']} false alarms"
-    print(f"      scenario {s['name']:<17} ({s['studies']} studies): {flagged}")
+        said.append(f"{s['name']} {s['false_alarms']} false alarms in {s['studies']}")
+    else:
+        said.append(f"{s['name']} " + (f"flagged {s['delay']} after onset"
+                                       if s["delay"] is not None else "not flagged"))
+print(f"      drift scenarios (reports/monitor/scenarios.json): {'; '.join(said)}")
 PY
 # last: the shadow evaluation of the edge's predictions against the radiologists' verdicts
 "$bin/python" - <<'PY'
@@ -119,10 +134,10 @@ if shown.returncode == 0:
     else:
         print(f"demo: every stage's outputs match the committed dvc.lock{note}")
 PY
-echo
-echo "demo: done. Every metric: dvc metrics show. Browse the runs with:"
-echo "      $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
-echo "      plots: dvc plots show (reports/validate/*.png)"
-echo "      Drift dashboard:  $bin/evidently ui --workspace artifacts/monitor/workspace"
-echo "      (then open http://127.0.0.1:8000, project 'ShiftGuard drift monitor')"
-echo "      The augmentation experiment (five arms, paired, on unseen scanners): make experiment"
+echo "demo: look at the results with"
+echo "      $bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then"
+echo "        http://127.0.0.1:5000/#/models?workflowType=machine_learning (model-training view)"
+echo "      $bin/evidently ui --workspace artifacts/monitor/workspace (http://127.0.0.1:8000)"
+echo "      dvc plots show; dvc metrics show; make screenshots (all of them, headless Chromium)"
+echo "      the augmentation experiment (five arms, paired, on unseen scanners): make experiment"
+echo "demo: done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

@@ -114,6 +114,8 @@ def chromium(exe: str, page: Page, *args: str) -> list[str]:
         "--hide-scrollbars",
         "--no-first-run",
         "--disable-dev-shm-usage",
+        # without it, headless frames may skip sticky elements (MLflow's table headers)
+        "--run-all-compositor-stages-before-draw",
         f"--window-size={WIDTH},{page.height}",
         "--virtual-time-budget=20000",
         *args,
@@ -215,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mlflow_port, evidently_port = free_port(), free_port()
         mlflow_url = f"http://127.0.0.1:{mlflow_port}"
         evidently_url = f"http://127.0.0.1:{evidently_port}"
-        from shiftguard.tracking import tracking_uri
+        from shiftguard.tracking import tracking_uri, ui_url
 
         mlflow_cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", tracking_uri(ROOT)]
         mlflow_cmd += ["--host", "127.0.0.1", "--port", str(mlflow_port)]
@@ -225,11 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         pages = [
             Page(
                 "mlflow-model-version",
-                f"{mlflow_url}/#/models/{model}/versions/{version}",
+                ui_url(mlflow_url, f"models/{model}/versions/{version}"),
                 (model, f"Version {version}"),
                 height=1800,
             ),
-            Page("mlflow-runs", f"{mlflow_url}/#/experiments/{experiment}/runs", ("validate",)),
+            Page(
+                "mlflow-runs",
+                ui_url(mlflow_url, f"experiments/{experiment}/runs"),
+                ("validate",),
+            ),
             Page(
                 "evidently-dashboard",
                 f"{evidently_url}/projects/{project}",

@@ -60,15 +60,20 @@ def write_json(path: Path, data: Mapping[str, object]) -> Path:
 
 def setup_logging(level: int | str = logging.INFO) -> None:
     """Log to stderr through rich when attached to a terminal, plain text otherwise."""
-    from rich.logging import RichHandler
+    import sys
 
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler, fmt = RichHandler(show_path=False, rich_tracebacks=False), "%(message)s"
+    else:  # a log file or a pipe: one line per record, never wrapped at 80 columns
+        handler, fmt = logging.StreamHandler(), "%(asctime)s %(levelname)-7s %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="[%X]", handlers=[handler], force=True)
+    # MLflow logs at INFO from the first use of a store ("Creating initial MLflow database
+    # tables...") and resets its logger's level when imported: both ways, warnings and up only
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     # MONAI announces at import that an optional GPU JPEG decoder is absent; nothing uses it here
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")

@@ -374,9 +374,11 @@ def render_key_image(
 
 
 BANNER_FONTS = ("DejaVuSansMono.ttf",)
-"""Fonts tried, in order, for the key image's burned-in text: DejaVu Sans Mono (Debian's
-``fonts-dejavu-core``, found in the system's font folders), whose space is as wide as a letter;
-without it Pillow's own scalable font, with the gap between words widened to :data:`WORD_GAP`."""
+"""Fonts tried, in order, for the key image's burned-in text: DejaVu Sans Mono, whose space is as
+wide as a letter, first the copy in matplotlib's wheel when matplotlib is installed (a pinned
+file, so the same key image bytes on every host of the lab; matplotlib is only located, never
+imported), then the system's (Debian's ``fonts-dejavu-core``); without either, Pillow's own scalable
+font, with the gap between words widened to :data:`WORD_GAP`."""
 BANNER_FONT_SIZE = 11
 """Pixel size of the burned-in text: 34 characters of DejaVu Sans Mono fit the 240 columns of a
 default key image (80 voxels, 3 pixels each); longer lines wrap."""
@@ -391,16 +393,28 @@ def banner_font(size: int = BANNER_FONT_SIZE) -> FreeTypeFont:
     from PIL import ImageFont
 
     for name in BANNER_FONTS:
-        try:
-            return ImageFont.truetype(name, size)
-        except OSError:
-            continue
+        for candidate in (*_wheel_fonts(name), name):
+            try:
+                return ImageFont.truetype(candidate, size)
+            except OSError:
+                continue
     log.warning("none of the fonts %s is installed: the key image's text uses Pillow's own "
                 "(install fonts-dejavu-core for the usual one)", ", ".join(BANNER_FONTS))  # fmt: skip
     font = ImageFont.load_default(size)
     if not isinstance(font, ImageFont.FreeTypeFont):
         raise RuntimeError("Pillow was built without FreeType: the key image's text needs it")
     return font
+
+
+def _wheel_fonts(name: str) -> list[str]:
+    """``name`` in the font folder of matplotlib's wheel, when matplotlib is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folders = (Path(p) / "mpl-data" / "fonts" / "ttf" for p in spec.submodule_search_locations)
+    return [str(f / name) for f in folders if (f / name).is_file()]
 
 
 def _word_gap(font: FreeTypeFont) -> float:

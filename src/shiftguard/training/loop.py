@@ -35,6 +35,7 @@ from shiftguard.config.schema import TrainConfig
 from shiftguard.errors import ShiftGuardError
 from shiftguard.evaluation.metrics import auroc
 from shiftguard.training.distributed import DistContext, broadcast_object, gather_objects
+from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,7 @@ def fit(
     log_fn: Callable[[EpochRecord], None] | None = None,
     loss_fn: nn.Module | None = None,
     ctx: DistContext | None = None,
+    show_progress: bool = True,
 ) -> FitResult:
     """Train ``model``, keeping the epoch with the best validation AUROC.
 
@@ -357,6 +359,8 @@ def fit(
             ``train_loader.dataset.data`` (the items of a MONAI dataset).
         ctx: the process's place under ``torchrun``; ``None`` trains in this process alone. Its
             ``device`` is used when ``device`` is omitted. ``log_fn`` runs on rank 0 only.
+        show_progress: a progress bar over the epochs (rank 0 only) with the last epoch's loss and
+            validation AUROC; each epoch is also logged at ``DEBUG``.
 
     Returns:
         The :class:`FitResult`; the model holds the best epoch's weights (the last epoch's with
@@ -423,75 +427,84 @@ def fit(
 
     wait_total = step_total = train_seconds = 0.0
     ran = seen = 0
-    for epoch in range(start, cfg.epochs):
-        if stopped:
-            break
-        began = time.perf_counter()
-        _seed_epoch(train_loader, cfg.seed * 100_003 + epoch, epoch)
-        _set_lr(optimizer, lr_at(cfg, epoch))
-        model.train()
-        losses: list[float] = []
-        wait = step = 0.0
-        mark = time.perf_counter()
-        for batch in train_loader:
-            arrived = time.perf_counter()
-            image, label = _to_device(batch, device, cfg.channels_last)
-            losses.append(stepper(image, label, _mask_to_device(batch, device)))
-            seen += int(label.shape[0])
-            done = time.perf_counter()
-            wait += arrived - mark
-            step += done - mark
-            mark = done
-        train_seconds += time.perf_counter() - began
-        val_auroc = math.nan
-        if ctx.is_main:
-            labels, probs, _ = predict(net, val_loader, device)
-            val_auroc = auroc(labels, probs) if len(labels) else math.nan
-        val_auroc = float(broadcast_object(val_auroc, ctx))
-        rank_losses = [x for part in gather_objects(losses, ctx) for x in part]
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=float(np.mean(rank_losses)) if rank_losses else math.nan,
-            val_auroc=float(val_auroc),
-            data_wait_fraction=wait / step if step > 0 else 0.0,
-            seconds=time.perf_counter() - began,
-        )
-        history.append(record)
-        wait_total, step_total, ran = wait_total + wait, step_total + step, ran + 1
-        if best_epoch < 0 or _score(val_auroc) > best_auroc + cfg.min_delta:
-            best_auroc, best_epoch, stale = _score(val_auroc), epoch, 0
+    # one line that updates in place, not a log line per epoch (``DEBUG`` logs each epoch)
+    with progress_bar(enabled=ctx.is_main and show_progress) as bar:
+        task = bar.add_task("training", total=cfg.epochs, completed=start)
+        for epoch in range(start, cfg.epochs):
+            if stopped:
+                break
+            began = time.perf_counter()
+            _seed_epoch(train_loader, cfg.seed * 100_003 + epoch, epoch)
+            _set_lr(optimizer, lr_at(cfg, epoch))
+            model.train()
+            losses: list[float] = []
+            wait = step = 0.0
+            mark = time.perf_counter()
+            for batch in train_loader:
+                arrived = time.perf_counter()
+                image, label = _to_device(batch, device, cfg.channels_last)
+                losses.append(stepper(image, label, _mask_to_device(batch, device)))
+                seen += int(label.shape[0])
+                done = time.perf_counter()
+                wait += arrived - mark
+                step += done - mark
+                mark = done
+            train_seconds += time.perf_counter() - began
+            val_auroc = math.nan
             if ctx.is_main:
-                torch.save(net.state_dict(), best_path)
-        else:
-            stale += 1
-            stopped = stale >= cfg.patience
-        if not ctx.is_main:
-            continue
-        torch.save(
-            {
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "best_auroc": best_auroc,
-                "best_epoch": best_epoch,
-                "stale": stale,
-                "stopped": stopped,
-                "history": [{k: asdict(r)[k] for k in _CHECKPOINTED} for r in history],
-            },
-            last_path,
-        )
-        log.info(
-            "epoch %d: loss %.4f, val AUROC %.3f, data wait %.0f%%",
-            epoch,
-            record.train_loss,
-            record.val_auroc,
-            100 * record.data_wait_fraction,
-        )
-        if log_fn is not None:
-            log_fn(record)
-        if stopped:
-            log.info("early stop: no val AUROC gain for %d epochs (best %d)", stale, best_epoch)
+                labels, probs, _ = predict(net, val_loader, device)
+                val_auroc = auroc(labels, probs) if len(labels) else math.nan
+            val_auroc = float(broadcast_object(val_auroc, ctx))
+            rank_losses = [x for part in gather_objects(losses, ctx) for x in part]
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=float(np.mean(rank_losses)) if rank_losses else math.nan,
+                val_auroc=float(val_auroc),
+                data_wait_fraction=wait / step if step > 0 else 0.0,
+                seconds=time.perf_counter() - began,
+            )
+            history.append(record)
+            wait_total, step_total, ran = wait_total + wait, step_total + step, ran + 1
+            if best_epoch < 0 or _score(val_auroc) > best_auroc + cfg.min_delta:
+                best_auroc, best_epoch, stale = _score(val_auroc), epoch, 0
+                if ctx.is_main:
+                    torch.save(net.state_dict(), best_path)
+            else:
+                stale += 1
+                stopped = stale >= cfg.patience
+            bar.update(
+                task,
+                advance=1,
+                description=f"epoch {epoch}: loss {record.train_loss:.3f}, "
+                f"val AUROC {record.val_auroc:.3f} (best: epoch {best_epoch})",
+            )
+            if not ctx.is_main:
+                continue
+            torch.save(
+                {
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best_auroc": best_auroc,
+                    "best_epoch": best_epoch,
+                    "stale": stale,
+                    "stopped": stopped,
+                    "history": [{k: asdict(r)[k] for k in _CHECKPOINTED} for r in history],
+                },
+                last_path,
+            )
+            log.debug(
+                "epoch %d: loss %.4f, val AUROC %.3f, data wait %.0f%%",
+                epoch,
+                record.train_loss,
+                record.val_auroc,
+                100 * record.data_wait_fraction,
+            )
+            if log_fn is not None:
+                log_fn(record)
+            if stopped:
+                log.info("early stop: no val AUROC gain for %d epochs (best %d)", stale, best_epoch)
 
     per_rank = gather_objects(seen, ctx)
     in_sync = len({round(c, 6) for c in gather_objects(_checksum(net), ctx)}) == 1

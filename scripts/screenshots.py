@@ -116,6 +116,8 @@ def chromium(exe: str, page: Page, *args: str) -> list[str]:
         "--disable-dev-shm-usage",
         # without it, headless frames may skip sticky elements (MLflow's table headers)
         "--run-all-compositor-stages-before-draw",
+        # charts draw at once instead of animating (a shot mid-animation misses points)
+        "--force-prefers-reduced-motion",
         f"--window-size={WIDTH},{page.height}",
         "--virtual-time-budget=20000",
         *args,

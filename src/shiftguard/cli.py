@@ -30,14 +30,7 @@ def _cohort_generate(args: argparse.Namespace) -> int:
     from shiftguard.config import CohortConfig, compose_section
 
     cfg = compose_section("cohort", CohortConfig, args.overrides)
-    summary = generate.run(cfg, args.out, workers=args.workers, progress=not args.quiet)
-    log.info(
-        "cohort: %d subjects (%d with the finding), %d DICOM files under %s",
-        summary.n_subjects,
-        summary.n_positive,
-        summary.n_files,
-        args.out,
-    )
+    generate.run(cfg, args.out, workers=args.workers, progress=not args.quiet)  # logs its counts
     return 0
 
 
@@ -340,19 +333,18 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
     if args.development:
         folder, name = development_key_path().parent, DEVELOPMENT
-        if (folder / f"{name}.key").is_file() and not args.overwrite:
-            key = read_signing_key(folder / f"{name}.key")
-            log.info("keys: the development key %s (id %s) is already there", key.path, key.key_id)
-        else:
+        kept = (folder / f"{name}.key").is_file() and not args.overwrite
+        if not kept:
             generate(folder, name, overwrite=args.overwrite)
         trust_dir().mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / f"{name}.pub", trust_dir() / f"{name}.pub")
         key = read_signing_key(folder / f"{name}.key")
         log.info(
-            "keys: development key %s (id %s), trusted on this machine via %s; for development "
+            "keys: development key %s (id %s, %s), trusted on this machine via %s; for development "
             "only: a site trusts its lab's release key instead",
             key.path,
             key.key_id,
+            "kept" if kept else "new",
             trust_dir() / f"{name}.pub",
         )
         return 0

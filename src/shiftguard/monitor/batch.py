@@ -82,6 +82,8 @@ def run(
             f"{len(records)} studies, fewer than monitor.window.min_size ({cfg.window.min_size})"
         )
         reports.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # a DVC output even when there is nothing to judge
+        write_json(out / "not-judged.json", {"n_studies": len(records), "reason": reason})
         (reports / PAGE).write_text(
             "<!DOCTYPE html>\n<html><head><title>ShiftGuard drift report</title></head><body>"
             f"<h1>ShiftGuard drift report: {html.escape(site)}</h1>"

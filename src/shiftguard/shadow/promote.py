@@ -251,7 +251,7 @@ def promote(
     from mlflow.tracking import MlflowClient
 
     from shiftguard.shadow.report import SUMMARY, evaluation_run
-    from shiftguard.tracking import BUNDLE_VERSION_TAG, stage_run, tracking_uri
+    from shiftguard.tracking import BUNDLE_VERSION_TAG, set_store, stage_run, tracking_uri
 
     figures = load_summary(report)
     role = role or challenger_role(figures)
@@ -260,7 +260,7 @@ def promote(
     cand = figures["roles"][role]
     name = registered_model or cand.get("model") or ""
     bundle_version = str(cand.get("model_version") or "")
-    mlflow.set_tracking_uri(tracking_uri(root))
+    set_store(tracking_uri(root))
     client = MlflowClient()
     version = registry_version(client, name, bundle_version)
     try:

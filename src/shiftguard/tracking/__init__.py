@@ -233,13 +233,30 @@ def run_name(what: str) -> str:
     return f"{what} [{experiment}]" if experiment else what
 
 
+def set_store(uri: str) -> None:
+    """Point this process's MLflow at ``uri``, leaving ``$MLFLOW_TRACKING_URI`` as it was.
+
+    ``mlflow.set_tracking_uri`` also exports its argument as ``$MLFLOW_TRACKING_URI``, so every
+    program started afterwards (``dvc repro``, a notebook's kernel, a test's subprocess) would take
+    this store for the user's choice and log there.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def use_experiment(uri: str, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at ``uri`` and ``experiment`` (created when missing, its artifacts beside a
     SQLite store: :func:`artifact_root`), tagged as a model-training experiment
     (:data:`EXPERIMENT_KIND_TAG`); returns the experiment's id."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    set_store(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         experiment_id = mlflow.create_experiment(

@@ -262,6 +262,8 @@ def test_too_few_studies_are_not_judged_and_the_page_says_why(
     assert "fewer than monitor.window.min_size (20)" in figures["reason"]
     assert figures["reason"] in (tmp_path / "reports/drift.html").read_text()
     assert json.loads((tmp_path / "reports/metrics.json").read_text()) == figures
+    # the stage's output folder exists even so (DVC fails a stage whose output is missing)
+    assert json.loads((tmp_path / "out/not-judged.json").read_text())["n_studies"] == 12
 
 
 def test_records_are_dated_and_ordered_by_their_studies(tmp_path: Path, make_frame: Any) -> None:

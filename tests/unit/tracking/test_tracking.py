@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -209,3 +210,21 @@ def test_model_versions_and_runs_name_each_other(
     link_run(client, "m", "2", run.info.run_id, VALIDATE_RUN_TAG)
     assert client.get_model_version("m", "2").tags[VALIDATE_RUN_TAG] == run.info.run_id
     assert client.get_run(run.info.run_id).data.tags[MODEL_VERSION_TAG] == "m/2"
+
+
+def test_pointing_mlflow_at_a_store_leaves_the_environment_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mlflow.set_tracking_uri exports its argument: every later subprocess (dvc repro, a notebook
+    # kernel) would log into this store as if the user had chosen it
+    import mlflow
+
+    from shiftguard.tracking import embedded_uri, set_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    set_store(embedded_uri(tmp_path))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == embedded_uri(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    set_store(embedded_uri(tmp_path / "other"))
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"

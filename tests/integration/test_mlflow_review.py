@@ -92,14 +92,13 @@ def _shadow_inputs(root: Path, bundle_version: str) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def review(tmp_path_factory: pytest.TempPathFactory, conf_dir: Path) -> dict[str, Any]:
     """Every stage once, in order, on the tiny cohort; what the registry said at each moment."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from shiftguard.evaluation import validate
     from shiftguard.export import run as export
     from shiftguard.shadow.promote import promote
     from shiftguard.shadow.stage import evaluate_files
-    from shiftguard.tracking import embedded_uri
+    from shiftguard.tracking import embedded_uri, set_store
     from shiftguard.training.stage import run as train
     from shiftguard.utils import write_json
 
@@ -108,7 +107,8 @@ def review(tmp_path_factory: pytest.TempPathFactory, conf_dir: Path) -> dict[str
     client = MlflowClient(embedded_uri(root))
     moments: dict[str, Any] = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        # set here (not deleted): leaving the context removes it again, also what MLflow exported
+        mp.setenv("MLFLOW_TRACKING_URI", embedded_uri(root))
         mp.delenv("DVC_EXP_NAME", raising=False)
         # the drift reference runs the edge runner on DICOM files; this cohort has none
         mp.setattr(
@@ -154,7 +154,7 @@ def review(tmp_path_factory: pytest.TempPathFactory, conf_dir: Path) -> dict[str
             root / "shadow", GateConfig(min_studies=50, max_flagged_segments=99), root=root
         )
         moments["after promote"] = client.get_registered_model(NAME).aliases
-        mlflow.set_tracking_uri(embedded_uri(root))
+        set_store(embedded_uri(root))
     return {
         "root": root,
         "client": client,

@@ -829,16 +829,32 @@ def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]
     return flat
 
 
+#: ``metrics.json`` entries left out of the MLflow metrics: the same in every set (the interval's
+#: alpha and the threshold, logged once as ``threshold`` and a param) or another figure restated
+#: (a scanner's false-positive rate is 1 - its specificity); ``metrics.json`` keeps them all
+UNTRACKED = frozenset({"alpha", "threshold", "false_positive_rate"})
+
+
 def tracked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """``metrics.json`` flattened to the validate run's MLflow metrics, e.g.
     ``external.auroc.value``; the per-scanner figures are named by the scanner's slug
     (``external_scanners.magnetom_free_max.auroc.value``), since model names may hold dots.
+    Entries named in :data:`UNTRACKED` are left out below the top level, so the runs list shows
+    the figures that differ.
 
     >>> m = {"external_scanners": {"Free.Max": {"slug": "free_max", "n": 3, "reason": "few"}}}
     >>> tracked_metrics(m)
     {'external_scanners.free_max.n': 3.0}
+    >>> tracked_metrics({"threshold": 0.4, "test": {"alpha": 0.05, "threshold": 0.4, "n": 24}})
+    {'threshold': 0.4, 'test.n': 24.0}
     """
-    named = dict(metrics)
+
+    def trimmed(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {k: trimmed(v) for k, v in value.items() if k not in UNTRACKED}
+
+    named = {k: v if not isinstance(v, dict) else trimmed(v) for k, v in metrics.items()}
     if EXTERNAL_SCANNERS in named:
         named[EXTERNAL_SCANNERS] = {
             str(report.get("slug") or scanner_slug(model)): report

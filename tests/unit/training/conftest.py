@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -38,3 +39,15 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str,
             }
         )
     return root, out
+
+
+@pytest.fixture
+def dataset_csv(rows: tuple[Path, list[dict[str, str]]], tmp_path: Path) -> Path:
+    """The split table of :func:`rows` written to ``tmp_path/dataset.csv``."""
+    table = rows[1]
+    path = tmp_path / "dataset.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    return path

@@ -223,15 +223,11 @@ def test_render_physics_follows_the_signal_equations() -> None:
         render_physics(np.array([[[40]]]), physics, np.random.default_rng(0))
 
 
-def test_label_driven_arms_need_their_label_maps(rows, tmp_path: Path, conf_dir: Path) -> None:
+def test_label_driven_arms_need_their_label_maps(
+    rows, dataset_csv: Path, tmp_path: Path, conf_dir: Path
+) -> None:
     root, table = rows
-    csv_path = tmp_path / "dataset.csv"
-    import csv
-
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    csv_path = dataset_csv
     sections: dict[str, Any] = validate_all(
         compose(["augment=labels", "experiment=tiny", "train.lesion_masks=null"])
     )
@@ -256,18 +252,13 @@ def test_label_driven_arms_need_their_label_maps(rows, tmp_path: Path, conf_dir:
 
 
 def test_an_arm_on_cuda_without_a_gpu_is_a_named_error(
-    rows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    rows, dataset_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``augment.device=cuda`` on a machine without CUDA stops before training with the setting
     and the way out, not a torch traceback from inside the cache."""
-    import csv
 
-    root, table = rows
-    csv_path = tmp_path / "dataset.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    root = rows[0]
+    csv_path = dataset_csv
     sections: dict[str, Any] = validate_all(
         compose(["augment=intensity", "experiment=tiny", "train.lesion_masks=null"])
     )

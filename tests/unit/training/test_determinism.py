@@ -126,13 +126,15 @@ def test_the_number_of_loader_workers_does_not_change_the_network(
 
 
 def test_the_train_stage_twice_writes_the_same_bytes(
-    rows: tuple[Path, list[dict[str, str]]], augment: AugmentConfig, tmp_path: Path
+    rows: tuple[Path, list[dict[str, str]]],
+    dataset_csv: Path,
+    augment: AugmentConfig,
+    tmp_path: Path,
 ) -> None:
     """What the stage writes into DVC outputs and committed reports (weights, checkpoints,
     metrics.json, history.csv) holds no timings and nothing of MLflow's: two runs, each tracked in
     a fresh store where the model gets another run id and registry number (v1, v3), give the same
     files. Each store finds its run, and the version registered from it, by the model's SHA-256."""
-    import csv
 
     from mlflow.tracking import MlflowClient
 
@@ -141,12 +143,8 @@ def test_the_train_stage_twice_writes_the_same_bytes(
     from shiftguard.training.stage import run as train_stage
     from shiftguard.utils import write_json
 
-    root, table = rows
-    dataset = tmp_path / "dataset.csv"
-    with dataset.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    root = rows[0]
+    dataset = dataset_csv
     model = ModelConfig(
         network={"_target_": "shiftguard.models.SmallCNN3d", "channels": [4, 8, 16]}
     )

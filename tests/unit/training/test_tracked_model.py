@@ -4,7 +4,6 @@ run is named after it, and the runs list holds the params worth comparing, not t
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from shiftguard.config.schema import AugmentConfig, ModelConfig, TrainConfig
 @pytest.mark.parametrize("keep", ["last", "best"])
 def test_the_logged_model_carries_the_saved_epochs_metrics(
     rows: tuple[Path, list[dict[str, str]]],
+    dataset_csv: Path,
     conf_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -35,12 +35,8 @@ def test_the_logged_model_carries_the_saved_epochs_metrics(
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    root, table = rows
-    dataset = tmp_path / "dataset.csv"
-    with dataset.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    root = rows[0]
+    dataset = dataset_csv
     augment = compose_section("augment", AugmentConfig, ["augment.enabled=false"], conf_dir)
     model = ModelConfig(network={"_target_": "shiftguard.models.SmallCNN3d", "channels": [4, 8]})
     cfg = TrainConfig(seed=1, epochs=3, batch_size=4, num_workers=0, keep=keep, lr=0.01)

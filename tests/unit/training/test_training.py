@@ -196,21 +196,16 @@ def test_amp_on_cuda_learns_the_blob_and_resumes(rows, tmp_path: Path) -> None:
 
 
 def test_the_train_stage_twice_gives_the_same_network(
-    rows, augment: AugmentConfig, tmp_path: Path
+    rows, dataset_csv: Path, augment: AugmentConfig, tmp_path: Path
 ) -> None:
     """The stage seeds the initial weights too (it once built the network before seeding)."""
-    import csv
 
     from shiftguard.config.schema import ModelConfig
     from shiftguard.training.stage import load_model
     from shiftguard.training.stage import run as train_stage
 
-    root, table = rows
-    dataset = tmp_path / "dataset.csv"
-    with dataset.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    root = rows[0]
+    dataset = dataset_csv
     model = ModelConfig(
         network={"_target_": "shiftguard.models.SmallCNN3d", "channels": [4, 8, 16]}
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shiftguard.augment import robustness
 from shiftguard.config import AugmentConfig, load_section
-from shiftguard.utils import env_workers, setup_logging, write_json
+from shiftguard.utils import env_workers, run_stage, setup_logging, write_json
 
 DATASET = Path("artifacts/split/dataset.csv")
 INGEST = Path("artifacts/ingest")
@@ -31,4 +31,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

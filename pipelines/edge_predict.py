@@ -5,7 +5,7 @@ a Secondary Capture key image per series out (``artifacts/edge/``, with ``result
 per series go to ``reports/edge/timings.csv``, which neither DVC nor git tracks: timings differ from
 run to run, the outputs must not.
 
-Only the choice of studies is lab-side (the split table says which patients are external); the
+Only the choice of series is lab-side (the split table says which are external); the
 prediction itself is ``shiftguard edge predict`` (:mod:`shiftguard.edge.predict`), which imports
 no torch, MONAI, MLflow or DVC.
 """
@@ -16,33 +16,34 @@ import csv
 import sys
 from pathlib import Path
 
+from shiftguard.config import DataConfig, load_section
 from shiftguard.edge.bundle import open_bundle
 from shiftguard.edge.predict import Predictor
-from shiftguard.utils import setup_logging, write_json
+from shiftguard.utils import run_stage, setup_logging, write_json
 
 BUNDLES = Path("artifacts/export")
 DATASET = Path("artifacts/split/dataset.csv")
-DICOM = Path("data/dicom")
 OUT = Path("artifacts/edge")
 REPORTS = Path("reports/edge")
 TIMINGS = REPORTS / "timings.csv"  # not a DVC output (git-ignored)
 
 
-def external_studies(dataset_csv: Path, dicom_root: Path) -> list[Path]:
-    """The study folders (``dicom_root/<patient>/<study>``) of the external split's patients."""
+def external_series(dataset_csv: Path) -> set[str]:
+    """The SeriesInstanceUIDs of the external split (whatever the DICOM tree's layout)."""
     with dataset_csv.open(newline="") as fh:
-        patients = sorted({r["patient_id"] for r in csv.DictReader(fh) if r["split"] == "external"})
-    return [dicom_root / p for p in patients if (dicom_root / p).is_dir()]
+        return {r["series_uid"] for r in csv.DictReader(fh) if r["split"] == "external"}
 
 
 def main() -> int:
     setup_logging()
     [bundle_path] = sorted(BUNDLES.glob("*.sgbundle"))
-    folders = external_studies(DATASET, DICOM)
+    dicom = Path(load_section("data", DataConfig).dicom)
     for old in OUT.glob("*.dcm"):
         old.unlink()
     predictor = Predictor(open_bundle(bundle_path), shadow=True)
-    summary = predictor.predict_folder(folders, OUT, timings_csv=TIMINGS)
+    summary = predictor.predict_folder(
+        dicom, OUT, timings_csv=TIMINGS, series=external_series(DATASET)
+    )
     seconds = [
         sum(float(r[k]) for k in ("read_s", "preprocess_s", "infer_s", "write_s"))
         for r in summary.results
@@ -65,4 +66,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

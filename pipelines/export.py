@@ -3,7 +3,7 @@ preprocessing, threshold, drift baseline and model card into one verified edge b
 (``artifacts/export/NAME.sgbundle``, the same bytes for the same inputs), logged to the MLflow run
 that trained the model (see :mod:`shiftguard.export`).
 
-Config: the ``export`` and ``ingest`` sections of ``params.yaml``.
+Config: the ``export``, ``ingest`` and ``data`` sections of ``params.yaml``.
 """
 
 from __future__ import annotations
@@ -11,21 +11,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shiftguard.config import ExportConfig, IngestConfig, load_section
+from shiftguard.config import DataConfig, ExportConfig, IngestConfig, load_section
 from shiftguard.export import run
-from shiftguard.utils import setup_logging, write_json
+from shiftguard.utils import run_stage, setup_logging, write_json
 
 MODEL = Path("artifacts/train/model.pt")
 DATASET = Path("artifacts/split/dataset.csv")
 INGEST = Path("artifacts/ingest")
 VALIDATION = Path("reports/validate")
 OUT = Path("artifacts/export")
-DICOM = Path("data/dicom")  # the training series, run through the edge runner for the reference
 REPORTS = Path("reports/export")
 
 
 def main() -> int:
     setup_logging()
+    # the training series (data.dicom) run through the edge runner: the drift monitor's reference
+    dicom = Path(load_section("data", DataConfig).dicom)
     summary = run(
         load_section("export", ExportConfig),
         load_section("ingest", IngestConfig),
@@ -34,11 +35,11 @@ def main() -> int:
         INGEST,
         VALIDATION,
         OUT,
-        dicom_dir=DICOM,
+        dicom_dir=dicom,
     )
     write_json(REPORTS / "metrics.json", summary.to_metrics())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

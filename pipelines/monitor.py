@@ -26,7 +26,7 @@ from pathlib import Path
 from shiftguard.config import MonitorConfig, load_section
 from shiftguard.edge.service import resolve_bundle
 from shiftguard.monitor.batch import run
-from shiftguard.utils import setup_logging
+from shiftguard.utils import run_stage, setup_logging
 
 BUNDLES = Path("artifacts/export")
 RESULTS = Path("artifacts/edge/results.csv")
@@ -43,4 +43,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

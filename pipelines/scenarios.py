@@ -5,7 +5,8 @@ streams drawn from them, windows judged and the alert rules applied. The detecti
 false alarms of each land in ``reports/monitor/scenarios.json`` (see
 :mod:`shiftguard.monitor.scenarios`).
 
-Config: the ``monitor``, ``cohort`` and ``split`` sections of ``params.yaml``.
+Config: the ``monitor``, ``cohort``, ``split`` and ``data`` sections of ``params.yaml``; skipped
+(said so, with an empty ``artifacts/scenarios``) when ``data`` is not the synthetic cohort.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
-from shiftguard.config import CohortConfig, MonitorConfig, SplitConfig, load_section
+from shiftguard.config import CohortConfig, DataConfig, MonitorConfig, SplitConfig, load_section
 from shiftguard.edge.service import resolve_bundle
 from shiftguard.monitor.scenarios import run_all, table
-from shiftguard.utils import setup_logging, write_json
+from shiftguard.utils import run_stage, setup_logging, write_json
 
 BUNDLES = Path("artifacts/export")
 OUT = Path("reports/monitor/scenarios.json")
@@ -27,6 +28,16 @@ log = logging.getLogger("scenarios")
 
 def main() -> int:
     setup_logging()
+    data = load_section("data", DataConfig)
+    if not data.synthetic:  # the pools are drawn from the generator: nothing to draw them from
+        reason = (
+            f"data source {data.name!r} is not the synthetic cohort; the drift scenarios simulate "
+            "their studies with its generator (the monitor stage judges the held-out real studies)"
+        )
+        Path("artifacts/scenarios").mkdir(parents=True, exist_ok=True)
+        write_json(OUT, {"skipped": reason})
+        log.warning("scenarios: skipped: %s", reason)
+        return 0
     summary = run_all(
         load_section("monitor", MonitorConfig),
         load_section("cohort", CohortConfig),
@@ -40,4 +51,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -1,7 +1,7 @@
-"""DVC stage ``shadow``: the edge runner's shadow-mode predictions (``edge_predict``, the unseen
-scanner's studies) judged against the radiologists' verified diagnoses
-(``data/ris/verified_diagnoses.csv``): overall and per segment (sex, age band, site, scanner vendor
-and model) with bootstrap CIs and the gap to the validation stage's figure for the same segment,
+"""DVC stage ``shadow``: the edge runner's shadow-mode predictions (``edge_predict``, the external
+split's studies) judged against the verified diagnoses (the data source's labels as the split stage
+joined them, ``artifacts/split/diagnoses.csv``): overall and per segment (sex, age band, site,
+scanner vendor and model) with bootstrap CIs and the gap to the validation stage's figure for the same segment,
 flagged segments, an HTML report with plots (``reports/shadow/report.html``), the tables behind it,
 and an MLflow run with the same figures; headline figures in ``reports/shadow/metrics.json``.
 
@@ -17,11 +17,11 @@ from shiftguard.config import ShadowConfig, load_section
 from shiftguard.shadow.evaluate import jsonable
 from shiftguard.shadow.stage import evaluate_files
 from shiftguard.tracking import CHALLENGER, CHAMPION
-from shiftguard.utils import setup_logging, write_json
+from shiftguard.utils import run_stage, setup_logging, write_json
 
 BUNDLES = Path("artifacts/export")
 RESULTS = Path("artifacts/edge/results.csv")
-DIAGNOSES = Path("data/ris/verified_diagnoses.csv")
+DIAGNOSES = Path("artifacts/split/diagnoses.csv")  # the data source's labels, joined by split
 OUT = Path("reports/shadow")
 
 
@@ -72,4 +72,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shiftguard.config import AugmentConfig, ModelConfig, TrainConfig, load_section, read_params
 from shiftguard.training import stage
-from shiftguard.utils import setup_logging, write_json
+from shiftguard.utils import run_stage, setup_logging, write_json
 
 DATASET = Path("artifacts/split/dataset.csv")
 INGEST = Path("artifacts/ingest")
@@ -42,4 +42,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shiftguard.config import EvaluateConfig, load_section, read_params
 from shiftguard.evaluation import validate
-from shiftguard.utils import setup_logging, write_json
+from shiftguard.utils import run_stage, setup_logging, write_json
 
 MODEL = Path("artifacts/train/model.pt")
 DATASET = Path("artifacts/split/dataset.csv")
@@ -33,4 +33,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

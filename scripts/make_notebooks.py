@@ -203,7 +203,7 @@ print(f"{len(arms)} arm(s) validated in {uri}")""",
         """if len(arms) < 2:  # build both arms on the tiny cohort, tracked in a temporary store
     from shiftguard.augment import robustness
     from shiftguard.cohort import generate
-    from shiftguard.config import (AugmentConfig, CohortConfig, EvaluateConfig, IngestConfig, ModelConfig,
+    from shiftguard.config import (AugmentConfig, CohortConfig, DataConfig, EvaluateConfig, IngestConfig, ModelConfig,
                                    SplitConfig, TrainConfig, compose, validate)
     from shiftguard.data import ingest, split
     from shiftguard.evaluation import validate as validation
@@ -213,8 +213,9 @@ print(f"{len(arms)} arm(s) validated in {uri}")""",
     base = compose(["experiment=tiny"])
     generate.run(validate("cohort", base["cohort"], CohortConfig), work / "data", workers=1, progress=False)
     ingest.run(validate("ingest", base["ingest"], IngestConfig), work / "data/dicom", work / "ingest", workers=1, progress=False)
-    split.run(validate("split", base["split"], SplitConfig), work / "ingest/manifest.csv",
-              work / "data/ris/verified_diagnoses.csv", work / "split")
+    data = validate("data", base["data"], DataConfig).model_copy(update={"labels": str(work / "data/ris/verified_diagnoses.csv")})
+    split.run(validate("split", base["split"], SplitConfig), data, work / "ingest/manifest.csv", work / "split",
+              work / "split/labels.csv")
     robustness.run(validate("augment", base["augment"], AugmentConfig), work / "split/dataset.csv", work / "ingest",
                    work / "augment", workers=1, progress=False)
     for overrides in (["experiment=tiny"], ["experiment=tiny", "augment=none"]):

@@ -40,13 +40,20 @@ def _ingest(args: argparse.Namespace) -> int:
     from shiftguard.config import IngestConfig, compose_section
     from shiftguard.data import ingest
 
+    from shiftguard.config import DataConfig
+    from shiftguard.data.identifiers import pseudonymizer
+
     cfg = compose_section("ingest", IngestConfig, args.overrides)
+    data = compose_section("data", DataConfig, args.overrides)
+    ids = pseudonymizer(data.name, data.identifiers, data.key_id)
     if args.input.is_dir() and not any(files for _, _, files in os.walk(args.input)):
         raise ingest.IngestInputError(
             f"ingest: {args.input} holds no files (no DICOM to read); pass the root of the "
             "DICOM tree"
         )
-    summary = ingest.run(cfg, args.input, args.out, workers=args.workers, progress=not args.quiet)
+    summary = ingest.run(
+        cfg, args.input, args.out, workers=args.workers, progress=not args.quiet, identifiers=ids
+    )
     log.info(
         "ingest: %d series accepted, %d rejected, %d files quarantined; see %s",
         summary.series_accepted,
@@ -58,12 +65,20 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from shiftguard.config import SplitConfig, compose_section
+    from shiftguard.config import DataConfig, SplitConfig, compose_section
     from shiftguard.data import split
+    from shiftguard.data.identifiers import pseudonymizer
 
     cfg = compose_section("split", SplitConfig, args.overrides)
-    summary = split.run(cfg, args.manifest, args.diagnoses, args.out)
-    log.info("split: series per split %s", summary.series)
+    data = compose_section("data", DataConfig, args.overrides)
+    if args.labels is not None:
+        data = data.model_copy(update={"labels": str(args.labels)})
+    ids = pseudonymizer(data.name, data.identifiers, data.key_id)
+    quarantine = args.manifest.parent / "quarantine.csv"
+    summary, _ = split.run(
+        cfg, data, args.manifest, args.out, args.report, quarantine if quarantine.is_file() else None, ids
+    )
+    log.info("split: series per split %s; labels report %s", summary.series, args.report)
     return 0
 
 
@@ -734,8 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     spl = sub.add_parser("split", help="patient-level split with an external test set")
     spl.add_argument("--manifest", type=Path, default=Path("artifacts/ingest/manifest.csv"))
-    spl.add_argument("--diagnoses", type=Path, default=Path("data/ris/verified_diagnoses.csv"))
+    spl.add_argument(
+        "--labels", type=Path, default=None, help="label file or folder (default: data.labels)"
+    )
     spl.add_argument("--out", type=Path, default=Path("artifacts/split"))
+    spl.add_argument("--report", type=Path, default=Path("reports/split/labels.csv"))
     overrides(spl)
     spl.set_defaults(func=_split)
 

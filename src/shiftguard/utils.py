@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,11 +51,33 @@ def env_workers(default: int | None = None) -> int:
     return (default or os.cpu_count() or 1) if value is None else value
 
 
+def config_dir() -> Path:
+    """The user's ShiftGuard folder (keys): ``$XDG_CONFIG_HOME/shiftguard``, else
+    ``~/.config/shiftguard``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "shiftguard"
+
+
 def write_json(path: Path, data: Mapping[str, object]) -> Path:
     """Write JSON with sorted keys and a trailing newline: stable bytes for git and ``dvc metrics``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
+
+
+def run_stage(main: Callable[[], int]) -> int:
+    """Run a DVC stage's ``main``: an input it cannot accept (a :class:`ShiftGuardError`) ends it
+    with the error's message on stderr and exit status 2, no traceback; anything else is a bug and
+    keeps its traceback."""
+    import sys
+
+    from shiftguard.errors import ShiftGuardError
+
+    try:
+        return main()
+    except ShiftGuardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def setup_logging(level: int | str = logging.INFO) -> None:

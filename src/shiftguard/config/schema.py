@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -369,6 +369,92 @@ class CohortConfig(_Strict):
 
 
 # --------------------------------------------------------------------------------------------------
+# Data: where the cohort's DICOM and labels come from (conf/data/)
+# --------------------------------------------------------------------------------------------------
+
+JoinKey = Literal["study_uid", "accession_number", "patient_id+study_date"]
+#: the label-file columns each join key needs (names of :class:`LabelColumns` fields)
+JOIN_KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    "study_uid": ("study_uid",),
+    "accession_number": ("accession_number",),
+    "patient_id+study_date": ("patient_id", "study_date"),
+}
+DEFAULT_POSITIVE = ("1", "true", "yes", "y", "positive", "pos", "present", "abnormal")
+DEFAULT_NEGATIVE = ("0", "false", "no", "n", "negative", "neg", "absent", "normal")
+
+
+class LabelColumns(_Strict):
+    """The label file's column for each thing ShiftGuard reads from it (``None``: not in the file).
+
+    ``finding`` is required; the join key's columns (see :data:`JOIN_KEY_FIELDS`) too. ``patient_sex``
+    and ``patient_age`` fill the manifest's demographics where the DICOM headers leave them empty;
+    ``reader`` and ``reported_at`` (when the report was signed) go to the shadow stage's verified
+    diagnoses (``reported_at`` only where identifiers are kept: it is a date).
+    """
+
+    finding: str = Field(min_length=1)
+    study_uid: str | None = None
+    accession_number: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None
+    patient_sex: str | None = None
+    patient_age: str | None = None
+    reader: str | None = None
+    reported_at: str | None = None
+
+
+class DataConfig(_Strict):
+    """One data source: a DICOM tree, its label file(s) and how they join (``conf/data/<name>.yaml``).
+
+    ``dicom`` and ``labels`` are paths relative to the project root, or absolute (DVC then hashes them
+    where they are, as external dependencies). ``labels`` is one file or a folder of files (CSV, TSV,
+    JSON, JSON lines; Excel and Parquet when their readers are installed). ``identifiers``:
+    ``pseudonymize`` replaces patient IDs, accession numbers and file paths with keyed hashes and keeps
+    study dates to the month in everything the pipeline writes (the key lives outside the project, see
+    :mod:`shiftguard.data.identifiers`; ``key_id`` is its fingerprint); ``keep`` is for cohorts whose
+    identifiers are made up, like the synthetic one. ``synthetic``: the embedded generator's cohort,
+    the only one the stages built on the generator (drift scenarios) run on.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    synthetic: bool = False
+    dicom: str = Field(min_length=1)
+    labels: str = Field(min_length=1)
+    ground_truth: str = Field(
+        min_length=1,
+        description="per-subject masks and label maps the training may read (the synthetic "
+        "cohort's data/ground_truth); a cohort without them names its label file",
+    )
+    dvc_file: str | None = Field(None, description="the .dvc file tracking the data, if any")
+    key: JoinKey = "study_uid"
+    columns: LabelColumns
+    positive: list[str] = Field(default_factory=lambda: list(DEFAULT_POSITIVE), min_length=1)
+    negative: list[str] = Field(default_factory=lambda: list(DEFAULT_NEGATIVE), min_length=1)
+    identifiers: Literal["keep", "pseudonymize"] = "pseudonymize"
+    key_id: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")
+
+    @model_validator(mode="after")
+    def _mapping(self) -> DataConfig:
+        missing = [f for f in JOIN_KEY_FIELDS[self.key] if getattr(self.columns, f) is None]
+        if missing:
+            raise ValueError(
+                f"data.key={self.key} needs data.columns.{' and data.columns.'.join(missing)} "
+                "(the label file's column(s) holding it)"
+            )
+        pos = {v.strip().lower() for v in self.positive}
+        neg = {v.strip().lower() for v in self.negative}
+        if pos & neg:
+            raise ValueError(
+                f"data.positive and data.negative share {sorted(pos & neg)}; a value means one thing"
+            )
+        if self.identifiers == "pseudonymize" and self.key_id is None:
+            raise ValueError(
+                "data.identifiers=pseudonymize needs data.key_id (the pseudonym key's fingerprint); "
+                "`shiftguard data init` writes both"
+            )
+        return self
+
+# --------------------------------------------------------------------------------------------------
 # Ingest: any DICOM tree to validated, canonical volumes
 # --------------------------------------------------------------------------------------------------
 
@@ -402,11 +488,43 @@ class IngestConfig(_Strict):
 # --------------------------------------------------------------------------------------------------
 
 
+def _date_bound(value: object) -> str | None:
+    if value is None:
+        return None
+    digits = "".join(c for c in str(value) if c.isdigit())
+    if len(digits) not in (4, 6, 8):
+        raise ValueError(f"{value!r}: write a date as YYYY-MM-DD, YYYY-MM or YYYY")
+    return digits
+
+
 class ExternalSelector(_Strict):
-    """Series whose manifest ``column`` holds one of ``values`` form the external test set."""
+    """Which series form the external test set: every criterion given must hold.
+
+    * ``column`` + ``values``: the manifest ``column`` (any header field ingest records: site,
+      manufacturer, scanner_model, field_strength, station, series_description, ...) holds one of
+      ``values`` or one of the lines of ``values_file`` (numbers compare as numbers, so 3 matches
+      3.0). Patient IDs and accession numbers given here are pseudonymized like the manifest's.
+    * ``date_from`` / ``date_to``: the study date lies in the range (inclusive; a temporal split).
+      ``YYYY-MM-DD``, ``YYYY-MM`` or ``YYYY``; on pseudonymized data dates are months.
+
+    With neither, there is no external set. A patient with any external series is external whole.
+    """
 
     column: str = "scanner_model"
-    values: list[str] = Field(default_factory=list)
+    values: list[str | int | float] = Field(default_factory=list)
+    values_file: str | None = None
+    date_from: Annotated[str | None, BeforeValidator(_date_bound)] = None
+    date_to: Annotated[str | None, BeforeValidator(_date_bound)] = None
+
+    @model_validator(mode="after")
+    def _range(self) -> ExternalSelector:
+        if self.date_from and self.date_to:
+            n = min(len(self.date_from), len(self.date_to))
+            if self.date_from[:n] > self.date_to[:n]:
+                raise ValueError(
+                    f"split.external: date_from {self.date_from} is after date_to {self.date_to}"
+                )
+        return self
 
 
 class SplitConfig(_Strict):
@@ -914,6 +1032,7 @@ class EvaluateConfig(_Strict):
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {
+    "data": DataConfig,
     "cohort": CohortConfig,
     "ingest": IngestConfig,
     "split": SplitConfig,

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard.config.schema import IngestConfig
+from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.data.volume import (
     Resampled,
     canonical_affine,
@@ -609,12 +610,35 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]
     tmp.replace(path)
 
 
+def _quarantine_row(
+    entry: QuarantineEntry, input_dir: Path, prefix: str, ids: Pseudonymizer
+) -> dict[str, Any]:
+    """One quarantine.csv row; with pseudonyms, the path (in the row and its reason) is ``F-...``."""
+    path = _relative(entry.path, input_dir)
+    reason = entry.reason.replace(prefix, "")  # paths in reasons: relative too
+    if ids.active:  # the files' paths first: a folder's path is a prefix of theirs
+        named = {_relative(f, input_dir) for f in entry.files} | {path}
+        for rel in sorted(named, key=len, reverse=True):
+            reason = reason.replace(rel, ids.path(rel))
+        path = ids.path(path)
+    return {
+        "path": path,
+        "level": entry.level,
+        "series_uid": entry.series_uid,
+        "code": entry.code,
+        "reason": reason,
+        "fix": entry.fix,
+        "n_files": len(entry.files),
+    }
+
+
 def run(
     cfg: IngestConfig,
     input_dir: Path,
     out_dir: Path,
     workers: int | None = None,
     progress: bool = True,
+    identifiers: Pseudonymizer | None = None,
 ) -> IngestSummary:
     """Ingest every DICOM file under ``input_dir`` into ``out_dir``.
 
@@ -629,6 +653,9 @@ def run(
         out_dir: Output folder (created; earlier volumes in ``volumes/`` are replaced).
         workers: Worker processes; ``None`` uses ``os.cpu_count()``, 1 runs in this process.
         progress: Show a rich progress bar.
+        identifiers: The data source's identifier policy: with a key, patient IDs, accession
+            numbers, file paths, study dates and old ages in both tables are pseudonymized (see
+            :mod:`shiftguard.data.identifiers`); ``None`` keeps them.
 
     Returns:
         The run's counts and speed.
@@ -711,21 +738,16 @@ def run(
     )
 
     # 3. Reports, sorted so that the output does not depend on the worker count.
+    ids = identifiers or Pseudonymizer(None)
+    for row in rows:
+        row["patient_id"] = ids.patient(row["patient_id"])
+        row["accession_number"] = ids.accession(row["accession_number"])
+        row["study_date"] = ids.study_date(row["study_date"])
+        row["patient_age"] = ids.age(row["patient_age"])
     rows.sort(key=lambda r: (r["patient_id"], r["study_uid"], r["series_uid"]))
     prefix = str(input_dir).rstrip(os.sep) + os.sep
     quarantine_rows = sorted(
-        (
-            {
-                "path": _relative(e.path, input_dir),
-                "level": e.level,
-                "series_uid": e.series_uid,
-                "code": e.code,
-                "reason": e.reason.replace(prefix, ""),  # paths in reasons: relative too
-                "fix": e.fix,
-                "n_files": len(e.files),
-            }
-            for e in entries
-        ),
+        (_quarantine_row(e, input_dir, prefix, ids) for e in entries),
         key=lambda r: (r["path"], r["level"], r["series_uid"], r["code"], r["reason"]),
     )
     _write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS, rows)

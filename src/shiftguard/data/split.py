@@ -1,8 +1,10 @@
-"""Patient-level, stratified train/val/test split with an external (unseen scanner) test set.
+"""Patient-level, stratified train/val/test split with an external test set.
 
-The verified diagnoses come from a separate table, like a RIS export, joined on the study UID. Series
-from the scanners named by ``SplitConfig.external`` form the external test set; every other patient goes
-wholly into one of train, val or test, so no patient is ever in two splits.
+The labels come from the data source's label file(s) (a RIS export, a reading study), joined to the
+ingested studies by :mod:`shiftguard.data.labels`, which accounts for every study and label row in a
+report. Series selected by ``SplitConfig.external`` (a header field's values, a date range) form the
+external test set; every other labelled patient goes wholly into one of train, val or test, so no
+patient is ever in two splits.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from shiftguard.config.schema import SplitConfig
+from shiftguard.config.schema import DataConfig, ExternalSelector, SplitConfig
+from shiftguard.data import labels as label_join
+from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.errors import ShiftGuardError
 
 log = logging.getLogger(__name__)
@@ -24,7 +28,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 EXTERNAL = "external"
 UNLABELLED = "unlabelled"
-DIAGNOSIS_COLUMNS = ("study_instance_uid", "finding")
+#: the verified diagnoses the split writes for the shadow stage (its reader's column names)
+DIAGNOSIS_COLUMNS = ("study_instance_uid", "finding", "reader", "reported_at")
 
 
 class SplitInputError(ShiftGuardError, ValueError):
@@ -51,6 +56,7 @@ class SplitSummary:
             "positives": dict(sorted(self.positives.items())),
             "prevalence": dict(sorted(prevalence.items())),
             "moved_to_external": self.moved_to_external,
+            **({"labels": dict(self.extra)} if self.extra else {}),
         }
 
 
@@ -101,38 +107,101 @@ def allocate(counts: Sequence[int], fractions: Sequence[float]) -> list[list[int
     return result
 
 
-def parse_finding(value: str, where: str) -> int:
-    """Turn a RIS finding cell into 0/1; anything else is an error naming the row."""
-    text = value.strip().lower()
-    if text in {"1", "true", "yes", "positive"}:
-        return 1
-    if text in {"0", "false", "no", "negative"}:
-        return 0
-    raise SplitInputError(f"{where}: finding must be 0/1 (or yes/no), got {value!r}")
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def external_rule(
+    cfg: ExternalSelector, ids: Pseudonymizer | None = None
+) -> Callable[[Mapping[str, str]], bool] | None:
+    """A test of whether a manifest row is external, or ``None`` when the config selects nothing.
+
+    >>> rule = external_rule(ExternalSelector(column="field_strength", values=[3]))
+    >>> rule({"field_strength": "3.0"}), rule({"field_strength": "1.5"})
+    (True, False)
+    >>> rule = external_rule(ExternalSelector(date_from="2021-07"))
+    >>> rule({"study_date": "20210630"}), rule({"study_date": "20210701"}), rule({"study_date": "202107"})
+    (False, True, True)
+    """
+    ids = ids or Pseudonymizer(None)
+    values = [str(v).strip() for v in cfg.values]
+    if cfg.values_file:
+        path = Path(cfg.values_file)
+        if not path.is_file():
+            raise SplitInputError(f"split.external.values_file: {path} does not exist")
+        values += [
+            line.strip()
+            for line in path.read_text(encoding="utf-8-sig").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    if cfg.column == "patient_id":
+        values = [ids.patient(v) for v in values]
+    elif cfg.column == "accession_number":
+        values = [ids.accession(v) for v in values]
+    texts = set(values)
+    numbers = {n for n in map(_number, values) if n is not None}
+    by_value = bool(values)
+    if not by_value and cfg.date_from is None and cfg.date_to is None:
+        return None
+
+    def in_values(row: Mapping[str, str]) -> bool:
+        cell = row[cfg.column].strip()
+        number = _number(cell)
+        return cell in texts or (number is not None and number in numbers)
+
+    def in_dates(row: Mapping[str, str]) -> bool:
+        date = "".join(c for c in row.get("study_date", "") if c.isdigit())
+        if not date:
+            return False
+        for bound, later in ((cfg.date_from, True), (cfg.date_to, False)):
+            if bound is None:
+                continue
+            n = min(len(date), len(bound))
+            if (date[:n] < bound[:n]) if later else (date[:n] > bound[:n]):
+                return False
+        return True
+
+    def rule(row: Mapping[str, str]) -> bool:
+        if by_value and not in_values(row):
+            return False
+        return not (cfg.date_from or cfg.date_to) or in_dates(row)
+
+    return rule
 
 
 def assign(
     manifest: Sequence[Mapping[str, str]],
     diagnoses: Mapping[str, int],
     cfg: SplitConfig,
+    ids: Pseudonymizer | None = None,
 ) -> tuple[list[dict[str, str]], SplitSummary]:
     """Assign every manifest row to a split.
 
     Args:
         manifest: ingest manifest rows (``series_key``, ``patient_id``, ``study_uid`` and the columns
-            named by ``cfg.external.column`` and ``cfg.stratify_on``).
+            named by ``cfg.external`` and ``cfg.stratify_on``).
         diagnoses: finding (0/1) per study instance UID.
         cfg: the split configuration.
+        ids: the data source's identifier policy (external patient IDs or accession numbers given
+            in the config are pseudonymized like the manifest's).
 
     Returns:
         The manifest rows with ``finding`` and ``split`` added, and a summary.
     """
     column = cfg.external.column
-    if manifest and column not in manifest[0]:
+    needs_column = bool(cfg.external.values or cfg.external.values_file)
+    if manifest and needs_column and column not in manifest[0]:
         raise SplitInputError(
             f"split.external.column: manifest has no column {column!r}; "
             f"choose one of {sorted(manifest[0])}"
         )
+    if manifest and (cfg.external.date_from or cfg.external.date_to):
+        if "study_date" not in manifest[0]:
+            raise SplitInputError("split.external.date_from/date_to: manifest has no study_date")
+    is_external = external_rule(cfg.external, ids)
     rows = [dict(r) for r in manifest]
     by_patient: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
@@ -140,12 +209,12 @@ def assign(
         row["finding"] = "" if finding is None else str(finding)
         by_patient[row["patient_id"]].append(row)
 
-    external_values = set(cfg.external.values)
     moved = 0
     strata: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for patient, prow in sorted(by_patient.items()):
-        if any(r[column] in external_values for r in prow):
-            moved += sum(r[column] not in external_values for r in prow)
+        flags = [is_external(r) for r in prow] if is_external else [False] * len(prow)
+        if any(flags):
+            moved += sum(not f for f in flags)
             for r in prow:
                 r["split"] = EXTERNAL
             continue
@@ -201,47 +270,111 @@ def assign(
     return rows, summary
 
 
-def run(cfg: SplitConfig, manifest_csv: Path, diagnoses_csv: Path, out_dir: Path) -> SplitSummary:
-    """Join the ingest manifest with the verified diagnoses and write ``out_dir/dataset.csv``.
+class TooFewLabelledError(SplitInputError):
+    """Too few labelled studies remain after the join for the configured split."""
 
-    ``dataset.csv`` holds every manifest row with ``finding`` (empty when the RIS has no verified
-    diagnosis for the study) and ``split`` (train, val, test, external or unlabelled). Nothing is dropped.
+
+def check_trainable(summary: SplitSummary, cfg: SplitConfig, labelled: int) -> None:
+    """Fail unless the train split holds both classes and val and test hold a patient each.
+
+    Raises:
+        TooFewLabelledError: naming the counts, the fractions, and what to do.
     """
-    manifest = read_csv(manifest_csv, ["series_key", "patient_id", "study_uid"])
-    diag_rows = read_csv(diagnoses_csv, DIAGNOSIS_COLUMNS)
-    diagnoses: dict[str, int] = {}
-    for i, row in enumerate(diag_rows, start=2):
-        uid = row["study_instance_uid"].strip()
-        finding = parse_finding(row["finding"], f"{diagnoses_csv}:{i}")
-        if uid in diagnoses and diagnoses[uid] != finding:
-            raise SplitInputError(
-                f"{diagnoses_csv}:{i}: study {uid} has conflicting verified findings; "
-                "resolve the disagreement in the RIS export"
-            )
-        diagnoses[uid] = finding
-    rows, summary = assign(manifest, diagnoses, cfg)
-    if summary.series[UNLABELLED]:
-        log.warning(
-            "%d series have no verified diagnosis in %s; kept as 'unlabelled'",
-            summary.series[UNLABELLED],
-            diagnoses_csv,
+    negatives = {s: summary.series[s] - summary.positives[s] for s in SPLITS}
+    short = [f"train has {summary.positives['train']} positive and {negatives['train']} negative "
+             "series"] if not (summary.positives["train"] and negatives["train"]) else []
+    short += [f"{s} is empty" for s in ("val", "test") if not summary.patients[s]]
+    if short:
+        raise TooFewLabelledError(
+            f"split: {labelled} labelled studies remain after the join "
+            f"({summary.patients['unlabelled']} patients unlabelled, "
+            f"{summary.patients['external']} external) and {'; '.join(short)} "
+            f"(split.fractions {dict(cfg.fractions)}): label more studies (see "
+            "reports/split/labels.csv), widen the data source, or select fewer external studies"
         )
+
+
+def run(
+    cfg: SplitConfig,
+    data: DataConfig,
+    manifest_csv: Path,
+    out_dir: Path,
+    labels_csv: Path,
+    quarantine_csv: Path | None = None,
+    ids: Pseudonymizer | None = None,
+) -> tuple[SplitSummary, label_join.LabelJoin]:
+    """Join the ingest manifest with the data source's labels, split, and write the tables.
+
+    Writes ``out_dir/dataset.csv`` (every manifest row with ``finding``, empty when unlabelled, and
+    ``split``: train, val, test, external or unlabelled; nothing is dropped),
+    ``out_dir/diagnoses.csv`` (:data:`DIAGNOSIS_COLUMNS`: the matched label rows, the shadow stage's
+    verified diagnoses) and ``labels_csv`` (the labels report, :data:`labels.REPORT_COLUMNS`).
+
+    Raises:
+        SplitInputError: the manifest cannot be split (a column missing, too few labelled studies).
+        labels.LabelFileError: a label file cannot be read or lacks a mapped column.
+    """
+    ids = ids or Pseudonymizer(None)
+    manifest = read_csv(manifest_csv, ["series_key", "patient_id", "study_uid"])
+    label_rows = label_join.read_labels(Path(data.labels))
+    label_join.check_columns(label_rows, data, data.labels)
+    joined = label_join.join(manifest, label_rows, data, ids)
+    if quarantine_csv is not None and quarantine_csv.is_file():
+        with quarantine_csv.open(newline="", encoding="utf-8") as fh:
+            joined.report.extend(label_join.excluded_rows(list(csv.DictReader(fh))))
+    demographics = joined.demographics
+    manifest = [
+        {**r, **{k: v for k, v in demographics.get(r["study_uid"], {}).items() if not r.get(k)}}
+        for r in manifest
+    ]
+    rows, summary = assign(manifest, joined.findings, cfg, ids)
+    summary.extra.update(joined.counts())
+    for line in label_join.summary_lines(joined):
+        log.info("%s", line)
+    label_join.write_report(joined, labels_csv)
     out_dir.mkdir(parents=True, exist_ok=True)
     fieldnames = [*manifest[0].keys(), "finding", "split"] if manifest else ["split"]
     with (out_dir / "dataset.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fieldnames, lineterminator="\n")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["split"], r["series_key"])))
-    return summary
+    write_diagnoses(joined, data, ids, out_dir / "diagnoses.csv")
+    check_trainable(summary, cfg, len(joined.findings))
+    return summary, joined
+
+
+def write_diagnoses(
+    joined: label_join.LabelJoin, data: DataConfig, ids: Pseudonymizer, path: Path
+) -> Path:
+    """The matched label rows as verified diagnoses (:data:`DIAGNOSIS_COLUMNS`), for the shadow
+    stage. ``reported_at`` is the mapped column where identifiers are kept, else empty (unknown)."""
+    rows = []
+    for uid, label, finding in joined.matched:
+        reader = label.values.get(data.columns.reader or "", "") or "label file"
+        stamp = "" if ids.active else label.values.get(data.columns.reported_at or "", "")
+        rows.append({"study_instance_uid": uid, "finding": finding, "reader": reader,
+                     "reported_at": stamp})  # fmt: skip
+    rows.sort(key=lambda r: (r["study_instance_uid"], r["reported_at"], r["reader"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=DIAGNOSIS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 __all__ = [
+    "DIAGNOSIS_COLUMNS",
     "EXTERNAL",
     "SPLITS",
     "UNLABELLED",
     "SplitInputError",
     "SplitSummary",
+    "TooFewLabelledError",
     "allocate",
     "assign",
+    "check_trainable",
+    "external_rule",
     "run",
+    "write_diagnoses",
 ]

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,9 +313,12 @@ class Predictor:
         dicom_dirs: Path | Sequence[Path],
         out_dir: Path,
         timings_csv: Path | None = None,
+        series: Collection[str] | None = None,
     ) -> PredictSummary:
-        """Every series under ``dicom_dirs``; results and skip reasons go to ``out_dir``, the
-        timings to ``timings_csv`` (default ``out_dir/timings.csv``).
+        """Every series under ``dicom_dirs`` (only those whose SeriesInstanceUID is in ``series``,
+        when given: other series and unreadable files are passed over, not reported); results and
+        skip reasons go to ``out_dir``, the timings to ``timings_csv`` (default
+        ``out_dir/timings.csv``).
 
         Raises:
             InputError: a DICOM folder does not exist.
@@ -327,7 +330,7 @@ class Predictor:
             if not folder.is_dir():
                 raise InputError(f"{folder}: no such DICOM folder")
         files = [f for folder in dirs for f in list_files(folder, exclude=[out_dir])]
-        summary = self.predict_files(files, out_dir, timings_csv)
+        summary = self.predict_files(files, out_dir, timings_csv, series=series)
         summary.seconds = time.perf_counter() - began
         return summary
 
@@ -337,6 +340,7 @@ class Predictor:
         out_dir: Path,
         timings_csv: Path | None = None,
         revision: int = 0,
+        series: Collection[str] | None = None,
     ) -> PredictSummary:
         """Every series among ``files`` (what the edge service received for one study); results,
         ``results.csv`` and ``skipped.csv`` go to ``out_dir``, the seconds each step took to
@@ -348,6 +352,10 @@ class Predictor:
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = PredictSummary()
         headers, issues = scan_files(files)
+        wanted = None if series is None else set(series)
+        if wanted is not None:
+            headers = [h for h in headers if h.series_uid in wanted]
+            issues = [e for e in issues if e.series_uid in wanted]
         for entry in issues:
             summary.skipped.append(
                 {

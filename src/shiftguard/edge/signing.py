@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shiftguard.errors import ShiftGuardError
+from shiftguard.utils import config_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ class KeyFileError(ShiftGuardError, ValueError):
 
 class SignatureError(ShiftGuardError, ValueError):
     """A bundle's signature is missing, unknown or does not verify; the message names the bundle."""
-
-
-def config_dir() -> Path:
-    """``$XDG_CONFIG_HOME/shiftguard``, else ``~/.config/shiftguard``."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "shiftguard"
 
 
 def development_key_path() -> Path:

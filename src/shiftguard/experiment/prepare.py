@@ -72,7 +72,13 @@ def prepare(
         ConfigError: a cohort the design names is not in ``conf/cohort/`` (the message lists them).
     """
     from shiftguard.cohort import generate
-    from shiftguard.config import CohortConfig, IngestConfig, SplitConfig, compose_section
+    from shiftguard.config import (
+        CohortConfig,
+        DataConfig,
+        IngestConfig,
+        SplitConfig,
+        compose_section,
+    )
     from shiftguard.data import ingest, split
 
     root = root or Path.cwd()
@@ -107,11 +113,15 @@ def prepare(
             progress=progress,
         )
         fractions = [HOLDOUT_FRACTIONS] if role == "holdout" else []
+        data = compose_section("data", DataConfig, overrides).model_copy(
+            update={"labels": str(folder / "data" / "ris" / "verified_diagnoses.csv")}
+        )
         split.run(
             compose_section("split", SplitConfig, [*overrides, *fractions]),
+            data,
             folder / "ingest" / "manifest.csv",
-            folder / "data" / "ris" / "verified_diagnoses.csv",
             folder / "split",
+            folder / "split" / "labels.csv",
         )
         inputs = _inputs(folder, train, workers, progress)
         out.append(PreparedSet(role, cohort, folder, True, time.perf_counter() - began, inputs))

@@ -31,6 +31,7 @@ import torch
 from shiftguard.config.loader import find_conf_dir, validate
 from shiftguard.config.schema import (
     AugmentConfig,
+    DataConfig,
     DesignConfig,
     EvaluateConfig,
     ModelConfig,
@@ -145,7 +146,10 @@ def run_cell(config: Mapping[str, Any], out_dir: Path, root: Path | None = None)
     here = lambda p: Path(p) if Path(p).is_absolute() else root / p  # noqa: E731
     began = time.perf_counter()
 
-    split_run(split, here(design.manifest), here(design.diagnoses), out_dir / "split")
+    data = validate("data", config.get("data"), DataConfig).model_copy(
+        update={"labels": str(here(design.diagnoses))}
+    )
+    split_run(split, data, here(design.manifest), out_dir / "split", out_dir / "split" / "labels.csv")
     trained = train_run(
         train,
         model,

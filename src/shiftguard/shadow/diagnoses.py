@@ -3,7 +3,8 @@
 A row names a study (its Study Instance UID), the verified finding, the reader and when the report
 was signed. Column names follow the common RIS exports (``study_uid``, ``study_instance_uid`` or
 ``StudyInstanceUID``; ``finding`` as 0/1, yes/no, true/false, positive/negative; ``reader``;
-``reported_at``, ``report_date`` or ``time`` as an ISO-8601 time or a DICOM date). Malformed rows
+``reported_at``, ``report_date`` or ``time`` as an ISO-8601 time or a DICOM date, or none: then a
+later-signed report of the same study wins over it). Malformed rows
 are reported with their file and line number and left out; the rest are kept.
 
 Batches merge into one :class:`DiagnosisBook` whatever their number and order: for each study the
@@ -42,7 +43,7 @@ class Diagnosis:
     """One verified report."""
 
     study_uid: str
-    reported_at: str  # ISO-8601, UTC
+    reported_at: str  # ISO-8601, UTC; "" when the label file has no report time
     reader: str
     finding: int  # 1: the finding is present
     source: str = field(default="", compare=False)  # file:line
@@ -142,9 +143,7 @@ def parse_row(row: Mapping[str, Any], source: str = "") -> tuple[Diagnosis | Non
     else:
         return None, f"finding {raw!r}: expected 0/1, yes/no, positive/negative"
     stamp = _pick(row, TIME_KEYS)
-    if stamp is None:
-        return None, "no report time"
-    when = parse_time(str(stamp))
+    when = "" if stamp is None else parse_time(str(stamp))  # "": unknown, older than any time
     if when is None:
         return None, f"report time {stamp!r}: expected ISO-8601 or YYYYMMDD"
     reader = str(_pick(row, READER_KEYS) or "unknown").strip()

@@ -1,0 +1,182 @@
+"""Pseudonyms for what identifies a patient, so a site's cohort leaves no PHI in what the pipeline writes.
+
+With ``data.identifiers: pseudonymize`` the ingest manifest, the quarantine, the split table, the
+labels report and everything downstream (reports, MLflow, the bundle) carry
+
+* ``P-<16 hex>`` for PatientID and ``A-<16 hex>`` for AccessionNumber: HMAC-SHA-256 under the
+  source's secret key, so the same patient gets the same pseudonym in every run (the split stays
+  patient-level) and nobody without the key can test a guessed ID against it;
+* ``F-<16 hex>`` for a file's path inside the DICOM tree (exports name folders after patients);
+* study dates cut to the month (``YYYYMM``): a temporal split still works, the day does not leave;
+* ages over 89 as 90 (HIPAA's Safe Harbor groups them).
+
+Study, series and instance UIDs are kept: they are what PACS and the edge runner answer to.
+
+The key is a site secret like a signing key: ``<config dir>/pseudonym/<source>.key``
+(``$SHIFTGUARD_PSEUDONYM_KEY`` names another file). The config holds only its fingerprint
+(``data.key_id``), so a missing or different key fails before anything is written. Share the key the
+way the data is shared; ``shiftguard data lookup`` turns pseudonyms from a report back into the
+identifiers on site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from shiftguard.errors import ShiftGuardError
+from shiftguard.utils import config_dir
+
+ENV_KEY = "SHIFTGUARD_PSEUDONYM_KEY"
+#: the oldest age written as itself; older patients are written as :data:`AGE_CAP`
+AGE_CAP = 90
+
+
+class PseudonymKeyError(ShiftGuardError, ValueError):
+    """The pseudonym key is missing or is not the one the data config names; says which file."""
+
+
+def key_path(source: str) -> Path:
+    """Where the key of data source ``source`` lives: ``$SHIFTGUARD_PSEUDONYM_KEY``, else
+    ``<config dir>/pseudonym/<source>.key``."""
+    env = os.environ.get(ENV_KEY)
+    return Path(env) if env else config_dir() / "pseudonym" / f"{source}.key"
+
+
+def fingerprint(key: bytes) -> str:
+    """The key's public fingerprint (``data.key_id``): 16 hex digits of SHA-256 over a label and it.
+
+    >>> fingerprint(bytes(32))
+    '4de0b527ebd027f0'
+    """
+    return hashlib.sha256(b"shiftguard-pseudonym-key\0" + key).hexdigest()[:16]
+
+
+def generate_key(source: str, overwrite: bool = False) -> tuple[Path, str]:
+    """Write a new random 256-bit key for ``source`` (owner-only file) and return it and its id.
+
+    An existing key is kept and returned (pseudonyms must not change under a running project) unless
+    ``overwrite``.
+    """
+    path = key_path(source)
+    if path.is_file() and not overwrite:
+        return path, fingerprint(_read(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    tmp.replace(path)
+    return path, fingerprint(_read(path))
+
+
+def _read(path: Path) -> bytes:
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise PseudonymKeyError(f"{path}: not a pseudonym key (64 hex digits expected)") from None
+    if len(key) < 16:
+        raise PseudonymKeyError(f"{path}: key too short ({len(key)} bytes; 32 expected)")
+    return key
+
+
+def load_key(source: str, key_id: str) -> bytes:
+    """The key of ``source``, checked against the config's ``key_id``.
+
+    Raises:
+        PseudonymKeyError: no key file, or a key with another fingerprint.
+    """
+    path = key_path(source)
+    if not path.is_file():
+        raise PseudonymKeyError(
+            f"{path}: no pseudonym key for data source {source!r} (data.key_id={key_id}); copy the "
+            f"key from where the data was set up, or point ${ENV_KEY} at it"
+        )
+    key = _read(path)
+    if fingerprint(key) != key_id:
+        raise PseudonymKeyError(
+            f"{path}: key {fingerprint(key)} is not data.key_id={key_id}; with another key every "
+            "pseudonym would change. Use the source's key, or run `shiftguard data init` again"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class Pseudonymizer:
+    """Applies the source's identifier policy; ``key=None`` keeps identifiers as they are.
+
+    >>> p = Pseudonymizer(bytes(32))
+    >>> p.patient("12345"), p.study_date("20210317"), p.age("97")
+    ('P-f98ed5b8d59cbd5f', '202103', '90')
+    >>> Pseudonymizer(None).patient("12345")
+    '12345'
+    """
+
+    key: bytes | None
+
+    @property
+    def active(self) -> bool:
+        """Whether identifiers are replaced."""
+        return self.key is not None
+
+    def token(self, kind: str, value: str) -> str:
+        """``<kind>-<16 hex>``, the keyed hash of ``value``; empty stays empty."""
+        if self.key is None or not value:
+            return value
+        mac = hmac.new(self.key, f"{kind}\0{value.strip()}".encode(), hashlib.sha256)
+        return f"{kind}-{mac.hexdigest()[:16]}"
+
+    def patient(self, patient_id: str) -> str:
+        """PatientID -> ``P-...``."""
+        return self.token("P", patient_id)
+
+    def accession(self, accession_number: str) -> str:
+        """AccessionNumber -> ``A-...``."""
+        return self.token("A", accession_number)
+
+    def path(self, relative_path: str) -> str:
+        """A file's path inside the DICOM tree -> ``F-...``."""
+        return self.token("F", relative_path)
+
+    def study_date(self, date: str) -> str:
+        """``YYYYMMDD`` (or ``YYYY-MM-DD``) -> ``YYYYMM``; anything shorter is kept."""
+        if self.key is None:
+            return date
+        digits = "".join(c for c in date if c.isdigit())
+        return digits[:6] if len(digits) >= 6 else digits
+
+    def age(self, years: str) -> str:
+        """Ages over 89 -> ``90``."""
+        if self.key is None or not years:
+            return years
+        try:
+            return str(AGE_CAP) if float(years) >= AGE_CAP else years
+        except ValueError:
+            return years
+
+
+def pseudonymizer(source: str, identifiers: str, key_id: str | None) -> Pseudonymizer:
+    """The policy of a data config (``data.name``, ``data.identifiers``, ``data.key_id``)."""
+    if identifiers == "keep":
+        return Pseudonymizer(None)
+    if key_id is None:
+        raise PseudonymKeyError(f"data source {source!r}: identifiers=pseudonymize needs data.key_id")
+    return Pseudonymizer(load_key(source, key_id))
+
+
+__all__ = [
+    "AGE_CAP",
+    "ENV_KEY",
+    "PseudonymKeyError",
+    "Pseudonymizer",
+    "fingerprint",
+    "generate_key",
+    "key_path",
+    "load_key",
+    "pseudonymizer",
+]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from shiftguard.config import DataConfig, load_section
+from shiftguard.data.identifiers import Pseudonymized, pseudonymizer
 from shiftguard.edge.bundle import open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.utils import run_stage, setup_logging, write_json
@@ -37,13 +38,13 @@ def external_series(dataset_csv: Path) -> set[str]:
 def main() -> int:
     setup_logging()
     [bundle_path] = sorted(BUNDLES.glob("*.sgbundle"))
-    dicom = Path(load_section("data", DataConfig).dicom)
+    data = load_section("data", DataConfig)
+    ids = pseudonymizer(data.name, data.identifiers, data.key_id)
+    external = Pseudonymized(ids, external_series(DATASET))  # the table's UIDs may be pseudonyms
     for old in OUT.glob("*.dcm"):
         old.unlink()
     predictor = Predictor(open_bundle(bundle_path), shadow=True)
-    summary = predictor.predict_folder(
-        dicom, OUT, timings_csv=TIMINGS, series=external_series(DATASET)
-    )
+    summary = predictor.predict_folder(Path(data.dicom), OUT, timings_csv=TIMINGS, series=external)
     seconds = [
         sum(float(r[k]) for k in ("read_s", "preprocess_s", "infer_s", "write_s"))
         for r in summary.results

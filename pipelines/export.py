@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from shiftguard.config import DataConfig, ExportConfig, IngestConfig, load_section
+from shiftguard.data.identifiers import pseudonymizer
 from shiftguard.export import run
 from shiftguard.utils import run_stage, setup_logging, write_json
 
@@ -26,7 +27,8 @@ REPORTS = Path("reports/export")
 def main() -> int:
     setup_logging()
     # the training series (data.dicom) run through the edge runner: the drift monitor's reference
-    dicom = Path(load_section("data", DataConfig).dicom)
+    data = load_section("data", DataConfig)
+    ids = pseudonymizer(data.name, data.identifiers, data.key_id)  # the split table's UIDs
     summary = run(
         load_section("export", ExportConfig),
         load_section("ingest", IngestConfig),
@@ -35,7 +37,8 @@ def main() -> int:
         INGEST,
         VALIDATION,
         OUT,
-        dicom_dir=dicom,
+        dicom_dir=Path(data.dicom),
+        uid_of=ids.uid,
     )
     write_json(REPORTS / "metrics.json", summary.to_metrics())
     return 0

@@ -15,6 +15,8 @@ import argparse
 import difflib
 import json
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,10 +39,8 @@ def _cohort_generate(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     import os
 
-    from shiftguard.config import IngestConfig, compose_section
+    from shiftguard.config import DataConfig, IngestConfig, compose_section
     from shiftguard.data import ingest
-
-    from shiftguard.config import DataConfig
     from shiftguard.data.identifiers import pseudonymizer
 
     cfg = compose_section("ingest", IngestConfig, args.overrides)
@@ -64,6 +64,166 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_init(args: argparse.Namespace) -> int:
+    from shiftguard.config import (
+        DataConfig,
+        IngestConfig,
+        compose_section,
+        find_conf_dir,
+        write_params,
+    )
+    from shiftguard.data import source
+    from shiftguard.data.identifiers import generate_key, key_path
+
+    conf = find_conf_dir()
+    root = conf.parent
+    name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dicom.resolve().name) or "site"
+    target = conf / "data" / f"{name}.yaml"
+    if target.exists() and not args.force:
+        raise source.DataSourceError(
+            f"{target} exists: pass --name for another source, or --force to replace it"
+        )
+    inventory = source.inspect_dicom(args.dicom, progress=not args.quiet)
+    rows = source.inspect_labels(args.labels)
+    phi = source.phi_fields(args.dicom)
+    fixed: dict[str, object] = {"key": args.key, "finding": args.finding,
+                                "positive": args.positive, "negative": args.negative}  # fmt: skip
+    for item in args.column:
+        field, _, column = item.partition("=")
+        fixed[field.strip()] = column.strip()
+    min_slices = compose_section("ingest", IngestConfig).min_slices
+    proposal = source.propose(inventory, rows, fixed, min_slices)
+    external = _external_option(args)
+    if args.keep_identifiers:
+        identifiers, key_id = "keep", None
+    else:
+        _, key_id = generate_key(name)
+        identifiers = "pseudonymize"
+    dvc_file = None if args.no_dvc else source.dvc_file_for(root, args.dicom)
+    labels = source.data_path(root, args.labels)
+    cfg = DataConfig(
+        name=name,
+        dicom=source.data_path(root, args.dicom),
+        labels=labels,
+        ground_truth=labels,
+        dvc_file=dvc_file,
+        key=proposal.key,
+        columns=proposal.columns,
+        positive=proposal.positive,
+        negative=proposal.negative,
+        identifiers=identifiers,
+        key_id=key_id,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source.render_config(cfg, inventory, proposal, external), encoding="utf-8")
+    config_yaml = conf / "config.yaml"
+    text = config_yaml.read_text(encoding="utf-8")
+    config_yaml.write_text(
+        re.sub(r"(?m)^(\s*- data: ).*$", rf"\g<1>{name}", text), encoding="utf-8"
+    )
+    write_params(root / "params.yaml", conf_dir=conf)
+    if not args.no_dvc:  # after params.yaml: DVC reads dvc.yaml, whose paths come from it
+        source.register(root, args.dicom)
+        source.register(root, args.labels)
+
+    mapped = ", ".join(f"{k}={v!r}" for k, v in cfg.columns.model_dump(exclude_none=True).items())
+    counts = proposal.counts
+    print(f"data source {name!r}: {target.relative_to(root)} (now the default in conf/config.yaml)")
+    print(f"  export: {inventory.files} files, {len(inventory.studies)} studies, "
+          f"{inventory.series} series, {inventory.patients} patients")  # fmt: skip
+    print(f"  labels: {len(rows)} rows; columns {source.label_join.columns_of(rows)}")
+    print(f"  mapping: key {cfg.key}; {mapped}; positive {cfg.positive}, negative {cfg.negative}")
+    print(f"  trial join: {counts['labelled']} studies labelled, {counts['unlabelled']} unlabelled, "
+          f"{counts['label_without_study']} label rows without a study, "
+          f"{counts['duplicate_label']} duplicates, {counts['conflicting_labels']} conflicting, "
+          f"{counts['unreadable_finding']} unreadable findings")  # fmt: skip
+    for note in proposal.notes:
+        print(f"  note: {note}")
+    if phi:
+        named = ", ".join(f"{dict(source.PHI_KEYWORDS)[k]} ({k})" for k in phi)
+        print(f"  warning: the export is not de-identified: sampled files hold {named}.")
+        if identifiers == "pseudonymize":
+            print(f"    ShiftGuard writes only pseudonyms, months and capped ages (key {key_path(name)};"
+                  " keep it with the data). The DICOM itself stays as it is.")  # fmt: skip
+        else:
+            print(
+                "    --keep-identifiers was given: these reach the manifest and reports as they are."
+            )
+    if external is None:
+        models = ", ".join(f"{v} ({n})" for v, n in inventory.fields["model"].most_common(6))
+        print(f"  no external test set chosen: add --external scanner_model=... (scanners: {models})"
+              " or --external-dates FROM:TO, or set split.external in the file")  # fmt: skip
+    print("  tracked by DVC: " + (dvc_file or "outside the project: a dependency where it is"
+                                  if not args.no_dvc else "not (--no-dvc)"))  # fmt: skip
+    print("next: dvc repro   (then reports/split/labels.csv says what joined and what did not)")
+    return 0
+
+
+def _external_option(args: argparse.Namespace) -> dict[str, object] | None:
+    from shiftguard.data.source import DataSourceError
+
+    external: dict[str, object] = {}
+    if args.external:
+        column, sep, values = args.external.partition("=")
+        if not sep or not column.strip() or not values.strip():
+            raise DataSourceError(
+                f"--external {args.external!r}: write it as FIELD=VALUE[,VALUE...], "
+                "e.g. scanner_model=Achieva or site=North"
+            )
+        external["column"] = column.strip()
+        external["values"] = [v.strip() for v in values.split(",") if v.strip()]
+    if args.external_dates:
+        start, sep, end = args.external_dates.partition(":")
+        if not sep:
+            raise DataSourceError(
+                f"--external-dates {args.external_dates!r}: write it as FROM:TO (either may be "
+                "empty), e.g. 2022-01-01: for every study from 2022 on"
+            )
+        if start.strip():
+            external["date_from"] = start.strip()
+        if end.strip():
+            external["date_to"] = end.strip()
+    if not external:
+        return None
+    from shiftguard.config.schema import ExternalSelector
+
+    try:
+        ExternalSelector.model_validate(external)
+    except ValueError as err:
+        raise DataSourceError(f"--external: {err}") from None
+    return external
+
+
+def _data_lookup(args: argparse.Namespace) -> int:
+    from shiftguard.config import DataConfig, compose_section
+    from shiftguard.data.identifiers import pseudonymizer
+    from shiftguard.dicom.scan import list_files, scan_files
+
+    data = compose_section("data", DataConfig, args.overrides)
+    ids = pseudonymizer(data.name, data.identifiers, data.key_id)
+    wanted = set(args.pseudonyms)
+    found: dict[str, set[str]] = {}
+    root = Path(data.dicom)
+    files = list_files(root)
+    for path in files:
+        rel = Path(os.path.relpath(path, root)).as_posix()
+        if ids.path(rel) in wanted:
+            found.setdefault(ids.path(rel), set()).add(f"file {rel}")
+    for start in range(0, len(files), 256):
+        headers, _ = scan_files(files[start : start + 256])
+        for h in headers:
+            for token, text in ((ids.patient(h.patient_id), f"PatientID {h.patient_id}"),
+                                (ids.accession(h.accession_number),
+                                 f"AccessionNumber {h.accession_number}")):  # fmt: skip
+                if token in wanted:
+                    found.setdefault(token, set()).add(text)
+    for token in args.pseudonyms:
+        print(
+            f"{token}: {'; '.join(sorted(found.get(token, set()))) or 'not found in ' + str(root)}"
+        )
+    return 0 if set(found) == wanted else 1
+
+
 def _split(args: argparse.Namespace) -> int:
     from shiftguard.config import DataConfig, SplitConfig, compose_section
     from shiftguard.data import split
@@ -76,7 +236,13 @@ def _split(args: argparse.Namespace) -> int:
     ids = pseudonymizer(data.name, data.identifiers, data.key_id)
     quarantine = args.manifest.parent / "quarantine.csv"
     summary, _ = split.run(
-        cfg, data, args.manifest, args.out, args.report, quarantine if quarantine.is_file() else None, ids
+        cfg,
+        data,
+        args.manifest,
+        args.out,
+        args.report,
+        quarantine if quarantine.is_file() else None,
+        ids,
     )
     log.info("split: series per split %s; labels report %s", summary.series, args.report)
     return 0
@@ -746,6 +912,51 @@ def build_parser() -> argparse.ArgumentParser:
     workers(ing)
     overrides(ing)
     ing.set_defaults(func=_ingest)
+
+    data = sub.add_parser("data", help="a site's own DICOM export and labels as a data source")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    init = data_sub.add_parser(
+        "init",
+        help="inspect an export and a label file, write conf/data/NAME.yaml, track both with DVC",
+    )
+    init.add_argument("--dicom", type=Path, required=True, help="root of the DICOM export")
+    init.add_argument("--labels", type=Path, required=True, help="label file or folder of them")
+    init.add_argument("--name", default=None, help="the source's name (default: the folder's)")
+    init.add_argument("--key", choices=["study_uid", "accession_number", "patient_id+study_date"],
+                      default=None, help="join key (default: the column that matches best)")  # fmt: skip
+    init.add_argument("--finding", default=None, help="the label file's finding column")
+    init.add_argument("--positive", nargs="+", default=None, help="values meaning positive")
+    init.add_argument("--negative", nargs="+", default=None, help="values meaning negative")
+    init.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                      help="map a field (study_uid, accession_number, patient_id, study_date, "
+                      "patient_sex, patient_age, reader, reported_at) to a column")  # fmt: skip
+    init.add_argument(
+        "--external",
+        default=None,
+        metavar="FIELD=VALUE[,VALUE]",
+        help="the external test set by a header field, e.g. scanner_model=Achieva",
+    )
+    init.add_argument(
+        "--external-dates",
+        default=None,
+        metavar="FROM:TO",
+        help="the external test set by study date (a temporal split)",
+    )
+    init.add_argument(
+        "--keep-identifiers",
+        action="store_true",
+        help="write patient IDs, accession numbers and dates as they are (made-up data)",
+    )
+    init.add_argument("--no-dvc", action="store_true", help="do not track the data with DVC")
+    init.add_argument("--force", action="store_true", help="replace conf/data/NAME.yaml")
+    init.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    init.set_defaults(func=_data_init)
+    look = data_sub.add_parser(
+        "lookup", help="turn pseudonyms from a report (P-..., A-..., F-...) back into identifiers"
+    )
+    look.add_argument("pseudonyms", nargs="+")
+    overrides(look)
+    look.set_defaults(func=_data_lookup)
 
     spl = sub.add_parser("split", help="patient-level split with an external test set")
     spl.add_argument("--manifest", type=Path, default=Path("artifacts/ingest/manifest.csv"))

@@ -7,10 +7,13 @@ labels report and everything downstream (reports, MLflow, the bundle) carry
   source's secret key, so the same patient gets the same pseudonym in every run (the split stays
   patient-level) and nobody without the key can test a guessed ID against it;
 * ``F-<16 hex>`` for a file's path inside the DICOM tree (exports name folders after patients);
+* ``2.25.<decimal>`` for study and series UIDs (vendors' UIDs often hold the acquisition date and
+  time): still valid UIDs, the same for the same UID, so every table keeps joining;
 * study dates cut to the month (``YYYYMM``): a temporal split still works, the day does not leave;
 * ages over 89 as 90 (HIPAA's Safe Harbor groups them).
 
-Study, series and instance UIDs are kept: they are what PACS and the edge runner answer to.
+Stages that meet the DICOM again (export's drift reference, edge_predict) compare through
+:meth:`Pseudonymizer.uid` (see :class:`Pseudonymized`).
 
 The key is a site secret like a signing key: ``<config dir>/pseudonym/<source>.key``
 (``$SHIFTGUARD_PSEUDONYM_KEY`` names another file). The config holds only its fingerprint
@@ -25,6 +28,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +147,13 @@ class Pseudonymizer:
         """A file's path inside the DICOM tree -> ``F-...``."""
         return self.token("F", relative_path)
 
+    def uid(self, uid: str) -> str:
+        """A study or series UID -> ``2.25.<decimal>`` (a UUID-derived UID, PS3.5 B.2)."""
+        if self.key is None or not uid:
+            return uid
+        mac = hmac.new(self.key, f"U\0{uid.strip()}".encode(), hashlib.sha256)
+        return f"2.25.{int(mac.hexdigest()[:32], 16)}"
+
     def study_date(self, date: str) -> str:
         """``YYYYMMDD`` (or ``YYYY-MM-DD``) -> ``YYYYMM``; anything shorter is kept."""
         if self.key is None:
@@ -160,12 +171,32 @@ class Pseudonymizer:
             return years
 
 
+class Pseudonymized(Collection[str]):
+    """UIDs as the DICOM holds them, tested against pseudonymized ones: ``uid in it`` is whether
+    ``ids.uid(uid)`` is among ``pseudonyms`` (for the stages that read the DICOM again)."""
+
+    def __init__(self, ids: Pseudonymizer, pseudonyms: Iterable[str]) -> None:
+        self.ids = ids
+        self.pseudonyms = frozenset(pseudonyms)
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, str) and self.ids.uid(uid) in self.pseudonyms
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pseudonyms)
+
+    def __len__(self) -> int:
+        return len(self.pseudonyms)
+
+
 def pseudonymizer(source: str, identifiers: str, key_id: str | None) -> Pseudonymizer:
     """The policy of a data config (``data.name``, ``data.identifiers``, ``data.key_id``)."""
     if identifiers == "keep":
         return Pseudonymizer(None)
     if key_id is None:
-        raise PseudonymKeyError(f"data source {source!r}: identifiers=pseudonymize needs data.key_id")
+        raise PseudonymKeyError(
+            f"data source {source!r}: identifiers=pseudonymize needs data.key_id"
+        )
     return Pseudonymizer(load_key(source, key_id))
 
 
@@ -173,6 +204,7 @@ __all__ = [
     "AGE_CAP",
     "ENV_KEY",
     "PseudonymKeyError",
+    "Pseudonymized",
     "Pseudonymizer",
     "fingerprint",
     "generate_key",

@@ -621,10 +621,12 @@ def _quarantine_row(
         for rel in sorted(named, key=len, reverse=True):
             reason = reason.replace(rel, ids.path(rel))
         path = ids.path(path)
+        if entry.series_uid:
+            reason = reason.replace(entry.series_uid, ids.uid(entry.series_uid))
     return {
         "path": path,
         "level": entry.level,
-        "series_uid": entry.series_uid,
+        "series_uid": ids.uid(entry.series_uid),
         "code": entry.code,
         "reason": reason,
         "fix": entry.fix,
@@ -744,6 +746,8 @@ def run(
         row["accession_number"] = ids.accession(row["accession_number"])
         row["study_date"] = ids.study_date(row["study_date"])
         row["patient_age"] = ids.age(row["patient_age"])
+        row["study_uid"] = ids.uid(row["study_uid"])
+        row["series_uid"] = ids.uid(row["series_uid"])
     rows.sort(key=lambda r: (r["patient_id"], r["study_uid"], r["series_uid"]))
     prefix = str(input_dir).rstrip(os.sep) + os.sep
     quarantine_rows = sorted(

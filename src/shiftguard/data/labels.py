@@ -33,7 +33,16 @@ log = logging.getLogger(__name__)
 
 #: file suffixes read as label tables
 SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".ndjson", ".xlsx", ".xls", ".parquet")
-REPORT_COLUMNS = ("status", "study_uid", "patient", "key", "label_row", "series", "detail", "action")
+REPORT_COLUMNS = (
+    "status",
+    "study_uid",
+    "patient",
+    "key",
+    "label_row",
+    "series",
+    "detail",
+    "action",
+)
 #: every status a report row can have, with what to do about it
 ACTIONS: dict[str, str] = {
     "labelled": "",
@@ -76,9 +85,7 @@ def label_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-        )
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not files:
             raise LabelFileError(
                 f"{path}: no label file in this folder (looked for {', '.join(SUFFIXES)})"
@@ -120,9 +127,7 @@ def _records_rows(path: Path, records: Iterable[Any], first_line: int = 1) -> li
     for i, record in enumerate(records, start=first_line):
         if not isinstance(record, Mapping):
             raise LabelFileError(f"{path}: record {i} is not an object of column: value")
-        values = {
-            str(k).strip(): "" if v is None else str(v).strip() for k, v in record.items()
-        }
+        values = {str(k).strip(): "" if v is None else str(v).strip() for k, v in record.items()}
         rows.append(LabelRow(values, path.name, i))
     return rows
 
@@ -262,7 +267,9 @@ def _key_of_label(row: LabelRow, cfg: DataConfig, ids: Pseudonymizer) -> tuple[s
         value = row.values.get(column, "").strip()
         if not value:
             return None
-        if name == "accession_number":
+        if name == "study_uid":
+            value = ids.uid(value)
+        elif name == "accession_number":
             value = ids.accession(value)
         elif name == "patient_id":
             value = ids.patient(value)
@@ -377,17 +384,17 @@ def join(
 
     for uid in sorted(studies):
         rows = label_rows.get(uid)
-        key = "|".join(_key_of_study(studies[uid][0], cfg, ids))
+        shown = "|".join(_key_of_study(studies[uid][0], cfg, ids))
         if not rows:
-            note("unlabelled", None, key, "no label row matches this study", uid)
+            note("unlabelled", None, shown, "no label row matches this study", uid)
             continue
         values = {f for _, f in rows}
         if len(values) > 1:
             where = ", ".join(f"{r.where}={f}" for r, f in rows)
-            note("conflicting_labels", rows[0][0], key, f"findings disagree: {where}", uid)
+            note("conflicting_labels", rows[0][0], shown, f"findings disagree: {where}", uid)
             continue
         for extra, _ in rows[1:]:
-            note("duplicate_label", extra, key, f"repeats {rows[0][0].where}", uid)
+            note("duplicate_label", extra, shown, f"repeats {rows[0][0].where}", uid)
         label, finding = rows[0]
         out.findings[uid] = finding
         demo = {}
@@ -398,7 +405,7 @@ def join(
                 demo[name] = ids.age(value) if name == "patient_age" else value
         if demo:
             out.demographics[uid] = demo
-        note("labelled", label, key, f"finding {finding}", uid)
+        note("labelled", label, shown, f"finding {finding}", uid)
     return out
 
 
@@ -431,9 +438,9 @@ def summary_lines(result: LabelJoin, examples: int = 3) -> list[str]:
         if status in ("labelled",) or not counts[status]:
             continue
         rows = [r for r in result.report if r["status"] == status]
-        shown = "; ".join(
-            r["label_row"] or r["study_uid"] or r["key"] for r in rows[:examples]
-        ) + (f"; +{len(rows) - examples} more" if len(rows) > examples else "")
+        shown = "; ".join(r["label_row"] or r["study_uid"] or r["key"] for r in rows[:examples]) + (
+            f"; +{len(rows) - examples} more" if len(rows) > examples else ""
+        )
         action = rows[0]["action"] if status == "excluded_by_ingest" else ACTIONS[status]
         lines.append(f"  {status.replace('_', ' ')}: {len(rows)} ({shown}): {action}")
     return lines
@@ -449,8 +456,13 @@ def write_report(result: LabelJoin, path: Path) -> Path:
     order = {status: i for i, status in enumerate(ACTIONS)}
     rows = sorted(
         result.report,
-        key=lambda r: (r["status"] == "labelled", order[r["status"]], _row_order(r["label_row"]),
-                       r["study_uid"], r["key"]),  # fmt: skip
+        key=lambda r: (
+            r["status"] == "labelled",
+            order[r["status"]],
+            _row_order(r["label_row"]),
+            r["study_uid"],
+            r["key"],
+        ),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:

@@ -198,9 +198,9 @@ def assign(
             f"split.external.column: manifest has no column {column!r}; "
             f"choose one of {sorted(manifest[0])}"
         )
-    if manifest and (cfg.external.date_from or cfg.external.date_to):
-        if "study_date" not in manifest[0]:
-            raise SplitInputError("split.external.date_from/date_to: manifest has no study_date")
+    dated = cfg.external.date_from or cfg.external.date_to
+    if manifest and dated and "study_date" not in manifest[0]:
+        raise SplitInputError("split.external.date_from/date_to: manifest has no study_date")
     is_external = external_rule(cfg.external, ids)
     rows = [dict(r) for r in manifest]
     by_patient: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -275,15 +275,22 @@ class TooFewLabelledError(SplitInputError):
 
 
 def check_trainable(summary: SplitSummary, cfg: SplitConfig, labelled: int) -> None:
-    """Fail unless the train split holds both classes and val and test hold a patient each.
+    """Fail unless the train split holds both classes and val and test hold a patient each (a split
+    given no share, like an evaluation-only hold-out set's train split, is not checked).
 
     Raises:
         TooFewLabelledError: naming the counts, the fractions, and what to do.
     """
     negatives = {s: summary.series[s] - summary.positives[s] for s in SPLITS}
-    short = [f"train has {summary.positives['train']} positive and {negatives['train']} negative "
-             "series"] if not (summary.positives["train"] and negatives["train"]) else []
-    short += [f"{s} is empty" for s in ("val", "test") if not summary.patients[s]]
+    short = []
+    if cfg.fractions["train"] > 0 and not (summary.positives["train"] and negatives["train"]):
+        short.append(
+            f"train has {summary.positives['train']} positive and {negatives['train']} negative "
+            "series"
+        )
+    short += [
+        f"{s} is empty" for s in ("val", "test") if cfg.fractions[s] > 0 and not summary.patients[s]
+    ]
     if short:
         raise TooFewLabelledError(
             f"split: {labelled} labelled studies remain after the join "
@@ -302,6 +309,7 @@ def run(
     labels_csv: Path,
     quarantine_csv: Path | None = None,
     ids: Pseudonymizer | None = None,
+    trainable: bool = True,
 ) -> tuple[SplitSummary, label_join.LabelJoin]:
     """Join the ingest manifest with the data source's labels, split, and write the tables.
 
@@ -309,6 +317,9 @@ def run(
     ``split``: train, val, test, external or unlabelled; nothing is dropped),
     ``out_dir/diagnoses.csv`` (:data:`DIAGNOSIS_COLUMNS`: the matched label rows, the shadow stage's
     verified diagnoses) and ``labels_csv`` (the labels report, :data:`labels.REPORT_COLUMNS`).
+
+    With ``trainable`` (a set to train on), too few labelled studies for the split is an error
+    (:func:`check_trainable`); an evaluation-only set (all external, say) passes ``False``.
 
     Raises:
         SplitInputError: the manifest cannot be split (a column missing, too few labelled studies).
@@ -339,7 +350,8 @@ def run(
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["split"], r["series_key"])))
     write_diagnoses(joined, data, ids, out_dir / "diagnoses.csv")
-    check_trainable(summary, cfg, len(joined.findings))
+    if trainable:
+        check_trainable(summary, cfg, len(joined.findings))
     return summary, joined
 
 

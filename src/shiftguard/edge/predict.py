@@ -352,10 +352,9 @@ class Predictor:
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = PredictSummary()
         headers, issues = scan_files(files)
-        wanted = None if series is None else set(series)
-        if wanted is not None:
-            headers = [h for h in headers if h.series_uid in wanted]
-            issues = [e for e in issues if e.series_uid in wanted]
+        if series is not None:  # a Collection: a set, or one that maps the UID first
+            headers = [h for h in headers if h.series_uid in series]
+            issues = [e for e in issues if e.series_uid in series]
         for entry in issues:
             summary.skipped.append(
                 {

@@ -122,6 +122,7 @@ def prepare(
             folder / "ingest" / "manifest.csv",
             folder / "split",
             folder / "split" / "labels.csv",
+            trainable=False,  # an evaluation-only set has no train split
         )
         inputs = _inputs(folder, train, workers, progress)
         out.append(PreparedSet(role, cohort, folder, True, time.perf_counter() - began, inputs))

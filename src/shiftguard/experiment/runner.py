@@ -149,7 +149,9 @@ def run_cell(config: Mapping[str, Any], out_dir: Path, root: Path | None = None)
     data = validate("data", config.get("data"), DataConfig).model_copy(
         update={"labels": str(here(design.diagnoses))}
     )
-    split_run(split, data, here(design.manifest), out_dir / "split", out_dir / "split" / "labels.csv")
+    split_run(
+        split, data, here(design.manifest), out_dir / "split", out_dir / "split" / "labels.csv"
+    )
     trained = train_run(
         train,
         model,

@@ -7,7 +7,7 @@ import json
 import logging
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,10 +265,15 @@ def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
 
 
 def monitor_reference(
-    bundle_path: Path, dicom_dir: Path, splits: Mapping[str, str], trust: Trust | None = None
+    bundle_path: Path,
+    dicom_dir: Path,
+    splits: Mapping[str, str],
+    trust: Trust | None = None,
+    uid_of: Callable[[str], str] = str,
 ) -> tuple[bytes, bytes, int]:
     """Run the edge runner (:meth:`~shiftguard.edge.predict.Predictor.analyse`) on the development
-    series' DICOM files (``splits``: series UID -> train / val / test), fit the embedding's PCA
+    series' DICOM files (``splits``: series UID -> train / val / test; ``uid_of`` maps a file's
+    UID to the table's, see :mod:`shiftguard.data.identifiers`), fit the embedding's PCA
     basis on the training series' penultimate features, and return ``reference.csv``,
     ``embedding_pca.json`` and how many series went in. Live records and the reference are thus
     computed by the same code on the same kind of input. The monitor compares the model's outputs
@@ -284,13 +289,14 @@ def monitor_reference(
         raise ExportError(f"{dicom_dir}: no DICOM folder to compute the drift reference from")
     headers, _ = scan_files(list_files(dicom_dir))
     groups = sorted(
-        (g for g in group_series(headers) if g.series_uid in splits), key=lambda g: g.series_uid
+        (g for g in group_series(headers) if uid_of(g.series_uid) in splits),
+        key=lambda g: g.series_uid,
     )
     predictor = Predictor(open_bundle(bundle_path, trust))
     analyses = []
     for group in groups:
         try:
-            analyses.append((splits[group.series_uid], predictor.analyse(group)))
+            analyses.append((splits[uid_of(group.series_uid)], predictor.analyse(group)))
         except InvalidSeriesError as exc:
             log.warning("export: reference skips series %s: %s", group.series_uid, exc)
     train = [a for split, a in analyses if split == "train"]
@@ -514,6 +520,7 @@ def run(
     root: Path | None = None,
     parity_series: int = 8,
     dicom_dir: Path | None = None,
+    uid_of: Callable[[str], str] = str,
 ) -> ExportSummary:
     """The stage (see the package docstring). Returns what it wrote and measured.
 
@@ -649,6 +656,7 @@ def run(
             dicom_dir or root / "data" / "dicom",
             dict(zip(internal["series_uid"], internal["split"], strict=True)),
             own,
+            uid_of,
         )
     members[REFERENCE_MEMBER] = reference
     members[PROJECTION_MEMBER] = basis

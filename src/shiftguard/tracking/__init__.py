@@ -146,11 +146,23 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
-def data_version(root: Path | None = None, dvc_file: str = "data.dvc") -> str | None:
-    """The md5 ``data.dvc`` records for the raw data (``None`` when there is no such file)."""
+def data_version(root: Path | None = None, dvc_file: str | None = None) -> str | None:
+    """The md5 the data source's ``.dvc`` file records for the raw data (``None`` when there is no
+    such file). ``dvc_file`` defaults to ``params.yaml``'s ``data.dvc_file`` (``data.dvc`` for a
+    project without a ``data`` section)."""
     import yaml
 
-    path = (root or Path.cwd()) / dvc_file
+    root = root or Path.cwd()
+    if dvc_file is None:
+        try:
+            params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            params = {}
+        source = params.get("data") if isinstance(params, dict) else None
+        dvc_file = source.get("dvc_file") if isinstance(source, dict) else "data.dvc"
+        if not dvc_file:
+            return None
+    path = root / dvc_file
     if not path.is_file():
         return None
     try:
@@ -162,10 +174,10 @@ def data_version(root: Path | None = None, dvc_file: str = "data.dvc") -> str | 
     return str(md5) if md5 else None
 
 
-def provenance_tags(root: Path | None = None) -> dict[str, str]:
+def provenance_tags(root: Path | None = None, dvc_file: str | None = None) -> dict[str, str]:
     """Tags tying a run to its code and data: git commit (and whether the tree was dirty), the DVC
     experiment name (``$DVC_EXP_NAME`` under ``dvc exp run``; ``workspace`` otherwise), its
-    baseline, and the ``data.dvc`` hash."""
+    baseline, and the hash the data source's ``.dvc`` file records (``data.dvc_file``)."""
     root = root or Path.cwd()
     tags = {"shiftguard.dvc_exp": os.environ.get("DVC_EXP_NAME") or "workspace"}
     if os.environ.get("DVC_EXP_BASELINE_REV"):
@@ -176,7 +188,7 @@ def provenance_tags(root: Path | None = None) -> dict[str, str]:
         tags["shiftguard.git_commit"] = commit
         status = _git(root, "status", "--porcelain", "--untracked-files=no")
         tags["shiftguard.git_dirty"] = str(bool(status))
-    data = data_version(root)
+    data = data_version(root, dvc_file)
     if data:
         tags["shiftguard.data_dvc_md5"] = data
     return tags
@@ -300,9 +312,19 @@ def stage_run(
     if uri == embedded_uri(root):
         _EXPORTED.add(uri)
     use_experiment(uri, experiment)
-    all_tags = {"shiftguard.stage": stage, **provenance_tags(root), **dict(tags or {})}
+    source = params.get("data") if isinstance(params, Mapping) else None
+    source = source if isinstance(source, Mapping) else {}
+    all_tags = {
+        "shiftguard.stage": stage,
+        **provenance_tags(root, source.get("dvc_file", "data.dvc") if source else None),
+        **({"shiftguard.data_source": str(source["name"])} if source.get("name") else {}),
+        **dict(tags or {}),
+    }
     flat = flatten(params)
     chosen = flat if logged_params is None else selected(flat, logged_params)
+    if source and not source.get("synthetic", True):
+        # a site's own data: the generator's settings describe nothing it trained on
+        chosen = {k: v for k, v in chosen.items() if not k.startswith("cohort.")}
     with mlflow.start_run(run_name=run_name(name or stage), tags=all_tags) as run:
         items = sorted(chosen.items())
         for start in range(0, len(items), 100):

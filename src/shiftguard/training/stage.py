@@ -59,6 +59,7 @@ FORMAT = 1
 #: the params of a training run in MLflow (keys or sections of the resolved config): what a reviewer
 #: compares between runs; the whole config is the run's ``config.yaml`` artifact
 LOGGED_PARAMS = (
+    "data.name",
     "cohort.seed",
     "cohort.n_subjects",
     "split.seed",

@@ -121,7 +121,9 @@ def test_unknown_columns_are_named() -> None:
     manifest, diagnoses = make_manifest(20)
     with pytest.raises(SplitInputError, match="no column 'vendor'"):
         assign(manifest, diagnoses, CFG.model_copy(update={"stratify_on": ["vendor"]}))
-    bad = SplitConfig.model_validate({**CFG.model_dump(), "external": {"column": "nope", "values": ["x"]}})
+    bad = SplitConfig.model_validate(
+        {**CFG.model_dump(), "external": {"column": "nope", "values": ["x"]}}
+    )
     with pytest.raises(SplitInputError, match=r"split\.external\.column"):
         assign(manifest, diagnoses, bad)
 
@@ -164,7 +166,7 @@ def test_run_joins_the_ris_table_and_writes_every_row(tmp_path: Path) -> None:
         {"study_instance_uid": k, "finding": str(v), "reader": "r"} for k, v in diagnoses.items()
     ]
     write_csv(tmp_path / "ris.csv", ris)
-    summary, joined = run_split(tmp_path)
+    summary, _ = run_split(tmp_path)
     with (tmp_path / "out" / "dataset.csv").open() as fh:
         out = list(csv.DictReader(fh))
     assert len(out) == len(manifest)
@@ -183,7 +185,9 @@ def test_run_joins_the_ris_table_and_writes_every_row(tmp_path: Path) -> None:
 def test_bad_and_conflicting_findings_are_reported_and_left_unlabelled(tmp_path: Path) -> None:
     manifest, diagnoses = make_manifest(40)
     write_csv(tmp_path / "manifest.csv", manifest)
-    rows = [{"study_instance_uid": k, "finding": str(v), "reader": "r"} for k, v in diagnoses.items()]
+    rows = [
+        {"study_instance_uid": k, "finding": str(v), "reader": "r"} for k, v in diagnoses.items()
+    ]
     flipped = str(1 - diagnoses["1.2.1"])
     extra = [
         {"study_instance_uid": "1.2.2", "finding": "maybe", "reader": "r"},
@@ -191,7 +195,7 @@ def test_bad_and_conflicting_findings_are_reported_and_left_unlabelled(tmp_path:
         {"study_instance_uid": "9.9.9", "finding": "1", "reader": "r"},
     ]
     write_csv(tmp_path / "ris.csv", [*rows, *extra])
-    summary, joined = run_split(tmp_path)
+    _, joined = run_split(tmp_path)
     with (tmp_path / "reports" / "labels.csv").open() as fh:
         report = list(csv.DictReader(fh))
     by_status = defaultdict(list)
@@ -260,7 +264,9 @@ def test_external_patients_from_a_list_file_are_pseudonymized_like_the_manifest(
     for row in manifest:
         row["patient_id"] = ids.patient(row["patient_id"])
     (tmp_path / "external.txt").write_text("# held out by the site\nP0003\nP0004\n")
-    cfg = SplitConfig(external={"column": "patient_id", "values_file": str(tmp_path / "external.txt")})
+    cfg = SplitConfig(
+        external={"column": "patient_id", "values_file": str(tmp_path / "external.txt")}
+    )
     rows, _ = assign(manifest, diagnoses, cfg, ids)
     assert {r["patient_id"] for r in rows if r["split"] == "external"} == {
         ids.patient("P0003"),

@@ -23,6 +23,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
+from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
 
 pytestmark = pytest.mark.integration
@@ -229,19 +230,27 @@ def test_the_labels_report_accounts_for_every_study_and_label_row(site: dict[str
     assert "2 unlabelled, 2 label rows without a study" in site["repro"]
 
 
+def pseudonyms(site: dict[str, Any]) -> Pseudonymizer:
+    key = Path(site["env"]["XDG_CONFIG_HOME"]) / "shiftguard/pseudonym/lakeshore.key"
+    return Pseudonymizer(bytes.fromhex(key.read_text().strip()))
+
+
 def test_the_split_is_patient_level_with_the_chosen_external_scanner(site: dict[str, Any]) -> None:
-    root, studies = site["root"], site["studies"]
+    root, studies, ids = site["root"], site["studies"], pseudonyms(site)
     dataset = rows_of(root / "artifacts/split/dataset.csv")
     assert len(dataset) == len(studies)
-    by_uid = {s["study_uid"]: s for s in studies}
+    by_uid = {ids.uid(s["study_uid"]): s for s in studies}
     for row in dataset:
         study = by_uid[row["study_uid"]]
         assert (row["split"] == "external") == (study["model"] == EXTERNAL_MODEL)
-        assert row["patient_id"].startswith("P-") and row["accession_number"].startswith("A-")
+        assert row["patient_id"] == ids.patient(study["patient_id"])
+        assert row["accession_number"] == ids.accession(study["accession"])
         assert row["study_date"] == study["date"][:6]
         if row["split"] in {"train", "val", "test", "external"}:
             assert row["finding"] == str(study["finding"])
-    unlabelled = {s["study_uid"] for s in studies if s["accession"] in site["truth"]["unlabelled"]}
+    unlabelled = {
+        ids.uid(s["study_uid"]) for s in studies if s["accession"] in site["truth"]["unlabelled"]
+    }
     assert {r["study_uid"] for r in dataset if r["finding"] == ""} == unlabelled
     assert {r["split"] for r in dataset} >= {"train", "val", "test", "external"}
 

@@ -42,13 +42,12 @@ def main() -> int:
     cfg: ShadowConfig = load_section("shadow", ShadowConfig)
     data = load_section("data", DataConfig)
     ids = pseudonymizer(data.name, data.identifiers, data.key_id)
-    results = (
-        pseudonymized_results(RESULTS, ids, Path(tempfile.mkdtemp())) if ids.active else RESULTS
-    )
-    result, report = evaluate_files(
-        results, cfg, [DIAGNOSES], bundles=[BUNDLES], out=OUT,
-        title="Shadow evaluation: the unseen scanner's studies",
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        results = pseudonymized_results(RESULTS, ids, Path(tmp)) if ids.active else RESULTS
+        result, report = evaluate_files(
+            results, cfg, [DIAGNOSES], bundles=[BUNDLES], out=OUT,
+            title="Shadow evaluation: the unseen scanner's studies",
+        )  # fmt: skip
     # the edge ran the exported bundle alone, in shadow mode: the challenger (see shadow.stage)
     evaluated = result.evaluations.get(CHALLENGER) or result.evaluations.get(CHAMPION)
     if evaluated is None:  # the edge predicted nothing (the test suite's tiny cohort can do that)

@@ -38,7 +38,7 @@ from shiftguard.cohort.errors import CohortError, OutputDirectoryError
 from shiftguard.cohort.render import RenderedSeries, render_subject
 from shiftguard.cohort.writer import check_transfer_syntax, series_uids, write_mask, write_series
 from shiftguard.config.schema import CohortConfig
-from shiftguard.utils import progress_bar
+from shiftguard.utils import progress_bar, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +290,8 @@ def run(
         }
         for plan, res in zip(plans, results, strict=True)
     ]
-    tables.write_csv(out_dir / "ris" / "verified_diagnoses.csv", tables.RIS_COLUMNS, ris_rows)
-    tables.write_csv(
+    write_csv(out_dir / "ris" / "verified_diagnoses.csv", tables.RIS_COLUMNS, ris_rows)
+    write_csv(
         out_dir / "ground_truth" / "lesions.csv",
         tables.LESION_COLUMNS,
         [r.lesion for r in results if r.lesion is not None],

@@ -12,10 +12,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +64,6 @@ def canonical_config(cfg: CohortConfig) -> str:
 def config_digest(cfg: CohortConfig) -> str:
     """sha256 (hex) of :func:`canonical_config`."""
     return hashlib.sha256(canonical_config(cfg).encode("utf-8")).hexdigest()
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write rows with a fixed column order and ``\\n`` line endings."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row[c] for c in columns})
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from shiftguard.config.schema import JOIN_KEY_FIELDS, DataConfig
 from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.errors import ShiftGuardError
+from shiftguard.utils import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,8 @@ class LabelJoin:
         return {status: counts.get(status, 0) for status in ACTIONS}
 
 
-def _finding(value: str, cfg: DataConfig) -> int | None:
+def finding_value(value: str, cfg: DataConfig) -> int | None:
+    """1 for one of ``cfg.positive``, 0 for one of ``cfg.negative`` (any case), else ``None``."""
     text = value.strip().lower()
     if text in {v.strip().lower() for v in cfg.positive}:
         return 1
@@ -369,7 +371,7 @@ def join(
             note("ambiguous_key", label, shown, f"{len(uids)} studies have {cfg.key} {shown}")
             continue
         value = label.values.get(cfg.columns.finding, "")
-        finding = _finding(value, cfg)
+        finding = finding_value(value, cfg)
         if finding is None:
             note(
                 "unreadable_finding",
@@ -435,7 +437,7 @@ def summary_lines(result: LabelJoin, examples: int = 3) -> list[str]:
         f"{counts['excluded_by_ingest']} files or series excluded by ingest"
     ]
     for status in ACTIONS:
-        if status in ("labelled",) or not counts[status]:
+        if status == "labelled" or not counts[status]:
             continue
         rows = [r for r in result.report if r["status"] == status]
         shown = "; ".join(r["label_row"] or r["study_uid"] or r["key"] for r in rows[:examples]) + (
@@ -464,12 +466,7 @@ def write_report(result: LabelJoin, path: Path) -> Path:
             r["key"],
         ),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(path, REPORT_COLUMNS, rows)
 
 
 __all__ = [
@@ -482,6 +479,7 @@ __all__ = [
     "check_columns",
     "columns_of",
     "excluded_rows",
+    "finding_value",
     "join",
     "label_files",
     "normalize_date",

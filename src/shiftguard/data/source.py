@@ -355,7 +355,7 @@ def propose(
     )
     joined = label_join.join(inventory.manifest_rows(min_slices), rows, trial, Pseudonymizer(None))
     notes = []
-    unread = [v for v in values if _finding_of(v, trial) is None]
+    unread = [v for v in values if label_join.finding_value(v, trial) is None]
     if unread:
         notes.append(
             f"finding values {unread[:5]} are in neither --positive {positive} nor --negative "
@@ -365,15 +365,6 @@ def propose(
     return Proposal(
         key, label_columns, positive, negative, key_rates, joined.counts(), dict(values), notes
     )
-
-
-def _finding_of(value: str, cfg: DataConfig) -> int | None:
-    text = value.strip().lower()
-    if text in {v.lower() for v in cfg.positive}:
-        return 1
-    if text in {v.lower() for v in cfg.negative}:
-        return 0
-    return None
 
 
 def _date_share(rows: Sequence[label_join.LabelRow], column: str) -> float:

@@ -22,6 +22,7 @@ from shiftguard.config.schema import DataConfig, ExternalSelector, SplitConfig
 from shiftguard.data import labels as label_join
 from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.errors import ShiftGuardError
+from shiftguard.utils import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -343,12 +344,12 @@ def run(
     for line in label_join.summary_lines(joined):
         log.info("%s", line)
     label_join.write_report(joined, labels_csv)
-    out_dir.mkdir(parents=True, exist_ok=True)
     fieldnames = [*manifest[0].keys(), "finding", "split"] if manifest else ["split"]
-    with (out_dir / "dataset.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["split"], r["series_key"])))
+    write_csv(
+        out_dir / "dataset.csv",
+        fieldnames,
+        sorted(rows, key=lambda r: (r["split"], r["series_key"])),
+    )
     write_diagnoses(joined, data, ids, out_dir / "diagnoses.csv")
     if trainable:
         check_trainable(summary, cfg, len(joined.findings))
@@ -367,12 +368,7 @@ def write_diagnoses(
         rows.append({"study_instance_uid": uid, "finding": finding, "reader": reader,
                      "reported_at": stamp})  # fmt: skip
     rows.sort(key=lambda r: (r["study_instance_uid"], r["reported_at"], r["reader"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=DIAGNOSIS_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(path, DIAGNOSIS_COLUMNS, rows)
 
 
 __all__ = [

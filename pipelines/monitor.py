@@ -15,15 +15,21 @@ when it was acquired. A window is dated by its last study, and the judging time 
 state file is the last study's. So the same studies give the same files: no clock is read, and
 Evidently's ids come from a fixed seed (:func:`~shiftguard.monitor.report.seeded_ids`).
 
-Config: the ``monitor`` section of ``params.yaml`` (windows, drift scoring, alert rules).
+On a site's pseudonymized data (``data.identifiers``) the studies are dated by month and named by
+their UIDs' pseudonyms (:func:`~shiftguard.data.identifiers.lab_copy_of_results`), so no day
+reaches the reports.
+
+Config: the ``monitor`` section of ``params.yaml`` (windows, drift scoring, alert rules) and ``data``.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
-from shiftguard.config import MonitorConfig, load_section
+from shiftguard.config import DataConfig, MonitorConfig, load_section
+from shiftguard.data.identifiers import lab_copy_of_results, pseudonymizer
 from shiftguard.edge.service import resolve_bundle
 from shiftguard.monitor.batch import run
 from shiftguard.utils import run_stage, setup_logging
@@ -38,7 +44,11 @@ SITE = "unseen-scanner"
 def main() -> int:
     setup_logging()
     cfg = load_section("monitor", MonitorConfig)
-    run(cfg, resolve_bundle(BUNDLES), RESULTS, OUT, REPORTS, SITE)
+    data = load_section("data", DataConfig)
+    ids = pseudonymizer(data.name, data.identifiers, data.key_id)
+    with tempfile.TemporaryDirectory() as tmp:  # a site's study times: months in what it writes
+        results = lab_copy_of_results(RESULTS, ids, Path(tmp)) if ids.active else RESULTS
+        run(cfg, resolve_bundle(BUNDLES), results, OUT, REPORTS, SITE)
     return 0
 
 

@@ -14,10 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 from shiftguard.config import DataConfig, ShadowConfig, load_section
-from shiftguard.data.identifiers import Pseudonymizer, pseudonymizer
+from shiftguard.data.identifiers import lab_copy_of_results, pseudonymizer
 from shiftguard.shadow.evaluate import jsonable
 from shiftguard.shadow.stage import evaluate_files
 from shiftguard.tracking import CHALLENGER, CHAMPION
@@ -29,21 +27,13 @@ DIAGNOSES = Path("artifacts/split/diagnoses.csv")  # the data source's labels, j
 OUT = Path("reports/shadow")
 
 
-def pseudonymized_results(results: Path, ids: Pseudonymizer, folder: Path) -> Path:
-    """A copy of the edge's results.csv keyed by the study UIDs' pseudonyms, as the labels are."""
-    frame = pd.read_csv(results, dtype=str, keep_default_na=False)
-    frame["study_uid"] = frame["study_uid"].map(ids.uid)
-    frame.to_csv(folder / results.name, index=False)
-    return folder / results.name
-
-
 def main() -> int:
     setup_logging()
     cfg: ShadowConfig = load_section("shadow", ShadowConfig)
     data = load_section("data", DataConfig)
     ids = pseudonymizer(data.name, data.identifiers, data.key_id)
     with tempfile.TemporaryDirectory() as tmp:
-        results = pseudonymized_results(RESULTS, ids, Path(tmp)) if ids.active else RESULTS
+        results = lab_copy_of_results(RESULTS, ids, Path(tmp)) if ids.active else RESULTS
         result, report = evaluate_files(
             results, cfg, [DIAGNOSES], bundles=[BUNDLES], out=OUT,
             title="Shadow evaluation: the unseen scanner's studies",

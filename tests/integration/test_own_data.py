@@ -271,20 +271,48 @@ def test_the_model_is_registered_and_the_bundle_verifies(site: dict[str, Any]) -
     assert json.loads((root / "reports/export/metrics.json").read_text())["parity_series"] > 0
 
 
-def test_no_patient_name_id_accession_or_date_is_written(site: dict[str, Any]) -> None:
-    root, secrets = site["root"], site["secrets"]
+WRITTEN = ("reports", "artifacts", "mlruns", "mlflow.db", "params.yaml", "dvc.lock")
+
+
+def leaks(site: dict[str, Any], skip: tuple[str, ...] = ()) -> tuple[int, list[tuple[str, str]]]:
+    """How many files the run wrote (under :data:`WRITTEN`, less ``skip``), and every (file, secret)
+    where one of the cohort's names, IDs, accession numbers or dates stands in a file."""
+    root = site["root"]
     written = [
         p
-        for top in ("reports", "artifacts", "mlruns", "mlflow.db", "params.yaml", "dvc.lock")
+        for top in WRITTEN
         for p in ([root / top] if (root / top).is_file() else sorted((root / top).rglob("*")))
-        if p.is_file()
+        if p.is_file() and not str(p.relative_to(root)).startswith(skip)
     ]
-    assert len(written) > 20
-    needles = sorted(s.encode() for s in secrets)
-    leaks = [
+    needles = sorted(s.encode() for s in site["secrets"])
+    found = [
         (str(p.relative_to(root)), n.decode())
         for p in written
         for n in needles
         if n in p.read_bytes()
     ]
-    assert leaks == []
+    return len(written), found
+
+
+def test_no_patient_name_id_accession_or_date_is_written(site: dict[str, Any]) -> None:
+    n, found = leaks(site)
+    assert n > 20
+    assert found == []
+
+
+def test_the_held_out_studies_go_through_edge_monitor_and_shadow(site: dict[str, Any]) -> None:
+    root, env = site["root"], site["env"]
+    run = sh(root, "dvc", "repro", env=env)
+    assert "scenarios: skipped" in run.stdout + run.stderr
+    assert "skipped" in json.loads((root / "reports/monitor/scenarios.json").read_text())
+    external = [s for s in site["studies"] if s["model"] == EXTERNAL_MODEL]
+    assert json.loads((root / "reports/edge/metrics.json").read_text())["series_predicted"] == len(
+        external
+    )
+    shadow = json.loads((root / "reports/shadow/metrics.json").read_text())
+    assert shadow["studies"] == shadow["judged"] == len(external)
+    assert json.loads((root / "reports/monitor/metrics.json").read_text())
+    # what the edge returns to PACS carries the patient, as results must; nothing else does
+    n, found = leaks(site, skip=("artifacts/edge",))
+    assert n > 30
+    assert found == []

@@ -13,7 +13,8 @@ labels report and everything downstream (reports, MLflow, the bundle) carry
 * ages over 89 as 90 (HIPAA's Safe Harbor groups them).
 
 Stages that meet the DICOM again (export's drift reference, edge_predict) compare through
-:meth:`Pseudonymizer.uid` (see :class:`Pseudonymized`).
+:meth:`Pseudonymizer.uid` (see :class:`Pseudonymized`); the monitor and shadow stages read the edge
+runner's results through :func:`lab_copy_of_results`.
 
 The key is a site secret like a signing key: ``<config dir>/pseudonym/<source>.key``
 (``$SHIFTGUARD_PSEUDONYM_KEY`` names another file). The config holds only its fingerprint
@@ -171,6 +172,26 @@ class Pseudonymizer:
             return years
 
 
+def lab_copy_of_results(results: Path, ids: Pseudonymizer, folder: Path) -> Path:
+    """The edge runner's ``results.csv`` as the lab side may keep it: study and series UIDs as their
+    pseudonyms (so they join the split's tables) and ``study_datetime`` cut to the first of its
+    month; written to ``folder``. The edge's own file, which stays on site, is left as it is."""
+    import pandas as pd
+
+    frame = pd.read_csv(results, dtype=str, keep_default_na=False)
+    for column in ("study_uid", "series_uid"):
+        if column in frame:
+            frame[column] = frame[column].map(ids.uid)
+    if "study_datetime" in frame:
+        month = frame["study_datetime"].map(ids.study_date)
+        frame["study_datetime"] = [
+            f"{m[:4]}-{m[4:6]}-01T00:00:00Z" if len(m) == 6 else "" for m in month
+        ]
+    out = Path(folder) / Path(results).name
+    frame.to_csv(out, index=False)
+    return out
+
+
 class Pseudonymized(Collection[str]):
     """UIDs as the DICOM holds them, tested against pseudonymized ones: ``uid in it`` is whether
     ``ids.uid(uid)`` is among ``pseudonyms`` (for the stages that read the DICOM again)."""
@@ -209,6 +230,7 @@ __all__ = [
     "fingerprint",
     "generate_key",
     "key_path",
+    "lab_copy_of_results",
     "load_key",
     "pseudonymizer",
 ]

@@ -197,13 +197,17 @@ def _external_option(args: argparse.Namespace) -> dict[str, object] | None:
 def _data_lookup(args: argparse.Namespace) -> int:
     from shiftguard.config import DataConfig, compose_section
     from shiftguard.data.identifiers import pseudonymizer
+    from shiftguard.data.source import DataSourceError
     from shiftguard.dicom.scan import list_files, scan_files
 
-    data = compose_section("data", DataConfig, args.overrides)
+    tokens = [a for a in args.pseudonyms if "=" not in a]  # KEY=VALUE: config overrides
+    data = compose_section("data", DataConfig, [a for a in args.pseudonyms if "=" in a])
     ids = pseudonymizer(data.name, data.identifiers, data.key_id)
-    wanted = set(args.pseudonyms)
+    wanted = set(tokens)
     found: dict[str, set[str]] = {}
     root = Path(data.dicom)
+    if not root.exists():
+        raise DataSourceError(f"data.dicom {root}: no such folder (run from the project root)")
     files = list_files(root)
     for path in files:
         rel = Path(os.path.relpath(path, root)).as_posix()
@@ -217,7 +221,7 @@ def _data_lookup(args: argparse.Namespace) -> int:
                                  f"AccessionNumber {h.accession_number}")):  # fmt: skip
                 if token in wanted:
                     found.setdefault(token, set()).add(text)
-    for token in args.pseudonyms:
+    for token in tokens:
         print(
             f"{token}: {'; '.join(sorted(found.get(token, set()))) or 'not found in ' + str(root)}"
         )
@@ -954,8 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
     look = data_sub.add_parser(
         "lookup", help="turn pseudonyms from a report (P-..., A-..., F-...) back into identifiers"
     )
-    look.add_argument("pseudonyms", nargs="+")
-    overrides(look)
+    look.add_argument("pseudonyms", nargs="+", help="pseudonyms, and config overrides KEY=VALUE")
     look.set_defaults(func=_data_lookup)
 
     spl = sub.add_parser("split", help="patient-level split with an external test set")

@@ -255,6 +255,20 @@ def test_the_split_is_patient_level_with_the_chosen_external_scanner(site: dict[
     assert {r["split"] for r in dataset} >= {"train", "val", "test", "external"}
 
 
+def test_data_lookup_turns_report_pseudonyms_back_on_site(site: dict[str, Any]) -> None:
+    root, studies = site["root"], site["studies"]
+    row = rows_of(root / "artifacts/split/dataset.csv")[0]
+    [quarantined] = [q for q in rows_of(root / "artifacts/ingest/quarantine.csv")
+                     if q["code"] == "not_image"]  # fmt: skip
+    out = sh(root, "shiftguard", "data", "lookup", row["patient_id"], quarantined["path"],
+             env=site["env"]).stdout  # fmt: skip
+    patient = next(
+        s for s in studies if pseudonyms(site).patient(s["patient_id"]) == row["patient_id"]
+    )
+    assert f"PatientID {patient['patient_id']}" in out
+    assert "rtplan.dcm" in out
+
+
 def test_the_model_is_registered_and_the_bundle_verifies(site: dict[str, Any]) -> None:
     root, env = site["root"], site["env"]
     from mlflow.tracking import MlflowClient

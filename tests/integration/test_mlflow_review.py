@@ -113,7 +113,11 @@ def review(tmp_path_factory: pytest.TempPathFactory, conf_dir: Path) -> dict[str
         # the drift reference runs the edge runner on DICOM files; this cohort has none
         mp.setattr(
             "shiftguard.export.stage.monitor_reference",
-            lambda bundle, dicom, splits, trust=None: (b"mean,split\n1.0,train\n", b"{}", 1),
+            lambda bundle, dicom, splits, trust=None, uid_of=str: (
+                b"mean,split\n1.0,train\n",
+                b"{}",
+                1,
+            ),
         )
         augment = compose_section("augment", AugmentConfig, ["augment.enabled=false"], conf_dir)
         model = ModelConfig(

@@ -41,7 +41,7 @@ VENDORS = [
     ("Canon Medical Systems", "Vantage Galan", 3.0, "Lakeshore Clinic", "by_accession", None),
 ]  # fmt: skip
 EXTERNAL_MODEL = "Vantage Galan"
-PATIENTS_PER_VENDOR = (9, 9, 9, 6)
+PATIENTS_PER_VENDOR = (6, 6, 6, 4)
 ODD_FILES = ("CT_small.dcm", "rtplan.dcm", "MR_small_RLE.dcm", "no_meta.dcm")
 
 
@@ -166,8 +166,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, root / item)
-    config = root / "conf" / "config.yaml"  # the test suite's small grid and few epochs
-    config.write_text(config.read_text().replace("- experiment: null", "- experiment: tiny"))
+    config = root / "conf" / "config.yaml"  # the test suite's small grid, few epochs, 2x2 shifts
+    config.write_text(
+        config.read_text().replace("- experiment: null", "- experiment: tiny")
+        + "augment:\n  robustness:\n    profiles: [low_field, motion_prone]\n"
+        "    severities: [0, 4]\n"
+    )
     sh(root, "git", "init", "-q", env=env)
     sh(root, "git", "config", "user.email", "ci@example.org", env=env)
     sh(root, "git", "config", "user.name", "ci", env=env)

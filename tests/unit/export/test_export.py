@@ -371,7 +371,11 @@ def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
     # the drift reference runs the edge runner on DICOM files; these tests have none
     monkeypatch.setattr(
         "shiftguard.export.stage.monitor_reference",
-        lambda bundle, dicom, splits, trust=None: (b"mean,split\n1.0,train\n", b"{}", 1),
+        lambda bundle, dicom, splits, trust=None, uid_of=str: (
+            b"mean,split\n1.0,train\n",
+            b"{}",
+            1,
+        ),
     )
     volumes = _volumes(tmp_path)
     bundles, tags, runs = [], [], []
@@ -428,7 +432,11 @@ def test_the_model_version_page_is_the_review_page(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(
         "shiftguard.export.stage.monitor_reference",
-        lambda bundle, dicom, splits, trust=None: (b"mean,split\n1.0,train\n", b"{}", 1),
+        lambda bundle, dicom, splits, trust=None, uid_of=str: (
+            b"mean,split\n1.0,train\n",
+            b"{}",
+            1,
+        ),
     )
     volumes = _volumes(tmp_path)
     root = tmp_path / "project"

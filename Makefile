@@ -37,6 +37,7 @@ lint: env
 	$(BIN)/ruff check src tests pipelines benchmarks
 	$(BIN)/ruff format --check src tests pipelines benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 bench: env
 	$(BIN)/python benchmarks/ingest_vs_dcm2niix.py

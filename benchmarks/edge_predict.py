@@ -68,7 +68,7 @@ def _bundle(tmp: Path) -> Path:
 
     import numpy as np
 
-    from shiftguard.monitor.features import Projection
+    from shiftguard.records.features import Projection
 
     width = int(net.head.in_features)
     basis = Projection.fit(np.random.default_rng(0).normal(size=(64, width))).to_json()
@@ -116,7 +116,7 @@ def main() -> None:
         first = predictor.predict_folder(series, out)  # warm-up: imports, caches, session
         row = first.results[0]
         spec = bundle.manifest["preprocessing"]
-        from shiftguard.data.ingest import canonical_volume
+        from shiftguard.data.canonical import canonical_volume
         from shiftguard.dicom.scan import scan_files
         from shiftguard.dicom.series import group_series
         from shiftguard.edge.preprocess import preprocess

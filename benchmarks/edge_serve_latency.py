@@ -50,7 +50,7 @@ def main() -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 
-    from shiftguard.data.ingest import canonical_volume
+    from shiftguard.data.canonical import canonical_volume
     from shiftguard.dicom.scan import list_files, scan_files
     from shiftguard.dicom.series import group_series
     from shiftguard.edge.peers import Orthanc, copy_study, storescu

@@ -86,7 +86,7 @@ def _records_frame(n: int, seed: int, shift: float = 0.0, scanner: str = "Skyra"
     import numpy as np
     import pandas as pd
 
-    from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
+    from shiftguard.records.features import BY_NAME, FEATURE_NAMES
 
     rng = np.random.default_rng(seed)
     data: dict[str, Any] = {}

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shiftguard.errors import ShiftGuardError
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
@@ -83,8 +85,6 @@ def run_stage(main: Callable[[], int]) -> int:
     with the error's message on stderr and exit status 2, no traceback; anything else is a bug and
     keeps its traceback."""
     import sys
-
-    from shiftguard.errors import ShiftGuardError
 
     try:
         return main()

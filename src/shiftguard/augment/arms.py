@@ -41,6 +41,8 @@ from monai.transforms import (
 )
 from numpy.typing import NDArray
 
+from shiftguard.augment.randconv import RandConvd
+from shiftguard.augment.transforms import RandScannerSimd
 from shiftguard.config.schema import (
     AcquisitionEffectsConfig,
     AugmentConfig,
@@ -483,14 +485,10 @@ def arm_transforms(
     if arm == "none":
         return []
     if arm == "artifact":
-        from shiftguard.augment.transforms import RandScannerSimd
-
         return [RandScannerSimd.from_config(image_key, cfg, spacing=spacing, record_key=None)]
     inner: list[Any]
     if arm == "intensity":
         from monai.transforms import RandAdjustContrastd, RandHistogramShiftd
-
-        from shiftguard.augment.randconv import RandConvd
 
         c = cfg.intensity
         inner = [

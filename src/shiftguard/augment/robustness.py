@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from shiftguard.augment.profiles import draw
 from shiftguard.config.schema import AugmentConfig
 from shiftguard.data.volume import read_nifti
 from shiftguard.errors import ShiftGuardError
+from shiftguard.tracking import stage_run
 from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,6 @@ def simulate(
     Returns:
         The simulated ``(X, Y, Z)`` float32 volume and the drawn parameters as a plain dict.
     """
-    from shiftguard.augment.profiles import draw
 
     params = draw(cfg.profiles[profile], severity, rng, volume.shape)
     if params.is_identity():
@@ -282,8 +283,6 @@ def run_stage(
     """The ``augment`` stage: robustness sets, gallery, and an MLflow run that logs the config,
     the counts, the gallery and the manifest of drawn parameters."""
     import mlflow
-
-    from shiftguard.tracking import stage_run
 
     summary = run(cfg, dataset_csv, ingest_dir, out_dir, workers=workers, progress=progress)
     key = gallery_series(dataset_csv)

@@ -36,6 +36,7 @@ from shiftguard.cohort import tables
 from shiftguard.cohort.demographics import SubjectPlan, sample_subjects
 from shiftguard.cohort.errors import CohortError, OutputDirectoryError
 from shiftguard.cohort.render import RenderedSeries, render_subject
+from shiftguard.cohort.template import template_dir
 from shiftguard.cohort.writer import check_transfer_syntax, series_uids, write_mask, write_series
 from shiftguard.config.schema import CohortConfig
 from shiftguard.utils import progress_bar, write_csv
@@ -261,8 +262,6 @@ def run(
     started = time.perf_counter()
     used = sorted({site.scanner for site in cfg.sites})
     plugins = {name: check_transfer_syntax(name, cfg.scanners[name]) for name in used}
-    from shiftguard.cohort.template import template_dir
-
     template_dir()  # fail early, before any file is written
     plans = sample_subjects(cfg)
     digest = tables.config_digest(cfg)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from shiftguard.config.deploy import (
-    DEPLOY_SCHEMAS,
     EdgeConfig,
     EdgeDestination,
     ExportConfig,
@@ -25,7 +22,6 @@ from shiftguard.config.loader import (
     write_params,
 )
 from shiftguard.config.monitor import AlertRule, MonitorConfig, ScenarioConfig, ScenarioPhase
-from shiftguard.config.schema import SCHEMAS as LAB_SCHEMAS
 from shiftguard.config.schema import (
     AugmentConfig,
     CohortConfig,
@@ -40,15 +36,8 @@ from shiftguard.config.schema import (
     SplitConfig,
     TrainConfig,
 )
+from shiftguard.config.sections import SCHEMAS
 from shiftguard.config.shadow import GateConfig, ShadowConfig
-
-#: the schema of every top-level section of the composed configuration
-SCHEMAS: dict[str, type[BaseModel]] = {
-    **LAB_SCHEMAS,
-    **DEPLOY_SCHEMAS,
-    "monitor": MonitorConfig,
-    "shadow": ShadowConfig,
-}
 
 __all__ = [
     "PARAMS_FILE",

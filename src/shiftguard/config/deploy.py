@@ -12,10 +12,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from shiftguard.config.schema import _Strict
+from shiftguard.config.schema import StrictModel
 
 
-class SeriesSelection(_Strict):
+class SeriesSelection(StrictModel):
     """Which series the exported model is for; the edge runner skips the rest, saying why."""
 
     modalities: list[str] = Field(default_factory=lambda: ["MR"], min_length=1)
@@ -40,7 +40,7 @@ class SeriesSelection(_Strict):
         return self
 
 
-class ExportConfig(_Strict):
+class ExportConfig(StrictModel):
     """What the export stage writes into the edge bundle and how it checks it."""
 
     opset: Annotated[int, Field(ge=13, le=21)] = 17
@@ -61,7 +61,7 @@ class ExportConfig(_Strict):
     )
 
 
-class EdgeDestination(_Strict):
+class EdgeDestination(StrictModel):
     """A DICOM node the edge service sends results to."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -71,7 +71,7 @@ class EdgeDestination(_Strict):
     role: Literal["clinical", "research"] = "clinical"
 
 
-class EdgeConfig(_Strict):
+class EdgeConfig(StrictModel):
     """``shiftguard edge serve``: the DICOM service a site runs beside its PACS."""
 
     bundle: str = Field("artifacts/export", description="a .sgbundle file, or a folder holding one")

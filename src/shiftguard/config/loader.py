@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from shiftguard.config.errors import ConfigError
+from shiftguard.config.sections import SCHEMAS
 
 CONFIG_NAME = "config"
 PARAMS_FILE = "params.yaml"
@@ -97,8 +98,6 @@ def dump_params(config: Mapping[str, Any]) -> str:
 
 def validate_all(config: Mapping[str, Any]) -> dict[str, BaseModel]:
     """Validate every section that has a schema (see :data:`shiftguard.config.SCHEMAS`)."""
-    from shiftguard.config import SCHEMAS
-
     return {name: validate(name, config.get(name), model) for name, model in SCHEMAS.items()}
 
 

@@ -11,10 +11,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from shiftguard.config.schema import _Strict
+from shiftguard.config.schema import StrictModel
 
 
-class CollectorConfig(_Strict):
+class CollectorConfig(StrictModel):
     """The collector service (``shiftguard monitor collect``) and how the edge reaches it."""
 
     url: str | None = Field(
@@ -42,7 +42,7 @@ class CollectorConfig(_Strict):
         return self
 
 
-class WindowConfig(_Strict):
+class WindowConfig(StrictModel):
     """How a site's stream of records is cut into windows compared with the reference."""
 
     by: Literal["count", "time"] = "count"
@@ -61,7 +61,7 @@ class WindowConfig(_Strict):
     ] = 4
 
 
-class DriftConfig(_Strict):
+class DriftConfig(StrictModel):
     """Per-feature tests (Evidently's defaults) and the unified score."""
 
     drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -75,7 +75,7 @@ class DriftConfig(_Strict):
     )
 
 
-class AlertRule(_Strict):
+class AlertRule(StrictModel):
     """Raise an alert when ``metric`` is above ``above`` in ``windows`` consecutive windows."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -99,7 +99,7 @@ class AlertRule(_Strict):
         return self
 
 
-class ScenarioSettings(_Strict):
+class ScenarioSettings(StrictModel):
     """Where the drift scenarios are defined and how big their simulated pools are."""
 
     folder: str = Field("conf/monitor/scenarios", description="one YAML file per scenario")
@@ -113,7 +113,7 @@ class ScenarioSettings(_Strict):
     cache: str = Field("artifacts/scenarios/pools", description="simulated pools, reused")
 
 
-class MonitorConfig(_Strict):
+class MonitorConfig(StrictModel):
     """``shiftguard monitor``: collection, windows, drift scoring, alerts, reports."""
 
     site: str = Field("site", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="this edge's name")
@@ -138,7 +138,7 @@ class MonitorConfig(_Strict):
         return self
 
 
-class ScenarioPhase(_Strict):
+class ScenarioPhase(StrictModel):
     """A stretch of a simulated stream: ``studies`` drawn from one generating condition."""
 
     studies: Annotated[int, Field(ge=1)]
@@ -152,7 +152,7 @@ class ScenarioPhase(_Strict):
     )
 
 
-class ScenarioConfig(_Strict):
+class ScenarioConfig(StrictModel):
     """A drift scenario: phases in order; ``onset`` is the study at which drift begins (None: no
     drift, so any alert is a false alarm)."""
 

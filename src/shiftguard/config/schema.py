@@ -15,7 +15,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     """Base: unknown keys are errors, values are validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
@@ -35,7 +35,7 @@ SequenceKind = Literal["spgr", "ir_gre", "se", "tse", "flair"]
 Apodisation = Literal["none", "hamming", "hann", "tukey", "fermi"]
 
 
-class ScannerProfile(_Strict):
+class ScannerProfile(StrictModel):
     """How one scanner model and protocol acquires and stores a brain series.
 
     Geometry: ``matrix`` is ``(rows, columns)`` of each reconstructed slice, ``pixel_spacing`` is
@@ -194,7 +194,7 @@ class ScannerProfile(_Strict):
         return self
 
 
-class SiteConfig(_Strict):
+class SiteConfig(StrictModel):
     """A hospital of the cohort: its scanner, its population and how often it sees the finding."""
 
     name: str = Field(description="InstitutionName written into every file")
@@ -206,7 +206,7 @@ class SiteConfig(_Strict):
     female_fraction: Fraction = 0.5
 
 
-class LesionConfig(_Strict):
+class LesionConfig(StrictModel):
     """The binary finding: one focal lesion inside brain tissue, kept as a ground-truth mask.
 
     Physics renderer: the lesion is a tissue of its own whose T1, T2 (and T2*) and proton density are
@@ -245,7 +245,7 @@ class LesionConfig(_Strict):
         return self
 
 
-class TissueRelaxation(_Strict):
+class TissueRelaxation(StrictModel):
     """One tissue's proton density and relaxation times at ``PhysicsConfig.reference_fields``.
 
     ``pd`` is relative to pure water (CSF ~ 1); ``t1_ms``, ``t2_ms`` and ``t2s_ms`` list one value
@@ -264,7 +264,7 @@ class TissueRelaxation(_Strict):
 PHYSICS_TISSUES = ("csf", "gm", "wm", "fat", "muscle", "bone", "marrow", "skin")
 
 
-class PhysicsConfig(_Strict):
+class PhysicsConfig(StrictModel):
     """The physics renderer's tissue table, noise constant and sampling (see
     :mod:`shiftguard.cohort.physics`).
 
@@ -311,7 +311,7 @@ class PhysicsConfig(_Strict):
         return self
 
 
-class AnatomyConfig(_Strict):
+class AnatomyConfig(StrictModel):
     """Per-subject variation applied to the MNI152 template."""
 
     head_scale_sd: Annotated[float, Field(ge=0, le=0.2)] = 0.05
@@ -323,7 +323,7 @@ class AnatomyConfig(_Strict):
     intensity_sd: Annotated[float, Field(ge=0, le=0.3)] = 0.04
 
 
-class CohortConfig(_Strict):
+class CohortConfig(StrictModel):
     """The whole synthetic cohort. Same seed and config give byte-identical files."""
 
     seed: Annotated[int, Field(ge=0)] = 20261128
@@ -383,7 +383,7 @@ DEFAULT_POSITIVE = ("1", "true", "yes", "y", "positive", "pos", "present", "abno
 DEFAULT_NEGATIVE = ("0", "false", "no", "n", "negative", "neg", "absent", "normal")
 
 
-class LabelColumns(_Strict):
+class LabelColumns(StrictModel):
     """The label file's column for each thing ShiftGuard reads from it (``None``: not in the file).
 
     ``finding`` is required; the join key's columns (see :data:`JOIN_KEY_FIELDS`) too. ``patient_sex``
@@ -403,7 +403,7 @@ class LabelColumns(_Strict):
     reported_at: str | None = None
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """One data source: a DICOM tree, its label file(s) and how they join (``conf/data/<name>.yaml``).
 
     ``dicom`` and ``labels`` are paths relative to the project root, or absolute (DVC then hashes them
@@ -460,7 +460,7 @@ class DataConfig(_Strict):
 # --------------------------------------------------------------------------------------------------
 
 
-class IngestConfig(_Strict):
+class IngestConfig(StrictModel):
     """How series become volumes.
 
     Output volumes are in RAS+ canonical orientation, resampled to ``spacing`` (mm) on a grid of
@@ -498,7 +498,7 @@ def _date_bound(value: object) -> str | None:
     return digits
 
 
-class ExternalSelector(_Strict):
+class ExternalSelector(StrictModel):
     """Which series form the external test set: every criterion given must hold.
 
     * ``column`` + ``values``: the manifest ``column`` (any header field ingest records: site,
@@ -528,7 +528,7 @@ class ExternalSelector(_Strict):
         return self
 
 
-class SplitConfig(_Strict):
+class SplitConfig(StrictModel):
     """Patient-level train/val/test split of the internal series, stratified on the finding."""
 
     seed: int = 0
@@ -590,7 +590,7 @@ FactorRange = Annotated[
 SeverityRange = Annotated[tuple[Severity, Severity], AfterValidator(_ordered)]
 
 
-class BiasFieldSim(_Strict):
+class BiasFieldSim(StrictModel):
     """TorchIO's polynomial bias field: every coefficient is uniform in ``[-m, m]`` with the
     magnitude ``m`` drawn from ``coefficients``; ``order`` is the polynomial degree (TorchIO draws
     ``(order + 1)(order + 2)(order + 3) / 6`` coefficients)."""
@@ -599,7 +599,7 @@ class BiasFieldSim(_Strict):
     order: Annotated[int, Field(ge=0, le=6)] = 3
 
 
-class NoiseSim(_Strict):
+class NoiseSim(StrictModel):
     """Noise standard deviation relative to the image's 99th percentile; Rician (the magnitude of
     complex Gaussian noise, as in low-SNR magnitude images) or Gaussian."""
 
@@ -607,7 +607,7 @@ class NoiseSim(_Strict):
     rician: bool = False
 
 
-class GhostingSim(_Strict):
+class GhostingSim(StrictModel):
     """``num_ghosts`` ghosts along one of ``axes`` (the phase-encoding directions), relative
     ``intensity`` in [0, 1]; ``restore`` is the fraction of the k-space centre kept intact."""
 
@@ -617,7 +617,7 @@ class GhostingSim(_Strict):
     restore: Fraction = 0.02
 
 
-class SpikeSim(_Strict):
+class SpikeSim(StrictModel):
     """``num_spikes`` k-space spikes, ``intensity`` relative to the spectrum's maximum (TorchIO's
     ``RandomSpike`` uses (1, 3) by default; the sign is kept)."""
 
@@ -625,7 +625,7 @@ class SpikeSim(_Strict):
     intensity: Range
 
 
-class MotionSim(_Strict):
+class MotionSim(StrictModel):
     """``num_transforms`` rigid movements during the acquisition, each with rotations in ``degrees``
     and translations in ``translation`` (mm) drawn per axis, as TorchIO's ``RandomMotion``."""
 
@@ -634,32 +634,32 @@ class MotionSim(_Strict):
     num_transforms: CountRange
 
 
-class BlurSim(_Strict):
+class BlurSim(StrictModel):
     """Gaussian point-spread function: standard deviation in mm, drawn per axis."""
 
     std: MagnitudeRange
 
 
-class AnisotropySim(_Strict):
+class AnisotropySim(StrictModel):
     """Thick slices along one of ``axes``: ``downsampling`` times the voxel size, and back."""
 
     axes: list[Axis] = Field(default_factory=lambda: list[Axis]([2]), min_length=1)
     downsampling: FactorRange
 
 
-class GammaSim(_Strict):
+class GammaSim(StrictModel):
     """Vendor contrast curve: ``gamma = exp(log_gamma)``."""
 
     log_gamma: Range
 
 
-class ScaleSim(_Strict):
+class ScaleSim(StrictModel):
     """Vendor intensity scaling: ``factor = exp(log_scale)``."""
 
     log_scale: Range
 
 
-class ScannerSimProfile(_Strict):
+class ScannerSimProfile(StrictModel):
     """How one kind of scanner or protocol changes an image (``conf/scanner/<name>.yaml``).
 
     Every range is ``[min, max]`` at the highest severity (4); a lower severity ``s`` moves each end
@@ -680,7 +680,7 @@ class ScannerSimProfile(_Strict):
     scale: ScaleSim | None = None
 
 
-class RobustnessConfig(_Strict):
+class RobustnessConfig(StrictModel):
     """The offline robustness test sets: every validation and test volume under each of
     ``profiles`` at each of ``severities``, reproducible from ``seed``."""
 
@@ -708,7 +708,7 @@ PositiveRange = Annotated[
 """``[min, max]`` of a strictly positive quantity (a gamma, a time in ms, a field in T)."""
 
 
-class IntensityArmConfig(_Strict):
+class IntensityArmConfig(StrictModel):
     """The intensity and contrast arm: MONAI's random gamma (``RandAdjustContrast``) and histogram
     shift (``RandHistogramShift``), then a random convolution
     (:class:`~shiftguard.augment.randconv.RandConvd`), each applied with its own probability."""
@@ -723,7 +723,7 @@ class IntensityArmConfig(_Strict):
     randconv_probability: Fraction = 0.5
 
 
-class AcquisitionEffectsConfig(_Strict):
+class AcquisitionEffectsConfig(StrictModel):
     """What the label-driven arms add to a synthetic image, as SynthSeg does: a Gaussian blur per
     axis (``blur_mm``, the standard deviation; resolution and partial volume), a smooth
     multiplicative bias field (log-amplitude up to ``bias``), and Rician noise (``noise``, the
@@ -734,7 +734,7 @@ class AcquisitionEffectsConfig(_Strict):
     noise: MagnitudeRange = (0.0, 0.06)
 
 
-class LabelsArmConfig(_Strict):
+class LabelsArmConfig(StrictModel):
     """The label-driven arm (SynthSeg): a new image from the subject's tissue label map, each label a
     Gaussian with mean in ``mean`` and standard deviation in ``std`` (TorchIO's
     ``RandomLabelsToImage``), then :class:`AcquisitionEffectsConfig`. ``labels_dir`` holds one label
@@ -746,7 +746,7 @@ class LabelsArmConfig(_Strict):
     effects: AcquisitionEffectsConfig = Field(default_factory=AcquisitionEffectsConfig)
 
 
-class SequenceRanges(_Strict):
+class SequenceRanges(StrictModel):
     """Random sequence parameters of the physics arm, per family (ms and degrees)."""
 
     spgr_tr: PositiveRange = (8.0, 30.0)
@@ -765,7 +765,7 @@ ArmSequence = Literal["spgr", "ir_gre", "se"]
 ARM_SEQUENCES: tuple[ArmSequence, ...] = ("spgr", "ir_gre", "se")
 
 
-class PhysicsArmConfig(_Strict):
+class PhysicsArmConfig(StrictModel):
     """The physics arm: the subject's tissue label map re-rendered with a random field strength and
     a random sequence (family and parameters), through the cohort's signal equations and tissue
     table (``tissue_model``, :mod:`shiftguard.cohort.physics`); the lesion label gets white matter's parameters times
@@ -782,7 +782,7 @@ class PhysicsArmConfig(_Strict):
     effects: AcquisitionEffectsConfig = Field(default_factory=AcquisitionEffectsConfig)
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Scanner-simulating augmentation for training and the robustness test sets.
 
     ``profiles`` is the catalogue of scanner profiles (composed from ``conf/scanner/``); it is the
@@ -882,7 +882,7 @@ PartialInstantiable = Annotated[
 ]
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """The classifier: ``network`` is instantiated with Hydra (``_target_`` plus its arguments).
 
     The network maps a batch of volumes ``(B, 1, X, Y, Z)`` to one logit per volume ``(B, 1)``.
@@ -891,7 +891,7 @@ class ModelConfig(_Strict):
     network: Instantiable
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """How the classifier is trained.
 
     ``optimizer`` is a Hydra partial (``_partial_: true``) called with the parameters, ``lr`` and
@@ -988,7 +988,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(StrictModel):
     """How the validation stage judges the trained model.
 
     The operating point is chosen on the validation split with ``threshold_rule`` and then applied,
@@ -1051,7 +1051,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 # --------------------------------------------------------------------------------------------------
 
 
-class DesignConfig(_Strict):
+class DesignConfig(StrictModel):
     """One design of the augmentation experiment (``conf/design/<name>.yaml``): Hydra's sweeper
     runs one cell per arm x training seed x split seed (``hydra.sweeper.params``); this section says
     what each cell trains on and is scored against.

@@ -11,12 +11,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from shiftguard.config.schema import _Strict
+from shiftguard.config.schema import StrictModel
 
 Metric = Literal["auroc", "sensitivity", "specificity"]
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictModel):
     """What a challenger's shadow evaluation must show before it becomes the champion."""
 
     min_studies: Annotated[
@@ -41,7 +41,7 @@ class GateConfig(_Strict):
     )
 
 
-class PacsConfig(_Strict):
+class PacsConfig(StrictModel):
     """Where ``shadow fetch`` / ``shadow evaluate --pacs`` read verified reports (each a flag too)."""
 
     address: str | None = Field(
@@ -63,7 +63,7 @@ class PacsConfig(_Strict):
     )
 
 
-class ShadowConfig(_Strict):
+class ShadowConfig(StrictModel):
     """``shiftguard shadow evaluate`` and ``shiftguard promote``."""
 
     segments: list[str] = Field(

@@ -31,6 +31,7 @@ from shiftguard.data import labels as label_join
 from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.errors import ShiftGuardError
+from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,6 @@ def inspect_dicom(root: Path, progress: bool = True) -> DicomInventory:
     Raises:
         DataSourceError: ``root`` does not exist or holds no readable DICOM image.
     """
-    from shiftguard.utils import progress_bar
 
     root = Path(root)
     if not root.exists():

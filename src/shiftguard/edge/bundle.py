@@ -36,7 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shiftguard.edge.signing import SIGNATURE, SigningKey, Trust, check_signature
+from shiftguard.edge.signing import (
+    SIGNATURE,
+    SigningKey,
+    Trust,
+    check_signature,
+    default_signer,
+    signature_document,
+)
 from shiftguard.errors import ShiftGuardError
 
 log = logging.getLogger(__name__)
@@ -202,7 +209,6 @@ def write_bundle(
     Returns:
         ``path``, verified by :func:`open_bundle` (trusting ``signer``'s key).
     """
-    from shiftguard.edge.signing import default_signer, signature_document
 
     if sign and signer is None:
         signer = default_signer()

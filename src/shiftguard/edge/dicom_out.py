@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from shiftguard.dicom.scan import SliceHeader
+from shiftguard.edge.preprocess import linear_matrix, linear_resize
 
 if TYPE_CHECKING:
     from PIL import ImageDraw
@@ -315,7 +316,6 @@ def key_slice(saliency: np.ndarray | None, shape: Sequence[int]) -> int:
 def saliency_slice(saliency: np.ndarray, shape: Sequence[int], z: int) -> np.ndarray:
     """Slice ``z`` of the activation map linearly resampled onto the ``shape`` grid, computed for
     that slice alone."""
-    from shiftguard.edge.preprocess import linear_matrix, linear_resize
 
     weights = linear_matrix(saliency.shape[2], int(shape[2]))[z]
     plane = np.tensordot(saliency.astype(np.float32), weights, axes=(2, 0))

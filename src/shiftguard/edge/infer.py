@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from shiftguard.edge.bundle import Bundle, BundleError
+from shiftguard.edge.preprocess import linear_resize
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ class Model:
         if saliency is not None:
             saliency = saliency[0, 0].astype(np.float32)
             if canonical_shape is not None:
-                from shiftguard.edge.preprocess import linear_resize
-
                 saliency = linear_resize(saliency, canonical_shape)
         if embedding is not None:
             embedding = embedding[0].astype(np.float64)

@@ -7,7 +7,7 @@
 2. group slices into series and select them by the bundle's rules (modality, series description
    pattern, minimum slices, orientation), recording why a series was skipped;
 3. build each selected series' canonical volume with the code ingest uses
-   (:func:`shiftguard.data.ingest.canonical_volume`), preprocess it in numpy
+   (:func:`shiftguard.data.canonical.canonical_volume`), preprocess it in numpy
    (:mod:`shiftguard.edge.preprocess`) and run the ONNX model (:mod:`shiftguard.edge.infer`);
 4. write a Comprehensive 3D SR and a Secondary Capture key image into ``OUT_DIR`` (deterministic
    UIDs: re-running never creates duplicates), and ``results.csv`` / ``skipped.csv``: the same
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from shiftguard.data.ingest import Rules, canonical_volume, parse_patient_age, series_key
+from shiftguard.data.canonical import Rules, canonical_volume, parse_patient_age, series_key
 from shiftguard.data.volume import volume_stats
 from shiftguard.dicom.errors import InvalidSeriesError
 from shiftguard.dicom.scan import list_files, scan_files
@@ -41,7 +41,7 @@ from shiftguard.edge.dicom_out import SeriesResult, write_sc, write_sr
 from shiftguard.edge.infer import Model
 from shiftguard.edge.preprocess import preprocess
 from shiftguard.errors import ShiftGuardError
-from shiftguard.monitor.features import (
+from shiftguard.records.features import (
     FEATURE_NAMES,
     Projection,
     acquisition_features,
@@ -62,7 +62,7 @@ SKIPPED_CSV = "skipped.csv"
 TIMINGS_CSV = "timings.csv"
 #: seconds per step of one series, in ``timings.csv`` (and in the rows ``predict_*`` return)
 TIMING_COLUMNS = ("read_s", "preprocess_s", "infer_s", "features_s", "write_s")
-#: PHI-free features recorded per series: the drift monitor's inputs (shiftguard.monitor.features)
+#: PHI-free features recorded per series: the drift monitor's inputs (shiftguard.records.features)
 FEATURES = tuple(
     name
     for name in FEATURE_NAMES

@@ -158,7 +158,7 @@ def preprocess(volume: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     """The network input ``(1, 1, X, Y, Z)`` float32 for a canonical ``(X, Y, Z)`` volume.
 
     Args:
-        volume: the series on the canonical grid (:func:`shiftguard.data.ingest.canonical_volume`).
+        volume: the series on the canonical grid (:func:`shiftguard.data.canonical.canonical_volume`).
         spec: the manifest's ``preprocessing`` section: ``intensity_percentiles`` and
             ``input_shape`` (``null``: keep the canonical grid).
     """

@@ -26,15 +26,14 @@ change is one transaction, so a service killed at any point (SIGKILL, power) res
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shiftguard.store import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -120,21 +119,6 @@ class Delivery:
     attempts: int
 
 
-@contextmanager
-def transaction(db: sqlite3.Connection, lock: threading.RLock) -> Iterator[sqlite3.Connection]:
-    """One write transaction on an autocommit connection shared by threads: taken under ``lock``,
-    ``BEGIN IMMEDIATE`` (the write lock at once, so it cannot fail halfway on a busy database),
-    committed at the end, rolled back on any exception."""
-    with lock:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-
 INSERT_RESULT = (
     f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) "
     f"VALUES ({', '.join(':' + f for f in RESULT_FIELDS)})"
@@ -146,23 +130,12 @@ def _result_row(row: dict[str, Any], now: float) -> dict[str, Any]:
     return {**dict.fromkeys(SEGMENT_COLUMNS, ""), "patient_age": None, **row, "created_at": now}
 
 
-class WorkQueue:
+class WorkQueue(Database):
     """The queue (see the module docstring). Safe to share between the receiving and worker threads
     of one process: every call takes a lock and runs in its own transaction."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a released association survives power loss
-        with self._lock:
-            self._db.executescript(SCHEMA)  # runs in its own transaction
-            self._migrate()
+        super().__init__(path, SCHEMA, rows=True)  # a released association survives power loss
 
     def _migrate(self) -> None:
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(results)")}
@@ -171,21 +144,6 @@ class WorkQueue:
                 self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
         if "revision" not in {r["name"] for r in self._db.execute("PRAGMA table_info(studies)")}:
             self._db.execute("ALTER TABLE studies ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
-
-    def sync(self) -> None:
-        """Put every committed record on disk (fsync of the write-ahead log)."""
-        with self._lock:
-            wal = self.path.with_name(self.path.name + "-wal")
-            if wal.exists():
-                fd = os.open(wal, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     @contextmanager
     def _synchronous(self, sync: bool) -> Iterator[None]:
@@ -197,9 +155,6 @@ class WorkQueue:
             yield
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
-
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db, self._lock)
 
     # ---------------------------------------------------------------------------------------------
     # receiving
@@ -232,7 +187,7 @@ class WorkQueue:
         """:meth:`record_instance` for many (sop, study, series, path, calling AE, time) rows in
         one transaction; True for each new instance."""
         out = []
-        with self._lock, self._synchronous(sync), self._tx() as db:
+        with self._lock, self._synchronous(sync), self.tx() as db:
             for sop_uid, study_uid, series_uid, path, calling_ae, now in rows:
                 new = (
                     db.execute(
@@ -271,7 +226,7 @@ class WorkQueue:
         A study being processed keeps its state and notes the release (see :meth:`finish_study`)."""
         now = time.time() if now is None else now
         changed = 0
-        with self._tx() as db:
+        with self.tx() as db:
             for uid in set(study_uids):
                 changed += db.execute(
                     "UPDATE studies SET state = ?, ready_at = ? WHERE study_uid = ? AND state = ?",
@@ -286,7 +241,7 @@ class WorkQueue:
     def mark_stable(self, stability_s: float, now: float | None = None) -> list[str]:
         """The fallback: studies with no new instance for ``stability_s`` become ready."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.tx() as db:
             rows = db.execute(
                 "SELECT study_uid FROM studies WHERE state = ? AND last_received <= ?",
                 (RECEIVING, now - stability_s),
@@ -304,14 +259,14 @@ class WorkQueue:
 
     def recover(self) -> int:
         """After a restart: studies left ``processing`` go back to ``ready``. Returns how many."""
-        with self._tx() as db:
+        with self.tx() as db:
             return db.execute(
                 "UPDATE studies SET state = ? WHERE state = ?", (READY, PROCESSING)
             ).rowcount
 
     def claim_study(self) -> str | None:
         """Atomically take the oldest ready study for processing."""
-        with self._tx() as db:
+        with self.tx() as db:
             row = db.execute(
                 "SELECT study_uid FROM studies WHERE state = ? ORDER BY ready_at, study_uid LIMIT 1",
                 (READY,),
@@ -357,7 +312,7 @@ class WorkQueue:
         came meanwhile, the study is not done but waits to be processed again: ``ready`` if their
         association was released, else ``receiving``."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.tx() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO deliveries (study_uid, destination, sop_uid, path, state, "
                 "next_try, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -392,12 +347,12 @@ class WorkQueue:
     def log_results(self, results: Sequence[dict[str, Any]], now: float | None = None) -> None:
         """Add rows to the shadow log (a challenger's, after its study was finished)."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.tx() as db:
             db.executemany(INSERT_RESULT, [_result_row(r, now) for r in results])
 
     def fail_study(self, study_uid: str, error: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "UPDATE studies SET state = ?, done_at = ?, error = ? WHERE study_uid = ?",
                 (FAILED, now, error[:2000], study_uid),
@@ -420,7 +375,7 @@ class WorkQueue:
 
     def delivered(self, delivery_id: int, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "UPDATE deliveries SET state = ?, sent_at = ?, attempts = attempts + 1 WHERE id = ?",
                 (SENT, now, delivery_id),
@@ -436,7 +391,7 @@ class WorkQueue:
     ) -> None:
         """A failed attempt: try again after ``delay_s`` (or give up, keeping the reason)."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_try = ?, "
                 "last_error = ? WHERE id = ?",

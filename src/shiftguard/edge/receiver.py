@@ -27,6 +27,7 @@ from typing import Any
 
 from shiftguard.dicom.uid import check_uid
 from shiftguard.edge.queue import WorkQueue
+from shiftguard.edge.scp import Acceptor
 from shiftguard.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -555,8 +556,6 @@ class Receiver:
         self.recover_inbox()
         storage = {str(c.abstract_syntax) for c in AllStoragePresentationContexts}
         if self.settings.engine == "asyncio":
-            from shiftguard.edge.scp import Acceptor
-
             self._server = Acceptor(
                 self.settings.host,
                 self.settings.port,

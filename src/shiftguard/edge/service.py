@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard.config.errors import ConfigError
-from shiftguard.edge.bundle import open_bundle
+from shiftguard.edge.bundle import SUFFIX, BundleError, open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
+from shiftguard.edge.shipper import Shipper, Spool
 from shiftguard.edge.signing import Trust
 from shiftguard.errors import listening
+from shiftguard.records.features import make_record
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,6 @@ def resolve_bundle(path: str | Path) -> Path:
     Raises:
         BundleError: the path is missing, or the folder holds none or several bundles.
     """
-    from shiftguard.edge.bundle import SUFFIX, BundleError
 
     path = Path(path)
     if path.is_dir():
@@ -272,8 +273,6 @@ class Service:
             (self.challenger.bundle.name, self.challenger.bundle.version)
             == (self.champion.bundle.name, self.champion.bundle.version)
         ):
-            from shiftguard.edge.bundle import BundleError
-
             raise BundleError(
                 f"{settings.challenger}: the challenger is the champion's bundle "
                 f"({self.champion.bundle.name} v{self.champion.bundle.version}); the shadow log "
@@ -291,7 +290,6 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
         # drift monitoring: a PHI-free record per series, spooled, shipped when a collector is set
-        from shiftguard.monitor.collect import Shipper, Spool
 
         self.spool = Spool(root / "spool.db")
         self.shipper: Shipper | None = None
@@ -376,7 +374,6 @@ class Service:
             self._count("challenger_failed")
 
     def _spool(self, rows: Sequence[dict[str, Any]]) -> None:
-        from shiftguard.monitor.features import make_record
 
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         records = [

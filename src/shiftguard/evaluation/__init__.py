@@ -1,6 +1,6 @@
 """Evaluation: the metrics of the validation stage for the binary finding classifier.
 
-* :mod:`shiftguard.evaluation.metrics`: AUROC, ROC curve, operating point (chosen on validation,
+* :mod:`shiftguard.metrics`: AUROC, ROC curve, operating point (chosen on validation,
   applied to test), sensitivity/specificity, calibration (ECE, reliability curve), percentile
   bootstrap CIs and :func:`binary_report`. numpy/scipy only.
 * :mod:`shiftguard.evaluation.segments`: per-segment table (sex, age band, site, scanner) with gaps
@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from shiftguard.evaluation.metrics import (
+from shiftguard.evaluation.segments import age_bands, segment_table, unjudgeable_reason
+from shiftguard.metrics import (
     MetricInputError,
     ReliabilityCurve,
     auroc,
@@ -22,7 +23,6 @@ from shiftguard.evaluation.metrics import (
     roc_curve,
     sensitivity_specificity,
 )
-from shiftguard.evaluation.segments import age_bands, segment_table, unjudgeable_reason
 
 __all__ = [
     "MetricInputError",

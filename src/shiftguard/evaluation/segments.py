@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from shiftguard.evaluation.metrics import (
+from shiftguard.metrics import (
     MetricInputError,
-    _auroc_batched,
-    _check,
-    _check_boot,
-    _percentile,
-    _resample_indices,
-    _rng,
-    _sens_spec_batched,
+    as_generator,
+    auroc_batched,
+    check_bootstrap,
+    check_labels_scores,
+    percentile_interval,
+    resample_indices,
+    sens_spec_batched,
 )
 
 __all__ = ["MISSING", "SEGMENT_METRICS", "age_bands", "segment_table", "unjudgeable_reason"]
@@ -169,13 +169,13 @@ def segment_table(
             f"segment_table: column(s) {missing} not in the frame (it has {list(frame.columns)}); "
             f"pass the names of the score, label and segmenting columns"
         )
-    _check_boot(n_boot, alpha)
+    check_bootstrap(n_boot, alpha)
     min_neg = min_positive if min_negative is None else min_negative
-    y_all, s_all = _check(frame[label_col].to_numpy(), frame[score_col].to_numpy())
+    y_all, s_all = check_labels_scores(frame[label_col].to_numpy(), frame[score_col].to_numpy())
     if overall is None:
-        sens, spec = _sens_spec_batched(y_all, s_all, threshold)
+        sens, spec = sens_spec_batched(y_all, s_all, threshold)
         overall = {
-            "auroc": float(_auroc_batched(y_all, s_all)),
+            "auroc": float(auroc_batched(y_all, s_all)),
             "sensitivity": float(sens),
             "specificity": float(spec),
         }
@@ -201,21 +201,21 @@ def segment_table(
                 "judgeable": not reason,
                 "reason": reason,
             }
-            sens, spec = _sens_spec_batched(y, s, threshold)
+            sens, spec = sens_spec_batched(y, s, threshold)
             points = {
-                "auroc": float(_auroc_batched(y, s)),
+                "auroc": float(auroc_batched(y, s)),
                 "sensitivity": float(sens),
                 "specificity": float(spec),
             }
             if reason:
                 boot = {m: (math.nan, math.nan) for m in SEGMENT_METRICS}
             else:
-                idx = _resample_indices(y, n_boot, _rng(seed), stratified=True)
-                sens_b, spec_b = _sens_spec_batched(y[idx], s[idx], threshold)
+                idx = resample_indices(y, n_boot, as_generator(seed), stratified=True)
+                sens_b, spec_b = sens_spec_batched(y[idx], s[idx], threshold)
                 boot = {
-                    "auroc": _percentile(_auroc_batched(y[idx], s[idx]), alpha),
-                    "sensitivity": _percentile(sens_b, alpha),
-                    "specificity": _percentile(spec_b, alpha),
+                    "auroc": percentile_interval(auroc_batched(y[idx], s[idx]), alpha),
+                    "sensitivity": percentile_interval(sens_b, alpha),
+                    "specificity": percentile_interval(spec_b, alpha),
                 }
             for m in SEGMENT_METRICS:
                 row[m] = points[m]

@@ -43,7 +43,8 @@ from torch import nn
 
 from shiftguard.config.schema import EvaluateConfig, TrainConfig
 from shiftguard.errors import ShiftGuardError
-from shiftguard.evaluation.metrics import (
+from shiftguard.evaluation.segments import MISSING, age_bands, segment_table, unjudgeable_reason
+from shiftguard.metrics import (
     MetricInputError,
     auroc,
     binary_report,
@@ -54,7 +55,13 @@ from shiftguard.evaluation.metrics import (
     reliability_curve,
     roc_curve,
 )
-from shiftguard.evaluation.segments import MISSING, age_bands, segment_table, unjudgeable_reason
+from shiftguard.tracking import (
+    VALIDATE_RUN_TAG,
+    MetricLogger,
+    link_run,
+    stage_run,
+    trained_model,
+)
 from shiftguard.utils import progress_bar
 
 if TYPE_CHECKING:
@@ -78,7 +85,7 @@ def interval_text(
 ) -> str:
     """A figure with its interval for people: ``0.814 (0.600–0.972)``; ``n/a`` when undefined; a
     collapsed interval (equal ends) is said to be one, with ``n`` and ``positives`` when given
-    (see :func:`~shiftguard.evaluation.metrics.format_interval`).
+    (see :func:`~shiftguard.metrics.format_interval`).
 
     >>> interval_text({"value": 0.8141, "low": 0.6, "high": 0.97204})
     '0.814 (0.600–0.972)'
@@ -311,7 +318,7 @@ def scanner_reports(
 ) -> dict[str, dict[str, Any]]:
     """The external figures per unseen scanner model, at the validation-chosen ``threshold``.
 
-    Each scanner's rows get :func:`~shiftguard.evaluation.metrics.binary_report` (AUROC,
+    Each scanner's rows get :func:`~shiftguard.metrics.binary_report` (AUROC,
     sensitivity, specificity and ECE with paired bootstrap CIs, same settings as the pooled set),
     plus ``false_positive_rate`` (``1 - specificity``, its interval mirrored). A scanner too small
     to judge by the segment rule (:func:`~shiftguard.evaluation.segments.unjudgeable_reason` with
@@ -1012,14 +1019,6 @@ def _track(
     tags, and the version and the run name each other (:func:`~shiftguard.tracking.link_run`)."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from shiftguard.tracking import (
-        VALIDATE_RUN_TAG,
-        MetricLogger,
-        link_run,
-        stage_run,
-        trained_model,
-    )
 
     trained = trained_model(model_file, root)
     tags = {"shiftguard.train_run_id": trained.run_id} if trained else {}

@@ -24,6 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shiftguard.config import (
+    CohortConfig,
+    DataConfig,
+    IngestConfig,
+    SplitConfig,
+    compose_section,
+)
 from shiftguard.config.schema import DesignConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -72,13 +79,6 @@ def prepare(
         ConfigError: a cohort the design names is not in ``conf/cohort/`` (the message lists them).
     """
     from shiftguard.cohort import generate
-    from shiftguard.config import (
-        CohortConfig,
-        DataConfig,
-        IngestConfig,
-        SplitConfig,
-        compose_section,
-    )
     from shiftguard.data import ingest, split
 
     root = root or Path.cwd()

@@ -40,6 +40,8 @@ from shiftguard.experiment.stats import (
     paired_difference_power,
     seed_case_bootstrap,
 )
+from shiftguard.metrics import auroc
+from shiftguard.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +311,6 @@ def compare_arms(runs: Sequence[Run], design: DesignConfig) -> ExperimentResult:
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
-    from shiftguard.evaluation.metrics import auroc
 
     return auroc(y, s) if y.min() != y.max() else math.nan
 
@@ -610,8 +611,6 @@ def track(result: ExperimentResult, files: Sequence[Path], root: Path | None = N
     each arm's AUROC and paired difference per set as metrics; a nested run per cell. Returns the
     run's id."""
     import mlflow
-
-    from shiftguard.tracking import stage_run
 
     params = {"design": result.design.model_dump(mode="json"), "arms": ",".join(result.arms)}
     tags = {"shiftguard.design": result.design.name}

@@ -38,6 +38,7 @@ from shiftguard.config.schema import (
     SplitConfig,
     TrainConfig,
 )
+from shiftguard.data.split import run as split_run
 from shiftguard.errors import ShiftGuardError
 from shiftguard.experiment.inputs import INPUTS_DIR, InputCache
 
@@ -98,7 +99,7 @@ def set_figures(
     labels: np.ndarray, probs: np.ndarray, threshold: float, n_bins: int = 10
 ) -> dict[str, float]:
     """AUROC, sensitivity and specificity at ``threshold``, and ECE of one scored set."""
-    from shiftguard.evaluation.metrics import (
+    from shiftguard.metrics import (
         auroc,
         expected_calibration_error,
         sensitivity_specificity,
@@ -131,8 +132,7 @@ def run_cell(config: Mapping[str, Any], out_dir: Path, root: Path | None = None)
     Raises:
         ExperimentInputError: when a design's table is missing or has no labelled series.
     """
-    from shiftguard.data.split import run as split_run
-    from shiftguard.evaluation.metrics import choose_threshold
+    from shiftguard.metrics import choose_threshold
     from shiftguard.training.stage import run as train_run
 
     root = root or Path.cwd()

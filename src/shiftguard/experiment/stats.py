@@ -26,12 +26,12 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.stats import norm
 
 from shiftguard.errors import ShiftGuardError
-from shiftguard.evaluation.metrics import (
-    _auroc_batched,
-    _check_boot,
-    _percentile,
-    _resample_indices,
-    _sens_spec_batched,
+from shiftguard.metrics import (
+    auroc_batched,
+    check_bootstrap,
+    percentile_interval,
+    resample_indices,
+    sens_spec_batched,
 )
 from shiftguard.shadow.evaluate import delong, delong_covariance
 
@@ -107,9 +107,9 @@ def _per_seed(
     out: dict[str, list[FloatArray]] = {m: [] for m in METRICS}
     for j in range(s.shape[0]):
         sb = s[j][idx]
-        out["auroc"].append(_auroc_batched(yb, sb))
+        out["auroc"].append(auroc_batched(yb, sb))
         if t is not None:
-            sens, spec = _sens_spec_batched(yb, sb, float(t[j]))
+            sens, spec = sens_spec_batched(yb, sb, float(t[j]))
             out["sensitivity"].append(sens)
             out["specificity"].append(spec)
     return {m: np.vstack(v) for m, v in out.items() if v}
@@ -151,7 +151,7 @@ def paired_bootstrap(
     >>> d.metric, d.arm, round(d.reference, 3), round(d.diff, 3)
     ('auroc', 1.0, 0.667, 0.333)
     """
-    _check_boot(n_boot, alpha)
+    check_bootstrap(n_boot, alpha)
     y = _labels(y_true)
     a = _scores("arm", arm, y.size)
     r = _scores("reference", reference, y.size)
@@ -168,7 +168,7 @@ def paired_bootstrap(
     full = np.arange(y.size)[None, :]
     point_a, point_r = _per_seed(y, a, ta, full), _per_seed(y, r, tr, full)
     rng = np.random.default_rng(seed)
-    idx = _resample_indices(y, n_boot, rng, stratified=True)
+    idx = resample_indices(y, n_boot, rng, stratified=True)
     boot_a, boot_r = _per_seed(y, a, ta, idx), _per_seed(y, r, tr, idx)
     # seed resampling: how often each seed is drawn in each resample, (n_boot, S)
     counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot)
@@ -177,7 +177,7 @@ def paired_bootstrap(
     for metric in boot_a:
         per_run = boot_a[metric] - boot_r[metric]  # (S, n_boot)
         diffs = (counts * per_run.T).sum(axis=1) / n_seeds
-        low, high = _percentile(diffs, alpha)
+        low, high = percentile_interval(diffs, alpha)
         finite = diffs[np.isfinite(diffs)]
         p = (
             min(1.0, 2 * min((finite <= 0).mean(), (finite >= 0).mean()))
@@ -238,20 +238,20 @@ def seed_case_bootstrap(
     >>> r[0].metric, r[0].value, r[0].n_seeds
     ('auroc', 0.75, 2)
     """
-    _check_boot(n_boot, alpha)
+    check_bootstrap(n_boot, alpha)
     y = _labels(y_true)
     s = _scores("scores", scores, y.size)
     n_seeds = s.shape[0]
     t = _thresholds("thresholds", thresholds, n_seeds)
     point = _per_seed(y, s, t, np.arange(y.size)[None, :])
     rng = np.random.default_rng(seed)
-    idx = _resample_indices(y, n_boot, rng, stratified=True)
+    idx = resample_indices(y, n_boot, rng, stratified=True)
     boot = _per_seed(y, s, t, idx)
     counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot)
     out = []
     for metric, values in boot.items():
         means = (counts * values.T).sum(axis=1) / n_seeds
-        low, high = _percentile(means, alpha)
+        low, high = percentile_interval(means, alpha)
         out.append(
             SeedCaseInterval(
                 metric=metric,

@@ -10,7 +10,7 @@ The stage (``pipelines/export.py``, DVC stage ``export``):
    pipeline's MONAI preprocessing (within 1e-5): the stage fails otherwise;
 3. writes the bundle ``NAME.sgbundle`` (:mod:`shiftguard.edge.bundle`): manifest, model(s), a
    model card built from the validation reports, those reports, and the drift baseline: the edge
-   runner itself run on the training series' DICOM files (:mod:`shiftguard.monitor.features`), with
+   runner itself run on the training series' DICOM files (:mod:`shiftguard.records.features`), with
    the PCA basis of their penultimate features. The same inputs give the same bytes: the version
    is a digest of what decides the predictions, the TorchScript model carries no debug
    information (source paths), and no MLflow run id or registry number is inside;

@@ -19,6 +19,10 @@ from torch import nn
 
 from shiftguard.config.deploy import ExportConfig
 from shiftguard.config.schema import IngestConfig, TrainConfig
+from shiftguard.data.volume import read_nifti
+from shiftguard.dicom.errors import InvalidSeriesError
+from shiftguard.dicom.scan import list_files, scan_files
+from shiftguard.dicom.series import group_series
 from shiftguard.edge.bundle import (
     bundle_file_name,
     content_version,
@@ -26,7 +30,7 @@ from shiftguard.edge.bundle import (
     sha256_bytes,
     write_bundle,
 )
-from shiftguard.edge.predict import FEATURES
+from shiftguard.edge.predict import FEATURES, Predictor
 from shiftguard.edge.preprocess import preprocess
 from shiftguard.edge.signing import (
     SIGNING_KEY_ENV,
@@ -37,10 +41,19 @@ from shiftguard.edge.signing import (
     read_signing_key,
 )
 from shiftguard.errors import ShiftGuardError
-from shiftguard.evaluation.metrics import format_interval
 from shiftguard.evaluation.validate import is_external_profile
-from shiftguard.monitor.features import SCHEMA_VERSION as MONITOR_SCHEMA
-from shiftguard.tracking import CHALLENGER, CHAMPION
+from shiftguard.metrics import format_interval
+from shiftguard.records.features import BY_NAME, FEATURE_NAMES, Projection, _clean, output_features
+from shiftguard.records.features import SCHEMA_VERSION as MONITOR_SCHEMA
+from shiftguard.tracking import (
+    BUNDLE_VERSION_TAG,
+    CHALLENGER,
+    CHAMPION,
+    data_version,
+    file_sha256,
+    tracking_uri,
+    trained_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +235,6 @@ def check_parity(
     Raises:
         ExportError: either difference is over its tolerance.
     """
-    from shiftguard.data.volume import read_nifti
 
     batch = _training_batch(paths, train_cfg)
     edge = np.concatenate([preprocess(read_nifti(Path(p))[0], spec) for p in paths])
@@ -247,9 +259,8 @@ def check_parity(
 
 def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
     """The drift baseline: one row of monitor features per development series (exactly
-    :data:`~shiftguard.monitor.features.FEATURE_NAMES`, nothing that identifies anyone) and the
+    :data:`~shiftguard.records.features.FEATURE_NAMES`, nothing that identifies anyone) and the
     split it belongs to (``train``, ``val`` or ``test``)."""
-    from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, _clean
 
     table = pd.DataFrame(
         [
@@ -278,12 +289,6 @@ def monitor_reference(
     ``embedding_pca.json`` and how many series went in. Live records and the reference are thus
     computed by the same code on the same kind of input. The monitor compares the model's outputs
     and embedding with the held-out rows only: on its training series the model is overconfident."""
-    from shiftguard.dicom.errors import InvalidSeriesError
-    from shiftguard.dicom.scan import list_files, scan_files
-    from shiftguard.dicom.series import group_series
-    from shiftguard.edge.bundle import open_bundle
-    from shiftguard.edge.predict import Predictor
-    from shiftguard.monitor.features import Projection, output_features
 
     if not dicom_dir.is_dir():
         raise ExportError(f"{dicom_dir}: no DICOM folder to compute the drift reference from")
@@ -320,7 +325,7 @@ def monitor_reference(
 
 def _fmt_ci(entry: Any, n: Any = None, positives: Any = None) -> str:
     """A metrics.json figure with its interval (see
-    :func:`~shiftguard.evaluation.metrics.format_interval`: a collapsed interval says so, with the
+    :func:`~shiftguard.metrics.format_interval`: a collapsed interval says so, with the
     counts it came from)."""
     if not isinstance(entry, Mapping) or entry.get("value") is None:
         return "n/a"
@@ -535,7 +540,6 @@ def run(
         ExportError: parity fails, or the validation reports are missing.
         ModelFileError: the model file is missing or unreadable.
     """
-    from shiftguard.tracking import data_version, file_sha256
     from shiftguard.training.stage import load_model, read_rows
 
     root = root or Path.cwd()
@@ -735,8 +739,6 @@ def _track(
     version registered from it with the bundle's file name, version, SHA-256 and ``runs:/`` URI
     (the same on every machine), and make the card the version's description."""
     from mlflow.tracking import MlflowClient
-
-    from shiftguard.tracking import BUNDLE_VERSION_TAG, tracking_uri, trained_model
 
     found = trained_model(model_file, root)
     if found is None:

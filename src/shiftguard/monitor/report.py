@@ -41,8 +41,8 @@ import pandas as pd
 
 from shiftguard.errors import ShiftGuardError
 from shiftguard.monitor.alerts import Alert, rule_text
-from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
 from shiftguard.monitor.score import GROUPS, WindowResult
+from shiftguard.records.features import BY_NAME, FEATURE_NAMES
 
 log = logging.getLogger(__name__)
 

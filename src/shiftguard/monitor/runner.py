@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -22,11 +20,20 @@ from typing import Any
 
 import pandas as pd
 
+from shiftguard.edge.bundle import BundleError, open_bundle
 from shiftguard.errors import ShiftGuardError
 from shiftguard.monitor.alerts import Alert, evaluate, post_webhook, streaks
-from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES, make_record
-from shiftguard.monitor.report import BundleInfo, WindowReport
+from shiftguard.monitor.report import (
+    BundleInfo,
+    MonitorWorkspace,
+    WindowReport,
+    embedding_snapshot,
+    snapshot,
+    write_page,
+)
 from shiftguard.monitor.score import Scorer, WindowResult, cut_windows, held_out_outputs
+from shiftguard.records.features import BY_NAME, FEATURE_NAMES, make_record
+from shiftguard.store import Database
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,6 @@ CREATE TABLE IF NOT EXISTS alerts (
 
 def reference_from_bundle(path: Path | str) -> pd.DataFrame:
     """The bundle's reference table (verified bundle, :func:`~shiftguard.edge.bundle.open_bundle`)."""
-    from shiftguard.edge.bundle import BundleError, open_bundle
 
     bundle = open_bundle(path)
     member = bundle.manifest.get("monitor", {}).get("reference", "reference.csv")
@@ -55,7 +61,6 @@ def reference_from_bundle(path: Path | str) -> pd.DataFrame:
 
 def bundle_info(path: Path | str) -> BundleInfo:
     """The name, version and file digest of a verified bundle, as a report names it."""
-    from shiftguard.edge.bundle import open_bundle
 
     bundle = open_bundle(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -190,10 +195,7 @@ class Monitor:
         )
         self.state_path = Path(state)
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.state_path), check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._store = Database(self.state_path, SCHEMA)
         self.workspace_dir = Path(workspace) if workspace else None
         self.reports_dir = Path(reports) if reports else None
         self.bundle = bundle
@@ -201,7 +203,7 @@ class Monitor:
         self.latest: dict[str, WindowReport] = {}
 
     def close(self) -> None:
-        self._db.close()
+        self._store.close()
 
     # judging ------------------------------------------------------------------------------------
 
@@ -220,7 +222,7 @@ class Monitor:
         for site, rows in records.groupby("site", sort=True):
             done = {
                 idx
-                for (idx,) in self._db.execute(
+                for (idx,) in self._store.query(
                     "SELECT idx FROM windows WHERE site = ? AND complete = 1", (site,)
                 )
             }
@@ -233,8 +235,8 @@ class Monitor:
                     continue
                 result = self.scorer.window_result(str(site), index, window)
                 judged_at = self.clock()
-                with self._lock, self._db:
-                    self._db.execute(
+                with self._store.tx() as db:
+                    db.execute(
                         "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)",
                         (
                             site, index, int(complete), len(window),
@@ -250,7 +252,9 @@ class Monitor:
     def history(self) -> dict[str, list[WindowResult]]:
         """Every judged window, per site, in order."""
         out: dict[str, list[WindowResult]] = {}
-        for site, result in self._db.execute("SELECT site, result FROM windows ORDER BY site, idx"):
+        for site, result in self._store.query(
+            "SELECT site, result FROM windows ORDER BY site, idx"
+        ):
             out.setdefault(site, []).append(WindowResult(**json.loads(result)))
         return out
 
@@ -263,9 +267,9 @@ class Monitor:
         history = self.history()
         alerts = evaluate(self.cfg.alerts, history)
         new = []
-        with self._lock, self._db:
+        with self._store.tx() as db:
             for alert in alerts:
-                cursor = self._db.execute(
+                cursor = db.execute(
                     "INSERT OR IGNORE INTO alerts (rule, site, idx, alert, raised_at) "
                     "VALUES (?, ?, ?, ?, ?)",
                     (alert.rule, alert.site, alert.window, json.dumps(asdict(alert)), self.clock()),
@@ -275,9 +279,9 @@ class Monitor:
         latest = {site: windows[-1].index for site, windows in history.items() if windows}
         active = [a for a in alerts if latest.get(a.site) == a.window]
         if notify and new and self.cfg.webhook and post_webhook(self.cfg.webhook, new):
-            with self._lock, self._db:
+            with self._store.tx() as db:
                 for a in new:
-                    self._db.execute(
+                    db.execute(
                         "UPDATE alerts SET notified = 1 WHERE rule = ? AND site = ? AND idx = ?",
                         (a.rule, a.site, a.window),
                     )
@@ -288,18 +292,12 @@ class Monitor:
     def alerts(self) -> list[Alert]:
         return [
             Alert(**json.loads(a))
-            for (a,) in self._db.execute("SELECT alert FROM alerts ORDER BY site, idx, rule")
+            for (a,) in self._store.query("SELECT alert FROM alerts ORDER BY site, idx, rule")
         ]
 
     # reports ------------------------------------------------------------------------------------
 
     def _write_reports(self, judged: Sequence[tuple[WindowResult, pd.DataFrame, str]]) -> None:
-        from shiftguard.monitor.report import (
-            MonitorWorkspace,
-            embedding_snapshot,
-            snapshot,
-            write_page,
-        )
 
         assert self.workspace_dir is not None
         workspace = MonitorWorkspace(self.workspace_dir)

@@ -31,8 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from shiftguard.dicom.errors import InvalidSeriesError
+from shiftguard.dicom.scan import list_files, scan_files
+from shiftguard.dicom.series import group_series
+from shiftguard.edge.bundle import open_bundle, runtime_digest
 from shiftguard.monitor.alerts import evaluate
-from shiftguard.monitor.runner import typed
+from shiftguard.monitor.runner import reference_from_bundle, typed
 from shiftguard.monitor.score import Scorer, WindowResult
 from shiftguard.utils import progress_bar
 
@@ -124,9 +128,6 @@ def build_pool(
     row of monitor features per series plus its ``finding`` (0/1). ``progress``: a bar to show
     both steps on. Series the runner refuses are left out, and said in one warning."""
     from shiftguard.cohort import generate
-    from shiftguard.dicom.errors import InvalidSeriesError
-    from shiftguard.dicom.scan import list_files, scan_files
-    from shiftguard.dicom.series import group_series
 
     cfg = condition_cohort(cohort, split, condition, n, seed)
     task = None
@@ -396,9 +397,7 @@ def run_all(
 ) -> dict[str, Any]:
     """Every scenario in ``cfg.scenarios.folder`` (or those named) against the bundle: the pools
     (cached), the streams, the verdicts. Returns a JSON-able summary."""
-    from shiftguard.edge.bundle import open_bundle, runtime_digest
     from shiftguard.edge.predict import Predictor
-    from shiftguard.monitor.runner import reference_from_bundle
 
     scenarios = load_scenarios(cfg.scenarios.folder, names)
     bundle = open_bundle(bundle_path)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from shiftguard.monitor.drift import DriftEngine, DriftResult
-from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
+from shiftguard.records.features import BY_NAME, FEATURE_NAMES
 
 GROUPS = ("metadata", "image", "output", "embedding")
 MIN_HELD_OUT = 20  # held-out reference rows needed to judge outputs on them alone

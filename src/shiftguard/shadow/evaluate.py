@@ -31,14 +31,14 @@ import pandas as pd
 from scipy.stats import norm, rankdata
 
 from shiftguard.errors import ShiftGuardError
-from shiftguard.evaluation.metrics import (
-    _auroc_batched,
-    _percentile,
-    _resample_indices,
-    _rng,
-    _sens_spec_batched,
-)
 from shiftguard.evaluation.segments import MISSING, SEGMENT_METRICS, age_bands, segment_table
+from shiftguard.metrics import (
+    as_generator,
+    auroc_batched,
+    percentile_interval,
+    resample_indices,
+    sens_spec_batched,
+)
 from shiftguard.shadow.diagnoses import DiagnosisBook
 
 
@@ -293,12 +293,12 @@ def _flag(
             )
             pos = np.flatnonzero(keys.astype(str).to_numpy() == row["segment"])
         y, s = y_all[pos], s_all[pos]
-        idx = _resample_indices(y, n_boot, _rng(seed), stratified=True)
-        sens_b, spec_b = _sens_spec_batched(y[idx], s[idx], threshold)
-        boot = {"auroc": _auroc_batched(y[idx], s[idx]), "sensitivity": sens_b,
+        idx = resample_indices(y, n_boot, as_generator(seed), stratified=True)
+        sens_b, spec_b = sens_spec_batched(y[idx], s[idx], threshold)
+        boot = {"auroc": auroc_batched(y[idx], s[idx]), "sensitivity": sens_b,
                 "specificity": spec_b}  # fmt: skip
         for m in SEGMENT_METRICS:
-            table.loc[index, [f"{m}_low", f"{m}_high"]] = _percentile(boot[m], alpha)
+            table.loc[index, [f"{m}_low", f"{m}_high"]] = percentile_interval(boot[m], alpha)
             finite = boot[m][np.isfinite(boot[m])]
             se = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
             for name, ref in refs[m]:
@@ -379,20 +379,20 @@ def _paired_boot(
     seed: int,
     alpha: float,
 ) -> list[dict[str, Any]]:
-    idx = _resample_indices(y, n_boot, _rng(seed), stratified=True)
+    idx = resample_indices(y, n_boot, as_generator(seed), stratified=True)
     yb = y[idx]
     points, boots = {}, {}
     for name, (s, t) in {"champion": (s1, t1), "challenger": (s2, t2)}.items():
-        sens, spec = _sens_spec_batched(y, s, t)
-        points[name] = {"auroc": float(_auroc_batched(y, s)), "sensitivity": float(sens),
+        sens, spec = sens_spec_batched(y, s, t)
+        points[name] = {"auroc": float(auroc_batched(y, s)), "sensitivity": float(sens),
                         "specificity": float(spec)}  # fmt: skip
-        sens_b, spec_b = _sens_spec_batched(yb, s[idx], t)
-        boots[name] = {"auroc": _auroc_batched(yb, s[idx]), "sensitivity": sens_b,
+        sens_b, spec_b = sens_spec_batched(yb, s[idx], t)
+        boots[name] = {"auroc": auroc_batched(yb, s[idx]), "sensitivity": sens_b,
                        "specificity": spec_b}  # fmt: skip
     rows = []
     for m in SEGMENT_METRICS:
         diffs = boots["challenger"][m] - boots["champion"][m]
-        low, high = _percentile(diffs, alpha)
+        low, high = percentile_interval(diffs, alpha)
         finite = diffs[np.isfinite(diffs)]
         below = float((finite <= 0).mean()) if finite.size else math.nan
         above = float((finite >= 0).mean()) if finite.size else math.nan

@@ -39,7 +39,15 @@ from typing import Any
 
 from shiftguard.config.shadow import GateConfig
 from shiftguard.errors import ShiftGuardError
-from shiftguard.tracking import CHALLENGER, CHAMPION, bundle_model_version
+from shiftguard.tracking import (
+    BUNDLE_VERSION_TAG,
+    CHALLENGER,
+    CHAMPION,
+    bundle_model_version,
+    set_store,
+    stage_run,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +138,6 @@ def registry_version(client: Any, name: str, bundle_version: str) -> str:
     """
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from shiftguard.tracking import BUNDLE_VERSION_TAG
 
     tagged = bundle_model_version(client, name, bundle_version)
     if tagged is not None:
@@ -251,7 +257,6 @@ def promote(
     from mlflow.tracking import MlflowClient
 
     from shiftguard.shadow.report import SUMMARY, evaluation_run
-    from shiftguard.tracking import BUNDLE_VERSION_TAG, set_store, stage_run, tracking_uri
 
     figures = load_summary(report)
     role = role or challenger_role(figures)

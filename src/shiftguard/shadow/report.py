@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shiftguard.evaluation.metrics import format_interval, interval_collapsed
 from shiftguard.evaluation.segments import SEGMENT_METRICS
+from shiftguard.metrics import format_interval, interval_collapsed, roc_curve
 from shiftguard.shadow.evaluate import OVERALL, ShadowResult, summary
+from shiftguard.tracking import MetricLogger, file_sha256, stage_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,6 @@ def log_run(
     ``summary.json``'s SHA-256 as tags and the report folder as artifacts; returns its id."""
     import mlflow
 
-    from shiftguard.tracking import MetricLogger, file_sha256, stage_run
-
     tags = {f"shiftguard.{role}": e.bundle for role, e in result.evaluations.items()}
     if (out / SUMMARY).is_file():
         tags[SUMMARY_SHA256_TAG] = file_sha256(out / SUMMARY)
@@ -164,8 +163,6 @@ def evaluation_run(summary_json: Path, root: Path | None = None) -> str | None:
     """The id of the latest MLflow run that logged this ``summary.json`` (found by its SHA-256,
     :data:`SUMMARY_SHA256_TAG`, in any experiment of the tracking store); ``None`` when none did."""
     from mlflow.tracking import MlflowClient
-
-    from shiftguard.tracking import file_sha256, tracking_uri
 
     client = MlflowClient(tracking_uri(root))
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -267,8 +264,6 @@ def _forest(table: pd.DataFrame, title: str) -> str:
 
 def _roc(result: ShadowResult) -> str:
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-
-    from shiftguard.evaluation.metrics import roc_curve
 
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.subplots()

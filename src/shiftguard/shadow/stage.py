@@ -19,11 +19,20 @@ from pathlib import Path
 import pandas as pd
 
 from shiftguard.config.shadow import ShadowConfig
+from shiftguard.edge.bundle import open_bundle
 from shiftguard.shadow.diagnoses import DiagnosisBook
 from shiftguard.shadow.evaluate import ShadowResult, run
 from shiftguard.shadow.log import read_shadow_log
 from shiftguard.shadow.report import log_run, write_report
-from shiftguard.tracking import CHALLENGER, CHAMPION
+from shiftguard.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    MODEL_VERSION_TAG,
+    SHADOW_RUN_TAG,
+    bundle_model_version,
+    run_name,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +43,6 @@ def validation_tables(
     bundles: Sequence[Path | str], log_frame: pd.DataFrame
 ) -> dict[str, pd.DataFrame]:
     """Each role's validation segment table, from the bundle (of those given) the role ran."""
-    from shiftguard.edge.bundle import open_bundle
     from shiftguard.edge.service import resolve_bundle
 
     by_name = {}
@@ -73,14 +81,6 @@ def link_versions(result: ShadowResult, run_id: str, root: Path | None = None) -
     name the run after them (``shadow challenger v3, champion v2``); returns ``{role: version}``
     of the roles the registry knows."""
     from mlflow.tracking import MlflowClient
-
-    from shiftguard.tracking import (
-        MODEL_VERSION_TAG,
-        SHADOW_RUN_TAG,
-        bundle_model_version,
-        run_name,
-        tracking_uri,
-    )
 
     client = MlflowClient(tracking_uri(root))
     versions: dict[str, str] = {}

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from shiftguard.config.schema import TrainConfig
 from shiftguard.errors import ShiftGuardError
-from shiftguard.evaluation.metrics import auroc
+from shiftguard.metrics import auroc
 from shiftguard.training.distributed import DistContext, broadcast_object, gather_objects
 from shiftguard.utils import progress_bar
 

@@ -37,9 +37,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from shiftguard.augment.arms import labels_dir
 from shiftguard.config.schema import AugmentConfig, ModelConfig, TrainConfig
 from shiftguard.errors import ShiftGuardError
 from shiftguard.models import build_model
+from shiftguard.tracking import (
+    CHALLENGER,
+    MODEL_SHA256_TAG,
+    MODEL_VERSION_TAG,
+    MetricLogger,
+    data_version,
+    file_sha256,
+    run_name,
+    stage_run,
+)
 from shiftguard.training.data import (
     build_dataset,
     build_loader,
@@ -264,8 +275,6 @@ def _log_model(
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    from shiftguard.tracking import CHALLENGER
-
     example = np.zeros((1, 1, *input_shape), dtype=np.float32)
     with torch.no_grad():
         output = net.cpu().eval()(torch.from_numpy(example)).numpy()
@@ -384,7 +393,6 @@ def _label_maps(augment_cfg: AugmentConfig, root: Path) -> Path | None:
     Raises:
         TrainingDataError: when the arm needs one and the folder is missing.
     """
-    from shiftguard.augment.arms import labels_dir
 
     name = labels_dir(augment_cfg)
     if name is None:
@@ -479,8 +487,6 @@ def _run(
     )
     tracking = track and ctx.is_main
     if tracking:
-        from shiftguard.tracking import stage_run
-
         context: Any = stage_run(
             "train",
             params,
@@ -497,8 +503,6 @@ def _run(
     with context as mlrun:
         logger = None
         if mlrun is not None:
-            from shiftguard.tracking import MetricLogger
-
             logger = MetricLogger(mlrun.info.run_id)
             _log_dataset(rows, dataset_csv, root)
 
@@ -567,13 +571,6 @@ def _run(
         if mlrun is not None:
             import mlflow
 
-            from shiftguard.tracking import (
-                MODEL_SHA256_TAG,
-                MODEL_VERSION_TAG,
-                file_sha256,
-                run_name,
-            )
-
             assert logger is not None
             mlflow.set_tag(MODEL_SHA256_TAG, file_sha256(out_dir / MODEL_FILE))
             summary.run_id = mlrun.info.run_id
@@ -612,8 +609,6 @@ def _log_dataset(rows: list[dict[str, str]], dataset_csv: Path, root: Path) -> N
     import mlflow
     import pandas as pd
     from mlflow.data.pandas_dataset import from_pandas
-
-    from shiftguard.tracking import data_version
 
     frame = pd.DataFrame(rows)
     digest = data_version(root)

@@ -14,14 +14,8 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import RLELossless
 
 from shiftguard.config.schema import IngestConfig
-from shiftguard.data.ingest import (
-    MANIFEST_COLUMNS,
-    QUARANTINE_COLUMNS,
-    IngestSummary,
-    parse_patient_age,
-    run,
-    series_key,
-)
+from shiftguard.data.canonical import parse_patient_age, series_key
+from shiftguard.data.ingest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS, IngestSummary, run
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset, write_series
 
 SMALL = IngestConfig(spacing=(2.0, 2.0, 2.0), shape=(12, 14, 16), min_slices=4)
@@ -282,7 +276,7 @@ def test_a_worker_crash_is_reported_not_fatal(
         peer_missing("needs fork-started worker processes (this platform or process has none)")
     import os
 
-    import shiftguard.data.ingest as ingest_module
+    import shiftguard.data.canonical as canonical_module
     import shiftguard.dicom.scan as scan_module
 
     root = tmp_path / "in"
@@ -290,7 +284,7 @@ def test_a_worker_crash_is_reported_not_fatal(
     write_series(root / "good", good)
     write_series(root / "bad", bad)
     write_series(root / "cursed", SeriesSpec(n_slices=4), name=lambda k: f"x{k}.dcm")
-    validate = ingest_module.validate_series
+    validate = canonical_module.validate_series
     read = scan_module.read_headers
 
     def validate_or_die(group, **kwargs):  # type: ignore[no-untyped-def]
@@ -304,7 +298,7 @@ def test_a_worker_crash_is_reported_not_fatal(
         return read(path)
 
     # Patched before the pool forks, so the workers inherit the patches.
-    monkeypatch.setattr(ingest_module, "validate_series", validate_or_die)
+    monkeypatch.setattr(canonical_module, "validate_series", validate_or_die)
     monkeypatch.setattr(scan_module, "read_headers", read_or_die)
     summary = run(SMALL, root, tmp_path / "out", workers=2, progress=False)
     _check_accounting(summary, tmp_path / "out")

@@ -11,8 +11,8 @@ import pytest
 from shiftguard.config import CohortConfig, SplitConfig, validate
 from shiftguard.edge.bundle import open_bundle
 from shiftguard.edge.predict import Predictor
-from shiftguard.monitor.features import FEATURE_NAMES
 from shiftguard.monitor.scenarios import Condition, PoolCache
+from shiftguard.records.features import FEATURE_NAMES
 
 
 @pytest.mark.integration

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from shiftguard.config import IngestConfig, TrainConfig, validate
-from shiftguard.data.ingest import Rules, canonical_volume
+from shiftguard.data.canonical import Rules, canonical_volume
 from shiftguard.data.volume import write_nifti
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.dicom.series import group_series

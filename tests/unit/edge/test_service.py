@@ -399,7 +399,7 @@ def test_drift_records_reach_the_collector_and_carry_no_identifier(
     import re
 
     from shiftguard.monitor.collect import Collector, RecordStore
-    from shiftguard.monitor.features import ENVELOPE, FEATURE_NAMES
+    from shiftguard.records.features import ENVELOPE, FEATURE_NAMES
 
     store = RecordStore(tmp_path / "records.db")
     collector = Collector(store, "s3cret")

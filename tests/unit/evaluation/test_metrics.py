@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from shiftguard.errors import ShiftGuardError
-from shiftguard.evaluation.metrics import (
+from shiftguard.metrics import (
     MetricInputError,
     auroc,
     binary_report,

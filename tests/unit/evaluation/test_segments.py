@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shiftguard.evaluation.metrics import MetricInputError, auroc, binary_report
 from shiftguard.evaluation.segments import age_bands, segment_table
+from shiftguard.metrics import MetricInputError, auroc, binary_report
 
 
 def _frame(seed: int = 0) -> pd.DataFrame:

@@ -16,7 +16,6 @@ import pytest
 
 from shiftguard.config.schema import EvaluateConfig, TrainConfig
 from shiftguard.evaluation import validate
-from shiftguard.evaluation.metrics import binary_report, choose_threshold
 from shiftguard.evaluation.validate import (
     ValidationResult,
     evaluate,
@@ -24,6 +23,7 @@ from shiftguard.evaluation.validate import (
     tracked_metrics,
     write_reports,
 )
+from shiftguard.metrics import binary_report, choose_threshold
 
 # (scanner model, studies, positives): two judgeable scanners, one with one class only, and one
 # with both classes but fewer studies than min_segment_size

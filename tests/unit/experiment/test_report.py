@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 
-from shiftguard.evaluation.metrics import auroc
 from shiftguard.experiment.report import (
     FILES,
     ExperimentReportError,
@@ -20,6 +19,7 @@ from shiftguard.experiment.report import (
     run,
 )
 from shiftguard.experiment.runner import CELL_FILE, HOLDOUT, PREDICTION_COLUMNS, PREDICTIONS_FILE
+from shiftguard.metrics import auroc
 
 SCANNERS = ("Scanner A", "Scanner B")
 N = 80

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from shiftguard.evaluation.metrics import auroc
 from shiftguard.experiment.stats import (
     PairedInputError,
     auroc_correlation,
@@ -19,6 +18,7 @@ from shiftguard.experiment.stats import (
     paired_difference_power,
     seed_case_bootstrap,
 )
+from shiftguard.metrics import auroc
 
 
 def binormal(rng: np.random.Generator, n: int, prevalence: float, separations: list[float],

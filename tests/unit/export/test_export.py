@@ -117,7 +117,7 @@ def test_parity_passes_on_a_faithful_export_and_fails_with_the_figure(tmp_path: 
 
 
 def test_reference_table_has_the_monitor_features_and_nothing_else() -> None:
-    from shiftguard.monitor.features import FEATURE_NAMES
+    from shiftguard.records.features import FEATURE_NAMES
 
     records = [
         {

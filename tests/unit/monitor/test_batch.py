@@ -16,9 +16,9 @@ import pytest
 
 from shiftguard.config import MonitorConfig
 from shiftguard.monitor import batch
-from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
 from shiftguard.monitor.report import BundleInfo, snapshot, verdicts
 from shiftguard.monitor.runner import ResultsFileError, _stamp, records_from_results
+from shiftguard.records.features import BY_NAME, FEATURE_NAMES
 
 OUTPUTS = [n for n in FEATURE_NAMES if BY_NAME[n].group in ("output", "embedding")]
 SITE = "unseen"

@@ -15,16 +15,11 @@ from typing import Any
 import pytest
 from tls_certs import self_signed
 
-from shiftguard.monitor import collect
-from shiftguard.monitor.collect import (
-    Collector,
-    InvalidRecordError,
-    RecordStore,
-    Shipper,
-    Spool,
-    validate_record,
-)
-from shiftguard.monitor.features import (
+from shiftguard.edge import shipper as shipper_module
+from shiftguard.edge.shipper import Shipper, Spool
+from shiftguard.monitor.collect import Collector, RecordStore
+from shiftguard.records.contract import InvalidRecordError, validate_record
+from shiftguard.records.features import (
     AGE_BANDS,
     ENVELOPE,
     FEATURE_NAMES,
@@ -436,7 +431,7 @@ def test_the_shipper_rejects_only_the_bad_record_of_a_mixed_batch(
     records = [_record(i) for i in range(6)]
     records[2] = _changed(records[2], patient_name="DOE^JANE")
     with monkeypatch.context() as m:  # a record spooled by a runner that did not validate
-        m.setattr(collect, "validate_record", lambda record: [])
+        m.setattr(shipper_module, "check_records", lambda records, what: None)
         spool.add(records)
     shipper.start()
     assert shipper.flush(timeout=10)

@@ -11,9 +11,9 @@ from typing import Any
 import pandas as pd
 
 from shiftguard.config import MonitorConfig
-from shiftguard.monitor.features import BY_NAME, FEATURE_NAMES
 from shiftguard.monitor.report import seeded_ids, write_page
 from shiftguard.monitor.runner import Monitor
+from shiftguard.records.features import BY_NAME, FEATURE_NAMES
 
 EMBEDDING = [n for n in FEATURE_NAMES if BY_NAME[n].group == "embedding"]
 

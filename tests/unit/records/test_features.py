@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from shiftguard.dicom.scan import scan_files
-from shiftguard.monitor.features import (
+from shiftguard.records.features import (
     FEATURE_NAMES,
     Projection,
     acquisition_features,

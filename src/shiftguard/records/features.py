@@ -210,7 +210,7 @@ def output_features(
 
 def segment_features(header: Any) -> dict[str, Any]:
     """Age band and sex: the coarse categories shadow evaluation and drift reports slice by."""
-    from shiftguard.data.ingest import parse_patient_age
+    from shiftguard.data.canonical import parse_patient_age
 
     age = parse_patient_age(header.patient_age, header.patient_birth_date, header.study_date)
     sex = (header.patient_sex or "").strip().upper()

@@ -57,7 +57,7 @@ class MetricInputError(ShiftGuardError, ValueError):
 # input checks
 
 
-def _check(
+def check_labels_scores(
     y_true: ArrayLike, y_score: ArrayLike, score_name: str = "y_score"
 ) -> tuple[BoolArray, FloatArray]:
     """Validate and convert labels ``(N,)`` to bool and scores ``(N,)`` to float64."""
@@ -103,7 +103,7 @@ def _check_prob(y_prob: FloatArray) -> None:
 # ranking metrics
 
 
-def _auroc_batched(y: BoolArray, s: FloatArray) -> FloatArray:
+def auroc_batched(y: BoolArray, s: FloatArray) -> FloatArray:
     """AUROC of each row: labels and scores of shape ``(B, N)`` -> ``(B,)``; nan for one-class rows."""
     ranks = rankdata(s, axis=-1)  # average ranks: a tie earns half credit
     n_pos = y.sum(axis=-1).astype(np.float64)
@@ -138,8 +138,8 @@ def auroc(y_true: ArrayLike, y_score: ArrayLike) -> float:
     >>> auroc([1, 1], [0.2, 0.9])
     nan
     """
-    y, s = _check(y_true, y_score)
-    return float(_auroc_batched(y, s))
+    y, s = check_labels_scores(y_true, y_score)
+    return float(auroc_batched(y, s))
 
 
 def roc_curve(y_true: ArrayLike, y_score: ArrayLike) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -161,7 +161,7 @@ def roc_curve(y_true: ArrayLike, y_score: ArrayLike) -> tuple[FloatArray, FloatA
     >>> fpr.tolist(), tpr.tolist()
     ([0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0])
     """
-    y, s = _check(y_true, y_score)
+    y, s = check_labels_scores(y_true, y_score)
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -237,7 +237,7 @@ def choose_threshold(y_true: ArrayLike, y_score: ArrayLike, rule: str = "youden"
     return float(thresholds[ok[-1]])
 
 
-def _sens_spec_batched(
+def sens_spec_batched(
     y: BoolArray, s: FloatArray, threshold: float
 ) -> tuple[FloatArray, FloatArray]:
     """Sensitivity and specificity of each row of ``(B, N)`` arrays -> two ``(B,)`` arrays."""
@@ -266,8 +266,8 @@ def sensitivity_specificity(
     >>> sensitivity_specificity([0, 0, 1, 1, 1], [0.2, 0.6, 0.4, 0.5, 0.9], 0.5)
     (0.6666666666666666, 0.5)
     """
-    y, s = _check(y_true, y_score)
-    sens, spec = _sens_spec_batched(y, s, float(threshold))
+    y, s = check_labels_scores(y_true, y_score)
+    sens, spec = sens_spec_batched(y, s, float(threshold))
     return float(sens), float(spec)
 
 
@@ -348,7 +348,7 @@ def reliability_curve(
     >>> c.mean_predicted.tolist(), c.observed_frequency.tolist(), c.counts.tolist()
     ([0.30000000000000004, 0.8], [0.5, 1.0], [2, 2])
     """
-    y, p = _check(y_true, y_prob, "y_prob")
+    y, p = check_labels_scores(y_true, y_prob, "y_prob")
     _check_prob(p)
     return _reliability(y, p, n_bins, strategy)
 
@@ -370,7 +370,7 @@ def expected_calibration_error(
     >>> round(expected_calibration_error([0, 1, 1, 1], [0.2, 0.4, 0.7, 0.9], n_bins=2), 6)
     0.2
     """
-    y, p = _check(y_true, y_prob, "y_prob")
+    y, p = check_labels_scores(y_true, y_prob, "y_prob")
     _check_prob(p)
     return _ece(y, p, n_bins, strategy)
 
@@ -379,7 +379,7 @@ def expected_calibration_error(
 # bootstrap
 
 
-def _resample_indices(
+def resample_indices(
     y: BoolArray, n_boot: int, rng: np.random.Generator, stratified: bool
 ) -> NDArray[np.intp]:
     """Row ``b`` of the ``(n_boot, N)`` result indexes the ``b``-th bootstrap resample.
@@ -396,7 +396,7 @@ def _resample_indices(
     return np.concatenate(parts, axis=1) if parts else np.empty((n_boot, 0), dtype=np.intp)
 
 
-def _percentile(values: FloatArray, alpha: float) -> tuple[float, float]:
+def percentile_interval(values: FloatArray, alpha: float) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return math.nan, math.nan
@@ -404,11 +404,11 @@ def _percentile(values: FloatArray, alpha: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+def as_generator(seed: int | np.random.Generator | None) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def _check_boot(n_boot: int, alpha: float) -> None:
+def check_bootstrap(n_boot: int, alpha: float) -> None:
     if not isinstance(n_boot, int | np.integer) or n_boot < 1:
         raise MetricInputError(f"n_boot must be a positive integer, got {n_boot!r}; 1000 is usual")
     if not 0.0 < alpha < 1.0:
@@ -450,15 +450,15 @@ def bootstrap_ci(
     >>> p, lo <= p <= hi
     (0.8888888888888888, True)
     """
-    y, s = _check(y_true, y_score)
-    _check_boot(n_boot, alpha)
+    y, s = check_labels_scores(y_true, y_score)
+    check_bootstrap(n_boot, alpha)
     point = float(metric_fn(y, s))
-    idx = _resample_indices(y, int(n_boot), _rng(seed), stratified)
+    idx = resample_indices(y, int(n_boot), as_generator(seed), stratified)
     if metric_fn is auroc:
-        values = _auroc_batched(y[idx], s[idx])
+        values = auroc_batched(y[idx], s[idx])
     else:
         values = np.array([metric_fn(y[row], s[row]) for row in idx], dtype=np.float64)
-    low, high = _percentile(values, alpha)
+    low, high = percentile_interval(values, alpha)
     return point, low, high
 
 
@@ -494,16 +494,16 @@ def binary_report(
     >>> r["n"], r["n_positive"], r["auroc"]["value"], r["sensitivity"]["value"]
     (4, 2, 0.75, 0.5)
     """
-    y, s = _check(y_true, y_score)
+    y, s = check_labels_scores(y_true, y_score)
     _check_prob(s)
-    _check_boot(n_boot, alpha)
+    check_bootstrap(n_boot, alpha)
     threshold = float(threshold)
-    idx = _resample_indices(y, int(n_boot), _rng(seed), stratified=True)
+    idx = resample_indices(y, int(n_boot), as_generator(seed), stratified=True)
     yb, sb = y[idx], s[idx]
-    sens_b, spec_b = _sens_spec_batched(yb, sb, threshold)
-    sens, spec = _sens_spec_batched(y, s, threshold)
+    sens_b, spec_b = sens_spec_batched(yb, sb, threshold)
+    sens, spec = sens_spec_batched(y, s, threshold)
     boot = {
-        "auroc": (float(_auroc_batched(y, s)), _auroc_batched(yb, sb)),
+        "auroc": (float(auroc_batched(y, s)), auroc_batched(yb, sb)),
         "sensitivity": (float(sens), sens_b),
         "specificity": (float(spec), spec_b),
         "ece": (
@@ -518,7 +518,7 @@ def binary_report(
         "alpha": float(alpha),
     }
     for name, (value, values) in boot.items():
-        low, high = _percentile(values, alpha)
+        low, high = percentile_interval(values, alpha)
         report[name] = {"value": value, "low": low, "high": high}
     return report
 

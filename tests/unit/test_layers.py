@@ -1,0 +1,85 @@
+"""The package's layers (ARCHITECTURE.md) hold: ``lint-imports`` keeps both contracts in
+pyproject.toml, and the contracts are not vacuous: the same check on a copy of the package with one
+upward import added, or one lab library imported at the edge, fails and names the import."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LINT = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint(root: Path, src: Path) -> subprocess.CompletedProcess[str]:
+    if not LINT.exists():
+        pytest.fail(f"{LINT} missing: pip install -e '.[dev]' installs import-linter")
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return subprocess.run(
+        [str(LINT), "--no-cache", "--no-logo", str(root / "pyproject.toml")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_package_keeps_its_layer_contracts() -> None:
+    done = _lint(REPO, REPO / "src")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 kept, 0 broken" in done.stdout, done.stdout
+
+
+def _copy(tmp_path: Path) -> Path:
+    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copytree(
+        REPO / "src" / "shiftguard",
+        tmp_path / "src" / "shiftguard",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return tmp_path / "src" / "shiftguard"
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract", "named"),
+    [
+        # the kernels below would reach up into the lab: an upward import
+        (
+            "metrics.py",
+            "from shiftguard.evaluation import validate",
+            "Layers only point down",
+            "shiftguard.metrics -> shiftguard.evaluation.validate",
+        ),
+        # training importing evaluation, which imports training: a cycle, hidden in a function
+        (
+            "training/loop.py",
+            "def _hidden():\n    from shiftguard.evaluation import segments\n",
+            "Layers only point down",
+            "shiftguard.training.loop -> shiftguard.evaluation.segments",
+        ),
+        # the edge pulling pandas in through a module of its own
+        (
+            "edge/queue.py",
+            "def _frame():\n    import pandas\n",
+            "The edge runtime imports no lab-side library",
+            "shiftguard.edge.queue -> pandas",
+        ),
+    ],
+)
+def test_an_import_that_breaks_a_contract_fails_the_check(
+    tmp_path: Path, module: str, line: str, contract: str, named: str
+) -> None:
+    package = _copy(tmp_path)
+    target = package / module
+    target.write_text(target.read_text() + "\n\n" + line + "\n")
+    done = _lint(tmp_path, tmp_path / "src")
+    assert done.returncode != 0, done.stdout
+    assert f"{contract} BROKEN" in done.stdout, done.stdout
+    assert named in done.stdout, done.stdout

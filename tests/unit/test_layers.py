@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,19 @@ def test_the_package_keeps_its_layer_contracts() -> None:
     done = _lint(REPO, REPO / "src")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 kept, 0 broken" in done.stdout, done.stdout
+
+
+def test_every_module_of_the_package_sits_in_a_layer() -> None:
+    """A module missing from the layers would be checked by no contract."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    [layers] = [c for c in config["tool"]["importlinter"]["contracts"] if c["id"] == "layers"]
+    placed = {name.strip() for line in layers["layers"] for name in line.split("|")}
+    package = REPO / "src" / "shiftguard"
+    present = {p.stem for p in package.glob("*.py") if p.name != "__init__.py"}
+    present |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert present == placed, (
+        f"not in a layer: {sorted(present - placed)}; no longer present: {sorted(placed - present)}"
+    )
 
 
 def _copy(tmp_path: Path) -> Path:

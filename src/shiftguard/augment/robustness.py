@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from shiftguard.augment.profiles import draw
 from shiftguard.config.schema import AugmentConfig
 from shiftguard.data.volume import read_nifti
 from shiftguard.errors import ShiftGuardError
+from shiftguard.pool import WorkerPool, run_tasks
 from shiftguard.tracking import stage_run
 from shiftguard.utils import progress_bar
 
@@ -174,21 +175,17 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_workers = max(1, workers or os.cpu_count() or 1)
     results: list[dict[str, str]] = []
-    with progress_bar(progress) as bar:
+    args = [(row, str(ingest_dir), str(out_dir), cfg) for row in rows]
+    # Workers start before the progress bar's thread exists, so they are forked (see WorkerPool);
+    # untuned, so they compute exactly as the one-process path does.
+    pool = (
+        WorkerPool(min(n_workers, len(rows)), tune=False) if min(n_workers, len(rows)) > 1 else None
+    )
+    with pool or nullcontext(), progress_bar(progress) as bar:
         task = bar.add_task(f"robustness sets: {len(rows)} series", total=len(rows))
-        if n_workers == 1 or len(rows) <= 1:
-            for row in rows:
-                results.extend(_series_task(row, str(ingest_dir), str(out_dir), cfg))
-                bar.advance(task)
-        else:
-            with ProcessPoolExecutor(max_workers=min(n_workers, len(rows))) as pool:
-                futures = [
-                    pool.submit(_series_task, row, str(ingest_dir), str(out_dir), cfg)
-                    for row in rows
-                ]
-                for future in futures:
-                    results.extend(future.result())
-                    bar.advance(task)
+        for written in run_tasks(pool, _series_task, args, _worker_died):
+            results.extend(written)
+            bar.advance(task)
     results.sort(key=lambda r: (r["profile"], int(r["severity"]), r["series_key"]))
     with (out_dir / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
@@ -200,6 +197,15 @@ def run(
         severities=len(cfg.robustness.severities),
         volumes_written=sum(r["severity"] != "0" for r in results),
     )
+
+
+def _worker_died(args: tuple[Any, ...]) -> Iterator[list[dict[str, str]]]:
+    """A series whose simulation killed its worker even when run alone."""
+    raise RobustnessInputError(
+        f"series {args[0].get('series_key', '?')}: simulating its robustness set killed the worker "
+        "process (out of memory: use fewer workers)"
+    )
+    yield []  # a generator, as run_tasks expects
 
 
 def gallery(
@@ -217,22 +223,15 @@ def gallery(
         out_png: where to write the figure.
         seed: generator seed (default: ``cfg.robustness.seed``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # drawn without pyplot: a caller's backend is left alone
 
     volume, _, spacing = read_nifti(volume_path)
     profiles = list(cfg.robustness.profiles)
     severities = list(cfg.robustness.severities)
     key = volume_path.stem
     z = volume.shape[2] // 2
-    fig, axes = plt.subplots(
-        len(profiles),
-        len(severities),
-        figsize=(1.9 * len(severities), 2.1 * len(profiles)),
-        squeeze=False,
-    )
+    fig = Figure(figsize=(1.9 * len(severities), 2.1 * len(profiles)))
+    axes = fig.subplots(len(profiles), len(severities), squeeze=False)
     for i, profile in enumerate(profiles):
         for j, severity in enumerate(severities):
             rng = generator_for(
@@ -253,7 +252,6 @@ def gallery(
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=80, metadata={"Software": None})
-    plt.close(fig)
     return out_png
 
 

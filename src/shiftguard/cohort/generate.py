@@ -19,13 +19,11 @@ tree whatever the number of workers.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,8 @@ from shiftguard.cohort.render import RenderedSeries, render_subject
 from shiftguard.cohort.template import template_dir
 from shiftguard.cohort.writer import check_transfer_syntax, series_uids, write_mask, write_series
 from shiftguard.config.schema import CohortConfig
-from shiftguard.utils import progress_bar, write_csv
+from shiftguard.pool import WorkerPool, run_tasks
+from shiftguard.utils import progress_bar, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +181,19 @@ def _prepare_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+_WORKER_DIED = (
+    "a cohort worker process died: out of memory (use fewer workers), or run() was called while "
+    "a script's __main__ module was being imported (workers are spawned: call it under "
+    "`if __name__ == '__main__':`)"
+)
+
+
+def _worker_died(args: tuple[Any, ...]) -> Iterator[list[SubjectResult]]:
+    """A chunk that killed its worker even when run alone: the cohort cannot be written."""
+    raise CohortError(_WORKER_DIED)
+    yield []  # a generator, as run_tasks expects
+
+
 def _chunks(plans: Sequence[SubjectPlan], workers: int) -> list[list[SubjectPlan]]:
     size = max(1, min(8, len(plans) // (workers * 6) or 1))
     return [list(plans[i : i + size]) for i in range(0, len(plans), size)]
@@ -206,30 +218,17 @@ def _run_pool(
                 bar.advance(task)
             return results
         chunks = _chunks(plans, workers)
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
-            pending: set[Future[list[SubjectResult]]] = {
-                pool.submit(_generate_chunk, cfg, chunk, out_dir, digest, plugins)
-                for chunk in chunks
-            }
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    exc = fut.exception()
-                    if exc is not None:
-                        for other in pending:
-                            other.cancel()
-                        if isinstance(exc, BrokenProcessPool):
-                            raise CohortError(
-                                "a cohort worker process died: out of memory (use fewer workers), "
-                                "or run() was called while a script's __main__ module was being "
-                                "imported (workers are spawned: call it under "
-                                "`if __name__ == '__main__':`)"
-                            ) from exc
-                        raise exc
-                    chunk_results = fut.result()
-                    results.extend(chunk_results)
-                    bar.advance(task, len(chunk_results))
+        # Spawned workers: a fresh interpreter each, so nothing of the caller's state leaks in;
+        # untuned, so they compute exactly as the one-process path does.
+        try:
+            pool = WorkerPool(min(workers, len(chunks)), start="spawn", tune=False)
+        except BrokenProcessPool as exc:
+            raise CohortError(_WORKER_DIED) from exc
+        with pool:
+            args = [(cfg, chunk, out_dir, digest, plugins) for chunk in chunks]
+            for chunk_results in run_tasks(pool, _generate_chunk, args, _worker_died):
+                results.extend(chunk_results)
+                bar.advance(task, len(chunk_results))
     return results
 
 
@@ -305,7 +304,7 @@ def run(
         positive_per_site={s.name: positive_per_site.get(s.name, 0) for s in cfg.sites},
         out_dir=out_dir,
     )
-    tables.write_json(
+    write_json(
         out_dir / "cohort.json",
         {
             "generator": "shiftguard.cohort",

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 from shiftguard.config.schema import CohortConfig
 
@@ -64,9 +61,3 @@ def canonical_config(cfg: CohortConfig) -> str:
 def config_digest(cfg: CohortConfig) -> str:
     """sha256 (hex) of :func:`canonical_config`."""
     return hashlib.sha256(canonical_config(cfg).encode("utf-8")).hexdigest()
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON with sorted keys, 2-space indent and a trailing newline."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -18,20 +18,15 @@ quarantine, and :class:`IngestSummary` checks that count.
 from __future__ import annotations
 
 import csv
-import ctypes
 import logging
 import math
-import multiprocessing
 import os
 import re
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,6 +46,7 @@ from shiftguard.dicom.series import (
     group_series,
 )
 from shiftguard.errors import ShiftGuardError
+from shiftguard.pool import WorkerPool, limit_blas_threads, run_tasks
 from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
@@ -266,137 +262,12 @@ def _ingest_series(group: SeriesGroup, rules: Rules, volumes_dir: str) -> _Serie
 # --------------------------------------------------------------------------------------------------
 
 
-def _limit_blas_threads() -> AbstractContextManager[Any]:
-    """One BLAS thread: no oversubscription in the pool, and results independent of threading."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is optional
-        return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _tune_allocator() -> None:
-    """Keep freed large blocks in the heap instead of returning them to the OS (glibc only).
-
-    Every series allocates and frees a few arrays of megabytes; with glibc's defaults each one is a
-    fresh ``mmap`` whose pages the kernel must fault in and zero, which doubled ingest's CPU time
-    (half of it system time). Worker processes are short-lived, so holding on to their peak heap
-    costs nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 512 << 20)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
-        log.debug("allocator tuning skipped: %s", exc)
-
-
-_WORKER_LIMITS: Any = None
-
-
-def _worker_init() -> None:
-    global _WORKER_LIMITS
-    _tune_allocator()
-    _WORKER_LIMITS = _limit_blas_threads()
-    _WORKER_LIMITS.__enter__()
-
-
-def _noop() -> int:
-    return os.getpid()
-
-
 def _preload() -> None:
     """Import what the workers need before forking, so that each worker does not import it again."""
     import pydicom.pixels  # noqa: F401  (nibabel, imported by volume, loads pylibjpeg already)
 
 
-def _make_pool(workers: int) -> Executor:
-    # fork is the cheapest start (no re-import) but only safe while this process has one thread;
-    # workers are started before the progress bar's refresh thread exists (see run()).
-    methods = multiprocessing.get_all_start_methods()
-    ctx: multiprocessing.context.BaseContext
-    if "fork" in methods and threading.active_count() == 1:
-        ctx = multiprocessing.get_context("fork")
-    elif "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
-    # Start every worker now (with fork, the first submit launches all of them).
-    for f in [pool.submit(_noop) for _ in range(workers)]:
-        f.result()
-    return pool
-
-
-class _WorkerPool:
-    """A process pool that can be replaced when a worker dies (a crash in a native decoder)."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.executor = _make_pool(workers)
-
-    def restart(self) -> None:
-        # Waiting for the broken pool's threads lets the new pool fork again (see _make_pool).
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        self.executor = _make_pool(self.workers)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-
-
-def _run_tasks(
-    pool: _WorkerPool | None,
-    fn: Callable[..., Any],
-    args: Sequence[tuple[Any, ...]],
-    weights: Sequence[int],
-    advance: Callable[[int], None],
-    crashed: Callable[[tuple[Any, ...]], Iterator[Any]],
-) -> Iterator[Any]:
-    """Run ``fn(*a)`` for every ``a`` (in the pool when given), yielding results as they finish.
-
-    A worker that dies (a native decoder crashing on a malformed file, the OOM killer) breaks the
-    whole pool. Then the pool is restarted and the unfinished tasks are run again; if the pool
-    breaks again they are run one at a time, and a task that still kills its worker is handed to
-    ``crashed``, which yields results that report it (so that bad input never stops ingest).
-    """
-    if pool is None:
-        for a, w in zip(args, weights, strict=True):
-            result = fn(*a)
-            advance(w)
-            yield result
-        return
-    pending = dict(enumerate(args))
-    for attempt in range(2):
-        futures = {pool.executor.submit(fn, *pending[i]): i for i in sorted(pending)}
-        try:
-            for fut in as_completed(futures):
-                i = futures[fut]
-                result = fut.result()
-                del pending[i]
-                advance(weights[i])
-                yield result
-            return
-        except BrokenProcessPool:
-            log.error(
-                "a worker process died (attempt %d); restarting the pool for %d unfinished task(s)",
-                attempt + 1,
-                len(pending),
-            )
-            pool.restart()
-    for i in sorted(pending):  # isolate the culprit: one task at a time
-        try:
-            results = [pool.executor.submit(fn, *pending[i]).result()]
-        except BrokenProcessPool:
-            pool.restart()
-            results = list(crashed(pending[i]))
-        advance(weights[i])
-        yield from results
-
-
-def _crashed_chunk(pool: _WorkerPool) -> Callable[[tuple[Any, ...]], Iterator[Any]]:
+def _crashed_chunk(pool: WorkerPool) -> Callable[[tuple[Any, ...]], Iterator[Any]]:
     """Scan a chunk that killed its worker file by file; a file that kills a worker is reported."""
 
     def isolate(args: tuple[Any, ...]) -> Iterator[tuple[list[SliceHeader], list[QuarantineEntry]]]:
@@ -570,13 +441,13 @@ def run(
     series_accepted = 0
 
     with ExitStack() as stack:
-        pool: _WorkerPool | None = None
+        pool: WorkerPool | None = None
         _preload()
         if n_workers > 1:
-            pool = _WorkerPool(n_workers)
+            pool = WorkerPool(n_workers)
             stack.callback(pool.close)
         else:
-            stack.enter_context(_limit_blas_threads())
+            stack.enter_context(limit_blas_threads())
         bar = stack.enter_context(progress_bar(progress))
         t_pool = time.perf_counter()
 
@@ -586,8 +457,8 @@ def run(
         advance = partial(bar.advance, bar.add_task("scan headers", total=len(files)))
         scan_args = [(c,) for c in chunks]
         crashed_chunk = _crashed_chunk(pool) if pool is not None else iter
-        for h, q in _run_tasks(
-            pool, scan_files, scan_args, [len(c) for c in chunks], advance, crashed_chunk
+        for h, q in run_tasks(
+            pool, scan_files, scan_args, crashed_chunk, [len(c) for c in chunks], advance
         ):
             headers.extend(h)
             entries.extend(q)
@@ -602,7 +473,7 @@ def run(
         tasks = [(groups[i], rules, str(volumes_dir)) for i in order]
         advance = partial(bar.advance, bar.add_task("assemble series", total=len(tasks)))
         weights = [1] * len(tasks)
-        for outcome in _run_tasks(pool, _ingest_series, tasks, weights, advance, _crashed_series):
+        for outcome in run_tasks(pool, _ingest_series, tasks, _crashed_series, weights, advance):
             entries.extend(outcome.entries)
             if outcome.row is not None:
                 rows.append(outcome.row)

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from shiftguard.config.schema import TrainConfig
+from shiftguard.pool import WorkerPool, run_tasks
 from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
@@ -103,20 +105,26 @@ def write_inputs(
     step = -(-len(paths) // (4 * n))
     chunks = [(i, list(paths[i : i + step])) for i in range(0, len(paths), step)]
     cfg_json = cfg.model_dump_json()
-    with progress_bar(progress) as bar:
+    args = [(str(partial), start, part, cfg_json) for start, part in chunks]
+    # Workers start before the progress bar's thread exists, so they are forked (see WorkerPool).
+    pool = WorkerPool(n, tune=False) if n > 1 else None
+    with pool or nullcontext(), progress_bar(progress) as bar:
         task = bar.add_task(f"network inputs {tag}", total=len(paths))
-        if n == 1:
-            for start, part in chunks:
-                bar.advance(task, _fill(str(partial), start, part, cfg_json))
-        else:
-            with ProcessPoolExecutor(max_workers=n) as pool:
-                jobs = [pool.submit(_fill, str(partial), s, part, cfg_json) for s, part in chunks]
-                for job in as_completed(jobs):
-                    bar.advance(task, job.result())
+        for done in run_tasks(pool, _fill, args, _worker_died):
+            bar.advance(task, done)
     partial.replace(npy)
     names.write_text("".join(_key(p) + "\n" for p in paths), encoding="utf-8")
     log.info("experiment: %d network inputs %s into %s", len(paths), tag, npy)
     return npy
+
+
+def _worker_died(args: tuple[Any, ...]) -> Iterator[int]:
+    """A chunk whose preprocessing killed its worker even when run alone."""
+    raise RuntimeError(
+        f"preprocessing {len(args[2])} volume(s) from {args[2][0]} killed the worker process "
+        "(out of memory: use fewer workers)"
+    )
+    yield 0  # a generator, as run_tasks expects
 
 
 class InputCache:

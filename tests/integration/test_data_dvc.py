@@ -15,7 +15,7 @@ import pytest
 from shiftguard.cohort import generate
 from shiftguard.config import CohortConfig, compose_section
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow(seconds=330)]
 
 REPO = Path(__file__).resolve().parents[2]
 

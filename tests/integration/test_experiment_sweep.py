@@ -19,7 +19,7 @@ from shiftguard.config.schema import DesignConfig
 from shiftguard.data import ingest
 from shiftguard.experiment.prepare import prepare
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow(seconds=130)]
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["experiment=tiny"]

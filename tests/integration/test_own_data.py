@@ -26,7 +26,7 @@ from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow(seconds=270)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -20,7 +20,7 @@ import yaml
 from shiftguard.cohort import generate
 from shiftguard.config import CohortConfig, compose, dump_params, validate
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow(seconds=780)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -24,6 +24,8 @@ import pytest
 
 from shiftguard.cli import build_parser
 
+pytestmark = pytest.mark.slow(seconds=95)
+
 
 @dataclass(frozen=True)
 class Case:

@@ -36,7 +36,11 @@ from peers_plugin import peer_missing
 
 from shiftguard.edge.peers import Orthanc, copy_study, find_tool, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.peers("Orthanc", "storescu")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.peers("Orthanc", "storescu"),
+    pytest.mark.slow(seconds=90),
+]
 
 REPO = Path(__file__).resolve().parents[3]
 START_TIMEOUT_S = 60.0

@@ -53,10 +53,10 @@ def main() -> None:
     from shiftguard.data.canonical import canonical_volume
     from shiftguard.dicom.scan import list_files, scan_files
     from shiftguard.dicom.series import group_series
-    from shiftguard.edge.peers import Orthanc, copy_study, storescu
     from shiftguard.edge.preprocess import preprocess
     from shiftguard.edge.receiver import ReceiverSettings
     from shiftguard.edge.service import Destination, Service, ServiceSettings, resolve_bundle
+    from shiftguard.peers import Orthanc, copy_study, storescu
 
     bundle = resolve_bundle("artifacts/export")
     source = sorted(Path("data/dicom").glob("*/*"))[0]
@@ -157,9 +157,9 @@ def receive_throughput(
     new files) to dcmtk's ``storescp`` writing to disk and to ShiftGuard's Storage SCP alone
     (each engine and durability mode), one association each; the order rotates every round so
     that no receiver always goes first on a warm or cold page cache."""
-    from shiftguard.edge.peers import copy_study, free_port, storescu
     from shiftguard.edge.queue import WorkQueue
     from shiftguard.edge.receiver import Receiver, ReceiverSettings
+    from shiftguard.peers import copy_study, free_port, storescu
 
     variants = {
         "storescp (dcmtk, no fsync)": None,

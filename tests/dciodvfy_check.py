@@ -7,7 +7,7 @@ when it cannot read the file at all (followed by its usage text). It exits non-z
 an abort, but 0 when it only warns, so a check that reads the exit status alone, or keeps only the
 lines starting with ``Error``, passes an object dciodvfy warns about (and one it could not open).
 
-:func:`dciodvfy` runs it (found with :func:`shiftguard.edge.peers.tool`, so where Debian installs
+:func:`dciodvfy` runs it (found with :func:`shiftguard.peers.tool`, so where Debian installs
 it) and returns an :class:`IodReport`; :func:`assert_dciodvfy_clean` fails a test on any error, any
 warning not allowed by its exact text, a non-zero exit status, or any line it cannot classify.
 """
@@ -20,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from shiftguard.edge.peers import tool
+from shiftguard.peers import tool
 
 #: a line naming an IOD dciodvfy recognised and checked (``MRImage``, ``Comprehensive3DSR``)
 _IOD_LINE = re.compile(r"[A-Za-z][A-Za-z0-9]*")
@@ -93,7 +93,7 @@ def dciodvfy(path: Path | str) -> IodReport:
     """Run dciodvfy on ``path`` and sort what it says (see :func:`parse_output`).
 
     Raises:
-        shiftguard.edge.peers.PeerMissingError: dciodvfy is not installed.
+        shiftguard.peers.PeerMissingError: dciodvfy is not installed.
     """
     proc = subprocess.run(
         [tool("dciodvfy"), str(path)],

@@ -3,7 +3,7 @@
 Loaded for every run (``-p peers_plugin`` in ``pyproject.toml``):
 
 - ``@pytest.mark.peers("Orthanc", "storescu")`` marks a test that needs those programs; they are
-  looked up with :func:`shiftguard.edge.peers.find_tool` (``$PATH``, then where Debian installs
+  looked up with :func:`shiftguard.peers.find_tool` (``$PATH``, then where Debian installs
   them). :func:`peer_missing` is the same rule for a fixture that finds a peer missing.
 - Where peers are required (``SHIFTGUARD_REQUIRE_PEERS=1``, or ``CI`` set to anything but ``0`` or
   ``false``; ``.ci/run`` sets the first), a missing peer fails the test, and the run fails when any
@@ -49,7 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    from shiftguard.edge.peers import PACKAGES, find_tool
+    from shiftguard.peers import PACKAGES, find_tool
 
     for mark in item.iter_markers("peers"):
         missing = [str(name) for name in mark.args if find_tool(str(name)) is None]

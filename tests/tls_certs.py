@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from shiftguard.edge.peers import tool
+from shiftguard.peers import tool
 
 
 def self_signed(folder: Path, name: str, host: str = "127.0.0.1") -> tuple[Path, Path]:

@@ -20,9 +20,9 @@ from shiftguard.config import (
     validate,
 )
 from shiftguard.edge.bundle import bundle_file_name, write_bundle
-from shiftguard.edge.peers import Orthanc
 from shiftguard.export.stage import export_onnx, preprocessing_spec
 from shiftguard.models import SmallCNN3d
+from shiftguard.peers import Orthanc
 
 REPO = Path(__file__).resolve().parents[3]
 

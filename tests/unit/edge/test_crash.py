@@ -34,7 +34,7 @@ import pydicom
 import pytest
 from peers_plugin import peer_missing
 
-from shiftguard.edge.peers import Orthanc, copy_study, find_tool, free_port
+from shiftguard.peers import Orthanc, copy_study, find_tool, free_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -77,7 +77,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def storescu() -> str:
-    """dcmtk's ``storescu`` (:func:`~shiftguard.edge.peers.find_tool` passes over the one
+    """dcmtk's ``storescu`` (:func:`~shiftguard.peers.find_tool` passes over the one
     pynetdicom installs in the virtual environment)."""
     found = find_tool("storescu")
     if found is None:

@@ -18,7 +18,7 @@ import pytest
 
 from shiftguard.cli import main
 from shiftguard.edge.bundle import bundle_file_name, write_bundle
-from shiftguard.edge.peers import free_port
+from shiftguard.peers import free_port
 from shiftguard.records.features import make_record
 
 from .conftest import make_manifest

@@ -13,9 +13,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from tls_certs import self_signed
 
-from shiftguard.edge.peers import tool
 from shiftguard.edge.queue import READY, WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings
+from shiftguard.peers import tool
 
 pytestmark = pytest.mark.peers("storescu")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from shiftguard.edge.peers import tool
 from shiftguard.edge.queue import RECEIVING, WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, scan_uids
+from shiftguard.peers import tool
 
 needs_dcmtk = pytest.mark.peers("storescu")
 

@@ -16,10 +16,10 @@ import pydicom
 import pytest
 
 from shiftguard.edge.bundle import BundleError
-from shiftguard.edge.peers import Orthanc, copy_study, free_port, storescu
 from shiftguard.edge.queue import DONE
 from shiftguard.edge.receiver import ReceiverSettings
 from shiftguard.edge.service import Destination, Service, ServiceSettings, sampled
+from shiftguard.peers import Orthanc, copy_study, free_port, storescu
 from shiftguard.shadow.log import read_shadow_log
 
 pytestmark = [

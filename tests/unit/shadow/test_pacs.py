@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
-from shiftguard.edge.peers import Orthanc, find_tool, free_port, storescu, tool
+from shiftguard.peers import Orthanc, find_tool, free_port, storescu, tool
 from shiftguard.shadow.diagnoses import Diagnosis, DiagnosisBook, read_diagnoses
 from shiftguard.shadow.pacs import (
     NOT_VERIFIED,

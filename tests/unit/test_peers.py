@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shiftguard.edge import peers
-from shiftguard.edge.peers import PeerMissingError, find_tool, tool
+from shiftguard import peers
+from shiftguard.peers import PeerMissingError, find_tool, tool
 
 
 def _program(folder: Path, name: str, executable: bool = True) -> Path:
@@ -61,3 +61,18 @@ def test_a_peer_is_never_the_python_environments_program_of_the_same_name(
     monkeypatch.setattr(peers, "_python_scripts", lambda: {venv_bin.resolve()})
     assert find_tool("storescu") == str(dcmtk)
     assert find_tool("shiftguard-helper") == str(mine)  # not a peer: found where it is
+
+
+def test_a_peer_is_never_a_python_program_from_another_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another project's activated environment on $PATH holds pynetdicom's storescu, a Python
+    console script this environment's folder check does not see; dcmtk's comes after it."""
+    other_bin, system_bin = tmp_path / "other-venv" / "bin", tmp_path / "usr" / "bin"
+    other_bin.mkdir(parents=True)
+    script = other_bin / "storescu"
+    script.write_text("#!/opt/other/bin/python3\nfrom pynetdicom.apps.storescu import main\n")
+    script.chmod(0o755)
+    dcmtk = _program(system_bin, "storescu")
+    monkeypatch.setenv("PATH", f"{other_bin}:{system_bin}")
+    assert find_tool("storescu") == str(dcmtk)

@@ -66,14 +66,25 @@ def _python_scripts() -> set[Path]:
     return {f.resolve() for f in folders}
 
 
+def _is_python_program(path: Path) -> bool:
+    """Whether ``path`` is a script run by Python (a console script a package installed)."""
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline(256)
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" in first
+
+
 def find_tool(name: str) -> str | None:
     """The path of the program ``name``: on ``$PATH``, else in :data:`SYSTEM_DIRS`, else (for
     PostgreSQL's programs) in the newest ``/usr/lib/postgresql/<version>/bin``; ``None`` when it is
     nowhere.
 
-    A peer in :data:`PACKAGES` is never taken from the Python environment's own program folder:
-    pynetdicom installs its own ``storescu``, ``findscu``, ``echoscu``... there, and an activated
-    environment puts them before dcmtk's on ``$PATH``.
+    A peer in :data:`PACKAGES` is never taken from the Python environment's own program folder,
+    nor is it ever a Python program: pynetdicom installs its own ``storescu``, ``findscu``,
+    ``echoscu``... in every environment it is installed in (with other exit statuses than dcmtk's),
+    and an activated environment, this one or another, puts them before dcmtk's on ``$PATH``.
 
     >>> find_tool("no-such-program-here") is None
     True
@@ -83,7 +94,7 @@ def find_tool(name: str) -> str | None:
         if not entry or Path(entry).resolve() in skip:
             continue
         found = shutil.which(name, path=entry)
-        if found:
+        if found and not (name in PACKAGES and _is_python_program(Path(found))):
             return found
     folders = [Path(d) for d in SYSTEM_DIRS]
     folders += sorted(Path("/").glob(POSTGRES_DIRS.lstrip("/")), key=_version_key, reverse=True)

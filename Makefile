@@ -31,7 +31,7 @@ experiment: $(DEMO_STAMP)
 	bash scripts/experiment.sh $(DESIGN)
 
 test: env
-	$(BIN)/pytest -n 2 --dist loadfile --durations=15
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: env
 	$(BIN)/ruff check src tests pipelines benchmarks

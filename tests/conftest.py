@@ -43,8 +43,9 @@ _test_signing_key()
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first: the files marked ``slow(seconds=N)``, by N descending, then everything else in
-    collection order. ``make test`` runs each file whole on one worker (``--dist loadfile``), so
-    starting the long files first keeps both workers busy to the end of the run."""
+    collection order. ``make test`` runs each file whole on one worker, in this order (``--dist
+    loadfile --no-loadscope-reorder``; xdist would otherwise start the files with the most tests
+    first), so the long files start first and both workers stay busy to the end of the run."""
 
     def expected(item: pytest.Item) -> float:
         marker = item.get_closest_marker("slow")

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from shiftguard.dicom import _lean, pixels
+from shiftguard.dicom import binary, pixels
 from shiftguard.dicom.errors import UnreadableFileError
 from shiftguard.dicom.scan import read_headers
 from shiftguard.edge import scp
@@ -51,10 +51,10 @@ MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 UID_ROOT = "1.2.826.0.1.3680043.10.1463.99"
 STUDY_UID, SERIES_UID, SOP_UID = f"{UID_ROOT}.1", f"{UID_ROOT}.2", f"{UID_ROOT}.3"
 TRANSFER_SYNTAXES = (
-    _lean.IMPLICIT_VR_LE,
-    _lean.EXPLICIT_VR_LE,
-    _lean.EXPLICIT_VR_BE,
-    _lean.DEFLATED_LE,
+    binary.IMPLICIT_VR_LE,
+    binary.EXPLICIT_VR_LE,
+    binary.EXPLICIT_VR_BE,
+    binary.DEFLATED_LE,
     "1.2.840.10008.1.2.5",  # RLE lossless (encapsulated)
     "1.2.3.4",  # unknown
     "",
@@ -227,11 +227,11 @@ class DicomSeed:
 
 
 DICOM_SEEDS: tuple[DicomSeed, ...] = (
-    DicomSeed("explicit", image_dataset(True), _lean.EXPLICIT_VR_LE),
-    DicomSeed("implicit", image_dataset(False), _lean.IMPLICIT_VR_LE),
+    DicomSeed("explicit", image_dataset(True), binary.EXPLICIT_VR_LE),
+    DicomSeed("implicit", image_dataset(False), binary.IMPLICIT_VR_LE),
     DicomSeed("encapsulated", image_dataset(True, encapsulated=True), "1.2.840.10008.1.2.5"),
-    DicomSeed("no-meta", image_dataset(False, nested=False), _lean.IMPLICIT_VR_LE, preamble=False),
-    DicomSeed("un-sequence", image_dataset(True, un=True), _lean.EXPLICIT_VR_LE),
+    DicomSeed("no-meta", image_dataset(False, nested=False), binary.IMPLICIT_VR_LE, preamble=False),
+    DicomSeed("un-sequence", image_dataset(True, un=True), binary.EXPLICIT_VR_LE),
 )
 
 
@@ -249,7 +249,7 @@ def pydicom_seed() -> DicomSeed:
     )
     raw = out.getvalue()
     start = 144 + struct.unpack_from("<I", raw, 140)[0]  # past the file meta group
-    return DicomSeed("pydicom", raw[start:], _lean.EXPLICIT_VR_LE)
+    return DicomSeed("pydicom", raw[start:], binary.EXPLICIT_VR_LE)
 
 
 def length_fields(data: bytes) -> list[tuple[int, int, int]]:
@@ -374,7 +374,7 @@ def dicom_files(draw: Callable[..., Any], seeds: tuple[DicomSeed, ...] = DICOM_S
     seed = draw(st.sampled_from(seeds))
     ts = draw(st.one_of(st.just(seed.transfer_syntax), st.sampled_from(TRANSFER_SYNTAXES)))
     preamble = draw(st.sampled_from([seed.preamble, seed.preamble, not seed.preamble]))
-    explicit = ts != _lean.IMPLICIT_VR_LE
+    explicit = ts != binary.IMPLICIT_VR_LE
     data = seed.encode(ts, preamble)
     if data[128:132] == b"DICM" and draw(st.integers(0, 9)) == 0:  # the meta group's length
         group_length = draw(st.one_of(st.sampled_from(_U32_VALUES), st.integers(0, 1 << 32 - 1)))
@@ -424,12 +424,12 @@ def time_limit(seconds: float = HANG_S) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def check_lean_parse(data: bytes) -> _lean.LeanHeader | None:
-    """``_lean._parse`` on the whole file: a header, or NeedsFallback / Truncated / _NeedMore."""
+def check_parse_header(data: bytes) -> binary.Header | None:
+    """``binary._parse`` on the whole file: a header, or NeedsFallback / Truncated / _NeedMore."""
     try:
         with time_limit():
-            header = _lean._parse(data, len(data))
-    except (_lean.NeedsFallback, _lean.Truncated, _lean._NeedMore):
+            header = binary.parse_header(data)
+    except (binary.NeedsFallback, binary.Truncated):
         return None
     assert header.file_size == len(data)
     if header.pixel_offset >= 0:
@@ -441,17 +441,17 @@ def check_lean_parse(data: bytes) -> _lean.LeanHeader | None:
     return header
 
 
-def check_read_lean(data: bytes, path: Path, first_read: int) -> None:
-    """``read_lean`` on a file (re-reading when the header is longer than ``first_read``):
+def check_read_header(data: bytes, path: Path, first_read: int) -> None:
+    """``read_header`` on a file (re-reading when the header is longer than ``first_read``):
     NeedsFallback or Truncated only, and the same header as parsing the whole file at once."""
     path.write_bytes(data)
     try:
         with time_limit():
-            header = _lean.read_lean(str(path), first_read)
-    except (_lean.NeedsFallback, _lean.Truncated):
+            header = binary.read_header(str(path), first_read)
+    except (binary.NeedsFallback, binary.Truncated):
         return
-    whole = check_lean_parse(data)
-    assert whole is not None, "read_lean accepted what parsing the whole file refuses"
+    whole = check_parse_header(data)
+    assert whole is not None, "read_header accepted what parsing the whole file refuses"
     assert header == whole
 
 
@@ -491,7 +491,7 @@ def check_read_headers(data: bytes, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 CALLING, CALLED = "MODALITY", "SHIFTGUARD"
-IMPLICIT, EXPLICIT = _lean.IMPLICIT_VR_LE, _lean.EXPLICIT_VR_LE
+IMPLICIT, EXPLICIT = binary.IMPLICIT_VR_LE, binary.EXPLICIT_VR_LE
 
 
 def _item(kind: int, value: bytes) -> bytes:
@@ -839,11 +839,11 @@ def walker_targets(scratch: Path) -> list[Target]:
     files = dicom_files(seeds)
     lean_file, headers_file = scratch / "lean.dcm", scratch / "headers.dcm"
     return [
-        Target("dicom._lean._parse", files, check_lean_parse),
+        Target("dicom.binary._parse", files, check_parse_header),
         Target(
-            "dicom._lean.read_lean",
+            "dicom.binary.read_header",
             st.tuples(files, st.integers(132, 2048)),
-            lambda args: check_read_lean(args[0], lean_file, args[1]),
+            lambda args: check_read_header(args[0], lean_file, args[1]),
         ),
         Target("edge.receiver.scan_uids", files, check_scan_uids),
         Target("dicom.pixels._fragments", encapsulated_values(), check_fragments),

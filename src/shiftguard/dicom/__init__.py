@@ -1,7 +1,7 @@
 """DICOM: read any DICOM tree's headers, validate series, assemble volumes.
 
 * :mod:`shiftguard.dicom.scan`: header-only scan of a tree (:class:`~.scan.SliceHeader`, one per
-  image), never raising on bad files; a lean reader with a pydicom fallback.
+  image), never raising on bad files; one binary walker (dicom.binary) with a pydicom fallback.
 * :mod:`shiftguard.dicom.series`: grouping, de-duplication, validation and assembly of a series into
   a volume with its RAS affine (:class:`~.series.SeriesVolume`).
 * :mod:`shiftguard.dicom.pixels`: the pixel pass (native pixels read in place, RLE/JPEG-LS/JPEG 2000

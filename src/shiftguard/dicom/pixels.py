@@ -3,8 +3,8 @@
 Native little-endian pixel data is read straight into the output array at the offset the header scan
 recorded (one ``preadv`` per slice, no parsing, no intermediate copies). Encapsulated data (RLE,
 JPEG-LS, JPEG 2000, JPEG) is handed to pydicom's decoder with the image description from the header,
-so pydicom's plugins (pylibjpeg, pyjpegls, ...) decode it without re-parsing the file. Files the lean
-reader did not parse (big endian, deflate, enhanced multi-frame) are read with pydicom.
+so pydicom's plugins (pylibjpeg, pyjpegls, ...) decode it without re-parsing the file. Files the
+walker did not parse (big endian, deflate, enhanced multi-frame) are read with pydicom.
 
 A failure names the file: :class:`~shiftguard.dicom.errors.PixelDecodeError`.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shiftguard.dicom import _lean
+from shiftguard.dicom import binary
 from shiftguard.dicom.errors import PixelDecodeError
 from shiftguard.dicom.scan import SliceHeader
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["read_stored", "stored_dtype"]
 
-_NATIVE_LE = frozenset({_lean.EXPLICIT_VR_LE, _lean.IMPLICIT_VR_LE})
+_NATIVE_LE = frozenset({binary.EXPLICIT_VR_LE, binary.IMPLICIT_VR_LE})
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 _ITEM_HEAD = struct.Struct("<HHI")
 

@@ -1,9 +1,9 @@
 """Header-only scan of a DICOM tree: every file becomes slice headers or a quarantine entry.
 
-The scan never decodes pixels and never raises on bad input. Each file is read once by the lean
-reader of :mod:`shiftguard.dicom._lean` (the first 64 KiB normally hold the whole header), which also
+The scan never decodes pixels and never raises on bad input. Each file is read once by the
+walker of :mod:`shiftguard.dicom.binary` (the first 64 KiB normally hold the whole header), which also
 records where *Pixel Data* starts so the pixel pass can read native pixels without re-parsing. Files
-the lean reader does not handle (big endian, deflate, enhanced multi-frame, files without a preamble
+the walker does not handle (big endian, deflate, enhanced multi-frame, files without a preamble
 that it cannot place) are read with ``pydicom.dcmread(force=True)``; both paths build the same
 :class:`SliceHeader` through one converter, so they cannot drift apart.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from shiftguard.dicom import _lean
+from shiftguard.dicom import binary
 from shiftguard.dicom.errors import QuarantineEntry, UnreadableFileError
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class SliceHeader(NamedTuple):
     transmitted pixel, ``pixel_spacing`` is ``(row spacing, column spacing)``. Missing optional values
     are ``""`` for text and ``None`` for numbers.
 
-    ``pixel_offset``/``pixel_length`` locate the Pixel Data value in the file when the lean reader
+    ``pixel_offset``/``pixel_length`` locate the Pixel Data value in the file when the walker
     parsed it (``pixel_length == -1``: encapsulated, undefined length); ``pixel_offset == -1`` means
     the pixel pass must read the file with pydicom.
 
@@ -200,7 +200,7 @@ def list_files(root: Path | str, exclude: Iterable[Path | str] = ()) -> list[str
 
 
 # --------------------------------------------------------------------------------------------------
-# Value conversion shared by the lean and the pydicom paths
+# Value conversion shared by the walker and the pydicom paths
 # --------------------------------------------------------------------------------------------------
 
 
@@ -213,15 +213,15 @@ class _Fields(Protocol):
 
 
 _TEXT_TAGS = frozenset(
-    tag for tag, vr in _lean.WANTED.items() if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC")
+    tag for tag, vr in binary.WANTED.items() if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC")
 )
-_US_TAGS = frozenset(tag for tag, vr in _lean.WANTED.items() if vr == "US")
+_US_TAGS = frozenset(tag for tag, vr in binary.WANTED.items() if vr == "US")
 _US = struct.Struct("<H")
 _SS = struct.Struct("<h")
 
 
-class _LeanFields:
-    """Field access on the raw elements of the lean reader (all texts decoded at once)."""
+class _WalkedFields:
+    """Field access on the raw elements of the walker (all texts decoded at once)."""
 
     __slots__ = ("_el", "texts")
 
@@ -275,7 +275,7 @@ class _DatasetFields:
         self._ds = ds
         self.texts = {
             tag: _value_text(ds[tag].value)
-            for tag in _lean.WANTED
+            for tag in binary.WANTED
             if tag not in _US_TAGS and tag in ds
         }
 
@@ -366,65 +366,7 @@ def _opt_int(text: str, tag: int) -> int | None:
         return None
 
 
-# Tags, as ints, used by the converter.
-_T = {
-    "SpecificCharacterSet": 0x00080005,
-    "ImageType": 0x00080008,
-    "SOPClassUID": 0x00080016,
-    "SOPInstanceUID": 0x00080018,
-    "StudyDate": 0x00080020,
-    "AcquisitionDate": 0x00080022,
-    "StudyTime": 0x00080030,
-    "AcquisitionTime": 0x00080032,
-    "AccessionNumber": 0x00080050,
-    "Modality": 0x00080060,
-    "Manufacturer": 0x00080070,
-    "InstitutionName": 0x00080080,
-    "StationName": 0x00081010,
-    "SeriesDescription": 0x0008103E,
-    "ManufacturerModelName": 0x00081090,
-    "PatientID": 0x00100020,
-    "PatientBirthDate": 0x00100030,
-    "PatientSex": 0x00100040,
-    "PatientAge": 0x00101010,
-    "SequenceName": 0x00180024,
-    "SliceThickness": 0x00180050,
-    "RepetitionTime": 0x00180080,
-    "EchoTime": 0x00180081,
-    "InversionTime": 0x00180082,
-    "EchoNumbers": 0x00180086,
-    "MagneticFieldStrength": 0x00180087,
-    "SpacingBetweenSlices": 0x00180088,
-    "SoftwareVersions": 0x00181020,
-    "FlipAngle": 0x00181314,
-    "StudyInstanceUID": 0x0020000D,
-    "SeriesInstanceUID": 0x0020000E,
-    "SeriesNumber": 0x00200011,
-    "AcquisitionNumber": 0x00200012,
-    "InstanceNumber": 0x00200013,
-    "ImagePositionPatient": 0x00200032,
-    "ImageOrientationPatient": 0x00200037,
-    "FrameOfReferenceUID": 0x00200052,
-    "SamplesPerPixel": 0x00280002,
-    "PhotometricInterpretation": 0x00280004,
-    "PlanarConfiguration": 0x00280006,
-    "NumberOfFrames": 0x00280008,
-    "Rows": 0x00280010,
-    "Columns": 0x00280011,
-    "PixelSpacing": 0x00280030,
-    "BitsAllocated": 0x00280100,
-    "BitsStored": 0x00280101,
-    "PixelRepresentation": 0x00280103,
-    "RescaleIntercept": 0x00281052,
-    "RescaleSlope": 0x00281053,
-}
-
-
-def _tag_name(tag: int) -> str:
-    for name, value in _T.items():
-        if value == tag:
-            return f"{name} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+_T = binary.TAGS  # keyword -> tag, from the one tag table
 
 
 @dataclass(slots=True)
@@ -582,8 +524,8 @@ def _check_common(
     """File-level checks shared by both readers: DICOMDIR, non-images, missing pixels or UIDs."""
     sop_class = f.texts.get(_T["SOPClassUID"], "") or media_sop_class
     if (
-        media_sop_class == _lean.MEDIA_STORAGE_DIRECTORY
-        or sop_class == _lean.MEDIA_STORAGE_DIRECTORY
+        media_sop_class == binary.MEDIA_STORAGE_DIRECTORY
+        or sop_class == binary.MEDIA_STORAGE_DIRECTORY
     ):
         raise UnreadableFileError(
             path,
@@ -671,8 +613,8 @@ def read_headers(path: str | Path) -> list[SliceHeader]:
     """
     spath = str(path)
     try:
-        lean = _lean.read_lean(spath)
-    except _lean.Truncated:
+        walked = binary.read_header(spath)
+    except binary.Truncated:
         raise UnreadableFileError(
             spath,
             "truncated",
@@ -686,28 +628,28 @@ def read_headers(path: str | Path) -> list[SliceHeader]:
             f"cannot read the file: {exc.strerror or exc}",
             "check that the file exists and is readable by this user",
         ) from None
-    except (_lean.NeedsFallback, struct.error, ValueError, IndexError) as exc:
-        log.debug("lean reader declined %s (%s); reading with pydicom", spath, exc)
+    except (binary.NeedsFallback, struct.error, ValueError, IndexError) as exc:
+        log.debug("walker declined %s (%s); reading with pydicom", spath, exc)
         return _read_with_pydicom(spath)
 
-    el = lean.elements
+    el = walked.elements
     if 0x52009230 in el or 0x52009229 in el:
         return _read_with_pydicom(spath)  # enhanced (functional group) objects
-    f = _LeanFields(el, lean.explicit)
-    media_sop = f.texts.get(_lean.MEDIA_SOP_CLASS_TAG, "")
-    forced = not lean.has_preamble and not lean.has_meta
+    f = _WalkedFields(el, walked.explicit)
+    media_sop = f.texts.get(binary.MEDIA_SOP_CLASS_TAG, "")
+    forced = not walked.has_preamble and not walked.has_meta
     try:  # Rows, Columns, ... are read here first: a value that is not a number raises
-        _check_common(spath, f, media_sop, lean.pixel_offset >= 0, forced)
+        _check_common(spath, f, media_sop, walked.pixel_offset >= 0, forced)
         n_frames = _int(f.texts.get(_T["NumberOfFrames"], ""), _T["NumberOfFrames"]) or 1
     except _BadValue as exc:
         raise _bad_value_error(spath, exc) from None
     if n_frames > 1:
         return _read_with_pydicom(spath)
-    ts = f.texts.get(_lean.TS_TAG, "")
+    ts = f.texts.get(binary.TS_TAG, "")
     if not ts:
-        ts = _lean.EXPLICIT_VR_LE if lean.explicit else _lean.IMPLICIT_VR_LE
+        ts = binary.EXPLICIT_VR_LE if walked.explicit else binary.IMPLICIT_VR_LE
     try:
-        header = _build(f, spath, ts, lean.pixel_offset, lean.pixel_length)
+        header = _build(f, spath, ts, walked.pixel_offset, walked.pixel_length)
     except _BadValue as exc:
         raise _bad_value_error(spath, exc) from None
     _check_native_length(spath, header)
@@ -718,7 +660,7 @@ def _bad_value_error(path: str, exc: _BadValue) -> UnreadableFileError:
     return UnreadableFileError(
         path,
         "bad_value",
-        f"{_tag_name(exc.tag)} holds {exc.text!r}, which is not {exc.expected}",
+        f"{binary.tag_name(exc.tag)} holds {exc.text!r}, which is not {exc.expected}",
         "correct the tag (e.g. with dcmodify) or re-export the image from the archive",
     )
 
@@ -817,8 +759,8 @@ def _guess_ts(ds: Any) -> str:
         return ""
     implicit, little = encoding
     if little:
-        return _lean.IMPLICIT_VR_LE if implicit else _lean.EXPLICIT_VR_LE
-    return _lean.EXPLICIT_VR_BE
+        return binary.IMPLICIT_VR_LE if implicit else binary.EXPLICIT_VR_LE
+    return binary.EXPLICIT_VR_BE
 
 
 def _is_supported_ts(ts: str) -> bool:

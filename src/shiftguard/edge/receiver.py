@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
+
+from shiftguard.dicom import binary
 from shiftguard.dicom.uid import check_uid
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.scp import Acceptor
@@ -160,8 +163,6 @@ def _uids(data: bytes) -> tuple[str, str]:
     found = scan_uids(data)
     if found is not None:
         return found
-    import pydicom
-
     ds = pydicom.dcmread(
         io.BytesIO(data),
         stop_before_pixels=True,
@@ -170,166 +171,41 @@ def _uids(data: bytes) -> tuple[str, str]:
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
 
 
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-_VRS = {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
-    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
-}  # fmt: skip
-_EXPLICIT, _IMPLICIT, _U32 = struct.Struct("<HH2sH"), struct.Struct("<HHI"), struct.Struct("<I")
-_STUDY, _SERIES = 0x0020000D, 0x0020000E
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_IMPLICIT_LE, _EXPLICIT_BE, _DEFLATED = (
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.2",
-    "1.2.840.10008.1.2.1.99",
-)
+_STUDY, _SERIES = binary.TAGS["StudyInstanceUID"], binary.TAGS["SeriesInstanceUID"]
+#: the receive path's walk: stops once both UIDs are found
+_UID_FIELDS = binary.Fields((_STUDY, _SERIES), stop_when_found=True)
 
 
 def scan_uids(data: bytes) -> tuple[str, str] | None:
-    """The study and series UIDs of a Part 10 instance by walking its top-level elements, about
-    ten times faster than pydicom on the receive path. None when it cannot say (no Part 10 header,
-    big endian, deflated, or an element it cannot skip): the caller falls back to pydicom. Raises
-    ValueError when the dataset has no study or series UID."""
+    """The study and series UIDs of a Part 10 instance by walking its top-level elements with the
+    DICOM binary layer's walker (about ten times faster than pydicom on the receive path). None when
+    it cannot say (no Part 10 header, big endian, deflated, or an element it cannot skip): the
+    caller falls back to pydicom. Raises ValueError when the dataset has no study or series UID."""
     if len(data) < 144 or data[128:132] != b"DICM":
         return None
-    # file meta: explicit VR little endian, led by its group length
-    if data[132:138] != b"\x02\x00\x00\x00UL":
-        return None
-    end = 144 + int.from_bytes(data[140:144], "little")
-    if end > len(data):  # a group length past the end of the object
-        return None
-    syntax = _meta_syntax(data, 144, end)
-    if syntax is None or syntax in (_EXPLICIT_BE, _DEFLATED):
-        return None
-    explicit = syntax != _IMPLICIT_LE
-    values: dict[int, str] = {}
-    size, offset = len(data), end
     try:
-        while offset + 8 <= size and len(values) < 2:  # the hot loop of the receive path
-            if explicit:
-                group, element, vr, length = _EXPLICIT.unpack_from(data, offset)
-                if vr in _LONG_VRS:
-                    length, start = _U32.unpack_from(data, offset + 8)[0], offset + 12
-                elif vr in _VRS:
-                    start = offset + 8
-                else:
-                    return None
-            else:
-                group, element, length = _IMPLICIT.unpack_from(data, offset)
-                start = offset + 8
-            tag = group << 16 | element
-            if tag > _SERIES:
-                break
-            if length == 0xFFFFFFFF:  # an undefined-length UN holds implicit VR (PS3.5 6.2.2)
-                offset = _skip_items(data, start, explicit and vr != b"UN")
-                continue
-            offset = start + length
-            if tag in (_STUDY, _SERIES):
-                if offset > size:
-                    return None
-                values[tag] = data[start:offset].decode("ascii").rstrip("\0 ")
-    except (IndexError, ValueError, UnicodeDecodeError, struct.error, _TooDeep):
+        header = binary.parse_header(data, _UID_FIELDS)
+    except (binary.NeedsFallback, binary.Truncated, struct.error):
         return None
-    if _STUDY not in values or _SERIES not in values:
+    if binary.TS_TAG not in header.elements:
+        return None  # a transfer syntax guessed from the data set: pydicom guesses better
+    study, series = header.text(_STUDY), header.text(_SERIES)
+    if study is None or series is None:
         raise ValueError("no StudyInstanceUID / SeriesInstanceUID in the dataset")
-    return values[_STUDY], values[_SERIES]
-
-
-def _meta_syntax(data: bytes, offset: int, end: int) -> str | None:
-    while offset + 8 <= end:
-        element = int.from_bytes(data[offset + 2 : offset + 4], "little")
-        vr = data[offset + 4 : offset + 6]
-        if vr in _LONG_VRS:
-            length, start = int.from_bytes(data[offset + 8 : offset + 12], "little"), offset + 12
-        else:
-            length, start = int.from_bytes(data[offset + 6 : offset + 8], "little"), offset + 8
-        if element == 0x0010:
-            return data[start : start + length].decode("ascii", "replace").rstrip("\0 ")
-        offset = start + length
-    return None
-
-
-class _TooDeep(Exception):  # noqa: N818 - a signal: leave the object to pydicom
-    """Sequences nested deeper than the walker follows."""
-
-
-#: nesting levels :func:`scan_uids` follows (each costs two Python frames); pydicom reads deeper ones
-MAX_NESTING = 64
-
-
-def _element(
-    data: bytes, offset: int, explicit: bool, depth: int = 1
-) -> tuple[int, memoryview | None]:
-    """Skip one element at ``offset``: (next offset, its value or None for a sequence)."""
-    vr = b""
-    if explicit:
-        vr = data[offset + 4 : offset + 6]
-        if not vr.isalpha():
-            raise ValueError("not an explicit VR")
-        if vr in _LONG_VRS:
-            length, start = int.from_bytes(data[offset + 8 : offset + 12], "little"), offset + 12
-        else:
-            length, start = int.from_bytes(data[offset + 6 : offset + 8], "little"), offset + 8
-    else:
-        length, start = int.from_bytes(data[offset + 4 : offset + 8], "little"), offset + 8
-    if length == 0xFFFFFFFF:  # a sequence of undefined length: walk its items
-        return _skip_items(data, start, explicit and vr != b"UN", depth + 1), None
-    if start + length > len(data):
-        raise ValueError("element overruns the data")
-    return start + length, memoryview(data)[start : start + length]
-
-
-def _skip_items(data: bytes, offset: int, explicit: bool, depth: int = 1) -> int:
-    if depth > MAX_NESTING:
-        raise _TooDeep(f"sequences nested deeper than {MAX_NESTING} levels")
-    while True:
-        tag, length = _item_header(data, offset)
-        offset += 8
-        if tag == _SEQUENCE_END:
-            return offset
-        if tag != _ITEM:
-            raise ValueError("not an item")
-        if length != 0xFFFFFFFF:
-            offset += length
-            continue
-        while True:  # an item of undefined length: its elements, then the item delimiter
-            tag, _ = _item_header(data, offset)
-            if tag == _ITEM_END:
-                offset += 8
-                break
-            offset, _ = _element(data, offset, explicit, depth)
-
-
-def _item_header(data: bytes, offset: int) -> tuple[int, int]:
-    if offset + 8 > len(data):
-        raise IndexError("truncated item")
-    group = int.from_bytes(data[offset : offset + 2], "little")
-    element = int.from_bytes(data[offset + 2 : offset + 4], "little")
-    return group << 16 | element, int.from_bytes(data[offset + 4 : offset + 8], "little")
+    return study, series
 
 
 def _meta_identity(data: bytes) -> tuple[str, str]:
     """(SOP instance UID, source AE title) from a Part 10 file's meta information."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
-    fp = io.BytesIO(data)
-    read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
-    return str(meta.MediaStorageSOPInstanceUID), str(meta.get("SourceApplicationEntityTitle", ""))
+    meta = binary.parse_meta(data)
+    instance = meta.get(binary.MEDIA_SOP_INSTANCE_TAG)
+    if instance is None:
+        raise ValueError("no MediaStorageSOPInstanceUID in the file meta information")
+    source = meta.get(binary.SOURCE_AE_TAG, (b"", b""))
+    return (
+        instance[1].decode("ascii").strip("\x00 "),
+        source[1].decode("ascii", "replace").strip("\x00 "),
+    )
 
 
 def write_durably(path: Path, data: bytes, sync: bool = True) -> None:

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shiftguard.dicom import binary
+
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -222,11 +224,7 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
     endian, so that the received dataset bytes appended to it make a Part 10 file."""
 
     def element(number: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":
-            return (
-                struct.pack("<HH", 2, number) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
-            )
-        return struct.pack("<HH", 2, number) + vr + struct.pack("<H", len(value)) + value
+        return binary.explicit_element(0x00020000 | number, vr, value)
 
     group = b"".join(
         [

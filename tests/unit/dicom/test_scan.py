@@ -11,24 +11,24 @@ import pytest
 from pydicom.data import get_testdata_files
 from pydicom.uid import ExplicitVRLittleEndian
 
-from shiftguard.dicom import _lean
+from shiftguard.dicom import binary
 from shiftguard.dicom.errors import UnreadableFileError
 from shiftguard.dicom.scan import _read_with_pydicom, iter_files, read_headers, scan_files
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset, slice_positions
 
-# The lean reader and the pydicom fallback must agree on everything but where the pixels are.
+# The walker and the pydicom fallback must agree on everything but where the pixels are.
 _LOCATION_FIELDS = {"pixel_offset", "pixel_length"}
 
 
-def _lean_parsed(path: str) -> bool:
+def _walked(path: str) -> bool:
     try:
-        lean = _lean.read_lean(path)
-    except (_lean.NeedsFallback, _lean.Truncated):
+        lean = binary.read_header(path)
+    except (binary.NeedsFallback, binary.Truncated):
         return False
     return 0x52009230 not in lean.elements and lean.pixel_offset >= 0
 
 
-_BUNDLED = sorted(p for p in get_testdata_files() if "dicomdirtests" not in p and _lean_parsed(p))
+_BUNDLED = sorted(p for p in get_testdata_files() if "dicomdirtests" not in p and _walked(p))
 
 
 @pytest.mark.parametrize("path", _BUNDLED, ids=[Path(p).name for p in _BUNDLED])
@@ -48,7 +48,7 @@ def test_lean_reader_agrees_with_pydicom_on_bundled_files(path: str) -> None:
 
 
 def test_bundled_set_is_not_trivially_small() -> None:
-    # The agreement test above is only meaningful when the lean reader handles many real files.
+    # The agreement test above is only meaningful when the walker handles many real files.
     assert len(_BUNDLED) >= 30
 
 

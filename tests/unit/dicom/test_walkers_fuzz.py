@@ -1,8 +1,8 @@
 """Seeded, bounded fuzzing of the three hand-written DICOM byte walkers: the lean header reader
-(:mod:`shiftguard.dicom._lean`), the receive path's UID scan
+(:mod:`shiftguard.dicom.binary`), the receive path's UID scan
 (:func:`shiftguard.edge.receiver.scan_uids`) and the encapsulated Pixel Data splitter
 (``shiftguard.dicom.pixels._fragments``), plus :func:`~shiftguard.dicom.scan.read_headers` over
-the lean reader and its pydicom fallback.
+the walker and its pydicom fallback.
 
 Inputs are valid files broken on purpose (``tests/fuzz_targets.py``); each walker must return a
 result consistent with the bytes or raise only its documented errors. ``scripts/fuzz_campaign.py``
@@ -18,9 +18,9 @@ import pytest
 from fuzz_targets import (
     DICOM_SEEDS,
     check_fragments,
-    check_lean_parse,
+    check_parse_header,
+    check_read_header,
     check_read_headers,
-    check_read_lean,
     check_scan_uids,
     delimiter,
     dicom_files,
@@ -35,7 +35,7 @@ from fuzz_targets import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shiftguard.dicom import _lean
+from shiftguard.dicom import binary
 from shiftguard.dicom.errors import UnreadableFileError
 from shiftguard.dicom.scan import read_headers
 from shiftguard.edge.receiver import scan_uids
@@ -45,15 +45,15 @@ FILES = dicom_files((*DICOM_SEEDS, pydicom_seed()))
 
 @fuzz(500)
 @given(FILES)
-def test_lean_parse_returns_a_header_or_a_documented_error(data: bytes) -> None:
-    check_lean_parse(data)
+def test_parse_header_returns_a_header_or_a_documented_error(data: bytes) -> None:
+    check_parse_header(data)
 
 
-def test_read_lean_rereads_to_the_same_header_or_a_documented_error(tmp_path: Path) -> None:
+def test_read_header_rereads_to_the_same_header_or_a_documented_error(tmp_path: Path) -> None:
     @fuzz(200)
     @given(FILES, st.integers(132, 2048))
     def run(data: bytes, first_read: int) -> None:
-        check_read_lean(data, tmp_path / "f.dcm", first_read)
+        check_read_header(data, tmp_path / "f.dcm", first_read)
 
     run()
 
@@ -94,11 +94,11 @@ UIDS = element(0x0020000D, "UI", b"1.2\0") + element(0x0020000E, "UI", b"1.3\0")
 
 @pytest.mark.parametrize("explicit", [True, False])
 def test_deeply_nested_sequences_do_not_exhaust_the_stack(tmp_path: Path, explicit: bool) -> None:
-    ts = _lean.EXPLICIT_VR_LE if explicit else _lean.IMPLICIT_VR_LE
+    ts = binary.EXPLICIT_VR_LE if explicit else binary.IMPLICIT_VR_LE
     data = file_meta(ts) + _nested(2000, explicit) + (UIDS if explicit else b"")
-    # the lean reader declines (pydicom decides), it does not overflow the stack
-    with pytest.raises(_lean.NeedsFallback, match="nested"):
-        _lean._parse(data, len(data))
+    # the walker declines (pydicom decides), it does not overflow the stack
+    with pytest.raises(binary.NeedsFallback, match="nested"):
+        binary.parse_header(data)
     assert scan_uids(data) is None  # the receive path falls back to pydicom
     path = tmp_path / "deep.dcm"
     path.write_bytes(data)
@@ -107,9 +107,9 @@ def test_deeply_nested_sequences_do_not_exhaust_the_stack(tmp_path: Path, explic
 
 
 def test_moderate_nesting_is_still_walked() -> None:
-    data = file_meta(_lean.EXPLICIT_VR_LE) + _nested(50, True) + UIDS
+    data = file_meta(binary.EXPLICIT_VR_LE) + _nested(50, True) + UIDS
     assert scan_uids(data) == ("1.2", "1.3")
-    assert _lean._parse(data, len(data)).elements[0x0020000D][1] == b"1.2\0"
+    assert binary.parse_header(data).elements[0x0020000D][1] == b"1.2\0"
 
 
 def test_a_meta_group_length_past_the_end_does_not_hang() -> None:
@@ -133,7 +133,7 @@ def check_uids_with_pydicom(data: bytes) -> tuple[str, str]:
 
 
 def test_a_value_pydicom_cannot_convert_is_an_unreadable_file(tmp_path: Path) -> None:
-    # an explicit VR data set whose ImageType has the VR b"C\0": the lean reader declines it,
+    # an explicit VR data set whose ImageType has the VR b"C\0": the walker declines it,
     # pydicom reads it and fails only when the value is converted
     data = element(0x00080005, "CS", b"ISO_IR 100") + b"\x08\x00\x08\x00C\x00\x02\x00AB"
     path = tmp_path / "bad-vr.dcm"
@@ -145,7 +145,7 @@ def test_a_value_pydicom_cannot_convert_is_an_unreadable_file(tmp_path: Path) ->
 def test_a_character_set_with_a_nul_inside_is_decoded_as_an_unknown_one(tmp_path: Path) -> None:
     dataset = image_dataset(True).replace(b"ISO_IR 100", b"IS\0\0IR 100")
     path = tmp_path / "nul-charset.dcm"
-    path.write_bytes(file_meta(_lean.EXPLICIT_VR_LE) + dataset)
+    path.write_bytes(file_meta(binary.EXPLICIT_VR_LE) + dataset)
     (header,) = read_headers(path)
     assert header.manufacturer == "ACME"
 
@@ -154,9 +154,9 @@ def test_a_character_set_with_a_nul_inside_is_decoded_as_an_unknown_one(tmp_path
 def test_rows_that_are_not_a_number_are_a_bad_value(tmp_path: Path, fallback: bool) -> None:
     rows = element(0x00280010, "US", struct.pack("<H", 4))
     dataset = image_dataset(True).replace(rows, element(0x00280010, "IS", b"ab"))
-    if fallback:  # nested deeper than the lean reader follows: pydicom reads it
-        dataset = _nested(_lean.MAX_NESTING + 1, True) + dataset
+    if fallback:  # nested deeper than the walker follows: pydicom reads it
+        dataset = _nested(binary.MAX_NESTING + 1, True) + dataset
     path = tmp_path / "rows.dcm"
-    path.write_bytes(file_meta(_lean.EXPLICIT_VR_LE) + dataset)
+    path.write_bytes(file_meta(binary.EXPLICIT_VR_LE) + dataset)
     with pytest.raises(UnreadableFileError, match=r"Rows \(0028,0010\) holds 'ab'"):
         read_headers(path)

@@ -11,7 +11,8 @@ Threads, all sharing one :class:`~shiftguard.edge.queue.WorkQueue`:
   ``challenger_fraction`` of studies :func:`sampled` picks), whose results go to the shadow log;
 * one sender per destination: C-STOREs its due objects over one association per batch, retrying
   with exponential backoff, so a destination that is down delays only itself;
-* an HTTP endpoint (loopback by default): ``/healthz`` and ``/metrics`` (Prometheus text format).
+* an HTTP endpoint (:class:`~shiftguard.endpoint.Endpoint`, loopback by default): ``/healthz`` and
+  ``/metrics`` (``prometheus_client``: latency histograms, counters, queue and spool gauges).
 
 Shadow mode: nothing goes to a ``clinical`` destination; results stay in the shadow log and go to
 ``research`` destinations only. The challenger's results never go anywhere clinical.
@@ -20,17 +21,18 @@ Shadow mode: nothing goes to a ``clinical`` destination; results stay in the sha
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from shiftguard.config.errors import ConfigError
 from shiftguard.edge.bundle import SUFFIX, BundleError, open_bundle
@@ -39,6 +41,7 @@ from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
 from shiftguard.edge.shipper import Shipper, Spool
 from shiftguard.edge.signing import Trust
+from shiftguard.endpoint import Endpoint
 from shiftguard.errors import listening
 from shiftguard.records.features import make_record
 
@@ -50,6 +53,14 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 #: latency histogram buckets, seconds
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: the service's own counters (``shiftguard_edge_<name>_total``)
+COUNTERS = {
+    "processed": "Studies the champion processed",
+    "failed": "Studies that failed (moved to the failed queue)",
+    "challenger_failed": "Studies the challenger failed on (the champion's result stands)",
+    "sent": "Result objects delivered to a destination",
+    "send_failures": "Failed sends (each retried with backoff)",
+}
 
 
 @dataclass(frozen=True)
@@ -224,32 +235,34 @@ def settings_from_config(cfg: Any) -> ServiceSettings:
     )
 
 
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count) for one label set."""
+class _ScrapeFigures:
+    """Figures read when ``/metrics`` is scraped: the receiver's counters, the work queue and the
+    drift record spool."""
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
-        self.n = 0
-        self.lock = threading.Lock()
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
-    def observe(self, seconds: float) -> None:
-        with self.lock:
-            i = next((k for k, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))
-            self.counts[i] += 1
-            self.total += seconds
-            self.n += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        with self.lock:
-            out, running = [], 0
-            for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
-                running += count
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                out.append(f'{name}_bucket{{{labels},le="{le}"}} {running}')
-            out.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
-            out.append(f"{name}_count{{{labels}}} {self.n}")
-            return out
+    def collect(self) -> Iterator[Metric]:
+        stats = self.service.receiver.stats
+        for name, value, text in (
+            ("received", stats.received, "Instances received and queued"),
+            ("received_bytes", stats.bytes, "Bytes of the instances received"),
+            ("rejected", stats.rejected, "Instances refused (unusable UIDs, disk full, ...)"),
+            ("refused_associations", stats.refused_associations, "Associations refused"),
+        ):
+            yield CounterMetricFamily(f"shiftguard_edge_{name}", text, value=value)
+        queue = GaugeMetricFamily(
+            "shiftguard_edge_queue", "Work queue items by state", labels=["item"]
+        )
+        for name, value in sorted(self.service.queue.counts().items()):
+            queue.add_metric([name], value)
+        yield queue
+        spool = GaugeMetricFamily(
+            "shiftguard_edge_drift_records", "Drift records in the spool by state", labels=["state"]
+        )
+        for name, value in sorted(self.service.spool.counts().items()):
+            spool.add_metric([name], value)
+        yield spool
 
 
 class Service:
@@ -279,19 +292,30 @@ class Service:
                 "could not tell their results apart: give a different bundle or none"
             )
         self.receiver = Receiver(settings.receiver, self.queue, self.inbox, on_ready=self._wake)
-        self.latency = {stage: Histogram() for stage in ("predict", "deliver", "ready_to_sent")}
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "shiftguard_edge_latency_seconds",
+            "Seconds per study: predict (both result objects written), deliver (one send), "
+            "ready_to_sent (association released to the last result acknowledged)",
+            ["stage"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        for stage in ("predict", "deliver", "ready_to_sent"):
+            self.latency.labels(stage)
         self.counters = {
-            "processed": 0, "failed": 0, "challenger_failed": 0, "sent": 0, "send_failures": 0,
-        }  # fmt: skip
+            name: Counter(f"shiftguard_edge_{name}", text, registry=self.registry)
+            for name, text in COUNTERS.items()
+        }
         self._ready_at: dict[str, float] = {}
-        self._counter_lock = threading.Lock()
         self._stop = threading.Event()
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._http: ThreadingHTTPServer | None = None
+        self._http: Endpoint | None = None
         # drift monitoring: a PHI-free record per series, spooled, shipped when a collector is set
 
         self.spool = Spool(root / "spool.db")
+        self.registry.register(_ScrapeFigures(self))
         self.shipper: Shipper | None = None
         self.record_key = load_record_key(settings.record_key or root / RECORD_KEY)
         if settings.collector_url:
@@ -309,8 +333,7 @@ class Service:
     # ---------------------------------------------------------------------------------------------
 
     def _count(self, name: str, n: int = 1) -> None:
-        with self._counter_lock:
-            self.counters[name] += n
+        self.counters[name].inc(n)
 
     def _wake(self, studies: Sequence[str] = ()) -> None:
         """Note when each study's association was released (for the latency histogram); the
@@ -353,7 +376,7 @@ class Service:
         self.queue.finish_study(study_uid, deliveries, results, note=note, revision=revision)
         if not deliveries:  # nothing will be sent (shadow mode, or nothing selected)
             self._ready_at.pop(study_uid, None)
-        self.latency["predict"].observe(time.monotonic() - began)
+        self.latency.labels("predict").observe(time.monotonic() - began)
         self._count("processed")
         if note:
             log.info("study %s: %s", study_uid, note)
@@ -470,10 +493,10 @@ class Service:
                     if ok:
                         self.queue.delivered(d.id)
                         self._count("sent")
-                        self.latency["deliver"].observe(time.monotonic() - began)
+                        self.latency.labels("deliver").observe(time.monotonic() - began)
                         ready = self._ready_at.pop(d.study_uid, None)
                         if ready is not None:
-                            self.latency["ready_to_sent"].observe(time.monotonic() - ready)
+                            self.latency.labels("ready_to_sent").observe(time.monotonic() - ready)
                     else:
                         self._backoff(d, error)
                         if not assoc.is_established:
@@ -497,72 +520,42 @@ class Service:
     # ---------------------------------------------------------------------------------------------
 
     def metrics_text(self) -> str:
-        lines = []
-        for stage, hist in self.latency.items():
-            lines += hist.lines("shiftguard_edge_latency_seconds", f'stage="{stage}"')
-        with self._counter_lock:
-            for name, value in self.counters.items():
-                lines.append(f"shiftguard_edge_{name}_total {value}")
-        stats = self.receiver.stats
-        lines += [
-            f"shiftguard_edge_received_total {stats.received}",
-            f"shiftguard_edge_received_bytes_total {stats.bytes}",
-            f"shiftguard_edge_rejected_total {stats.rejected}",
-            f"shiftguard_edge_refused_associations_total {stats.refused_associations}",
-        ]
-        for name, value in sorted(self.queue.counts().items()):
-            lines.append(f'shiftguard_edge_queue{{item="{name}"}} {value}')
-        for name, value in sorted(self.spool.counts().items()):
-            lines.append(f'shiftguard_edge_drift_records{{state="{name}"}} {value}')
-        return "\n".join(lines) + "\n"
+        """What ``/metrics`` serves: Prometheus' text format."""
+        return generate_latest(self.registry).decode()
 
-    def _http_server(self) -> ThreadingHTTPServer:
-        """The /healthz and /metrics server, bound (not yet serving)."""
-        service = self
+    def count(self, name: str) -> int:
+        """One of the service's counters (:data:`COUNTERS`), as ``/metrics`` shows it."""
+        return int(self.registry.get_sample_value(f"shiftguard_edge_{name}_total") or 0)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/healthz":
-                    body = json.dumps({"status": "ok", **service.queue.counts()}).encode()
-                    kind = "application/json"
-                elif self.path == "/metrics":
-                    body, kind = service.metrics_text().encode(), "text/plain; version=0.0.4"
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        with listening(self.settings.http_host, self.settings.http_port, "edge.http_port"):
-            return ThreadingHTTPServer((self.settings.http_host, self.settings.http_port), Handler)
-
-    def _serve_http(self) -> None:
-        assert self._http is not None
-        self._http.serve_forever(poll_interval=0.2)
+    def health(self) -> dict[str, int]:
+        """What ``/healthz`` serves: the work queue's counts."""
+        return self.queue.counts()
 
     @property
     def http_port(self) -> int:
-        return self._http.server_address[1] if self._http is not None else self.settings.http_port
+        return self._http.port if self._http is not None else self.settings.http_port
 
     def start(self) -> None:
         recovered = self.queue.recover()
         if recovered:
             log.info("resuming %d studies interrupted by the last shutdown", recovered)
-        self._http = self._http_server()
+        self._http = Endpoint(
+            self.settings.http_host,
+            self.settings.http_port,
+            "edge.http_port",
+            health=self.health,
+            registry=self.registry,
+            name="edge",
+        )
         try:
             with listening(self.settings.receiver.host, self.settings.receiver.port, "edge.port"):
                 self.receiver.start()
         except BaseException:
-            self._http.server_close()
+            self._http.stop()
             self._http = None
             raise
-        targets = [self._stability, self._serve_http] + [self._worker] * self.settings.workers
+        self._http.start()
+        targets = [self._stability] + [self._worker] * self.settings.workers
         self._threads = [threading.Thread(target=t, daemon=True) for t in targets]
         self._threads += [
             threading.Thread(target=self._sender, args=(d,), daemon=True)
@@ -579,8 +572,7 @@ class Service:
         self._work.set()
         self.receiver.stop()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
         for thread in self._threads:
             thread.join(timeout=10)
         if self.shipper is not None:

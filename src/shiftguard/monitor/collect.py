@@ -5,12 +5,14 @@ holds is :mod:`shiftguard.records.features`, what the collector accepts
 :mod:`shiftguard.records.contract`.
 
 * :class:`Collector`: ``POST /v1/records`` validates the whole batch and stores all of it or
-  nothing, answering 200 only after the commit; ``GET /healthz`` needs no token.
+  nothing, answering 200 only after the commit; ``GET /healthz`` and ``GET /metrics`` (batches
+  and records by outcome, records per site) need no token. It serves through
+  :class:`~shiftguard.endpoint.Endpoint`, like the edge service.
 * :class:`RecordStore`: one SQLite table, a column per envelope field and feature, unique on
   ``record_id``, so a batch sent twice (a lost answer, a re-processed series) is counted as
   duplicates and stored once; :meth:`RecordStore.frame` gives the records in arrival order.
 
-Standard library only, except :meth:`RecordStore.frame` (pandas, imported there).
+No pandas except in :meth:`RecordStore.frame` (imported there).
 
 A round trip on the loopback interface (the collector on a free port):
 
@@ -41,18 +43,16 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import ssl
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from shiftguard.errors import listening
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+
+from shiftguard.endpoint import Endpoint, HttpError, Request
 from shiftguard.records.contract import (
-    HEALTH_ROUTE,
     NUMERICAL,
     RECORDS_ROUTE,
     check_records,
@@ -66,6 +66,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="shiftguard-collector"'}
 
 
 def _quote(name: str) -> str:
@@ -183,43 +185,10 @@ class RecordStore(Database):
         """The sites that reported, sorted."""
         return [str(s) for (s,) in self.query("SELECT DISTINCT site FROM records ORDER BY site")]
 
-
-class _RefusedError(Exception):
-    """An HTTP error answer: status, message and extra JSON fields."""
-
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
-
-
-class _Server(ThreadingHTTPServer):
-    """The collector's HTTP server; with a TLS context, each connection's handshake runs in its
-    own thread (bounded by the read timeout), so a slow or failing client delays nobody."""
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
-        tls: ssl.SSLContext | None,
-        timeout_s: float,
-    ) -> None:
-        self.tls, self.timeout_s = tls, timeout_s
-        super().__init__(address, handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.tls is None:
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(self.timeout_s)
-        try:
-            wrapped = self.tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:  # plain HTTP, no client certificate, a scanner
-            log.warning("collector: TLS handshake with %s failed: %s", client_address[0], exc)
-            return
-        try:
-            super().finish_request(wrapped, client_address)
-        finally:
-            wrapped.close()
+    def counts_by_site(self) -> dict[str, int]:
+        """Records stored per site."""
+        rows = self.query("SELECT site, COUNT(*) FROM records GROUP BY site ORDER BY site")
+        return {str(site): int(n) for site, n in rows}
 
 
 class Collector:
@@ -263,13 +232,28 @@ class Collector:
         self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
         self.read_timeout_s = read_timeout_s
         self._tls = server_context(tls_cert, tls_key, tls_ca) if tls_cert else None
-        self._http: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._endpoint: Endpoint | None = None
+        self.registry = CollectorRegistry()
+        self._batches = Counter(
+            "shiftguard_collector_batches", "Record batches answered, by outcome", ["outcome"],
+            registry=self.registry,
+        )  # fmt: skip
+        self._records = Counter(
+            "shiftguard_collector_records_received",
+            "Records in accepted batches: stored, or already stored (duplicates)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("accepted", "refused"):
+            self._batches.labels(outcome)
+        for outcome in ("stored", "duplicate"):
+            self._records.labels(outcome)
+        self.registry.register(_StoreFigures(self.store))
 
     @property
     def port(self) -> int:
         """The port listened on (the one picked when constructed with ``port=0``)."""
-        return int(self._http.server_address[1]) if self._http is not None else self._port
+        return self._endpoint.port if self._endpoint is not None else self._port
 
     @property
     def url(self) -> str:
@@ -279,63 +263,75 @@ class Collector:
 
     def start(self) -> None:
         """Bind the port and serve from a background thread; returns when requests are taken."""
-        if self._http is not None:
+        if self._endpoint is not None:
             return
-        with listening(self.host, self._port, "monitor.collector.port"):
-            self._http = _Server(
-                (self.host, self._port), self._handler(), self._tls, self.read_timeout_s
-            )
-        self._thread = threading.Thread(
-            target=self._http.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="shiftguard-collector",
-            daemon=True,
+        self._endpoint = Endpoint(
+            self.host,
+            self._port,
+            "monitor.collector.port",
+            health=lambda: {"records": self.store.count()},
+            registry=self.registry,
+            routes={("POST", RECORDS_ROUTE): self._post_records},
+            tls=self._tls,
+            read_timeout_s=self.read_timeout_s,
+            max_body_bytes=self.max_body_bytes,
+            name="collector",
         )
-        self._thread.start()
+        self._endpoint.start()
         log.debug("collector: listening on %s", self.url)
 
     def stop(self) -> None:
         """Stop serving (the port is freed) and close the store if the collector opened it."""
-        if self._http is not None:
-            self._port = self.port
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._endpoint is not None:
+            self._port = self._endpoint.port
+            self._endpoint.stop()
+            self._endpoint = None
         if self._owns_store:
             self.store.close()
 
     # ---------------------------------------------------------------------------------------------
 
+    def _post_records(self, request: Request) -> dict[str, Any]:
+        """``POST /v1/records``: the token, then the whole batch stored, or nothing."""
+        try:
+            self._authorized(request.headers.get("Authorization"))
+            answer = self._accept(request.body())
+        except HttpError:
+            self._batches.labels("refused").inc()
+            raise
+        self._batches.labels("accepted").inc()
+        self._records.labels("stored").inc(answer["accepted"])
+        self._records.labels("duplicate").inc(answer["duplicates"])
+        log.debug("collector: %s from %s", answer, request.address)
+        return answer
+
     def _authorized(self, header: str | None) -> None:
         if not header:
-            raise _RefusedError(401, "missing token: send 'Authorization: Bearer <token>'")
+            raise HttpError(401, "missing token: send 'Authorization: Bearer <token>'", _CHALLENGE)
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), self._token
         ):
-            raise _RefusedError(401, "invalid token: check the site's collector token")
+            raise HttpError(401, "invalid token: check the site's collector token", _CHALLENGE)
 
     def _accept(self, body: bytes) -> dict[str, Any]:
-        """Validate and store one request body; the 200 answer or a :class:`_RefusedError`."""
+        """Validate and store one request body; the 200 answer or a :class:`HttpError`."""
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
-            raise _RefusedError(400, f"the body is not JSON: {exc}") from exc
+            raise HttpError(400, f"the body is not JSON: {exc}") from exc
         records = payload.get("records") if isinstance(payload, dict) else None
         if not isinstance(records, list):
-            raise _RefusedError(400, 'expected a JSON object {"records": [...]}')
+            raise HttpError(400, 'expected a JSON object {"records": [...]}')
         if len(records) > self.max_batch:
-            raise _RefusedError(
+            raise HttpError(
                 413,
                 f"{len(records)} records in one batch; this collector takes at most "
                 f"{self.max_batch}, send smaller batches",
             )
         problems = {str(i): p for i, r in enumerate(records) if (p := validate_record(r))}
         if problems:
-            raise _RefusedError(
+            raise HttpError(
                 400,
                 f"{len(problems)} of {len(records)} records are invalid; nothing from this "
                 "batch was stored, send the others again",
@@ -344,114 +340,17 @@ class Collector:
         accepted, duplicates = self.store.insert(records)
         return {"accepted": accepted, "duplicates": duplicates}
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        collector = self
 
-        class Handler(BaseHTTPRequestHandler):
-            timeout = collector.read_timeout_s
-            server_version = "shiftguard-collector"
+class _StoreFigures:
+    """Scrape-time figures of the record store: records per site."""
 
-            def do_GET(self) -> None:
-                if urlsplit(self.path).path != HEALTH_ROUTE:
-                    self._reply(404, {"error": f"no such route: GET {self.path}"})
-                    return
-                try:
-                    self._reply(200, {"status": "ok", "records": collector.store.count()})
-                except Exception as exc:
-                    log.exception("collector: health check failed")
-                    self._reply(503, {"status": "error", "error": str(exc)})
+    def __init__(self, store: RecordStore) -> None:
+        self.store = store
 
-            def do_POST(self) -> None:
-                try:
-                    if urlsplit(self.path).path != RECORDS_ROUTE:
-                        self._drain()
-                        raise _RefusedError(404, f"no such route: POST {self.path}")
-                    try:
-                        collector._authorized(self.headers.get("Authorization"))
-                    except _RefusedError:
-                        self._drain()
-                        raise
-                    answer = collector._accept(self._body())
-                except _RefusedError as refusal:
-                    log.warning(
-                        "collector: %d to %s: %s", refusal.status, self.address_string(), refusal
-                    )
-                    self._reply(refusal.status, {"error": refusal.message, **refusal.extra})
-                    return
-                except Exception as exc:  # a bug or a failing disk: nothing was committed
-                    log.exception("collector: cannot store a batch")
-                    self._reply(500, {"error": f"the collector could not store the batch: {exc}"})
-                    return
-                log.debug("collector: %s from %s", answer, self.address_string())
-                self._reply(200, answer)
-
-            def do_PUT(self) -> None:
-                self._not_found()
-
-            def do_DELETE(self) -> None:
-                self._not_found()
-
-            def do_PATCH(self) -> None:
-                self._not_found()
-
-            def _not_found(self) -> None:
-                self._drain()
-                self._reply(404, {"error": f"no such route: {self.command} {self.path}"})
-
-            def _length(self) -> int:
-                if self.headers.get("Transfer-Encoding"):
-                    raise _RefusedError(
-                        411, "chunked bodies are not supported; send Content-Length"
-                    )
-                try:
-                    length = int(self.headers.get("Content-Length", ""))
-                except ValueError:
-                    raise _RefusedError(411, "missing or invalid Content-Length") from None
-                if length < 0:
-                    raise _RefusedError(400, f"invalid Content-Length {length}")
-                return length
-
-            def _body(self) -> bytes:
-                length = self._length()
-                if length > collector.max_body_bytes:
-                    self._drain(length)
-                    raise _RefusedError(
-                        413,
-                        f"the body has {length} bytes; this collector takes at most "
-                        f"{collector.max_body_bytes}, send smaller batches",
-                    )
-                body = self.rfile.read(length)
-                if len(body) < length:
-                    raise _RefusedError(400, f"the body ended after {len(body)} of {length} bytes")
-                return body
-
-            def _drain(self, length: int | None = None) -> None:
-                """Read a body that is refused, so the client reads the answer instead of a reset
-                connection (beyond 4 x max_body_bytes the connection is just closed)."""
-                try:
-                    left = self._length() if length is None else length
-                except _RefusedError:
-                    return
-                if left > 4 * collector.max_body_bytes:
-                    return
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 1 << 16))
-                    if not chunk:
-                        return
-                    left -= len(chunk)
-
-            def _reply(self, status: int, payload: Mapping[str, Any]) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                if status == 401:
-                    self.send_header("WWW-Authenticate", 'Bearer realm="shiftguard-collector"')
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("collector: %s " + format, self.address_string(), *args)
-
-        return Handler
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "shiftguard_collector_records", "Records stored, by site", labels=["site"]
+        )
+        for site, count in self.store.counts_by_site().items():
+            family.add_metric([site], count)
+        yield family

@@ -14,6 +14,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shiftguard.edge.bundle import BundleError
 from shiftguard.edge.queue import DONE
@@ -70,7 +71,7 @@ def test_a_study_in_gives_an_sr_and_a_key_image_in_the_pacs(
         uid = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
         _send(service.receiver.port, study)
         _wait(lambda: len(orthanc.get("/instances")) == 2)
-        _wait(lambda: service.counters["sent"] == 2)  # Orthanc lists them before we hear back
+        _wait(lambda: service.count("sent") == 2)  # Orthanc lists them before we hear back
         classes = sorted(
             orthanc.get(f"/instances/{i}/simplified-tags")["SOPClassUID"]
             for i in orthanc.get("/instances")
@@ -83,8 +84,11 @@ def test_a_study_in_gives_an_sr_and_a_key_image_in_the_pacs(
         assert service.queue.study_state(uid) == DONE
         with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/metrics") as r:
             metrics = r.read().decode()
-        assert "shiftguard_edge_sent_total 2" in metrics
-        assert 'shiftguard_edge_latency_seconds_count{stage="ready_to_sent"} 1' in metrics
+        figures = samples(metrics)
+        assert figures["shiftguard_edge_sent_total", ()] == 2
+        assert figures["shiftguard_edge_latency_seconds_count", (("stage", "ready_to_sent"),)] == 1
+        assert figures["shiftguard_edge_received_total", ()] >= 1
+        assert figures["shiftguard_edge_queue", (("item", f"studies_{DONE}"),)] == 1
         with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/healthz") as r:
             assert json.loads(r.read())["status"] == "ok"
     finally:
@@ -168,8 +172,8 @@ def test_a_failing_challenger_costs_the_champion_nothing(
         study = sorted(next(cohort.iterdir()).iterdir())[0]
         uid = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
         _send(service.receiver.port, study)
-        _wait(lambda: service.counters["challenger_failed"] == 1)
-        _wait(lambda: service.counters["sent"] == 2)  # the champion's SR and key image
+        _wait(lambda: service.count("challenger_failed") == 1)
+        _wait(lambda: service.count("sent") == 2)  # the champion's SR and key image
         assert service.queue.study_state(uid) == DONE
         assert [r["role"] for r in service.queue.shadow_log()] == ["champion"]
         assert orthanc.studies() == {uid: 2}
@@ -194,7 +198,7 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_when_it_returns(
     try:
         study = sorted(next(cohort.iterdir()).iterdir())[0]
         _send(service.receiver.port, study)
-        _wait(lambda: service.counters["send_failures"] >= 2)
+        _wait(lambda: service.count("send_failures") >= 2)
         assert service.queue.counts().get("deliveries_pending") == 2
         orthanc.start()
         _wait(lambda: service.queue.counts().get("deliveries_sent") == 2)
@@ -379,7 +383,11 @@ def test_a_site_runs_the_service_from_a_site_file_without_the_project(
     try:
         _wait(lambda: _healthy(http), timeout=120)
         _send(port, sorted(next(cohort.iterdir()).iterdir())[0])
-        _wait(lambda: b"shiftguard_edge_processed_total 1" in _metrics(http))
+        _wait(
+            lambda: (
+                samples(_metrics(http).decode()).get(("shiftguard_edge_processed_total", ())) == 1
+            )
+        )
         assert (site / "edge-data" / "queue.db").is_file()  # storage relative to the site folder
     finally:
         proc.terminate()
@@ -437,3 +445,13 @@ def test_drift_records_reach_the_collector_and_carry_no_identifier(
     assert not [v for v in leaked if v in text]
     assert not re.search(r"\d+\.\d+\.\d+\.\d+\.\d+", text)  # nothing shaped like a UID
     assert not re.search(r"(19|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])", text)  # no DA
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, parsed by prometheus_client's own parser:
+    (name, sorted labels) -> value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -16,9 +16,7 @@ from pathlib import Path
 
 from shiftguard.config import DataConfig, ShadowConfig, load_section
 from shiftguard.data.identifiers import lab_copy_of_results, pseudonymizer
-from shiftguard.shadow.evaluate import jsonable
-from shiftguard.shadow.stage import evaluate_files
-from shiftguard.tracking import CHALLENGER, CHAMPION
+from shiftguard.shadow.stage import evaluate_files, stage_evaluation, stage_metrics
 from shiftguard.utils import run_stage, setup_logging, write_json
 
 BUNDLES = Path("artifacts/export")
@@ -38,37 +36,16 @@ def main() -> int:
             results, cfg, [DIAGNOSES], bundles=[BUNDLES], out=OUT,
             title="Shadow evaluation: the unseen scanner's studies",
         )  # fmt: skip
-    # the edge ran the exported bundle alone, in shadow mode: the challenger (see shadow.stage)
-    evaluated = result.evaluations.get(CHALLENGER) or result.evaluations.get(CHAMPION)
+    evaluated = stage_evaluation(result)
+    write_json(OUT / "metrics.json", stage_metrics(evaluated))
     if evaluated is None:  # the edge predicted nothing (the test suite's tiny cohort can do that)
-        write_json(OUT / "metrics.json", {"studies": 0, "judged": 0, "pending": 0, "flagged": [],
-                                          "segments_judged": 0, "segments_too_small": 0})  # fmt: skip
         print(f"shadow: no predictions in {RESULTS}; report {report}")
         return 0
-    overall = evaluated.overall
-    judged = not evaluated.segments.empty
-    segments = evaluated.segments
-    write_json(
-        OUT / "metrics.json",
-        {
-            "bundle": evaluated.bundle,
-            "studies": evaluated.n_predictions,
-            "judged": len(evaluated.joined),
-            "pending": evaluated.n_pending,
-            **{
-                f"{m}{s}": jsonable(overall.get(f"{m}{s}"))
-                for m in ("auroc", "sensitivity", "specificity")
-                for s in ("", "_low", "_high")
-            },
-            "segments_judged": int(segments["judgeable"].sum()) - 1 if judged else 0,
-            "segments_too_small": int((~segments["judgeable"]).sum()) if judged else 0,
-            "flagged": [f"{r.column}={r.segment}" for r in evaluated.flagged.itertuples()],
-        },
-    )
-    if judged:
+    if not evaluated.segments.empty:
         print(
             f"shadow: {len(evaluated.joined)} of {evaluated.n_predictions} studies verified, AUROC "
-            f"{overall['auroc']:.3f}, {len(evaluated.flagged)} segment(s) flagged; report {report}"
+            f"{evaluated.overall['auroc']:.3f}, {len(evaluated.flagged)} segment(s) flagged; "
+            f"report {report}"
         )
     else:  # the test suite's tiny cohort: too few verified studies of both classes
         print(

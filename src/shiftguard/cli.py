@@ -855,10 +855,10 @@ def _fetch(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
 
 def _shadow_fetch(args: argparse.Namespace) -> int:
     from shiftguard.config import ShadowConfig, compose_section
-    from shiftguard.shadow.pacs import write_jsonl
+    from shiftguard.shadow.diagnoses import write_diagnoses
 
     diagnoses, _, _ = _fetch(args, compose_section("shadow", ShadowConfig, args.overrides))
-    write_jsonl(diagnoses, args.out)
+    write_diagnoses(diagnoses, args.out)
     print(f"{len(diagnoses)} verified diagnoses -> {args.out}")
     return 0
 

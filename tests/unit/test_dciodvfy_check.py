@@ -8,9 +8,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from dciodvfy_check import assert_dciodvfy_clean, dciodvfy, parse_output
+from report_sr import write_report_sr
 
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
-from shiftguard.shadow.pacs import write_report_sr
 
 needs_dciodvfy = pytest.mark.peers("dciodvfy")
 
@@ -29,7 +29,7 @@ def _old_check(output: str) -> list[str]:
 
 @pytest.fixture
 def report_sr(tmp_path: Path) -> Path:
-    """A report SR as ShiftGuard writes it."""
+    """A verified report SR as the tests write it (tests/report_sr.py)."""
     ds = make_datasets(SeriesSpec(rows=4, cols=4, n_slices=1, patient_id="P1"))[0]
     ds.StudyDate, ds.StudyID = "20240301", "1"
     image = pydicom.dcmread(save_dataset(ds, tmp_path / "image.dcm"))

@@ -10,6 +10,9 @@ are reported with their file and line number and left out; the rest are kept.
 Batches merge into one :class:`DiagnosisBook` whatever their number and order: for each study the
 latest signed report wins (ties broken by reader, then finding, so the result never depends on
 arrival order), and a study whose readers disagree is noted.
+
+:func:`write_diagnoses` writes diagnoses from elsewhere (the PACS's report SRs) as JSON lines that
+:func:`read_diagnoses` reads back.
 """
 
 from __future__ import annotations
@@ -111,6 +114,27 @@ def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, Any]]:
             yield reader.line_num, Problem("", "more fields than the header has")
             continue
         yield reader.line_num, row
+
+
+def write_diagnoses(diagnoses: Iterable[Diagnosis], path: Path | str) -> Path:
+    """Write diagnoses as JSON lines that :func:`read_diagnoses` reads back (keys ``study_uid``,
+    ``finding``, ``reader``, ``reported_at``, and ``source``, where the diagnosis came from)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps(
+            {
+                "study_uid": d.study_uid,
+                "finding": d.finding,
+                "reader": d.reader,
+                "reported_at": d.reported_at,
+                "source": d.source,
+            }
+        )
+        for d in diagnoses
+    ]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
 
 
 def _key(name: str) -> str:

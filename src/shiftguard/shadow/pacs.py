@@ -1,13 +1,12 @@
-"""Verified radiologist reports from the PACS itself: DICOM SR documents found by C-FIND and
-retrieved by C-MOVE (or C-GET), read into the same :class:`~shiftguard.shadow.diagnoses.Diagnosis`
-rows as the RIS exports.
+"""A PACS's address, and the verified radiologist reports it holds: DICOM SR documents found by
+C-FIND and retrieved by C-MOVE (or C-GET), each read by
+:func:`~shiftguard.shadow.sr.report_to_diagnosis` into the same
+:class:`~shiftguard.shadow.diagnoses.Diagnosis` rows as the RIS exports.
 
-A report counts when it is a structured report (SR) whose ``VerificationFlag`` is ``VERIFIED``:
-the reader is the verifying observer, the time is the verification time (in UTC), and the finding
-is a CODE content item *Finding* (DCM 121071) at the top level of the document whose value is
-*Present* (SCT 52101004) or *Absent* (SCT 2667000). Unverified SRs, such as ShiftGuard's own AI
-results, are skipped and counted; a verified SR that cannot be read is a :class:`Problem` naming its
-SOP Instance UID.
+Which SRs count (verified, with a Present or Absent *Finding*) is :mod:`shiftguard.shadow.sr`'s
+business: unverified SRs, such as ShiftGuard's own AI results, are skipped and counted; a verified
+SR that cannot be read is a :class:`~shiftguard.shadow.diagnoses.Problem` naming its SOP Instance
+UID.
 
 The query is standard (Study Root, hierarchical): a STUDY-level C-FIND (``ModalitiesInStudy`` SR,
 the ``since`` date range, the study UIDs asked for), then a SERIES-level C-FIND per study for its SR
@@ -17,7 +16,6 @@ the address and port where :func:`fetch_reports` listens.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import socket
@@ -25,69 +23,29 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime
 from typing import Any, Literal
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.coding import Code
-from pydicom.uid import (
-    ComprehensiveSRStorage,
-    ExplicitVRLittleEndian,
-    KeyObjectSelectionDocumentStorage,
-    generate_uid,
-)
+from pydicom.dataset import Dataset
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from shiftguard.dicom.uid import is_uid
 from shiftguard.errors import ShiftGuardError
-from shiftguard.shadow.diagnoses import Diagnosis, Problem, parse_time
+from shiftguard.shadow.diagnoses import Diagnosis, Problem
+from shiftguard.shadow.sr import NOT_VERIFIED, SR_CLASS_PREFIX, report_to_diagnosis
 
 logger = logging.getLogger(__name__)
 
-SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-#: series number of the reports written by :func:`write_report_sr`
-REPORT_SERIES_NUMBER = 9801
-NOT_VERIFIED = "not a verified report"
-
-REPORT_TITLE = Code("18748-4", "LN", "Diagnostic imaging report")
-FINDING = Code("121071", "DCM", "Finding")
-IMPRESSION = Code("121073", "DCM", "Impression")
-PRESENT = Code("52101004", "SCT", "Present")
-ABSENT = Code("2667000", "SCT", "Absent")
-#: (scheme, value) -> finding; SCT 272519000 "Absence findings" is what pydicom calls Absent
-FINDING_VALUES = {
-    ("SCT", "52101004"): 1,
-    ("SCT", "2667000"): 0,
-    ("SCT", "272519000"): 0,
-}
-
-#: patient and study attributes a report copies from an instance of its study (type 2 when empty)
-COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyID",
-)
-_TYPE3 = {"PatientAge"}
-
-_DT = re.compile(
-    r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?"
-    r"(?:\.(?P<f>\d{1,6}))?(?P<tz>[+-]\d{4})?$"
-)
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _PENDING = (0xFF00, 0xFF01)
 _FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 _MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # ... - MOVE
 _GET = "1.2.840.10008.5.1.4.1.2.2.3"  # ... - GET
 _CHUNK = 50  # study UIDs per C-FIND
+
+
+# ---------------------------------------------------------------------------------------------
+# the address
 
 
 class PacsError(ShiftGuardError):
@@ -154,294 +112,6 @@ def _check_ae(ae_title: str, where: str) -> None:
             f"{where}: AE title {ae_title!r} must be 1-16 printable ASCII characters, "
             "not all spaces, without a backslash"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# writing and reading a report
-
-
-def write_report_sr(
-    source: Dataset,
-    finding: int,
-    reader: str,
-    signed_at: str | datetime,
-    path: Path | str,
-    *,
-    text: str | None = None,
-    organization: str = "Radiology",
-) -> Dataset:
-    """Write a verified radiologist report (Comprehensive SR) for the study of ``source``.
-
-    The document is a new series in the study of ``source`` (patient and study attributes copied
-    from it, ``source`` listed as the evidence): a CONTAINER *Diagnostic imaging report* (LOINC
-    18748-4) holding the CODE item *Finding* (DCM 121071) = *Present* (SCT 52101004) or *Absent*
-    (SCT 2667000) and the TEXT item *Impression* (DCM 121073). It is COMPLETE and VERIFIED by
-    ``reader`` at ``signed_at``.
-
-    Args:
-        source: Any instance of the study reported on.
-        finding: 1 when the finding is present, 0 when absent.
-        reader: The verifying radiologist (a DICOM person name, e.g. ``Smith^Jane``).
-        signed_at: When the report was signed: ISO-8601 (any offset; none means UTC), a DICOM
-            date, or a ``datetime`` (naive means UTC).
-        path: The file to write (folders are created).
-        text: The impression; default a sentence naming the finding.
-        organization: The verifying organization.
-
-    Returns:
-        The written dataset.
-
-    Raises:
-        ValueError: ``finding`` is not 0 or 1, ``signed_at`` is not a time, ``reader`` is empty, or
-            ``source`` has no valid StudyInstanceUID.
-    """
-    if finding not in (0, 1):
-        raise ValueError(f"finding {finding!r}: expected 0 (absent) or 1 (present)")
-    if not reader.strip():
-        raise ValueError("reader is empty: a verified report names its verifying observer")
-    study_uid = str(source.get("StudyInstanceUID", ""))
-    if not is_uid(study_uid):
-        raise ValueError(f"source: StudyInstanceUID {study_uid!r} is not a DICOM UID")
-    signed = _utc(signed_at)
-
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = ComprehensiveSRStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.TimezoneOffsetFromUTC = "+0000"
-    for keyword in COPIED:
-        if keyword in source:
-            element = source[keyword]
-            ds.add_new(element.tag, element.VR, element.value)
-        elif keyword not in _TYPE3:
-            setattr(ds, keyword, "")
-    ds.Modality = "SR"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = REPORT_SERIES_NUMBER
-    ds.SeriesDescription = "Radiologist report"
-    ds.ReferencedPerformedProcedureStepSequence = DicomSequence()
-    ds.Manufacturer = "ShiftGuard"
-    ds.InstanceNumber = 1
-    ds.ContentDate = signed.strftime("%Y%m%d")
-    ds.ContentTime = signed.strftime("%H%M%S")
-    ds.CompletionFlag = "COMPLETE"
-    ds.VerificationFlag = "VERIFIED"
-    observer = Dataset()
-    observer.VerifyingObserverName = reader.strip()
-    observer.VerifyingObserverIdentificationCodeSequence = DicomSequence()
-    observer.VerifyingOrganization = organization
-    observer.VerificationDateTime = signed.strftime("%Y%m%d%H%M%S+0000")
-    ds.VerifyingObserverSequence = DicomSequence([observer])
-    ds.PerformedProcedureCodeSequence = DicomSequence()
-    if all(k in source for k in ("SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")):
-        ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([_evidence(source)])
-
-    ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = DicomSequence([_code(REPORT_TITLE)])
-    ds.ContinuityOfContent = "SEPARATE"
-    value = PRESENT if finding else ABSENT
-    finding_item = _item("CODE", FINDING)
-    finding_item.ConceptCodeSequence = DicomSequence([_code(value)])
-    impression = _item("TEXT", IMPRESSION)
-    impression.TextValue = text if text is not None else _default_text(finding)
-    ds.ContentSequence = DicomSequence([finding_item, impression])
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return ds
-
-
-def _utc(value: str | datetime) -> datetime:
-    if isinstance(value, datetime):
-        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-        return aware.astimezone(UTC).replace(microsecond=0)
-    iso = parse_time(str(value))
-    if iso is None:
-        raise ValueError(f"signed_at {value!r}: expected an ISO-8601 time or a DICOM date")
-    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
-def _default_text(finding: int) -> str:
-    return "Finding present." if finding else "No finding."
-
-
-def _code(code: Code) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
-    return item
-
-
-def _item(value_type: str, concept: Code) -> Dataset:
-    item = Dataset()
-    item.RelationshipType = "CONTAINS"
-    item.ValueType = value_type
-    item.ConceptNameCodeSequence = DicomSequence([_code(concept)])
-    return item
-
-
-def _evidence(source: Dataset) -> Dataset:
-    instance = Dataset()
-    instance.ReferencedSOPClassUID = source.SOPClassUID
-    instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    series = Dataset()
-    series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ReferencedSOPSequence = DicomSequence([instance])
-    study = Dataset()
-    study.StudyInstanceUID = source.StudyInstanceUID
-    study.ReferencedSeriesSequence = DicomSequence([series])
-    return study
-
-
-def parse_dt(text: str, offset: str | None = None) -> str | None:
-    """A DICOM DT (``YYYY[MM[DD[HH[MM[SS[.F]]]]]][&ZZXX]``) as ``YYYY-MM-DDTHH:MM:SSZ``.
-
-    A value without its own offset is read at ``offset`` (the dataset's TimezoneOffsetFromUTC,
-    ``+HHMM``/``-HHMM``), else as UTC. Fractions of a second are dropped. ``None`` when the text is
-    not a DT.
-
-    >>> parse_dt("20240105093000.25+0100")
-    '2024-01-05T08:30:00Z'
-    >>> parse_dt("20240105")
-    '2024-01-05T00:00:00Z'
-    >>> parse_dt("202401050930", offset="-0500")
-    '2024-01-05T14:30:00Z'
-    >>> parse_dt("2024-01-05") is None
-    True
-    """
-    m = _DT.match(text.strip())
-    if m is None or (m["f"] and not m["s"]):
-        return None
-    zone = _zone(m["tz"] or offset or "+0000")
-    if zone is None:
-        return None
-    try:
-        value = datetime(
-            int(m["y"]),
-            int(m["mo"] or 1),
-            int(m["d"] or 1),
-            int(m["h"] or 0),
-            int(m["mi"] or 0),
-            int(m["s"] or 0),
-            tzinfo=zone,
-        )
-    except ValueError:
-        return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _zone(text: str) -> timezone | None:
-    m = re.fullmatch(r"([+-])(\d{2})(\d{2})", text.strip())
-    if m is None or int(m[2]) > 14 or int(m[3]) > 59:
-        return None
-    minutes = int(m[2]) * 60 + int(m[3])
-    return timezone(timedelta(minutes=-minutes if m[1] == "-" else minutes))
-
-
-def report_to_diagnosis(ds: Dataset, source: str) -> tuple[Diagnosis | None, str | None]:
-    """One SR document as a :class:`Diagnosis`, or the reason it is not one.
-
-    The reason is exactly :data:`NOT_VERIFIED` for an SR whose VerificationFlag is not
-    ``VERIFIED`` (an AI result, a draft): callers skip those rather than report them. Other
-    reasons describe a document that cannot be read as a verified diagnosis.
-
-    When several observers verified the document, the latest verification counts.
-    """
-    sop_class = str(ds.get("SOPClassUID", ""))
-    if not sop_class.startswith(SR_CLASS_PREFIX) or ds.get("Modality", "SR") != "SR":
-        return None, f"not a structured report (SOP class {sop_class or 'missing'})"
-    if str(ds.get("VerificationFlag", "")).strip().upper() != "VERIFIED":
-        return None, NOT_VERIFIED
-    study_uid = str(ds.get("StudyInstanceUID", "")).strip()
-    if not study_uid:
-        return None, "no StudyInstanceUID"
-    if not is_uid(study_uid):
-        return None, f"StudyInstanceUID {study_uid[:70]!r} is not a DICOM UID"
-    finding, problem = _finding(ds)
-    if finding is None:
-        return None, problem
-    offset = ds.get("TimezoneOffsetFromUTC")
-    signatures = []
-    for observer in ds.get("VerifyingObserverSequence") or []:
-        raw = str(observer.get("VerificationDateTime") or "").strip()
-        if not raw:
-            continue
-        when = parse_dt(raw, str(offset) if offset else None)
-        if when is None:
-            return None, f"VerificationDateTime {raw!r} is not a DICOM date-time"
-        reader = str(observer.get("VerifyingObserverName") or "").strip() or "unknown"
-        signatures.append((when, reader))
-    if not signatures:
-        return None, "no verification time (VerifyingObserverSequence > VerificationDateTime)"
-    when, reader = max(signatures)
-    return Diagnosis(study_uid, when, reader, finding, source), None
-
-
-def _finding(ds: Dataset) -> tuple[int | None, str | None]:
-    """The finding of a report's top-level content, or the reason there is none."""
-    codes = [i for i in ds.get("ContentSequence") or [] if i.get("ValueType") == "CODE"]
-    named = [i for i in codes if _key(i, "ConceptNameCodeSequence") == _key_of(FINDING)]
-    if named:
-        values = [_key(i, "ConceptCodeSequence") for i in named]
-    else:  # a finding written under another concept name, with the same value codes
-        values = [k for i in codes if (k := _key(i, "ConceptCodeSequence")) in FINDING_VALUES]
-    if not values:
-        return None, "no Finding (DCM 121071) CODE item at the top level of the content"
-    findings = set()
-    for value in values:
-        if value not in FINDING_VALUES:
-            scheme, code = value or ("", "")
-            return None, (
-                f"Finding value {scheme} {code or '(none)'} is neither Present (SCT 52101004) "
-                "nor Absent (SCT 2667000)"
-            )
-        findings.add(FINDING_VALUES[value])
-    if len(findings) > 1:
-        return None, "Finding items disagree (both Present and Absent)"
-    return findings.pop(), None
-
-
-def _key(item: Dataset, sequence: str) -> tuple[str, str] | None:
-    codes = item.get(sequence) or []
-    if len(codes) != 1:
-        return None
-    scheme = str(codes[0].get("CodingSchemeDesignator", "")).strip().upper()
-    value = str(codes[0].get("CodeValue", "")).strip()
-    return ("SCT" if scheme == "SRT" else scheme), value
-
-
-def _key_of(code: Code) -> tuple[str, str]:
-    return code.scheme_designator, code.value
-
-
-def write_jsonl(diagnoses: Iterable[Diagnosis], path: Path | str) -> Path:
-    """Write diagnoses as JSON lines that :func:`~shiftguard.shadow.diagnoses.read_diagnoses`
-    reads back (keys ``study_uid``, ``finding``, ``reader``, ``reported_at``, and ``source``, where
-    the diagnosis came from)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        json.dumps(
-            {
-                "study_uid": d.study_uid,
-                "finding": d.finding,
-                "reader": d.reader,
-                "reported_at": d.reported_at,
-                "source": d.source,
-            }
-        )
-        for d in diagnoses
-    ]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """One shadow evaluation from files: the shadow log, the diagnoses (RIS files and/or a PACS
 query), the bundles' validation figures; the report folder and the MLflow run. What
-``shiftguard shadow evaluate`` and the DVC stage ``shadow`` call.
+``shiftguard shadow evaluate`` and the DVC stage ``shadow`` call; the stage's headline figures
+(``reports/shadow/metrics.json``) are :func:`stage_metrics` of :func:`stage_evaluation`.
 
 Roles are the registry's aliases (:data:`~shiftguard.tracking.CHALLENGER`,
 :data:`~shiftguard.tracking.CHAMPION`): an ``edge predict`` results table without a ``role`` column
@@ -15,13 +16,14 @@ import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from shiftguard.config.shadow import ShadowConfig
 from shiftguard.edge.bundle import open_bundle
 from shiftguard.shadow.diagnoses import DiagnosisBook
-from shiftguard.shadow.evaluate import ShadowResult, run
+from shiftguard.shadow.evaluate import ShadowEvaluation, ShadowResult, jsonable, run
 from shiftguard.shadow.log import read_shadow_log
 from shiftguard.shadow.report import log_run, write_report
 from shiftguard.tracking import (
@@ -140,3 +142,47 @@ def evaluate_files(
             )
             link_versions(result, run_id, root)
     return result, path
+
+
+def stage_evaluation(result: ShadowResult) -> ShadowEvaluation | None:
+    """The evaluation the DVC stage ``shadow`` reports: the challenger's (the edge ran the exported
+    bundle alone, in shadow mode: a challenger, see :func:`shadow_mode_table`), else the
+    champion's; ``None`` when the edge predicted nothing."""
+    return result.evaluations.get(CHALLENGER) or result.evaluations.get(CHAMPION)
+
+
+def stage_metrics(evaluated: ShadowEvaluation | None) -> dict[str, Any]:
+    """The DVC stage ``shadow``'s headline figures, ``reports/shadow/metrics.json``.
+
+    Args:
+        evaluated: The evaluation the stage reports (:func:`stage_evaluation`); ``None`` when the
+            edge predicted nothing.
+
+    Returns:
+        ``bundle``; the counts ``studies`` (predicted), ``judged`` (with a verified diagnosis) and
+        ``pending``; ``auroc``, ``sensitivity`` and ``specificity`` overall with their ``_low``
+        and ``_high`` bounds (``None`` when not both classes were judged); ``segments_judged``
+        (the overall row not counted) and ``segments_too_small``; ``flagged`` as
+        ``column=segment``. With no evaluation: zero counts, nothing flagged, no bundle and no
+        figures.
+    """
+    if evaluated is None:
+        return {"studies": 0, "judged": 0, "pending": 0, "flagged": [],
+                "segments_judged": 0, "segments_too_small": 0}  # fmt: skip
+    overall = evaluated.overall
+    judged = not evaluated.segments.empty
+    segments = evaluated.segments
+    return {
+        "bundle": evaluated.bundle,
+        "studies": evaluated.n_predictions,
+        "judged": len(evaluated.joined),
+        "pending": evaluated.n_pending,
+        **{
+            f"{m}{s}": jsonable(overall.get(f"{m}{s}"))
+            for m in ("auroc", "sensitivity", "specificity")
+            for s in ("", "_low", "_high")
+        },
+        "segments_judged": int(segments["judgeable"].sum()) - 1 if judged else 0,
+        "segments_too_small": int((~segments["judgeable"]).sum()) if judged else 0,
+        "flagged": [f"{r.column}={r.segment}" for r in evaluated.flagged.itertuples()],
+    }

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from shiftguard.shadow.diagnoses import (
+    Diagnosis,
     DiagnosisBook,
     DiagnosisFileError,
     parse_time,
     read_diagnoses,
+    write_diagnoses,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -126,3 +128,16 @@ def test_report_times() -> None:
     assert parse_time("20240105") == "2024-01-05T00:00:00Z"
     assert parse_time("2024-01-05T10:00:00-05:00") == "2024-01-05T15:00:00Z"
     assert parse_time("2024-13-05") is None
+
+
+def test_diagnoses_round_trip_through_json_lines(tmp_path: Path) -> None:
+    diagnoses = [
+        Diagnosis("1.2.3", "2024-03-02T09:30:00Z", "Smith^Jane", 1, "pacs:ORTHANC/1.2.3.4"),
+        Diagnosis("1.2.4", "2024-03-03T00:00:00Z", "Müller^Jörg", 0, "pacs:ORTHANC/1.2.4.5"),
+    ]
+    path = write_diagnoses(diagnoses, tmp_path / "out" / "pacs.jsonl")
+    back, problems = read_diagnoses(path)
+    assert problems == []
+    assert back == diagnoses
+    assert [d.reader for d in back] == ["Smith^Jane", "Müller^Jörg"]
+    assert [d.source for d in back] == ["pacs.jsonl:1", "pacs.jsonl:2"]

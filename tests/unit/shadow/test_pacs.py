@@ -1,5 +1,5 @@
-"""Verified reports from the PACS: the SR written and read back, then fetched from a real Orthanc
-by C-FIND and C-MOVE or C-GET, and the ways the PACS can refuse."""
+"""Verified reports from the PACS: its address, the reports fetched from a real Orthanc (and dcmtk's
+dcmqrscp) by C-FIND and C-MOVE or C-GET, and the ways the PACS can refuse."""
 
 from __future__ import annotations
 
@@ -15,172 +15,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dciodvfy_check import assert_dciodvfy_clean
 from peers_plugin import peer_missing
-from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from report_sr import study, write_report_sr
 
-from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset
 from shiftguard.peers import Orthanc, find_tool, free_port, storescu, tool
 from shiftguard.shadow.diagnoses import Diagnosis, DiagnosisBook, read_diagnoses
-from shiftguard.shadow.pacs import (
-    NOT_VERIFIED,
-    Pacs,
-    PacsError,
-    fetch_reports,
-    parse_dt,
-    parse_pacs,
-    report_to_diagnosis,
-    write_jsonl,
-    write_report_sr,
-)
+from shiftguard.shadow.pacs import Pacs, PacsError, fetch_reports, parse_pacs
+from shiftguard.shadow.sr import report_to_diagnosis
 
 needs_orthanc = pytest.mark.peers("Orthanc", "storescu")
-
-
-def _study(folder: Path, study_date: str, patient: str) -> list[Path]:
-    """Two small MR images of a new study dated ``study_date``."""
-    spec = SeriesSpec(rows=4, cols=4, n_slices=2, patient_id=patient)
-    paths = []
-    for k, ds in enumerate(make_datasets(spec)):
-        ds.StudyDate = study_date
-        ds.StudyID = "1"
-        paths.append(save_dataset(ds, folder / f"IM{k}.dcm"))
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# the document
-
-
-def test_a_written_report_reads_back_as_the_diagnosis(tmp_path: Path) -> None:
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
-    written = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T10:30:00+01:00", tmp_path / "a")
-    read = pydicom.dcmread(tmp_path / "a")
-    diagnosis, reason = report_to_diagnosis(read, "here")
-    assert reason is None
-    assert diagnosis == Diagnosis(image.StudyInstanceUID, "2024-03-02T09:30:00Z", "Smith^Jane", 1)
-    assert diagnosis is not None and diagnosis.source == "here"
-    assert read.PatientID == "P1" and read.StudyDate == "20240301" and read.Modality == "SR"
-    assert read.SeriesInstanceUID != image.SeriesInstanceUID
-    assert read.SOPInstanceUID == written.SOPInstanceUID != image.SOPInstanceUID
-    assert read.VerifyingObserverSequence[0].VerificationDateTime == "20240302093000+0000"
-
-    write_report_sr(image, 0, "Doe^John", "20240305", tmp_path / "b", text="Normal study.")
-    diagnosis, _ = report_to_diagnosis(pydicom.dcmread(tmp_path / "b"), "")
-    assert diagnosis == Diagnosis(image.StudyInstanceUID, "2024-03-05T00:00:00Z", "Doe^John", 0)
-    assert pydicom.dcmread(tmp_path / "b").ContentSequence[1].TextValue == "Normal study."
-
-
-@pytest.mark.peers("dciodvfy")
-@pytest.mark.parametrize("finding", [0, 1])
-def test_a_written_report_is_a_valid_comprehensive_sr(tmp_path: Path, finding: int) -> None:
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
-    write_report_sr(image, finding, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
-    # no error, no warning, exit status 0, checked as a Comprehensive SR
-    assert_dciodvfy_clean(tmp_path / "r.dcm", iod="ComprehensiveSR")
-
-
-def test_write_report_sr_refuses_what_is_not_a_report(tmp_path: Path) -> None:
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
-    with pytest.raises(ValueError, match="finding 2"):
-        write_report_sr(image, 2, "Smith^Jane", "2024-03-02", tmp_path / "r")
-    with pytest.raises(ValueError, match="signed_at 'yesterday'"):
-        write_report_sr(image, 1, "Smith^Jane", "yesterday", tmp_path / "r")
-    del image.StudyInstanceUID
-    with pytest.raises(ValueError, match="StudyInstanceUID"):
-        write_report_sr(image, 1, "Smith^Jane", "2024-03-02", tmp_path / "r")
-    assert not (tmp_path / "r").exists()
-
-
-def _report(tmp_path: Path, **changes: object) -> Dataset:
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
-    ds = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    return ds
-
-
-def _code(value: str, scheme: str, meaning: str) -> DicomSequence:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return DicomSequence([item])
-
-
-@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the bad values set on purpose
-def test_what_is_not_a_verified_diagnosis_says_why(tmp_path: Path) -> None:
-    def reason(ds: Dataset) -> str | None:
-        diagnosis, why = report_to_diagnosis(ds, "x")
-        assert (diagnosis is None) == (why is not None)
-        return why
-
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
-    assert "not a structured report" in str(reason(image))
-    assert reason(_report(tmp_path, VerificationFlag="UNVERIFIED")) == NOT_VERIFIED
-    assert reason(_report(tmp_path, VerificationFlag=None)) == NOT_VERIFIED
-    assert "not a DICOM UID" in str(reason(_report(tmp_path, StudyInstanceUID="1.2.x")))
-    assert "no verification time" in str(reason(_report(tmp_path, VerifyingObserverSequence=None)))
-
-    no_finding = _report(tmp_path)
-    no_finding.ContentSequence = DicomSequence(no_finding.ContentSequence[1:])
-    assert "no Finding (DCM 121071)" in str(reason(no_finding))
-
-    indeterminate = _report(tmp_path)
-    indeterminate.ContentSequence[0].ConceptCodeSequence = _code("82334004", "SCT", "Indeterm.")
-    assert "SCT 82334004 is neither Present" in str(reason(indeterminate))
-
-    bad_time = _report(tmp_path)
-    bad_time.VerifyingObserverSequence[0].VerificationDateTime = "20241350"
-    assert "VerificationDateTime '20241350'" in str(reason(bad_time))
-
-
-def test_a_finding_under_another_name_and_several_verifiers_still_read(tmp_path: Path) -> None:
-    ds = _report(tmp_path)
-    ds.ContentSequence[0].ConceptNameCodeSequence = _code("F-01", "99LOCAL", "Lesion")
-    later = Dataset()
-    later.VerifyingObserverName = "Senior^Sam"
-    later.VerifyingOrganization = "Radiology"
-    later.VerificationDateTime = "20240303080000"  # no offset: the dataset's TimezoneOffsetFromUTC
-    later.VerifyingObserverIdentificationCodeSequence = DicomSequence()
-    ds.VerifyingObserverSequence.append(later)
-    ds.TimezoneOffsetFromUTC = "+0200"
-    diagnosis, _ = report_to_diagnosis(ds, "x")
-    assert diagnosis == Diagnosis(ds.StudyInstanceUID, "2024-03-03T06:00:00Z", "Senior^Sam", 1)
-
-
-@pytest.mark.parametrize(
-    ("text", "offset", "expected"),
-    [
-        ("20240105093000.123456+0100", None, "2024-01-05T08:30:00Z"),
-        ("20240105093000-0330", "+0500", "2024-01-05T13:00:00Z"),  # its own offset wins
-        ("2024010509", "-0100", "2024-01-05T10:00:00Z"),
-        ("20240105", None, "2024-01-05T00:00:00Z"),
-        ("2024", None, "2024-01-01T00:00:00Z"),
-        ("20240230", None, None),  # no such day
-        ("202401050930.5", None, None),  # a fraction needs seconds
-        ("20240105+2500", None, None),
-        ("2024-01-05", None, None),
-        ("", None, None),
-    ],
-)
-def test_parse_dt(text: str, offset: str | None, expected: str | None) -> None:
-    assert parse_dt(text, offset) == expected
-
-
-def test_diagnoses_round_trip_through_json_lines(tmp_path: Path) -> None:
-    diagnoses = [
-        Diagnosis("1.2.3", "2024-03-02T09:30:00Z", "Smith^Jane", 1, "pacs:ORTHANC/1.2.3.4"),
-        Diagnosis("1.2.4", "2024-03-03T00:00:00Z", "Müller^Jörg", 0, "pacs:ORTHANC/1.2.4.5"),
-    ]
-    path = write_jsonl(diagnoses, tmp_path / "out" / "pacs.jsonl")
-    back, problems = read_diagnoses(path)
-    assert problems == []
-    assert back == diagnoses
-    assert [d.reader for d in back] == ["Smith^Jane", "Müller^Jörg"]
-    assert [d.source for d in back] == ["pacs.jsonl:1", "pacs.jsonl:2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +98,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     root = tmp_path_factory.mktemp("pacs")
     move_port = free_port()
     orthanc = Orthanc(root / "orthanc", modalities={"SHIFTGUARD": ("127.0.0.1", move_port)})
-    recent = _study(root / "recent", "20240301", "P1")
-    old = _study(root / "old", "20231115", "P2")
-    unreported = _study(root / "unreported", "20240310", "P3")
+    recent = study(root / "recent", "20240301", "P1")
+    old = study(root / "old", "20231115", "P2")
+    unreported = study(root / "unreported", "20240310", "P3")
     uids = [pydicom.dcmread(p[0]).StudyInstanceUID for p in (recent, old, unreported)]
     a = Archive(orthanc, move_port, *uids)
     files = [*recent, *old, *unreported]
@@ -438,7 +282,7 @@ def dcmqrscp(
 def test_another_pacs_dcmtk_dcmqrscp_answers_too(tmp_path: Path) -> None:
     """dcmtk's archive: C-GET gives the report; C-MOVE to an AE it does not know is refused with
     'move destination unknown' (Orthanc answers a bare failure)."""
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    image = pydicom.dcmread(study(tmp_path / "img", "20240301", "P1")[0])
     report = write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
     with dcmqrscp(tmp_path, "127.0.0.1") as pacs:
         sent = storescu(pacs.port, [tmp_path / "r.dcm"], called="QRSCP")
@@ -467,7 +311,7 @@ def test_c_move_reaches_us_on_another_host_from_flag_and_config(
     from shiftguard.cli import main
 
     move_port = free_port()
-    image = pydicom.dcmread(_study(tmp_path / "img", "20240301", "P1")[0])
+    image = pydicom.dcmread(study(tmp_path / "img", "20240301", "P1")[0])
     write_report_sr(image, 1, "Smith^Jane", "2024-03-02T09:30:00Z", tmp_path / "r.dcm")
     with dcmqrscp(tmp_path, "127.0.0.2", {"SHIFTGUARD": ("127.0.0.3", move_port)}) as pacs:
         port = pacs.port

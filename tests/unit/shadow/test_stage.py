@@ -1,6 +1,7 @@
 """The shadow stage's words and links in MLflow (a temporary SQLite store): a bundle the edge ran
 alone in shadow mode is the challenger, as the registry calls the newest version; the shadow run and
-the model versions it judged name each other; its tables preview with their header."""
+the model versions it judged name each other; its tables preview with their header. The stage's
+headline figures (metrics.json) on constructed evaluations."""
 
 from __future__ import annotations
 
@@ -9,10 +10,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from shiftguard.config import ShadowConfig, compose_section
-from shiftguard.shadow.stage import evaluate_files, shadow_mode_table
+from shiftguard.shadow.diagnoses import Diagnosis, DiagnosisBook
+from shiftguard.shadow.evaluate import ShadowResult, evaluate, summary
+from shiftguard.shadow.stage import (
+    evaluate_files,
+    shadow_mode_table,
+    stage_evaluation,
+    stage_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+FIGURES = [
+    f"{m}{s}" for m in ("auroc", "sensitivity", "specificity") for s in ("", "_low", "_high")
+]
 
 
 @pytest.fixture
@@ -87,3 +101,52 @@ def test_the_shadow_run_and_the_versions_it_judged_name_each_other(
     assert local.read_text().splitlines()[0].startswith("role,column,segment,n,")
     logged = {a.path for a in client.list_artifacts(run_id, "shadow")}
     assert {"shadow/report.html", "shadow/segments.csv", "shadow/paired.csv"} <= logged
+
+
+def test_the_stages_metrics_are_the_challengers_headline_figures(
+    shadow_case: Callable[..., Any],
+) -> None:
+    log, book = shadow_case(n=300, challenger_broken="Vantage")
+    waiting = log[log["role"] == "challenger"].head(10)  # 10 more studies, no diagnosis yet
+    waiting = waiting.assign(study_uid=[f"1.2.826.0.9.{i}" for i in range(10)])
+    log = pd.concat([log, waiting], ignore_index=True)
+    result = ShadowResult(evaluate(log, book, n_boot=100), None)
+    evaluated = stage_evaluation(result)
+    assert evaluated is result.evaluations["challenger"]
+
+    metrics = stage_metrics(evaluated)
+    assert list(metrics) == ["bundle", "studies", "judged", "pending", *FIGURES,
+                             "segments_judged", "segments_too_small", "flagged"]  # fmt: skip
+    committed = json.loads((REPO / "reports" / "shadow" / "metrics.json").read_text())
+    assert set(metrics) == set(committed)
+    overall = summary(result)["roles"]["challenger"]["overall"]
+    assert [metrics[k] for k in FIGURES] == [overall[k] for k in FIGURES]
+    assert all(isinstance(metrics[k], float) for k in FIGURES)
+    assert metrics["bundle"] == "m-v2"
+    assert (metrics["studies"], metrics["judged"], metrics["pending"]) == (310, 300, 10)
+    # sex F/M, two age bands, one site, one vendor, three scanners; the overall row not counted
+    assert (metrics["segments_judged"], metrics["segments_too_small"]) == (9, 0)
+    assert metrics["flagged"] == ["scanner_model=Vantage"]
+    json.dumps(metrics, allow_nan=False)
+
+    # the scanners' ~100 studies each under min_n: too small, so judged and flagged no more
+    small = stage_metrics(stage_evaluation(ShadowResult(evaluate(log, book, min_n=110), None)))
+    assert (small["segments_judged"], small["segments_too_small"], small["flagged"]) == (6, 3, [])
+
+
+def test_the_stages_metrics_without_figures(shadow_case: Callable[..., Any]) -> None:
+    log, _ = shadow_case(n=6, challenger=False)
+    present = DiagnosisBook()  # four studies judged, all with the finding: one class only
+    present.add(Diagnosis(u, "2026-01-01T00:00:00Z", "dr", 1) for u in log["study_uid"][:4])
+    result = ShadowResult(evaluate(log, present, n_boot=100), None)
+    evaluated = stage_evaluation(result)
+    assert evaluated is result.evaluations["champion"]  # no challenger: the champion
+    metrics = stage_metrics(evaluated)
+    assert (metrics["studies"], metrics["judged"], metrics["pending"]) == (6, 4, 2)
+    assert [metrics[k] for k in FIGURES] == [None] * len(FIGURES)
+    assert metrics["segments_judged"] == metrics["segments_too_small"] == 0
+    assert metrics["flagged"] == []
+
+    assert stage_evaluation(ShadowResult({}, None)) is None  # the edge predicted nothing
+    assert stage_metrics(None) == {"studies": 0, "judged": 0, "pending": 0, "flagged": [],
+                                   "segments_judged": 0, "segments_too_small": 0}  # fmt: skip

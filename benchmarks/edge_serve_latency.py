@@ -50,12 +50,12 @@ def main() -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 
+    from shiftguard.config import EdgeConfig
     from shiftguard.data.canonical import canonical_volume
     from shiftguard.dicom.scan import list_files, scan_files
     from shiftguard.dicom.series import group_series
     from shiftguard.edge.preprocess import preprocess
-    from shiftguard.edge.receiver import ReceiverSettings
-    from shiftguard.edge.service import Destination, Service, ServiceSettings, resolve_bundle
+    from shiftguard.edge.service import Service, resolve_bundle
     from shiftguard.peers import Orthanc, copy_study, storescu
 
     bundle = resolve_bundle("artifacts/export")
@@ -67,15 +67,16 @@ def main() -> None:
         orthanc = Orthanc(tmp / "orthanc")
         orthanc.start()
         service = Service(
-            ServiceSettings(
+            EdgeConfig(
                 bundle=str(bundle),
                 storage=str(tmp / "edge"),
-                receiver=ReceiverSettings(port=0, calling_ae_titles=("MODALITY",)),
-                destinations=(Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom),),
+                port=0,
+                calling_ae_titles=["MODALITY"],
+                destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom}],
                 shadow=False,
                 http_port=0,
-                poll_s=0.005,
-            )
+            ),
+            poll_s=0.005,
         )
         service.start()
         try:
@@ -157,8 +158,9 @@ def receive_throughput(
     new files) to dcmtk's ``storescp`` writing to disk and to ShiftGuard's Storage SCP alone
     (each engine and durability mode), one association each; the order rotates every round so
     that no receiver always goes first on a warm or cold page cache."""
+    from shiftguard.config import EdgeConfig
     from shiftguard.edge.queue import WorkQueue
-    from shiftguard.edge.receiver import Receiver, ReceiverSettings
+    from shiftguard.edge.receiver import Receiver
     from shiftguard.peers import copy_study, free_port, storescu
 
     variants = {
@@ -193,9 +195,9 @@ def receive_throughput(
             else:
                 queue = WorkQueue(where / "queue.db")
                 receiver = Receiver(
-                    ReceiverSettings(
+                    EdgeConfig(
                         port=0,
-                        calling_ae_titles=("MODALITY",),
+                        calling_ae_titles=["MODALITY"],
                         engine=variant[0],
                         durability=variant[1],
                     ),

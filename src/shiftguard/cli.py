@@ -592,7 +592,7 @@ def _edge_serve(args: argparse.Namespace) -> int:
     import threading
 
     from shiftguard.config import EdgeConfig, compose_section
-    from shiftguard.edge.service import Service, settings_from_config
+    from shiftguard.edge.service import Service
 
     if args.config is not None:  # a site file: no conf/ tree needed
         from shiftguard.config.site import load_site_config
@@ -600,16 +600,16 @@ def _edge_serve(args: argparse.Namespace) -> int:
         cfg = load_site_config(args.config, args.overrides)
     else:
         cfg = compose_section("edge", EdgeConfig, args.overrides)
-    service = Service(settings_from_config(cfg))
+    service = Service(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     service.start()
     log.info(
         "edge serve: %s:%d (AE %s), %s mode, metrics on http://%s:%d/metrics",
-        service.settings.receiver.host,
+        service.settings.host,
         service.receiver.port,
-        service.settings.receiver.ae_title,
+        service.settings.ae_title,
         "shadow" if service.settings.shadow else "clinical",
         service.settings.http_host,
         service.http_port,

@@ -122,6 +122,10 @@ class EdgeConfig(StrictModel):
     network_timeout_s: Annotated[
         float, Field(gt=0, description="an association silent this long is aborted")
     ] = 60.0
+    max_pdu: Annotated[
+        int,
+        Field(ge=0, description="largest P-DATA PDU the SCP accepts, in bytes; 0: unlimited"),
+    ] = 0
     destinations: list[EdgeDestination] = Field(
         default_factory=list, description="where results go: {name, ae_title, host, port, role}"
     )

@@ -1,15 +1,15 @@
 """From one DICOM series to the canonical volume: the one code path shared by the ingest stage and
 the edge runner, so a model sees at the edge exactly the volumes it was trained on.
 
-The selection and resampling rules (:class:`Rules`), the series' short key, the patient's age in
-years from its header. Imports no torch, pandas or pseudonymization: the edge runtime uses it.
+The rules are the validated ingest config itself (:class:`~shiftguard.config.schema.IngestConfig`:
+the lab's, or the one the edge rebuilds from a bundle's manifest); also the series' short key and the
+patient's age in years from its header. Imports no torch, pandas or pseudonymization: the edge runtime uses it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from shiftguard.dicom.series import (
 if TYPE_CHECKING:
     from shiftguard.config.schema import IngestConfig
 
-__all__ = ["Rules", "canonical_volume", "parse_patient_age", "series_key"]
+__all__ = ["canonical_volume", "parse_patient_age", "series_key"]
 
 
 def series_key(series_uid: str) -> str:
@@ -78,35 +78,8 @@ def parse_patient_age(age: str, birth_date: str = "", study_date: str = "") -> f
     return None
 
 
-@dataclass(frozen=True)
-class Rules:
-    """The parts of IngestConfig a series task needs (picklable, no pydantic in the hot path)."""
-
-    spacing: tuple[float, float, float]
-    shape: tuple[int, int, int]
-    order: int
-    antialias: bool
-    min_slices: int
-    modalities: tuple[str, ...]
-    spacing_tolerance: float
-    orientation_tolerance: float
-
-    @classmethod
-    def from_config(cls, cfg: IngestConfig) -> Rules:
-        return cls(
-            spacing=tuple(float(v) for v in cfg.spacing),  # type: ignore[arg-type]
-            shape=tuple(int(v) for v in cfg.shape),  # type: ignore[arg-type]
-            order=int(cfg.interpolation_order),
-            antialias=bool(cfg.antialias),
-            min_slices=int(cfg.min_slices),
-            modalities=tuple(m.upper() for m in cfg.modalities),
-            spacing_tolerance=float(cfg.spacing_tolerance),
-            orientation_tolerance=float(cfg.orientation_tolerance),
-        )
-
-
 def canonical_volume(
-    group: SeriesGroup, rules: Rules
+    group: SeriesGroup, rules: IngestConfig
 ) -> tuple[ValidatedSeries, Resampled, list[QuarantineEntry]]:
     """One series' files to the canonical RAS grid: de-duplicate, validate, assemble, resample.
 
@@ -134,7 +107,7 @@ def canonical_volume(
         volume.affine,
         out_affine,
         rules.shape,
-        order=rules.order,
+        order=rules.interpolation_order,
         antialias=rules.antialias,
     )
     return series, resampled, list(notes)

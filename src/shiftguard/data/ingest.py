@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard.config.schema import IngestConfig
-from shiftguard.data.canonical import Rules, canonical_volume, parse_patient_age, series_key
+from shiftguard.data.canonical import canonical_volume, parse_patient_age, series_key
 from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.data.volume import (
     volume_stats,
@@ -176,7 +176,7 @@ def _fmt(value: float | None, digits: int = 10) -> str:
     return f"{value:.{digits}g}"
 
 
-def _ingest_series(group: SeriesGroup, rules: Rules, volumes_dir: str) -> _SeriesOutcome:
+def _ingest_series(group: SeriesGroup, rules: IngestConfig, volumes_dir: str) -> _SeriesOutcome:
     """De-duplicate, validate, assemble, resample and write one series; bad input is reported.
 
     Errors writing the output (disk full, permissions) are not the input's fault and propagate.
@@ -423,7 +423,6 @@ def run(
         raise IngestInputError(
             f"ingest: input folder {input_dir} does not exist; pass the root of the DICOM tree"
         )
-    rules = Rules.from_config(cfg)
     volumes_dir = out_dir / VOLUMES_DIR
     volumes_dir.mkdir(parents=True, exist_ok=True)
     _clean_volumes(volumes_dir)
@@ -470,7 +469,7 @@ def run(
         entries.extend(conflicts)
         del headers
         order = sorted(range(len(groups)), key=lambda i: -len(groups[i].headers))  # big first
-        tasks = [(groups[i], rules, str(volumes_dir)) for i in order]
+        tasks = [(groups[i], cfg, str(volumes_dir)) for i in order]
         advance = partial(bar.advance, bar.add_task("assemble series", total=len(tasks)))
         weights = [1] * len(tasks)
         for outcome in run_tasks(pool, _ingest_series, tasks, _crashed_series, weights, advance):

@@ -79,7 +79,7 @@ KEYWORDS: tuple[str, ...] = (
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 )  # fmt: skip
 
-#: Keyword -> tag (``group << 16 | element``), from pydicom's data dictionary.
+
 def _tag(keyword: str) -> int:
     tag = tag_for_keyword(keyword)
     if tag is None:  # a typo in KEYWORDS: fail at import, not on the first file
@@ -87,6 +87,7 @@ def _tag(keyword: str) -> int:
     return int(tag)
 
 
+#: Keyword -> tag (``group << 16 | element``), from pydicom's data dictionary.
 TAGS: dict[str, int] = {keyword: _tag(keyword) for keyword in KEYWORDS}
 
 #: Tag -> dictionary VR of every field in :data:`KEYWORDS` (implicit VR files need it).

@@ -30,13 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from shiftguard.data.canonical import Rules, canonical_volume, parse_patient_age, series_key
+from shiftguard.config.deploy import SeriesSelection
+from shiftguard.config.schema import IngestConfig
+from shiftguard.data.canonical import canonical_volume, parse_patient_age, series_key
 from shiftguard.data.volume import volume_stats
 from shiftguard.dicom.errors import InvalidSeriesError
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.dicom.series import SeriesGroup, group_series
-from shiftguard.edge.bundle import Bundle
+from shiftguard.edge.bundle import Bundle, BundleError
 from shiftguard.edge.dicom_out import SeriesResult, write_sc, write_sr
 from shiftguard.edge.infer import Model
 from shiftguard.edge.preprocess import preprocess
@@ -97,48 +100,40 @@ RESULT_COLUMNS = (
 SKIPPED_COLUMNS = ("path", "series_uid", "series_description", "code", "reason")
 
 
-@dataclass(frozen=True)
-class SelectionRules:
-    """Which series the model is for (the manifest's ``series_selection``)."""
+def selection_from_manifest(section: Mapping[str, Any]) -> SeriesSelection:
+    """The manifest's ``series_selection`` (what export wrote from its validated config), validated
+    again on load; a bundle written before the section existed selects MR series of any size."""
+    return SeriesSelection.model_validate({"min_slices": 1, **section})
 
-    modalities: tuple[str, ...] = ("MR",)
-    description: str | None = None
-    min_slices: int = 1
-    orientations: tuple[str, ...] = ()
 
-    @classmethod
-    def from_manifest(cls, section: Mapping[str, Any]) -> SelectionRules:
-        return cls(
-            modalities=tuple(str(m).upper() for m in section.get("modalities", ("MR",))),
-            description=section.get("series_description") or None,
-            min_slices=int(section.get("min_slices", 1)),
-            orientations=tuple(section.get("orientations") or ()),
+def header_refusal(selection: SeriesSelection, group: SeriesGroup) -> tuple[str, str] | None:
+    """``(code, reason)`` when the series' header rules it out, before any pixel is read."""
+    h = group.headers[0]
+    modalities = [m.upper() for m in selection.modalities]
+    if h.modality.upper() not in modalities:
+        return (
+            "modality",
+            f"modality {h.modality or '(none)'} is not {'/'.join(modalities)}",
         )
+    pattern = selection.series_description
+    if pattern and not re.search(pattern, h.series_description, re.I):
+        return (
+            "series_description",
+            f"series description {h.series_description!r} does not match {pattern!r}",
+        )
+    if len(group.headers) < selection.min_slices:
+        return "too_few_slices", f"{len(group.headers)} slices, fewer than {selection.min_slices}"
+    return None
 
-    def check_header(self, group: SeriesGroup) -> tuple[str, str] | None:
-        """``(code, reason)`` when the series' header rules it out, before any pixel is read."""
-        h = group.headers[0]
-        if h.modality.upper() not in self.modalities:
-            return (
-                "modality",
-                f"modality {h.modality or '(none)'} is not {'/'.join(self.modalities)}",
-            )
-        if self.description and not re.search(self.description, h.series_description, re.I):
-            return (
-                "series_description",
-                f"series description {h.series_description!r} does not match {self.description!r}",
-            )
-        if len(group.headers) < self.min_slices:
-            return "too_few_slices", f"{len(group.headers)} slices, fewer than {self.min_slices}"
-        return None
 
-    def check_orientation(self, orientation: str) -> tuple[str, str] | None:
-        if self.orientations and orientation not in self.orientations:
-            return (
-                "orientation",
-                f"orientation {orientation!r} is not one of {', '.join(self.orientations)}",
-            )
-        return None
+def orientation_refusal(selection: SeriesSelection, orientation: str) -> tuple[str, str] | None:
+    """``(code, reason)`` when the series' orientation is not one the model is for."""
+    if selection.orientations and orientation not in selection.orientations:
+        return (
+            "orientation",
+            f"orientation {orientation!r} is not one of {', '.join(selection.orientations)}",
+        )
+    return None
 
 
 @dataclass
@@ -168,19 +163,20 @@ class PredictSummary:
         return len(self.results)
 
 
-def rules_from_manifest(manifest: Mapping[str, Any]) -> Rules:
-    """The canonical-grid rules the model was trained on, from ``preprocessing.canonical_grid``."""
+def rules_from_manifest(manifest: Mapping[str, Any]) -> IngestConfig:
+    """The ingest rules the model was trained with (``preprocessing.canonical_grid`` and the series
+    selection's modalities and minimum slices), as the validated ingest config the lab used."""
     grid = manifest["preprocessing"]["canonical_grid"]
     sel = manifest.get("series_selection", {})
-    return Rules(
-        spacing=tuple(float(v) for v in grid["spacing"]),  # type: ignore[arg-type]
-        shape=tuple(int(v) for v in grid["shape"]),  # type: ignore[arg-type]
-        order=int(grid["interpolation_order"]),
-        antialias=bool(grid["antialias"]),
-        min_slices=int(sel.get("min_slices", 1)),
-        modalities=tuple(str(m).upper() for m in sel.get("modalities", ("MR",))),
-        spacing_tolerance=float(grid["spacing_tolerance"]),
-        orientation_tolerance=float(grid["orientation_tolerance"]),
+    return IngestConfig(
+        spacing=grid["spacing"],
+        shape=grid["shape"],
+        interpolation_order=grid["interpolation_order"],
+        antialias=grid["antialias"],
+        min_slices=sel.get("min_slices", 1),
+        modalities=list(sel.get("modalities", ["MR"])),
+        spacing_tolerance=grid["spacing_tolerance"],
+        orientation_tolerance=grid["orientation_tolerance"],
     )
 
 
@@ -193,8 +189,14 @@ class Predictor:
         self.bundle = bundle
         self.shadow = shadow
         self.model = Model(bundle, providers=providers)
-        self.rules = rules_from_manifest(bundle.manifest)
-        self.selection = SelectionRules.from_manifest(bundle.manifest.get("series_selection", {}))
+        try:
+            self.rules = rules_from_manifest(bundle.manifest)
+            self.selection = selection_from_manifest(bundle.manifest.get("series_selection", {}))
+        except (KeyError, ValidationError) as exc:
+            raise BundleError(
+                f"{bundle.path}: the manifest's canonical grid or series selection is not usable "
+                f"({exc}); export the bundle again"
+            ) from None
         self.projection: Projection | None = None
         if PROJECTION_MEMBER in bundle.members:
             self.projection = Projection.from_json(json.loads(bundle.text(PROJECTION_MEMBER)))
@@ -206,7 +208,7 @@ class Predictor:
 
         began = time.perf_counter()
         series, resampled, _notes = canonical_volume(group, self.rules)
-        rejected = self.selection.check_orientation(series.geometry.orientation)
+        rejected = orientation_refusal(self.selection, series.geometry.orientation)
         if rejected:
             raise InvalidSeriesError(rejected[0], rejected[1], "not a series this model is for")
         ref = pydicom.dcmread(series.headers[0].path, stop_before_pixels=True)
@@ -367,7 +369,7 @@ class Predictor:
             )
         for group in group_series(headers):
             h = group.headers[0]
-            skip = self.selection.check_header(group)
+            skip = header_refusal(self.selection, group)
             if skip is None:
                 try:
                     summary.results.append(self.predict_group(group, out_dir, revision))

@@ -27,6 +27,7 @@ from typing import Any
 
 import pydicom
 
+from shiftguard.config.deploy import EdgeConfig
 from shiftguard.dicom import binary
 from shiftguard.dicom.uid import check_uid
 from shiftguard.edge.queue import WorkQueue
@@ -39,47 +40,16 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO, so PACS admins can test the node
-ENGINES = ("asyncio", "pynetdicom")
-DURABILITY = ("association", "instance")
 RECORD_BATCH = 64  # queue records committed together under durability "association"
 CALLING_AE_NOT_RECOGNISED, NO_REASON = 3, 1
 
 
-@dataclass(frozen=True)
-class ReceiverSettings:
-    """Where and from whom the SCP accepts studies."""
-
-    ae_title: str = "SHIFTGUARD"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    calling_ae_titles: tuple[str, ...] = ()
-    allowed_addresses: tuple[str, ...] = ()
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    max_pdu: int = 0  # 0: unlimited
-    engine: str = "asyncio"  # "asyncio" (shiftguard.edge.scp, fast) or "pynetdicom"
-    # "instance": each C-STORE is acknowledged once its file and queue record are fsynced;
-    # "association": acknowledged once written (safe against the process being killed), and
-    # everything the association brought is fsynced before its release is acknowledged
-    durability: str = "association"
-    network_timeout_s: float = 60.0  # an association silent this long is aborted
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(
-                f"receiver engine {self.engine!r}: expected one of {', '.join(ENGINES)}"
-            )
-        if self.durability not in DURABILITY:
-            raise ValueError(
-                f"receiver durability {self.durability!r}: expected one of {', '.join(DURABILITY)}"
-            )
-
-    def address_allowed(self, address: str) -> bool:
-        if not self.allowed_addresses:
-            return True
-        ip = ipaddress.ip_address(address)
-        return any(ip in ipaddress.ip_network(net, strict=False) for net in self.allowed_addresses)
+def address_allowed(allowed: Sequence[str], address: str) -> bool:
+    """Whether ``address`` is in one of the ``allowed`` addresses or CIDR networks (empty: any)."""
+    if not allowed:
+        return True
+    ip = ipaddress.ip_address(address)
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in allowed)
 
 
 @dataclass
@@ -260,7 +230,7 @@ class Receiver:
 
     def __init__(
         self,
-        settings: ReceiverSettings,
+        settings: EdgeConfig,
         queue: WorkQueue,
         inbox: Path,
         on_ready: Callable[[Sequence[str]], None] | None = None,
@@ -281,7 +251,7 @@ class Receiver:
 
     def _refusal(self, calling_ae: str, address: str) -> int | None:
         """None to accept an association, else the A-ASSOCIATE-RJ reason."""
-        if not self.settings.address_allowed(address):
+        if not address_allowed(self.settings.allowed_addresses, address):
             log.warning("refusing an association from %s: not in allowed_addresses", address)
             self.stats.add(refused_associations=1)
             return NO_REASON
@@ -411,7 +381,7 @@ class Receiver:
     def _on_conn_open(self, event: Any) -> None:
         no_delay(event.assoc)
         address = event.address[0]
-        if not self.settings.address_allowed(address):
+        if not address_allowed(self.settings.allowed_addresses, address):
             log.warning("refusing a connection from %s: not in allowed_addresses", address)
             self.stats.add(refused_associations=1)
             event.assoc.abort()

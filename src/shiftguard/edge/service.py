@@ -27,18 +27,18 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from shiftguard.config.deploy import EdgeConfig, EdgeDestination
 from shiftguard.config.errors import ConfigError
 from shiftguard.edge.bundle import SUFFIX, BundleError, open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
-from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
+from shiftguard.edge.receiver import Receiver, no_delay
 from shiftguard.edge.shipper import Shipper, Spool
 from shiftguard.edge.signing import Trust
 from shiftguard.endpoint import Endpoint
@@ -61,51 +61,6 @@ COUNTERS = {
     "sent": "Result objects delivered to a destination",
     "send_failures": "Failed sends (each retried with backoff)",
 }
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM node results are sent to."""
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    role: str = CLINICAL  # or "research"
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Everything ``edge serve`` needs (composed from ``conf/edge/``)."""
-
-    bundle: str
-    storage: str
-    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
-    destinations: tuple[Destination, ...] = ()
-    challenger: str | None = None
-    challenger_fraction: float = 1.0
-    shadow: bool = True
-    workers: int = 1
-    stability_s: float = 30.0
-    retry_base_s: float = 2.0
-    retry_max_s: float = 300.0
-    poll_s: float = 0.05
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080
-    calling_ae_title: str = "SHIFTGUARD"
-    site: str = "site"  # this site's name in the drift records
-    collector_url: str | None = None  # where the records are shipped; None: spool only
-    collector_token: str | None = None
-    collector_ca: str | None = None  # CA bundle the collector's certificate is checked against
-    collector_cert: str | None = None  # client certificate and key, if the collector wants one
-    collector_key: str | None = None
-    record_key: str | None = None  # site secret keying record ids; None: <storage>/record.key
-    trusted_keys: tuple[str, ...] = ()  # public key files a bundle may be signed by
-    allow_unsigned: bool = False  # development switch (warns on every load)
-
-    def trust(self) -> Trust:
-        """The keys this site's bundles must be signed by."""
-        return Trust(keys=self.trusted_keys, allow_unsigned=self.allow_unsigned)
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -181,58 +136,28 @@ def load_record_key(path: Path | str) -> bytes:
     return key
 
 
-def settings_from_config(cfg: Any) -> ServiceSettings:
-    """:class:`ServiceSettings` from a validated :class:`~shiftguard.config.EdgeConfig`.
+def read_collector_token(cfg: EdgeConfig) -> str | None:
+    """The collector's token from the environment variable ``edge.collector_token_env`` names;
+    None when no collector is set.
 
     Raises:
-        ConfigError: a collector is set but its token's environment variable is empty.
+        ConfigError: a collector is set but the variable is empty.
     """
+    if not cfg.collector_url:
+        return None
     token = os.environ.get(cfg.collector_token_env) or None
-    if cfg.collector_url and not token:
+    if not token:
         raise ConfigError(
             f"edge.collector_url is set ({cfg.collector_url}) but ${cfg.collector_token_env} is "
             "empty: export the collector's token there (edge.collector_token_env names the "
             "variable), or set edge.collector_url=null to keep records in the spool"
         )
-    return ServiceSettings(
-        bundle=str(resolve_bundle(cfg.bundle)),
-        challenger=str(resolve_bundle(cfg.challenger)) if cfg.challenger else None,
-        challenger_fraction=cfg.challenger_fraction,
-        trusted_keys=tuple(cfg.trusted_keys),
-        allow_unsigned=cfg.allow_unsigned,
-        storage=cfg.storage,
-        shadow=cfg.shadow,
-        receiver=ReceiverSettings(
-            ae_title=cfg.ae_title,
-            host=cfg.host,
-            port=cfg.port,
-            calling_ae_titles=tuple(cfg.calling_ae_titles),
-            allowed_addresses=tuple(cfg.allowed_addresses),
-            tls_cert=cfg.tls_cert,
-            tls_key=cfg.tls_key,
-            tls_ca=cfg.tls_ca,
-            engine=cfg.engine,
-            durability=cfg.durability,
-            network_timeout_s=cfg.network_timeout_s,
-        ),
-        destinations=tuple(
-            Destination(d.name, d.ae_title, d.host, d.port, d.role) for d in cfg.destinations
-        ),
-        workers=cfg.workers,
-        stability_s=cfg.stability_s,
-        retry_base_s=cfg.retry_base_s,
-        retry_max_s=cfg.retry_max_s,
-        http_host=cfg.http_host,
-        http_port=cfg.http_port,
-        calling_ae_title=cfg.ae_title,
-        site=cfg.site,
-        collector_url=cfg.collector_url,
-        collector_token=token,
-        collector_ca=cfg.collector_ca,
-        collector_cert=cfg.collector_cert,
-        collector_key=cfg.collector_key,
-        record_key=cfg.record_key,
-    )
+    return token
+
+
+def trust(cfg: EdgeConfig) -> Trust:
+    """The keys this site's bundles must be signed by."""
+    return Trust(keys=tuple(cfg.trusted_keys), allow_unsigned=cfg.allow_unsigned)
 
 
 class _ScrapeFigures:
@@ -268,17 +193,35 @@ class _ScrapeFigures:
 class Service:
     """The running service (see the module docstring)."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(
+        self,
+        settings: EdgeConfig,
+        collector_token: str | None = None,
+        poll_s: float = 0.05,
+    ) -> None:
+        """
+        Args:
+            settings: The validated ``edge`` section (or a site file), used as it is.
+            collector_token: The collector's token; None: read from ``edge.collector_token_env``.
+            poll_s: How long an idle worker or sender waits before looking at the queue again.
+
+        Raises:
+            ConfigError: a collector is set and no token is found.
+            BundleError, SignatureError: a bundle cannot be used.
+        """
         self.settings = settings
+        self.poll_s = poll_s
+        self.collector_token = collector_token or read_collector_token(settings)
         root = Path(settings.storage)
         self.queue = WorkQueue(root / "queue.db")
         self.inbox = root / "inbox"
         self.outbox = root / "results"
+        keys = trust(settings)
         self.champion = Predictor(
-            open_bundle(settings.bundle, settings.trust()), shadow=settings.shadow
+            open_bundle(resolve_bundle(settings.bundle), keys), shadow=settings.shadow
         )
         self.challenger = (
-            Predictor(open_bundle(settings.challenger, settings.trust()), shadow=True)
+            Predictor(open_bundle(resolve_bundle(settings.challenger), keys), shadow=True)
             if settings.challenger
             else None
         )
@@ -291,7 +234,7 @@ class Service:
                 f"({self.champion.bundle.name} v{self.champion.bundle.version}); the shadow log "
                 "could not tell their results apart: give a different bundle or none"
             )
-        self.receiver = Receiver(settings.receiver, self.queue, self.inbox, on_ready=self._wake)
+        self.receiver = Receiver(settings, self.queue, self.inbox, on_ready=self._wake)
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "shiftguard_edge_latency_seconds",
@@ -319,13 +262,9 @@ class Service:
         self.shipper: Shipper | None = None
         self.record_key = load_record_key(settings.record_key or root / RECORD_KEY)
         if settings.collector_url:
-            if not settings.collector_token:
-                raise ConfigError(
-                    f"edge: a collector is set ({settings.collector_url}) but no token: set the "
-                    "token's environment variable (edge.collector_token_env)"
-                )
+            assert self.collector_token is not None  # read_collector_token raised otherwise
             self.shipper = Shipper(
-                self.spool, settings.collector_url, settings.collector_token,
+                self.spool, settings.collector_url, self.collector_token,
                 tls_ca=settings.collector_ca, tls_cert=settings.collector_cert,
                 tls_key=settings.collector_key,
             )  # fmt: skip
@@ -343,7 +282,7 @@ class Service:
             self._ready_at.setdefault(uid, now)
         self._work.set()
 
-    def _routes(self) -> list[Destination]:
+    def _routes(self) -> list[EdgeDestination]:
         """Where the champion's results go: research destinations always, clinical ones unless in
         shadow mode."""
         return [
@@ -416,7 +355,7 @@ class Service:
             self.shipper.wake()
 
     def _log_row(
-        self, study_uid: str, row: dict[str, Any], role: str, routes: Sequence[Destination]
+        self, study_uid: str, row: dict[str, Any], role: str, routes: Sequence[EdgeDestination]
     ) -> dict[str, Any]:
         return {
             "study_uid": study_uid,
@@ -442,7 +381,7 @@ class Service:
         while not self._stop.is_set():
             uid = self.queue.claim_study()
             if uid is None:
-                self._work.wait(self.settings.poll_s)
+                self._work.wait(self.poll_s)
                 self._work.clear()
                 continue
             try:
@@ -457,17 +396,17 @@ class Service:
             if self.queue.mark_stable(self.settings.stability_s):
                 self._work.set()
 
-    def _sender(self, dest: Destination) -> None:
+    def _sender(self, dest: EdgeDestination) -> None:
         from pydicom import dcmread
         from pynetdicom import AE, evt
 
-        ae = AE(ae_title=self.settings.calling_ae_title)
+        ae = AE(ae_title=self.settings.ae_title)
         for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):  # what the runner writes
             ae.add_requested_context(sop_class, EXPLICIT_VR_LITTLE_ENDIAN)
         while not self._stop.is_set():
             due = self.queue.due(dest.name)
             if not due:
-                self._stop.wait(self.settings.poll_s)
+                self._stop.wait(self.poll_s)
                 continue
             assoc = ae.associate(
                 dest.host,
@@ -548,7 +487,7 @@ class Service:
             name="edge",
         )
         try:
-            with listening(self.settings.receiver.host, self.settings.receiver.port, "edge.port"):
+            with listening(self.settings.host, self.settings.port, "edge.port"):
                 self.receiver.start()
         except BaseException:
             self._http.stop()

@@ -19,6 +19,7 @@ from dciodvfy_check import assert_dciodvfy_clean
 from pydicom.data import get_testdata_file
 
 from shiftguard.cli import main
+from shiftguard.config.deploy import SeriesSelection
 from shiftguard.edge.bundle import open_bundle
 from shiftguard.edge.dicom_out import (
     SHADOW_BANNER,
@@ -27,7 +28,7 @@ from shiftguard.edge.dicom_out import (
     describe_sr,
     render_key_image,
 )
-from shiftguard.edge.predict import Predictor, SelectionRules
+from shiftguard.edge.predict import Predictor
 
 NON_IMAGES = {
     "rtstruct.dcm": "RT Structure Set",
@@ -174,14 +175,14 @@ def test_selection_rules_skip_with_the_rule_that_failed(
     bundle_path: Path, cohort: Path, tmp_path: Path
 ) -> None:
     predictor = Predictor(open_bundle(bundle_path))
-    predictor.selection = SelectionRules(description="FLAIR", min_slices=1)
+    predictor.selection = SeriesSelection(series_description="FLAIR", min_slices=1)
     summary = predictor.predict_folder(cohort, tmp_path)
     assert summary.n_predicted == 0 and len(summary.skipped) == 3
     assert {r["code"] for r in summary.skipped} == {"series_description"}
-    predictor.selection = SelectionRules(min_slices=500)
+    predictor.selection = SeriesSelection(min_slices=500)
     summary = predictor.predict_folder(cohort, tmp_path)
     assert {r["code"] for r in summary.skipped} == {"too_few_slices"}
-    predictor.selection = SelectionRules(orientations=("coronal",))
+    predictor.selection = SeriesSelection(orientations=["coronal"], min_slices=1)
     summary = predictor.predict_folder(cohort, tmp_path)
     assert {r["code"] for r in summary.skipped} == {"orientation"}
 

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from shiftguard.config import IngestConfig, TrainConfig, validate
-from shiftguard.data.canonical import Rules, canonical_volume
+from shiftguard.data.canonical import canonical_volume
 from shiftguard.data.volume import write_nifti
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.dicom.series import group_series
@@ -86,7 +86,7 @@ def test_percentiles_of_a_volume_in_any_memory_order_and_with_non_finite_values(
 
 
 def _series_volumes(cohort: Path, tiny: dict[str, Any]) -> list[np.ndarray]:
-    rules = Rules.from_config(validate("ingest", tiny["ingest"], IngestConfig))
+    rules = validate("ingest", tiny["ingest"], IngestConfig)
     headers, _ = scan_files(list_files(cohort))
     return [canonical_volume(group, rules)[1].array for group in group_series(headers)]
 

@@ -13,8 +13,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from tls_certs import self_signed
 
+from shiftguard.config import EdgeConfig
 from shiftguard.edge.queue import READY, WorkQueue
-from shiftguard.edge.receiver import Receiver, ReceiverSettings
+from shiftguard.edge.receiver import Receiver, address_allowed
 from shiftguard.peers import tool
 
 pytestmark = pytest.mark.peers("storescu")
@@ -30,7 +31,7 @@ def receiver(tmp_path: Path, engine: str):
     queue = WorkQueue(tmp_path / "queue.db")
     ready: list[str] = []
     rx = Receiver(
-        ReceiverSettings(port=0, calling_ae_titles=("MODALITY",), engine=engine),
+        EdgeConfig(port=0, calling_ae_titles=["MODALITY"], engine=engine),
         queue,
         tmp_path / "inbox",
         on_ready=ready.extend,
@@ -179,10 +180,10 @@ def test_an_object_whose_uids_break_the_dicom_rules_is_refused_before_any_path(
 
 
 def test_address_allow_list() -> None:
-    settings = ReceiverSettings(allowed_addresses=("10.0.0.0/8", "127.0.0.1"))
-    assert settings.address_allowed("10.2.3.4") and settings.address_allowed("127.0.0.1")
-    assert not settings.address_allowed("192.168.1.5")
-    assert ReceiverSettings().address_allowed("192.168.1.5")
+    allowed = EdgeConfig(allowed_addresses=["10.0.0.0/8", "127.0.0.1"]).allowed_addresses
+    assert address_allowed(allowed, "10.2.3.4") and address_allowed(allowed, "127.0.0.1")
+    assert not address_allowed(allowed, "192.168.1.5")
+    assert address_allowed(EdgeConfig().allowed_addresses, "192.168.1.5")  # empty: any
 
 
 @pytest.mark.peers("openssl")
@@ -198,7 +199,7 @@ def test_tls_only_lets_clients_with_a_trusted_certificate_in(
     client_crt, client_key = self_signed(tmp_path, "client")
     queue = WorkQueue(tmp_path / "q.db")
     rx = Receiver(
-        ReceiverSettings(
+        EdgeConfig(
             port=0,
             tls_cert=str(server_crt),
             tls_key=str(server_key),

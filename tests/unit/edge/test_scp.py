@@ -13,8 +13,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from shiftguard.config import EdgeConfig
 from shiftguard.edge.queue import RECEIVING, WorkQueue
-from shiftguard.edge.receiver import Receiver, ReceiverSettings, scan_uids
+from shiftguard.edge.receiver import Receiver, scan_uids
 from shiftguard.peers import tool
 
 needs_dcmtk = pytest.mark.peers("storescu")
@@ -27,7 +28,7 @@ def make_receiver(tmp_path: Path):
     def make(**settings) -> tuple[Receiver, WorkQueue]:
         queue = WorkQueue(tmp_path / f"queue{len(made)}.db")
         rx = Receiver(
-            ReceiverSettings(port=0, calling_ae_titles=("MODALITY",), **settings),
+            EdgeConfig(port=0, calling_ae_titles=["MODALITY"], **settings),
             queue,
             tmp_path / f"inbox{len(made)}",
         )
@@ -216,10 +217,10 @@ def test_both_durability_modes_store_and_release(make_receiver, cohort: Path, du
 
 
 def test_settings_name_the_bad_value() -> None:
-    with pytest.raises(ValueError, match="engine 'twisted'"):
-        ReceiverSettings(engine="twisted")
-    with pytest.raises(ValueError, match="durability 'maybe'"):
-        ReceiverSettings(durability="maybe")
+    with pytest.raises(ValueError, match=r"engine\n.*'asyncio' or 'pynetdicom'.*'twisted'"):
+        EdgeConfig(engine="twisted")
+    with pytest.raises(ValueError, match=r"durability\n.*'association' or 'instance'.*'maybe'"):
+        EdgeConfig(durability="maybe")
 
 
 @needs_dcmtk
@@ -239,7 +240,7 @@ def test_files_written_but_not_recorded_are_recovered_at_start(
     queue._db.execute("DELETE FROM studies")
     leftover = Path(recorded[0]).with_name(".partial.dcm.1.tmp")
     leftover.write_bytes(b"half")
-    again = Receiver(ReceiverSettings(port=0), queue, inbox)
+    again = Receiver(EdgeConfig(port=0), queue, inbox)
     again.start()
     try:
         assert sorted(queue.instance_paths()) == recorded

@@ -45,9 +45,10 @@ from fuzz_targets import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shiftguard.config import EdgeConfig
 from shiftguard.edge import scp
 from shiftguard.edge.queue import WorkQueue
-from shiftguard.edge.receiver import Receiver, ReceiverSettings
+from shiftguard.edge.receiver import Receiver
 
 
 @pytest.fixture
@@ -162,7 +163,7 @@ def test_nothing_after_an_a_release_is_processed(harness: ConnectionHarness) -> 
 def _serve(tmp_path: Path) -> tuple[Receiver, WorkQueue]:
     queue = WorkQueue(tmp_path / "queue.db")
     receiver = Receiver(
-        ReceiverSettings(port=0, calling_ae_titles=("MODALITY",), network_timeout_s=5.0),
+        EdgeConfig(port=0, calling_ae_titles=["MODALITY"], network_timeout_s=5.0),
         queue,
         tmp_path / "inbox",
     )

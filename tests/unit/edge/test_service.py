@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shiftguard.config import EdgeConfig
 from shiftguard.edge.bundle import BundleError
 from shiftguard.edge.queue import DONE
-from shiftguard.edge.receiver import ReceiverSettings
-from shiftguard.edge.service import Destination, Service, ServiceSettings, sampled
+from shiftguard.edge.service import Service, sampled
 from shiftguard.peers import Orthanc, copy_study, free_port, storescu
 from shiftguard.shadow.log import read_shadow_log
 
@@ -33,17 +32,23 @@ def _service(
     tmp_path: Path, bundle: Path, orthanc: Orthanc, shadow: bool, **changes: Any
 ) -> Service:
     """A started service on free ports sending to ``orthanc`` as its clinical destination."""
-    settings = ServiceSettings(
+    settings = EdgeConfig(
         bundle=str(bundle),
         storage=str(tmp_path / "edge"),
-        receiver=ReceiverSettings(port=0, calling_ae_titles=("MODALITY",)),
-        destinations=(Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom, "clinical"),),
+        port=0,
+        calling_ae_titles=["MODALITY"],
+        destinations=[
+            {"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom, "role": "clinical"}
+        ],
         shadow=shadow,
         stability_s=30.0,
         retry_base_s=0.2,
         http_port=0,
     )
-    service = Service(replace(settings, **changes))
+    token = changes.pop("collector_token", None)
+    service = Service(
+        EdgeConfig.model_validate({**settings.model_dump(), **changes}), collector_token=token
+    )
     service.start()
     return service
 

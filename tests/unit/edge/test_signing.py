@@ -202,7 +202,7 @@ def test_the_service_trusts_what_its_site_file_lists(
     by another key is refused before the service takes a study; ``allow_unsigned`` is the
     development switch."""
     from shiftguard.config import EdgeConfig
-    from shiftguard.edge.service import Service, settings_from_config
+    from shiftguard.edge.service import Service
 
     private, public = generate(tmp_path / "lab", "release")
     path = write_bundle(
@@ -213,15 +213,15 @@ def test_the_service_trusts_what_its_site_file_lists(
     )
     base = {"bundle": str(path), "storage": str(tmp_path / "store"), "http_port": 0}
     with pytest.raises(SignatureError, match="does not trust"):
-        Service(settings_from_config(EdgeConfig.model_validate(base)))
+        Service(EdgeConfig.model_validate(base))
     trusted = EdgeConfig.model_validate({**base, "trusted_keys": [str(public)]})
-    service = Service(settings_from_config(trusted))
+    service = Service(trusted)
     assert service.champion.bundle.signer == read_public_key(public).key_id
     unsigned = write_bundle(
         tmp_path / "u" / "u.sgbundle", make_manifest(tiny), _members(onnx_model), sign=False
     )
     dev = EdgeConfig.model_validate({**base, "bundle": str(unsigned), "allow_unsigned": True})
-    assert Service(settings_from_config(dev)).champion.bundle.signer is None
+    assert Service(dev).champion.bundle.signer is None
 
 
 def test_another_key_changes_the_signature_not_the_size_or_what_the_runner_computes(

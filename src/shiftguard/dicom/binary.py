@@ -79,8 +79,16 @@ KEYWORDS: tuple[str, ...] = (
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 )  # fmt: skip
 
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:  # a misspelt entry of KEYWORDS: fail on import, naming it
+        raise KeyError(f"{keyword!r} is not a keyword of pydicom's data dictionary")
+    return tag
+
+
 #: Keyword -> tag (``group << 16 | element``), from pydicom's data dictionary.
-TAGS: dict[str, int] = {keyword: int(tag_for_keyword(keyword)) for keyword in KEYWORDS}
+TAGS: dict[str, int] = {keyword: _tag(keyword) for keyword in KEYWORDS}
 
 #: Tag -> dictionary VR of every field in :data:`KEYWORDS` (implicit VR files need it).
 WANTED: dict[int, str] = {tag: dictionary_VR(tag) for tag in TAGS.values()}

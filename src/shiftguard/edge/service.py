@@ -32,14 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from shiftguard.config.errors import ConfigError
-from shiftguard.edge.bundle import SUFFIX, BundleError, open_bundle
+from shiftguard.edge.bundle import SUFFIX, open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, ReceiverSettings, no_delay
 from shiftguard.edge.shipper import Shipper, Spool
 from shiftguard.edge.signing import Trust
-from shiftguard.errors import listening
+from shiftguard.errors import BundleError, ConfigError, listening
 from shiftguard.records.features import make_record
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from pydicom.uid import (
 )
 
 from shiftguard.dicom.uid import is_uid
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import PacsError
 from shiftguard.shadow.diagnoses import Diagnosis, Problem, parse_time
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,6 @@ _FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information M
 _MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # ... - MOVE
 _GET = "1.2.840.10008.5.1.4.1.2.2.3"  # ... - GET
 _CHUNK = 50  # study UIDs per C-FIND
-
-
-class PacsError(ShiftGuardError):
-    """A PACS that cannot be asked: a bad address, unreachable, refusing, or failing a request."""
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,10 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from shiftguard.dicom import binary, pixels
-from shiftguard.dicom.errors import UnreadableFileError
 from shiftguard.dicom.scan import read_headers
 from shiftguard.edge import scp
 from shiftguard.edge.receiver import scan_uids
+from shiftguard.errors import UnreadableFileError
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
     # Hypothesis caches what it learns from the source under ./.hypothesis; keep the tree clean

@@ -23,6 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard import __version__
+from shiftguard.errors import (
+    ConfigError,
+    DataSourceError,
+    DiagnosisFileError,
+    EmptyInputError,
+    IngestInputError,
+    KeyFileError,
+    PacsError,
+    ShiftGuardError,
+    listening,
+)
 
 log = logging.getLogger("shiftguard")
 
@@ -47,7 +58,7 @@ def _ingest(args: argparse.Namespace) -> int:
     data = compose_section("data", DataConfig, args.overrides)
     ids = pseudonymizer(data.name, data.identifiers, data.key_id)
     if args.input.is_dir() and not any(files for _, _, files in os.walk(args.input)):
-        raise ingest.IngestInputError(
+        raise IngestInputError(
             f"ingest: {args.input} holds no files (no DICOM to read); pass the root of the "
             "DICOM tree"
         )
@@ -80,7 +91,7 @@ def _data_init(args: argparse.Namespace) -> int:
     name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dicom.resolve().name) or "site"
     target = conf / "data" / f"{name}.yaml"
     if target.exists() and not args.force:
-        raise source.DataSourceError(
+        raise DataSourceError(
             f"{target} exists: pass --name for another source, or --force to replace it"
         )
     inventory = source.inspect_dicom(args.dicom, progress=not args.quiet)
@@ -160,8 +171,6 @@ def _data_init(args: argparse.Namespace) -> int:
 
 
 def _external_option(args: argparse.Namespace) -> dict[str, object] | None:
-    from shiftguard.data.source import DataSourceError
-
     external: dict[str, object] = {}
     if args.external:
         column, sep, values = args.external.partition("=")
@@ -197,7 +206,6 @@ def _external_option(args: argparse.Namespace) -> dict[str, object] | None:
 def _data_lookup(args: argparse.Namespace) -> int:
     from shiftguard.config import DataConfig, compose_section
     from shiftguard.data.identifiers import pseudonymizer
-    from shiftguard.data.source import DataSourceError
     from shiftguard.dicom.scan import list_files, scan_files
 
     tokens = [a for a in args.pseudonyms if "=" not in a]  # KEY=VALUE: config overrides
@@ -421,8 +429,6 @@ def _config_check(args: argparse.Namespace) -> int:
 
     expected = dump_params(compose())
     if not args.params.is_file():
-        from shiftguard.config import ConfigError
-
         raise ConfigError(
             f"{args.params}: no such parameters file; write it with `shiftguard config dump`"
         )
@@ -450,8 +456,6 @@ def _config_show(args: argparse.Namespace) -> int:
     config = compose(args.overrides)
     validate_all(config)
     if args.section is not None and args.section not in config:
-        from shiftguard.config import ConfigError
-
         raise ConfigError(
             f"config show --section {args.section}: no such section; the sections are "
             + ", ".join(sorted(config))
@@ -509,7 +513,6 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
     from shiftguard.edge.signing import (
         DEVELOPMENT,
-        KeyFileError,
         development_key_path,
         generate,
         read_signing_key,
@@ -574,8 +577,6 @@ def _edge_predict(args: argparse.Namespace) -> int:
         args.out / "results.csv",
     )
     if summary.n_predicted == 0:
-        from shiftguard.errors import EmptyInputError
-
         folders = ", ".join(map(str, args.dicom))
         why = (
             f"{len(summary.skipped)} file(s) or series skipped, each with its reason in "
@@ -624,8 +625,6 @@ def _edge_config(args: argparse.Namespace) -> int:
 
     text = site_config_template()
     if args.out is not None and args.out.is_dir():
-        from shiftguard.config import ConfigError
-
         raise ConfigError(f"edge config --out {args.out}: is a folder; name the site file to write")
     if args.out is None:
         sys.stdout.write(text)
@@ -651,8 +650,6 @@ def _monitor_collect(args: argparse.Namespace) -> int:
     cfg = _monitor_config(args)
     token = os.environ.get(cfg.collector.token_env, "")
     if not token:
-        from shiftguard.config import ConfigError
-
         raise ConfigError(
             f"monitor collect: set the shared token in ${cfg.collector.token_env} "
             "(the edges send the same one)"
@@ -766,8 +763,6 @@ def _monitor_ui(args: argparse.Namespace) -> int:
         return 0
     import socket
 
-    from shiftguard.errors import listening
-
     with listening(args.host, args.port, "monitor ui --host/--port"), socket.socket() as probe:
         probe.bind((args.host, args.port))  # the UI's server would only say so in its own log
     beside = Path(sys.executable).parent / "evidently"  # an environment not on $PATH
@@ -787,8 +782,6 @@ def _shadow_evaluate(args: argparse.Namespace) -> int:
     cfg = compose_section("shadow", ShadowConfig, args.overrides)
     pacs = args.pacs or cfg.pacs.address
     if not args.diagnoses and not pacs:
-        from shiftguard.shadow.diagnoses import DiagnosisFileError
-
         raise DiagnosisFileError(
             "shadow evaluate: give --diagnoses FILE(s) and/or --pacs (or shadow.pacs.address)"
         )
@@ -838,8 +831,6 @@ def _fetch(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
         }
     )  # fmt: skip
     if not settings.address:
-        from shiftguard.shadow.pacs import PacsError
-
         raise PacsError(
             f"shadow {args.action}: name the PACS with --pacs AET@host:port (or shadow.pacs.address)"
         )
@@ -1241,7 +1232,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input, with the reason on stderr)."""
-    from shiftguard.errors import ShiftGuardError
     from shiftguard.utils import setup_logging
 
     args = build_parser().parse_args(argv)

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import rankdata
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import MetricInputError
 
 __all__ = [
     "MetricInputError",
@@ -47,10 +47,6 @@ BoolArray = NDArray[np.bool_]
 MetricFn = Callable[[NDArray[np.bool_], NDArray[np.float64]], float]
 
 _RULE = re.compile(r"^(sensitivity|specificity)@(0(?:\.\d+)?|1(?:\.0*)?)$")
-
-
-class MetricInputError(ShiftGuardError, ValueError):
-    """Labels, scores or a metric option that cannot be evaluated; the message names which and why."""
 
 
 # --------------------------------------------------------------------------------------------------

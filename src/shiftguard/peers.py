@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import PeerMissingError
 
 #: the Debian package that installs each peer program (what a missing one's message names)
 PACKAGES = {
@@ -47,10 +47,6 @@ PACKAGES = {
 SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 #: PostgreSQL's server programs, newest version first
 POSTGRES_DIRS = "/usr/lib/postgresql/*/bin"
-
-
-class PeerMissingError(ShiftGuardError, FileNotFoundError):
-    """A peer program is not installed; the message names it and the package that installs it."""
 
 
 def _version_key(path: Path) -> tuple[int, ...]:

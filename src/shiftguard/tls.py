@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import ssl
 
-from shiftguard.errors import ShiftGuardError
-
-
-class TlsConfigError(ShiftGuardError, ValueError):
-    """A certificate, key or CA file that cannot be used; the message names the file."""
+from shiftguard.errors import TlsConfigError
 
 
 def server_context(cert: str, key: str | None, ca: str | None = None) -> ssl.SSLContext:

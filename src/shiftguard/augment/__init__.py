@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from shiftguard.augment.params import ORDER, SimParams
 from shiftguard.augment.profiles import SEVERITY_MAX, draw, scaled_ranges
+from shiftguard.errors import BackendUnavailableError, SimInputError
 
 if TYPE_CHECKING:
-    from shiftguard.augment.fast import FastScannerSim, SimInputError, apply_fast
+    from shiftguard.augment.fast import FastScannerSim, apply_fast
     from shiftguard.augment.reference import apply_reference
     from shiftguard.augment.transforms import (
-        BackendUnavailableError,
         RandScannerSimd,
         ScannerSim,
         ScannerSimd,
@@ -33,10 +33,8 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "FastScannerSim": "shiftguard.augment.fast",
-    "SimInputError": "shiftguard.augment.fast",
     "apply_fast": "shiftguard.augment.fast",
     "apply_reference": "shiftguard.augment.reference",
-    "BackendUnavailableError": "shiftguard.augment.transforms",
     "RandScannerSimd": "shiftguard.augment.transforms",
     "ScannerSim": "shiftguard.augment.transforms",
     "ScannerSimd": "shiftguard.augment.transforms",

@@ -55,7 +55,7 @@ from shiftguard.augment.params import (
     SimParams,
     Spike,
 )
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import SimInputError
 
 __all__ = ["FastScannerSim", "SimInputError", "apply_fast"]
 
@@ -73,10 +73,6 @@ otherwise; tests set ``"torch"`` to check the GPU code path on the CPU."""
 
 _DIRECT_BLUR_RADIUS = 8
 """Gaussian kernels up to this radius (17 taps) are applied directly, wider ones by FFT."""
-
-
-class SimInputError(ShiftGuardError, ValueError):
-    """A volume, spacing or :class:`SimParams` field that the simulation cannot apply, and why."""
 
 
 # --------------------------------------------------------------------------------------------------

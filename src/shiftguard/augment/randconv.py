@@ -19,11 +19,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 
-from shiftguard.errors import ShiftGuardError
-
-
-class RandConvInputError(ShiftGuardError, ValueError):
-    """A kernel size, mixing range or image that random convolutions cannot use."""
+from shiftguard.errors import RandConvInputError
 
 
 def random_conv(

@@ -24,7 +24,7 @@ import numpy as np
 from shiftguard.augment.profiles import draw
 from shiftguard.config.schema import AugmentConfig
 from shiftguard.data.volume import read_nifti
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import RobustnessInputError
 from shiftguard.pool import WorkerPool, run_tasks
 from shiftguard.tracking import stage_run
 from shiftguard.utils import progress_bar
@@ -45,10 +45,6 @@ MANIFEST_COLUMNS = (
 )
 DATASET_COLUMNS = MANIFEST_COLUMNS[:6]  # carried over from the split's dataset.csv
 VOLUMES_DIR = "volumes"
-
-
-class RobustnessInputError(ShiftGuardError, ValueError):
-    """The dataset table or a volume it names cannot be used; the message names it."""
 
 
 @dataclass(frozen=True)

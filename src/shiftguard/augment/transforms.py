@@ -35,7 +35,7 @@ from monai.utils import TransformBackends
 from shiftguard.augment.params import SimParams
 from shiftguard.augment.profiles import SEVERITY_MAX, draw
 from shiftguard.config.schema import AugmentConfig, ScannerSimProfile
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import BackendUnavailableError
 
 __all__ = [
     "RECORD_KEY",
@@ -55,10 +55,6 @@ RECORD_KEY = "scanner_sim"
 """Where :class:`RandScannerSimd` records what it drew in the data dictionary."""
 
 _SEED_BOUND = 2**31
-
-
-class BackendUnavailableError(ShiftGuardError, ImportError):
-    """The requested simulation backend cannot be imported; the message says which and what to do."""
 
 
 @functools.cache

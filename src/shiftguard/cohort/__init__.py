@@ -8,14 +8,14 @@ given a focal lesion, then acquired by its site's scanner profile and written as
 from __future__ import annotations
 
 from shiftguard.cohort.demographics import SubjectPlan, sample_subjects
-from shiftguard.cohort.errors import (
+from shiftguard.cohort.generate import CohortSummary, run
+from shiftguard.cohort.writer import TRANSFER_SYNTAXES
+from shiftguard.errors import (
     CohortError,
     OutputDirectoryError,
     TemplateNotFoundError,
     UnsupportedTransferSyntaxError,
 )
-from shiftguard.cohort.generate import CohortSummary, run
-from shiftguard.cohort.writer import TRANSFER_SYNTAXES
 
 __all__ = [
     "TRANSFER_SYNTAXES",

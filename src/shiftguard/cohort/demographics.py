@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize
 
-from shiftguard.cohort.errors import CohortError
 from shiftguard.config.schema import CohortConfig, LesionConfig, SiteConfig
+from shiftguard.errors import CohortError
 
 #: independent random streams per subject (the third entropy word)
 STREAM_DEMOGRAPHICS = 0

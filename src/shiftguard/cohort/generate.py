@@ -32,11 +32,11 @@ from typing import Any
 from shiftguard import __version__
 from shiftguard.cohort import tables
 from shiftguard.cohort.demographics import SubjectPlan, sample_subjects
-from shiftguard.cohort.errors import CohortError, OutputDirectoryError
 from shiftguard.cohort.render import RenderedSeries, render_subject
 from shiftguard.cohort.template import template_dir
 from shiftguard.cohort.writer import check_transfer_syntax, series_uids, write_mask, write_series
 from shiftguard.config.schema import CohortConfig
+from shiftguard.errors import CohortError, OutputDirectoryError
 from shiftguard.pool import WorkerPool, run_tasks
 from shiftguard.utils import progress_bar, write_csv, write_json
 
@@ -250,9 +250,9 @@ def run(
 
     Raises:
         CohortError: a bad seed or config value, a transfer syntax without an encoder
-            (:class:`~.errors.UnsupportedTransferSyntaxError`), a missing template
-            (:class:`~.errors.TemplateNotFoundError`), or an output folder holding foreign files
-            (:class:`~.errors.OutputDirectoryError`).
+            (:class:`~shiftguard.errors.UnsupportedTransferSyntaxError`), a missing template
+            (:class:`~shiftguard.errors.TemplateNotFoundError`), or an output folder holding
+            foreign files (:class:`~shiftguard.errors.OutputDirectoryError`).
     """
     out_dir = Path(out_dir)
     n_workers = workers if workers is not None else (os.cpu_count() or 1)

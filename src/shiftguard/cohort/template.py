@@ -28,8 +28,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
-from shiftguard.cohort.errors import TemplateNotFoundError
 from shiftguard.cohort.physics import LABELS
+from shiftguard.errors import TemplateNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from pydicom.valuerep import format_number_as_ds
 from shiftguard import __version__
 from shiftguard.cohort import scanner
 from shiftguard.cohort.demographics import SubjectPlan
-from shiftguard.cohort.errors import UnsupportedTransferSyntaxError
 from shiftguard.cohort.geometry import AcquisitionGeometry
 from shiftguard.config.schema import ScannerProfile
+from shiftguard.errors import UnsupportedTransferSyntaxError
 
 #: ``ScannerProfile.transfer_syntax`` names and the transfer syntax each one writes
 TRANSFER_SYNTAXES: Mapping[str, UID] = {

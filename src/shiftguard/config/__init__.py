@@ -8,7 +8,6 @@ from shiftguard.config.deploy import (
     ExportConfig,
     SeriesSelection,
 )
-from shiftguard.config.errors import ConfigError
 from shiftguard.config.loader import (
     PARAMS_FILE,
     compose,
@@ -38,6 +37,7 @@ from shiftguard.config.schema import (
 )
 from shiftguard.config.sections import SCHEMAS
 from shiftguard.config.shadow import GateConfig, ShadowConfig
+from shiftguard.errors import ConfigError
 
 __all__ = [
     "PARAMS_FILE",

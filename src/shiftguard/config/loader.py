@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from shiftguard.config.errors import ConfigError
 from shiftguard.config.sections import SCHEMAS
+from shiftguard.errors import ConfigError
 
 CONFIG_NAME = "config"
 PARAMS_FILE = "params.yaml"

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from shiftguard.config.deploy import EdgeConfig
-from shiftguard.config.errors import ConfigError
 from shiftguard.config.loader import validate
+from shiftguard.errors import ConfigError
 
 
 def load_site_config(path: Path, overrides: Sequence[str] = ()) -> EdgeConfig:

@@ -14,7 +14,7 @@ from datetime import date
 from typing import TYPE_CHECKING
 
 from shiftguard.data.volume import Resampled, canonical_affine, resample_to_grid
-from shiftguard.dicom.errors import QuarantineEntry
+from shiftguard.dicom.quarantine import QuarantineEntry
 from shiftguard.dicom.series import (
     SeriesGroup,
     ValidatedSeries,

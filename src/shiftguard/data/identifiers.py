@@ -33,16 +33,12 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import PseudonymKeyError
 from shiftguard.utils import config_dir
 
 ENV_KEY = "SHIFTGUARD_PSEUDONYM_KEY"
 #: the oldest age written as itself; older patients are written as :data:`AGE_CAP`
 AGE_CAP = 90
-
-
-class PseudonymKeyError(ShiftGuardError, ValueError):
-    """The pseudonym key is missing or is not the one the data config names; says which file."""
 
 
 def key_path(source: str) -> Path:

@@ -39,13 +39,13 @@ from shiftguard.data.volume import (
     volume_stats,
     write_nifti,
 )
-from shiftguard.dicom.errors import InvalidSeriesError, QuarantineEntry
+from shiftguard.dicom.quarantine import QuarantineEntry
 from shiftguard.dicom.scan import SliceHeader, chunked, list_files, scan_files
 from shiftguard.dicom.series import (
     SeriesGroup,
     group_series,
 )
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import IngestInputError, InvalidSeriesError
 from shiftguard.pool import WorkerPool, limit_blas_threads, run_tasks
 from shiftguard.utils import progress_bar
 
@@ -58,10 +58,6 @@ __all__ = [
     "IngestSummary",
     "run",
 ]
-
-
-class IngestInputError(ShiftGuardError, FileNotFoundError):
-    """The folder to ingest is missing or holds no file at all."""
 
 
 MANIFEST_COLUMNS: tuple[str, ...] = (

@@ -27,7 +27,7 @@ from typing import Any
 
 from shiftguard.config.schema import JOIN_KEY_FIELDS, DataConfig
 from shiftguard.data.identifiers import Pseudonymizer
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import LabelFileError
 from shiftguard.utils import write_csv
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,6 @@ ACTIONS: dict[str, str] = {
     "UID instead",
     "excluded_by_ingest": "see the fix; the series is in ingest's quarantine.csv, not in training",
 }
-
-
-class LabelFileError(ShiftGuardError, ValueError):
-    """A label file cannot be read or lacks a mapped column; the message names the file."""
 
 
 @dataclass(frozen=True)

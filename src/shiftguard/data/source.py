@@ -30,7 +30,7 @@ from shiftguard.config.schema import (
 from shiftguard.data import labels as label_join
 from shiftguard.data.identifiers import Pseudonymizer
 from shiftguard.dicom.scan import list_files, scan_files
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import DataSourceError, LabelFileError
 from shiftguard.utils import progress_bar
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ PHI_KEYWORDS: tuple[tuple[str, str], ...] = (
 PHI_SAMPLE = (
     200  # files read for the de-identification check (one pass over the whole tree is ingest's)
 )
-
-
-class DataSourceError(ShiftGuardError, ValueError):
-    """The export or label file cannot make a data source; the message says which and why."""
 
 
 @dataclass
@@ -190,7 +186,7 @@ def inspect_labels(path: Path) -> list[label_join.LabelRow]:
     """
     try:
         rows = label_join.read_labels(Path(path))
-    except label_join.LabelFileError as err:
+    except LabelFileError as err:
         raise DataSourceError(f"--labels: {err}") from None
     if not rows:
         raise DataSourceError(f"--labels {path}: no rows")

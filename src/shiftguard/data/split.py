@@ -21,7 +21,7 @@ import numpy as np
 from shiftguard.config.schema import DataConfig, ExternalSelector, SplitConfig
 from shiftguard.data import labels as label_join
 from shiftguard.data.identifiers import Pseudonymizer
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import SplitInputError, TooFewLabelledError
 from shiftguard.utils import write_csv
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,6 @@ EXTERNAL = "external"
 UNLABELLED = "unlabelled"
 #: the verified diagnoses the split writes for the shadow stage (its reader's column names)
 DIAGNOSIS_COLUMNS = ("study_instance_uid", "finding", "reader", "reported_at")
-
-
-class SplitInputError(ShiftGuardError, ValueError):
-    """The manifest or the diagnoses table cannot be split; the message names the file and column."""
 
 
 @dataclass(frozen=True)
@@ -269,10 +265,6 @@ def assign(
         moved_to_external=moved,
     )
     return rows, summary
-
-
-class TooFewLabelledError(SplitInputError):
-    """Too few labelled studies remain after the join for the configured split."""
 
 
 def check_trainable(summary: SplitSummary, cfg: SplitConfig, labelled: int) -> None:

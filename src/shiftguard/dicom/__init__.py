@@ -6,6 +6,7 @@
   a volume with its RAS affine (:class:`~.series.SeriesVolume`).
 * :mod:`shiftguard.dicom.pixels`: the pixel pass (native pixels read in place, RLE/JPEG-LS/JPEG 2000
   decoded through pydicom's plugins).
-* :mod:`shiftguard.dicom.errors`: typed errors and quarantine entries (code, reason, fix).
+* :mod:`shiftguard.dicom.quarantine`: the quarantine report's entries (code, reason, fix); the
+  typed errors are in :mod:`shiftguard.errors`.
 * :mod:`shiftguard.dicom.testing`: a small writer of synthetic series for tests and benchmarks.
 """

@@ -6,7 +6,7 @@ JPEG-LS, JPEG 2000, JPEG) is handed to pydicom's decoder with the image descript
 so pydicom's plugins (pylibjpeg, pyjpegls, ...) decode it without re-parsing the file. Files the
 walker did not parse (big endian, deflate, enhanced multi-frame) are read with pydicom.
 
-A failure names the file: :class:`~shiftguard.dicom.errors.PixelDecodeError`.
+A failure names the file: :class:`~shiftguard.errors.PixelDecodeError`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from shiftguard.dicom import binary
-from shiftguard.dicom.errors import PixelDecodeError
 from shiftguard.dicom.scan import SliceHeader
+from shiftguard.errors import PixelDecodeError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from shiftguard.dicom import binary
-from shiftguard.dicom.errors import QuarantineEntry, UnreadableFileError
+from shiftguard.dicom.quarantine import QuarantineEntry
+from shiftguard.errors import UnreadableFileError
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shiftguard.dicom.errors import InvalidSeriesError, QuarantineEntry
 from shiftguard.dicom.pixels import read_stored, stored_dtype
+from shiftguard.dicom.quarantine import QuarantineEntry
 from shiftguard.dicom.scan import SliceHeader
+from shiftguard.errors import InvalidSeriesError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from shiftguard.dicom.errors import InvalidUidError
+from shiftguard.errors import InvalidUidError
 
 MAX_LENGTH = 64
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")

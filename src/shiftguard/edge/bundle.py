@@ -44,7 +44,7 @@ from shiftguard.edge.signing import (
     default_signer,
     signature_document,
 )
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import BundleError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ MODEL_FORMATS = ("onnx", "torchscript")
 #: refuse archives that would expand beyond this (a ZIP bomb, or not a bundle at all)
 MAX_TOTAL_BYTES = 4 * 2**30
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
-
-
-class BundleError(ShiftGuardError, ValueError):
-    """A bundle cannot be trusted or used; the message names the file and the problem."""
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from shiftguard.edge.bundle import Bundle, BundleError
+from shiftguard.edge.bundle import Bundle
 from shiftguard.edge.preprocess import linear_resize
+from shiftguard.errors import BundleError
 
 log = logging.getLogger(__name__)
 

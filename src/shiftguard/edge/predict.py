@@ -36,14 +36,13 @@ from shiftguard.config.deploy import SeriesSelection
 from shiftguard.config.schema import IngestConfig
 from shiftguard.data.canonical import canonical_volume, parse_patient_age, series_key
 from shiftguard.data.volume import volume_stats
-from shiftguard.dicom.errors import InvalidSeriesError
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.dicom.series import SeriesGroup, group_series
-from shiftguard.edge.bundle import Bundle, BundleError
+from shiftguard.edge.bundle import Bundle
 from shiftguard.edge.dicom_out import SeriesResult, write_sc, write_sr
 from shiftguard.edge.infer import Model
 from shiftguard.edge.preprocess import preprocess
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import BundleError, InputError, InvalidSeriesError
 from shiftguard.records.features import (
     FEATURE_NAMES,
     Projection,
@@ -54,10 +53,6 @@ from shiftguard.records.features import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class InputError(ShiftGuardError, FileNotFoundError):
-    """A path given to ``predict`` does not exist."""
 
 
 RESULTS_CSV = "results.csv"

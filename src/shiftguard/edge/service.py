@@ -34,15 +34,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from shiftguard.config.deploy import EdgeConfig, EdgeDestination
-from shiftguard.config.errors import ConfigError
-from shiftguard.edge.bundle import SUFFIX, BundleError, open_bundle
+from shiftguard.edge.bundle import SUFFIX, open_bundle
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, no_delay
 from shiftguard.edge.shipper import Shipper, Spool
 from shiftguard.edge.signing import Trust
 from shiftguard.endpoint import Endpoint
-from shiftguard.errors import listening
+from shiftguard.errors import BundleError, ConfigError, listening
 from shiftguard.records.features import make_record
 
 log = logging.getLogger(__name__)

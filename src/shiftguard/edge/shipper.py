@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import CollectorAddressError
 from shiftguard.records.contract import RECORDS_ROUTE, check_records
 from shiftguard.store import Database
 from shiftguard.tls import client_context
@@ -330,10 +330,6 @@ class Shipper:
         except urllib.error.HTTPError as exc:
             with exc:
                 return int(exc.code), _json_object(exc.read(MAX_ANSWER_BYTES))
-
-
-class CollectorAddressError(ShiftGuardError, ValueError):
-    """A collector URL a shipper must not use (not http(s), or plain HTTP across the network)."""
 
 
 def _client_tls(

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import KeyFileError, SignatureError
 from shiftguard.utils import config_dir
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ SIGNING_KEY_ENV = "SHIFTGUARD_SIGNING_KEY"
 TRUSTED_KEYS_ENV = "SHIFTGUARD_TRUSTED_KEYS"
 ALLOW_UNSIGNED_ENV = "SHIFTGUARD_ALLOW_UNSIGNED"
 DEVELOPMENT = "development"
-
-
-class KeyFileError(ShiftGuardError, ValueError):
-    """A key file is missing or malformed; the message names the file."""
-
-
-class SignatureError(ShiftGuardError, ValueError):
-    """A bundle's signature is missing, unknown or does not verify; the message names the bundle."""
 
 
 def development_key_path() -> Path:

@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
+from shiftguard.errors import MetricInputError
 from shiftguard.evaluation.segments import age_bands, segment_table, unjudgeable_reason
 from shiftguard.metrics import (
-    MetricInputError,
     ReliabilityCurve,
     auroc,
     binary_report,

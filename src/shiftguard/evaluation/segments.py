@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from shiftguard.errors import MetricInputError
 from shiftguard.metrics import (
-    MetricInputError,
     as_generator,
     auroc_batched,
     check_bootstrap,

@@ -42,10 +42,9 @@ import torch
 from torch import nn
 
 from shiftguard.config.schema import EvaluateConfig, TrainConfig
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import MetricInputError, ValidationError
 from shiftguard.evaluation.segments import MISSING, age_bands, segment_table, unjudgeable_reason
 from shiftguard.metrics import (
-    MetricInputError,
     auroc,
     binary_report,
     bootstrap_ci,
@@ -97,10 +96,6 @@ def interval_text(
     if figure is None:
         return "n/a"
     return format_interval(figure.get("value"), figure.get("low"), figure.get("high"), n, positives)
-
-
-class ValidationError(ShiftGuardError, ValueError):
-    """The inputs of the validation stage cannot be judged (a split missing, one class only)."""
 
 
 def external_profile(scanner_model: str) -> str:

@@ -14,11 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shiftguard.experiment.stats import PairedInputError, cases_for_power, paired_difference_power
-
-
-class DesignInputError(PairedInputError):
-    """A split table that cannot give the class counts of a design."""
+from shiftguard.errors import DesignInputError
+from shiftguard.experiment.stats import cases_for_power, paired_difference_power
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from shiftguard.config.loader import validate
 from shiftguard.config.schema import ARMS, DesignConfig
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ExperimentReportError
 from shiftguard.experiment.runner import CELL_FILE, HOLDOUT, PREDICTIONS_FILE
 from shiftguard.experiment.stats import (
     auroc_correlation,
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 
 FILES = ("summary.csv", "paired.csv", "power.csv", "table.md", "auroc.png", "design.json")
 SET_LABEL = {HOLDOUT: "in-distribution hold-out"}
-
-
-class ExperimentReportError(ShiftGuardError, ValueError):
-    """The sweep's cells cannot be compared; the message says which cell or file and why."""
 
 
 @dataclass

@@ -39,7 +39,7 @@ from shiftguard.config.schema import (
     TrainConfig,
 )
 from shiftguard.data.split import run as split_run
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ExperimentInputError
 from shiftguard.experiment.inputs import INPUTS_DIR, InputCache
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_COLUMNS = ("set", "series_key", "scanner_model", "label", "prob")
 HOLDOUT, EXTERNAL = "in_distribution", "external"
-
-
-class ExperimentInputError(ShiftGuardError, ValueError):
-    """A design's data is missing or unusable; the message names the file and what to do."""
 
 
 _CACHE = InputCache()

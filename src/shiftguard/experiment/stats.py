@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import norm
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import PairedInputError
 from shiftguard.metrics import (
     auroc_batched,
     check_bootstrap,
@@ -37,10 +37,6 @@ from shiftguard.shadow.evaluate import delong, delong_covariance
 
 FloatArray = NDArray[np.float64]
 METRICS = ("auroc", "sensitivity", "specificity")
-
-
-class PairedInputError(ShiftGuardError, ValueError):
-    """Scores, labels or thresholds of two arms that cannot be compared in pairs."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ The stage (``pipelines/export.py``, DVC stage ``export``):
 
 from __future__ import annotations
 
-from shiftguard.export.stage import ExportError, ExportSummary, export_onnx, run
+from shiftguard.errors import ExportError
+from shiftguard.export.stage import ExportSummary, export_onnx, run
 
 __all__ = ["ExportError", "ExportSummary", "export_onnx", "run"]

@@ -20,7 +20,6 @@ from torch import nn
 from shiftguard.config.deploy import ExportConfig
 from shiftguard.config.schema import IngestConfig, TrainConfig
 from shiftguard.data.volume import read_nifti
-from shiftguard.dicom.errors import InvalidSeriesError
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.dicom.series import group_series
 from shiftguard.edge.bundle import (
@@ -40,7 +39,7 @@ from shiftguard.edge.signing import (
     development_key_path,
     read_signing_key,
 )
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ExportError, InvalidSeriesError
 from shiftguard.evaluation.validate import is_external_profile
 from shiftguard.metrics import format_interval
 from shiftguard.records.features import BY_NAME, FEATURE_NAMES, Projection, _clean, output_features
@@ -66,10 +65,6 @@ CARD_MEMBER = "model_card.md"
 VALIDATION_FILES = ("metrics.json", "segments.csv", "robustness.csv")
 #: acquisition columns of the split table kept in the drift baseline (no identifiers, no dates)
 PREPROCESSING_TOLERANCE = 1e-5
-
-
-class ExportError(ShiftGuardError, ValueError):
-    """The model cannot be exported faithfully; the message says what differs and by how much."""
 
 
 @dataclass

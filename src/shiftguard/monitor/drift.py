@@ -83,7 +83,7 @@ from numpy.typing import NDArray
 from scipy import stats
 from scipy.spatial import distance as spatial_distance
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import DriftInputError
 
 __all__ = [
     "CATEGORICAL",
@@ -108,10 +108,6 @@ FEW_VALUES = 5  # numerical columns with at most this many distinct values are t
 P_VALUE_THRESHOLD = 0.05  # ks, chisquare, z
 DISTANCE_THRESHOLD = 0.1  # wasserstein, jensenshannon
 MIN_STD = 0.001  # Evidently's floor on the reference standard deviation that norms wasserstein
-
-
-class DriftInputError(ShiftGuardError, ValueError):
-    """A reference or current table, or a column kind, that drift cannot be computed on."""
 
 
 @dataclass(frozen=True)

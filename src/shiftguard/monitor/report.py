@@ -39,7 +39,7 @@ from typing import Any
 
 import pandas as pd
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import PageError
 from shiftguard.monitor.alerts import Alert, rule_text
 from shiftguard.monitor.score import GROUPS, WindowResult
 from shiftguard.records.features import BY_NAME, FEATURE_NAMES
@@ -345,10 +345,6 @@ def _run(
             "drift_share": f"{result.drift_share:.3f}",
         },
     )
-
-
-class PageError(ShiftGuardError, RuntimeError):
-    """Evidently's rendered report does not have the shape the ShiftGuard header is put into."""
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from shiftguard.edge.bundle import BundleError, open_bundle
-from shiftguard.errors import ShiftGuardError
+from shiftguard.edge.bundle import open_bundle
+from shiftguard.errors import BundleError, ResultsFileError
 from shiftguard.monitor.alerts import Alert, evaluate, post_webhook, streaks
 from shiftguard.monitor.report import (
     BundleInfo,
@@ -65,10 +65,6 @@ def bundle_info(path: Path | str) -> BundleInfo:
     bundle = open_bundle(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return BundleInfo(name=bundle.name, version=bundle.version, sha256=digest)
-
-
-class ResultsFileError(ShiftGuardError, ValueError):
-    """An ``edge predict`` results file that is missing, empty or lacks a column."""
 
 
 def records_from_results(

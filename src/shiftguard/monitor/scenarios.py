@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from shiftguard.dicom.errors import InvalidSeriesError
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.dicom.series import group_series
 from shiftguard.edge.bundle import open_bundle, runtime_digest
+from shiftguard.errors import ConfigError, InvalidSeriesError
 from shiftguard.monitor.alerts import evaluate
 from shiftguard.monitor.runner import reference_from_bundle, typed
 from shiftguard.monitor.score import Scorer, WindowResult
@@ -338,7 +338,7 @@ def load_scenarios(folder: Path | str, names: Sequence[str] = ()) -> list[Any]:
     """The scenario files in ``folder`` (``*.yaml``), validated; ``names`` picks some."""
     import yaml
 
-    from shiftguard.config import ConfigError, ScenarioConfig, validate
+    from shiftguard.config import ScenarioConfig, validate
 
     found, known = [], []
     for path in sorted(Path(folder).glob("*.yaml")):

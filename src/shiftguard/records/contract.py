@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import InvalidRecordError
 from shiftguard.records.features import BY_NAME, ENVELOPE, FEATURE_NAMES, SCHEMA_VERSION
 
 #: the longest categorical feature value a record may carry (what ``features._category`` keeps)
@@ -28,20 +28,6 @@ NUMERICAL = tuple(n for n in FEATURE_NAMES if BY_NAME[n].kind == "numerical")
 CATEGORICAL = tuple(n for n in FEATURE_NAMES if BY_NAME[n].kind == "categorical")
 RECORDS_ROUTE = "/v1/records"
 HEALTH_ROUTE = "/healthz"
-
-
-class InvalidRecordError(ShiftGuardError, ValueError):
-    """Records that do not follow the record schema; ``problems`` maps each one's index in the
-    batch to what is wrong with it."""
-
-    def __init__(self, problems: Mapping[int, Sequence[str]], what: str = "records") -> None:
-        self.problems = {int(i): list(p) for i, p in problems.items()}
-        shown = "; ".join(f"record {i}: {', '.join(p)}" for i, p in list(self.problems.items())[:5])
-        more = len(self.problems) - 5
-        super().__init__(
-            f"{len(self.problems)} invalid {what} ({shown}{f'; and {more} more' if more > 0 else ''}); "
-            "build records with shiftguard.records.features.make_record"
-        )
 
 
 def validate_record(record: Any) -> list[str]:

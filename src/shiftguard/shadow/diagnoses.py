@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard.dicom.uid import is_uid
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import DiagnosisFileError
 
 UID_KEYS = ("study_uid", "study_instance_uid", "studyinstanceuid")
 FINDING_KEYS = ("finding", "verified_finding", "label")
@@ -35,10 +35,6 @@ READER_KEYS = ("reader", "radiologist", "reported_by")
 TIME_KEYS = ("reported_at", "report_date", "time", "signed_at")
 POSITIVE = {"1", "yes", "true", "positive", "present", "finding", "y"}
 NEGATIVE = {"0", "no", "false", "negative", "absent", "no finding", "n"}
-
-
-class DiagnosisFileError(ShiftGuardError):
-    """A diagnosis file that cannot be read at all (missing, empty, not CSV or JSON lines)."""
 
 
 @dataclass(frozen=True, order=True)

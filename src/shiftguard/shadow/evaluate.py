@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm, rankdata
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ShadowInputError
 from shiftguard.evaluation.segments import MISSING, SEGMENT_METRICS, age_bands, segment_table
 from shiftguard.metrics import (
     as_generator,
@@ -40,11 +40,6 @@ from shiftguard.metrics import (
     sens_spec_batched,
 )
 from shiftguard.shadow.diagnoses import DiagnosisBook
-
-
-class ShadowInputError(ShiftGuardError, ValueError):
-    """A shadow log the evaluation cannot judge as given (missing columns, mixed thresholds)."""
-
 
 SEGMENTS = ("sex", "age_band", "site", "manufacturer", "scanner_model")
 OVERALL = ("overall", "all")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ShadowLogError
 
 #: columns of the table :func:`read_shadow_log` returns
 COLUMNS = (
@@ -29,10 +29,6 @@ COLUMNS = (
     "n_series", "site", "manufacturer", "scanner_model", "sex", "patient_age", "age_band",
 )  # fmt: skip
 SEGMENT_TEXT = ("site", "institution", "manufacturer", "scanner_model", "sex", "age_band")
-
-
-class ShadowLogError(ShiftGuardError):
-    """A shadow log that cannot be read (missing, not a queue or results file, lacking columns)."""
 
 
 def read_shadow_log(path: Path | str, site: str | None = None) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from shiftguard.dicom.uid import is_uid
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import PacsError
 from shiftguard.shadow.diagnoses import Diagnosis, Problem
 from shiftguard.shadow.sr import NOT_VERIFIED, SR_CLASS_PREFIX, report_to_diagnosis
 
@@ -42,14 +42,6 @@ _FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information M
 _MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # ... - MOVE
 _GET = "1.2.840.10008.5.1.4.1.2.2.3"  # ... - GET
 _CHUNK = 50  # study UIDs per C-FIND
-
-
-# ---------------------------------------------------------------------------------------------
-# the address
-
-
-class PacsError(ShiftGuardError):
-    """A PACS that cannot be asked: a bad address, unreachable, refusing, or failing a request."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard.config.shadow import GateConfig
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import PromotionError
 from shiftguard.tracking import (
     BUNDLE_VERSION_TAG,
     CHALLENGER,
@@ -50,10 +50,6 @@ from shiftguard.tracking import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class PromotionError(ShiftGuardError):
-    """The promotion cannot be judged at all (no report, challenger unknown to the registry)."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from shiftguard.config.schema import TrainConfig
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ModelFileError
 from shiftguard.metrics import auroc
 from shiftguard.training.distributed import DistContext, broadcast_object, gather_objects
 from shiftguard.utils import progress_bar
@@ -79,10 +79,6 @@ class FitResult:
     weights_in_sync: bool = True
     train_seconds: float = 0.0
     samples_trained: int = 0
-
-
-class ModelFileError(ShiftGuardError, ValueError):
-    """A ``model.pt`` or checkpoint that is missing, unreadable or not written by training."""
 
 
 def _load_checkpoint(path: Path, device: str | torch.device) -> dict[str, Any]:

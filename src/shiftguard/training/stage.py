@@ -39,7 +39,7 @@ from torch import nn
 
 from shiftguard.augment.arms import labels_dir
 from shiftguard.config.schema import AugmentConfig, ModelConfig, TrainConfig
-from shiftguard.errors import ShiftGuardError
+from shiftguard.errors import ModelFileError, TrainingDataError
 from shiftguard.models import build_model
 from shiftguard.tracking import (
     CHALLENGER,
@@ -59,7 +59,7 @@ from shiftguard.training.data import (
     volume_geometry,
 )
 from shiftguard.training.distributed import DistContext, init_distributed, shutdown
-from shiftguard.training.loop import EpochRecord, FitResult, ModelFileError, fit
+from shiftguard.training.loop import EpochRecord, FitResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,6 @@ LOGGED_PARAMS = (
     "train.input_shape",
     "train.lesion_loss_weight",
 )
-
-
-class TrainingDataError(ShiftGuardError, ValueError):
-    """The split table cannot be trained on (missing, a split empty, one class only)."""
 
 
 @dataclass

@@ -17,8 +17,8 @@ from shiftguard.cohort.demographics import (
     patient_id,
     sample_subjects,
 )
-from shiftguard.cohort.errors import CohortError
 from shiftguard.config.schema import CohortConfig
+from shiftguard.errors import CohortError
 
 DEFAULT = Path(__file__).resolve().parents[3] / "conf" / "cohort" / "default.yaml"
 

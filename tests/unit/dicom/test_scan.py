@@ -12,9 +12,9 @@ from pydicom.data import get_testdata_files
 from pydicom.uid import ExplicitVRLittleEndian
 
 from shiftguard.dicom import binary
-from shiftguard.dicom.errors import UnreadableFileError
 from shiftguard.dicom.scan import _read_with_pydicom, iter_files, read_headers, scan_files
 from shiftguard.dicom.testing import SeriesSpec, make_datasets, save_dataset, slice_positions
+from shiftguard.errors import UnreadableFileError
 
 # The walker and the pydicom fallback must agree on everything but where the pixels are.
 _LOCATION_FIELDS = {"pixel_offset", "pixel_length"}

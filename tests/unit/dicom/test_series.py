@@ -13,7 +13,6 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from shiftguard.dicom.errors import InvalidSeriesError, PixelDecodeError
 from shiftguard.dicom.scan import iter_files, scan_files
 from shiftguard.dicom.series import (
     LPS_TO_RAS,
@@ -32,6 +31,7 @@ from shiftguard.dicom.testing import (
     slice_positions,
     write_series,
 )
+from shiftguard.errors import InvalidSeriesError, PixelDecodeError
 
 
 def _groups(folder: Path) -> list[SeriesGroup]:

@@ -36,9 +36,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shiftguard.dicom import binary
-from shiftguard.dicom.errors import UnreadableFileError
 from shiftguard.dicom.scan import read_headers
 from shiftguard.edge.receiver import scan_uids
+from shiftguard.errors import UnreadableFileError
 
 FILES = dicom_files((*DICOM_SEEDS, pydicom_seed()))
 

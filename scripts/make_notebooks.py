@@ -94,7 +94,7 @@ SCANNER_SIMULATION = [
         """# Scanner simulation: profiles x severity
 
 The `augment` stage simulates every validation and test volume under every scanner profile
-(`conf/scanner/`) at every severity (0 = identity to 4). This notebook shows its gallery and the
+(`conf/scanner_sim/`) at every severity (0 = identity to 4). This notebook shows its gallery and the
 parameters actually drawn. Without pipeline outputs it builds a tiny example in a temporary folder.""",
     ),
     (

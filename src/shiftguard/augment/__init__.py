@@ -1,7 +1,7 @@
 """Scanner-simulating augmentation: drawn acquisition parameters, the TorchIO reference chain, the fused fast path.
 
 - :mod:`~shiftguard.augment.params`: :class:`SimParams`, one simulated acquisition, and its order.
-- :mod:`~shiftguard.augment.profiles`: scanner profiles (``conf/scanner/``) scaled by a severity
+- :mod:`~shiftguard.augment.profiles`: scanner profiles (``conf/scanner_sim/``) scaled by a severity
   level 0..4, and :func:`draw` of a :class:`SimParams` from one.
 - :mod:`~shiftguard.augment.transforms`: MONAI transforms :class:`ScannerSim`, :class:`ScannerSimd`
   and :class:`RandScannerSimd`.

@@ -1,6 +1,6 @@
 """Scanner profiles at a severity level: scale their ranges, draw one acquisition's parameters.
 
-A profile (:class:`~shiftguard.config.schema.ScannerSimProfile`, ``conf/scanner/<name>.yaml``) gives
+A profile (:class:`~shiftguard.config.schema.ScannerSimProfile`, ``conf/scanner_sim/<name>.yaml``) gives
 TorchIO-style parameter ranges at the highest severity, 4. Severity ``s`` in 0..4 moves each end of each
 range towards the identity::
 

@@ -59,6 +59,41 @@ def find_conf_dir(start: Path | None = None) -> Path:
     )
 
 
+#: Config groups that were renamed: old name -> (new name, why). A project that still has the old
+#: folder, or an override that names it, gets a ConfigError saying how to migrate (README, Migration).
+RENAMED_GROUPS: dict[str, tuple[str, str]] = {
+    "scanner": (
+        "scanner_sim",
+        "it holds the augmentation's scanner-simulation profiles; 'scanner' is a cohort scanner",
+    ),
+}
+
+
+def check_renamed_groups(folder: Path, overrides: Sequence[str] = ()) -> None:
+    """Refuse a ``conf/`` folder or overrides that still use a renamed config group.
+
+    Raises:
+        ConfigError: naming the old group, the new one and the commands that migrate.
+    """
+    for old in RENAMED_GROUPS:
+        how = _migration(old)
+        if (folder / old).is_dir() and any((folder / old).glob("*.yaml")):
+            raise ConfigError(f"{folder / old}: {how}")
+        for override in overrides:
+            key = override.lstrip("+~").split("=", 1)[0]
+            if key == old or key.startswith(f"{old}."):
+                raise ConfigError(f"override {override!r}: {how}")
+
+
+def _migration(old: str) -> str:
+    new, why = RENAMED_GROUPS[old]
+    return (
+        f"the config group {old}/ is now {new}/ ({why}): run `git mv conf/{old} conf/{new}`, "
+        f"write /{new}@... for /{old}@... in conf/augment/*.yaml, and {new}... for {old}... in "
+        "overrides (README, Migration notes)"
+    )
+
+
 def compose(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> dict[str, Any]:
     """Compose the configuration with Hydra and return it resolved, as plain containers.
 
@@ -67,7 +102,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> dict
         conf_dir: the ``conf/`` folder; found with :func:`find_conf_dir` when omitted.
 
     Raises:
-        ConfigError: when an override or a config file is malformed.
+        ConfigError: when an override or a config file is malformed, or uses a renamed group.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -76,14 +111,17 @@ def compose(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> dict
     from omegaconf.errors import OmegaConfBaseException
 
     folder = (conf_dir or find_conf_dir()).resolve()
+    check_renamed_groups(folder, overrides)
     try:
         with initialize_config_dir(str(folder), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
         OmegaConf.resolve(cfg)
         container = OmegaConf.to_container(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
+        renamed = [_migration(old) for old in RENAMED_GROUPS if f"'{old}/" in str(exc)]
         raise ConfigError(
             f"cannot compose {folder} with overrides {list(overrides)}: {exc}"
+            + "".join(f"; {how}" for how in renamed)
         ) from exc
     assert isinstance(container, dict)
     return {str(k): v for k, v in container.items()}

@@ -554,7 +554,7 @@ class SplitConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------------
-# Augment: scanner profiles (conf/scanner/) and the scanner-simulating augmentation (conf/augment/)
+# Augment: scanner profiles (conf/scanner_sim/) and the scanner-simulating augmentation (conf/augment/)
 # --------------------------------------------------------------------------------------------------
 
 SEVERITY_MAX = 4
@@ -660,7 +660,7 @@ class ScaleSim(StrictModel):
 
 
 class ScannerSimProfile(StrictModel):
-    """How one kind of scanner or protocol changes an image (``conf/scanner/<name>.yaml``).
+    """How one kind of scanner or protocol changes an image (``conf/scanner_sim/<name>.yaml``).
 
     Every range is ``[min, max]`` at the highest severity (4); a lower severity ``s`` moves each end
     towards the identity, ``identity + s / 4 * (end - identity)`` (see
@@ -785,7 +785,7 @@ class PhysicsArmConfig(StrictModel):
 class AugmentConfig(StrictModel):
     """Scanner-simulating augmentation for training and the robustness test sets.
 
-    ``profiles`` is the catalogue of scanner profiles (composed from ``conf/scanner/``); it is the
+    ``profiles`` is the catalogue of scanner profiles (composed from ``conf/scanner_sim/``); it is the
     same whether training augments or not, because the robustness sets use it too. Per training
     sample, with ``probability`` (when ``enabled``), a profile is drawn with ``profile_weights``
     (empty: uniform over every profile; otherwise only the listed ones), a severity uniformly from
@@ -831,7 +831,7 @@ class AugmentConfig(StrictModel):
                 known = ", ".join(sorted(self.profiles)) or "none"
                 raise ValueError(
                     f"{key}: unknown scanner profile {name!r} (known: {known}); fix the name, or "
-                    f"write conf/scanner/{name}.yaml and list it in the defaults of conf/augment/"
+                    f"write conf/scanner_sim/{name}.yaml and list it in the defaults of conf/augment/"
                 )
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ def augment(conf_dir: Path) -> AugmentConfig:
 
 
 def _scanner_options(conf_dir: Path) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / "scanner").glob("*.yaml"))
+    return sorted(p.stem for p in (conf_dir / "scanner_sim").glob("*.yaml"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -30,13 +30,13 @@ def _scanner_options(conf_dir: Path) -> list[str]:
 
 
 def test_every_scanner_profile_composes_and_validates(conf_dir: Path) -> None:
-    # conf/scanner/ is not a top-level section (it is composed into augment.profiles), so the config
-    # test's loop over SCHEMAS does not see it: compose each option on its own here.
+    # conf/scanner_sim/ is not a top-level section (it is composed into augment.profiles), so the
+    # config test's loop over SCHEMAS does not see it: compose each option on its own here.
     options = _scanner_options(conf_dir)
     assert set(options) >= REAL_SHIFTS
     for option in options:
-        data = compose([f"+scanner={option}"], conf_dir)["scanner"]
-        profile = validate(f"scanner.{option}", data, ScannerSimProfile)
+        data = compose([f"+scanner_sim={option}"], conf_dir)["scanner_sim"]
+        profile = validate(f"scanner_sim.{option}", data, ScannerSimProfile)
         assert profile.description.strip()
         assert any(getattr(profile, name) is not None for name in SimParams.__dataclass_fields__)
 
@@ -50,7 +50,7 @@ def test_default_augment_composes_every_scanner_profile(
     assert augment.robustness.severities == [0, 1, 2, 3, 4]
     assert augment.enabled and 0 < augment.probability <= 1
     for option in options:  # the composed profile is the file, unchanged
-        alone = compose([f"+scanner={option}"], conf_dir)["scanner"]
+        alone = compose([f"+scanner_sim={option}"], conf_dir)["scanner_sim"]
         assert augment.profiles[option] == ScannerSimProfile.model_validate(alone)
 
 
@@ -105,9 +105,11 @@ def test_bad_augment_values_fail_at_load_time_naming_the_key(
 
 
 def test_a_reversed_range_in_a_scanner_file_names_the_profile_key(conf_dir: Path) -> None:
-    data = compose(["+scanner=low_field", "scanner.noise.std=[0.3,0.1]"], conf_dir)["scanner"]
-    with pytest.raises(ConfigError, match=r"scanner\.low_field\.noise\.std: .*minimum 0\.3"):
-        validate("scanner.low_field", data, ScannerSimProfile)
+    data = compose(["+scanner_sim=low_field", "scanner_sim.noise.std=[0.3,0.1]"], conf_dir)[
+        "scanner_sim"
+    ]
+    with pytest.raises(ConfigError, match=r"scanner_sim\.low_field\.noise\.std: .*minimum 0\.3"):
+        validate("scanner_sim.low_field", data, ScannerSimProfile)
 
 
 def test_robustness_profiles_must_be_in_the_catalogue_even_when_disabled(conf_dir: Path) -> None:

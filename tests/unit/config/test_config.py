@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,25 @@ def test_every_augmentation_arm_changes_only_what_training_does(conf_dir: Path) 
         assert {k: v for k, v in config.items() if k != "augment"} == {
             k: v for k, v in default.items() if k != "augment"
         }
+
+
+@pytest.mark.parametrize("left_behind", ["folder", "defaults", "override"])
+def test_a_project_still_on_the_old_scanner_group_is_told_how_to_migrate(
+    conf_dir: Path, tmp_path: Path, left_behind: str
+) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(conf_dir, conf)
+    overrides = []
+    if left_behind == "folder":  # the project kept conf/scanner/
+        (conf / "scanner_sim").rename(conf / "scanner")
+    elif left_behind == "defaults":  # moved the folder, kept /scanner@ in its augment defaults
+        default = conf / "augment" / "default.yaml"
+        default.write_text(default.read_text().replace("/scanner_sim@", "/scanner@"))
+    else:
+        overrides = ["+scanner=low_field"]
+    with pytest.raises(ConfigError) as info:
+        compose(overrides, conf)
+    message = str(info.value)
+    assert "scanner/ is now scanner_sim/" in message
+    assert "git mv conf/scanner conf/scanner_sim" in message
+    assert compose(["+scanner_sim=low_field"], conf_dir)["scanner_sim"]["description"]

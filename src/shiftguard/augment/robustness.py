@@ -25,6 +25,7 @@ from shiftguard.augment.profiles import draw
 from shiftguard.config.schema import AugmentConfig
 from shiftguard.data.volume import read_nifti
 from shiftguard.errors import RobustnessInputError
+from shiftguard.figures import figure, save_png
 from shiftguard.pool import WorkerPool, run_tasks
 from shiftguard.tracking import stage_run
 from shiftguard.utils import progress_bar
@@ -219,14 +220,13 @@ def gallery(
         out_png: where to write the figure.
         seed: generator seed (default: ``cfg.robustness.seed``).
     """
-    from matplotlib.figure import Figure  # drawn without pyplot: a caller's backend is left alone
 
     volume, _, spacing = read_nifti(volume_path)
     profiles = list(cfg.robustness.profiles)
     severities = list(cfg.robustness.severities)
     key = volume_path.stem
     z = volume.shape[2] // 2
-    fig = Figure(figsize=(1.9 * len(severities), 2.1 * len(profiles)))
+    fig = figure(1.9 * len(severities), 2.1 * len(profiles))
     axes = fig.subplots(len(profiles), len(severities), squeeze=False)
     for i, profile in enumerate(profiles):
         for j, severity in enumerate(severities):
@@ -247,7 +247,7 @@ def gallery(
     fig.suptitle(f"scanner profiles x severity, series {key}", fontsize=10)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80, metadata={"Software": None})
+    save_png(fig, out_png, dpi=80, tight=False)
     return out_png
 
 

@@ -44,6 +44,7 @@ from torch import nn
 from shiftguard.config.schema import EvaluateConfig, TrainConfig
 from shiftguard.errors import MetricInputError, ValidationError
 from shiftguard.evaluation.segments import MISSING, age_bands, segment_table, unjudgeable_reason
+from shiftguard.figures import figure, save_png
 from shiftguard.metrics import (
     auroc,
     binary_report,
@@ -642,10 +643,9 @@ def _external_rows(robustness: pd.DataFrame) -> pd.Series:
 def _figures(
     result: ValidationResult, roc: pd.DataFrame, rel: pd.DataFrame, out: Path
 ) -> list[Path]:
-    from matplotlib.figure import Figure  # drawn without pyplot: a caller's backend is left alone
 
     paths = []
-    fig = Figure(figsize=(4.5, 4.5))
+    fig = figure(4.5, 4.5)
     ax = fig.subplots()
     for name, part in roc.groupby("set", sort=False):
         value = result.reports.get(str(name), {}).get("auroc", {}).get("value", math.nan)
@@ -657,9 +657,9 @@ def _figures(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right")
     paths.append(out / "roc.png")
-    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    save_png(fig, paths[-1], dpi=100)
 
-    fig = Figure(figsize=(4.5, 4.5))
+    fig = figure(4.5, 4.5)
     ax = fig.subplots()
     for name, part in rel.groupby("set", sort=False):
         ece = result.reports.get(str(name), {}).get("ece", {}).get("value", math.nan)
@@ -680,11 +680,11 @@ def _figures(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left")
     paths.append(out / "reliability.png")
-    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    save_png(fig, paths[-1], dpi=100)
 
     fig = robustness_figure(result)
     paths.append(out / "robustness.png")
-    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    save_png(fig, paths[-1], dpi=100)
     return paths
 
 
@@ -696,7 +696,6 @@ def robustness_figure(result: ValidationResult) -> Any:
     """Small multiples: one panel per simulated profile (AUROC with its CI by severity, the pooled
     unseen scanners' AUROC as a dashed line), then one panel for the unseen real scanners (pooled
     and each model with its CI). Every profile gets its own axes, so none hides another."""
-    from matplotlib.figure import Figure  # drawn without pyplot: a caller's backend is left alone
     from matplotlib.lines import Line2D
 
     rob = result.robustness
@@ -712,7 +711,7 @@ def robustness_figure(result: ValidationResult) -> Any:
     panels = len(profiles) + bool(scanners)
     ncols = min(4, max(panels, 1))
     nrows = max(1, math.ceil(panels / ncols))
-    fig = Figure(figsize=(3.1 * ncols, 2.7 * nrows + 1.0))
+    fig = figure(3.1 * ncols, 2.7 * nrows + 1.0)
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     severities = sorted(int(v) for v in shifted["severity"].unique())
     for ax, profile in zip(axes, profiles, strict=False):

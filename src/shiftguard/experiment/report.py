@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shiftguard import figures
 from shiftguard.config.loader import validate
 from shiftguard.config.schema import ARMS, DesignConfig
 from shiftguard.errors import ExperimentReportError
@@ -521,10 +522,9 @@ def markdown(result: ExperimentResult) -> str:
 
 def figure(result: ExperimentResult, path: Path) -> Path:
     """AUROC per arm per set with intervals: one marker per arm, the sets along x."""
-    from matplotlib.figure import Figure
 
     s = result.summary[result.summary["metric"] == "auroc"]
-    fig = Figure(figsize=(8.5, 4.6))
+    fig = figures.figure(8.5, 4.6)
     ax = fig.subplots()
     width = 0.8 / max(len(result.arms), 1)
     markers = "osD^vP*X"
@@ -551,7 +551,7 @@ def figure(result: ExperimentResult, path: Path) -> Path:
     )
     ax.legend(fontsize=8, ncol=len(result.arms), loc="upper right")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    figures.save_png(fig, path, dpi=100)
     return path
 
 

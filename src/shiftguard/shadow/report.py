@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import re
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from shiftguard.evaluation.segments import SEGMENT_METRICS
+from shiftguard.figures import figure, png_bytes
 from shiftguard.metrics import format_interval, interval_collapsed, roc_curve
 from shiftguard.shadow.evaluate import OVERALL, ShadowResult, summary
 from shiftguard.tracking import MetricLogger, file_sha256, stage_run, tracking_uri
@@ -225,17 +225,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _png(fig: Any) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return f'<img src="data:image/png;base64,{base64.b64encode(png_bytes(fig, dpi=90)).decode()}">'
 
 
 def _forest(table: pd.DataFrame, title: str) -> str:
     """Per-segment point and CI of each metric, the overall figure as a line, validation as x."""
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     rows = table.iloc[1:]
-    fig = Figure(figsize=(13, 0.32 * len(rows) + 1.4))
+    fig = figure(13, 0.32 * len(rows) + 1.4)
     axes = fig.subplots(1, 3, sharey=True)
     labels = [f"{_label(c)}: {s}" for c, s in zip(rows["column"], rows["segment"], strict=True)]
     y = np.arange(len(rows))[::-1]
@@ -263,9 +260,8 @@ def _forest(table: pd.DataFrame, title: str) -> str:
 
 
 def _roc(result: ShadowResult) -> str:
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    fig = Figure(figsize=(4.5, 4.5))
+    fig = figure(4.5, 4.5)
     ax = fig.subplots()
     for role, e in result.evaluations.items():
         if e.joined.empty or e.joined["finding"].nunique() < 2:
@@ -285,13 +281,12 @@ def _roc(result: ShadowResult) -> str:
 
 
 def _paired_plot(result: ShadowResult) -> str:
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     table = paired_table(result)
     auroc = table[table["metric"] == "auroc"]
     if auroc.empty:
         return ""
-    fig = Figure(figsize=(7, 0.32 * len(auroc) + 1.2))
+    fig = figure(7, 0.32 * len(auroc) + 1.2)
     ax = fig.subplots()
     y = np.arange(len(auroc))[::-1]
     worse = auroc["worse"].eq(True).to_numpy() if "worse" in auroc else np.zeros(len(auroc), bool)

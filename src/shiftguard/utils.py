@@ -8,7 +8,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from shiftguard.errors import ShiftGuardError
 
@@ -60,16 +60,36 @@ def config_dir() -> Path:
     return Path(base) / "shiftguard"
 
 
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write rows with a fixed column order and ``\\n`` line endings (folders are created)."""
+def write_csv(
+    path: Path,
+    columns: Sequence[str],
+    rows: Iterable[Mapping[str, Any]],
+    line_end: str = "\n",
+    extras: Literal["ignore", "raise"] = "ignore",
+) -> Path:
+    """The one CSV writer of every table ShiftGuard writes: a fixed column order, a missing value
+    as an empty cell, keys beyond ``columns`` dropped (or refused with ``extras="raise"``), written
+    to a temporary name and renamed, so a reader never sees half a file (folders are created).
+
+    ``line_end`` is ``"\n"``; the tables that DVC already tracked with ``"\r\n"`` (the ingest
+    manifest and quarantine, the training history, the edge runner's results) keep it, so their
+    bytes, and every stage after them, stay the same.
+    """
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row[c] for c in columns})
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(
+                fh, fieldnames=list(columns), lineterminator=line_end, extrasaction=extras
+            )
+            writer.writeheader()
+            writer.writerows(rows)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the table that was there stays as it was
+        raise
+    tmp.replace(path)
     return path
 
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from shiftguard.utils import env_workers, loader_workers
+from shiftguard.utils import env_workers, loader_workers, write_csv
 
 
 def test_worker_counts_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,3 +34,18 @@ def test_bad_worker_counts_name_the_variable(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         env_workers() if name == "SHIFTGUARD_WORKERS" else loader_workers()
+
+
+def test_write_csv_orders_columns_fills_gaps_and_keeps_the_line_ends_asked_for(
+    tmp_path: Path,
+) -> None:
+    rows = [{"b": 2, "a": 1, "extra": "x"}, {"a": 3}]
+    path = write_csv(tmp_path / "deep" / "t.csv", ["a", "b"], rows)
+    assert path.read_bytes() == b"a,b\n1,2\n3,\n"
+    write_csv(path, ["a", "b"], rows, line_end="\r\n")
+    assert path.read_bytes() == b"a,b\r\n1,2\r\n3,\r\n"
+    assert [p.name for p in path.parent.iterdir()] == ["t.csv"]  # no temporary file left
+    with pytest.raises(ValueError, match="extra"):
+        write_csv(path, ["a", "b"], rows, extras="raise")
+    assert path.read_bytes() == b"a,b\r\n1,2\r\n3,\r\n"  # a refused table leaves the old one
+    assert [p.name for p in path.parent.iterdir()] == ["t.csv"]

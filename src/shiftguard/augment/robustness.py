@@ -28,7 +28,7 @@ from shiftguard.errors import RobustnessInputError
 from shiftguard.figures import figure, save_png
 from shiftguard.pool import WorkerPool, run_tasks
 from shiftguard.tracking import stage_run
-from shiftguard.utils import progress_bar
+from shiftguard.utils import progress_bar, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,7 @@ def run(
             results.extend(written)
             bar.advance(task)
     results.sort(key=lambda r: (r["profile"], int(r["severity"]), r["series_key"]))
-    with (out_dir / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS, results, extras="raise")
     return RobustnessSummary(
         series=len(rows),
         profiles=len(cfg.robustness.profiles),

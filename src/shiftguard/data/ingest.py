@@ -17,7 +17,6 @@ quarantine, and :class:`IngestSummary` checks that count.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ from shiftguard.dicom.series import (
 )
 from shiftguard.errors import IngestInputError, InvalidSeriesError
 from shiftguard.pool import WorkerPool, limit_blas_threads, run_tasks
-from shiftguard.utils import progress_bar
+from shiftguard.utils import progress_bar, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -348,12 +347,8 @@ def _clean_volumes(volumes_dir: Path) -> None:
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    # the line ends the manifest always had: every stage after ingest hashes it
+    write_csv(path, columns, rows, line_end="\r\n", extras="raise")
 
 
 def _quarantine_row(

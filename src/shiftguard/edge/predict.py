@@ -19,7 +19,6 @@ Nothing here imports torch, MONAI, MLflow or DVC.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -51,6 +50,7 @@ from shiftguard.records.features import (
     output_features,
     segment_features,
 )
+from shiftguard.utils import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -420,9 +420,4 @@ def _round(value: Any) -> Any:
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    write_csv(path, columns, rows, line_end="\r\n")  # the line ends results.csv always had

@@ -41,6 +41,7 @@ from shiftguard.config.schema import (
 from shiftguard.data.split import run as split_run
 from shiftguard.errors import ExperimentInputError
 from shiftguard.experiment.inputs import INPUTS_DIR, InputCache
+from shiftguard.utils import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +209,14 @@ def run_cell(config: Mapping[str, Any], out_dir: Path, root: Path | None = None)
             threshold,
             evaluate.ece_bins,
         )
-    with (out_dir / PREDICTIONS_FILE).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for p in predictions:
-            writer.writerow({k: p[k] if k != "prob" else f"{p[k]:.8f}" for k in PREDICTION_COLUMNS})
+    write_csv(
+        out_dir / PREDICTIONS_FILE,
+        PREDICTION_COLUMNS,
+        (
+            {k: p[k] if k != "prob" else f"{p[k]:.8f}" for k in PREDICTION_COLUMNS}
+            for p in predictions
+        ),
+    )
     cell = {
         "design": design.name,
         "arm": augment.training_arm,

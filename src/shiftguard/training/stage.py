@@ -60,6 +60,7 @@ from shiftguard.training.data import (
 )
 from shiftguard.training.distributed import DistContext, init_distributed, shutdown
 from shiftguard.training.loop import EpochRecord, FitResult, fit
+from shiftguard.utils import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -240,14 +241,11 @@ the same file."""
 
 
 def _write_history(path: Path, history: list[EpochRecord]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for record in history:
-            writer.writerow(
-                {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(record).items()}
-            )
+    rows = (
+        {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(record).items()}
+        for record in history
+    )
+    write_csv(path, HISTORY_COLUMNS, rows, line_end="\r\n")  # the line ends it always had
 
 
 def saved_epoch(result: FitResult, keep: str) -> int:

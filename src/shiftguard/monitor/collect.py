@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from shiftguard.endpoint import Endpoint, HttpError, Request
+from shiftguard.endpoint import Endpoint, HttpError, Request, http_url
 from shiftguard.records.contract import (
     NUMERICAL,
     RECORDS_ROUTE,
@@ -258,8 +258,7 @@ class Collector:
     @property
     def url(self) -> str:
         """``https://host:port`` (``http://`` without TLS), what a :class:`Shipper` is given."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self._tls is not None else 'http'}://{host}:{self.port}"
+        return http_url(self.host, self.port, self._tls is not None)
 
     def start(self) -> None:
         """Bind the port and serve from a background thread; returns when requests are taken."""

@@ -97,3 +97,22 @@ def test_an_import_that_breaks_a_contract_fails_the_check(
     assert done.returncode != 0, done.stdout
     assert f"{contract} BROKEN" in done.stdout, done.stdout
     assert named in done.stdout, done.stdout
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """Kernels are public: a name one module needs from another has no leading underscore."""
+    import ast
+
+    import shiftguard
+
+    package = Path(shiftguard.__file__).parent
+    crossings = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shiftguard"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                # a module, and the package version, are not private names
+                private = [n for n in private if n not in ("_kernels", "__version__")]
+                if private:
+                    crossings.append(f"{path.relative_to(package)}: {node.module} {private}")
+    assert not crossings, crossings

@@ -167,13 +167,14 @@ def acquisition_effects_torch(
     >>> bool(torch.allclose(acquisition_effects_torch(x, (1, 1, 1), cfg, np.random.default_rng(0)), x))
     True
     """
-    from shiftguard.augment.fast import _gaussian_along
+    # deferred: augment.fast loads SimpleITK and TorchIO, which only the artifact arm needs
+    from shiftguard.augment.fast import gaussian_along
 
     out = image.to(torch.float32)
     sigma = [_uniform(rng, cfg.blur_mm) / float(s) for s in spacing]
     for axis, s in enumerate(sigma):
         if s > 1e-15:  # scipy leaves such an axis alone
-            out = _gaussian_along(out, axis, s, mode="nearest")
+            out = gaussian_along(out, axis, s, mode="nearest")
     coarse = rng.normal(0.0, 1.0, size=(4, 4, 4))
     if cfg.bias > 0:
         coarse *= cfg.bias * rng.uniform(0.0, 1.0) / max(float(np.abs(coarse).max()), 1e-6)

@@ -511,7 +511,7 @@ def _kspace_artifacts(x: torch.Tensor, params: SimParams, spacing: Spacing) -> t
 # --------------------------------------------------------------------------------------------------
 
 
-def _gaussian_along(
+def gaussian_along(
     x: torch.Tensor, dim: int, sigma: float, mode: Literal["reflect", "nearest"] = "reflect"
 ) -> torch.Tensor:
     """scipy's ``gaussian_filter1d`` (``truncate=4``, ``mode`` ``"reflect"`` or ``"nearest"``)
@@ -556,7 +556,7 @@ def _blur(x: torch.Tensor, std_mm: Sequence[float], spacing: Spacing) -> torch.T
     for axis in range(3):
         sigma = float(std_mm[axis]) / spacing[axis]
         if sigma > 1e-15:  # scipy skips the axes it would not change
-            x = _gaussian_along(x, axis + 1, sigma)
+            x = gaussian_along(x, axis + 1, sigma)
     return x.contiguous()
 
 

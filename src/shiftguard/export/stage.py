@@ -42,7 +42,13 @@ from shiftguard.edge.signing import (
 from shiftguard.errors import ExportError, InvalidSeriesError
 from shiftguard.evaluation.validate import is_external_profile
 from shiftguard.metrics import format_interval
-from shiftguard.records.features import BY_NAME, FEATURE_NAMES, Projection, _clean, output_features
+from shiftguard.records.features import (
+    BY_NAME,
+    FEATURE_NAMES,
+    Projection,
+    clean_value,
+    output_features,
+)
 from shiftguard.records.features import SCHEMA_VERSION as MONITOR_SCHEMA
 from shiftguard.tracking import (
     BUNDLE_VERSION_TAG,
@@ -260,7 +266,7 @@ def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
     table = pd.DataFrame(
         [
             {
-                **{n: _clean(r.get(n), BY_NAME[n].kind) for n in FEATURE_NAMES},
+                **{n: clean_value(r.get(n), BY_NAME[n].kind) for n in FEATURE_NAMES},
                 "split": r.get("split"),
             }
             for r in records

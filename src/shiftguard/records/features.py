@@ -326,11 +326,17 @@ def make_record(
     }
     for name in FEATURE_NAMES:
         value = features.get(name)
-        record[name] = _clean(value, BY_NAME[name].kind)
+        record[name] = clean_value(value, BY_NAME[name].kind)
     return record
 
 
-def _clean(value: Any, kind: str) -> Any:
+def clean_value(value: Any, kind: str) -> Any:
+    """A feature's value as a record holds it: a categorical one as text (``unknown`` when
+    missing), a numerical one rounded to 6 decimals (None when missing or not finite).
+
+    >>> clean_value("", "categorical"), clean_value("1.23456789", "numerical"), clean_value("nan", "numerical")
+    ('unknown', 1.234568, None)
+    """
     if kind == "categorical":
         return "unknown" if value is None or value == "" else str(value)
     if value is None or value == "":

@@ -329,5 +329,5 @@ def test_gaussian_along_is_scipys_filter_in_both_edge_modes(mode: str, sigma: fl
     x[:, :3] += 400.0  # a bright edge, where the two modes differ
     for dim in range(3):
         expected = ndimage.gaussian_filter1d(x, sigma, axis=dim, mode=mode, truncate=4.0)
-        got = fast._gaussian_along(torch.from_numpy(x), dim, sigma, mode=mode).numpy()  # type: ignore[arg-type]
+        got = fast.gaussian_along(torch.from_numpy(x), dim, sigma, mode=mode).numpy()  # type: ignore[arg-type]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)

@@ -132,7 +132,7 @@ def byte_targets(scratch: Path, harness: fuzz_targets.ConnectionHarness) -> dict
         ]
     )
     return {
-        "dicom._lean._parse": (ft.check_parse_header, files),
+        "dicom.binary.parse_header": (ft.check_parse_header, files),
         "edge.receiver.scan_uids": (ft.check_scan_uids, files),
         "dicom.pixels._fragments": (ft.check_fragments, [ft.encapsulated_pixels()]),
         "dicom.scan.read_headers": (

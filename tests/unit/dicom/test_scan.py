@@ -32,7 +32,7 @@ _BUNDLED = sorted(p for p in get_testdata_files() if "dicomdirtests" not in p an
 
 
 @pytest.mark.parametrize("path", _BUNDLED, ids=[Path(p).name for p in _BUNDLED])
-def test_lean_reader_agrees_with_pydicom_on_bundled_files(path: str) -> None:
+def test_the_walker_agrees_with_pydicom_on_bundled_files(path: str) -> None:
     try:
         lean = read_headers(path)
     except UnreadableFileError as err:

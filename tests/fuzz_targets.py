@@ -837,13 +837,13 @@ def walker_targets(scratch: Path) -> list[Target]:
     """The byte walkers (``scratch``: a folder for the file-based ones)."""
     seeds = (*DICOM_SEEDS, pydicom_seed())
     files = dicom_files(seeds)
-    lean_file, headers_file = scratch / "lean.dcm", scratch / "headers.dcm"
+    header_file, headers_file = scratch / "header.dcm", scratch / "headers.dcm"
     return [
-        Target("dicom.binary._parse", files, check_parse_header),
+        Target("dicom.binary.parse_header", files, check_parse_header),
         Target(
             "dicom.binary.read_header",
             st.tuples(files, st.integers(132, 2048)),
-            lambda args: check_read_header(args[0], lean_file, args[1]),
+            lambda args: check_read_header(args[0], header_file, args[1]),
         ),
         Target("edge.receiver.scan_uids", files, check_scan_uids),
         Target("dicom.pixels._fragments", encapsulated_values(), check_fragments),

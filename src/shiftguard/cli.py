@@ -893,6 +893,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    def split_inputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
+        p.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
+
+    def model_inputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", type=Path, default=Path("artifacts/train/model.pt"))
+        split_inputs(p)
+
     cohort = sub.add_parser("cohort", help="the synthetic multi-scanner DICOM cohort")
     cohort_sub = cohort.add_subparsers(dest="action", required=True)
     gen = cohort_sub.add_parser("generate", help="write the cohort (deterministic given the seed)")
@@ -965,8 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn = sub.add_parser(
         "train", help="train the classifier (runs under torchrun --nproc_per_node N as DDP)"
     )
-    trn.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
-    trn.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
+    split_inputs(trn)
     trn.add_argument("--out", type=Path, default=Path("artifacts/train"))
     trn.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     trn.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -975,9 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.set_defaults(func=_train)
 
     val = sub.add_parser("validate", help="judge a trained model: test, unseen scanner, shift")
-    val.add_argument("--model", type=Path, default=Path("artifacts/train/model.pt"))
-    val.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
-    val.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
+    model_inputs(val)
     val.add_argument("--augment", type=Path, default=Path("artifacts/augment"))
     val.add_argument("--no-robustness", action="store_true", help="skip the robustness sets")
     val.add_argument(
@@ -1043,9 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_experiment_report)
 
     exp = sub.add_parser("export", help="ONNX + TorchScript, parity-checked, into an edge bundle")
-    exp.add_argument("--model", type=Path, default=Path("artifacts/train/model.pt"))
-    exp.add_argument("--dataset", type=Path, default=Path("artifacts/split/dataset.csv"))
-    exp.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
+    model_inputs(exp)
     exp.add_argument("--validation", type=Path, default=Path("reports/validate"))
     exp.add_argument("--out", type=Path, default=Path("artifacts/export"))
     exp.add_argument("--no-track", action="store_true", help="do not log to MLflow")

@@ -24,14 +24,9 @@ def server_context(cert: str, key: str | None, ca: str | None = None) -> ssl.SSL
     Raises:
         TlsConfigError: a file is missing or not a certificate/key that fits.
     """
-    try:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsConfigError(
-            f"TLS: cannot use certificate {cert}, key {key}, CA {ca}: {exc}"
-        ) from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = _context(
+        ssl.Purpose.CLIENT_AUTH, ca, (cert, key), f"certificate {cert}, key {key}, CA {ca}"
+    )
     if ca:
         context.verify_mode = ssl.CERT_REQUIRED
     return context
@@ -50,13 +45,25 @@ def client_context(
     Raises:
         TlsConfigError: a file is missing or not a certificate/key that fits.
     """
+    chain = (cert, key) if cert else None
+    return _context(ssl.Purpose.SERVER_AUTH, ca, chain, f"CA {ca}, certificate {cert}, key {key}")
+
+
+def _context(
+    purpose: ssl.Purpose, ca: str | None, chain: tuple[str, str | None] | None, files: str
+) -> ssl.SSLContext:
+    """The one recipe: a context for ``purpose`` (TLS 1.2 or later) that trusts ``ca`` (None:
+    the system's CAs) and presents ``chain`` (certificate, key) when given.
+
+    Raises:
+        TlsConfigError: a file is missing or not a certificate/key that fits; the message names
+            ``files``.
+    """
     try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-        if cert:
-            context.load_cert_chain(cert, key)
+        context = ssl.create_default_context(purpose, cafile=ca)
+        if chain is not None:
+            context.load_cert_chain(*chain)
     except (OSError, ssl.SSLError) as exc:
-        raise TlsConfigError(
-            f"TLS: cannot use CA {ca}, certificate {cert}, key {key}: {exc}"
-        ) from None
+        raise TlsConfigError(f"TLS: cannot use {files}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

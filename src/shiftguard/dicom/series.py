@@ -58,8 +58,8 @@ _AXIS_PLANE = ("sagittal", "coronal", "axial")  # normal mostly along x (L-R), y
 
 
 @dataclass(frozen=True)
-class SeriesGroup:
-    """The slices that claim one (StudyInstanceUID, SeriesInstanceUID), sorted by path and frame."""
+class _SeriesSlices:
+    """Slice headers of one (StudyInstanceUID, SeriesInstanceUID)."""
 
     study_uid: str
     series_uid: str
@@ -67,8 +67,13 @@ class SeriesGroup:
 
     @property
     def files(self) -> tuple[str, ...]:
-        """Distinct files of the group, sorted."""
+        """Distinct files of the slices, sorted."""
         return tuple(sorted({h.path for h in self.headers}))
+
+
+@dataclass(frozen=True)
+class SeriesGroup(_SeriesSlices):
+    """The slices that claim one (StudyInstanceUID, SeriesInstanceUID), sorted by path and frame."""
 
 
 @dataclass(frozen=True)
@@ -113,18 +118,10 @@ class SeriesGeometry:
 
 
 @dataclass(frozen=True)
-class ValidatedSeries:
+class ValidatedSeries(_SeriesSlices):
     """A series that passed validation: headers ordered along the normal, and its geometry."""
 
-    study_uid: str
-    series_uid: str
-    headers: tuple[SliceHeader, ...]
     geometry: SeriesGeometry
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        """Distinct files of the series, sorted."""
-        return tuple(sorted({h.path for h in self.headers}))
 
 
 @dataclass(frozen=True)

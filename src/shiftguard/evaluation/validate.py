@@ -298,6 +298,14 @@ def _report(
         raise ValidationError("an evaluation set is empty")
     if labels.min() == labels.max():
         log.warning("a set has one class only (%d series): AUROC is undefined", labels.size)
+    return _binary_report(cfg, labels, probs, threshold)
+
+
+def _binary_report(
+    cfg: EvaluateConfig, labels: np.ndarray, probs: np.ndarray, threshold: float
+) -> dict[str, object]:
+    """:func:`~shiftguard.metrics.binary_report` with the ``evaluate`` section's bootstrap and
+    calibration settings."""
     return binary_report(
         labels,
         probs,
@@ -355,15 +363,7 @@ def scanner_reports(
             cfg.min_segment_positives,
             cfg.min_segment_positives,
         )
-        report = binary_report(
-            labels,
-            probs,
-            threshold,
-            n_boot=cfg.n_bootstrap,
-            seed=cfg.seed,
-            alpha=cfg.alpha,
-            n_bins=cfg.ece_bins,
-        )
+        report = _binary_report(cfg, labels, probs, threshold)
         if reason:
             log.warning("unseen scanner %s: AUROC not reported, %s", model, reason)
             report["auroc"] = dict(_UNDEFINED)

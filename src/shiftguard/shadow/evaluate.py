@@ -47,6 +47,13 @@ OVERALL = ("overall", "all")
 VALIDATION_ALIASES = {"patient_sex": "sex", "vendor": "manufacturer", "model": "scanner_model"}
 
 
+def _rows_where(segments: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of a segment table whose boolean ``column`` is true (an empty table as it is)."""
+    if segments.empty:
+        return segments
+    return segments[segments[column]]
+
+
 @dataclass
 class ShadowEvaluation:
     """One role's evaluation."""
@@ -63,9 +70,7 @@ class ShadowEvaluation:
 
     @property
     def flagged(self) -> pd.DataFrame:
-        if self.segments.empty:
-            return self.segments
-        return self.segments[self.segments["flagged"]]
+        return _rows_where(self.segments, "flagged")
 
     @property
     def overall(self) -> dict[str, Any]:
@@ -90,9 +95,7 @@ class PairedComparison:
 
     @property
     def worse(self) -> pd.DataFrame:
-        if self.segments.empty:
-            return self.segments
-        return self.segments[self.segments["worse"]]
+        return _rows_where(self.segments, "worse")
 
 
 @dataclass

@@ -23,7 +23,7 @@ import html
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +409,17 @@ def _count(value: Any) -> int | None:
     return None if number is None else int(number)
 
 
+def _warn_list(heading: str, items: Iterable[str]) -> str:
+    """A warning paragraph over a bulleted list; ``heading`` and ``items`` are HTML already."""
+    bullets = "".join(f"<li>{item}</li>" for item in items)
+    return f"<p class='warn'>{heading}</p><ul>{bullets}</ul>"
+
+
+def _segment_name(row: pd.Series) -> str:
+    """``column = segment`` of a segment table's row, escaped for HTML."""
+    return f"{html.escape(_label(row['column']))} = {html.escape(row['segment'])}"
+
+
 def _html(result: ShadowResult, title: str) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
@@ -434,9 +445,11 @@ def _html(result: ShadowResult, title: str) -> str:
             "signed report counts.</p>"
         )
     if result.problems:
-        items = "".join(f"<li>{html.escape(p)}</li>" for p in result.problems[:50])
         parts.append(
-            f"<p class='warn'>{len(result.problems)} diagnosis rows were left out:</p><ul>{items}</ul>"
+            _warn_list(
+                f"{len(result.problems)} diagnosis rows were left out:",
+                (html.escape(p) for p in result.problems[:50]),
+            )
         )
     parts.append("<h2>ROC</h2>" + _roc(result))
     for role, e in result.evaluations.items():
@@ -446,12 +459,15 @@ def _html(result: ShadowResult, title: str) -> str:
             continue
         flagged = e.flagged
         if len(flagged):
-            items = "".join(
-                f"<li>{html.escape(_label(r['column']))} = {html.escape(r['segment'])}: "
-                f"{html.escape(r['flag_reason'])}</li>"
-                for _, r in flagged.iterrows()
+            parts.append(
+                _warn_list(
+                    "Flagged segments:",
+                    (
+                        f"{_segment_name(r)}: {html.escape(r['flag_reason'])}"
+                        for _, r in flagged.iterrows()
+                    ),
+                )
             )
-            parts.append(f"<p class='warn'>Flagged segments:</p><ul>{items}</ul>")
         else:
             parts.append("<p class='ok'>No segment is significantly below the overall figure or "
                          "its validation figure.</p>")  # fmt: skip
@@ -487,14 +503,15 @@ def _html(result: ShadowResult, title: str) -> str:
         parts.append(_table(overall, list(overall.columns)))
         worse = p.worse
         if len(worse):
-            items = "".join(
-                f"<li>{html.escape(_label(r['column']))} = {html.escape(r['segment'])} "
-                f"(n={r['n']}): AUROC {r['auroc_champion']:.3f} → {r['auroc_challenger']:.3f}</li>"
-                for _, r in worse.iterrows()
-            )
             parts.append(
-                f"<p class='warn'>Segments where the challenger is significantly worse:</p>"
-                f"<ul>{items}</ul>"
+                _warn_list(
+                    "Segments where the challenger is significantly worse:",
+                    (
+                        f"{_segment_name(r)} (n={r['n']}): "
+                        f"AUROC {r['auroc_champion']:.3f} → {r['auroc_challenger']:.3f}"
+                        for _, r in worse.iterrows()
+                    ),
+                )
             )
         parts.append(_paired_plot(result))
     parts.append("</body></html>")

@@ -28,7 +28,7 @@ the same distribution, not the same numbers.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -200,8 +200,12 @@ def _spacing(value: Sequence[float]) -> tuple[float, float, float]:
     return (s[0], s[1], s[2])
 
 
-class _FromLabelsd(RandomizableTransform, MapTransform):
-    """Shared by the label-driven arms: replace ``keys`` by an image made from ``label_key``.
+_ArmConfig = TypeVar("_ArmConfig", LabelsArmConfig, PhysicsArmConfig)
+
+
+class _FromLabelsd(RandomizableTransform, MapTransform, Generic[_ArmConfig]):
+    """Shared by the label-driven arms: replace ``keys`` by an image made from ``label_key``, as
+    the arm's section ``cfg`` says.
 
     With ``device`` ``None`` the image is made in numpy (TorchIO for the label arm) on the CPU and
     returned as a CPU tensor; with a torch device, in torch on that device
@@ -211,6 +215,7 @@ class _FromLabelsd(RandomizableTransform, MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
+        cfg: _ArmConfig,
         spacing: Sequence[float],
         label_key: str = LABELS_KEY,
         prob: float = 1.0,
@@ -218,6 +223,7 @@ class _FromLabelsd(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
+        self.cfg: _ArmConfig = cfg
         self.spacing = _spacing(spacing)
         self.label_key = label_key
         self.device = None if device is None else torch.device(device)
@@ -287,7 +293,7 @@ def labels_to_image_torch(
     return noise.mul_(lut[1][labels]).add_(lut[0][labels])
 
 
-class RandLabelsToImaged(_FromLabelsd):
+class RandLabelsToImaged(_FromLabelsd[LabelsArmConfig]):
     """SynthSeg's generator on a tissue label map: each label value a Gaussian whose mean and
     standard deviation are drawn from ``cfg.mean`` and ``cfg.std`` (TorchIO's
     ``RandomLabelsToImage``), then :func:`acquisition_effects`.
@@ -301,18 +307,6 @@ class RandLabelsToImaged(_FromLabelsd):
         device: ``None``: TorchIO and numpy on the CPU; a torch device:
             :func:`labels_to_image_torch` and :func:`acquisition_effects_torch` there.
     """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        cfg: LabelsArmConfig,
-        spacing: Sequence[float],
-        label_key: str = LABELS_KEY,
-        prob: float = 1.0,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(keys, spacing, label_key, prob, device)
-        self.cfg = cfg
 
     def synthesise_torch(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         rng = np.random.default_rng([seed, 1])
@@ -424,7 +418,7 @@ def render_physics(
     return lut[labels], params
 
 
-class RandPhysicsRenderd(_FromLabelsd):
+class RandPhysicsRenderd(_FromLabelsd[PhysicsArmConfig]):
     """The tissue label map re-rendered with a random field strength and sequence
     (:func:`render_physics`), then :func:`acquisition_effects`.
 
@@ -437,18 +431,6 @@ class RandPhysicsRenderd(_FromLabelsd):
         device: ``None``: numpy on the CPU; a torch device: the same acquisition drawn, rendered
             there with :func:`acquisition_effects_torch`.
     """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        cfg: PhysicsArmConfig,
-        spacing: Sequence[float],
-        label_key: str = LABELS_KEY,
-        prob: float = 1.0,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(keys, spacing, label_key, prob, device)
-        self.cfg = cfg
 
     def synthesise_torch(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         rng = np.random.default_rng([seed, 2])

@@ -91,6 +91,21 @@ def bias_coefficient_count(order: int) -> int:
     return (order + 1) * (order + 2) * (order + 3) // 6
 
 
+_SCALED: dict[str, dict[str, float | None]] = {
+    "motion": {"degrees": 0.0, "translation": 0.0, "num_transforms": None},
+    "ghosting": {"num_ghosts": None, "intensity": 0.0},
+    "spike": {"num_spikes": None, "intensity": 0.0},
+    "blur": {"std": 0.0},
+    "anisotropy": {"downsampling": 1.0},
+    "bias_field": {"coefficients": 0.0},
+    "noise": {"std": 0.0},
+    "gamma": {"log_gamma": 0.0},
+    "scale": {"log_scale": 0.0},
+}
+"""The ranges :func:`scaled_ranges` scales: per profile section, each range's identity (``None``: a
+count, scaled by :func:`_scale_count`)."""
+
+
 def scaled_ranges(profile: ScannerSimProfile, severity: int) -> ScannerSimProfile:
     """The profile's ranges at ``severity``.
 
@@ -108,55 +123,17 @@ def scaled_ranges(profile: ScannerSimProfile, severity: int) -> ScannerSimProfil
     """
     s = _check_severity(severity)
     update: dict[str, object] = {}
-    if profile.motion is not None:
-        m = profile.motion
-        update["motion"] = m.model_copy(
-            update={
-                "degrees": _scale_range(m.degrees, s),
-                "translation": _scale_range(m.translation, s),
-                "num_transforms": _scale_count(m.num_transforms, s),
-            }
-        )
-    if profile.ghosting is not None:
-        g = profile.ghosting
-        update["ghosting"] = g.model_copy(
-            update={
-                "num_ghosts": _scale_count(g.num_ghosts, s),
-                "intensity": _scale_range(g.intensity, s),
-            }
-        )
-    if profile.spike is not None:
-        sp = profile.spike
-        update["spike"] = sp.model_copy(
-            update={
-                "num_spikes": _scale_count(sp.num_spikes, s),
-                "intensity": _scale_range(sp.intensity, s),
-            }
-        )
-    if profile.blur is not None:
-        update["blur"] = profile.blur.model_copy(update={"std": _scale_range(profile.blur.std, s)})
-    if profile.anisotropy is not None:
-        a = profile.anisotropy
-        update["anisotropy"] = a.model_copy(
-            update={"downsampling": _scale_range(a.downsampling, s, identity=1.0)}
-        )
-    if profile.bias_field is not None:
-        b = profile.bias_field
-        update["bias_field"] = b.model_copy(
-            update={"coefficients": _scale_range(b.coefficients, s)}
-        )
-    if profile.noise is not None:
-        update["noise"] = profile.noise.model_copy(
-            update={"std": _scale_range(profile.noise.std, s)}
-        )
-    if profile.gamma is not None:
-        update["gamma"] = profile.gamma.model_copy(
-            update={"log_gamma": _scale_range(profile.gamma.log_gamma, s)}
-        )
-    if profile.scale is not None:
-        update["scale"] = profile.scale.model_copy(
-            update={"log_scale": _scale_range(profile.scale.log_scale, s)}
-        )
+    for name, identities in _SCALED.items():
+        section = getattr(profile, name)
+        if section is None:
+            continue
+        scaled: dict[str, object] = {}
+        for field, identity in identities.items():
+            value = getattr(section, field)
+            scaled[field] = (
+                _scale_count(value, s) if identity is None else _scale_range(value, s, identity)
+            )
+        update[name] = section.model_copy(update=scaled)
     return profile.model_copy(update=update)
 
 

@@ -199,8 +199,17 @@ class ScannerSim(Transform):
 
 
 def _spacing_from_data(
-    d: Mapping[Any, Any], img: Any, spacing: Spacing | None, spacing_key: str | None
-) -> Spacing:
+    params: SimParams,
+    d: Mapping[Any, Any],
+    img: Any,
+    spacing: Spacing | None,
+    spacing_key: str | None,
+) -> Spacing | None:
+    """The spacing :class:`ScannerSim` needs to apply ``params`` to ``img``, an image of the item
+    ``d``: ``spacing``, else ``d[spacing_key]``, else ``img``'s affine; ``None`` (not looked up)
+    for identity parameters, which need none."""
+    if params.is_identity():
+        return None
     if spacing_key is not None:
         if spacing_key not in d:
             raise KeyError(f"spacing_key {spacing_key!r} is not in the data (keys: {list(d)})")
@@ -241,9 +250,7 @@ class ScannerSimd(MapTransform):
     def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            spacing = None
-            if not self.params.is_identity():
-                spacing = _spacing_from_data(d, d[key], self.spacing, self.spacing_key)
+            spacing = _spacing_from_data(self.params, d, d[key], self.spacing, self.spacing_key)
             d[key] = ScannerSim(self.params, spacing, self.sim_backend)(d[key])
         return d
 
@@ -404,9 +411,7 @@ class RandScannerSimd(RandomizableTransform, MapTransform):
             spatial = tuple(int(n) for n in first.shape[1:])
             rng = np.random.default_rng(self.seed)
             params = draw(self.profiles[self.profile], self.severity, rng, spatial)
-            spacing = None
-            if not params.is_identity():
-                spacing = _spacing_from_data(d, first, self.spacing, self.spacing_key)
+            spacing = _spacing_from_data(params, d, first, self.spacing, self.spacing_key)
             simulate = ScannerSim(params, spacing, self.sim_backend)
             for key in keys:
                 d[key] = simulate(d[key])

@@ -225,8 +225,10 @@ def spin_echo(
     tr: float,
     te: float,
 ) -> NDArray[np.float64]:
-    """90-180 spin-echo signal ``(N,)``, the refocusing pulse's inversion of Mz included."""
-    return pd * (1.0 - 2.0 * np.exp(-(tr - te / 2.0) / t1) + np.exp(-tr / t1)) * np.exp(-te / t2)
+    """90-180 spin-echo signal ``(N,)``, the refocusing pulse's inversion of Mz included: it inverts
+    Mz ``TR - TE/2`` before the next excitation, which makes it :func:`inversion_recovery` with that
+    inversion time."""
+    return inversion_recovery(pd, t1, t2, tr=tr, te=te, ti=tr - te / 2.0)
 
 
 def inversion_recovery(

@@ -15,6 +15,7 @@ is applied at each sub-sample. Then, by ``cohort.rendering``:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +180,51 @@ def tissue_volume(
     return vol
 
 
+def _draw_subject(
+    cfg: CohortConfig, plan: SubjectPlan, with_lesion: bool | None, tpl: Template
+) -> tuple[anat.SubjectAnatomy, Lesion | None]:
+    """The subject's anatomy and, where it has one (or ``with_lesion`` says so), its lesion, each
+    from its own stream: both renderers draw the same subject."""
+    anatomy = anat.draw_anatomy(
+        subject_rng(cfg.seed, plan.index, STREAM_ANATOMY), cfg.anatomy, plan.age, tpl
+    )
+    lesion = None
+    if plan.finding if with_lesion is None else with_lesion:
+        lesion = draw_lesion(subject_rng(cfg.seed, plan.index, STREAM_LESION), cfg.lesion, tpl)
+    return anatomy, lesion
+
+
+def _slab_samples(
+    volume: NDArray[np.float32],
+    coords: NDArray[np.float32],
+    affine: NDArray[np.float64],
+    offsets: Sequence[float],
+    slice_spacing: float,
+) -> Iterator[tuple[NDArray[np.float32], NDArray[np.float32]]]:
+    """For each offset (mm) across the slice, the template coordinates ``(3, K, R, C)`` moved by it
+    and ``volume`` sampled there (trilinear, 0 outside), float32. The coordinates are one buffer,
+    overwritten by the next offset."""
+    sub = np.empty_like(coords)
+    for off in offsets:
+        step = anat.slab_offset(affine, off, slice_spacing)
+        for i in range(3):
+            np.add(coords[i], step[i], out=sub[i])
+        sample = ndi.map_coordinates(
+            volume, sub, order=1, mode="constant", cval=0.0, output=np.float32
+        )
+        yield sub, sample
+
+
+def _tissue_maps(
+    tpl: Template, coords: NDArray[np.float32]
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """White-matter and brain (grey + white matter) probabilities at template ``coords``
+    ``(3, K, R, C)``, trilinear, float32."""
+    wm = ndi.map_coordinates(tpl.wm, coords, order=1, mode="constant", output=np.float32)
+    brain = ndi.map_coordinates(tpl.brain, coords, order=1, mode="constant", output=np.float32)
+    return wm, brain
+
+
 def _render_physics(
     cfg: CohortConfig,
     plan: SubjectPlan,
@@ -195,12 +241,7 @@ def _render_physics(
     over = phys.oversampling
     fine = geometry.refined(over)
 
-    anatomy = anat.draw_anatomy(
-        subject_rng(cfg.seed, plan.index, STREAM_ANATOMY), cfg.anatomy, plan.age, tpl
-    )
-    lesion = None
-    if plan.finding if with_lesion is None else with_lesion:
-        lesion = draw_lesion(subject_rng(cfg.seed, plan.index, STREAM_LESION), cfg.lesion, tpl)
+    anatomy, lesion = _draw_subject(cfg, plan, with_lesion, tpl)
     tissues = subject_tissues(cfg, plan)
     les = lesion_tissue(cfg, plan, tissues)
     tissues = tissues.append("lesion", *les)
@@ -218,19 +259,12 @@ def _render_physics(
     offsets = anat.partial_volume_offsets(geometry.slice_thickness, phys.slab_step_mm)
     obj = np.zeros(fine.shape, dtype=np.float32)
     membership = np.zeros(fine.shape, dtype=np.float32) if lesion is not None else None
-    sub = np.empty_like(coords)
     s_les = np.float32(signal["lesion"])
     box = None
     if lesion is not None:
         reach = geometry.slice_thickness / 2 + 2 * max(geometry.row_spacing, geometry.col_spacing)
         box = _lesion_box(lesion, coords, over, reach + 1.0)
-    for off in offsets:
-        step = anat.slab_offset(affine, off, geometry.slice_spacing)
-        for i in range(3):
-            np.add(coords[i], step[i], out=sub[i])
-        sample = ndi.map_coordinates(
-            volume, sub, order=1, mode="constant", cval=0.0, output=np.float32
-        )
+    for sub, sample in _slab_samples(volume, coords, affine, offsets, geometry.slice_spacing):
         if lesion is not None and membership is not None and box is not None:
             m = lesion_membership(lesion, sub[(slice(None), *box)])
             part = sample[box]
@@ -261,10 +295,7 @@ def _render_physics(
         labels[(labels == physics.LABELS["gm"]) & (csf_from <= lost)] = physics.LABELS["csf"]
     labels[mask > 0] = physics.LABELS["lesion"]
 
-    wm = brain = None
-    if with_tissue:
-        wm = ndi.map_coordinates(tpl.wm, coarse, order=1, mode="constant", output=np.float32)
-        brain = ndi.map_coordinates(tpl.brain, coarse, order=1, mode="constant", output=np.float32)
+    wm, brain = _tissue_maps(tpl, coarse) if with_tissue else (None, None)
     s_wm = signal["wm"]
     info = {
         "pd": les[0],
@@ -338,21 +369,16 @@ def _render_legacy(
     cfg: CohortConfig,
     plan: SubjectPlan,
     *,
-    with_lesion: bool | None = None,
-    with_tissue: bool = False,
-    template: Template | None = None,
+    with_lesion: bool | None,
+    with_tissue: bool,
+    template: Template,
 ) -> RenderedSeries:
-    tpl = template if template is not None else load_template()
+    tpl = template
     profile: ScannerProfile = cfg.scanners[plan.scanner]
     geometry = AcquisitionGeometry.from_profile(profile, scanner_centre_lps(tpl))
     shape = geometry.shape
 
-    anatomy = anat.draw_anatomy(
-        subject_rng(cfg.seed, plan.index, STREAM_ANATOMY), cfg.anatomy, plan.age, tpl
-    )
-    lesion = None
-    if plan.finding if with_lesion is None else with_lesion:
-        lesion = draw_lesion(subject_rng(cfg.seed, plan.index, STREAM_LESION), cfg.lesion, tpl)
+    anatomy, lesion = _draw_subject(cfg, plan, with_lesion, tpl)
 
     affine = anat.grid_to_template(geometry.index_to_lps(), anatomy, tpl)
     coords = anat.template_coordinates(affine, shape, anatomy)
@@ -361,14 +387,7 @@ def _render_legacy(
     offsets = anat.partial_volume_offsets(geometry.slice_thickness)
     signal = np.zeros(shape, dtype=np.float32)
     membership = np.zeros(shape, dtype=np.float32) if lesion is not None else None
-    sub = np.empty_like(coords)
-    for off in offsets:
-        step = anat.slab_offset(affine, off, geometry.slice_spacing)
-        for i in range(3):
-            np.add(coords[i], step[i], out=sub[i])
-        sample = ndi.map_coordinates(
-            volume, sub, order=1, mode="constant", cval=0.0, output=np.float32
-        )
+    for sub, sample in _slab_samples(volume, coords, affine, offsets, geometry.slice_spacing):
         if lesion is not None and membership is not None:
             m = lesion_membership(lesion, sub)
             sample *= np.float32(1.0) + np.float32(lesion.sign * lesion.contrast) * m
@@ -380,10 +399,7 @@ def _render_legacy(
         membership /= np.float32(len(offsets))
     mask, centre_ras = _lesion_mask(membership, geometry)
 
-    wm = brain = None
-    if with_tissue:
-        wm = ndi.map_coordinates(tpl.wm, coords, order=1, mode="constant", output=np.float32)
-        brain = ndi.map_coordinates(tpl.brain, coords, order=1, mode="constant", output=np.float32)
+    wm, brain = _tissue_maps(tpl, coords) if with_tissue else (None, None)
 
     physical = scanner.acquire(signal, profile, subject_rng(cfg.seed, plan.index, STREAM_SCANNER))
     stored = scanner.quantise(physical, profile)

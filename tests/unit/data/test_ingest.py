@@ -258,49 +258,58 @@ def test_output_folder_inside_the_input_is_not_scanned(tmp_path: Path) -> None:
     assert second.files_quarantined == 0
 
 
-def _fork_pools_available() -> bool:
-    import multiprocessing
-    import threading
+_CRASHING_INGEST = """
+import dataclasses, json, os, sys
+import shiftguard.data.canonical as canonical_module
+import shiftguard.dicom.scan as scan_module
+from shiftguard.config.schema import IngestConfig
+from shiftguard.data.ingest import run
 
-    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+root, out, bad_uid = sys.argv[1], sys.argv[2], sys.argv[3]
+validate, read = canonical_module.validate_series, scan_module.read_headers
 
+def validate_or_die(group, **kwargs):
+    if group.series_uid == bad_uid:
+        os._exit(3)  # what a segfaulting decoder looks like from the parent
+    return validate(group, **kwargs)
 
-_FORK_POOLS = _fork_pools_available()  # decided at collection, before tests start threads
+def read_or_die(path):
+    if str(path).endswith("x2.dcm"):
+        os._exit(3)
+    return read(path)
+
+# patched before the pool forks (this process has one thread), so the workers inherit the patches
+canonical_module.validate_series = validate_or_die
+scan_module.read_headers = read_or_die
+config = IngestConfig(spacing=(2.0, 2.0, 2.0), shape=(12, 14, 16), min_slices=4)
+summary = run(config, root, out, workers=2, progress=False)
+print(json.dumps(dataclasses.asdict(summary)))
+"""
 
 
 @pytest.mark.integration
-def test_a_worker_crash_is_reported_not_fatal(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not _FORK_POOLS:
-        peer_missing("needs fork-started worker processes (this platform or process has none)")
-    import os
+def test_a_worker_crash_is_reported_not_fatal(tmp_path: Path) -> None:
+    # In a fresh interpreter: the pool forks only from a process with one thread (else it spawns,
+    # and spawned workers would not inherit the patches), which a test runner's process that ran
+    # other tests before cannot promise.
+    import json
+    import multiprocessing
+    import subprocess
+    import sys
 
-    import shiftguard.data.canonical as canonical_module
-    import shiftguard.dicom.scan as scan_module
-
+    if "fork" not in multiprocessing.get_all_start_methods():
+        peer_missing("needs fork-started worker processes (this platform has none)")
     root = tmp_path / "in"
     good, bad = SeriesSpec(n_slices=5), SeriesSpec(n_slices=6)
     write_series(root / "good", good)
     write_series(root / "bad", bad)
     write_series(root / "cursed", SeriesSpec(n_slices=4), name=lambda k: f"x{k}.dcm")
-    validate = canonical_module.validate_series
-    read = scan_module.read_headers
-
-    def validate_or_die(group, **kwargs):  # type: ignore[no-untyped-def]
-        if group.series_uid == bad.series_uid:
-            os._exit(3)  # what a segfaulting decoder looks like from the parent
-        return validate(group, **kwargs)
-
-    def read_or_die(path):  # type: ignore[no-untyped-def]
-        if str(path).endswith("x2.dcm"):
-            os._exit(3)
-        return read(path)
-
-    # Patched before the pool forks, so the workers inherit the patches.
-    monkeypatch.setattr(canonical_module, "validate_series", validate_or_die)
-    monkeypatch.setattr(scan_module, "read_headers", read_or_die)
-    summary = run(SMALL, root, tmp_path / "out", workers=2, progress=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASHING_INGEST, str(root), str(tmp_path / "out"), bad.series_uid],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = IngestSummary(**json.loads(done.stdout.strip().splitlines()[-1]))
     _check_accounting(summary, tmp_path / "out")
     quarantine = {r["code"]: r for r in _read(tmp_path / "out" / "quarantine.csv")}
     assert quarantine["decoder_crashed"]["series_uid"] == bad.series_uid

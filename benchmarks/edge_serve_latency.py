@@ -105,9 +105,14 @@ def main() -> None:
                 while service.queue.counts().get("deliveries_sent", 0) < 2 * (len(latencies) + 1):
                     time.sleep(0.002)
                 latencies.append(time.perf_counter() - released)
-            stages = {
-                name: 1000 * hist.total / max(hist.n, 1) for name, hist in service.latency.items()
-            }
+
+            def mean_ms(stage: str) -> float:  # from the service's Prometheus histogram
+                value = service.registry.get_sample_value
+                total = value("shiftguard_edge_latency_seconds_sum", {"stage": stage}) or 0.0
+                count = value("shiftguard_edge_latency_seconds_count", {"stage": stage}) or 0.0
+                return 1000 * total / max(count, 1.0)
+
+            stages = {name: mean_ms(name) for name in ("predict", "deliver", "ready_to_sent")}
             stored = orthanc.studies()
             assert len(stored) == args.studies and set(stored.values()) == {2}, stored
 

@@ -166,7 +166,7 @@ def receive_throughput(
     from shiftguard.config import EdgeConfig
     from shiftguard.edge.queue import WorkQueue
     from shiftguard.edge.receiver import Receiver
-    from shiftguard.peers import copy_study, free_port, storescu
+    from shiftguard.peers import copy_study, free_port, storescu, tool
 
     variants = {
         "storescp (dcmtk, no fsync)": None,
@@ -192,11 +192,11 @@ def receive_throughput(
                 port = free_port()
                 (where / "out").mkdir()
                 scp = subprocess.Popen(
-                    ["storescp", "-aet", "SHIFTGUARD", "-od", str(where / "out"), str(port)],
+                    [tool("storescp"), "-aet", "SHIFTGUARD", "-od", str(where / "out"), str(port)],
                     env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk's switch for Nagle's algorithm
                     stderr=subprocess.DEVNULL,
                 )
-                time.sleep(0.5)
+                _wait_for_port(port, scp)
             else:
                 queue = WorkQueue(where / "queue.db")
                 receiver = Receiver(
@@ -224,6 +224,22 @@ def receive_throughput(
                 raise RuntimeError(f"{name}: {proc.stderr}")
             shutil.rmtree(where)
     return images, rates
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """Until ``process`` accepts connections on ``port`` (a fixed sleep lost the race on a busy host)."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"storescp exited with status {process.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"storescp did not listen on port {port} within {timeout_s:.0f} s")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from shiftguard.config.deploy import EdgeConfig, EdgeDestination
@@ -456,10 +456,6 @@ class Service:
         )
 
     # ---------------------------------------------------------------------------------------------
-
-    def metrics_text(self) -> str:
-        """What ``/metrics`` serves: Prometheus' text format."""
-        return generate_latest(self.registry).decode()
 
     def count(self, name: str) -> int:
         """One of the service's counters (:data:`COUNTERS`), as ``/metrics`` shows it."""

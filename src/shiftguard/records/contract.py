@@ -2,8 +2,8 @@
 the edge before a record enters the spool and on the collector before it is stored.
 
 A record (built by :func:`shiftguard.records.features.make_record`) is one JSON object: the envelope
-fields (:data:`~shiftguard.records.features.ENVELOPE`) and every feature of the schema. The routes
-the shipper posts to and the collector serves are here too. Standard library only.
+fields (:data:`~shiftguard.records.features.ENVELOPE`) and every feature of the schema. The route
+the shipper posts to and the collector serves is here too. Standard library only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ FIELDS = (*ENVELOPE, *FEATURE_NAMES)
 NUMERICAL = tuple(n for n in FEATURE_NAMES if BY_NAME[n].kind == "numerical")
 CATEGORICAL = tuple(n for n in FEATURE_NAMES if BY_NAME[n].kind == "categorical")
 RECORDS_ROUTE = "/v1/records"
-HEALTH_ROUTE = "/healthz"
 
 
 def validate_record(record: Any) -> list[str]:

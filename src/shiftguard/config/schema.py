@@ -991,9 +991,10 @@ class TrainConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     """How the validation stage judges the trained model.
 
-    The operating point is chosen on the validation split with ``threshold_rule`` and then applied,
-    unchanged, to the internal test split, the unseen scanner's external split and the robustness
-    sets. Every figure carries a stratified percentile-bootstrap interval of ``1 - alpha`` coverage.
+    A calibration map (``calibration``) is fitted on the validation split's probabilities first;
+    every figure is then computed on calibrated probabilities, and the operating point is chosen on
+    the calibrated validation split with ``threshold_rule`` and applied, unchanged, to the internal
+    test split, the unseen scanner's external split and the robustness sets. Every figure carries a stratified percentile-bootstrap interval of ``1 - alpha`` coverage.
     Segments with fewer than ``min_segment_size`` series or ``min_segment_positives`` positives
     (or negatives) are listed but marked too small to judge.
     """
@@ -1024,6 +1025,12 @@ class EvaluateConfig(StrictModel):
     min_segment_positives: Annotated[int, Field(ge=1)] = 3
     robustness_splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    calibration: Literal["platt", "temperature", "isotonic", "none"] = Field(
+        "platt",
+        description="the map fitted on the validation split that the bundle carries and the "
+        "edge applies (shiftguard.calibration): platt (two parameters), temperature (one), "
+        "isotonic (free-form: for validation sets of many hundreds), none",
+    )
 
     @model_validator(mode="after")
     def _bands(self) -> EvaluateConfig:

@@ -33,9 +33,11 @@ import stat
 import zipfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from shiftguard.calibration import IDENTITY, Calibration
 from shiftguard.edge.signing import (
     SIGNATURE,
     SigningKey,
@@ -44,7 +46,7 @@ from shiftguard.edge.signing import (
     default_signer,
     signature_document,
 )
-from shiftguard.errors import BundleError
+from shiftguard.errors import BundleError, MetricInputError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,10 @@ def content_version(manifest: Mapping[str, Any], members: Mapping[str, bytes]) -
         str(entry["member"]): sha256_bytes(members[str(entry["member"])])
         for entry in manifest.get("models", [])
     }
+    if manifest.get("calibration"):  # a bundle without one keeps the version it always had
+        section = manifest["calibration"]
+        decisive["calibration"] = section
+        decisive["calibration_sha256"] = sha256_bytes(members[str(section["member"])])
     text = json.dumps(decisive, sort_keys=True, separators=(",", ":"))
     return sha256_bytes(text.encode())[:VERSION_DIGITS]
 
@@ -163,7 +169,18 @@ class Bundle:
 
     @property
     def threshold(self) -> float:
+        """The operating point, on the scale of :attr:`calibration`'s output."""
         return float(self.manifest["threshold"])
+
+    @cached_property
+    def calibration(self) -> Calibration:
+        """The map from the network's probability to the reported one (the identity for a
+        bundle exported without one); :func:`open_bundle` has checked that it reads."""
+        section = self.manifest.get("calibration")
+        if not section:
+            return IDENTITY
+        member = str(section["member"])
+        return Calibration.from_json(json.loads(self.members[member]), member)
 
     def model(self, fmt: str = "onnx") -> bytes:
         """The bytes of the model in format ``fmt``.
@@ -366,13 +383,33 @@ def open_bundle(path: Path | str, trust: Trust | None = None, signature: bool = 
                 f"{path}: member {name!r} does not match its SHA-256 in the manifest; the bundle "
                 "was altered or damaged after export: do not use it"
             )
-    return Bundle(
+    bundle = Bundle(
         path=path,
         manifest=manifest,
         members=files,
         signer=verdict.key_id if verdict else None,
         trusted=bool(verdict and verdict.trusted),
     )
+    _check_calibration(bundle)
+    return bundle
+
+
+def _check_calibration(bundle: Bundle) -> None:
+    section = bundle.manifest.get("calibration")
+    if not section:
+        return
+    if not isinstance(section, dict) or section.get("member") not in bundle.members:
+        raise BundleError(
+            f"{bundle.path}: {MANIFEST} 'calibration' must name a member of the bundle; "
+            "re-export it"
+        )
+    try:
+        _ = bundle.calibration
+    except (MetricInputError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(
+            f"{bundle.path}: its calibration map {section['member']} is unusable ({exc}); "
+            "re-export the bundle"
+        ) from None
 
 
 def describe(bundle: Bundle) -> str:
@@ -386,6 +423,12 @@ def describe(bundle: Bundle) -> str:
         f"{m['input'].get('dtype', 'float32')}",
         f"threshold {m['threshold']:.4f} (chosen on the validation split)",
     ]
+    cal = bundle.calibration
+    if cal.method != "none":
+        params = ", ".join(f"{k} {v}" for k, v in cal.parameters.items())
+        lines.append(
+            f"calibration {cal.method} ({params}; fitted on {cal.n} {cal.fitted_on} series)"
+        )
     for key in ("training_data", "trained_model", "mlflow"):
         if m.get(key):
             lines.append(f"{key:<8} {json.dumps(m[key], sort_keys=True)}")

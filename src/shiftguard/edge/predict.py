@@ -78,6 +78,7 @@ RESULT_COLUMNS = (
     "field_strength",
     "n_slices",
     "probability",
+    "raw_probability",
     "threshold",
     "result",
     "shadow",
@@ -138,11 +139,12 @@ class Analysis:
     series: Any
     resampled: Any
     ref: Any
-    probability: float
+    probability: float  # calibrated by the bundle's map: the one reported
     saliency: np.ndarray | None
     embedding: np.ndarray | None
     features: dict[str, Any]
     timings: dict[str, float]
+    raw_probability: float = float("nan")  # the network's own
 
 
 @dataclass
@@ -215,7 +217,8 @@ class Predictor:
         preprocess_s = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        probability, saliency, embedding = self.model.infer(image)
+        raw, saliency, embedding = self.model.infer(image)
+        probability = self.bundle.calibration.apply_one(raw)
         infer_s = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -246,6 +249,7 @@ class Predictor:
                 "infer_s": infer_s,
                 "features_s": features_s,
             },
+            raw_probability=raw,
         )
 
     def predict_group(self, group: SeriesGroup, out_dir: Path, revision: int = 0) -> dict[str, Any]:
@@ -284,6 +288,7 @@ class Predictor:
             "field_strength": "" if h.field_strength is None else h.field_strength,
             "n_slices": len(series.headers),
             "probability": round(a.probability, 6),
+            "raw_probability": round(a.raw_probability, 6),
             "threshold": round(self.bundle.threshold, 6),
             "result": result.label,
             "shadow": int(self.shadow),

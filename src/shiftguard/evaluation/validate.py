@@ -12,8 +12,12 @@ to ``reports_dir``:
   (``dvc metrics``). The robustness summary's drop under simulated shift is scored on the profiles
   held out from training only (:func:`robustness_summary`; the model file names the profiles it
   trained with): a profile used in training is never scored as unseen;
+- ``calibration.json``: the calibration map fitted on the validation split (``evaluate.calibration``,
+  :mod:`shiftguard.calibration`); every probability and figure here is calibrated by it, the
+  operating point is chosen on the calibrated validation split, and each set's report also gives
+  its ECE before calibration (``ece_uncalibrated``) and the paired change (``ece_change``);
 - ``predictions.csv``: one row per scored volume (set, profile, severity, series, scanner model,
-  label, probability);
+  label, calibrated probability ``prob`` and the network's own ``raw_prob``);
 - ``segments.csv``: the per-segment table over the held-out series (test + external);
 - ``robustness.csv``: AUROC with CI for every profile x severity, plus the pooled external set
   (profile ``external``) and each unseen scanner (profile ``external:<scanner model>``), all three
@@ -41,6 +45,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from shiftguard.calibration import IDENTITY, Calibration, fit_calibration
 from shiftguard.config.schema import EvaluateConfig, TrainConfig
 from shiftguard.errors import MetricInputError, ValidationError
 from shiftguard.evaluation.segments import MISSING, age_bands, segment_table, unjudgeable_reason
@@ -50,9 +55,12 @@ from shiftguard.metrics import (
     binary_report,
     bootstrap_ci,
     choose_threshold,
+    expected_calibration_error,
     format_interval,
     interval_collapsed,
+    percentile_interval,
     reliability_curve,
+    resample_indices,
     roc_curve,
 )
 from shiftguard.tracking import (
@@ -62,7 +70,7 @@ from shiftguard.tracking import (
     stage_run,
     trained_model,
 )
-from shiftguard.utils import progress_bar
+from shiftguard.utils import progress_bar, write_json
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -78,6 +86,10 @@ reported per value of it."""
 EXTERNAL_SCANNERS = "external_scanners"
 """The ``metrics.json`` key of the per-scanner external figures."""
 _UNDEFINED = {"value": math.nan, "low": math.nan, "high": math.nan}
+UNCALIBRATED = ", uncalibrated"
+"""Suffix of a set's name in ``reliability.csv`` for the network's own probabilities."""
+CALIBRATION_FILE = "calibration.json"
+"""The calibration map the stage writes (the export stage puts it in the bundle)."""
 
 
 def interval_text(
@@ -146,11 +158,22 @@ class ValidationResult:
     seen_profiles: tuple[str, ...] | None = ()
     """The scanner profiles the model trained with (``None``: not known). A profile used in
     training is never scored as unseen: the robustness summary's drop uses the others only."""
+    calibration: Calibration = IDENTITY
+    """The map fitted on the validation split; ``predictions["prob"]`` is calibrated by it."""
 
     def to_metrics(self) -> dict[str, Any]:
         """Headline figures for ``dvc metrics``: reports per set and per unseen scanner,
         robustness summary, segments."""
         out: dict[str, Any] = {"threshold": round(self.threshold, 6)}
+        cal = self.calibration
+        out["calibration"] = {
+            "method": cal.method,
+            **cal.parameters,
+            "fitted_on": cal.fitted_on,
+            "n": cal.n,
+            "n_positive": cal.n_positive,
+            "notes": list(cal.notes),
+        }
         for name, report in self.reports.items():
             out[name] = _rounded(report)
         if self.scanners:
@@ -292,21 +315,30 @@ class _Counted:
 
 
 def _report(
-    cfg: EvaluateConfig, labels: np.ndarray, probs: np.ndarray, threshold: float
+    cfg: EvaluateConfig,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    raw: np.ndarray | None = None,
 ) -> dict[str, Any]:
     if labels.size == 0:
         raise ValidationError("an evaluation set is empty")
     if labels.min() == labels.max():
         log.warning("a set has one class only (%d series): AUROC is undefined", labels.size)
-    return _binary_report(cfg, labels, probs, threshold)
+    return _binary_report(cfg, labels, probs, threshold, raw)
 
 
 def _binary_report(
-    cfg: EvaluateConfig, labels: np.ndarray, probs: np.ndarray, threshold: float
+    cfg: EvaluateConfig,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    raw: np.ndarray | None = None,
 ) -> dict[str, object]:
     """:func:`~shiftguard.metrics.binary_report` with the ``evaluate`` section's bootstrap and
-    calibration settings."""
-    return binary_report(
+    calibration settings; with the network's uncalibrated probabilities ``raw``, also
+    :func:`ece_before_after`'s two entries."""
+    report = binary_report(
         labels,
         probs,
         threshold,
@@ -315,6 +347,49 @@ def _binary_report(
         alpha=cfg.alpha,
         n_bins=cfg.ece_bins,
     )
+    if raw is not None:
+        report.update(ece_before_after(cfg, labels, raw, probs))
+    return report
+
+
+def ece_before_after(
+    cfg: EvaluateConfig, labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """The ECE of the network's own probabilities (``ece_uncalibrated``) and the change that
+    calibration made (``ece_change``: calibrated minus uncalibrated, below 0 when it helped), each
+    with a stratified percentile-bootstrap interval; the change's is paired (both ECEs on the same
+    resamples), the same resamples as :func:`~shiftguard.metrics.binary_report`'s (same seed).
+
+    Args:
+        cfg: the ``evaluate`` section (bootstrap, alpha, seed, ECE bins).
+        labels: ``(N,)`` 0/1.
+        raw: ``(N,)`` the network's probabilities.
+        calibrated: ``(N,)`` the same after the calibration map.
+    """
+    y = np.asarray(labels).astype(bool)
+    raw = np.asarray(raw, dtype=np.float64)
+    calibrated = np.asarray(calibrated, dtype=np.float64)
+
+    def ece(p: np.ndarray, rows: np.ndarray | slice) -> float:
+        return expected_calibration_error(y[rows], p[rows], cfg.ece_bins)
+
+    if y.size == 0:
+        return {"ece_uncalibrated": dict(_UNDEFINED), "ece_change": dict(_UNDEFINED)}
+    rng = np.random.default_rng(cfg.seed)
+    idx = resample_indices(y, cfg.n_bootstrap, rng, stratified=True)
+    before = np.array([ece(raw, row) for row in idx])
+    after = np.array([ece(calibrated, row) for row in idx])
+    whole = slice(None)
+    low, high = percentile_interval(before, cfg.alpha)
+    c_low, c_high = percentile_interval(after - before, cfg.alpha)
+    return {
+        "ece_uncalibrated": {"value": ece(raw, whole), "low": low, "high": high},
+        "ece_change": {
+            "value": ece(calibrated, whole) - ece(raw, whole),
+            "low": c_low,
+            "high": c_high,
+        },
+    }
 
 
 def scanner_reports(
@@ -354,6 +429,7 @@ def scanner_reports(
     for model, part in external.groupby(models, sort=True):
         model = str(model)
         labels, probs = part["label"].to_numpy(), part["prob"].to_numpy()
+        raw = part["raw_prob"].to_numpy() if "raw_prob" in part else None
         n, n_pos = len(part), int(labels.sum())
         reason = unjudgeable_reason(
             n,
@@ -363,7 +439,7 @@ def scanner_reports(
             cfg.min_segment_positives,
             cfg.min_segment_positives,
         )
-        report = _binary_report(cfg, labels, probs, threshold)
+        report = _binary_report(cfg, labels, probs, threshold, raw)
         if reason:
             log.warning("unseen scanner %s: AUROC not reported, %s", model, reason)
             report["auroc"] = dict(_UNDEFINED)
@@ -441,11 +517,20 @@ def evaluate(
             )
     scored = labelled[labelled["split"].isin(["val", IN_DISTRIBUTION, EXTERNAL])].copy()
     paths = [str(ingest_dir / p) for p in scored["volume_path"]]
-    scored["prob"] = predict_paths(
+    scored["raw_prob"] = predict_paths(
         net, paths, train_cfg, cfg.batch_size, device, progress, "scoring val, test and external"
     )
     scored["set"] = scored["split"]
-
+    val = scored[scored["split"] == "val"]
+    try:
+        calibration = fit_calibration(
+            cfg.calibration, val["label"].to_numpy(), val["raw_prob"].to_numpy(), "val"
+        )
+    except MetricInputError as err:
+        raise ValidationError(f"calibration on the val split: {err}") from err
+    for note in calibration.notes:
+        log.warning("validate: %s", note)
+    scored["prob"] = calibration.apply(scored["raw_prob"].to_numpy())
     val = scored[scored["split"] == "val"]
     if val["label"].nunique() < 2:
         threshold = FALLBACK_THRESHOLD
@@ -467,7 +552,11 @@ def evaluate(
         part = scored[scored["split"] == name]
         if len(part):
             reports[name] = _report(
-                cfg, part["label"].to_numpy(), part["prob"].to_numpy(), threshold
+                cfg,
+                part["label"].to_numpy(),
+                part["prob"].to_numpy(),
+                threshold,
+                part["raw_prob"].to_numpy(),
             )
     scanners = scanner_reports(cfg, scored[scored["split"] == EXTERNAL], threshold)
 
@@ -518,7 +607,8 @@ def evaluate(
                 strict=True,
             )
         )
-        shifted["prob"] = shifted["volume_path"].map(probs)
+        shifted["raw_prob"] = shifted["volume_path"].map(probs)
+        shifted["prob"] = calibration.apply(shifted["raw_prob"].to_numpy())
         shifted["set"] = "robustness"
         if SCANNER_COLUMN in dataset.columns and SCANNER_COLUMN not in shifted.columns:
             # the scanner the shifted copy was simulated from
@@ -576,6 +666,7 @@ def evaluate(
         SCANNER_COLUMN,
         "label",
         "prob",
+        "raw_prob",
     ]
     predictions = pd.concat([f.reindex(columns=columns) for f in frames], ignore_index=True)
     robustness = pd.DataFrame(
@@ -594,7 +685,14 @@ def evaluate(
     robustness["seen_in_training"] = robustness["seen_in_training"].eq(True)  # scanners' rows: no
     seen = None if seen_profiles is None else tuple(seen_profiles)
     return ValidationResult(
-        threshold, reports, predictions, segments, robustness, scanners, seen_profiles=seen
+        threshold,
+        reports,
+        predictions,
+        segments,
+        robustness,
+        scanners,
+        seen_profiles=seen,
+        calibration=calibration,
     )
 
 
@@ -607,19 +705,25 @@ def _curves(result: ValidationResult, cfg: EvaluateConfig) -> tuple[pd.DataFrame
             continue
         fpr, tpr, thr = roc_curve(part["label"].to_numpy(), part["prob"].to_numpy())
         roc_parts.append(pd.DataFrame({"set": name, "fpr": fpr, "tpr": tpr, "threshold": thr}))
-        curve = reliability_curve(part["label"].to_numpy(), part["prob"].to_numpy(), cfg.ece_bins)
-        mids = (curve.bin_edges[:-1] + curve.bin_edges[1:]) / 2
-        rel_parts.append(
-            pd.DataFrame(
-                {
-                    "set": name,
-                    "bin": mids,
-                    "mean_predicted": curve.mean_predicted,
-                    "observed_frequency": curve.observed_frequency,
-                    "count": curve.counts,
-                }
-            )[lambda f: f["count"] > 0]
-        )
+        columns = [("prob", name)]
+        if "raw_prob" in part and part["raw_prob"].notna().all():
+            columns.append(("raw_prob", f"{name}{UNCALIBRATED}"))
+        for column, label in columns:
+            curve = reliability_curve(
+                part["label"].to_numpy(), part[column].to_numpy(), cfg.ece_bins
+            )
+            mids = (curve.bin_edges[:-1] + curve.bin_edges[1:]) / 2
+            rel_parts.append(
+                pd.DataFrame(
+                    {
+                        "set": label,
+                        "bin": mids,
+                        "mean_predicted": curve.mean_predicted,
+                        "observed_frequency": curve.observed_frequency,
+                        "count": curve.counts,
+                    }
+                )[lambda f: f["count"] > 0]
+            )
     roc = (
         pd.concat(roc_parts, ignore_index=True)
         if roc_parts
@@ -661,12 +765,17 @@ def _figures(
 
     fig = figure(4.5, 4.5)
     ax = fig.subplots()
+    colours: dict[str, str] = {}  # a set's two curves in one colour of the cycle
     for name, part in rel.groupby("set", sort=False):
-        ece = result.reports.get(str(name), {}).get("ece", {}).get("value", math.nan)
+        base = str(name).removesuffix(UNCALIBRATED)
+        key = "ece_uncalibrated" if str(name) != base else "ece"
+        ece = result.reports.get(base, {}).get(key, {}).get("value", math.nan)
         ax.plot(
             part["mean_predicted"],
             part["observed_frequency"],
-            "o-",
+            "o:" if key == "ece_uncalibrated" else "o-",
+            color=colours.setdefault(base, f"C{len(colours)}"),
+            alpha=0.55 if key == "ece_uncalibrated" else 1.0,
             label=f"{name} (ECE {ece:.3f})",
         )
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
@@ -814,6 +923,8 @@ def write_reports(result: ValidationResult, cfg: EvaluateConfig, out: Path) -> l
     for name, frame in files.items():
         frame.to_csv(out / name, index=False, float_format="%.6g")
         written.append(out / name)
+    write_json(out / CALIBRATION_FILE, result.calibration.to_json())
+    written.append(out / CALIBRATION_FILE)
     return written + _figures(result, roc, rel, out)
 
 
@@ -873,6 +984,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
         "test.sensitivity.value": "test_sensitivity",
         "test.specificity.value": "test_specificity",
         "test.ece.value": "test_ece",
+        "test.ece_uncalibrated.value": "test_ece_uncalibrated",
         "external_auroc_gap": "external_auroc_gap",
         "robustness.auroc_drop_at_max_severity": "robustness_auroc_drop",
     }

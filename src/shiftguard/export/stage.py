@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from shiftguard.calibration import Calibration
 from shiftguard.config.deploy import ExportConfig
 from shiftguard.config.schema import IngestConfig, TrainConfig
 from shiftguard.data.volume import read_nifti
@@ -39,7 +40,7 @@ from shiftguard.edge.signing import (
     development_key_path,
     read_signing_key,
 )
-from shiftguard.errors import ExportError, InvalidSeriesError
+from shiftguard.errors import ExportError, InvalidSeriesError, MetricInputError
 from shiftguard.evaluation.validate import is_external_profile
 from shiftguard.metrics import format_interval
 from shiftguard.records.features import (
@@ -67,6 +68,7 @@ TORCHSCRIPT_MEMBER = "model.torchscript.pt"
 REFERENCE_MEMBER = "reference.csv"
 PROJECTION_MEMBER = "embedding_pca.json"
 CARD_MEMBER = "model_card.md"
+CALIBRATION_MEMBER = "calibration.json"
 #: the validation reports the bundle carries (and the card quotes)
 VALIDATION_FILES = ("metrics.json", "segments.csv", "robustness.csv")
 #: acquisition columns of the split table kept in the drift baseline (no identifiers, no dates)
@@ -260,19 +262,23 @@ def check_parity(
 
 def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
     """The drift baseline: one row of monitor features per development series (exactly
-    :data:`~shiftguard.records.features.FEATURE_NAMES`, nothing that identifies anyone) and the
-    split it belongs to (``train``, ``val`` or ``test``)."""
+    :data:`~shiftguard.records.features.FEATURE_NAMES`, nothing that identifies anyone), the
+    split it belongs to (``train``, ``val`` or ``test``) and its label (``finding``, 0/1, empty
+    when unknown): the held-out rows' labels with their calibrated outputs are what label-free
+    performance estimation (:mod:`shiftguard.monitor.performance`) stands on."""
 
     table = pd.DataFrame(
         [
             {
                 **{n: clean_value(r.get(n), BY_NAME[n].kind) for n in FEATURE_NAMES},
                 "split": r.get("split"),
+                "finding": r.get("finding"),
             }
             for r in records
         ],
-        columns=[*FEATURE_NAMES, "split"],
+        columns=[*FEATURE_NAMES, "split", "finding"],
     )
+    table["finding"] = pd.to_numeric(table["finding"], errors="coerce").astype("Int64")
     return table.to_csv(index=False, lineterminator="\n").encode()
 
 
@@ -282,12 +288,14 @@ def monitor_reference(
     splits: Mapping[str, str],
     trust: Trust | None = None,
     uid_of: Callable[[str], str] = str,
+    findings: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, bytes, int]:
     """Run the edge runner (:meth:`~shiftguard.edge.predict.Predictor.analyse`) on the development
     series' DICOM files (``splits``: series UID -> train / val / test; ``uid_of`` maps a file's
     UID to the table's, see :mod:`shiftguard.data.identifiers`), fit the embedding's PCA
     basis on the training series' penultimate features, and return ``reference.csv``,
-    ``embedding_pca.json`` and how many series went in. Live records and the reference are thus
+    ``embedding_pca.json`` and how many series went in (``findings``: series UID -> label, the
+    reference's ``finding`` column). Live records and the reference are thus
     computed by the same code on the same kind of input. The monitor compares the model's outputs
     and embedding with the held-out rows only: on its training series the model is overconfident."""
 
@@ -300,9 +308,11 @@ def monitor_reference(
     )
     predictor = Predictor(open_bundle(bundle_path, trust))
     analyses = []
+    labels = []
     for group in groups:
         try:
             analyses.append((splits[uid_of(group.series_uid)], predictor.analyse(group)))
+            labels.append((findings or {}).get(uid_of(group.series_uid)))
         except InvalidSeriesError as exc:
             log.warning("export: reference skips series %s: %s", group.series_uid, exc)
     train = [a for split, a in analyses if split == "train"]
@@ -317,8 +327,9 @@ def monitor_reference(
             **a.features,
             **output_features(a.probability, projection.project(a.embedding)),  # type: ignore[arg-type]
             "split": split,
+            "finding": label,
         }
-        for split, a in analyses
+        for (split, a), label in zip(analyses, labels, strict=True)
     ]
     basis = json.dumps(projection.to_json(), indent=1).encode()
     return reference_table(records), basis, len(records)
@@ -337,6 +348,23 @@ def _fmt_ci(entry: Any, n: Any = None, positives: Any = None) -> str:
 
 def _count(value: Any) -> int | None:
     return None if value is None or pd.isna(value) else int(value)
+
+
+def _calibration_lines(metrics: Mapping[str, Any]) -> list[str]:
+    cal = metrics.get("calibration") or {}
+    if not cal or cal.get("method") == "none":
+        return []
+    params = ", ".join(
+        f"{k} {v}"
+        for k, v in cal.items()
+        if k not in {"method", "fitted_on", "n", "n_positive", "notes"}
+    )
+    return [
+        f"The probability is calibrated: {cal['method']} scaling ({params}) fitted on the "
+        f"{cal.get('n')} {cal.get('fitted_on')} series ({cal.get('n_positive')} with the finding); "
+        "the ECE figures below are after it, the network's own in brackets.",
+        *[f"Calibration note: {note}" for note in cal.get("notes", [])],
+    ]
 
 
 def robustness_markdown(robustness: pd.DataFrame) -> list[str]:
@@ -436,6 +464,7 @@ def model_card(
         "",
         f"Output: probability of a {cfg.finding}; positive at or above the operating threshold "
         f"{float(metrics.get('threshold', 0.5)):.4f}, chosen on the validation split.",
+        *_calibration_lines(metrics),
         "",
         "## Model",
         f"- network: `{model_cfg.get('network', {}).get('_target_', '?')}`",
@@ -459,6 +488,11 @@ def model_card(
                 f"- {split} (n={m.get('n')}): AUROC {_fmt_ci(m.get('auroc'), *counts)}, "
                 f"sensitivity {_fmt_ci(m.get('sensitivity'), *counts)}, specificity "
                 f"{_fmt_ci(m.get('specificity'), *counts)}, ECE {_fmt_ci(m.get('ece'), *counts)}"
+                + (
+                    f" (uncalibrated {_fmt_ci(m['ece_uncalibrated'], *counts)})"
+                    if m.get("ece_uncalibrated")
+                    else ""
+                )
             )
     for model, m in (metrics.get("external_scanners") or {}).items():
         counts = (m.get("n"), m.get("n_positive"))
@@ -549,7 +583,9 @@ def run(
     train_cfg = TrainConfig.model_validate(payload["train"])
     name = train_cfg.registered_model
 
-    missing = [f for f in VALIDATION_FILES if not (reports_dir / f).is_file()]
+    missing = [
+        f for f in (*VALIDATION_FILES, CALIBRATION_MEMBER) if not (reports_dir / f).is_file()
+    ]
     if missing:
         raise ExportError(
             f"{reports_dir}: lacks {', '.join(missing)}; run the validate stage first "
@@ -600,6 +636,13 @@ def run(
         models.append({"member": TORCHSCRIPT_MEMBER, "format": "torchscript"})
     for fname in VALIDATION_FILES:
         members[f"validation/{fname}"] = (reports_dir / fname).read_bytes()
+    members[CALIBRATION_MEMBER] = (reports_dir / CALIBRATION_MEMBER).read_bytes()
+    try:
+        calibration = Calibration.from_json(
+            json.loads(members[CALIBRATION_MEMBER]), str(reports_dir / CALIBRATION_MEMBER)
+        )
+    except (MetricInputError, json.JSONDecodeError) as err:
+        raise ExportError(f"{err}; run the validate stage again") from None
     segments = pd.read_csv(reports_dir / "segments.csv")
     robustness = pd.read_csv(reports_dir / "robustness.csv")
 
@@ -619,6 +662,12 @@ def run(
             "finding": cfg.finding,
         },
         "threshold": float(metrics["threshold"]),
+        "calibration": {
+            "member": CALIBRATION_MEMBER,
+            "method": calibration.method,
+            "fitted_on": calibration.fitted_on,
+            "n": calibration.n,
+        },
         "series_selection": cfg.series_selection.model_dump(mode="json"),
         "training_data": {
             "data_dvc_md5": data_version(root),
@@ -662,6 +711,7 @@ def run(
             dict(zip(internal["series_uid"], internal["split"], strict=True)),
             own,
             uid_of,
+            dict(zip(internal["series_uid"], internal["finding"], strict=True)),
         )
     members[REFERENCE_MEMBER] = reference
     members[PROJECTION_MEMBER] = basis

@@ -204,3 +204,42 @@ def test_cli_verify_prints_the_manifest_or_the_error(
     assert main(["edge", "verify", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "edge: error:" in err and "bad.sgbundle" in err and "truncated" in err
+
+
+def _calibrated(tmp_path: Path, tiny: dict[str, Any], onnx_model: bytes, cal: bytes) -> Path:
+    manifest = make_manifest(
+        tiny, calibration={"member": "calibration.json", "method": "platt", "n": 25}
+    )
+    return write_bundle(
+        tmp_path / "calibrated.sgbundle",
+        manifest,
+        {"model.onnx": onnx_model, "calibration.json": cal},
+    )
+
+
+def test_a_calibration_map_travels_decides_the_version_and_is_checked(
+    tmp_path: Path, tiny: dict[str, Any], onnx_model: bytes
+) -> None:
+    from shiftguard.calibration import IDENTITY, Calibration
+
+    cal = Calibration("platt", a=0.5, b=-1.0, n=25, n_positive=10, fitted_on="val")
+    data = json.dumps(cal.to_json()).encode()
+    bundle = open_bundle(_calibrated(tmp_path, tiny, onnx_model, data))
+    assert bundle.calibration == cal
+    assert "calibration platt (a 0.5, b -1.0; fitted on 25 val series)" in describe(bundle)
+    # a bundle exported before calibration existed reads as the identity, version unchanged
+    plain = make_manifest(tiny)
+    assert open_bundle(write_bundle(tmp_path / "p.sgbundle", plain, {"model.onnx": onnx_model}))
+    assert Calibration() == IDENTITY
+    # the map decides what is reported: another map, another version
+    section = {"calibration": {"member": "calibration.json", "method": "platt", "n": 25}}
+    other = json.dumps(Calibration("platt", a=0.6, b=-1.0).to_json()).encode()
+    versions = {
+        content_version({**plain, **section}, {"model.onnx": onnx_model, "calibration.json": d})
+        for d in (data, other)
+    }
+    assert len(versions) == 2
+    assert content_version(plain, {"model.onnx": onnx_model}) not in versions
+    # an unreadable map is refused when the bundle is opened, not at the first study
+    with pytest.raises(BundleError, match=r"calibration map calibration.json is unusable"):
+        open_bundle(_calibrated(tmp_path, tiny, onnx_model, b'{"format": "x"}'))

@@ -331,3 +331,42 @@ def test_a_source_without_type_2_study_attributes_still_gets_a_clean_sr(
         tmp_path / "sr.dcm", iod="Comprehensive3DSR", allowed_warnings=no_values
     )
     assert set(report.warnings) == no_values
+
+
+def test_the_reported_probability_is_the_calibrated_one(
+    tmp_path: Path, cohort: Path, tiny: dict[str, Any], onnx_model: bytes
+) -> None:
+    """The same network with and without a calibration map: the raw probability is the same, the
+    reported one is the map applied to it, and the SR says the reported one."""
+    import json
+
+    from shiftguard.calibration import Calibration
+    from shiftguard.edge.bundle import write_bundle
+
+    from .conftest import make_manifest
+
+    cal = Calibration("platt", a=0.3, b=1.5, n=20, fitted_on="val")
+    paths = {
+        "plain": write_bundle(
+            tmp_path / "plain.sgbundle", make_manifest(tiny), {"model.onnx": onnx_model}
+        ),
+        "calibrated": write_bundle(
+            tmp_path / "cal.sgbundle",
+            make_manifest(tiny, calibration={"member": "calibration.json", "method": "platt"}),
+            {"model.onnx": onnx_model, "calibration.json": json.dumps(cal.to_json()).encode()},
+        ),
+    }
+    rows = {}
+    for name, path in paths.items():
+        Predictor(open_bundle(path)).predict_folder(cohort, tmp_path / name)
+        rows[name] = {r["series_uid"]: r for r in _rows(tmp_path / name / "results.csv")}
+    assert rows["plain"].keys() == rows["calibrated"].keys() and rows["plain"]
+    for uid, plain in rows["plain"].items():
+        got = rows["calibrated"][uid]
+        assert float(plain["probability"]) == float(plain["raw_probability"])
+        assert float(got["raw_probability"]) == pytest.approx(float(plain["raw_probability"]))
+        expected = cal.apply_one(float(got["raw_probability"]))
+        assert float(got["probability"]) == pytest.approx(expected, abs=2e-6)
+        assert float(got["probability"]) != pytest.approx(float(got["raw_probability"]), abs=1e-3)
+        sr = pydicom.dcmread(tmp_path / "calibrated" / got["sr_file"])
+        assert describe_sr(sr)["Probability"] == pytest.approx(float(got["probability"]), abs=1e-5)

@@ -146,6 +146,13 @@ def test_reports_and_figures_are_written(project, tmp_path: Path) -> None:
     assert set(roc["set"]) == {"test", "external"}
     assert roc.groupby("set")["tpr"].max().eq(1.0).all()
     assert (tmp_path / "robustness.png").stat().st_size > 5_000
+    # the map the bundle will carry, and the reliability curves before and after it
+    from shiftguard.calibration import Calibration
+
+    saved = Calibration.from_json(json.loads((tmp_path / "calibration.json").read_text()))
+    assert saved == result.calibration
+    rel = pd.read_csv(tmp_path / "reliability.csv")
+    assert {"test", "test, uncalibrated"} <= set(rel["set"])
 
 
 def test_a_hold_out_set_without_unseen_scanners_or_robustness_sets_is_reported(

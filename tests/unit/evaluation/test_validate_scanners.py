@@ -43,6 +43,8 @@ REPORT_KEYS = {
     "sensitivity",
     "specificity",
     "ece",
+    "ece_uncalibrated",
+    "ece_change",
 }
 
 
@@ -187,7 +189,13 @@ def test_pooled_external_block_is_unchanged(result: ValidationResult) -> None:
     assert len(pooled_rows) == sum(n for _, n, _ in EXTERNAL)
     assert set(result.reports["external"]) == REPORT_KEYS
     # the same seed and rows give the same resamples: equal, not only close
-    assert result.reports["external"] == _helper_report(pooled_rows, result.threshold)
+    report = dict(result.reports["external"])
+    before, change = report.pop("ece_uncalibrated"), report.pop("ece_change")
+    assert report == _helper_report(pooled_rows, result.threshold)
+    raw = _helper_report(pooled_rows.assign(prob=pooled_rows["raw_prob"]), result.threshold)
+    assert before == raw["ece"]  # the network's own ECE, on the same resamples
+    assert change["value"] == pytest.approx(report["ece"]["value"] - before["value"])
+    assert change["low"] <= change["value"] <= change["high"]
     metrics = result.to_metrics()
     assert set(metrics["external"]) == REPORT_KEYS
     assert metrics["external_auroc_gap"] == pytest.approx(
@@ -247,3 +255,23 @@ def test_reports_carry_the_scanners(result: ValidationResult, tmp_path: Path) ->
     assert "scanner_model" in pred.columns
     assert pred["scanner_model"].notna().all()  # robustness rows: the scanner simulated from
     assert (tmp_path / "robustness.png").stat().st_size > 5_000
+
+
+def test_calibration_is_fitted_on_val_only_and_applied_to_every_set(
+    result: ValidationResult, scored: tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]
+) -> None:
+    from shiftguard.calibration import fit_calibration
+
+    pred = result.predictions
+    val = pred[pred["set"] == "val"]
+    # the same fit from the val rows alone: test or external rows did not enter it
+    again = fit_calibration(CFG.calibration, val["label"], val["raw_prob"], "val")
+    assert result.calibration == again and again.method == "platt"
+    assert result.calibration.n == len(val) == 20
+    assert pred["prob"].to_numpy() == pytest.approx(again.apply(pred["raw_prob"].to_numpy()))
+    shifted = pred[pred["set"] == "robustness"]
+    assert len(shifted) and shifted["raw_prob"].notna().all()
+    # the operating point is on the calibrated scale: it classifies val as the raw one would
+    assert 0.0 < result.threshold < 1.0
+    section = result.to_metrics()["calibration"]
+    assert section["method"] == "platt" and set(section) >= {"a", "b", "n", "fitted_on"}

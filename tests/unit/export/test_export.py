@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from shiftguard.calibration import Calibration
 from shiftguard.config import ExportConfig, IngestConfig, ModelConfig, TrainConfig
 from shiftguard.data.volume import write_nifti
 from shiftguard.edge.infer import Model
@@ -27,6 +28,7 @@ from shiftguard.export.stage import (
 )
 from shiftguard.models import SmallCNN3d
 from shiftguard.training.stage import save_model
+from shiftguard.utils import write_json
 
 SHAPE = (16, 20, 16)
 
@@ -133,10 +135,12 @@ def test_reference_table_has_the_monitor_features_and_nothing_else() -> None:
             "mean": 2.0,
             "probability": 0.75,
             "split": "val",
+            "finding": 1,
         },
     ]
     table = pd.read_csv(io.BytesIO(reference_table(records)))
-    assert tuple(table.columns) == (*FEATURE_NAMES, "split")
+    assert tuple(table.columns) == (*FEATURE_NAMES, "split", "finding")
+    assert table["finding"].isna().tolist() == [True, False] and table["finding"][1] == 1
     assert table["split"].tolist() == ["train", "val"]
     assert table["mean"].tolist() == [1.0, 2.0]
     assert table["manufacturer"].tolist() == ["GE", "unknown"]
@@ -267,7 +271,7 @@ def test_run_without_validation_reports_says_which_stage_to_run(tmp_path: Path) 
     )
     with pytest.raises(
         ExportError,
-        match=r"lacks metrics.json, segments.csv, robustness.csv; run the validate stage",
+        match=r"lacks metrics.json, segments.csv, robustness.csv, calibration.json; run the validate",
     ):
         run(
             ExportConfig(),
@@ -356,6 +360,7 @@ def _export_inputs(root: Path, volumes: list[Path]) -> None:
     pd.DataFrame([{"profile": "p", "severity": 0, "auroc": 0.5}]).to_csv(
         reports / "robustness.csv", index=False
     )
+    write_json(reports / "calibration.json", Calibration("platt", a=0.8, b=-0.3, n=1).to_json())
 
 
 def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
@@ -371,7 +376,7 @@ def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
     # the drift reference runs the edge runner on DICOM files; these tests have none
     monkeypatch.setattr(
         "shiftguard.export.stage.monitor_reference",
-        lambda bundle, dicom, splits, trust=None, uid_of=str: (
+        lambda bundle, dicom, splits, trust=None, uid_of=str, findings=None: (
             b"mean,split\n1.0,train\n",
             b"{}",
             1,
@@ -405,6 +410,9 @@ def test_the_export_gives_the_same_bundle_whatever_the_mlflow_store(
     assert bundles[0] == bundles[1]
     bundle = open_bundle(path)
     assert "mlflow" not in bundle.manifest and runs[0].encode() not in bundles[0]
+    # the validate stage's calibration map travels in the bundle and the edge reads it
+    assert bundle.manifest["calibration"]["method"] == "platt"
+    assert bundle.calibration == Calibration("platt", a=0.8, b=-0.3, n=1)
     assert bundle.manifest["trained_model"]["sha256"] == file_sha256(tmp_path / "a" / "model.pt")
     assert bundle.text("model_card.md").startswith(
         f"# Model card: shiftguard-classifier v{bundle.version}"
@@ -432,7 +440,7 @@ def test_the_model_version_page_is_the_review_page(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(
         "shiftguard.export.stage.monitor_reference",
-        lambda bundle, dicom, splits, trust=None, uid_of=str: (
+        lambda bundle, dicom, splits, trust=None, uid_of=str, findings=None: (
             b"mean,split\n1.0,train\n",
             b"{}",
             1,

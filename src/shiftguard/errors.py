@@ -317,6 +317,11 @@ class PageError(ShiftGuardError, RuntimeError):
     """Evidently's rendered report does not have the shape the ShiftGuard header is put into."""
 
 
+class EstimationError(ShiftGuardError, ValueError):
+    """A reference or window table that label-free performance estimation cannot use (no labelled
+    held-out rows, one class only, a missing column); the message names the table and column."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Shadow mode (shadow/): logs, diagnoses, evaluation, the PACS, promotion
 # --------------------------------------------------------------------------------------------------

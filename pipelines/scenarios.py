@@ -3,7 +3,9 @@ protocol change, a prevalence shift, a gradual drift, and none) run against the 
 simulated pools of studies through the edge runner (cached under ``artifacts/scenarios/pools``),
 streams drawn from them, windows judged and the alert rules applied. The detection delay and the
 false alarms of each land in ``reports/monitor/scenarios.json`` (see
-:mod:`shiftguard.monitor.scenarios`).
+:mod:`shiftguard.monitor.scenarios`), with the label-free performance estimates judged against
+the pools' verified findings; their table, one row per condition, method and metric (realised,
+estimated, bias, mean absolute error, interval coverage), is ``reports/monitor/estimation.csv``.
 
 Config: the ``monitor``, ``cohort``, ``split`` and ``data`` sections of ``params.yaml``; skipped
 (said so, with an empty ``artifacts/scenarios``) when ``data`` is not the synthetic cohort.
@@ -17,11 +19,12 @@ from pathlib import Path
 
 from shiftguard.config import CohortConfig, DataConfig, MonitorConfig, SplitConfig, load_section
 from shiftguard.edge.service import resolve_bundle
-from shiftguard.monitor.scenarios import run_all, table
-from shiftguard.utils import run_stage, setup_logging, write_json
+from shiftguard.monitor.scenarios import ESTIMATION_COLUMNS, estimation_rows, run_all, table
+from shiftguard.utils import run_stage, setup_logging, write_csv, write_json
 
 BUNDLES = Path("artifacts/export")
 OUT = Path("reports/monitor/scenarios.json")
+TABLE = Path("reports/monitor/estimation.csv")
 
 log = logging.getLogger("scenarios")
 
@@ -36,6 +39,7 @@ def main() -> int:
         )
         Path("artifacts/scenarios").mkdir(parents=True, exist_ok=True)
         write_json(OUT, {"skipped": reason})
+        write_csv(TABLE, ["skipped"], [{"skipped": reason}])
         log.warning("scenarios: skipped: %s", reason)
         return 0
     summary = run_all(
@@ -45,6 +49,8 @@ def main() -> int:
         resolve_bundle(BUNDLES),
     )
     write_json(OUT, summary)
+    estimation = summary.get("estimation") or {}
+    write_csv(TABLE, ESTIMATION_COLUMNS, estimation_rows(estimation))
     for line in table(summary).splitlines():
         log.info("%s", line)
     return 0

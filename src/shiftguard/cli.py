@@ -24,6 +24,7 @@ from typing import Any
 
 from shiftguard import __version__
 from shiftguard.errors import (
+    BundleError,
     ConfigError,
     DataSourceError,
     DiagnosisFileError,
@@ -681,10 +682,16 @@ def _monitor_collect(args: argparse.Namespace) -> int:
 
 def _monitor_run(args: argparse.Namespace, check: bool) -> int:
     from shiftguard.edge.service import resolve_bundle
-    from shiftguard.monitor.runner import Monitor, records_from_results, reference_from_bundle
+    from shiftguard.monitor.runner import (
+        Monitor,
+        bundle_info,
+        records_from_results,
+        reference_from_bundle,
+    )
 
     cfg = _monitor_config(args)
-    reference = reference_from_bundle(resolve_bundle(args.bundle))
+    bundle_path = resolve_bundle(args.bundle)
+    reference = reference_from_bundle(bundle_path)
     if args.results is not None:
         records = records_from_results(args.results, args.site or cfg.site)
     else:
@@ -693,7 +700,9 @@ def _monitor_run(args: argparse.Namespace, check: bool) -> int:
         store = RecordStore(Path(cfg.collector.store))
         records = store.frame()
         store.close()
-    monitor = Monitor(cfg, reference, cfg.state, cfg.workspace, cfg.reports)
+    monitor = Monitor(
+        cfg, reference, cfg.state, cfg.workspace, cfg.reports, bundle=bundle_info(bundle_path)
+    )
     try:
         judged = monitor.update(records, judge_open=args.final)
         for result in judged:
@@ -851,6 +860,51 @@ def _shadow_fetch(args: argparse.Namespace) -> int:
     diagnoses, _, _ = _fetch(args, compose_section("shadow", ShadowConfig, args.overrides))
     write_diagnoses(diagnoses, args.out)
     print(f"{len(diagnoses)} verified diagnoses -> {args.out}")
+    return 0
+
+
+def _shadow_recalibrate(args: argparse.Namespace) -> int:
+    from shiftguard.config import ShadowConfig, compose_section
+    from shiftguard.edge.bundle import open_bundle
+    from shiftguard.edge.service import resolve_bundle
+    from shiftguard.edge.signing import SIGNING_KEY_ENV, default_signer, development_key_path
+    from shiftguard.shadow.diagnoses import DiagnosisBook
+    from shiftguard.shadow.recalibrate import recalibrate, site_evidence, track, write_recalibrated
+
+    cfg = compose_section("shadow", ShadowConfig, args.overrides)
+    pacs = args.pacs or cfg.pacs.address
+    if not args.diagnoses and not pacs:
+        raise DiagnosisFileError(
+            "shadow recalibrate: give --diagnoses FILE(s) and/or --pacs (or shadow.pacs.address)"
+        )
+    book = DiagnosisBook()
+    for path in args.diagnoses:
+        book.add_file(path)
+    if pacs:
+        book.add(*_fetch(args, cfg)[:2])
+    signer = default_signer()
+    if signer is None:
+        raise BundleError(
+            f"shadow recalibrate: no signing key: set {SIGNING_KEY_ENV} to a private key, or "
+            f"make the development key with `shiftguard keys generate --development` "
+            f"({development_key_path()})"
+        )
+    bundle = open_bundle(resolve_bundle(args.bundle))
+    evidence = site_evidence(args.log, book, bundle, args.site)
+    site = args.site or "all sites in the log"
+    rec = recalibrate(
+        evidence, bundle, site, method=args.method, target=args.target_sensitivity,
+        min_studies=args.min_studies, min_positive=args.min_positive,
+    )  # fmt: skip
+    path = write_recalibrated(bundle, rec, args.out, signer)
+    for line in rec.lines():
+        print(line)
+    print(f"recalibrated bundle: {path}")
+    if not args.no_mlflow:
+        version = track(rec, path, bundle)
+        if version is not None:
+            print(f"registered as {bundle.name} version {version} (@challenger): run it in shadow "
+                  "mode, then `shiftguard shadow evaluate` and `shiftguard promote`")  # fmt: skip
     return 0
 
 
@@ -1201,6 +1255,29 @@ def build_parser() -> argparse.ArgumentParser:
     pacs(ev)
     overrides(ev)
     ev.set_defaults(func=_shadow_evaluate)
+    rc = sha_sub.add_parser(
+        "recalibrate",
+        help="a site-specific calibration and threshold from verified shadow studies, as a new "
+        "signed bundle for the promotion gate",
+    )
+    rc.add_argument("--log", type=Path, required=True, help="the edge's queue.db or results.csv")
+    rc.add_argument("--diagnoses", type=Path, nargs="*", default=[],
+                    help="RIS exports (CSV or JSON lines)")  # fmt: skip
+    rc.add_argument("--bundle", required=True, help="the bundle the site ran (file or folder)")
+    rc.add_argument("--site", default=None, help="only this site's studies (default: all)")
+    rc.add_argument("--out", type=Path, default=Path("artifacts/recalibrated"),
+                    help="folder for the new bundle")  # fmt: skip
+    rc.add_argument("--method", choices=["platt", "temperature", "isotonic"], default="platt")
+    rc.add_argument("--target-sensitivity", type=float, default=None,
+                    help="default: the bundle's held-out reference sensitivity")  # fmt: skip
+    rc.add_argument("--min-studies", type=_positive, default=100,
+                    help="verified studies needed (default 100)")  # fmt: skip
+    rc.add_argument("--min-positive", type=_positive, default=20,
+                    help="of each class (default 20)")  # fmt: skip
+    rc.add_argument("--no-mlflow", action="store_true", help="do not log or register it")
+    pacs(rc)
+    overrides(rc)
+    rc.set_defaults(func=_shadow_recalibrate)
     fetch = sha_sub.add_parser("fetch", help="verified reports from the PACS -> JSON lines")
     pacs(fetch)
     fetch.add_argument("--out", type=Path, required=True)

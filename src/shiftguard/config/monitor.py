@@ -75,28 +75,102 @@ class DriftConfig(StrictModel):
     )
 
 
+ESTIMATED_METRICS = ("auroc", "sensitivity", "specificity", "positive_rate", "prevalence")
+ESTIMATION_METHODS = ("cbpe", "density_ratio")
+
+
+def estimated_metric(metric: str) -> tuple[str, str, bool] | None:
+    """``(metric, method, drop)`` of an ``estimated_<metric>[_drop][@<method>]`` alert metric,
+    ``None`` for any other name.
+
+    >>> estimated_metric("estimated_sensitivity_drop@density_ratio")
+    ('sensitivity', 'density_ratio', True)
+    >>> estimated_metric("unified_score") is None
+    True
+    """
+    if not metric.startswith("estimated_"):
+        return None
+    rest, _, method = metric.removeprefix("estimated_").partition("@")
+    drop = rest.endswith("_drop")
+    return rest.removesuffix("_drop"), method or "cbpe", drop
+
+
 class AlertRule(StrictModel):
-    """Raise an alert when ``metric`` is above ``above`` in ``windows`` consecutive windows."""
+    """Raise an alert when ``metric`` is above ``above`` (or below ``below``) in ``windows``
+    consecutive windows."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     metric: str = Field(
         description="drift_share, unified_score, score_<group>, drift:<feature> (1 if drifted), "
-        "novel:<feature> (share of the window's values the reference never had)"
+        "novel:<feature> (share of the window's values the reference never had), "
+        "estimated_<metric>[@<method>] (label-free estimate: metric auroc, sensitivity, "
+        "specificity, positive_rate or prevalence; method cbpe, the default, or density_ratio), "
+        "estimated_<metric>_drop[@<method>] (the bundle's held-out reference value minus it)"
     )
-    above: float
+    above: float | None = None
+    below: float | None = None
     windows: Annotated[int, Field(ge=1)] = 1
 
     @model_validator(mode="after")
     def _known_metric(self) -> AlertRule:
+        estimated = estimated_metric(self.metric)
         ok = self.metric in ("drift_share", "unified_score") or self.metric.startswith(
             ("score_", "drift:", "novel:")
         )
+        if estimated is not None:
+            metric, method, _ = estimated
+            ok = metric in ESTIMATED_METRICS and method in ESTIMATION_METHODS
         if not ok:
             raise ValueError(
                 f"alert {self.name!r}: metric {self.metric!r} is not drift_share, unified_score, "
-                "score_<group>, drift:<feature> or novel:<feature>"
+                "score_<group>, drift:<feature>, novel:<feature> or "
+                f"estimated_<metric>[_drop][@<method>] (metrics: {', '.join(ESTIMATED_METRICS)}; "
+                f"methods: {', '.join(ESTIMATION_METHODS)})"
+            )
+        if (self.above is None) == (self.below is None):
+            raise ValueError(
+                f"alert {self.name!r}: give exactly one of 'above' and 'below' (the threshold "
+                "and which side of it fires)"
             )
         return self
+
+    @property
+    def limit(self) -> float:
+        """The threshold, whichever side fires."""
+        return float(self.above if self.above is not None else self.below)  # type: ignore[arg-type]
+
+    def fires(self, value: float) -> bool:
+        """Whether ``value`` is on the firing side of the threshold."""
+        return value > self.above if self.above is not None else value < self.limit
+
+
+class EstimationConfig(StrictModel):
+    """Label-free performance estimation per window (:mod:`shiftguard.monitor.performance`): CBPE
+    from the calibrated outputs, and the density-ratio variant that reweights the bundle's
+    labelled held-out reference by a domain classifier on the PHI-free image, output and embedding
+    features."""
+
+    enabled: bool = True
+    n_draws: Annotated[
+        int, Field(ge=50, description="CBPE: label vectors drawn for the interval")
+    ] = 1000
+    n_boot: Annotated[
+        int, Field(ge=20, description="density ratio: bootstrap resamples for the interval")
+    ] = 200
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    seed: int = 0
+    min_ess: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="density ratio: below this effective sample size of the reweighted "
+            "reference the window is marked unsupported (the reference has no cases like it)",
+        ),
+    ] = 10.0
+    clip: Annotated[
+        float, Field(gt=1, description="density ratio: weights capped at this x mean")
+    ] = 20.0
+    l2: Annotated[float, Field(ge=0, description="density ratio: domain classifier's L2")] = 1.0
 
 
 class ScenarioSettings(StrictModel):
@@ -111,6 +185,14 @@ class ScenarioSettings(StrictModel):
     ] = 60
     seed: int = 1
     cache: str = Field("artifacts/scenarios/pools", description="simulated pools, reused")
+    estimation_windows: Annotated[
+        int,
+        Field(
+            ge=10,
+            description="windows drawn from each pool to judge the label-free estimates against "
+            "the pool's verified findings",
+        ),
+    ] = 100
 
 
 class MonitorConfig(StrictModel):
@@ -121,6 +203,7 @@ class MonitorConfig(StrictModel):
     window: WindowConfig = Field(default_factory=WindowConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     alerts: list[AlertRule] = Field(default_factory=list)
+    estimation: EstimationConfig = Field(default_factory=EstimationConfig)
     webhook: str | None = Field(None, description="POST each new alert here (JSON)")
     state: str = Field("monitor-data/monitor.db", description="judged windows and alerts")
     workspace: str = Field("monitor-data/workspace", description="Evidently workspace folder")

@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (study_uid, series_uid, bundle)
 );
 """
-#: the shadow log's segment columns (added after the first release: see ``_migrate``)
+#: the shadow log's columns added after the first release (see ``_migrate``): the segments, and
+#: the network's probability before the bundle's calibration map (a site recalibration fits on it)
 SEGMENT_COLUMNS = {
     "model": "TEXT NOT NULL DEFAULT ''",
     "model_version": "TEXT NOT NULL DEFAULT ''",
@@ -97,6 +98,7 @@ SEGMENT_COLUMNS = {
     "sex": "TEXT NOT NULL DEFAULT ''",
     "age_band": "TEXT NOT NULL DEFAULT ''",
     "patient_age": "REAL",
+    "raw_probability": "REAL",
 }
 RESULT_FIELDS = (
     "study_uid", "series_uid", "bundle", "role", "probability", "threshold", "result", "routed",
@@ -127,7 +129,13 @@ INSERT_RESULT = (
 
 def _result_row(row: dict[str, Any], now: float) -> dict[str, Any]:
     """A shadow-log row with every column (segments the caller did not give are empty)."""
-    return {**dict.fromkeys(SEGMENT_COLUMNS, ""), "patient_age": None, **row, "created_at": now}
+    return {
+        **dict.fromkeys(SEGMENT_COLUMNS, ""),
+        "patient_age": None,
+        "raw_probability": None,
+        **row,
+        "created_at": now,
+    }
 
 
 class WorkQueue(Database):

@@ -83,6 +83,11 @@ def resolve_bundle(path: str | Path) -> Path:
     return path
 
 
+def _number(value: Any) -> float | None:
+    """A results row's number, ``None`` where it has none (an empty CSV cell)."""
+    return None if value in (None, "") else float(value)
+
+
 def sampled(study_uid: str, fraction: float) -> bool:
     """Whether a study is among the ``fraction`` the challenger reads: decided by a hash of its
     UID, so the same studies are chosen after a restart and by every edge with that fraction.
@@ -362,6 +367,7 @@ class Service:
             "bundle": f"{row['model']}-v{row['model_version']}",
             "role": role,
             "probability": float(row["probability"]),
+            "raw_probability": _number(row.get("raw_probability")),
             "threshold": float(row["threshold"]),
             "result": row["result"],
             "routed": ",".join(d.name for d in routes) or "shadow log only",

@@ -263,9 +263,11 @@ def check_parity(
 def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
     """The drift baseline: one row of monitor features per development series (exactly
     :data:`~shiftguard.records.features.FEATURE_NAMES`, nothing that identifies anyone), the
-    split it belongs to (``train``, ``val`` or ``test``) and its label (``finding``, 0/1, empty
-    when unknown): the held-out rows' labels with their calibrated outputs are what label-free
-    performance estimation (:mod:`shiftguard.monitor.performance`) stands on."""
+    split it belongs to (``train``, ``val`` or ``test``), its label (``finding``, 0/1, empty
+    when unknown) and the network's own probability before calibration (``raw_probability``;
+    ``probability`` is calibrated): the held-out rows' labels with their calibrated outputs are
+    what label-free performance estimation (:mod:`shiftguard.monitor.performance`) stands on,
+    and the raw ones let a site recalibration recompute them."""
 
     table = pd.DataFrame(
         [
@@ -273,10 +275,11 @@ def reference_table(records: Sequence[Mapping[str, Any]]) -> bytes:
                 **{n: clean_value(r.get(n), BY_NAME[n].kind) for n in FEATURE_NAMES},
                 "split": r.get("split"),
                 "finding": r.get("finding"),
+                "raw_probability": r.get("raw_probability"),
             }
             for r in records
         ],
-        columns=[*FEATURE_NAMES, "split", "finding"],
+        columns=[*FEATURE_NAMES, "split", "finding", "raw_probability"],
     )
     table["finding"] = pd.to_numeric(table["finding"], errors="coerce").astype("Int64")
     return table.to_csv(index=False, lineterminator="\n").encode()
@@ -328,6 +331,7 @@ def monitor_reference(
             **output_features(a.probability, projection.project(a.embedding)),  # type: ignore[arg-type]
             "split": split,
             "finding": label,
+            "raw_probability": round(a.raw_probability, 6),
         }
         for (split, a), label in zip(analyses, labels, strict=True)
     ]

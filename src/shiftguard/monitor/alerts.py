@@ -1,7 +1,8 @@
 """Alert rules over the window history, alert records, and the optional webhook.
 
-A rule (``conf/monitor/``: ``{name, metric, above, windows}``) fires on a site's window when the
-metric is above its threshold in that window and the ``windows - 1`` before it. Each firing is
+A rule (``conf/monitor/``: ``{name, metric, above, windows}``, or ``below`` for a metric that must
+not fall, such as an estimated sensitivity) fires on a site's window when the metric is on the
+firing side of its threshold in that window and the ``windows - 1`` before it. Each firing is
 recorded once (rule, site, window); a new one is POSTed to the webhook when one is configured.
 A webhook that fails is logged, and the alert stays recorded: nothing is lost for a scheduler
 that reads the alert table or the exit status of ``shiftguard monitor check``.
@@ -27,14 +28,16 @@ class Alert:
     window: int
     metric: str
     value: float
-    above: float
+    above: float  # the rule's threshold (the side that fires: ``below``)
     windows: int
     window_end: str
+    below: bool = False  # the rule fires below ``above``, not above it
 
     def message(self) -> str:
         ending = f" (ending {self.window_end})" if self.window_end else ""
+        side = "<" if self.below else ">"
         return (
-            f"[{self.site}] {self.rule}: {self.metric} = {self.value:.3f} > {self.above:g} "
+            f"[{self.site}] {self.rule}: {self.metric} = {self.value:.3f} {side} {self.above:g} "
             f"for {self.windows} window(s), up to window {self.window}{ending}"
         )
 
@@ -55,18 +58,19 @@ def evaluate(rules: Sequence[Any], history: Mapping[str, Sequence[Any]]) -> list
                             window=int(window.index),
                             metric=rule.metric,
                             value=float(_value(window, rule.metric)),  # type: ignore[arg-type]
-                            above=float(rule.above),
+                            above=threshold(rule),
                             windows=int(rule.windows),
                             window_end=str(window.end),
+                            below=fires_below(rule),
                         )
                     )
     return out
 
 
 def streaks(rule: Any, windows: Sequence[Any]) -> list[int]:
-    """Per window, how many windows in a row, up to and including it, have the rule's metric above
-    its threshold (0 where it is not, or has no value). The rule fires where this reaches
-    ``rule.windows``.
+    """Per window, how many windows in a row, up to and including it, have the rule's metric on the
+    firing side of its threshold (0 where it is not, or has no value: an estimate the window
+    could not support never fires). The rule fires where this reaches ``rule.windows``.
 
     >>> from types import SimpleNamespace as NS
     >>> rule = NS(metric="unified_score", above=4.0, windows=2)
@@ -76,7 +80,10 @@ def streaks(rule: Any, windows: Sequence[Any]) -> list[int]:
     out, run = [], 0
     for window in windows:
         value = _value(window, rule.metric)
-        run = run + 1 if value is not None and value > rule.above else 0
+        fired = value is not None and (
+            value < threshold(rule) if fires_below(rule) else value > threshold(rule)
+        )
+        run = run + 1 if fired else 0
         out.append(run)
     return out
 
@@ -89,7 +96,18 @@ def rule_text(rule: Any) -> str:
     'novel:scanner_model above 0.1 in a window'
     """
     span = "in a window" if rule.windows == 1 else f"in {rule.windows} windows in a row"
-    return f"{rule.metric} above {rule.above:g} {span}"
+    side = "below" if fires_below(rule) else "above"
+    return f"{rule.metric} {side} {threshold(rule):g} {span}"
+
+
+def fires_below(rule: Any) -> bool:
+    """Whether a rule fires below its threshold (``below`` set) rather than above it."""
+    return getattr(rule, "below", None) is not None
+
+
+def threshold(rule: Any) -> float:
+    """A rule's threshold, whichever side fires."""
+    return float(rule.below if fires_below(rule) else rule.above)
 
 
 def _value(window: Any, metric: str) -> float | None:

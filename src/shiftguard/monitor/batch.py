@@ -126,7 +126,8 @@ def run(
     for result in judged:
         summary = result.summary()
         on_it = sorted(a.rule for a in raised if a.site == site and a.window == result.index)
-        windows.append({k: summary[k] for k in WINDOW_KEYS} | {"alerts": on_it})
+        estimated = {k: v for k, v in summary.items() if k.startswith("estimated_")}
+        windows.append({k: summary[k] for k in WINDOW_KEYS} | estimated | {"alerts": on_it})
         log.info(
             "monitor: window %d, %d studies %s to %s: unified drift score %.2f, %d features "
             "drifted, alerts: %s",
@@ -142,7 +143,7 @@ def run(
         "drift_share": summary["drift_share"],
         "n_drifted": summary["n_drifted"],
         "dataset_drift": summary["dataset_drift"],
-        **{k: v for k, v in summary.items() if k.startswith("score_")},
+        **{k: v for k, v in summary.items() if k.startswith(("score_", "estimated_"))},
         "drifted": summary["drifted"],
         "embedding_drift": None if embedding is None else embedding["embedding_drift"],
         "alerts": sorted(a.rule for a in active),

@@ -57,10 +57,12 @@ from scipy.special import expit
 
 from shiftguard.errors import EstimationError, MetricInputError
 from shiftguard.metrics import (
+    auroc,
     auroc_batched,
     check_labels_scores,
     percentile_interval,
     sens_spec_batched,
+    sensitivity_specificity,
 )
 from shiftguard.records.features import BY_NAME, FEATURES
 
@@ -1013,6 +1015,17 @@ class PerformanceEstimator:
             min_overlap=min_overlap,
             names=self.features,
         )
+        p_ref = prob.to_numpy()[keep].astype(np.float64)
+        sens, spec = sensitivity_specificity(y, p_ref, self.threshold)
+        self.reference_metrics: dict[str, float] = {
+            "auroc": auroc(y, p_ref),
+            "sensitivity": float(sens),
+            "specificity": float(spec),
+            "positive_rate": float(np.mean(p_ref >= self.threshold)),
+            "prevalence": float(np.mean(y)),
+        }
+        """The realised metrics of the labelled held-out reference (what the model did where
+        its performance is known): the baseline of the ``estimated_<metric>_drop`` alert metrics."""
 
     def _matrix(self, frame: pd.DataFrame) -> FloatArray:
         import pandas as pd

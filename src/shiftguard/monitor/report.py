@@ -40,7 +40,7 @@ from typing import Any
 import pandas as pd
 
 from shiftguard.errors import PageError
-from shiftguard.monitor.alerts import Alert, rule_text
+from shiftguard.monitor.alerts import Alert, fires_below, rule_text, threshold
 from shiftguard.monitor.score import GROUPS, WindowResult
 from shiftguard.records.features import BY_NAME, FEATURE_NAMES
 
@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 
 PROJECT = "ShiftGuard drift monitor"
 SCALARS = ("unified_score", *(f"score_{g}" for g in GROUPS))
+#: the label-free estimates the snapshot carries and the dashboard plots (CBPE's; the density
+#: ratio's with ``@density_ratio``)
+ESTIMATED = tuple(
+    f"estimated_{m}{suffix}"
+    for suffix in ("", "@density_ratio")
+    for m in ("auroc", "sensitivity", "specificity")
+)
 KEY_FEATURES = ("scanner_model", "slice_thickness", "snr", "noise", "emb_0", "probability")
 EMBEDDING = [n for n in FEATURE_NAMES if BY_NAME[n].group == "embedding"]
 
@@ -125,7 +132,8 @@ def _swap_ids(swaps: dict[Callable[..., Any], Callable[..., Any]]) -> None:
 def rule_column(rule: Any) -> str:
     """The snapshot column that carries an alert rule's streak (windows in a row above its
     threshold, up to this one), on which the rule's test reads."""
-    return f"alert {rule.name}: windows in a row with {rule.metric} > {rule.above:g}"
+    side = "<" if fires_below(rule) else ">"
+    return f"alert {rule.name}: windows in a row with {rule.metric} {side} {threshold(rule):g}"
 
 
 def z_column(feature: str) -> str:
@@ -179,6 +187,10 @@ def snapshot(
     for name in KEY_FEATURES:
         z = result.columns.get(name, {}).get("z", math.nan)
         scalars[z_column(name)] = 0.0 if z is None or not math.isfinite(z) else float(z)
+    for name in ESTIMATED:  # only where the window has the estimate: a gap, not a false 0
+        value = result.metric(name)
+        if math.isfinite(value):
+            scalars[name] = value
     streaks = streaks or {}
     scalars.update({rule_column(rule): float(streaks.get(rule.name, 0)) for rule in rules})
     for frame in (current, ref):
@@ -354,6 +366,7 @@ class BundleInfo:
     name: str
     version: str
     sha256: str = ""  # of the bundle file; "" when unknown
+    threshold: float | None = None  # the operating point; None: performance is not estimated
 
 
 @dataclass
@@ -497,6 +510,7 @@ def _header(
             f"{'detected' if r.dataset_drift else 'not detected'}",
         ),
         ("Embedding drift", embedding),
+        *_estimate_facts(r),
     ]
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts)
     fired = {a.rule: a for a in report.alerts}
@@ -547,6 +561,41 @@ distance, drift from the threshold up).</p>
 <th>score</th><th>threshold</th></tr>{feature_rows}</table>
 <h2>Evidently report</h2>
 </div>"""
+
+
+def _estimate_facts(r: WindowResult) -> list[tuple[str, str]]:
+    """The page's lines on the window's estimated performance (none when not estimated)."""
+    out = []
+    names = {"cbpe": "from calibrated outputs (CBPE)", "density_ratio": "reweighted reference"}
+    for method, words in names.items():
+        found = r.estimates.get(method)
+        if not found:
+            continue
+        parts = []
+        for metric in ("auroc", "sensitivity", "specificity"):
+            m = found.get("metrics", {}).get(metric, {})
+            parts.append(
+                f"{metric} {_number(m.get('value'))} [{_number(m.get('low'))}, "
+                f"{_number(m.get('high'))}]"
+            )
+        text = "; ".join(parts)
+        if found.get("ess") is not None:
+            text += f" (effective reference size {_number(found['ess'], 1)})"
+        if not found.get("supported", True):
+            text = f"not supported: {found.get('reason', '')} ({text})"
+        out.append((f"Estimated performance, {words}", text))
+    reference = r.estimates.get("reference")
+    if reference:
+        out.append(
+            (
+                "Reference performance (labelled held-out series)",
+                "; ".join(
+                    f"{m} {_number(reference.get(m))}"
+                    for m in ("auroc", "sensitivity", "specificity")
+                ),
+            )
+        )
+    return out
 
 
 def _finite(value: Any) -> float:
@@ -638,6 +687,11 @@ class MonitorWorkspace:
                 title="Key features: drift z-score per window (distance to the reference in "
                 "standard deviations of same-size reference windows; larger is more drift)",
                 values=[mean(z_column(c), c) for c in KEY_FEATURES],
+            ),
+            line_plot_panel(
+                title="Estimated performance without labels (CBPE from the calibrated outputs; "
+                "@density_ratio: the labelled reference reweighted to look like the window)",
+                values=[mean(name, name.removeprefix("estimated_")) for name in ESTIMATED],
             ),
             line_plot_panel(
                 title="Mean predicted probability per site",

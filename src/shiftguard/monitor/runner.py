@@ -21,8 +21,9 @@ from typing import Any
 import pandas as pd
 
 from shiftguard.edge.bundle import open_bundle
-from shiftguard.errors import BundleError, ResultsFileError
+from shiftguard.errors import BundleError, EstimationError, ResultsFileError
 from shiftguard.monitor.alerts import Alert, evaluate, post_webhook, streaks
+from shiftguard.monitor.performance import PerformanceEstimator
 from shiftguard.monitor.report import (
     BundleInfo,
     MonitorWorkspace,
@@ -59,12 +60,43 @@ def reference_from_bundle(path: Path | str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(bundle.members[member]))
 
 
+def estimator_for(
+    cfg: Any, reference: pd.DataFrame, bundle: BundleInfo | None
+) -> PerformanceEstimator | None:
+    """The label-free performance estimator of ``cfg.estimation`` on the bundle's reference, or
+    ``None`` (said in the log) when estimation is off, the operating point is unknown, or the
+    reference cannot carry it (a bundle exported without labels in its reference)."""
+    settings = cfg.estimation
+    if not settings.enabled:
+        return None
+    if bundle is None or bundle.threshold is None:
+        log.info("monitor: no operating point known; performance is not estimated")
+        return None
+    try:
+        return PerformanceEstimator(
+            reference,
+            bundle.threshold,
+            n_draws=settings.n_draws,
+            n_boot=settings.n_boot,
+            alpha=settings.alpha,
+            seed=settings.seed,
+            min_ess=settings.min_ess,
+            clip=settings.clip,
+            l2=settings.l2,
+        )
+    except EstimationError as err:
+        log.warning("monitor: performance is not estimated: %s", err)
+        return None
+
+
 def bundle_info(path: Path | str) -> BundleInfo:
     """The name, version and file digest of a verified bundle, as a report names it."""
 
     bundle = open_bundle(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return BundleInfo(name=bundle.name, version=bundle.version, sha256=digest)
+    return BundleInfo(
+        name=bundle.name, version=bundle.version, sha256=digest, threshold=bundle.threshold
+    )
 
 
 def records_from_results(
@@ -188,6 +220,7 @@ class Monitor:
             bootstrap=cfg.drift.bootstrap,
             seed=cfg.drift.seed,
             drift_share=cfg.drift.drift_share,
+            estimator=estimator_for(cfg, typed(reference), bundle),
         )
         self.state_path = Path(state)
         self.state_path.parent.mkdir(parents=True, exist_ok=True)

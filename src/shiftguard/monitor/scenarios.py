@@ -13,7 +13,11 @@ cached per condition, cohort config and bundle.
 Each stream is cut into count windows, judged by :class:`~shiftguard.monitor.score.Scorer` and the
 alert rules; the result is the detection delay (studies after the onset until the end of the first
 alerting window at or after it) and the false alarms (alerting windows wholly before the onset, or
-any, for a scenario without drift).
+any, for a scenario without drift), for all rules and apart for the performance rules (those on a
+label-free estimate, ``estimated_...``), whose job is to tell a shift that hurts the model from one
+that does not. Since each pool's studies carry their verified finding, the estimates themselves
+are judged too (:mod:`shiftguard.monitor.estimates`): per condition, windows drawn from its pool,
+estimated against realised, and whether the condition hurts the model at all.
 """
 
 from __future__ import annotations
@@ -273,6 +277,12 @@ class ScenarioResult:
     target: int | None
     met: bool | None
     scores: list[float] = field(default_factory=list)  # unified score per window
+    #: the same for the performance rules alone (rules on an ``estimated_...`` metric)
+    performance_detected_at: int | None = None
+    performance_delay: int | None = None
+    performance_false_alarms: int = 0
+    first_performance_alert: str | None = None
+    condition: str = ""  # the last phase's condition, whose pool says whether it hurts
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "scores"} | {
@@ -304,13 +314,9 @@ def run_scenario(
     alerts = evaluate(rules, {scenario.name: windows})
     onset = scenario.onset
     ends = {w.index: w.last_seq for w in windows}
-    false_alarms = {a.window for a in alerts if onset is None or ends[a.window] <= onset}
-    after = sorted(
-        (a for a in alerts if onset is not None and ends[a.window] > onset),
-        key=lambda a: a.window,
-    )
-    detected_at = ends[after[0].window] if after else None
-    delay = detected_at - onset if detected_at is not None and onset is not None else None
+    detected_at, delay, false_alarms, after = _detection(alerts, ends, onset)
+    performance = [a for a in alerts if is_performance_rule(a.metric)]
+    p_at, p_delay, p_false, p_after = _detection(performance, ends, onset)
     target = scenario.expect_detection_within
     if onset is None:
         met = not false_alarms
@@ -331,7 +337,31 @@ def run_scenario(
         target=target,
         met=met,
         scores=[w.unified_score for w in windows],
+        performance_detected_at=p_at,
+        performance_delay=p_delay,
+        performance_false_alarms=len(p_false),
+        first_performance_alert=p_after[0].message() if p_after else None,
+        condition=phase_condition(scenario.phases[-1]).label,
     )
+
+
+def is_performance_rule(metric: str) -> bool:
+    """Whether an alert rule reads a label-free performance estimate."""
+    return metric.startswith("estimated_")
+
+
+def _detection(
+    alerts: Sequence[Any], ends: Mapping[int, int], onset: int | None
+) -> tuple[int | None, int | None, set[int], list[Any]]:
+    """(study flagged at, delay, false-alarm windows, alerts after the onset in order)."""
+    false_alarms = {a.window for a in alerts if onset is None or ends[a.window] <= onset}
+    after = sorted(
+        (a for a in alerts if onset is not None and ends[a.window] > onset),
+        key=lambda a: a.window,
+    )
+    detected_at = ends[after[0].window] if after else None
+    delay = detected_at - onset if detected_at is not None and onset is not None else None
+    return detected_at, delay, false_alarms, after
 
 
 def load_scenarios(folder: Path | str, names: Sequence[str] = ()) -> list[Any]:
@@ -398,6 +428,7 @@ def run_all(
     """Every scenario in ``cfg.scenarios.folder`` (or those named) against the bundle: the pools
     (cached), the streams, the verdicts. Returns a JSON-able summary."""
     from shiftguard.edge.predict import Predictor
+    from shiftguard.monitor.runner import bundle_info, estimator_for
 
     scenarios = load_scenarios(cfg.scenarios.folder, names)
     bundle = open_bundle(bundle_path)
@@ -416,12 +447,15 @@ def run_all(
             workers,
             progress,
         )
+        reference = typed(reference_from_bundle(bundle_path))
+        estimator = estimator_for(cfg, reference, bundle_info(bundle_path))
         scorer = Scorer(
-            reference_from_bundle(bundle_path),
+            reference,
             weights=cfg.drift.weights,
             bootstrap=cfg.drift.bootstrap,
             seed=cfg.drift.seed,
             drift_share=cfg.drift.drift_share,
+            estimator=estimator,
         )
         task = progress.add_task("scenarios", total=len(scenarios))
         results = []
@@ -429,19 +463,69 @@ def run_all(
             progress.update(task, description=f"scenario {scenario.name}")
             results.append(run_scenario(scenario, pools, scorer, cfg.window.size, cfg.alerts))
             progress.advance(task)
-    return {
+        estimation = (
+            judge_estimates(cfg, pools, estimator, progress) if estimator is not None else None
+        )
+    out = {
         "window_size": cfg.window.size,
-        "rules": [r.model_dump() for r in cfg.alerts],
+        "rules": [r.model_dump(exclude_none=True) for r in cfg.alerts],
         "pools": {c.label: len(p) for c, p in pools.items()},
         "scenarios": [r.summary() for r in results],
+    }
+    if estimation is not None:
+        for entry in out["scenarios"]:
+            entry["harmful"] = estimation["harm"].get(entry["condition"], {}).get("harmful")
+        out["estimation"] = estimation
+    return out
+
+
+def judge_estimates(
+    cfg: Any,
+    pools: Mapping[Condition, pd.DataFrame],
+    estimator: Any,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The label-free estimates against the pools' verified findings
+    (:mod:`shiftguard.monitor.estimates`): per condition, ``cfg.scenarios.estimation_windows``
+    windows of the monitor's size drawn from its pool; and whether each condition hurts the model
+    (its pool's sensitivity against the reference's, with the margin of the first performance
+    rule on the sensitivity, else 0.1)."""
+    from shiftguard.monitor.estimates import harm, summarise, window_table
+
+    by_label = {c.label: p for c, p in pools.items()}
+    n = cfg.scenarios.estimation_windows
+    task = progress.add_task("judging the estimates", total=None) if progress else None
+    windows = window_table(by_label, estimator, cfg.window.size, n, cfg.scenarios.seed)
+    if progress is not None and task is not None:
+        progress.remove_task(task)
+    margin = next(
+        (
+            float(r.above)
+            for r in cfg.alerts
+            if r.metric.startswith("estimated_sensitivity_drop") and r.above is not None
+        ),
+        0.1,
+    )
+    return {
+        "windows_per_condition": n,
+        "window_size": cfg.window.size,
+        "margin": margin,
+        "reference": {k: round(v, 4) for k, v in estimator.reference_metrics.items()},
+        "harm": {
+            label: harm(pool, estimator.threshold, estimator.reference_metrics, margin)
+            for label, pool in sorted(by_label.items())
+        },
+        "table": summarise(windows).to_dict(orient="records"),
     }
 
 
 def table(summary: Mapping[str, Any]) -> str:
-    """The results as a plain-text table."""
+    """The results as a plain-text table: every rule, then the performance rules alone (``perf``:
+    delay or ``-``; ``harm``: whether the condition after the onset hurts the model), then the
+    estimates against the realised figures per condition."""
     lines = [
         f"{'scenario':<18} {'studies':>7} {'onset':>6} {'flagged at':>10} {'delay':>6} "
-        f"{'target':>6} {'false alarms':>12}  met  first alert"
+        f"{'target':>6} {'false alarms':>12}  met  {'perf':>5} {'harm':>5}  first alert"
     ]
 
     def show(value: Any) -> str:
@@ -449,10 +533,67 @@ def table(summary: Mapping[str, Any]) -> str:
 
     for r in summary["scenarios"]:
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        harmful = r.get("harmful")
+        harm = "-" if harmful is None else ("yes" if harmful else "no")
+        perf = show(r.get("performance_delay"))
+        if r.get("performance_false_alarms"):
+            perf += f"/{r['performance_false_alarms']}fa"
         lines.append(
             f"{r['name']:<18} {r['studies']:>7} {show(r['onset']):>6} "
             f"{show(r['detected_at']):>10} {show(r['delay']):>6} {show(r['target']):>6} "
-            f"{r['false_alarms']:>12}  {met:<3}  {alert_rule(r['first_alert'])}"
+            f"{r['false_alarms']:>12}  {met:<3}  {perf:>5} {harm:>5}  {alert_rule(r['first_alert'])}"
+        )
+    estimation = summary.get("estimation")
+    if estimation:
+        lines += ["", estimation_table(estimation)]
+    return "\n".join(lines)
+
+
+#: ``reports/monitor/estimation.csv``: the estimates against the realised figures, and whether
+#: the condition hurts the model (its pool's sensitivity drop from the reference)
+ESTIMATION_COLUMNS = (
+    "condition", "method", "metric", "windows", "supported", "realised", "estimated", "bias",
+    "mae", "coverage", "pool_n", "pool_positive", "pool_drop_sensitivity", "harmful",
+)  # fmt: skip
+
+
+def estimation_rows(estimation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:data:`ESTIMATION_COLUMNS` rows of a summary's ``estimation`` section (none without one)."""
+    harm = estimation.get("harm", {})
+    return [
+        {
+            **row,
+            "pool_n": harm.get(row["condition"], {}).get("n"),
+            "pool_positive": harm.get(row["condition"], {}).get("n_positive"),
+            "pool_drop_sensitivity": harm.get(row["condition"], {}).get("drop_sensitivity"),
+            "harmful": harm.get(row["condition"], {}).get("harmful"),
+        }
+        for row in estimation.get("table", [])
+    ]
+
+
+def estimation_table(estimation: Mapping[str, Any]) -> str:
+    """The estimates against the realised figures, one line per condition and method (AUROC and
+    sensitivity: realised, estimated, mean absolute error, interval coverage)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in estimation["table"]:
+        rows.setdefault((r["condition"], r["method"]), {})[r["metric"]] = r
+
+    def num(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"{'condition':<32} {'method':<13} {'supported':>9}  "
+        f"{'AUROC real/est':>14} {'MAE':>5} {'cover':>5}  {'sens real/est':>13} {'MAE':>5} "
+        f"{'cover':>5}"
+    ]
+    for (condition, method), by in sorted(rows.items()):
+        a, s = by.get("auroc", {}), by.get("sensitivity", {})
+        lines.append(
+            f"{condition[:32]:<32} {method:<13} {a.get('supported', 0):>4}/{a.get('windows', 0):<4}  "
+            f"{num(a.get('realised')):>6}/{num(a.get('estimated')):<7} {num(a.get('mae')):>5} "
+            f"{num(a.get('coverage')):>5}  {num(s.get('realised')):>6}/{num(s.get('estimated')):<6} "
+            f"{num(s.get('mae')):>5} {num(s.get('coverage')):>5}"
         )
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ spread below 1; a new scanner moves metadata, image and embedding together.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,8 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shiftguard.config.monitor import estimated_metric
+from shiftguard.errors import EstimationError
 from shiftguard.monitor.drift import DriftEngine, DriftResult
+from shiftguard.monitor.performance import PerformanceEstimator
 from shiftguard.records.features import BY_NAME, FEATURE_NAMES
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("metadata", "image", "output", "embedding")
 MIN_HELD_OUT = 20  # held-out reference rows needed to judge outputs on them alone
@@ -74,9 +80,18 @@ class WindowResult:
     #: per feature: test, score, threshold, drifted, distance, z (its z-score in the unified score)
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
     novel: dict[str, float] = field(default_factory=dict)  # share of never-seen categories
+    #: label-free performance estimates per method (``cbpe``, ``density_ratio``: see
+    #: :meth:`shiftguard.monitor.performance.WindowEstimate.to_dict`) and ``reference``: the
+    #: realised metrics of the bundle's labelled held-out reference; empty when not estimated
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def metric(self, name: str) -> float:
-        """The value an alert rule reads: drift_share, unified_score, score_<group>, drift:<x>."""
+        """The value an alert rule reads: drift_share, unified_score, score_<group>, drift:<x>,
+        novel:<x>, estimated_<metric>[_drop][@<method>] (nan where the window has no such
+        estimate, or its method could not support one)."""
+        estimated = estimated_metric(name)
+        if estimated is not None:
+            return self.estimated(*estimated)
         if name == "drift_share":
             return self.drift_share
         if name == "unified_score":
@@ -89,6 +104,20 @@ class WindowResult:
         if name.startswith("novel:"):
             return self.novel.get(name.removeprefix("novel:"), 0.0)
         raise KeyError(name)
+
+    def estimated(self, metric: str, method: str = "cbpe", drop: bool = False) -> float:
+        """The window's estimate of ``metric`` by ``method`` (with ``drop``: the reference's
+        realised value minus it); nan when there is none or the method could not support one."""
+        found = self.estimates.get(method)
+        if not found or not found.get("supported", False):
+            return math.nan
+        value = found.get("metrics", {}).get(metric, {}).get("value")
+        if value is None:
+            return math.nan
+        if drop:
+            base = self.estimates.get("reference", {}).get(metric)
+            return math.nan if base is None else float(base) - float(value)
+        return float(value)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -104,6 +133,14 @@ class WindowResult:
             **{f"score_{g}": round(v, 3) for g, v in self.group_scores.items()},
             "drifted": sorted(c for c, v in self.columns.items() if v["drifted"]),
             "novel": {c: round(v, 3) for c, v in self.novel.items() if v > 0},
+            **{
+                f"estimated_{m}" + ("" if method == "cbpe" else f"@{method}"): _round(
+                    self.estimated(m, method), 3
+                )
+                for method in ("cbpe", "density_ratio")
+                if method in self.estimates
+                for m in ("auroc", "sensitivity", "specificity")
+            },
         }
 
 
@@ -117,7 +154,11 @@ class Scorer:
         bootstrap: int = 200,
         seed: int = 0,
         drift_share: float = 0.5,
+        estimator: PerformanceEstimator | None = None,
     ) -> None:
+        """``estimator``: estimates each window's performance without labels (``None``: no
+        estimates; the drift judgement does not depend on it)."""
+        self.estimator = estimator
         reference = held_out_outputs(reference)
         self.features = [n for n in FEATURE_NAMES if n in reference and BY_NAME[n].group in GROUPS]
         missing = [n for n in FEATURE_NAMES if n not in reference and BY_NAME[n].group in GROUPS]
@@ -235,7 +276,23 @@ class Scorer:
                 for name, c in result.columns.items()
             },
             novel=novel,
+            estimates=self.estimates(window),
         )
+
+    def estimates(self, window: pd.DataFrame) -> dict[str, dict[str, Any]]:
+        """The window's label-free performance estimates (``{}`` without an estimator)."""
+        if self.estimator is None:
+            return {}
+        try:
+            estimated = self.estimator.window(window)
+        except EstimationError as err:  # a window the estimators cannot read: drift still judged
+            log.warning("performance not estimated on a window of %d: %s", len(window), err)
+            return {}
+        found: dict[str, dict[str, Any]] = {
+            method: estimate.to_dict() for method, estimate in estimated.items()
+        }
+        found["reference"] = dict(self.estimator.reference_metrics)
+        return found
 
 
 def _column(values: pd.Series, kind: str) -> np.ndarray:
@@ -313,3 +370,7 @@ def cut_windows(
         for k in sorted(keys.unique())
         if (keys == k).sum() >= min_size or int(k) == last
     ]
+
+
+def _round(value: float, digits: int) -> float | None:
+    return round(value, digits) if math.isfinite(value) else None

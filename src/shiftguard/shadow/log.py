@@ -25,8 +25,8 @@ from shiftguard.errors import ShadowLogError
 
 #: columns of the table :func:`read_shadow_log` returns
 COLUMNS = (
-    "study_uid", "role", "bundle", "model", "model_version", "probability", "threshold",
-    "n_series", "site", "manufacturer", "scanner_model", "sex", "patient_age", "age_band",
+    "study_uid", "role", "bundle", "model", "model_version", "probability", "raw_probability",
+    "threshold", "n_series", "site", "manufacturer", "scanner_model", "sex", "patient_age", "age_band",
 )  # fmt: skip
 SEGMENT_TEXT = ("site", "institution", "manufacturer", "scanner_model", "sex", "age_band")
 
@@ -90,6 +90,12 @@ def per_study(frame: pd.DataFrame, site: str | None = None) -> pd.DataFrame:
         frame["threshold"] = float("nan")
     frame["patient_age"] = pd.to_numeric(frame.get("patient_age"), errors="coerce")
     frame["probability"] = pd.to_numeric(frame["probability"], errors="coerce")
+    # the network's own probability (before the bundle's calibration map), where the log has it
+    frame["raw_probability"] = (
+        pd.to_numeric(frame["raw_probability"], errors="coerce")
+        if "raw_probability" in frame
+        else float("nan")
+    )
     if frame["probability"].isna().any():
         bad = frame.loc[frame["probability"].isna(), "study_uid"].iloc[0]
         raise ShadowLogError(f"study {bad}: probability is not a number")

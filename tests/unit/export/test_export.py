@@ -139,7 +139,7 @@ def test_reference_table_has_the_monitor_features_and_nothing_else() -> None:
         },
     ]
     table = pd.read_csv(io.BytesIO(reference_table(records)))
-    assert tuple(table.columns) == (*FEATURE_NAMES, "split", "finding")
+    assert tuple(table.columns) == (*FEATURE_NAMES, "split", "finding", "raw_probability")
     assert table["finding"].isna().tolist() == [True, False] and table["finding"][1] == 1
     assert table["split"].tolist() == ["train", "val"]
     assert table["mean"].tolist() == [1.0, 2.0]

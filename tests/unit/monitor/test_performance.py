@@ -13,7 +13,13 @@ import pytest
 from scipy.special import expit, logit
 
 from shiftguard.errors import EstimationError, MetricInputError
-from shiftguard.metrics import auroc, sensitivity_specificity
+from shiftguard.metrics import (
+    auroc,
+    auroc_batched,
+    percentile_interval,
+    sens_spec_batched,
+    sensitivity_specificity,
+)
 from shiftguard.monitor.performance import (
     DOMAIN_FEATURES,
     METRICS,
@@ -70,6 +76,20 @@ def test_cbpe_interval_covers_the_realised_metric_of_small_windows_about_95_perc
     for name, hit in hits.items():
         assert len(hit) > 380, name
         assert 0.90 <= np.mean(hit) <= 0.99, (name, np.mean(hit))
+
+
+def test_cbpe_interval_is_the_percentiles_of_the_realised_metrics_of_its_draws() -> None:
+    """The draws' metrics come from three sums per draw; they equal ranking every draw (the draws
+    of a small window are generated at once, so the same generator reproduces them)."""
+    prob = np.round(np.random.default_rng(8).beta(2, 3, 40), 2)  # ties in the scores
+    est = cbpe(prob, 0.4, n_draws=300, seed=9)
+    y = np.random.default_rng(9).random((300, prob.size)) < prob
+    sens, spec = sens_spec_batched(y, prob, 0.4)
+    draws = {"auroc": auroc_batched(y, prob), "sensitivity": sens, "specificity": spec}
+    draws["prevalence"] = y.mean(axis=1)
+    for name, values in draws.items():
+        low, high = percentile_interval(values, 0.05)
+        assert (est.metrics[name].low, est.metrics[name].high) == pytest.approx((low, high))
 
 
 def test_cbpe_is_biased_in_the_known_direction_under_label_shift() -> None:

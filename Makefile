@@ -1,7 +1,7 @@
 # Two set-up commands on a fresh machine (see README):
 #   make demo   build the environment and run the main job end to end on the synthetic cohort
 #   make test   build the environment and run the whole test suite
-.PHONY: env demo experiment test lint bench screenshots clean
+.PHONY: env demo experiment test lint bench bench-estimate screenshots clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -41,6 +41,11 @@ lint: env
 
 bench: env
 	$(BIN)/python benchmarks/ingest_vs_dcm2niix.py
+
+# label-free estimation against NannyML's CBPE on one 10,000-study window (the `bench` extra)
+bench-estimate: env
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/estimate_vs_nannyml.py
 
 # After make demo: headless-Chromium screenshots of the MLflow model version, the drift dashboard,
 # drift.html, the shadow report and dvc plots, each checked for the text it must show

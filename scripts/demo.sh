@@ -96,6 +96,21 @@ for s in scen["scenarios"]:
         said.append(f"{s['name']} " + (f"flagged {s['delay']} after onset"
                                        if s["delay"] is not None else "not flagged"))
 print(f"      drift scenarios (reports/monitor/scenarios.json): {'; '.join(said)}")
+est = scen.get("estimation")
+if est:
+    rows = {(r["condition"], r["method"], r["metric"]): r for r in est["table"]}
+    parts = []
+    for (cond, method, metric), r in sorted(rows.items()):
+        if method == "cbpe" and metric == "sensitivity" and r.get("mae") is not None:
+            harm = est["harm"].get(cond, {})
+            parts.append(f"{cond} {r['realised']:.2f} vs {r['estimated']:.2f}"
+                         + (" (harmful)" if harm.get("harmful") else ""))
+    perf = [f"{s['name']} {s['performance_delay']}" for s in scen["scenarios"]
+            if s.get("performance_delay") is not None]
+    print(f"      label-free sensitivity, realised vs estimated (CBPE, windows of "
+          f"{est['window_size']}; reports/monitor/estimation.csv): {'; '.join(parts)}")
+    print(f"      performance rule flagged: {', '.join(perf) or 'no scenario'} "
+          f"(studies after onset)")
 PY
 # last: the shadow evaluation of the edge's predictions against the radiologists' verdicts
 "$bin/python" - <<'PY'

@@ -13,9 +13,9 @@ cached per condition, cohort config and bundle.
 Each stream is cut into count windows, judged by :class:`~shiftguard.monitor.score.Scorer` and the
 alert rules; the result is the detection delay (studies after the onset until the end of the first
 alerting window at or after it) and the false alarms (alerting windows wholly before the onset, or
-any, for a scenario without drift), for all rules and apart for the performance rules (those on a
-label-free estimate, ``estimated_...``), whose job is to tell a shift that hurts the model from one
-that does not. Since each pool's studies carry their verified finding, the estimates themselves
+any, for a scenario without drift) of the drift rules, which the scenario's target is about, and
+the same apart for the performance rules (those on a label-free estimate, ``estimated_...``), whose
+job is another: to tell a shift that hurts the model from one that does not. Since each pool's studies carry their verified finding, the estimates themselves
 are judged too (:mod:`shiftguard.monitor.estimates`): per condition, windows drawn from its pool,
 estimated against realised, and whether the condition hurts the model at all.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -270,9 +271,9 @@ class ScenarioResult:
     onset: int | None
     windows: int
     window_size: int
-    detected_at: int | None  # the study (1-based) ending the first alerting window after onset
+    detected_at: int | None  # the study (1-based) ending the first drift-alerting window after onset
     delay: int | None  # studies after the onset until then
-    false_alarms: int  # alerting windows wholly before the onset (all, without drift)
+    false_alarms: int  # drift-alerting windows wholly before the onset (all, without drift)
     first_alert: str | None
     target: int | None
     met: bool | None
@@ -314,7 +315,8 @@ def run_scenario(
     alerts = evaluate(rules, {scenario.name: windows})
     onset = scenario.onset
     ends = {w.index: w.last_seq for w in windows}
-    detected_at, delay, false_alarms, after = _detection(alerts, ends, onset)
+    drift = [a for a in alerts if not is_performance_rule(a.metric)]
+    detected_at, delay, false_alarms, after = _detection(drift, ends, onset)
     performance = [a for a in alerts if is_performance_rule(a.metric)]
     p_at, p_delay, p_false, p_after = _detection(performance, ends, onset)
     target = scenario.expect_detection_within
@@ -515,7 +517,10 @@ def judge_estimates(
             label: harm(pool, estimator.threshold, estimator.reference_metrics, margin)
             for label, pool in sorted(by_label.items())
         },
-        "table": summarise(windows).to_dict(orient="records"),
+        "table": [
+            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in summarise(windows).to_dict(orient="records")
+        ],
     }
 
 

@@ -113,7 +113,7 @@ def review(tmp_path_factory: pytest.TempPathFactory, conf_dir: Path) -> dict[str
         # the drift reference runs the edge runner on DICOM files; this cohort has none
         mp.setattr(
             "shiftguard.export.stage.monitor_reference",
-            lambda bundle, dicom, splits, trust=None, uid_of=str: (
+            lambda bundle, dicom, splits, trust=None, uid_of=str, findings=None: (
                 b"mean,split\n1.0,train\n",
                 b"{}",
                 1,

@@ -646,7 +646,7 @@ def _monitor_collect(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from shiftguard.monitor.collect import Collector, RecordStore
+    from shiftguard.monitor.collect import Collector, open_record_store, safe_url
 
     cfg = _monitor_config(args)
     token = os.environ.get(cfg.collector.token_env, "")
@@ -655,7 +655,7 @@ def _monitor_collect(args: argparse.Namespace) -> int:
             f"monitor collect: set the shared token in ${cfg.collector.token_env} "
             "(the edges send the same one)"
         )
-    store = RecordStore(Path(cfg.collector.store))
+    store = open_record_store(cfg.collector.store)
     collector = Collector(
         store,
         token,
@@ -671,7 +671,8 @@ def _monitor_collect(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     collector.start()
     log.info(
-        "monitor collect: %s (store %s, %d records)", collector.url, cfg.collector.store,
+        "monitor collect: %s (store %s, %d records)", collector.url,
+        safe_url(cfg.collector.store),
         store.count(),
     )  # fmt: skip
     stop.wait()
@@ -695,9 +696,9 @@ def _monitor_run(args: argparse.Namespace, check: bool) -> int:
     if args.results is not None:
         records = records_from_results(args.results, args.site or cfg.site)
     else:
-        from shiftguard.monitor.collect import RecordStore
+        from shiftguard.monitor.collect import open_record_store
 
-        store = RecordStore(Path(cfg.collector.store))
+        store = open_record_store(cfg.collector.store)
         records = store.frame()
         store.close()
     monitor = Monitor(

@@ -317,6 +317,11 @@ class PageError(ShiftGuardError, RuntimeError):
     """Evidently's rendered report does not have the shape the ShiftGuard header is put into."""
 
 
+class CollectorStoreError(ShiftGuardError):
+    """The collector's record store cannot be opened (a PostgreSQL server that does not answer,
+    a database or credentials it refuses); the message names the store without its password."""
+
+
 class EstimationError(ShiftGuardError, ValueError):
     """A reference or window table that label-free performance estimation cannot use (no labelled
     held-out rows, one class only, a missing column); the message names the table and column."""

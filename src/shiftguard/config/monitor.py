@@ -26,7 +26,11 @@ class CollectorConfig(StrictModel):
     )
     host: str = Field("127.0.0.1", description="collector listen address")
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
-    store: str = Field("monitor-data/records.db", description="the collector's SQLite store")
+    store: str = Field(
+        "monitor-data/records.db",
+        description="the collector's record store: a SQLite file, or a PostgreSQL server as "
+        "postgresql://user@host:port/database (password in PGPASSWORD or ~/.pgpass)",
+    )
     tls_cert: str | None = Field(None, description="PEM certificate: HTTPS when set")
     tls_key: str | None = Field(None, description="PEM private key of tls_cert")
     tls_ca: str | None = Field(None, description="CA bundle; set to require client certificates")

@@ -11,6 +11,9 @@ holds is :mod:`shiftguard.records.features`, what the collector accepts
 * :class:`RecordStore`: one SQLite table, a column per envelope field and feature, unique on
   ``record_id``, so a batch sent twice (a lost answer, a re-processed series) is counted as
   duplicates and stored once; :meth:`RecordStore.frame` gives the records in arrival order.
+  :class:`PostgresRecordStore` is the same table on a PostgreSQL server (psycopg 3), for a
+  central side that many sites report to; :func:`open_record_store` picks by the location
+  (``monitor.collector.store``: a file path, or a ``postgresql://`` URL).
 
 No pandas except in :meth:`RecordStore.frame` (imported there).
 
@@ -43,6 +46,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +57,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from shiftguard.endpoint import Endpoint, HttpError, Request, http_url
+from shiftguard.errors import CollectorStoreError
 from shiftguard.records.contract import (
     NUMERICAL,
     RECORDS_ROUTE,
@@ -191,12 +197,154 @@ class RecordStore(Database):
         return {str(site): int(n) for site, n in rows}
 
 
+class PostgresRecordStore:
+    """:class:`RecordStore`'s table and methods on a PostgreSQL server.
+
+    Args:
+        url: a libpq connection URL, ``postgresql://user@host:port/database`` (a password is
+            better given by ``PGPASSWORD`` or ``~/.pgpass`` than in the URL, which is logged
+            without it). The table is created when missing; a table written before a feature
+            was added gains the column.
+
+    One connection, shared by the collector's request threads under a lock; each
+    :meth:`insert` is one transaction, committed before it returns.
+    """
+
+    COLUMNS = RecordStore.COLUMNS
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.url = url
+        try:
+            self._db = psycopg.connect(url, autocommit=False)
+        except psycopg.Error as exc:
+            raise CollectorStoreError(
+                f"monitor.collector.store {safe_url(url)}: cannot connect ({exc}); check the "
+                "server, database and credentials"
+            ) from None
+        self._lock = threading.Lock()
+        columns = [
+            "seq BIGSERIAL PRIMARY KEY",
+            "received_at TEXT NOT NULL",
+            "record_id TEXT NOT NULL UNIQUE",
+            '"schema" INTEGER NOT NULL',
+            "site TEXT NOT NULL",
+            "bundle TEXT NOT NULL",
+            "bundle_version TEXT NOT NULL",
+            "processed_at TEXT NOT NULL",
+            *(_pg_column(n) for n in FEATURE_NAMES),
+        ]
+        with self._lock, self._db.transaction(), self._db.cursor() as cur:
+            cur.execute(f"CREATE TABLE IF NOT EXISTS records ({', '.join(columns)})")
+            cur.execute("CREATE INDEX IF NOT EXISTS records_site ON records (site, seq)")
+            cur.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'records'"
+            )
+            present = {row[0] for row in cur.fetchall()}
+            for name in FEATURE_NAMES:
+                if name not in present:
+                    cur.execute(f"ALTER TABLE records ADD COLUMN {_pg_column(name)}")
+
+    def insert(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+        """:meth:`RecordStore.insert`: one transaction; ``(accepted, duplicates)``."""
+        records = list(records)
+        check_records(records, "records for the store")
+        received = _utc_now()
+        names = [*ENVELOPE, *FEATURE_NAMES]
+        sql = (
+            f"INSERT INTO records (received_at, {', '.join(map(_quote, names))}) "
+            f"VALUES ({', '.join(['%s'] * (len(names) + 1))}) "
+            "ON CONFLICT (record_id) DO NOTHING"
+        )
+        rows = [
+            [received]
+            + [float(r[n]) if n in NUMERICAL and r[n] is not None else r[n] for n in names]
+            for r in records
+        ]
+        accepted = 0
+        with self._lock, self._db.transaction(), self._db.cursor() as cur:
+            for row in rows:  # one statement per row: rowcount says which were new
+                cur.execute(sql, row)
+                accepted += max(cur.rowcount, 0)
+        return accepted, len(rows) - accepted
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock, self._db.transaction(), self._db.cursor() as cur:
+            cur.execute(sql, list(args))
+            return list(cur.fetchall())
+
+    def frame(self, site: str | None = None, since_seq: int = 0) -> pd.DataFrame:
+        """:meth:`RecordStore.frame`."""
+        import pandas as pd
+
+        where, args = "seq > %s", [int(since_seq)]
+        if site is not None:
+            where += " AND site = %s"
+            args.append(site)  # type: ignore[arg-type]
+        rows = self._query(
+            f"SELECT {', '.join(map(_quote, self.COLUMNS))} FROM records "
+            f"WHERE {where} ORDER BY seq",
+            args,
+        )
+        frame = pd.DataFrame.from_records(rows, columns=list(self.COLUMNS))
+        dtypes: dict[str, Any] = {n: "float64" for n in NUMERICAL}
+        dtypes.update(dict.fromkeys(("schema", "seq"), "int64"))
+        dtypes.update({n: object for n in frame.columns if n not in dtypes})
+        return frame.astype(dtypes)
+
+    def count(self, site: str | None = None) -> int:
+        """How many records are stored (of one ``site``, or all)."""
+        if site is None:
+            return int(self._query("SELECT COUNT(*) FROM records")[0][0])
+        return int(self._query("SELECT COUNT(*) FROM records WHERE site = %s", (site,))[0][0])
+
+    def sites(self) -> list[str]:
+        """The sites that reported, sorted."""
+        return [str(s) for (s,) in self._query("SELECT DISTINCT site FROM records ORDER BY site")]
+
+    def counts_by_site(self) -> dict[str, int]:
+        """Records stored per site."""
+        rows = self._query("SELECT site, COUNT(*) FROM records GROUP BY site ORDER BY site")
+        return {str(site): int(n) for site, n in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+AnyRecordStore = RecordStore | PostgresRecordStore
+
+
+def open_record_store(location: Path | str) -> AnyRecordStore:
+    """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL opens
+    :class:`PostgresRecordStore`, anything else is a SQLite file for :class:`RecordStore`."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresRecordStore(text)
+    return RecordStore(Path(text))
+
+
+def _pg_column(name: str) -> str:
+    return f"{_quote(name)} {'DOUBLE PRECISION' if name in NUMERICAL else 'TEXT'}"
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password.
+
+    >>> safe_url("postgresql://sg:secret@db:5432/records")
+    'postgresql://sg:***@db:5432/records'
+    """
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
 class Collector:
     """The HTTP service every site's :class:`Shipper` reports to (see the module docstring).
 
     Args:
-        store: the :class:`RecordStore`, or the path of its file (then the collector opens it and
-            closes it on :meth:`stop`).
+        store: the :class:`RecordStore` or :class:`PostgresRecordStore`, or where it is (a file
+            path or a ``postgresql://`` URL: then the collector opens it and closes it on
+            :meth:`stop`).
         token: the bearer token the shippers send (compared in constant time); must not be empty.
         host: the interface to listen on (loopback by default).
         port: the TCP port; 0 picks a free one (see :attr:`port` after :meth:`start`).
@@ -210,7 +358,7 @@ class Collector:
 
     def __init__(
         self,
-        store: RecordStore | Path | str,
+        store: RecordStore | PostgresRecordStore | Path | str,
         token: str,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -225,8 +373,12 @@ class Collector:
             raise ValueError(
                 "Collector: the token is empty; set a secret token shared with the sites"
             )
-        self._owns_store = not isinstance(store, RecordStore)
-        self.store = store if isinstance(store, RecordStore) else RecordStore(store)
+        self._owns_store = not isinstance(store, RecordStore | PostgresRecordStore)
+        self.store: AnyRecordStore = (
+            store
+            if isinstance(store, RecordStore | PostgresRecordStore)
+            else open_record_store(store)
+        )
         self._token = token.encode()
         self.host, self._port = host, port
         self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
@@ -343,7 +495,7 @@ class Collector:
 class _StoreFigures:
     """Scrape-time figures of the record store: records per site."""
 
-    def __init__(self, store: RecordStore) -> None:
+    def __init__(self, store: AnyRecordStore) -> None:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

@@ -271,7 +271,7 @@ class ScenarioResult:
     onset: int | None
     windows: int
     window_size: int
-    detected_at: int | None  # the study (1-based) ending the first drift-alerting window after onset
+    detected_at: int | None  # the study (1-based) ending the first drift alert after onset
     delay: int | None  # studies after the onset until then
     false_alarms: int  # drift-alerting windows wholly before the onset (all, without drift)
     first_alert: str | None

@@ -786,18 +786,10 @@ def _monitor_ui(args: argparse.Namespace) -> int:
 
 def _shadow_evaluate(args: argparse.Namespace) -> int:
     from shiftguard.config import ShadowConfig, compose_section
-    from shiftguard.shadow.diagnoses import DiagnosisBook
     from shiftguard.shadow.stage import evaluate_files
 
     cfg = compose_section("shadow", ShadowConfig, args.overrides)
-    pacs = args.pacs or cfg.pacs.address
-    if not args.diagnoses and not pacs:
-        raise DiagnosisFileError(
-            "shadow evaluate: give --diagnoses FILE(s) and/or --pacs (or shadow.pacs.address)"
-        )
-    book = DiagnosisBook()
-    if pacs:
-        book.add(*_fetch(args, cfg)[:2])
+    book = _pacs_book(args, cfg)
     result, report = evaluate_files(
         args.log, cfg, args.diagnoses, book, args.bundle, args.out, args.site,
         track=not args.no_mlflow,
@@ -823,6 +815,26 @@ def _shadow_evaluate(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"shadow report: {report}")
     return 0
+
+
+def _pacs_book(args: argparse.Namespace, cfg: Any) -> Any:
+    """A diagnosis book holding the PACS's verified reports when a PACS is named (``--pacs`` or
+    ``shadow.pacs.address``); empty otherwise, for ``--diagnoses`` files.
+
+    Raises:
+        DiagnosisFileError: neither ``--diagnoses`` nor a PACS is given.
+    """
+    from shiftguard.shadow.diagnoses import DiagnosisBook
+
+    pacs = args.pacs or cfg.pacs.address
+    if not args.diagnoses and not pacs:
+        raise DiagnosisFileError(
+            f"shadow {args.action}: give --diagnoses FILE(s) and/or --pacs (or shadow.pacs.address)"
+        )
+    book = DiagnosisBook()
+    if pacs:
+        book.add(*_fetch(args, cfg)[:2])
+    return book
 
 
 def _fetch(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
@@ -869,20 +881,12 @@ def _shadow_recalibrate(args: argparse.Namespace) -> int:
     from shiftguard.edge.bundle import open_bundle
     from shiftguard.edge.service import resolve_bundle
     from shiftguard.edge.signing import SIGNING_KEY_ENV, default_signer, development_key_path
-    from shiftguard.shadow.diagnoses import DiagnosisBook
     from shiftguard.shadow.recalibrate import recalibrate, site_evidence, track, write_recalibrated
 
     cfg = compose_section("shadow", ShadowConfig, args.overrides)
-    pacs = args.pacs or cfg.pacs.address
-    if not args.diagnoses and not pacs:
-        raise DiagnosisFileError(
-            "shadow recalibrate: give --diagnoses FILE(s) and/or --pacs (or shadow.pacs.address)"
-        )
-    book = DiagnosisBook()
+    book = _pacs_book(args, cfg)
     for path in args.diagnoses:
         book.add_file(path)
-    if pacs:
-        book.add(*_fetch(args, cfg)[:2])
     signer = default_signer()
     if signer is None:
         raise BundleError(

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 FORMAT = "shiftguard-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: members the export stage writes and a site recalibration rewrites
+CALIBRATION_MEMBER = "calibration.json"
+CARD_MEMBER = "model_card.md"
 SUFFIX = ".sgbundle"
 #: model formats a bundle may declare; the edge runner executes ``onnx``
 MODEL_FORMATS = ("onnx", "torchscript")

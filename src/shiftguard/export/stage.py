@@ -24,6 +24,8 @@ from shiftguard.data.volume import read_nifti
 from shiftguard.dicom.scan import list_files, scan_files
 from shiftguard.dicom.series import group_series
 from shiftguard.edge.bundle import (
+    CALIBRATION_MEMBER,
+    CARD_MEMBER,
     bundle_file_name,
     content_version,
     open_bundle,
@@ -67,8 +69,6 @@ ONNX_MEMBER = "model.onnx"
 TORCHSCRIPT_MEMBER = "model.torchscript.pt"
 REFERENCE_MEMBER = "reference.csv"
 PROJECTION_MEMBER = "embedding_pca.json"
-CARD_MEMBER = "model_card.md"
-CALIBRATION_MEMBER = "calibration.json"
 #: the validation reports the bundle carries (and the card quotes)
 VALIDATION_FILES = ("metrics.json", "segments.csv", "robustness.csv")
 #: acquisition columns of the split table kept in the drift baseline (no identifiers, no dates)

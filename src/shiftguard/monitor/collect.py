@@ -84,9 +84,10 @@ def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _store_schema() -> str:
-    columns = [
-        "seq INTEGER PRIMARY KEY AUTOINCREMENT",
+def _columns(seq: str, real: str) -> list[str]:
+    """The records table's column definitions; ``seq`` the key's, ``real`` the type of a number."""
+    return [
+        seq,
         "received_at TEXT NOT NULL",
         "record_id TEXT NOT NULL UNIQUE",
         '"schema" INTEGER NOT NULL',
@@ -94,66 +95,53 @@ def _store_schema() -> str:
         "bundle TEXT NOT NULL",
         "bundle_version TEXT NOT NULL",
         "processed_at TEXT NOT NULL",
-        *(f"{_quote(n)} {'REAL' if n in NUMERICAL else 'TEXT'}" for n in FEATURE_NAMES),
+        *(_column(n, real) for n in FEATURE_NAMES),
     ]
+
+
+def _column(name: str, real: str) -> str:
+    return f"{_quote(name)} {real if name in NUMERICAL else 'TEXT'}"
+
+
+def _store_schema() -> str:
     return (
         "CREATE TABLE IF NOT EXISTS records (\n    "
-        + ",\n    ".join(columns)
+        + ",\n    ".join(_columns("seq INTEGER PRIMARY KEY AUTOINCREMENT", "REAL"))
         + "\n);\nCREATE INDEX IF NOT EXISTS records_site ON records (site, seq);\n"
     )
 
 
-class RecordStore(Database):
-    """The collector's records from every site (see the module docstring).
+#: the columns an insert writes, in its order (``received_at`` first)
+_INSERTED = (*ENVELOPE, *FEATURE_NAMES)
 
-    Args:
-        path: the SQLite file (created with its folder when missing). A store written before a
-            feature was added gains the column (empty for the earlier records).
+
+def _insert_rows(records: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """``records`` checked and as insert rows: ``received_at`` (now), then :data:`_INSERTED`.
+
+    Raises:
+        InvalidRecordError: (a ``ValueError``) naming each invalid record's index.
     """
+    check_records(records, "records for the store")
+    received = _utc_now()
+    return [
+        [received]
+        + [
+            float(r[n]) if n in NUMERICAL and r[n] is not None else r[n]  # ints beyond int64
+            for n in _INSERTED
+        ]
+        for r in records
+    ]
+
+
+class _RecordReads:
+    """What both stores read back, in their own SQL dialect: :meth:`_rows` runs one query whose
+    parameters are written :attr:`_MARK`."""
 
     COLUMNS = (*ENVELOPE, *FEATURE_NAMES, "seq", "received_at")
+    _MARK = "?"
 
-    def __init__(self, path: Path | str) -> None:
-        super().__init__(path, _store_schema())
-        present = {row[1] for row in self.query("PRAGMA table_info(records)")}
-        with self.tx() as db:
-            for name in FEATURE_NAMES:
-                if name not in present:
-                    kind = "REAL" if name in NUMERICAL else "TEXT"
-                    db.execute(f"ALTER TABLE records ADD COLUMN {_quote(name)} {kind}")
-
-    def insert(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
-        """Store ``records`` in one transaction, committed (on disk) when this returns.
-
-        Returns:
-            ``(accepted, duplicates)``: records whose ``record_id`` was already stored (or came
-            earlier in the same batch) are duplicates and change nothing.
-
-        Raises:
-            InvalidRecordError: (a ``ValueError``) naming each invalid record's index; nothing
-                is stored then.
-        """
-        records = list(records)
-        check_records(records, "records for the store")
-        received = _utc_now()
-        names = [*ENVELOPE, *FEATURE_NAMES]
-        sql = (
-            f"INSERT OR IGNORE INTO records (received_at, {', '.join(map(_quote, names))}) "
-            f"VALUES ({', '.join('?' * (len(names) + 1))})"
-        )
-        rows: list[list[Any]] = [
-            [received]
-            + [
-                float(r[n]) if n in NUMERICAL and r[n] is not None else r[n]  # ints beyond int64
-                for n in names
-            ]
-            for r in records
-        ]
-        with self.tx() as db:
-            before = db.total_changes
-            db.executemany(sql, rows)
-            accepted = db.total_changes - before
-        return accepted, len(rows) - accepted
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        raise NotImplementedError
 
     def frame(self, site: str | None = None, since_seq: int = 0) -> pd.DataFrame:
         """The records in arrival order, of one ``site`` or all, after sequence ``since_seq``.
@@ -165,12 +153,12 @@ class RecordStore(Database):
         """
         import pandas as pd
 
-        where = "seq > ?"
+        where = f"seq > {self._MARK}"
         args: list[Any] = [int(since_seq)]
         if site is not None:
-            where += " AND site = ?"
+            where += f" AND site = {self._MARK}"
             args.append(site)
-        rows = self.query(
+        rows = self._rows(
             f"SELECT {', '.join(map(_quote, self.COLUMNS))} FROM records "
             f"WHERE {where} ORDER BY seq",
             args,
@@ -184,20 +172,63 @@ class RecordStore(Database):
     def count(self, site: str | None = None) -> int:
         """How many records are stored (of one ``site``, or all)."""
         if site is None:
-            return int(self.query("SELECT COUNT(*) FROM records")[0][0])
-        return int(self.query("SELECT COUNT(*) FROM records WHERE site = ?", (site,))[0][0])
+            return int(self._rows("SELECT COUNT(*) FROM records")[0][0])
+        sql = f"SELECT COUNT(*) FROM records WHERE site = {self._MARK}"
+        return int(self._rows(sql, (site,))[0][0])
 
     def sites(self) -> list[str]:
         """The sites that reported, sorted."""
-        return [str(s) for (s,) in self.query("SELECT DISTINCT site FROM records ORDER BY site")]
+        return [str(s) for (s,) in self._rows("SELECT DISTINCT site FROM records ORDER BY site")]
 
     def counts_by_site(self) -> dict[str, int]:
         """Records stored per site."""
-        rows = self.query("SELECT site, COUNT(*) FROM records GROUP BY site ORDER BY site")
+        rows = self._rows("SELECT site, COUNT(*) FROM records GROUP BY site ORDER BY site")
         return {str(site): int(n) for site, n in rows}
 
 
-class PostgresRecordStore:
+class RecordStore(_RecordReads, Database):
+    """The collector's records from every site (see the module docstring).
+
+    Args:
+        path: the SQLite file (created with its folder when missing). A store written before a
+            feature was added gains the column (empty for the earlier records).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(path, _store_schema())
+        present = {row[1] for row in self.query("PRAGMA table_info(records)")}
+        with self.tx() as db:
+            for name in FEATURE_NAMES:
+                if name not in present:
+                    db.execute(f"ALTER TABLE records ADD COLUMN {_column(name, 'REAL')}")
+
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return self.query(sql, args)
+
+    def insert(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+        """Store ``records`` in one transaction, committed (on disk) when this returns.
+
+        Returns:
+            ``(accepted, duplicates)``: records whose ``record_id`` was already stored (or came
+            earlier in the same batch) are duplicates and change nothing.
+
+        Raises:
+            InvalidRecordError: (a ``ValueError``) naming each invalid record's index; nothing
+                is stored then.
+        """
+        rows = _insert_rows(list(records))
+        sql = (
+            f"INSERT OR IGNORE INTO records (received_at, {', '.join(map(_quote, _INSERTED))}) "
+            f"VALUES ({', '.join('?' * (len(_INSERTED) + 1))})"
+        )
+        with self.tx() as db:
+            before = db.total_changes
+            db.executemany(sql, rows)
+            accepted = db.total_changes - before
+        return accepted, len(rows) - accepted
+
+
+class PostgresRecordStore(_RecordReads):
     """:class:`RecordStore`'s table and methods on a PostgreSQL server.
 
     Args:
@@ -210,7 +241,7 @@ class PostgresRecordStore:
     :meth:`insert` is one transaction, committed before it returns.
     """
 
-    COLUMNS = RecordStore.COLUMNS
+    _MARK = "%s"
 
     def __init__(self, url: str) -> None:
         import psycopg
@@ -224,17 +255,7 @@ class PostgresRecordStore:
                 "server, database and credentials"
             ) from None
         self._lock = threading.Lock()
-        columns = [
-            "seq BIGSERIAL PRIMARY KEY",
-            "received_at TEXT NOT NULL",
-            "record_id TEXT NOT NULL UNIQUE",
-            '"schema" INTEGER NOT NULL',
-            "site TEXT NOT NULL",
-            "bundle TEXT NOT NULL",
-            "bundle_version TEXT NOT NULL",
-            "processed_at TEXT NOT NULL",
-            *(_pg_column(n) for n in FEATURE_NAMES),
-        ]
+        columns = _columns("seq BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION")
         with self._lock, self._db.transaction(), self._db.cursor() as cur:
             cur.execute(f"CREATE TABLE IF NOT EXISTS records ({', '.join(columns)})")
             cur.execute("CREATE INDEX IF NOT EXISTS records_site ON records (site, seq)")
@@ -244,69 +265,27 @@ class PostgresRecordStore:
             present = {row[0] for row in cur.fetchall()}
             for name in FEATURE_NAMES:
                 if name not in present:
-                    cur.execute(f"ALTER TABLE records ADD COLUMN {_pg_column(name)}")
+                    cur.execute(
+                        f"ALTER TABLE records ADD COLUMN {_column(name, 'DOUBLE PRECISION')}"
+                    )
 
     def insert(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
         """:meth:`RecordStore.insert`: one transaction; ``(accepted, duplicates)``."""
-        records = list(records)
-        check_records(records, "records for the store")
-        received = _utc_now()
-        names = [*ENVELOPE, *FEATURE_NAMES]
+        rows = _insert_rows(list(records))
         sql = (
-            f"INSERT INTO records (received_at, {', '.join(map(_quote, names))}) "
-            f"VALUES ({', '.join(['%s'] * (len(names) + 1))}) "
+            f"INSERT INTO records (received_at, {', '.join(map(_quote, _INSERTED))}) "
+            f"VALUES ({', '.join(['%s'] * (len(_INSERTED) + 1))}) "
             "ON CONFLICT (record_id) DO NOTHING"
         )
-        rows = [
-            [received]
-            + [float(r[n]) if n in NUMERICAL and r[n] is not None else r[n] for n in names]
-            for r in records
-        ]
-        accepted = 0
         with self._lock, self._db.transaction(), self._db.cursor() as cur:
-            for row in rows:  # one statement per row: rowcount says which were new
-                cur.execute(sql, row)
-                accepted += max(cur.rowcount, 0)
+            cur.executemany(sql, rows)  # rowcount: the rows inserted over the whole batch
+            accepted = max(cur.rowcount, 0)
         return accepted, len(rows) - accepted
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock, self._db.transaction(), self._db.cursor() as cur:
             cur.execute(sql, list(args))
             return list(cur.fetchall())
-
-    def frame(self, site: str | None = None, since_seq: int = 0) -> pd.DataFrame:
-        """:meth:`RecordStore.frame`."""
-        import pandas as pd
-
-        where, args = "seq > %s", [int(since_seq)]
-        if site is not None:
-            where += " AND site = %s"
-            args.append(site)  # type: ignore[arg-type]
-        rows = self._query(
-            f"SELECT {', '.join(map(_quote, self.COLUMNS))} FROM records "
-            f"WHERE {where} ORDER BY seq",
-            args,
-        )
-        frame = pd.DataFrame.from_records(rows, columns=list(self.COLUMNS))
-        dtypes: dict[str, Any] = {n: "float64" for n in NUMERICAL}
-        dtypes.update(dict.fromkeys(("schema", "seq"), "int64"))
-        dtypes.update({n: object for n in frame.columns if n not in dtypes})
-        return frame.astype(dtypes)
-
-    def count(self, site: str | None = None) -> int:
-        """How many records are stored (of one ``site``, or all)."""
-        if site is None:
-            return int(self._query("SELECT COUNT(*) FROM records")[0][0])
-        return int(self._query("SELECT COUNT(*) FROM records WHERE site = %s", (site,))[0][0])
-
-    def sites(self) -> list[str]:
-        """The sites that reported, sorted."""
-        return [str(s) for (s,) in self._query("SELECT DISTINCT site FROM records ORDER BY site")]
-
-    def counts_by_site(self) -> dict[str, int]:
-        """Records stored per site."""
-        rows = self._query("SELECT site, COUNT(*) FROM records GROUP BY site ORDER BY site")
-        return {str(site): int(n) for site, n in rows}
 
     def close(self) -> None:
         with self._lock:
@@ -323,10 +302,6 @@ def open_record_store(location: Path | str) -> AnyRecordStore:
     if text.startswith(("postgresql://", "postgres://")):
         return PostgresRecordStore(text)
     return RecordStore(Path(text))
-
-
-def _pg_column(name: str) -> str:
-    return f"{_quote(name)} {'DOUBLE PRECISION' if name in NUMERICAL else 'TEXT'}"
 
 
 def safe_url(url: str) -> str:

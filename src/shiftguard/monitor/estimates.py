@@ -5,7 +5,7 @@ the edge runner, and each carries its verified finding. That makes them a test b
 :class:`~shiftguard.monitor.performance.PerformanceEstimator`: draw windows from a condition's
 pool (the training scanners, each unseen scanner, a protocol change), estimate each window's
 AUROC, sensitivity and specificity without its labels, and compare with what the window's labels
-say (:func:`realised`). Per condition, method and metric, :func:`summarise` gives the mean
+say (:func:`~shiftguard.monitor.performance.realised`). Per condition, method and metric, :func:`summarise` gives the mean
 realised and estimated value, the bias, the mean absolute error and the coverage of the estimate's
 interval (the share of windows whose realised value lies inside it).
 
@@ -21,14 +21,13 @@ bundle's labelled held-out reference, with the margin the performance alert rule
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from shiftguard.metrics import auroc, sensitivity_specificity
-from shiftguard.monitor.performance import PerformanceEstimator
+from shiftguard.monitor.performance import PerformanceEstimator, realised
 
 METRICS = ("auroc", "sensitivity", "specificity")
 #: the columns of :func:`window_table`'s rows
@@ -36,28 +35,6 @@ WINDOW_COLUMNS = (
     "condition", "window", "method", "metric", "realised", "estimate", "low", "high",
     "supported", "ess",
 )  # fmt: skip
-
-
-def realised(
-    finding: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, threshold: float
-) -> dict[str, float]:
-    """What a window's labels say: AUROC, sensitivity and specificity at ``threshold`` (nan where
-    a class is missing), the share flagged and the share with the finding.
-
-    >>> r = realised([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9], 0.5)
-    >>> r["auroc"], r["sensitivity"], r["specificity"], r["positive_rate"]
-    (0.75, 0.5, 0.5, 0.5)
-    """
-    y = np.asarray(finding).astype(int)
-    p = np.asarray(prob, dtype=np.float64)
-    sens, spec = sensitivity_specificity(y, p, threshold)
-    return {
-        "auroc": auroc(y, p) if 0 < y.sum() < y.size else math.nan,
-        "sensitivity": float(sens),
-        "specificity": float(spec),
-        "positive_rate": float(np.mean(p >= threshold)) if p.size else math.nan,
-        "prevalence": float(np.mean(y)) if y.size else math.nan,
-    }
 
 
 def window_table(

@@ -83,6 +83,7 @@ __all__ = [
     "WindowEstimate",
     "cbpe",
     "expected_auroc",
+    "realised",
     "weighted_auroc",
 ]
 
@@ -169,6 +170,30 @@ class WindowEstimate:
 
 def _json(value: float) -> float | None:
     return round(float(value), 4) if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# what labels say
+
+
+def realised(finding: ArrayLike, prob: ArrayLike, threshold: float) -> dict[str, float]:
+    """What a window's labels say: AUROC, sensitivity and specificity at ``threshold`` (nan where
+    a class is missing), the share flagged and the share with the finding.
+
+    >>> r = realised([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9], 0.5)
+    >>> r["auroc"], r["sensitivity"], r["specificity"], r["positive_rate"]
+    (0.75, 0.5, 0.5, 0.5)
+    """
+    y = np.asarray(finding).astype(int)
+    p = np.asarray(prob, dtype=np.float64)
+    sens, spec = sensitivity_specificity(y, p, threshold)
+    return {
+        "auroc": auroc(y, p) if 0 < y.sum() < y.size else math.nan,
+        "sensitivity": float(sens),
+        "specificity": float(spec),
+        "positive_rate": float(np.mean(p >= threshold)) if p.size else math.nan,
+        "prevalence": float(np.mean(y)) if y.size else math.nan,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1043,15 +1068,7 @@ class PerformanceEstimator:
             min_overlap=min_overlap,
             names=self.features,
         )
-        p_ref = prob.to_numpy()[keep].astype(np.float64)
-        sens, spec = sensitivity_specificity(y, p_ref, self.threshold)
-        self.reference_metrics: dict[str, float] = {
-            "auroc": auroc(y, p_ref),
-            "sensitivity": float(sens),
-            "specificity": float(spec),
-            "positive_rate": float(np.mean(p_ref >= self.threshold)),
-            "prevalence": float(np.mean(y)),
-        }
+        self.reference_metrics = realised(y, prob.to_numpy()[keep], self.threshold)
         """The realised metrics of the labelled held-out reference (what the model did where
         its performance is known): the baseline of the ``estimated_<metric>_drop`` alert metrics."""
 

@@ -74,15 +74,7 @@ def estimator_for(
         return None
     try:
         return PerformanceEstimator(
-            reference,
-            bundle.threshold,
-            n_draws=settings.n_draws,
-            n_boot=settings.n_boot,
-            alpha=settings.alpha,
-            seed=settings.seed,
-            min_ess=settings.min_ess,
-            clip=settings.clip,
-            l2=settings.l2,
+            reference, bundle.threshold, **settings.model_dump(exclude={"enabled"})
         )
     except EstimationError as err:
         log.warning("monitor: performance is not estimated: %s", err)

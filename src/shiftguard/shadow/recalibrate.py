@@ -35,6 +35,8 @@ import pandas as pd
 
 from shiftguard.calibration import Calibration, fit_calibration, logit
 from shiftguard.edge.bundle import (
+    CALIBRATION_MEMBER,
+    CARD_MEMBER,
     Bundle,
     bundle_file_name,
     content_version,
@@ -49,15 +51,13 @@ from shiftguard.metrics import (
     resample_indices,
     sensitivity_specificity,
 )
+from shiftguard.monitor.performance import realised
 from shiftguard.records.features import output_features
 from shiftguard.shadow.diagnoses import DiagnosisBook
 from shiftguard.shadow.evaluate import join
 from shiftguard.shadow.log import read_shadow_log
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_MEMBER = "calibration.json"
-CARD_MEMBER = "model_card.md"
 
 
 @dataclass
@@ -181,10 +181,7 @@ def reference_sensitivity(bundle: Bundle) -> float | None:
     held = ref[(ref["split"].astype(str) != "train") & ref["finding"].isin([0, 1])]
     if held.empty or held["finding"].nunique() < 2:
         return None
-    sens, _ = sensitivity_specificity(
-        held["finding"].to_numpy().astype(int), held["probability"].to_numpy(), bundle.threshold
-    )
-    return float(sens)
+    return realised(held["finding"], held["probability"], bundle.threshold)["sensitivity"]
 
 
 def recalibrate(

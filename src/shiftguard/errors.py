@@ -220,6 +220,10 @@ class BundleError(ShiftGuardError, ValueError):
     """A bundle cannot be trusted or used; the message names the file and the problem."""
 
 
+class SmokeTestError(BundleError):
+    """A bundle failed its smoke test on its own reference series: it is not served."""
+
+
 class KeyFileError(ShiftGuardError, ValueError):
     """A key file is missing or malformed; the message names the file."""
 
@@ -233,7 +237,13 @@ class InputError(ShiftGuardError, FileNotFoundError):
 
 
 class CollectorAddressError(ShiftGuardError, ValueError):
-    """A collector URL a shipper must not use (not http(s), or plain HTTP across the network)."""
+    """A collector or registry URL a client must not use (not http(s), or plain HTTP across the
+    network)."""
+
+
+class RegistryError(ShiftGuardError):
+    """The model registry cannot be reached, or answers something unusable; the message names the
+    registry and the request. A following site keeps serving what it has."""
 
 
 # --------------------------------------------------------------------------------------------------

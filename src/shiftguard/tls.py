@@ -8,9 +8,11 @@ and may present their own.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
+from urllib.parse import urlsplit
 
-from shiftguard.errors import TlsConfigError
+from shiftguard.errors import CollectorAddressError, TlsConfigError
 
 
 def server_context(cert: str, key: str | None, ca: str | None = None) -> ssl.SSLContext:
@@ -47,6 +49,43 @@ def client_context(
     """
     chain = (cert, key) if cert else None
     return _context(ssl.Purpose.SERVER_AUTH, ca, chain, f"CA {ca}, certificate {cert}, key {key}")
+
+
+def url_context(
+    url: str, ca: str | None, cert: str | None, key: str | None, what: str
+) -> ssl.SSLContext | None:
+    """The client TLS context for ``url`` (None for plain HTTP, allowed to loopback only: a
+    bearer token must not cross the network in clear).
+
+    Args:
+        url: ``https://host:port`` or ``http://127.0.0.1:port``.
+        ca, cert, key: :func:`client_context`'s.
+        what: the setting, named in errors (``"collector URL"``).
+
+    Raises:
+        CollectorAddressError: not http(s), or plain HTTP to another machine.
+
+    >>> url_context("http://127.0.0.1:8765", None, None, None, "collector URL") is None
+    True
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return client_context(ca, cert, key)
+    if parts.scheme != "http" or not parts.hostname:
+        raise CollectorAddressError(
+            f"{what} {url!r}: expected https://host:port (http:// on loopback only)"
+        )
+    host = parts.hostname
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise CollectorAddressError(
+            f"{what} {url}: plain HTTP would send the bearer token across the network in "
+            f"clear; serve it over TLS and use https://{parts.netloc}"
+        )
+    return None
 
 
 def _context(

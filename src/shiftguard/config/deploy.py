@@ -71,6 +71,82 @@ class EdgeDestination(StrictModel):
     role: Literal["clinical", "research"] = "clinical"
 
 
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class FollowConfig(StrictModel):
+    """Following a channel of the MLflow registry: the site fetches, checks and swaps in the
+    bundle the channel points at (``url`` null: the site serves ``edge.bundle`` only)."""
+
+    url: str | None = Field(
+        None,
+        description="the MLflow tracking server, e.g. https://mlflow.example:5000 (its REST API "
+        "and artifact proxy; no MLflow package at the edge); http:// on loopback only",
+    )
+    model: str = Field("shiftguard-classifier", min_length=1, description="registered model")
+    channel: str = Field(
+        "champion",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description="an alias (champion, challenger...) or a version number to pin",
+    )
+    poll_s: Annotated[float, Field(gt=0, description="seconds between two looks")] = 300.0
+    maintenance_window: str | None = Field(
+        None,
+        description="HH:MM-HH:MM, local time, when a new bundle may be swapped in (it may span "
+        "midnight); null: any time",
+    )
+    wave: Annotated[
+        int,
+        Field(ge=0, description="this site's rollout wave: 0 the canaries, then 1, 2..."),
+    ] = 0
+    token_env: str = Field(
+        "MLFLOW_TRACKING_TOKEN", description="environment variable holding a bearer token"
+    )
+    ca: str | None = Field(None, description="CA bundle the registry's certificate must chain to")
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    keep: Annotated[
+        int, Field(ge=2, description="bundles kept on disk (the current and the previous ones)")
+    ] = 3
+
+    @model_validator(mode="after")
+    def _window(self) -> FollowConfig:
+        if self.maintenance_window is not None and not _WINDOW.match(self.maintenance_window):
+            raise ValueError(
+                f"edge.follow.maintenance_window {self.maintenance_window!r}: expected "
+                "HH:MM-HH:MM, e.g. 01:00-05:00"
+            )
+        return self
+
+
+class RollbackConfig(StrictModel):
+    """What the site watches after it swaps a bundle in, and when it goes back by itself."""
+
+    observe_studies: Annotated[
+        int, Field(ge=1, description="the observation lasts at least this many studies ...")
+    ] = 50
+    observe_hours: Annotated[float, Field(ge=0, description="... and at least this long")] = 24.0
+    max_failures: Annotated[
+        int, Field(ge=0, description="failed studies tolerated in the observation")
+    ] = 2
+    latency_factor: Annotated[
+        float,
+        Field(gt=1, description="p95 predict latency over the previous bundle's: beyond, back"),
+    ] = 3.0
+    min_latency_studies: Annotated[int, Field(ge=1)] = 10
+    output_score: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="the monitor's output rule at the site: z of the outputs' distance to "
+            "the bundle's held-out reference; beyond, back",
+        ),
+    ] = 3.0
+    min_output_studies: Annotated[
+        int, Field(ge=5, description="studies before the output rule is judged")
+    ] = 20
+
+
 class EdgeConfig(StrictModel):
     """``shiftguard edge serve``: the DICOM service a site runs beside its PACS."""
 
@@ -160,6 +236,11 @@ class EdgeConfig(StrictModel):
         description="file holding the site secret that keys drift record ids; null: "
         "<storage>/record.key, made on first start",
     )
+    follow: FollowConfig = Field(default_factory=FollowConfig)
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+    heartbeat_s: Annotated[
+        float, Field(gt=0, description="seconds between two heartbeats to the collector")
+    ] = 60.0
     http_host: str = Field("127.0.0.1", description="/healthz and /metrics listen here")
     http_port: Annotated[int, Field(ge=0, le=65535, description="0: any free port")] = 8080
 

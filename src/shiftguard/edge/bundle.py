@@ -138,14 +138,14 @@ def content_version(manifest: Mapping[str, Any], members: Mapping[str, bytes]) -
 
 def runtime_digest(manifest: Mapping[str, Any]) -> str:
     """A digest of everything in a bundle that decides what its runner computes: the manifest
-    without its documents (Markdown members: the model card, which names the signer) and without
-    the manifest's free text. Re-signing a bundle, or signing it with another key, leaves it
+    without its documents (Markdown members: the model card, which names the signer), its smoke
+    test's reference series and the manifest's free text. Re-signing a bundle, or signing it with another key, leaves it
     unchanged; a cache of the runner's outputs keyed by it stays valid (the drift scenarios'
     pools)."""
     members = {
         str(name): str(entry.get("sha256"))
         for name, entry in dict(manifest.get("members", {})).items()
-        if not str(name).endswith(".md")
+        if not str(name).endswith(".md") and not str(name).startswith("smoke/")
     }
     decisive = {key: manifest.get(key) for key in (*PREDICTIVE_SECTIONS, "monitor")}
     text = json.dumps({"members": members, **decisive}, sort_keys=True, separators=(",", ":"))

@@ -24,9 +24,12 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +38,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from shiftguard.config.deploy import EdgeConfig, EdgeDestination
 from shiftguard.edge.bundle import SUFFIX, open_bundle
+from shiftguard.edge.follow import (
+    FollowState,
+    Installed,
+    Watch,
+    in_window,
+    reference_outputs,
+    utc_now,
+)
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, no_delay
+from shiftguard.edge.registry import ModelVersion, RegistryClient
 from shiftguard.edge.shipper import Shipper, Spool
 from shiftguard.edge.signing import Trust
+from shiftguard.edge.smoke import require_smoke
 from shiftguard.endpoint import Endpoint
-from shiftguard.errors import BundleError, ConfigError, listening
+from shiftguard.errors import BundleError, ConfigError, RegistryError, listening
 from shiftguard.records.features import make_record
 
 log = logging.getLogger(__name__)
@@ -59,7 +72,13 @@ COUNTERS = {
     "challenger_failed": "Studies the challenger failed on (the champion's result stands)",
     "sent": "Result objects delivered to a destination",
     "send_failures": "Failed sends (each retried with backoff)",
+    "swaps": "Bundles swapped in from the registry",
+    "rollbacks": "Swaps undone by the site's own watch",
+    "refused_bundles": "Registry versions refused (signature, hash, load or smoke test)",
+    "registry_errors": "Looks at the registry that failed (the site kept serving)",
 }
+BUNDLES = "bundles"
+"""The storage folder's sub-folder of fetched bundles and the follower's state."""
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -220,10 +239,23 @@ class Service:
         self.queue = WorkQueue(root / "queue.db")
         self.inbox = root / "inbox"
         self.outbox = root / "results"
-        keys = trust(settings)
-        self.champion = Predictor(
-            open_bundle(resolve_bundle(settings.bundle), keys), shadow=settings.shadow
+        keys = self.trust = trust(settings)
+        # following a registry channel: the last known-good bundle, a watch after each swap
+        self.bundles = root / BUNDLES
+        self.follow_state = FollowState.load(self.bundles)
+        self._swap_lock = threading.RLock()
+        self.watch: Watch | None = None
+        self._watched: Predictor | None = None
+        self.previous: Predictor | None = None
+        self._latencies: deque[float] = deque(maxlen=100)  # the serving bundle's predict times
+        self.follow_error: str | None = None
+        self.follow_status = "off" if not settings.follow.url else "starting"
+        self.channel_version: str | None = None
+        self.last_study_at: str | None = None
+        self.registry_client = (
+            RegistryClient.from_settings(settings.follow) if settings.follow.url else None
         )
+        self.champion = self._initial_champion()
         self.challenger = (
             Predictor(open_bundle(resolve_bundle(settings.challenger), keys), shadow=True)
             if settings.challenger
@@ -270,8 +302,251 @@ class Service:
             self.shipper = Shipper(
                 self.spool, settings.collector_url, self.collector_token,
                 tls_ca=settings.collector_ca, tls_cert=settings.collector_cert,
-                tls_key=settings.collector_key,
+                tls_key=settings.collector_key, heartbeat=self.heartbeat,
+                heartbeat_s=settings.heartbeat_s,
             )  # fmt: skip
+
+    # bundles: the one served, swaps from the registry, the watch and rollback ------------------
+
+    def _load(self, path: Path) -> Predictor:
+        """A verified bundle made ready, after its smoke test (BundleError, SignatureError or
+        SmokeTestError when it cannot be served)."""
+        predictor = Predictor(open_bundle(path, self.trust), shadow=self.settings.shadow)
+        require_smoke(predictor)
+        return predictor
+
+    def _initial_champion(self) -> Predictor:
+        """What to serve at start: following a channel, the last known-good bundle (the state's
+        current one; still under observation: with the previous one loaded to go back to);
+        otherwise, or when there is none yet, ``edge.bundle``."""
+        state = self.follow_state
+        if self.settings.follow.url and state.current and Path(state.current.path).is_file():
+            try:
+                predictor = self._load(Path(state.current.path))
+            except Exception as exc:
+                log.error("follow: the last bundle %s cannot be served (%s); starting from "
+                          "edge.bundle", state.current.label, exc)  # fmt: skip
+            else:
+                if not state.confirmed and state.previous and Path(state.previous.path).is_file():
+                    try:
+                        self.previous = self._load(Path(state.previous.path))
+                    except Exception as exc:
+                        log.error("follow: the previous bundle %s cannot be loaded (%s); no "
+                                  "rollback possible", state.previous.label, exc)  # fmt: skip
+                    self._watch(predictor)  # the observation starts again after a restart
+                log.info("follow: serving %s (the last known-good bundle)", state.current.label)
+                return predictor
+        path = resolve_bundle(self.settings.bundle)
+        predictor = self._load(path)
+        if self.settings.follow.url:
+            state.current = Installed(str(path), predictor.bundle.name, predictor.bundle.version)
+            state.previous, state.confirmed = None, True
+            state.save()
+        return predictor
+
+    def _watch(self, predictor: Predictor) -> None:
+        bundle = predictor.bundle
+        reference = bundle.members.get("reference.csv")
+        self.watch = Watch(
+            self.settings.rollback,
+            reference_outputs(reference) if reference else {},
+            baseline=list(self._latencies),
+        )
+        self._watched = predictor
+        self._latencies.clear()
+
+    def adopt(self, path: Path, version: ModelVersion | None = None) -> bool:
+        """Load, check and smoke-test the bundle at ``path``, then make it the champion for
+        every study claimed from now on (studies in flight finish on the one they started with);
+        the previous bundle stays loaded until the watch confirms the new one. False when it is
+        the bundle already served.
+
+        Raises:
+            BundleError, SignatureError, SmokeTestError: the bundle cannot be served (nothing
+                changes).
+        """
+        predictor = self._load(path)
+        state = self.follow_state
+        registry = version.version if version is not None else None
+        with self._swap_lock:
+            if predictor.bundle.version == self.champion.bundle.version:
+                if state.current is not None:
+                    state.current.registry_version = registry
+                    state.save()
+                return False
+            if (
+                self.challenger is not None
+                and self.challenger.bundle.version == predictor.bundle.version
+            ):
+                log.warning("follow: the challenger %s v%s is now the champion; it is no longer "
+                            "run a second time", predictor.bundle.name, predictor.bundle.version)  # fmt: skip
+                self.challenger = None
+            self.previous, self.champion = self.champion, predictor
+            self._watch(predictor)
+            new = Installed(str(path), predictor.bundle.name, predictor.bundle.version, registry)
+            state.previous, state.current, state.confirmed = state.current, new, False
+            state.event("swapped", f"{new.label} swapped in", version=new.version,
+                        registry_version=registry)  # fmt: skip
+            state.save()
+        self._count("swaps")
+        log.info("follow: %s swapped in; watching it (%s)", new.label, self._watch_terms())
+        return True
+
+    def _watch_terms(self) -> str:
+        r = self.settings.rollback
+        return (f"{r.observe_studies} studies and {r.observe_hours:g} h; back on more than "
+                f"{r.max_failures} failures, {r.latency_factor:g} x latency or output score "
+                f"over {r.output_score:g}")  # fmt: skip
+
+    def _observed(self, predictor: Predictor, seconds: float | None, rows: Sequence[Any]) -> None:
+        """One study done (``seconds`` None: failed) by ``predictor``: the watch judges."""
+        with self._swap_lock:
+            if predictor is not self._watched or self.watch is None:
+                if seconds is not None and predictor is self.champion:
+                    self._latencies.append(seconds)
+                return
+            watch = self.watch
+            if seconds is None:
+                watch.failed()
+            else:
+                watch.record(seconds, rows)
+            reason = watch.verdict()
+            if reason is not None:
+                self.rollback(reason)
+            elif watch.done():
+                self._confirm()
+
+    def _confirm(self) -> None:
+        state = self.follow_state
+        assert self.watch is not None and state.current is not None
+        state.confirmed = True
+        state.event("confirmed", f"{state.current.label} passed its observation",
+                    version=state.current.version, **self.watch.summary())  # fmt: skip
+        state.save()
+        state.prune(self.settings.follow.keep)
+        log.info(
+            "follow: %s passed its observation (%s)", state.current.label, self.watch.summary()
+        )
+        self.watch, self._watched, self.previous = None, None, None
+
+    def rollback(self, reason: str) -> bool:
+        """Go back to the previous bundle (False when there is none loaded); the bundle left is
+        never taken again from the registry."""
+        with self._swap_lock:
+            state = self.follow_state
+            if self.previous is None or state.current is None:
+                log.error("follow: %s, but no previous bundle is loaded to go back to", reason)
+                return False
+            left = state.current
+            summary = self.watch.summary() if self.watch is not None else {}
+            self.champion, self.previous = self.previous, None
+            self.watch, self._watched = None, None
+            state.refused[left.registry_version or f"bundle {left.version}"] = (
+                f"rolled back: {reason}"
+            )
+            state.current, state.previous, state.confirmed = state.previous, None, True
+            state.event("rolled_back", reason, version=left.version,
+                        registry_version=left.registry_version, **summary)  # fmt: skip
+            state.save()
+        self._count("rollbacks")
+        log.error("follow: rolled back from %s to %s: %s", left.label,
+                  state.current.label if state.current else "?", reason)  # fmt: skip
+        return True
+
+    def poll_registry(self) -> str:
+        """One look at the channel: fetch, check and swap in what it points at when this site
+        may take it now. Returns what happened, in words; never raises for the registry."""
+        cfg, state, client = self.settings.follow, self.follow_state, self.registry_client
+        if client is None:
+            return "off"
+        try:
+            version = client.resolve(cfg.model, cfg.channel)
+        except RegistryError as exc:
+            return self._registry_failed(exc)
+        self.channel_version = version.version
+        label = f"{cfg.model}@{cfg.channel} = version {version.version}"
+        current = state.current
+        if current is not None and current.registry_version == version.version:
+            return self._status(f"serving {label}")
+        if version.version in state.refused:
+            return self._status(f"{label} refused: {state.refused[version.version]}")
+        if self.watch is not None:
+            return self._status(f"{label} waits: the last swap is still observed")
+        wave = version.open_wave
+        if wave is not None and cfg.wave > wave:
+            opened = "halted" if wave < 0 else f"open to waves up to {wave}"
+            return self._status(
+                f"{label} waits: its rollout is {opened}, this site is wave {cfg.wave}"
+            )
+        if not in_window(cfg.maintenance_window, datetime.now().time()):
+            return self._status(
+                f"{label} waits for the maintenance window {cfg.maintenance_window}"
+            )
+        try:
+            path = client.download(version, self.bundles)
+        except RegistryError as exc:
+            return self._registry_failed(exc)
+        self.follow_error = None
+        try:
+            swapped = self.adopt(path, version)
+        except Exception as exc:  # BundleError, SignatureError, SmokeTestError, a model that breaks
+            reason = f"{type(exc).__name__}: {exc}"
+            state.refused[version.version] = reason
+            state.event("refused", reason, registry_version=version.version)
+            state.save()
+            self._count("refused_bundles")
+            log.error("follow: %s refused, still serving %s: %s", label,
+                      self.champion.bundle.version, reason)  # fmt: skip
+            return self._status(f"{label} refused: {reason}")
+        return self._status(f"{label} {'swapped in' if swapped else 'is the bundle served'}")
+
+    def _status(self, text: str) -> str:
+        self.follow_status = text
+        return text
+
+    def _registry_failed(self, exc: Exception) -> str:
+        self.follow_error = str(exc)
+        self._count("registry_errors")
+        log.warning("follow: %s; still serving %s", exc, self.champion.bundle.version)
+        return self._status(f"registry unavailable: {exc}")
+
+    def _follower(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_registry()
+            except Exception:  # a bug must not stop the service from serving
+                log.exception("follow: unexpected error; trying again at the next poll")
+            self._stop.wait(self.settings.follow.poll_s)
+
+    def heartbeat(self) -> dict[str, Any]:
+        """What this site tells the collector about itself (``POST /v1/heartbeats``): no study,
+        no patient, only the service's state."""
+        state, cfg = self.follow_state, self.settings.follow
+        bundle = self.champion.bundle
+        counts = self.queue.counts()
+        return {
+            "site": self.settings.site,
+            "sent_at": utc_now(),
+            "interval_s": self.settings.heartbeat_s,
+            "bundle": bundle.name,
+            "bundle_version": bundle.version,
+            "registry_version": state.current.registry_version if state.current else None,
+            "channel": f"{cfg.model}@{cfg.channel}" if cfg.url else None,
+            "channel_version": self.channel_version,
+            "wave": cfg.wave,
+            "state": "observing" if self.watch is not None else "serving",
+            "observation": self.watch.summary() if self.watch is not None else None,
+            "follow": self.follow_status,
+            "registry_error": self.follow_error,
+            "queue": counts,
+            "processed": self.count("processed"),
+            "failed": self.count("failed"),
+            "last_study_at": self.last_study_at,
+            "disk_free_bytes": shutil.disk_usage(self.settings.storage).free,
+            "spool_pending": self.spool.counts().get("pending", 0),
+            "rolled_back": state.last("rolled_back"),
+            "refused": dict(state.refused),
+        }
 
     # ---------------------------------------------------------------------------------------------
 
@@ -293,8 +568,10 @@ class Service:
             d for d in self.settings.destinations if d.role == RESEARCH or not self.settings.shadow
         ]
 
-    def process(self, study_uid: str) -> None:
-        """Run the bundle(s) on one claimed study and queue its deliveries."""
+    def process(self, study_uid: str, champion: Predictor | None = None) -> None:
+        """Run the bundle(s) on one claimed study and queue its deliveries; ``champion``: the
+        bundle the study was claimed for (None: the one served now)."""
+        champion = champion or self.champion
         began = time.monotonic()
         revision = self.queue.study_revision(study_uid)  # before the files: an instance that
         files = self.queue.study_files(study_uid)  # comes between is then processed again
@@ -302,7 +579,7 @@ class Service:
         if revision:
             log.info("study %s gained instances after or while it was processed: revision %d",
                      study_uid, revision)  # fmt: skip
-        summary = self.champion.predict_files(files, out, revision=revision)
+        summary = champion.predict_files(files, out, revision=revision)
         deliveries, results = [], []
         routes = self._routes()
         for row in summary.results:
@@ -319,8 +596,11 @@ class Service:
         self.queue.finish_study(study_uid, deliveries, results, note=note, revision=revision)
         if not deliveries:  # nothing will be sent (shadow mode, or nothing selected)
             self._ready_at.pop(study_uid, None)
-        self.latency.labels("predict").observe(time.monotonic() - began)
+        elapsed = time.monotonic() - began
+        self.latency.labels("predict").observe(elapsed)
         self._count("processed")
+        self.last_study_at = utc_now()
+        self._observed(champion, elapsed, summary.results)
         if note:
             log.info("study %s: %s", study_uid, note)
         if self.challenger is not None and sampled(study_uid, self.settings.challenger_fraction):
@@ -389,12 +669,14 @@ class Service:
                 self._work.wait(self.poll_s)
                 self._work.clear()
                 continue
+            champion = self.champion  # a swap takes over at a study boundary
             try:
-                self.process(uid)
+                self.process(uid, champion)
             except Exception as exc:  # a study that breaks the runner must not stop the service
                 log.exception("study %s failed", uid)
                 self.queue.fail_study(uid, f"{type(exc).__name__}: {exc}")
                 self._count("failed")
+                self._observed(champion, None, ())
 
     def _stability(self) -> None:
         while not self._stop.wait(min(1.0, self.settings.stability_s / 4)):
@@ -501,6 +783,8 @@ class Service:
             threading.Thread(target=self._sender, args=(d,), daemon=True)
             for d in self.settings.destinations
         ]
+        if self.registry_client is not None:
+            self._threads.append(threading.Thread(target=self._follower, daemon=True))
         for thread in self._threads:
             thread.start()
         if self.shipper is not None:

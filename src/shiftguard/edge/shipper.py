@@ -17,24 +17,20 @@ Standard library only.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import logging
 import random
-import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from shiftguard.errors import CollectorAddressError
-from shiftguard.records.contract import RECORDS_ROUTE, check_records
+from shiftguard.records.contract import HEARTBEATS_ROUTE, RECORDS_ROUTE, check_records
 from shiftguard.store import Database
-from shiftguard.tls import client_context
+from shiftguard.tls import url_context
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +167,10 @@ class Shipper:
         tls_ca: PEM CA bundle the collector's certificate must chain to (None: the system's).
         tls_cert: PEM client certificate, for a collector that requires one.
         tls_key: its private key.
+        heartbeat: returns the site's state (:meth:`~shiftguard.edge.service.Service.heartbeat`),
+            POSTed to ``/v1/heartbeats`` every ``heartbeat_s`` seconds; None: no heartbeats.
+            A heartbeat that fails is not kept: the next one says the same, newer.
+        heartbeat_s: the interval.
 
     Raises:
         CollectorAddressError: ``url`` is not http(s), or plain ``http://`` to another machine.
@@ -190,14 +190,21 @@ class Shipper:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        heartbeat: Callable[[], Mapping[str, Any]] | None = None,
+        heartbeat_s: float = 60.0,
     ) -> None:
         if not token:
             raise ValueError("Shipper: the collector's token is empty; pass the site's token")
-        self._tls = _client_tls(url, tls_ca, tls_cert, tls_key)
+        self._tls = url_context(url, tls_ca, tls_cert, tls_key, "collector URL")
         if batch_size < 1:
             raise ValueError(f"Shipper: batch_size must be at least 1, got {batch_size}")
         self.spool = spool
         self.endpoint = url.rstrip("/") + RECORDS_ROUTE
+        self.heartbeat_endpoint = url.rstrip("/") + HEARTBEATS_ROUTE
+        self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
+        self._next_beat = 0.0
+        #: the ``sent_at`` of the last heartbeat the collector accepted
+        self.last_heartbeat: str | None = None
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
@@ -246,10 +253,14 @@ class Shipper:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            self._beat()
             try:
                 batch = self.spool.pending(self.batch_size)
                 if not batch:
-                    self._wake.wait(self.poll_s)
+                    wait = self.poll_s
+                    if self.heartbeat is not None:
+                        wait = min(wait, max(self._next_beat - time.monotonic(), 0.0))
+                    self._wake.wait(wait)
                     self._wake.clear()
                     continue
                 retry = self._ship(batch)
@@ -264,11 +275,31 @@ class Shipper:
             else:
                 failures = 0
 
+    def _beat(self) -> None:
+        """Send a heartbeat when one is due; a failure is logged and waits for the next."""
+        if self.heartbeat is None or time.monotonic() < self._next_beat:
+            return
+        self._next_beat = time.monotonic() + self.heartbeat_s
+        try:
+            payload = dict(self.heartbeat())
+            status, answer = self._post(self.heartbeat_endpoint, payload)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            log.warning("shipper: heartbeat to %s failed: %s", self.heartbeat_endpoint,
+                        getattr(exc, "reason", exc))  # fmt: skip
+            return
+        except Exception:  # the service's state could not be read: say so, keep shipping
+            log.exception("shipper: the heartbeat could not be made")
+            return
+        if 200 <= status < 300:
+            self.last_heartbeat = str(payload.get("sent_at"))
+        else:
+            log.warning("shipper: heartbeat answered %s: %s", status, answer.get("error", answer))
+
     def _ship(self, batch: list[tuple[int, dict[str, Any]]]) -> bool:
         """Send one batch and record the outcome in the spool; True to back off and retry."""
         seqs = [seq for seq, _ in batch]
         try:
-            status, answer = self._post([record for _, record in batch])
+            status, answer = self._post(self.endpoint, {"records": [r for _, r in batch]})
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             self.last_error = f"cannot reach {self.endpoint}: {reason}"
@@ -311,10 +342,10 @@ class Shipper:
         )
         return False
 
-    def _post(self, records: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-        body = json.dumps({"records": records}, allow_nan=False, separators=(",", ":")).encode()
+    def _post(self, endpoint: str, payload: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        body = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
         request = urllib.request.Request(
-            self.endpoint,
+            endpoint,
             data=body,
             method="POST",
             headers={
@@ -330,31 +361,6 @@ class Shipper:
         except urllib.error.HTTPError as exc:
             with exc:
                 return int(exc.code), _json_object(exc.read(MAX_ANSWER_BYTES))
-
-
-def _client_tls(
-    url: str, ca: str | None, cert: str | None, key: str | None
-) -> ssl.SSLContext | None:
-    """The TLS context for ``url`` (None for plain HTTP to loopback)."""
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return client_context(ca, cert, key)
-    if parts.scheme != "http" or not parts.hostname:
-        raise CollectorAddressError(
-            f"collector URL {url!r}: expected https://host:port (http:// on loopback only)"
-        )
-    host = parts.hostname
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise CollectorAddressError(
-            f"collector URL {url}: plain HTTP would send the bearer token across the network in "
-            f"clear; serve the collector over TLS (monitor.collector.tls_cert/tls_key) and use "
-            f"https://{parts.netloc}"
-        )
-    return None
 
 
 def _named_problems(problems: Any, seqs: Sequence[int]) -> dict[int, str]:

@@ -11,7 +11,9 @@ The stage (``pipelines/export.py``, DVC stage ``export``):
 3. writes the bundle ``NAME.sgbundle`` (:mod:`shiftguard.edge.bundle`): manifest, model(s), a
    model card built from the validation reports, those reports, and the drift baseline: the edge
    runner itself run on the training series' DICOM files (:mod:`shiftguard.records.features`), with
-   the PCA basis of their penultimate features. The same inputs give the same bytes: the version
+   the PCA basis of their penultimate features; and the smoke test's reference series (the first
+   validation series on the canonical grid, pixel values only) with the logit ONNX Runtime gave
+   it, which a site checks before it serves the bundle (:mod:`shiftguard.edge.smoke`). The same inputs give the same bytes: the version
    is a digest of what decides the predictions, the TorchScript model carries no debug
    information (source paths), and no MLflow run id or registry number is inside;
 4. finds the training run by ``model.pt``'s SHA-256 in MLflow, logs the bundle to it and tags the

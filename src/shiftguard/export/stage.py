@@ -42,6 +42,7 @@ from shiftguard.edge.signing import (
     development_key_path,
     read_signing_key,
 )
+from shiftguard.edge.smoke import SMOKE_MEMBER, SMOKE_SECTION, SMOKE_TOLERANCE, smoke_volume
 from shiftguard.errors import ExportError, InvalidSeriesError, MetricInputError
 from shiftguard.evaluation.validate import is_external_profile
 from shiftguard.metrics import format_interval
@@ -624,9 +625,11 @@ def run(
         len(parity_paths),
     )
     torchscript = export_torchscript(net, example) if cfg.torchscript else None
+    smoke = read_nifti(parity_paths[0])[0]
+    smoke_logit = float(onnx_logits(onnx_bytes, preprocess(smoke, spec)).reshape(-1)[0])
 
     train_rows = rows[rows["split"] == "train"]
-    members: dict[str, bytes] = {ONNX_MEMBER: onnx_bytes}
+    members: dict[str, bytes] = {ONNX_MEMBER: onnx_bytes, SMOKE_MEMBER: smoke_volume(smoke)}
     models = [
         {
             "member": ONNX_MEMBER,
@@ -685,6 +688,12 @@ def run(
             "external_auroc": (metrics.get("external", {}).get("auroc") or {}).get("value"),
         },
         "parity": {"onnx_max_abs_logit_diff": onnx_diff, "preprocessing_max_abs_diff": prep_diff},
+        SMOKE_SECTION: {
+            "member": SMOKE_MEMBER,
+            "logit": smoke_logit,
+            "tolerance": SMOKE_TOLERANCE,
+            "series": "the first validation series, on the canonical grid (pixel values only)",
+        },
     }
     version = content_version(manifest, members)
     manifest = {"name": name, "version": version, **manifest}

@@ -27,6 +27,7 @@ from shiftguard.config.monitor import estimated_metric
 from shiftguard.errors import EstimationError
 from shiftguard.monitor.drift import DriftEngine, DriftResult
 from shiftguard.monitor.performance import PerformanceEstimator
+from shiftguard.records.distance import MIN_SPREAD, distance
 from shiftguard.records.features import BY_NAME, FEATURE_NAMES
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,6 @@ def _novel_key(value: Any) -> Any:
     if isinstance(value, float):
         return float(f"{value:.4g}") if np.isfinite(value) else None
     return value
-
-
-MIN_SPREAD = 0.02  # floor of a feature's null spread, so a constant feature cannot explode
 
 
 @dataclass
@@ -307,40 +305,6 @@ def _known(values: np.ndarray) -> np.ndarray:
     if values.dtype == object:
         return np.array([v is not None for v in values], dtype=bool)
     return np.isfinite(values)
-
-
-def distance(reference: np.ndarray, current: np.ndarray, kind: str) -> float | None:
-    """A feature's drift distance: the two-sample Kolmogorov-Smirnov statistic D for numbers,
-    the Jensen-Shannon distance (natural log) of the value frequencies for categories. Missing
-    values are left out; None when either side has none.
-
-    >>> distance(np.array([0.0, 1, 2, 3]), np.array([10.0, 11]), "numerical")
-    1.0
-    >>> round(distance(np.array(["a", "a", "b"], dtype=object), np.array(["a"], dtype=object), "categorical"), 3)
-    0.364
-    """
-    if kind == "numerical":
-        a = np.sort(reference[np.isfinite(reference)])
-        b = np.sort(current[np.isfinite(current)])
-        if a.size == 0 or b.size == 0:
-            return None
-        points = np.concatenate([a, b])
-        cdf_a = np.searchsorted(a, points, side="right") / a.size
-        cdf_b = np.searchsorted(b, points, side="right") / b.size
-        return float(np.max(np.abs(cdf_a - cdf_b)))
-    ref_values = [v for v in reference if v is not None]
-    cur_values = [v for v in current if v is not None]
-    if not ref_values or not cur_values:
-        return None
-    values = sorted(set(ref_values) | set(cur_values))
-    index = {v: i for i, v in enumerate(values)}
-    p = np.bincount([index[v] for v in ref_values], minlength=len(values)) / len(ref_values)
-    q = np.bincount([index[v] for v in cur_values], minlength=len(values)) / len(cur_values)
-    m = (p + q) / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum()
-        kl_q = np.where(q > 0, q * np.log(q / m), 0.0).sum()
-    return float(math.sqrt(max((kl_p + kl_q) / 2, 0.0)))
 
 
 def cut_windows(

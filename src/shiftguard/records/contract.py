@@ -27,6 +27,9 @@ FIELDS = (*ENVELOPE, *FEATURE_NAMES)
 NUMERICAL = tuple(n for n in FEATURE_NAMES if BY_NAME[n].kind == "numerical")
 CATEGORICAL = tuple(n for n in FEATURE_NAMES if BY_NAME[n].kind == "categorical")
 RECORDS_ROUTE = "/v1/records"
+#: where an edge POSTs its heartbeat, and where the fleet's latest ones are read (GET)
+HEARTBEATS_ROUTE = "/v1/heartbeats"
+FLEET_ROUTE = "/v1/fleet"
 
 
 def validate_record(record: Any) -> list[str]:

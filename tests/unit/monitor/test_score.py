@@ -15,7 +15,8 @@ import pytest
 from shiftguard.config import AlertRule, MonitorConfig
 from shiftguard.monitor.alerts import evaluate, post_webhook
 from shiftguard.monitor.runner import Monitor, typed
-from shiftguard.monitor.score import Scorer, cut_windows, distance
+from shiftguard.monitor.score import Scorer, cut_windows
+from shiftguard.records.distance import distance
 
 
 @pytest.fixture(scope="module")

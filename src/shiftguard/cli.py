@@ -665,6 +665,8 @@ def _monitor_collect(args: argparse.Namespace) -> int:
         tls_cert=cfg.collector.tls_cert,
         tls_key=cfg.collector.tls_key,
         tls_ca=cfg.collector.tls_ca,
+        rules=cfg.fleet_rules,
+        webhook=cfg.webhook,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -920,11 +922,74 @@ def _promote(args: argparse.Namespace) -> int:
     cfg = compose_section("shadow", ShadowConfig, args.overrides)
     decision = promote(
         args.report, cfg.gate, args.model or cfg.registered_model, args.role, args.dry_run,
-        cfg.experiment,
+        cfg.experiment, rollout=cfg.rollout,
     )  # fmt: skip
     print("\n".join(decision.lines()))
     print(f"decision recorded in MLflow run {decision.run_id}")
     return 0 if decision.passed else 1
+
+
+def _collector_url(args: argparse.Namespace, cfg: Any) -> str:
+    """``--collector``, else ``monitor.collector.url``, else the collector this machine runs."""
+    from shiftguard.endpoint import http_url
+
+    if args.collector:
+        return str(args.collector)
+    if cfg.collector.url:
+        return str(cfg.collector.url)
+    return http_url(cfg.collector.host, cfg.collector.port, bool(cfg.collector.tls_cert))
+
+
+def _fleet_rows(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    import urllib.error
+
+    from shiftguard.monitor.fleet import fetch_fleet
+    from shiftguard.tls import client_context
+
+    cfg = _monitor_config(args)
+    url = _collector_url(args, cfg)
+    context = client_context(args.ca) if url.startswith("https") else None
+    try:
+        return url, fetch_fleet(url, context=context)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"fleet: the collector {url} cannot be read ({getattr(exc, 'reason', exc)}); is "
+            "`shiftguard monitor collect` running there? (--collector URL)"
+        ) from None
+
+
+def _fleet_status(args: argparse.Namespace) -> int:
+    from shiftguard.monitor.fleet import format_table
+
+    url, fleet = _fleet_rows(args)
+    if args.json:
+        print(json.dumps(fleet, indent=2, sort_keys=True))
+    else:
+        print(f"fleet at {url} (stale after {fleet['stale_after']:g} missed heartbeats)")
+        print(format_table(fleet["sites"]))
+    return 1 if any(r.get("stale") for r in fleet["sites"]) else 0
+
+
+def _fleet_rollout(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from shiftguard.config import ShadowConfig, compose_section
+    from shiftguard.shadow.rollout import advance
+    from shiftguard.tracking import set_store, tracking_uri
+
+    cfg = compose_section("shadow", ShadowConfig, args.overrides)
+    _, fleet = _fleet_rows(args)
+    name = args.model or cfg.registered_model or "shiftguard-classifier"
+    set_store(tracking_uri())
+    try:
+        step = advance(
+            MlflowClient(), name, cfg.rollout, fleet["sites"], args.channel, args.dry_run
+        )
+    except MlflowException as exc:
+        raise ConfigError(f"fleet rollout: {name}@{args.channel}: {exc.message}") from None
+    print("\n".join(step.lines()))
+    return 1 if step.halted else 0
 
 
 def _positive(text: str) -> int:
@@ -1298,6 +1363,27 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("--dry-run", action="store_true", help="judge and record, move nothing")
     overrides(pro)
     pro.set_defaults(func=_promote)
+
+    fleet = sub.add_parser("fleet", help="the sites: their bundles and heartbeats, the rollout")
+    fleet_sub = fleet.add_subparsers(dest="action", required=True)
+    for verb, text in (
+        ("status", "each site's bundle, state, queue and last heartbeat (exit 1: a site is stale)"),
+        ("rollout", "record each site's state, halt on a rollback, open the next wave"),
+    ):
+        f = fleet_sub.add_parser(verb, help=text)
+        f.add_argument("--collector", default=None,
+                       help="the collector's URL (monitor.collector.url, else this machine's)")  # fmt: skip
+        f.add_argument("--ca", default=None, help="CA bundle of the collector's certificate")
+        if verb == "status":
+            f.add_argument("--json", action="store_true", help="the fleet as JSON")
+            f.set_defaults(func=_fleet_status)
+        else:
+            f.add_argument("--model", default=None,
+                           help="registered model (shadow.registered_model, else the bundle's)")  # fmt: skip
+            f.add_argument("--channel", default="champion", help="the alias rolled out")
+            f.add_argument("--dry-run", action="store_true", help="judge, record nothing")
+            f.set_defaults(func=_fleet_rollout)
+        overrides(f)
 
     config = sub.add_parser("config", help="compose conf/ and manage params.yaml")
     config_sub = config.add_subparsers(dest="action", required=True)

@@ -7,7 +7,8 @@ The edge service (:mod:`shiftguard.edge.service`) and the central collector
   503 with the error when that function raises;
 * ``GET /metrics``: the service's ``prometheus_client`` registry in Prometheus' text format;
 * the routes a service adds, e.g. the collector's ``POST /v1/records``: a handler takes the
-  :class:`Request` and returns the JSON answer, or raises :class:`HttpError` for a 4xx.
+  :class:`Request` and returns the JSON answer (or a :class:`Body`, e.g. a page), or raises
+  :class:`HttpError` for a 4xx.
 
 The server is the standard library's threaded one (a thread per connection), bound when the endpoint
 is built (a taken port is a :class:`~shiftguard.errors.PortInUseError` naming the setting), served
@@ -126,7 +127,14 @@ class Request:
             left -= len(chunk)
 
 
-Route = Callable[[Request], Mapping[str, Any]]
+class Body:
+    """A route's answer that is not JSON: the bytes and their content type (a page)."""
+
+    def __init__(self, content: bytes, content_type: str = "text/html; charset=utf-8") -> None:
+        self.content, self.content_type = content, content_type
+
+
+Route = Callable[[Request], "Mapping[str, Any] | Body"]
 
 
 class _Server(ThreadingHTTPServer):
@@ -259,6 +267,8 @@ class Endpoint:
             request.drain()
             payload = {"error": f"the {self.name} could not handle the request: {exc}"}
             return 500, _json(payload), "application/json", {}
+        if isinstance(answer, Body):
+            return 200, answer.content, answer.content_type, {}
         return 200, _json(answer), "application/json", {}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

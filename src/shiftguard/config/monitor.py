@@ -99,6 +99,10 @@ def estimated_metric(metric: str) -> tuple[str, str, bool] | None:
     return rest.removesuffix("_drop"), method or "cbpe", drop
 
 
+#: the alert rules' fleet metric (judged by the collector, :mod:`shiftguard.monitor.fleet`)
+FLEET_METRIC = "heartbeat_age"
+
+
 class AlertRule(StrictModel):
     """Raise an alert when ``metric`` is above ``above`` (or below ``below``) in ``windows``
     consecutive windows."""
@@ -109,7 +113,9 @@ class AlertRule(StrictModel):
         "novel:<feature> (share of the window's values the reference never had), "
         "estimated_<metric>[@<method>] (label-free estimate: metric auroc, sensitivity, "
         "specificity, positive_rate or prevalence; method cbpe, the default, or density_ratio), "
-        "estimated_<metric>_drop[@<method>] (the bundle's held-out reference value minus it)"
+        "estimated_<metric>_drop[@<method>] (the bundle's held-out reference value minus it); "
+        "heartbeat_age (a site's time since its last heartbeat over its interval: judged by the "
+        "collector on the fleet, not on windows)"
     )
     above: float | None = None
     below: float | None = None
@@ -118,16 +124,18 @@ class AlertRule(StrictModel):
     @model_validator(mode="after")
     def _known_metric(self) -> AlertRule:
         estimated = estimated_metric(self.metric)
-        ok = self.metric in ("drift_share", "unified_score") or self.metric.startswith(
-            ("score_", "drift:", "novel:")
-        )
+        ok = self.metric in (
+            "drift_share",
+            "unified_score",
+            "heartbeat_age",
+        ) or self.metric.startswith(("score_", "drift:", "novel:"))
         if estimated is not None:
             metric, method, _ = estimated
             ok = metric in ESTIMATED_METRICS and method in ESTIMATION_METHODS
         if not ok:
             raise ValueError(
                 f"alert {self.name!r}: metric {self.metric!r} is not drift_share, unified_score, "
-                "score_<group>, drift:<feature>, novel:<feature> or "
+                "score_<group>, drift:<feature>, novel:<feature>, heartbeat_age or "
                 f"estimated_<metric>[_drop][@<method>] (metrics: {', '.join(ESTIMATED_METRICS)}; "
                 f"methods: {', '.join(ESTIMATION_METHODS)})"
             )
@@ -216,6 +224,16 @@ class MonitorConfig(StrictModel):
         "latest", description="which windows get a static HTML report"
     )
     scenarios: ScenarioSettings = Field(default_factory=lambda: ScenarioSettings())
+
+    @property
+    def window_rules(self) -> list[AlertRule]:
+        """The rules judged on windows of records (all but the fleet's ``heartbeat_age``)."""
+        return [r for r in self.alerts if r.metric != FLEET_METRIC]
+
+    @property
+    def fleet_rules(self) -> list[AlertRule]:
+        """The rules the collector judges on the sites' heartbeats."""
+        return [r for r in self.alerts if r.metric == FLEET_METRIC]
 
     @model_validator(mode="after")
     def _unique_alerts(self) -> MonitorConfig:

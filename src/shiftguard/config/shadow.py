@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shiftguard.config.schema import StrictModel
 
@@ -63,6 +63,38 @@ class PacsConfig(StrictModel):
     )
 
 
+class RolloutWave(StrictModel):
+    """One wave of a staged rollout: its sites are those whose ``edge.follow.wave`` is its
+    index. The next wave opens when every site of this one serves the new champion with its
+    observation passed, they processed ``min_studies`` studies on it together, and the wave has
+    been open ``min_hours``."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    min_studies: Annotated[int, Field(ge=0)] = 0
+    min_hours: Annotated[float, Field(ge=0)] = 0.0
+
+
+def _default_waves() -> list[RolloutWave]:
+    return [
+        RolloutWave(name="canary", min_studies=50, min_hours=24.0),
+        RolloutWave(name="everyone"),
+    ]
+
+
+class RolloutConfig(StrictModel):
+    """How a new champion reaches the sites (``shiftguard promote`` starts it at wave 0,
+    ``shiftguard fleet rollout`` moves it on, or halts it when a site rolled back)."""
+
+    waves: list[RolloutWave] = Field(default_factory=_default_waves, min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RolloutConfig:
+        names = [w.name for w in self.waves]
+        if len(names) != len(set(names)):
+            raise ValueError(f"shadow.rollout.waves: names must be unique, got {names}")
+        return self
+
+
 class ShadowConfig(StrictModel):
     """``shiftguard shadow evaluate`` and ``shiftguard promote``."""
 
@@ -82,4 +114,5 @@ class ShadowConfig(StrictModel):
         None, description="MLflow registered model; null: the bundle's name"
     )
     gate: GateConfig = Field(default_factory=GateConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     pacs: PacsConfig = Field(default_factory=PacsConfig)

@@ -428,6 +428,15 @@ class WorkQueue(Database):
             out["instances"] = int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
         return out
 
+    def studies_by(self, model_version: str, role: str = "champion") -> int:
+        """Studies with results of the bundle version ``model_version`` in ``role``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(DISTINCT study_uid) FROM results WHERE model_version = ? AND role = ?",
+                (model_version, role),
+            ).fetchone()
+        return int(row[0])
+
     def study_note(self, study_uid: str) -> str:
         """Why a study failed, or which of its series were skipped and why."""
         with self._lock:

@@ -77,6 +77,8 @@ COUNTERS = {
     "refused_bundles": "Registry versions refused (signature, hash, load or smoke test)",
     "registry_errors": "Looks at the registry that failed (the site kept serving)",
 }
+#: the work queue's counts that make its depth: studies waiting or in work, results unsent
+QUEUE_DEPTH = ("studies_receiving", "studies_ready", "studies_processing", "deliveries_pending")
 BUNDLES = "bundles"
 """The storage folder's sub-folder of fetched bundles and the follower's state."""
 
@@ -539,7 +541,9 @@ class Service:
             "follow": self.follow_status,
             "registry_error": self.follow_error,
             "queue": counts,
+            "queue_depth": sum(counts.get(k, 0) for k in QUEUE_DEPTH),
             "processed": self.count("processed"),
+            "studies_on_bundle": self.queue.studies_by(bundle.version),
             "failed": self.count("failed"),
             "last_study_at": self.last_study_at,
             "disk_free_bytes": shutil.disk_usage(self.settings.storage).free,

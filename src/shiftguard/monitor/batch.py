@@ -115,7 +115,7 @@ def run(
             _, active = monitor.check(notify=False, announce=False)  # logged per window below
             raised = monitor.alerts()
             latest = monitor.latest[site]
-            write_page(reports / PAGE, latest, cfg.alerts, monitor.bundle)
+            write_page(reports / PAGE, latest, cfg.window_rules, monitor.bundle)
         finally:
             monitor.close()
     shown = verdicts(w.dict() for w in latest.snapshot.to_snapshot_model().widgets)

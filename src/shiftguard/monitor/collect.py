@@ -56,9 +56,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from shiftguard.endpoint import Endpoint, HttpError, Request, http_url
+from shiftguard.endpoint import Body, Endpoint, HttpError, Request, http_url
 from shiftguard.errors import CollectorStoreError
+from shiftguard.monitor.fleet import FLEET_PAGE, FleetWatch, fleet_rows, render_page, stale_limit
 from shiftguard.records.contract import (
+    FLEET_ROUTE,
+    HEARTBEATS_ROUTE,
     NUMERICAL,
     RECORDS_ROUTE,
     check_records,
@@ -74,6 +77,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="shiftguard-collector"'}
+SITE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MAX_HEARTBEAT_BYTES = 64 << 10
 
 
 def _quote(name: str) -> str:
@@ -108,7 +113,16 @@ def _store_schema() -> str:
         "CREATE TABLE IF NOT EXISTS records (\n    "
         + ",\n    ".join(_columns("seq INTEGER PRIMARY KEY AUTOINCREMENT", "REAL"))
         + "\n);\nCREATE INDEX IF NOT EXISTS records_site ON records (site, seq);\n"
+        + _HEARTBEATS_TABLE
+        + ";\n"
     )
+
+
+#: each site's latest heartbeat (:meth:`_RecordReads.put_heartbeat`)
+_HEARTBEATS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS heartbeats (site TEXT PRIMARY KEY, received_at TEXT NOT NULL, "
+    "beats INTEGER NOT NULL, payload TEXT NOT NULL)"
+)
 
 
 #: the columns an insert writes, in its order (``received_at`` first)
@@ -185,6 +199,31 @@ class _RecordReads:
         rows = self._rows("SELECT site, COUNT(*) FROM records GROUP BY site ORDER BY site")
         return {str(site): int(n) for site, n in rows}
 
+    def put_heartbeat(self, site: str, payload: Mapping[str, Any]) -> None:
+        """Keep ``site``'s latest heartbeat (one row per site: the newest replaces the last),
+        committed when this returns."""
+        m = self._MARK
+        self._rows(
+            f"INSERT INTO heartbeats (site, received_at, beats, payload) VALUES ({m}, {m}, 1, {m}) "
+            "ON CONFLICT (site) DO UPDATE SET received_at = excluded.received_at, "
+            "beats = heartbeats.beats + 1, payload = excluded.payload RETURNING beats",
+            (site, _utc_now(), json.dumps(dict(payload), sort_keys=True)),
+        )
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        """Each site's latest heartbeat, by site: what the site sent, with ``received_at`` (when
+        the collector got it, ISO-8601 UTC) and ``beats`` (how many it has sent)."""
+        rows = self._rows("SELECT site, received_at, beats, payload FROM heartbeats ORDER BY site")
+        return [
+            {
+                **json.loads(payload),
+                "site": str(site),
+                "received_at": str(received),
+                "beats": int(n),
+            }
+            for site, received, n, payload in rows
+        ]
+
 
 class RecordStore(_RecordReads, Database):
     """The collector's records from every site (see the module docstring).
@@ -203,6 +242,9 @@ class RecordStore(_RecordReads, Database):
                     db.execute(f"ALTER TABLE records ADD COLUMN {_column(name, 'REAL')}")
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        if sql.startswith("INSERT"):
+            with self.tx() as db:
+                return list(db.execute(sql, list(args)).fetchall())
         return self.query(sql, args)
 
     def insert(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
@@ -259,6 +301,7 @@ class PostgresRecordStore(_RecordReads):
         with self._lock, self._db.transaction(), self._db.cursor() as cur:
             cur.execute(f"CREATE TABLE IF NOT EXISTS records ({', '.join(columns)})")
             cur.execute("CREATE INDEX IF NOT EXISTS records_site ON records (site, seq)")
+            cur.execute(_HEARTBEATS_TABLE)
             cur.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'records'"
             )
@@ -329,6 +372,10 @@ class Collector:
         tls_cert: PEM certificate: HTTPS when set (the SCP's options: cert, key, CA).
         tls_key: its private key.
         tls_ca: PEM CA bundle; when set, a shipper must present a certificate it signed.
+        rules: the monitor's alert rules; those on ``heartbeat_age`` judge the fleet
+            (:class:`~shiftguard.monitor.fleet.FleetWatch`) every ``fleet_check_s`` seconds.
+        webhook: where new fleet alerts are POSTed (None: logged only).
+        fleet_check_s: how often the heartbeats are judged.
     """
 
     def __init__(
@@ -343,6 +390,9 @@ class Collector:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_ca: str | None = None,
+        rules: Sequence[Any] = (),
+        webhook: str | None = None,
+        fleet_check_s: float = 5.0,
     ) -> None:
         if not token or not token.strip():
             raise ValueError(
@@ -375,7 +425,12 @@ class Collector:
             self._batches.labels(outcome)
         for outcome in ("stored", "duplicate"):
             self._records.labels(outcome)
-        self.registry.register(_StoreFigures(self.store))
+        self.registry.register(_StoreFigures(self))
+        self.fleet = FleetWatch(rules, webhook)
+        self.stale_after = stale_limit(rules)
+        self.fleet_check_s = fleet_check_s
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -397,17 +452,32 @@ class Collector:
             "monitor.collector.port",
             health=lambda: {"records": self.store.count()},
             registry=self.registry,
-            routes={("POST", RECORDS_ROUTE): self._post_records},
+            routes={
+                ("POST", RECORDS_ROUTE): self._post_records,
+                ("POST", HEARTBEATS_ROUTE): self._post_heartbeat,
+                ("GET", FLEET_ROUTE): lambda _: self.fleet_status(),
+                ("GET", FLEET_PAGE): lambda _: Body(render_page(self.fleet_status()["sites"])),
+            },
             tls=self._tls,
             read_timeout_s=self.read_timeout_s,
             max_body_bytes=self.max_body_bytes,
             name="collector",
         )
         self._endpoint.start()
+        self._stop.clear()
+        if self.fleet.rules:
+            self._watcher = threading.Thread(
+                target=self._watch, name="collector-fleet", daemon=True
+            )
+            self._watcher.start()
         log.debug("collector: listening on %s", self.url)
 
     def stop(self) -> None:
         """Stop serving (the port is freed) and close the store if the collector opened it."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+            self._watcher = None
         if self._endpoint is not None:
             self._port = self._endpoint.port
             self._endpoint.stop()
@@ -430,6 +500,41 @@ class Collector:
         self._records.labels("duplicate").inc(answer["duplicates"])
         log.debug("collector: %s from %s", answer, request.address)
         return answer
+
+    def _post_heartbeat(self, request: Request) -> dict[str, Any]:
+        """``POST /v1/heartbeats``: the token, then one site's state, kept as its latest."""
+        self._authorized(request.headers.get("Authorization"))
+        body = request.body()
+        if len(body) > MAX_HEARTBEAT_BYTES:
+            raise HttpError(413, f"a heartbeat of {len(body)} bytes; at most {MAX_HEARTBEAT_BYTES}")
+        try:
+            beat = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HttpError(400, f"the body is not JSON: {exc}") from exc
+        site = beat.get("site") if isinstance(beat, dict) else None
+        if not isinstance(site, str) or not SITE_NAME.fullmatch(site):
+            raise HttpError(
+                400, "a heartbeat is a JSON object with a 'site' name (A-Z a-z 0-9 _ . -)"
+            )
+        interval = beat.get("interval_s")
+        if not isinstance(interval, int | float) or not interval > 0:
+            raise HttpError(400, f"heartbeat of {site}: 'interval_s' must be a positive number")
+        self.store.put_heartbeat(site, beat)
+        return {"site": site, "stored": True}
+
+    def fleet_status(self) -> dict[str, Any]:
+        """``GET /v1/fleet``: each site's latest heartbeat with its age and whether it is stale."""
+        return {
+            "stale_after": self.stale_after,
+            "sites": fleet_rows(self.store.heartbeats(), stale_after=self.stale_after),
+        }
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.fleet_check_s):
+            try:
+                self.fleet.check(self.store.heartbeats())
+            except Exception:  # the store failing must not stop the collector taking records
+                log.exception("collector: the fleet check failed; trying again")
 
     def _authorized(self, header: str | None) -> None:
         if not header:
@@ -468,15 +573,40 @@ class Collector:
 
 
 class _StoreFigures:
-    """Scrape-time figures of the record store: records per site."""
+    """Scrape-time figures of the record store and the fleet: records per site, each site's
+    heartbeat age (in its intervals), bundle and state."""
 
-    def __init__(self, store: AnyRecordStore) -> None:
-        self.store = store
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "shiftguard_collector_records", "Records stored, by site", labels=["site"]
         )
-        for site, count in self.store.counts_by_site().items():
+        for site, count in self.collector.store.counts_by_site().items():
             family.add_metric([site], count)
         yield family
+        age = GaugeMetricFamily(
+            "shiftguard_fleet_heartbeat_age",
+            "Time since the site's last heartbeat, in units of its heartbeat interval",
+            labels=["site"],
+        )
+        seconds = GaugeMetricFamily(
+            "shiftguard_fleet_heartbeat_age_seconds", "Seconds since the site's last heartbeat",
+            labels=["site"],
+        )  # fmt: skip
+        bundle = GaugeMetricFamily(
+            "shiftguard_fleet_bundle", "The bundle each site serves (1), with its state",
+            labels=["site", "bundle_version", "registry_version", "state"],
+        )  # fmt: skip
+        for row in self.collector.fleet_status()["sites"]:
+            site = str(row["site"])
+            age.add_metric([site], float(row["heartbeat_age"]))
+            seconds.add_metric([site], float(row["age_s"]))
+            labels = [
+                str(row.get(k) or "") for k in ("bundle_version", "registry_version", "state")
+            ]
+            bundle.add_metric([site, *labels], 1.0)
+        yield age
+        yield seconds
+        yield bundle

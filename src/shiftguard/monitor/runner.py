@@ -286,7 +286,7 @@ class Monitor:
         window). New ones are recorded, POSTed to the webhook when one is configured (``notify``)
         and logged as warnings (``announce``: off where the caller reports them per window)."""
         history = self.history()
-        alerts = evaluate(self.cfg.alerts, history)
+        alerts = evaluate(self.cfg.window_rules, history)
         new = []
         with self._store.tx() as db:
             for alert in alerts:
@@ -323,7 +323,7 @@ class Monitor:
         assert self.workspace_dir is not None
         workspace = MonitorWorkspace(self.workspace_dir)
         history = self.history()  # holds the windows just judged: the rules read back from them
-        rules = self.cfg.alerts
+        rules = self.cfg.window_rules
         alerts = evaluate(rules, history)
         html = self.cfg.html
         for i, (result, window, judged_at) in enumerate(judged):

@@ -463,14 +463,14 @@ def run_all(
         results = []
         for scenario in scenarios:
             progress.update(task, description=f"scenario {scenario.name}")
-            results.append(run_scenario(scenario, pools, scorer, cfg.window.size, cfg.alerts))
+            results.append(run_scenario(scenario, pools, scorer, cfg.window.size, cfg.window_rules))
             progress.advance(task)
         estimation = (
             judge_estimates(cfg, pools, estimator, progress) if estimator is not None else None
         )
     out = {
         "window_size": cfg.window.size,
-        "rules": [r.model_dump(exclude_none=True) for r in cfg.alerts],
+        "rules": [r.model_dump(exclude_none=True) for r in cfg.window_rules],
         "pools": {c.label: len(p) for c, p in pools.items()},
         "scenarios": [r.summary() for r in results],
     }
@@ -503,7 +503,7 @@ def judge_estimates(
     margin = next(
         (
             float(r.above)
-            for r in cfg.alerts
+            for r in cfg.window_rules
             if r.metric.startswith("estimated_sensitivity_drop") and r.above is not None
         ),
         0.1,

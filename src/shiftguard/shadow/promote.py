@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shiftguard.config.shadow import GateConfig
+from shiftguard.config.shadow import GateConfig, RolloutConfig
 from shiftguard.errors import PromotionError
+from shiftguard.shadow.rollout import start as start_rollout
 from shiftguard.tracking import (
     BUNDLE_VERSION_TAG,
     CHALLENGER,
@@ -240,10 +241,12 @@ def promote(
     dry_run: bool = False,
     experiment: str = "shiftguard",
     root: Path | None = None,
+    rollout: RolloutConfig | None = None,
 ) -> Decision:
     """Judge the challenger of the evaluation in ``report`` against the gate; move the alias
     ``champion`` to it (and remove its ``challenger`` alias) when every condition passes (not on a
-    dry run); record the decision.
+    dry run); record the decision. With a ``rollout`` plan, the new champion's staged rollout
+    starts (:func:`shiftguard.shadow.rollout.start`).
 
     Raises:
         PromotionError: no usable summary, or the challenger is not a version in the registry.
@@ -300,6 +303,8 @@ def promote(
             client.delete_registered_model_alias(name, CHALLENGER)
         if champion:
             client.set_model_version_tag(name, champion, "shiftguard.replaced_by", f"v{version}")
+        if rollout is not None:
+            start_rollout(client, name, version, rollout)
     if not dry_run:
         client.set_model_version_tag(name, version, "shiftguard.promotion", verdict)
         client.set_model_version_tag(name, version, "shiftguard.promotion_run", decision.run_id)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +95,6 @@ def test_a_rule_fires_only_after_k_consecutive_windows_above_its_threshold() -> 
 def test_alert_rules_name_a_bad_metric() -> None:
     with pytest.raises(ValueError, match="metric 'accuracy' is not"):
         AlertRule(name="bad", metric="accuracy", above=1)
-
-
-@pytest.fixture
-def webhook():
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
 
 
 def test_monitor_judges_complete_windows_once_and_alerts_once(

@@ -1,9 +1,11 @@
 """Constructed shadow logs: a champion and, optionally, a challenger on the same studies, with
-known failures planted on chosen segments."""
+known failures planted on chosen segments; a real MLflow registry in a temporary folder."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,3 +67,19 @@ def build(
 @pytest.fixture
 def shadow_case() -> Callable[..., tuple[pd.DataFrame, DiagnosisBook]]:
     return build
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Registered model ``m`` with versions 1, 2, 3; version 1 aliased ``champion``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias("m", "champion", "1")
+    return client

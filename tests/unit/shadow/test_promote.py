@@ -16,22 +16,6 @@ from shiftguard.shadow.promote import PromotionError, promote
 from shiftguard.shadow.report import write_report
 
 
-@pytest.fixture
-def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Registered model ``m`` with versions 1, 2, 3; version 1 aliased ``champion``."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
-    client.create_registered_model("m")
-    for _ in range(3):
-        client.create_model_version("m", source=(tmp_path / "model").as_uri())
-    client.set_registered_model_alias("m", "champion", "1")
-    return client
-
-
 def report(tmp_path: Path, shadow_case: Callable[..., Any], **kwargs: Any) -> Path:
     log, book = shadow_case(**kwargs)
     out = tmp_path / "report"

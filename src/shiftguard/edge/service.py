@@ -290,6 +290,7 @@ class Service:
         }
         self._ready_at: dict[str, float] = {}
         self._stop = threading.Event()
+        self._stopped = False
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
         self._http: Endpoint | None = None
@@ -360,8 +361,9 @@ class Service:
     def adopt(self, path: Path, version: ModelVersion | None = None) -> bool:
         """Load, check and smoke-test the bundle at ``path``, then make it the champion for
         every study claimed from now on (studies in flight finish on the one they started with);
-        the previous bundle stays loaded until the watch confirms the new one. False when it is
-        the bundle already served.
+        the previous bundle stays loaded until the watch confirms the new one (a bundle adopted
+        while another is observed replaces that one; the bundle to go back to stays the last
+        confirmed one). False when it is the bundle already served.
 
         Raises:
             BundleError, SignatureError, SmokeTestError: the bundle cannot be served (nothing
@@ -383,10 +385,15 @@ class Service:
                 log.warning("follow: the challenger %s v%s is now the champion; it is no longer "
                             "run a second time", predictor.bundle.name, predictor.bundle.version)  # fmt: skip
                 self.challenger = None
-            self.previous, self.champion = self.champion, predictor
-            self._watch(predictor)
             new = Installed(str(path), predictor.bundle.name, predictor.bundle.version, registry)
-            state.previous, state.current, state.confirmed = state.current, new, False
+            if self.watch is None:  # the served bundle is confirmed: it is the one to go back to
+                self.previous = self.champion
+                state.previous = state.current
+            # else a newer version came while the last one was observed: that one is dropped,
+            # the bundle to go back to stays the last confirmed one
+            self.champion = predictor
+            self._watch(predictor)
+            state.current, state.confirmed = new, False
             state.event("swapped", f"{new.label} swapped in", version=new.version,
                         registry_version=registry)  # fmt: skip
             state.save()
@@ -472,8 +479,6 @@ class Service:
             return self._status(f"serving {label}")
         if version.version in state.refused:
             return self._status(f"{label} refused: {state.refused[version.version]}")
-        if self.watch is not None:
-            return self._status(f"{label} waits: the last swap is still observed")
         wave = version.open_wave
         if wave is not None and cfg.wave > wave:
             opened = "halted" if wave < 0 else f"open to waves up to {wave}"
@@ -796,6 +801,10 @@ class Service:
         self._work.set()
 
     def stop(self) -> None:
+        """Stop serving and close the stores (a second call does nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         self._work.set()
         self.receiver.stop()

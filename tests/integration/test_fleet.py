@@ -1,0 +1,232 @@
+"""The fleet against real components: an ``mlflow server`` on PostgreSQL as the registry, two edge
+services on loopback following ``champion``, storescu sending studies the whole time, and the
+collector taking their heartbeats.
+
+A new champion reaches both sites within their polling interval while studies keep coming; every
+study is processed exactly once and each result names the version that produced it; a champion
+whose bundle fails its smoke test is refused by both and the old bundle keeps serving; the fleet
+view shows the versions, the refusal, and a site that stopped as stale."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+import pytest
+import torch
+from unit.edge.conftest import make_manifest, make_network
+
+from shiftguard.cohort import generate
+from shiftguard.config import CohortConfig, EdgeConfig, compose, validate
+from shiftguard.config.monitor import AlertRule
+from shiftguard.config.shadow import RolloutConfig
+from shiftguard.edge.bundle import bundle_file_name, write_bundle
+from shiftguard.edge.preprocess import preprocess
+from shiftguard.edge.service import Service
+from shiftguard.edge.smoke import SMOKE_MEMBER, smoke_volume
+from shiftguard.export.stage import export_onnx, onnx_logits
+from shiftguard.monitor.collect import Collector
+from shiftguard.peers import copy_study, storescu
+from shiftguard.shadow.rollout import start
+from shiftguard.tracking import file_sha256
+
+if TYPE_CHECKING:
+    from .conftest import MlflowServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.peers("storescu")]
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "test-model"
+TOKEN = "fleet-integration-token"
+POLL_S = 0.5
+STUDIES = 10
+
+
+def _wait(predicate: Callable[[], object], timeout: float = 90.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, Any]:
+    return compose(["experiment=tiny", "cohort.n_subjects=1"], conf_dir=REPO / "conf")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any]) -> Path:
+    root = tmp_path_factory.mktemp("cohort")
+    generate.run(validate("cohort", tiny["cohort"], CohortConfig), root, workers=1, progress=False)
+    return sorted(next((root / "dicom").iterdir()).iterdir())[0]
+
+
+def _bundle(
+    folder: Path, tiny: dict[str, Any], version: str, threshold: float, shift: float
+) -> Path:
+    net = make_network()
+    onnx = export_onnx(net, torch.zeros(1, 1, *tiny["ingest"]["shape"]))
+    manifest = make_manifest(tiny, version=version, threshold=threshold)
+    volume = torch.rand(*tiny["ingest"]["shape"], generator=torch.Generator().manual_seed(3))
+    volume_np = (volume.numpy() * 1000).astype("float32")
+    logit = float(
+        onnx_logits(onnx, preprocess(volume_np, manifest["preprocessing"])).reshape(-1)[0]
+    )
+    manifest["smoke"] = {"member": SMOKE_MEMBER, "logit": logit + shift}
+    members = {"model.onnx": onnx, "reference.csv": b"mean,std\n1.0,2.0\n",
+               SMOKE_MEMBER: smoke_volume(volume_np)}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_bundle(folder / bundle_file_name(MODEL, version), manifest, members)
+
+
+def _register(client: Any, experiment: str, bundle: Path) -> str:
+    """Log ``bundle`` to a run and register it as a new version, tagged as the export stage
+    tags it; the version's number."""
+    run = client.create_run(experiment)
+    client.log_artifact(run.info.run_id, str(bundle), artifact_path="bundle")
+    client.set_terminated(run.info.run_id)
+    tags = {
+        "bundle": bundle.name,
+        "bundle_sha256": file_sha256(bundle),
+        "bundle_uri": f"runs:/{run.info.run_id}/bundle/{bundle.name}",
+    }
+    version = client.create_model_version(
+        MODEL, source=f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id, tags=tags
+    )
+    return str(version.version)
+
+
+@pytest.fixture
+def fleet(
+    mlflow_server: MlflowServer,
+    tmp_path: Path,
+    tiny: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[dict[str, Any]]:
+    from mlflow.tracking import MlflowClient
+
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SHIFTGUARD_MONITOR_TOKEN", TOKEN)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.create_experiment(f"fleet-{os.getpid()}-{time.monotonic_ns()}")
+    bundles = {
+        "7": _bundle(tmp_path / "b7", tiny, "7", 0.5, 0.0),
+        "8": _bundle(tmp_path / "b8", tiny, "8", 0.4, 0.0),
+        "9": _bundle(tmp_path / "b9", tiny, "9", 0.3, 0.5),  # its smoke test fails anywhere
+    }
+    client.create_registered_model(MODEL)
+    first = _register(client, experiment, bundles["7"])
+    client.set_registered_model_alias(MODEL, "champion", first)
+    collector = Collector(
+        tmp_path / "records.db", TOKEN, fleet_check_s=0.2,
+        rules=[AlertRule(name="stale_site", metric="heartbeat_age", above=3.0)],
+    )  # fmt: skip
+    collector.start()
+    services = []
+    for site in ("north", "south"):
+        settings = EdgeConfig(
+            bundle=str(bundles["7"]), storage=str(tmp_path / site), port=0, http_port=0,
+            site=site, stability_s=30.0, collector_url=collector.url, heartbeat_s=1.0,
+            follow={"url": mlflow_server.url, "model": MODEL, "poll_s": POLL_S, "timeout_s": 10},
+        )  # fmt: skip
+        service = Service(settings)
+        service.start()
+        services.append(service)
+    yield {"client": client, "experiment": experiment, "bundles": bundles,
+           "collector": collector, "services": services}  # fmt: skip
+    for service in services:
+        service.stop()
+    collector.stop()
+    client.delete_registered_model(MODEL)
+
+
+def _send_all(service: Service, folders: list[Path], errors: list[str]) -> None:
+    for folder in folders:
+        proc = storescu(service.receiver.port, sorted(folder.rglob("*.dcm")))
+        if proc.returncode != 0:
+            errors.append(proc.stderr)
+        time.sleep(0.2)
+
+
+def test_a_promotion_reaches_both_sites_while_studies_keep_coming(
+    fleet: dict[str, Any], study: Path, tmp_path: Path
+) -> None:
+    client, services, collector = fleet["client"], fleet["services"], fleet["collector"]
+    copies = {s.settings.site: copy_study(study, tmp_path / s.settings.site / "sent", STUDIES)
+              for s in services}  # fmt: skip
+    errors: list[str] = []
+    senders = [
+        threading.Thread(target=_send_all, args=(s, copies[s.settings.site], errors))
+        for s in services
+    ]
+    for thread in senders:
+        thread.start()
+    # after a few studies, the new version becomes champion, the way `shiftguard promote` does it
+    _wait(lambda: all(s.count("processed") >= 3 for s in services), what="the first studies")
+    second = _register(client, fleet["experiment"], fleet["bundles"]["8"])
+    client.set_registered_model_alias(MODEL, "champion", second)
+    start(client, MODEL, second, RolloutConfig())  # wave 0 open: both sites are wave 0
+    promoted = time.monotonic()
+    _wait(lambda: all(s.champion.bundle.version == "8" for s in services), what="the swap")
+    reached = time.monotonic() - promoted
+    assert reached < 10 * POLL_S + 10  # a poll, a download, a smoke test
+    for thread in senders:
+        thread.join(timeout=120)
+    assert not errors, errors
+    _wait(lambda: all(s.count("processed") == STUDIES for s in services), what="all studies")
+
+    for service in services:
+        site = service.settings.site
+        uids = {
+            pydicom.dcmread(next(f.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+            for f in copies[site]
+        }
+        rows = sorted(
+            (r for r in service.queue.shadow_log() if r["role"] == "champion"),
+            key=lambda r: r["created_at"],
+        )
+        # exactly once each, and every result names its version: 7 up to the swap, 8 after
+        assert sorted(r["study_uid"] for r in rows) == sorted(uids), site
+        versions = [r["model_version"] for r in rows]
+        assert "7" in versions and "8" in versions, (site, versions)
+        assert versions == sorted(versions), (site, versions)
+        assert service.count("failed") == 0 and service.count("swaps") == 1
+
+    # a champion whose bundle fails its smoke test: refused by both, the old bundle keeps serving
+    third = _register(client, fleet["experiment"], fleet["bundles"]["9"])
+    client.set_registered_model_alias(MODEL, "champion", third)
+    _wait(lambda: all(third in s.follow_state.refused for s in services), what="the refusal")
+    for service in services:
+        assert "SmokeTestError" in service.follow_state.refused[third]
+        assert service.champion.bundle.version == "8" and service.count("refused_bundles") == 1
+    on_8 = services[0].queue.studies_by("8")
+    extra = copy_study(study, tmp_path / "extra", 1)[0]
+    assert storescu(services[0].receiver.port, sorted(extra.rglob("*.dcm"))).returncode == 0
+    _wait(lambda: services[0].count("processed") == STUDIES + 1, what="one more study")
+    assert services[0].queue.studies_by("8") == on_8 + 1  # served by 8
+
+    # the fleet view: versions, the refusal, and a site that stopped, stale
+    _wait(
+        lambda: all(
+            third in (row.get("refused") or {}) for row in collector.fleet_status()["sites"]
+        ),
+        what="heartbeats with the refusal",
+    )
+    sites = {row["site"]: row for row in collector.fleet_status()["sites"]}
+    assert set(sites) == {"north", "south"}
+    for row in sites.values():
+        assert (row["bundle_version"], row["registry_version"]) == ("8", second)
+        assert row["channel"] == f"{MODEL}@champion" and not row["stale"]
+    before = len(collector.fleet.raised)
+    services[1].stop()
+    _wait(lambda: {r["site"]: r for r in collector.fleet_status()["sites"]}["south"]["stale"],
+          timeout=30, what="south to go stale")  # fmt: skip
+    _wait(lambda: len(collector.fleet.raised) > before, timeout=5, what="the alert")
+    assert [a.site for a in collector.fleet.raised[before:]] == ["south"]
+    assert not {r["site"]: r for r in collector.fleet_status()["sites"]}["north"]["stale"]

@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh        everything: the system packages the tests and benchmarks call (dciodvfy,
 #                           dcm2niix, dcmtk, the Orthanc PACS; PostgreSQL for the tracking-server
-#                           test; headless Chromium for the reports' screenshots; DejaVu fonts
+#                           test; Prometheus for the scrape test and the example alert rules;
+#                           headless Chromium for the reports' screenshots; DejaVu fonts
 #                           for the key image's burned-in text), then .venv with the package
 #                           installed editable with its pipeline and dev extras (`make test`)
 #   scripts/setup.sh demo   only what the main job runs: .venv with the pipeline extra, no system
@@ -19,7 +20,7 @@ case "$profile" in
   *) echo "setup: unknown profile '$profile' (all or demo)" >&2; exit 2 ;;
 esac
 
-APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql orthanc chromium fonts-dejavu-core)
+APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql orthanc prometheus chromium fonts-dejavu-core)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -42,6 +42,8 @@ PACKAGES = {
     "initdb": "postgresql",
     "postgres": "postgresql",
     "pg_ctl": "postgresql",
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
 }
 #: folders searched after ``$PATH``: the system programs' folders a normal user's ``$PATH`` lacks
 SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")

@@ -10,12 +10,13 @@ The edge service (:mod:`shiftguard.edge.service`) and the central collector
   :class:`Request` and returns the JSON answer (or a :class:`Body`, e.g. a page), or raises
   :class:`HttpError` for a 4xx.
 
-The server is the standard library's threaded one (a thread per connection), bound when the endpoint
-is built (a taken port is a :class:`~shiftguard.errors.PortInUseError` naming the setting), served
-from a background thread. With a TLS context each connection's handshake runs in its own thread,
-bounded by the read timeout, so a slow or failing client delays nobody. Request bodies need a
-``Content-Length`` and are refused past ``max_body_bytes`` (413); a refused body is read and dropped
-so the client gets the answer rather than a reset connection.
+The server is uvicorn (HTTP/1.1 on asyncio, TLS through the context :mod:`shiftguard.tls`
+builds), serving a small ASGI application from a background thread. The port is bound when the
+endpoint is built (a taken port is a :class:`~shiftguard.errors.PortInUseError` naming the
+setting). Handlers are ordinary functions: each runs in a worker thread, so a slow store delays
+its own request, not the event loop. Request bodies need a ``Content-Length`` (411 for chunked or
+missing ones), are refused past ``max_body_bytes`` (413), and must arrive within
+``read_timeout_s`` (408).
 
 Example:
     >>> import json, urllib.request
@@ -34,14 +35,15 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
+#: connections served at once; beyond, uvicorn answers 503
+MAX_CONNECTIONS = 512
+START_TIMEOUT_S = 30.0
 
 
 class HttpError(Exception):
@@ -68,24 +73,48 @@ class HttpError(Exception):
         self.headers, self.extra = dict(headers or {}), extra
 
 
-class Request:
-    """One request as a route handler sees it: method, path, headers, client address, body."""
+class Headers:
+    """A request's headers, looked up without regard to case."""
 
-    def __init__(self, handler: BaseHTTPRequestHandler, max_body_bytes: int, service: str) -> None:
-        self._handler = handler
-        self._max, self._service = max_body_bytes, service
-        self.method = handler.command
-        self.path = urlsplit(handler.path).path
-        self.headers = handler.headers
-        self.address = handler.client_address[0]
-        self.body_read = False
+    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        self._values: dict[str, str] = {}
+        for key, value in pairs:
+            name = key.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            self._values[name] = f"{self._values[name]}, {text}" if name in self._values else text
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._values.get(name.lower(), default)
+
+
+class Request:
+    """One request as a route handler sees it: method, path, headers, client address, body.
+
+    The body was read before the handler runs, up to one byte past the endpoint's limit;
+    :meth:`body` raises the refusal when it was too long, missing its length or incomplete.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        address: str,
+        content: bytes,
+        max_body_bytes: int,
+        service: str,
+        problem: HttpError | None = None,
+    ) -> None:
+        self.method, self.path, self.headers, self.address = method, path, headers, address
+        self._content, self._max, self._service = content, max_body_bytes, service
+        self._problem = problem
 
     def length(self) -> int:
-        """The body's declared length (411 without one, 400 when it is invalid)."""
+        """The body's declared length (411 without one or when chunked, 400 when invalid)."""
         if self.headers.get("Transfer-Encoding"):
             raise HttpError(411, "chunked bodies are not supported; send Content-Length")
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(self.headers.get("Content-Length") or "")
         except ValueError:
             raise HttpError(411, "missing or invalid Content-Length") from None
         if length < 0:
@@ -93,38 +122,19 @@ class Request:
         return length
 
     def body(self) -> bytes:
-        """The whole body (413 past the endpoint's limit, 400 when it ends early)."""
+        """The whole body (413 past the endpoint's limit, 400 when it ended early)."""
+        if self._problem is not None:
+            raise self._problem
         length = self.length()
         if length > self._max:
-            self.drain(length)
             raise HttpError(
                 413,
                 f"the body has {length} bytes; this {self._service} takes at most {self._max}, "
                 "send smaller batches",
             )
-        self.body_read = True
-        body = self._handler.rfile.read(length)
-        if len(body) < length:
-            raise HttpError(400, f"the body ended after {len(body)} of {length} bytes")
-        return body
-
-    def drain(self, length: int | None = None) -> None:
-        """Read a body that is refused, so the client reads the answer instead of a reset
-        connection (beyond 4 x the body limit the connection is just closed)."""
-        if self.body_read:
-            return
-        self.body_read = True
-        try:
-            left = self.length() if length is None else length
-        except HttpError:
-            return
-        if left > 4 * self._max:
-            return
-        while left > 0:
-            chunk = self._handler.rfile.read(min(left, 1 << 16))
-            if not chunk:
-                return
-            left -= len(chunk)
+        if len(self._content) < length:
+            raise HttpError(400, f"the body ended after {len(self._content)} of {length} bytes")
+        return self._content[:length]
 
 
 class Body:
@@ -135,36 +145,7 @@ class Body:
 
 
 Route = Callable[[Request], "Mapping[str, Any] | Body"]
-
-
-class _Server(ThreadingHTTPServer):
-    """A threaded HTTP server; with a TLS context, the handshake runs in the connection's thread."""
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
-        tls: ssl.SSLContext | None,
-        timeout_s: float,
-        name: str,
-    ) -> None:
-        self.tls, self.timeout_s, self.name = tls, timeout_s, name
-        super().__init__(address, handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.tls is None:
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(self.timeout_s)
-        try:
-            wrapped = self.tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:  # plain HTTP, no client certificate, a scanner
-            log.warning("%s: TLS handshake with %s failed: %s", self.name, client_address[0], exc)
-            return
-        try:
-            super().finish_request(wrapped, client_address)
-        finally:
-            wrapped.close()
+Answer = tuple[int, bytes, str, dict[str, str]]
 
 
 class Endpoint:
@@ -178,7 +159,7 @@ class Endpoint:
         registry: The metrics ``/metrics`` serves; None: no ``/metrics`` route.
         routes: ``(method, path) -> handler`` for the service's own routes.
         tls: A server TLS context: HTTPS.
-        read_timeout_s: How long a connection may stall while its request is read.
+        read_timeout_s: How long a request's body may take to arrive.
         max_body_bytes: The largest request body.
         name: The service's name in logs and the ``Server`` header.
 
@@ -203,14 +184,24 @@ class Endpoint:
         self.health, self.registry = health, registry
         self.routes = dict(routes or {})
         self.read_timeout_s, self.max_body_bytes = read_timeout_s, max_body_bytes
-        with listening(host, port, setting):
-            self._server = _Server((host, port), self._handler(), tls, read_timeout_s, name)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            with listening(host, port, setting):
+                self._socket.bind((host, port))
+        except BaseException:
+            self._socket.close()
+            raise
+        self._socket.listen(MAX_CONNECTIONS)
+        self._port = int(self._socket.getsockname()[1])
+        self._server: Any = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The port listened on (the one picked when built with ``port=0``)."""
-        return int(self._server.server_address[1])
+        return self._port
 
     @property
     def url(self) -> str:
@@ -218,29 +209,95 @@ class Endpoint:
         return http_url(self.host, self.port, self.tls is not None)
 
     def start(self) -> None:
-        """Serve from a background thread; requests are taken from the moment the port was bound."""
+        """Serve from a background thread; returns when requests are taken."""
+        import uvicorn
+
         if self._thread is not None:
             return
+        context = self.tls
+        config = uvicorn.Config(
+            self._app,
+            interface="asgi3",
+            lifespan="off",
+            proxy_headers=False,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            date_header=True,
+            headers=[("server", self.name)],
+            limit_concurrency=MAX_CONNECTIONS,
+            timeout_keep_alive=max(int(self.read_timeout_s), 1),
+            ssl_context_factory=(lambda _config, _default: context) if context else None,
+        )
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
             name=f"{self.name}-http",
             daemon=True,
         )
         self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: the HTTP server did not start on {self.url}")
+            time.sleep(0.005)
         log.debug("%s: listening on %s", self.name, self.url)
 
     def stop(self) -> None:
         """Stop serving and free the port."""
         if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
             self._thread = None
-        self._server.server_close()
+        self._socket.close()
 
     # ---------------------------------------------------------------------------------------------
 
-    def _answer(self, request: Request) -> tuple[int, bytes, str, dict[str, str]]:
+    async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI application: read the request, answer it from a worker thread."""
+        if scope["type"] != "http":
+            return
+        headers = Headers(list(scope.get("headers") or []))
+        client = scope.get("client") or ("", 0)
+        content, problem = await self._read(receive)
+        request = Request(
+            scope["method"], scope["path"], headers, str(client[0]), content,
+            self.max_body_bytes, self.name, problem,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        status, body, kind, extra = await loop.run_in_executor(None, self._answer, request)
+        response_headers = [
+            (b"content-type", kind.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _read(self, receive: Any) -> tuple[bytes, HttpError | None]:
+        """The body, up to one byte past the limit; a 408 when it stalls."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.read_timeout_s)
+            except TimeoutError:
+                return b"", HttpError(
+                    408, f"the body did not arrive within {self.read_timeout_s:g} s"
+                )
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            if size <= self.max_body_bytes:
+                chunks.append(chunk)
+            size += len(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)[: self.max_body_bytes + 1], None
+
+    def _answer(self, request: Request) -> Answer:
         """(status, body, content type, extra headers) for one request."""
         if request.method == "GET" and request.path == HEALTH_PATH:
             try:
@@ -257,45 +314,17 @@ class Endpoint:
                 raise HttpError(404, f"no such route: {request.method} {request.path}")
             answer = route(request)
         except HttpError as refusal:
-            request.drain()
             if refusal.status != 404:
                 log.warning("%s: %d to %s: %s", self.name, refusal.status, request.address, refusal)
             payload = {"error": refusal.message, **refusal.extra}
             return refusal.status, _json(payload), "application/json", refusal.headers
         except Exception as exc:  # a bug or a failing disk: the handler committed nothing
             log.exception("%s: %s %s failed", self.name, request.method, request.path)
-            request.drain()
             payload = {"error": f"the {self.name} could not handle the request: {exc}"}
             return 500, _json(payload), "application/json", {}
         if isinstance(answer, Body):
             return 200, answer.content, answer.content_type, {}
         return 200, _json(answer), "application/json", {}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = endpoint.read_timeout_s
-            server_version = endpoint.name
-
-            def _handle(self) -> None:
-                request = Request(self, endpoint.max_body_bytes, endpoint.name)
-                status, body, kind, headers = endpoint._answer(request)
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle  # noqa: N815
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("%s: %s " + format, endpoint.name, self.address_string(), *args)
-
-        return Handler
 
 
 def http_url(host: str, port: int, tls: bool) -> str:

@@ -1,5 +1,6 @@
-"""Real DICOM peers for the edge service's tests and benchmarks: a throwaway Orthanc PACS on
-loopback, dcmtk's ``storescu`` as the sending modality, and copies of a study under new UIDs.
+"""Real peers for the tests and benchmarks: a throwaway Orthanc PACS on loopback, dcmtk's
+``storescu`` as the sending modality, copies of a study under new UIDs, and a throwaway PostgreSQL
+cluster (:class:`PostgresServer`: the collector's store, the tracking server's backend).
 
 Orthanc (Debian package ``orthanc``, installed by ``scripts/setup.sh``) runs from a temporary JSON
 configuration: its own storage and index folders, free ports, HTTP restricted to local clients.
@@ -13,13 +14,18 @@ in ``/usr/lib/postgresql/<version>/bin``, which no ``$PATH`` has.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -27,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from shiftguard.errors import PeerMissingError
+
+log = logging.getLogger(__name__)
 
 #: the Debian package that installs each peer program (what a missing one's message names)
 PACKAGES = {
@@ -246,3 +254,197 @@ def copy_study(study: Path, dest: Path, n: int) -> list[Path]:
             ds.save_as(folder / f"{j:04d}.dcm")
         out.append(folder)
     return out
+
+
+# PostgreSQL ----------------------------------------------------------------------------------------
+
+PG_SUPERUSER = "shiftguard"
+#: who runs PostgreSQL when we are root (it refuses to run as root): Debian's account, else nobody
+UNPRIVILEGED_ACCOUNTS = ("postgres", "nobody")
+#: a throwaway cluster: durability off makes start-up and schema migrations quick
+PG_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+PG_START_ATTEMPTS = 3  # a port picked free can be taken before the server binds it
+PG_START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` of a peer's log file (what an error about it quotes)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def port_taken(logfile: Path) -> bool:
+    """Whether a server's log says its port was taken (then it is started again on another)."""
+    return "address already in use" in log_tail(logfile, 200).lower()
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """``(parent pid, start time)`` of ``pid`` from ``/proc``, or None once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[19]
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` with its start time (which tells a reused pid apart)."""
+    stats = {
+        int(p.name): _proc_stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()
+    }
+    found: dict[int, str] = {}
+    parents = {pid}
+    while parents:
+        children = {c: st for c, st in stats.items() if st and st[0] in parents and c not in found}
+        found.update({c: st[1] for c, st in children.items() if st})
+        parents = set(children)
+    return found
+
+
+def stop_process_tree(proc: subprocess.Popen[bytes], first: signal.Signals) -> None:
+    """Send ``first`` to ``proc``, wait a bounded time, then SIGKILL whatever is left of its tree.
+
+    ``proc`` must have been started with ``start_new_session=True``: its process group is killed
+    whole, and so is every descendant seen before the first signal (PostgreSQL's backends call
+    ``setsid`` and so leave the group).
+    """
+    tree = _descendants(proc.pid) if Path("/proc").is_dir() else {}
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(first)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "pid %d ignored %s for %.0f s; killing it", proc.pid, first.name, STOP_TIMEOUT_S
+            )
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid, started in tree.items():
+        stat = _proc_stat(pid)
+        if stat and stat[1] == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _unprivileged_account() -> pwd.struct_passwd | None:
+    for name in UNPRIVILEGED_ACCOUNTS:
+        with contextlib.suppress(KeyError):
+            account = pwd.getpwnam(name)
+            if account.pw_uid != 0:
+                return account
+    return None
+
+
+class PostgresServer:
+    """A fresh PostgreSQL cluster on 127.0.0.1, superuser :data:`PG_SUPERUSER` with trust
+    authentication, its data in a temporary folder removed by :meth:`stop`.
+
+    Raises (from :meth:`start`):
+        PeerMissingError: the server programs are not installed, or, running as root, no
+            unprivileged account exists to run them.
+        RuntimeError: installed but it does not start (with its log).
+    """
+
+    def __init__(self) -> None:
+        self.host, self.user = "127.0.0.1", PG_SUPERUSER
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._base: Path | None = None
+
+    def url(self, database: str = "postgres") -> str:
+        """A libpq URL of ``database`` (what psycopg and the collector's store take)."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+
+    def _ready(self) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(self.url(), connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name``; its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def start(self) -> None:
+        initdb, postgres = find_tool("initdb"), find_tool("postgres")
+        if initdb is None or postgres is None:
+            raise PeerMissingError(
+                "PostgreSQL server programs (initdb, postgres) not found: install the Debian "
+                "package postgresql (scripts/setup.sh does)"
+            )
+        # a short path: the Unix socket's name must fit in 107 bytes, and the folder must be
+        # traversable by the account postgres runs as (pytest's tmp_path is private to root)
+        base = self._base = Path(tempfile.mkdtemp(prefix="shiftguard-pg-"))
+        (base / "sockets").mkdir()
+        as_user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            account = _unprivileged_account()
+            if account is None:
+                self.stop()
+                raise PeerMissingError(
+                    f"running as root and none of {UNPRIVILEGED_ACCOUNTS} exists to run PostgreSQL"
+                )
+            for path in (base, base / "sockets"):
+                os.chown(path, account.pw_uid, account.pw_gid)
+            base.chmod(0o755)
+            as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        data = base / "data"
+        run: dict[str, Any] = {"cwd": base, "stdin": subprocess.DEVNULL, **as_user}
+        init = subprocess.run(
+            [initdb, "-D", data, "-U", self.user, "--auth=trust", "--encoding=UTF8",
+             "--no-locale", "--no-sync"],
+            capture_output=True, text=True, timeout=60, check=False, **run,
+        )  # fmt: skip
+        if init.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
+        for attempt in range(1, PG_START_ATTEMPTS + 1):
+            self.port = free_port()
+            logfile = base / f"postgres-{attempt}.log"
+            with logfile.open("wb") as out:
+                self._proc = subprocess.Popen(
+                    [postgres, "-D", data, "-h", self.host, "-p", str(self.port), "-k",
+                     base / "sockets", *(a for opt in PG_SETTINGS for a in ("-c", opt))],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **run,
+                )  # fmt: skip
+            deadline = time.monotonic() + PG_START_TIMEOUT_S
+            while self._proc.poll() is None and time.monotonic() < deadline:
+                if self._ready():
+                    return
+                time.sleep(0.2)
+            stop_process_tree(self._proc, signal.SIGINT)
+            self._proc = None
+            if not port_taken(logfile):
+                break
+        tail = log_tail(logfile)
+        self.stop()
+        raise RuntimeError(f"PostgreSQL did not accept connections on port {self.port}:\n{tail}")
+
+    def stop(self) -> None:
+        """Stop the server (SIGINT: PostgreSQL's fast shutdown) and remove its data."""
+        if self._proc is not None:
+            stop_process_tree(self._proc, signal.SIGINT)
+            self._proc = None
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
+
+    def __enter__(self) -> PostgresServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -3,6 +3,8 @@ frame as the embedded SQLite store, through the real HTTP path from several site
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from .conftest import Postgres
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 KEY = b"the site's secret, 32 bytes long"
 
@@ -112,3 +116,31 @@ def test_an_unreachable_server_is_a_clear_error_without_the_password() -> None:
         PostgresRecordStore(url)
     assert "hunter2" not in str(err.value)
     assert safe_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+@pytest.mark.slow(seconds=20)
+def test_fifty_sites_at_once_lose_nothing_and_store_nothing_twice(postgres: Postgres) -> None:
+    """The load benchmark, bounded (50 sites x 40 records, one round), as a check: it exits 1 when
+    a record is missing, stored twice, or a duplicate or heartbeat is not counted."""
+    conn = postgres.connect(connect_timeout=5)
+    try:
+        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        with conn.cursor() as cur:
+            cur.execute("CREATE DATABASE load_check")
+    finally:
+        conn.close()
+    url = f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/load_check"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "collector_load.py"), "--sites", "50",
+         "--records", "40", "--rounds", "1", "--heartbeat-s", "0.5", "--timeout", "120",
+         "--postgres", url],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("round 1")]
+    assert len(lines) == 2
+    for line in lines:
+        assert (
+            "nothing lost, nothing duplicated: 2000 of 2000 unique stored once, 200 duplicates counted"
+            in line
+        )

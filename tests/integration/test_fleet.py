@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 import pytest
 import torch
-from unit.edge.conftest import make_manifest, make_network
+from unit.edge.conftest import make_manifest, make_network, reference_csv
 
 from shiftguard.cohort import generate
 from shiftguard.config import CohortConfig, EdgeConfig, compose, validate
@@ -32,7 +32,7 @@ from shiftguard.edge.smoke import SMOKE_MEMBER, smoke_volume
 from shiftguard.export.stage import export_onnx, onnx_logits
 from shiftguard.monitor.collect import Collector
 from shiftguard.peers import copy_study, storescu
-from shiftguard.shadow.rollout import start
+from shiftguard.shadow.rollout import HALTED_TAG, advance, start
 from shiftguard.tracking import file_sha256
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def _bundle(
     return write_bundle(folder / bundle_file_name(MODEL, version), manifest, members)
 
 
-def _register(client: Any, experiment: str, bundle: Path) -> str:
+def _register(client: Any, experiment: str, bundle: Path, model: str = MODEL) -> str:
     """Log ``bundle`` to a run and register it as a new version, tagged as the export stage
     tags it; the version's number."""
     run = client.create_run(experiment)
@@ -96,7 +96,7 @@ def _register(client: Any, experiment: str, bundle: Path) -> str:
         "bundle_uri": f"runs:/{run.info.run_id}/bundle/{bundle.name}",
     }
     version = client.create_model_version(
-        MODEL, source=f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id, tags=tags
+        model, source=f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id, tags=tags
     )
     return str(version.version)
 
@@ -230,3 +230,72 @@ def test_a_promotion_reaches_both_sites_while_studies_keep_coming(
     _wait(lambda: len(collector.fleet.raised) > before, timeout=5, what="the alert")
     assert [a.site for a in collector.fleet.raised[before:]] == ["south"]
     assert not {r["site"]: r for r in collector.fleet_status()["sites"]}["north"]["stale"]
+
+
+def test_a_canary_that_trips_the_output_rule_rolls_back_and_halts_the_rollout(
+    mlflow_server: MlflowServer, tmp_path: Path, tiny: dict[str, Any], study: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Two waves: the canary (wave 0) takes the new champion, whose network says "finding" on
+    everything, sees its outputs leave the bundle's reference, and goes back by itself; `fleet
+    rollout` then halts the rollout, and the wave-1 site never takes the version."""
+    from mlflow.tracking import MlflowClient
+
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.create_experiment(f"rollout-{os.getpid()}-{time.monotonic_ns()}")
+    model = f"{MODEL}-rollout"
+    good = _bundle(tmp_path / "good", tiny, "7", 0.5, 0.0)
+    net = make_network()
+    with torch.no_grad():
+        net.head.bias += 40.0
+    onnx = export_onnx(net, torch.zeros(1, 1, *tiny["ingest"]["shape"]))
+    (tmp_path / "bad").mkdir()
+    bad = write_bundle(
+        tmp_path / "bad" / bundle_file_name(MODEL, "11"),
+        make_manifest(tiny, version="11"),
+        {"model.onnx": onnx, "reference.csv": reference_csv()},
+    )
+    client.create_registered_model(model)
+    first = _register(client, experiment, good, model)
+    client.set_registered_model_alias(model, "champion", first)
+    plan = RolloutConfig.model_validate({"waves": [{"name": "canary"}, {"name": "everyone"}]})
+    services = []
+    try:
+        for site, wave in (("canary", 0), ("late", 1)):
+            settings = EdgeConfig(
+                bundle=str(good), storage=str(tmp_path / site), port=0, http_port=0, site=site,
+                stability_s=30.0,
+                follow={"url": mlflow_server.url, "model": model, "poll_s": POLL_S, "wave": wave},
+                rollback={"min_output_studies": 5, "observe_studies": 50, "max_failures": 5},
+            )  # fmt: skip
+            service = Service(settings)
+            service.start()
+            services.append(service)
+        canary, late = services
+        second = _register(client, experiment, bad, model)
+        client.set_registered_model_alias(model, "champion", second)
+        start(client, model, second, plan)  # as `shiftguard promote` does: wave 0 open
+        _wait(lambda: canary.champion.bundle.version == "11", what="the canary's swap")
+        for folder in copy_study(study, tmp_path / "sent", 6):
+            assert storescu(canary.receiver.port, sorted(folder.rglob("*.dcm"))).returncode == 0
+        _wait(lambda: canary.count("rollbacks") == 1, what="the canary's rollback")
+        assert canary.champion.bundle.version == "7"
+        assert canary.follow_state.refused[second].startswith("rolled back: output score")
+        time.sleep(3 * POLL_S)  # the canary polls again: it does not take the version back
+        assert canary.champion.bundle.version == "7" and canary.count("swaps") == 1
+        assert late.champion.bundle.version == "7" and late.count("swaps") == 0
+        assert "this site is wave 1" in late.follow_status
+
+        fleet = [{**canary.heartbeat(), "stale": False}, {**late.heartbeat(), "stale": False}]
+        step = advance(client, model, plan, fleet)
+        assert step.halted and "canary rolled back (output score" in step.action
+        tags = client.get_model_version(model, second).tags
+        assert "canary" in tags[HALTED_TAG]
+        assert tags["rollout.site.canary"].startswith("rolled back: output score")
+        assert tags["rollout.site.late"].startswith("waiting")
+    finally:
+        for service in services:
+            service.stop()
+        client.delete_registered_model(model)

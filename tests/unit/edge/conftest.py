@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,20 @@ def make_manifest(tiny: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     }
     manifest.update(overrides)
     return manifest
+
+
+def reference_csv(n: int = 40, seed: int = 0) -> bytes:
+    """A reference table whose held-out outputs are low probabilities (Beta(1, 8))."""
+    rng = np.random.default_rng(seed)
+    p = rng.beta(1, 8, n)
+    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    rows = ["probability,entropy,split"]
+    rows += [
+        f"{a:.6f},{b:.6f},{'test' if i % 2 else 'val'}"
+        for i, (a, b) in enumerate(zip(p, entropy, strict=True))
+    ]
+    rows += [f"{0.01:.6f},{0.05:.6f},train"] * 10
+    return ("\n".join(rows) + "\n").encode()
 
 
 @pytest.fixture(scope="session")

@@ -28,23 +28,9 @@ from shiftguard.errors import RegistryError, SmokeTestError
 from shiftguard.export.stage import export_onnx, onnx_logits
 from shiftguard.peers import copy_study, free_port, storescu
 
-from .conftest import make_manifest, make_network
+from .conftest import make_manifest, make_network, reference_csv
 
 PLAIN_REFERENCE = b"mean,std\n1.0,2.0\n"
-
-
-def _reference_csv(n: int = 40, seed: int = 0) -> bytes:
-    """A reference table whose held-out outputs are low probabilities (Beta(1, 8))."""
-    rng = np.random.default_rng(seed)
-    p = rng.beta(1, 8, n)
-    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
-    rows = ["probability,entropy,split"]
-    rows += [
-        f"{a:.6f},{b:.6f},{'test' if i % 2 else 'val'}"
-        for i, (a, b) in enumerate(zip(p, entropy, strict=True))
-    ]
-    rows += [f"{0.01:.6f},{0.05:.6f},train"] * 10
-    return ("\n".join(rows) + "\n").encode()
 
 
 def _bundle(
@@ -142,7 +128,7 @@ def test_maintenance_windows_span_midnight() -> None:
 
 
 def test_reference_outputs_prefer_the_held_out_rows() -> None:
-    outputs = reference_outputs(_reference_csv(40))
+    outputs = reference_outputs(reference_csv(40))
     assert set(outputs) == {"probability", "entropy"} and len(outputs["probability"]) == 40
     assert reference_outputs(PLAIN_REFERENCE) == {}
 
@@ -157,7 +143,7 @@ def _rows(p: np.ndarray) -> list[dict[str, float]]:
 def test_the_watch_trips_on_failures_latency_and_outputs_and_ends_when_observed() -> None:
     cfg = RollbackConfig(observe_studies=30, observe_hours=0, max_failures=1, latency_factor=3,
                          min_latency_studies=5, min_output_studies=20)  # fmt: skip
-    reference = reference_outputs(_reference_csv(60))
+    reference = reference_outputs(reference_csv(60))
     rng = np.random.default_rng(5)
 
     same = Watch(cfg, reference, baseline=[0.1] * 10)
@@ -243,7 +229,7 @@ def test_outputs_that_move_after_a_swap_roll_the_site_back_by_itself(
 ) -> None:
     v7 = _bundle(tmp_path / "a", tiny, onnx_model, "7")
     # the new bundle's network says "finding" on everything; its reference says rarely
-    v9 = _bundle(tmp_path / "b", tiny, _onnx(tiny, bias=40.0), "9", reference=_reference_csv())
+    v9 = _bundle(tmp_path / "b", tiny, _onnx(tiny, bias=40.0), "9", reference=reference_csv())
     rollback = {"min_output_studies": 5, "observe_studies": 50, "max_failures": 5}
     service = Service(_settings(tmp_path, v7, rollback=rollback))
     service.start()

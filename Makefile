@@ -1,7 +1,7 @@
 # Two set-up commands on a fresh machine (see README):
 #   make demo   build the environment and run the main job end to end on the synthetic cohort
 #   make test   build the environment and run the whole test suite
-.PHONY: env demo experiment test lint bench bench-estimate screenshots clean
+.PHONY: env demo experiment test lint bench bench-estimate bench-collector screenshots clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -46,6 +46,10 @@ bench: env
 bench-estimate: env
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/estimate_vs_nannyml.py
+
+# 50 sites at once against the collector, PostgreSQL beside SQLite (starts a throwaway cluster)
+bench-collector: env
+	$(BIN)/python benchmarks/collector_load.py
 
 # After make demo: headless-Chromium screenshots of the MLflow model version, the drift dashboard,
 # drift.html, the shadow report and dvc plots, each checked for the text it must show

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 import pytest
 import torch
-from unit.edge.conftest import make_manifest, make_network, reference_csv
+from unit.edge.conftest import cohort, make_manifest, make_network, reference_csv, tiny
 
-from shiftguard.cohort import generate
-from shiftguard.config import CohortConfig, EdgeConfig, compose, validate
+from shiftguard.config import EdgeConfig
 from shiftguard.config.monitor import AlertRule
 from shiftguard.config.shadow import RolloutConfig
 from shiftguard.edge.bundle import bundle_file_name, write_bundle
@@ -39,8 +38,8 @@ if TYPE_CHECKING:
     from .conftest import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.peers("storescu")]
+__all__ = ["cohort", "tiny"]  # the edge tests' fixtures, used here by name
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "test-model"
 TOKEN = "fleet-integration-token"
 POLL_S = 0.5
@@ -55,15 +54,9 @@ def _wait(predicate: Callable[[], object], timeout: float = 90.0, what: str = ""
 
 
 @pytest.fixture(scope="module")
-def tiny() -> dict[str, Any]:
-    return compose(["experiment=tiny", "cohort.n_subjects=1"], conf_dir=REPO / "conf")
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any]) -> Path:
-    root = tmp_path_factory.mktemp("cohort")
-    generate.run(validate("cohort", tiny["cohort"], CohortConfig), root, workers=1, progress=False)
-    return sorted(next((root / "dicom").iterdir()).iterdir())[0]
+def study(cohort: Path) -> Path:
+    """One study folder of the edge tests' tiny cohort."""
+    return sorted(next(cohort.iterdir()).iterdir())[0]
 
 
 def _bundle(

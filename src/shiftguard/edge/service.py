@@ -12,7 +12,15 @@ Threads, all sharing one :class:`~shiftguard.edge.queue.WorkQueue`:
 * one sender per destination: C-STOREs its due objects over one association per batch, retrying
   with exponential backoff, so a destination that is down delays only itself;
 * an HTTP endpoint (:class:`~shiftguard.endpoint.Endpoint`, loopback by default): ``/healthz`` and
-  ``/metrics`` (``prometheus_client``: latency histograms, counters, queue and spool gauges).
+  ``/metrics`` (``prometheus_client``: latency histograms, counters, queue and spool gauges);
+* with ``edge.follow.url``, a follower: every ``poll_s`` it asks the registry what the channel
+  points at (:mod:`shiftguard.edge.registry`) and, when this site may take it (its rollout wave
+  is open, the maintenance window too), fetches, verifies and smoke-tests it
+  (:mod:`shiftguard.edge.smoke`) and swaps it in at a study boundary (:meth:`Service.adopt`); a
+  watch (:class:`~shiftguard.edge.follow.Watch`) then rolls it back on failures, latency or the
+  output rule. The state (last known-good bundle, refused versions) lives in
+  ``<storage>/bundles/state.json``;
+* the shipper's heartbeats (:meth:`Service.heartbeat`) tell the collector the site's state.
 
 Shadow mode: nothing goes to a ``clinical`` destination; results stay in the shadow log and go to
 ``research`` destinations only. The challenger's results never go anywhere clinical.

@@ -5,9 +5,13 @@ holds is :mod:`shiftguard.records.features`, what the collector accepts
 :mod:`shiftguard.records.contract`.
 
 * :class:`Collector`: ``POST /v1/records`` validates the whole batch and stores all of it or
-  nothing, answering 200 only after the commit; ``GET /healthz`` and ``GET /metrics`` (batches
-  and records by outcome, records per site) need no token. It serves through
-  :class:`~shiftguard.endpoint.Endpoint`, like the edge service.
+  nothing, answering 200 only after the commit; ``POST /v1/heartbeats`` keeps each site's latest
+  heartbeat (both need the token); ``GET /v1/fleet`` and ``GET /fleet`` (the fleet view as JSON
+  and as a page, :mod:`shiftguard.monitor.fleet`), ``GET /healthz`` and ``GET /metrics``
+  (batches and records by outcome, records per site, each site's heartbeat age and bundle) need
+  none. The alert rules on ``heartbeat_age`` are judged every few seconds (stale sites, to the
+  webhook). It serves through :class:`~shiftguard.endpoint.Endpoint` (uvicorn), like the edge
+  service.
 * :class:`RecordStore`: one SQLite table, a column per envelope field and feature, unique on
   ``record_id``, so a batch sent twice (a lost answer, a re-processed series) is counted as
   duplicates and stored once; :meth:`RecordStore.frame` gives the records in arrival order.

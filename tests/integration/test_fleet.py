@@ -2,8 +2,8 @@
 services on loopback following ``champion``, storescu sending studies the whole time, and the
 collector taking their heartbeats.
 
-A new champion reaches both sites within their polling interval while studies keep coming; every
-study is processed exactly once and each result names the version that produced it; a champion
+A new champion reaches both sites within their polling interval while studies keep coming (``promote`` moves the alias after the gate passed on a shadow
+evaluation); every study is processed exactly once and each result names the version that produced it; a champion
 whose bundle fails its smoke test is refused by both and the old bundle keeps serving; the fleet
 view shows the versions, the refusal, and a site that stopped as stale."""
 
@@ -20,10 +20,11 @@ import pydicom
 import pytest
 import torch
 from unit.edge.conftest import cohort, make_manifest, make_network, reference_csv, tiny
+from unit.shadow.conftest import build
 
 from shiftguard.config import EdgeConfig
 from shiftguard.config.monitor import AlertRule
-from shiftguard.config.shadow import RolloutConfig
+from shiftguard.config.shadow import GateConfig, RolloutConfig
 from shiftguard.edge.bundle import bundle_file_name, write_bundle
 from shiftguard.edge.preprocess import preprocess
 from shiftguard.edge.service import Service
@@ -31,6 +32,9 @@ from shiftguard.edge.smoke import SMOKE_MEMBER, smoke_volume
 from shiftguard.export.stage import export_onnx, onnx_logits
 from shiftguard.monitor.collect import Collector
 from shiftguard.peers import copy_study, storescu
+from shiftguard.shadow.evaluate import run
+from shiftguard.shadow.promote import promote
+from shiftguard.shadow.report import write_report
 from shiftguard.shadow.rollout import HALTED_TAG, advance, start
 from shiftguard.tracking import file_sha256
 
@@ -43,7 +47,7 @@ __all__ = ["cohort", "tiny"]  # the edge tests' fixtures, used here by name
 MODEL = "test-model"
 TOKEN = "fleet-integration-token"
 POLL_S = 0.5
-STUDIES = 10
+STUDIES = 60  # copies per site; the senders stop a few studies after the swap
 
 
 def _wait(predicate: Callable[[], object], timeout: float = 90.0, what: str = "") -> None:
@@ -85,6 +89,7 @@ def _register(client: Any, experiment: str, bundle: Path, model: str = MODEL) ->
     client.set_terminated(run.info.run_id)
     tags = {
         "bundle": bundle.name,
+        "bundle_version": bundle.name.removesuffix(".sgbundle").rsplit("-v", 1)[-1],
         "bundle_sha256": file_sha256(bundle),
         "bundle_uri": f"runs:/{run.info.run_id}/bundle/{bundle.name}",
     }
@@ -139,46 +144,74 @@ def fleet(
     client.delete_registered_model(MODEL)
 
 
-def _send_all(service: Service, folders: list[Path], errors: list[str]) -> None:
+def _send(
+    service: Service,
+    folders: list[Path],
+    sent: list[Path],
+    stop: threading.Event,
+    errors: list[str],
+) -> None:
+    """Send studies one after another until ``stop`` is set (or ``folders`` run out)."""
     for folder in folders:
+        if stop.is_set():
+            return
         proc = storescu(service.receiver.port, sorted(folder.rglob("*.dcm")))
         if proc.returncode != 0:
             errors.append(proc.stderr)
-        time.sleep(0.2)
+        sent.append(folder)
+        time.sleep(0.1)
 
 
 def test_a_promotion_reaches_both_sites_while_studies_keep_coming(
-    fleet: dict[str, Any], study: Path, tmp_path: Path
-) -> None:
+    fleet: dict[str, Any], study: Path, tmp_path: Path, mlflow_server: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     client, services, collector = fleet["client"], fleet["services"], fleet["collector"]
     copies = {s.settings.site: copy_study(study, tmp_path / s.settings.site / "sent", STUDIES)
               for s in services}  # fmt: skip
+    sent: dict[str, list[Path]] = {s.settings.site: [] for s in services}
     errors: list[str] = []
+    stop = threading.Event()
     senders = [
-        threading.Thread(target=_send_all, args=(s, copies[s.settings.site], errors))
+        threading.Thread(
+            target=_send, args=(s, copies[s.settings.site], sent[s.settings.site], stop, errors)
+        )
         for s in services
     ]
     for thread in senders:
         thread.start()
-    # after a few studies, the new version becomes champion, the way `shiftguard promote` does it
+    # after a few studies, `shiftguard promote` passes the new version through the gate on a
+    # shadow evaluation (bundle 7 the champion, bundle 8 the challenger) and moves the alias
     _wait(lambda: all(s.count("processed") >= 3 for s in services), what="the first studies")
     second = _register(client, fleet["experiment"], fleet["bundles"]["8"])
-    client.set_registered_model_alias(MODEL, "champion", second)
-    start(client, MODEL, second, RolloutConfig())  # wave 0 open: both sites are wave 0
+    log, book = build(
+        seed=7, challenger_separation=0.3, champion_version="7", challenger_version="8"
+    )
+    write_report(run(log, book, n_boot=300), tmp_path / "report")
+    decision = promote(tmp_path / "report", GateConfig(min_studies=100), MODEL,
+                       root=tmp_path, rollout=RolloutConfig())  # fmt: skip
+    assert decision.promoted, decision.lines()
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == second
     promoted = time.monotonic()
     _wait(lambda: all(s.champion.bundle.version == "8" for s in services), what="the swap")
     reached = time.monotonic() - promoted
     assert reached < 10 * POLL_S + 10  # a poll, a download, a smoke test
+    after = {s.settings.site: s.count("processed") for s in services}
+    _wait(lambda: all(s.count("processed") >= after[s.settings.site] + 3 for s in services),
+          what="studies after the swap")  # fmt: skip
+    stop.set()
     for thread in senders:
         thread.join(timeout=120)
     assert not errors, errors
-    _wait(lambda: all(s.count("processed") == STUDIES for s in services), what="all studies")
+    _wait(lambda: all(s.count("processed") == len(sent[s.settings.site]) for s in services),
+          what="every study sent")  # fmt: skip
 
     for service in services:
         site = service.settings.site
         uids = {
             pydicom.dcmread(next(f.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
-            for f in copies[site]
+            for f in sent[site]
         }
         rows = sorted(
             (r for r in service.queue.shadow_log() if r["role"] == "champion"),
@@ -198,10 +231,10 @@ def test_a_promotion_reaches_both_sites_while_studies_keep_coming(
     for service in services:
         assert "SmokeTestError" in service.follow_state.refused[third]
         assert service.champion.bundle.version == "8" and service.count("refused_bundles") == 1
-    on_8 = services[0].queue.studies_by("8")
+    on_8, done = services[0].queue.studies_by("8"), services[0].count("processed")
     extra = copy_study(study, tmp_path / "extra", 1)[0]
     assert storescu(services[0].receiver.port, sorted(extra.rglob("*.dcm"))).returncode == 0
-    _wait(lambda: services[0].count("processed") == STUDIES + 1, what="one more study")
+    _wait(lambda: services[0].count("processed") == done + 1, what="one more study")
     assert services[0].queue.studies_by("8") == on_8 + 1  # served by 8
 
     # the fleet view: versions, the refusal, and a site that stopped, stale

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# raised by the URL check (shiftguard.tls.url_context); importable from here as it always was
+from shiftguard.errors import CollectorAddressError as CollectorAddressError
 from shiftguard.records.contract import HEARTBEATS_ROUTE, RECORDS_ROUTE, check_records
 from shiftguard.store import Database
 from shiftguard.tls import url_context

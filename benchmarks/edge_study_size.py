@@ -1,0 +1,181 @@
+"""Benchmark: the edge service's latency and memory against the size of the study, 10 MB to 1 GB.
+
+For each size (``--sizes`` in MiB of 16-bit 512 x 512 pixel data: 10, 50, 150, 500, 1000 by
+default), clinical-size copies of the demo's first study (:mod:`clinical_study`, a new seed per
+repeat so every study has its own UIDs) go from dcmtk's ``storescu`` (one association) to the edge
+service (:class:`shiftguard.edge.service.Service`, clinical mode, the default bundle) on loopback,
+which sends its SR and key image to a real Orthanc. Per study it measures:
+
+* transfer: ``storescu`` start to the association's release (what the network and the receiver
+  take);
+* latency: the release to both result objects acknowledged by Orthanc (the issue's target: p95
+  under 1 s whatever the size);
+* memory: the peak of the process's resident set while the study is received and processed, over
+  its resident set before, against the study's pixel bytes.
+
+The forward pass alone (ONNX Runtime on the same input) is measured in the same run. Studies are
+generated under a temporary folder and deleted; nothing is committed.
+
+    python benchmarks/edge_study_size.py                         # 10 .. 1000 MiB, 3 repeats each
+    python benchmarks/edge_study_size.py --sizes 10 150 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from clinical_study import SLICE_BYTES, slices_for, write_study
+
+
+def _rss() -> int:
+    """This process's resident set, bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRss:
+    """The highest resident set seen while it runs (sampled every 10 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50, 150, 500, 1000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tmp", default=None, help="where studies and the service's storage go")
+    args = parser.parse_args()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+
+    from shiftguard.config import EdgeConfig
+    from shiftguard.data.canonical import canonical_volume
+    from shiftguard.dicom.scan import list_files, scan_files
+    from shiftguard.dicom.series import group_series
+    from shiftguard.edge.preprocess import preprocess
+    from shiftguard.edge.service import Service, resolve_bundle
+    from shiftguard.peers import Orthanc, storescu
+
+    bundle = resolve_bundle("artifacts/export")
+    source = sorted(Path("data/dicom").glob("*/*"))[0]
+    rows: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        orthanc = Orthanc(tmp / "orthanc")
+        orthanc.start()
+        service = Service(
+            EdgeConfig(
+                bundle=str(bundle), storage=str(tmp / "edge"), port=0, http_port=0,
+                calling_ae_titles=["MODALITY"], shadow=False, stability_s=600,
+                destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom}],
+            ),
+            poll_s=0.005,
+        )  # fmt: skip
+        service.start()
+        forward: list[float] = []
+        sent = processed = 0
+        try:
+            headers, _ = scan_files(list_files(source))
+            [group] = group_series(headers)
+            image = preprocess(
+                canonical_volume(group, service.champion.rules)[1].array,
+                service.champion.bundle.manifest["preprocessing"],
+            )
+            service.champion.model.logits(image)
+            for _ in range(20):
+                began = time.perf_counter()
+                service.champion.model.logits(image)
+                forward.append(time.perf_counter() - began)
+            for size in args.sizes:
+                slices = slices_for(size)
+                for repeat in range(args.repeats):
+                    folder = tmp / f"study-{size:g}-{repeat}"
+                    files = write_study(source, folder, slices, seed=1000 + repeat)
+                    pixel_bytes = slices * SLICE_BYTES
+                    before = _rss()
+                    with PeakRss() as peak:
+                        began = time.perf_counter()
+                        proc = storescu(service.receiver.port, files)
+                        released = time.perf_counter()
+                        if proc.returncode != 0:
+                            raise RuntimeError(proc.stderr)
+                        sent += 2
+                        processed += 1
+                        while service.queue.counts().get("deliveries_sent", 0) < sent:
+                            counts = service.queue.counts()
+                            if counts.get("studies_failed", 0):
+                                raise RuntimeError("a study failed: see the log")
+                            if (
+                                service.count("processed") >= processed
+                                and counts.get("deliveries_pending", 0) == 0
+                                and counts.get("deliveries_sent", 0) < sent
+                            ):
+                                raise RuntimeError(
+                                    f"{folder.name}: nothing to send; the service skipped it "
+                                    "(too few slices for the bundle's series selection?)"
+                                )
+                            time.sleep(0.002)
+                        done = time.perf_counter()
+                    rows.append({
+                        "mib": pixel_bytes / 2**20, "slices": slices,
+                        "transfer_s": released - began, "latency_s": done - released,
+                        "peak_over_pixels": (peak.peak - before) / pixel_bytes,
+                    })  # fmt: skip
+                    print(f"  {pixel_bytes / 2**20:6.0f} MiB ({slices} slices), repeat "
+                          f"{repeat + 1}: transfer {released - began:6.2f} s, release -> SR "
+                          f"{done - released:6.2f} s, peak RSS +{(peak.peak - before) / 2**20:.0f} "
+                          f"MiB", flush=True)  # fmt: skip
+                    for path in folder.iterdir():
+                        path.unlink()
+                    folder.rmdir()
+        finally:
+            service.stop()
+            orthanc.stop()
+    f = statistics.median(forward)
+    print(f"\nbundle {bundle.name}; forward pass alone {1000 * f:.1f} ms (median of 20); "
+          f"{args.repeats} studies per size, {args.threads} threads")  # fmt: skip
+    print(
+        "MiB  slices  transfer s (median)  release->SR p50 s  p95 s  peak RSS / pixel bytes (max)"
+    )
+    for size in args.sizes:
+        mine = [r for r in rows if r["slices"] == slices_for(size)]
+        latency = [r["latency_s"] for r in mine]
+        p50, p95 = (float(v) for v in np.percentile(latency, [50, 95]))
+        print(f"{mine[0]['mib']:5.0f} {mine[0]['slices']:6d}  "
+              f"{statistics.median(r['transfer_s'] for r in mine):19.2f}  {p50:17.2f}  "
+              f"{p95:5.2f}  {max(r['peak_over_pixels'] for r in mine):.2f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

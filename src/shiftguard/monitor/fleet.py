@@ -40,6 +40,7 @@ HEARTBEAT_AGE = FLEET_METRIC
 #: heartbeats missed before a site is shown stale when no rule says otherwise
 DEFAULT_STALE = 3.0
 FLEET_PAGE = "/fleet"
+KEEP_RAISED = 1000
 
 
 def _parse(text: Any) -> datetime | None:
@@ -88,7 +89,8 @@ class FleetWatch:
         self.rules = [r for r in rules if r.metric == HEARTBEAT_AGE]
         self.webhook = webhook
         self._firing: set[tuple[str, str]] = set()
-        #: every alert raised so far, oldest first
+        #: the alerts raised, oldest first (the last :data:`KEEP_RAISED`: a long-running collector
+        #: with a flapping site must not grow without end; the webhook and the log have them all)
         self.raised: list[Alert] = []
 
     def check(
@@ -109,7 +111,7 @@ class FleetWatch:
                     log.info("fleet: %s sends heartbeats again", row["site"])
         for alert in new:
             log.warning("fleet: %s", alert.message())
-        self.raised.extend(new)
+        self.raised = [*self.raised, *new][-KEEP_RAISED:]
         if new and self.webhook:
             post_webhook(self.webhook, new)
         return new

@@ -205,6 +205,15 @@ class EdgeConfig(StrictModel):
     destinations: list[EdgeDestination] = Field(
         default_factory=list, description="where results go: {name, ae_title, host, port, role}"
     )
+    max_study_mb: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="a study past this many MiB is refused (instances answered 0xA700, the "
+            "study marked failed with the reason) rather than filling the disk or the memory "
+            "(processing takes about 3x the pixel bytes); 0: no limit",
+        ),
+    ] = 2048.0
     workers: Annotated[int, Field(ge=1, le=64, description="studies processed at once")] = 1
     stability_s: Annotated[
         float, Field(gt=0, description="a study with no new image this long is processed")

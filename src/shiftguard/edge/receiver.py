@@ -246,6 +246,10 @@ class Receiver:
         self._syncer = Syncer()
         self._lock = threading.Lock()
         self._server: Any = None
+        #: bytes received per study not yet released (a study spanning associations is counted
+        #: again from the inbox), and the studies refused for their size
+        self._study_bytes: dict[str, int] = {}
+        self.oversized: set[str] = set()
 
     # the work common to both engines (runs in their threads) ---------------------------------------
 
@@ -280,6 +284,10 @@ class Receiver:
             log.warning("refusing instance %r from %s: %s", sop_uid[:80], calling_ae, exc)
             self.stats.add(rejected=1)
             return CANNOT_UNDERSTAND, f"cannot use the instance's UIDs: {exc}"
+        refusal = self._too_large(key, study_uid, len(data))
+        if refusal:
+            self.stats.add(rejected=1)
+            return OUT_OF_RESOURCES, refusal
         path = self.inbox / study_uid / f"{sop_uid}.dcm"
         row = (sop_uid, study_uid, series_uid, str(path), calling_ae, time.time())
         try:
@@ -304,6 +312,39 @@ class Receiver:
         self.stats.add(received=1, bytes=len(data))
         return SUCCESS, ""
 
+    def _too_large(self, key: int, study_uid: str, size: int) -> str:
+        """Why an instance of ``size`` bytes is refused for its study's size ("" to accept).
+
+        The first refusal marks the study failed with the reason (after committing the
+        association's pending records, so none of them reopens it): it is never processed from a
+        part of its images. The instances already accepted stay in the inbox."""
+        limit = int(self.settings.max_study_mb * 2**20)
+        if not limit:
+            return ""
+        with self._lock:
+            used = self._study_bytes.get(study_uid)
+            if used is None:  # a study that began in another association, or before a restart
+                folder = self.inbox / study_uid
+                used = sum(e.stat().st_size for e in os.scandir(folder)) if folder.is_dir() else 0
+            over = study_uid in self.oversized or used + size > limit
+            first = over and study_uid not in self.oversized
+            if over:
+                self.oversized.add(study_uid)
+            else:
+                self._study_bytes[study_uid] = used + size
+        if not over:
+            return ""
+        reason = (
+            f"study {study_uid} is larger than edge.max_study_mb ({self.settings.max_study_mb:g} "
+            "MiB): refused; the images received are kept in the inbox, the study is marked "
+            "failed; raise the limit to take such studies"
+        )
+        if first:
+            log.error("%s", reason)
+            self._flush(key)
+            self.queue.fail_study(study_uid, reason)
+        return reason
+
     def _flush(self, key: int) -> None:
         """Commit an association's pending records (without waiting for the disk)."""
         with self._lock:
@@ -318,6 +359,8 @@ class Receiver:
             self._batches.pop(key, None)
             studies = self._studies.pop(key, set())
             unsynced = self._unsynced.pop(key, [])
+            for uid in studies:  # counted again from the inbox if more of it comes
+                self._study_bytes.pop(uid, None)
         if unsynced:  # on disk before the release is acknowledged; mark_ready's synchronous
             self._syncer.wait(unsynced[-1][0], [folder for _, folder in unsynced])  # commit
         if studies:  # carries the queue records written without a sync

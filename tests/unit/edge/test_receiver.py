@@ -234,3 +234,45 @@ def test_tls_only_lets_clients_with_a_trusted_certificate_in(
     finally:
         rx.stop()
         queue.close()
+
+
+def test_a_study_over_the_size_limit_is_refused_and_marked_failed_and_the_next_one_served(
+    tmp_path: Path, engine: str, cohort: Path
+) -> None:
+    from shiftguard.peers import copy_study
+
+    big, small = copy_study(sorted(next(cohort.iterdir()).iterdir())[0], tmp_path / "sent", 2)
+    big_files, small_files = sorted(big.iterdir()), sorted(small.iterdir())
+    study_bytes = sum(p.stat().st_size for p in big_files)
+    limit_mb = 0.6 * study_bytes / 2**20
+    small_files = small_files[: len(small_files) // 2]  # about half: under the limit
+    queue = WorkQueue(tmp_path / "queue.db")
+    ready: list[str] = []
+    rx = Receiver(
+        EdgeConfig(port=0, calling_ae_titles=["MODALITY"], engine=engine, max_study_mb=limit_mb),
+        queue, tmp_path / "inbox", on_ready=ready.extend,
+    )  # fmt: skip
+    rx.start()
+    try:
+        proc = storescu(rx.port, big_files)
+        assert "0xa700" in (proc.stdout + proc.stderr).lower() or proc.returncode != 0
+        uid = pydicom.dcmread(big_files[0], stop_before_pixels=True).StudyInstanceUID
+        assert queue.study_state(uid) == "failed"
+        assert "edge.max_study_mb" in queue.study_note(uid)
+        accepted = len(list((tmp_path / "inbox" / uid).iterdir()))
+        assert 0 < accepted < len(big_files)  # what came before the limit is kept
+        # storescu gives up at the first refusal; any instance after it is refused too
+        assert 1 <= rx.stats.rejected <= len(big_files) - accepted
+        assert uid in rx.oversized
+        # the service keeps serving: a study under the limit is taken whole and made ready
+        proc = storescu(rx.port, small_files)
+        assert proc.returncode == 0, proc.stderr
+        other = pydicom.dcmread(small_files[0], stop_before_pixels=True).StudyInstanceUID
+        deadline = time.monotonic() + 10
+        while queue.study_state(other) != READY and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queue.study_state(other) == READY and other in ready
+        assert queue.study_state(uid) == "failed"  # the release did not make it ready
+    finally:
+        rx.stop()
+        queue.close()

@@ -74,6 +74,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tmp", default=None, help="where studies and the service's storage go")
+    parser.add_argument("--receive-mib", type=float, default=150,
+                        help="receive throughput against dcmtk storescp at this size (0: skip)")  # fmt: skip
+    parser.add_argument("--receive-rounds", type=int, default=3)
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -161,6 +164,13 @@ def main() -> int:
         finally:
             service.stop()
             orthanc.stop()
+        receive = None
+        if args.receive_mib:
+            from edge_serve_latency import receive_throughput
+
+            study = tmp / "receive-source"
+            write_study(source, study, slices_for(args.receive_mib), seed=7)
+            receive = receive_throughput(study, tmp / "receive", args.receive_rounds, 1)
     f = statistics.median(forward)
     print(f"\nbundle {bundle.name}; forward pass alone {1000 * f:.1f} ms (median of 20); "
           f"{args.repeats} studies per size, {args.threads} threads")  # fmt: skip
@@ -174,6 +184,16 @@ def main() -> int:
         print(f"{mine[0]['mib']:5.0f} {mine[0]['slices']:6d}  "
               f"{statistics.median(r['transfer_s'] for r in mine):19.2f}  {p50:17.2f}  "
               f"{p95:5.2f}  {max(r['peak_over_pixels'] for r in mine):.2f}")  # fmt: skip
+    if receive is not None:
+        images, rates = receive
+        theirs = statistics.median(rates["storescp (dcmtk, no fsync)"])
+        mib = slices_for(args.receive_mib) * SLICE_BYTES / 2**20
+        print(f"\nreceive throughput, one {mib:.0f} MiB study ({images} images) in one association, "
+              f"median of {args.receive_rounds} alternating rounds (target >= 0.9x storescp):")  # fmt: skip
+        for name, values in rates.items():
+            ours = statistics.median(values)
+            print(f"  {name:<34} {ours * mib / images:7.0f} MiB/s  ratio {ours / theirs:.2f}  "
+                  f"(rounds: {', '.join(f'{v * mib / images:.0f}' for v in values)})")  # fmt: skip
     return 0
 
 

@@ -27,7 +27,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.peers("Orthanc", "storescu", 
             ["--studies", "1", "--rounds", "1", "--receive-studies", "1"],
             "receive throughput",
         ),
-        ("edge_study_size.py", ["--sizes", "10", "--repeats", "1"], "release->SR p50"),
+        (
+            "edge_study_size.py",
+            ["--sizes", "10", "--repeats", "1", "--receive-mib", "10", "--receive-rounds", "1"],
+            "receive throughput, one",
+        ),
     ],
 )
 def test_an_edge_benchmark_runs_on_a_tiny_project(

@@ -292,6 +292,23 @@ def test_rescale_is_applied_per_slice(tmp_path: Path) -> None:
     assert volume.array.dtype == np.float32
 
 
+def test_a_series_longer_than_one_read_chunk_is_assembled_whole(tmp_path: Path) -> None:
+    """Slices are read a chunk at a time into the float32 volume (the stored values never all
+    sit beside it); a series of more than two chunks, with per-slice rescale and signed 12-bit
+    values, is the same volume as one read would give."""
+    from shiftguard.dicom.series import ASSEMBLE_CHUNK
+
+    n = 2 * ASSEMBLE_CHUNK + 5
+    slopes = [1.0 + (k % 3) / 2 for k in range(n)]
+    spec = SeriesSpec(n_slices=n, signed=True, bits_stored=12, rescale_slope=slopes,
+                      rescale_intercept=-1024.0)  # fmt: skip
+    write_series(tmp_path, spec)
+    volume, _ = load_series(_only_group(tmp_path))
+    expected = phantom(spec).astype(np.float64) * np.array(slopes)[:, None, None] - 1024.0
+    np.testing.assert_allclose(volume.array, expected.transpose(2, 1, 0), rtol=1e-6)
+    assert volume.array.shape == (spec.cols, spec.rows, n)
+
+
 def test_signed_data_with_unused_high_bits_is_sign_extended(tmp_path: Path) -> None:
     spec = SeriesSpec(n_slices=3, signed=True, bits_stored=12)
     stored = phantom(spec) - 300  # some negative values

@@ -68,6 +68,27 @@ class PeakRss:
         self.peak = max(self.peak, _rss())
 
 
+def plot(rows: list[dict[str, float]], forward_ms: float, path: Path) -> None:
+    """Release-to-SR latency (every study, and the median per size) against the study's size."""
+    from shiftguard.figures import figure, save_png
+
+    fig = figure(6.4, 3.8)
+    ax = fig.add_subplot()
+    sizes = sorted({r["mib"] for r in rows})
+    ax.scatter([r["mib"] for r in rows], [r["latency_s"] for r in rows], s=14, alpha=0.6,
+               label="each study")  # fmt: skip
+    medians = [statistics.median(r["latency_s"] for r in rows if r["mib"] == m) for m in sizes]
+    ax.plot(sizes, medians, marker="o", label="median")
+    ax.axhline(1.0, linestyle="--", color="grey", linewidth=1, label="target: 1 s")
+    ax.set_xscale("log")
+    ax.set_xlabel("study size, MiB of 16-bit pixels (512 x 512 slices)")
+    ax.set_ylabel("association release -> SR stored, s")
+    ax.set_title(f"Edge service on 2 CPU cores (forward pass {forward_ms:.0f} ms)", fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(fig, path, dpi=120)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50, 150, 500, 1000])
@@ -77,6 +98,8 @@ def main() -> int:
     parser.add_argument("--receive-mib", type=float, default=150,
                         help="receive throughput against dcmtk storescp at this size (0: skip)")  # fmt: skip
     parser.add_argument("--receive-rounds", type=int, default=3)
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write the latency-versus-size figure here (PNG)")  # fmt: skip
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -184,6 +207,9 @@ def main() -> int:
         print(f"{mine[0]['mib']:5.0f} {mine[0]['slices']:6d}  "
               f"{statistics.median(r['transfer_s'] for r in mine):19.2f}  {p50:17.2f}  "
               f"{p95:5.2f}  {max(r['peak_over_pixels'] for r in mine):.2f}")  # fmt: skip
+    if args.plot is not None:
+        plot(rows, 1000 * f, args.plot)
+        print(f"\nfigure: {args.plot}")
     if receive is not None:
         images, rates = receive
         theirs = statistics.median(rates["storescp (dcmtk, no fsync)"])

@@ -21,8 +21,8 @@ import io
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,10 +52,6 @@ class SmokeResult:
     logit: float
     expected: float
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in asdict(self).items()}  # fmt: skip
 
 
 def smoke_volume(volume: np.ndarray) -> bytes:

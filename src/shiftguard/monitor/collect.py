@@ -152,13 +152,18 @@ def _insert_rows(records: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 
 
 class _RecordReads:
-    """What both stores read back, in their own SQL dialect: :meth:`_rows` runs one query whose
-    parameters are written :attr:`_MARK`."""
+    """What both stores read back, and the heartbeats they keep, in their own SQL dialect:
+    :meth:`_rows` runs one query, :meth:`_write` one write, their parameters written
+    :attr:`_MARK`."""
 
     COLUMNS = (*ENVELOPE, *FEATURE_NAMES, "seq", "received_at")
     _MARK = "?"
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """Run one write statement in its own transaction, committed when it returns."""
         raise NotImplementedError
 
     def frame(self, site: str | None = None, since_seq: int = 0) -> pd.DataFrame:
@@ -207,10 +212,10 @@ class _RecordReads:
         """Keep ``site``'s latest heartbeat (one row per site: the newest replaces the last),
         committed when this returns."""
         m = self._MARK
-        self._rows(
+        self._write(
             f"INSERT INTO heartbeats (site, received_at, beats, payload) VALUES ({m}, {m}, 1, {m}) "
             "ON CONFLICT (site) DO UPDATE SET received_at = excluded.received_at, "
-            "beats = heartbeats.beats + 1, payload = excluded.payload RETURNING beats",
+            "beats = heartbeats.beats + 1, payload = excluded.payload",
             (site, _utc_now(), json.dumps(dict(payload), sort_keys=True)),
         )
 
@@ -246,10 +251,11 @@ class RecordStore(_RecordReads, Database):
                     db.execute(f"ALTER TABLE records ADD COLUMN {_column(name, 'REAL')}")
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        if sql.startswith("INSERT"):
-            with self.tx() as db:
-                return list(db.execute(sql, list(args)).fetchall())
         return self.query(sql, args)
+
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        with self.tx() as db:
+            db.execute(sql, list(args))
 
     def insert(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
         """Store ``records`` in one transaction, committed (on disk) when this returns.
@@ -333,6 +339,10 @@ class PostgresRecordStore(_RecordReads):
         with self._lock, self._db.transaction(), self._db.cursor() as cur:
             cur.execute(sql, list(args))
             return list(cur.fetchall())
+
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        with self._lock, self._db.transaction(), self._db.cursor() as cur:
+            cur.execute(sql, list(args))
 
     def close(self) -> None:
         with self._lock:

@@ -32,6 +32,7 @@ from typing import Any
 
 from shiftguard.config.monitor import FLEET_METRIC
 from shiftguard.monitor.alerts import Alert, post_webhook
+from shiftguard.records.contract import FLEET_ROUTE
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,6 @@ def render_page(rows: Sequence[Mapping[str, Any]], refresh_s: int = 30) -> bytes
 
 def fetch_fleet(url: str, timeout_s: float = 10.0, context: Any = None) -> dict[str, Any]:
     """``GET /v1/fleet`` of the collector at ``url``: ``{"sites": [...], "stale_after": x}``."""
-    from shiftguard.records.contract import FLEET_ROUTE
-
     with urllib.request.urlopen(
         url.rstrip("/") + FLEET_ROUTE, timeout=timeout_s, context=context
     ) as answer:

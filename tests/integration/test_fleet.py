@@ -301,8 +301,8 @@ def test_a_canary_that_trips_the_output_rule_rolls_back_and_halts_the_rollout(
             services.append(service)
         canary, late = services
         second = _register(client, experiment, bad, model)
-        client.set_registered_model_alias(model, "champion", second)
-        start(client, model, second, plan)  # as `shiftguard promote` does: wave 0 open
+        start(client, model, second, plan)  # as `shiftguard promote` does: wave 0 open, then
+        client.set_registered_model_alias(model, "champion", second)  # the alias moves
         _wait(lambda: canary.champion.bundle.version == "11", what="the canary's swap")
         for folder in copy_study(study, tmp_path / "sent", 6):
             assert storescu(canary.receiver.port, sorted(folder.rglob("*.dcm"))).returncode == 0

@@ -298,13 +298,15 @@ def promote(
         decision.run_id = run.info.run_id
         mlflow.log_dict(decision.to_dict(), "promotion/decision.json")
     if decision.promoted:
+        if rollout is not None:
+            # the wave tags first: a site polling between the two calls must not see a
+            # champion without them and take it whatever its wave
+            start_rollout(client, name, version, rollout)
         client.set_registered_model_alias(name, CHAMPION, version)
         if CHALLENGER in (client.get_model_version(name, version).aliases or []):
             client.delete_registered_model_alias(name, CHALLENGER)
         if champion:
             client.set_model_version_tag(name, champion, "shiftguard.replaced_by", f"v{version}")
-        if rollout is not None:
-            start_rollout(client, name, version, rollout)
     if not dry_run:
         client.set_model_version_tag(name, version, "shiftguard.promotion", verdict)
         client.set_model_version_tag(name, version, "shiftguard.promotion_run", decision.run_id)

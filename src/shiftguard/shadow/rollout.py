@@ -10,7 +10,8 @@ every site reads it (:mod:`shiftguard.edge.registry`):
 * :data:`OPENED_TAG`: when the open wave opened (UTC); :data:`STATE_TAG`: the rollout in words;
 * ``rollout.site.<site>``: each site's state, from its last heartbeat.
 
-:func:`start` runs when ``shiftguard promote`` moves the alias (wave 0 only, when the plan has
+:func:`start` runs just before ``shiftguard promote`` moves the alias (so that no site sees the
+new champion without its wave; wave 0 only, when the plan has
 more than one wave); :func:`advance` is ``shiftguard fleet rollout``: it reads the fleet's
 heartbeats from the collector, records each site's state, halts the rollout when a site went
 back, and opens the next wave when the open one passed its conditions.

@@ -131,6 +131,29 @@ def _generate_subject(
     return SubjectResult(plan.index, uids.study, uids.series, len(paths), lesion)
 
 
+def generate_subjects(
+    cfg: CohortConfig, out_dir: Path, indices: Sequence[int]
+) -> list[SubjectResult]:
+    """Render and write only the subjects at ``indices`` (0-based, in the order of
+    :func:`~shiftguard.cohort.demographics.sample_subjects`) into ``out_dir``, in one process,
+    byte for byte as :func:`run` writes them: for checking a cohort against a record of its files
+    (DVC's file list) without generating all of it. No table and no ``cohort.json`` is written.
+
+    Raises:
+        CohortError: an index outside the cohort, or as :func:`run`.
+    """
+    plans = sample_subjects(cfg)
+    bad = [i for i in indices if not 0 <= i < len(plans)]
+    if bad:
+        raise CohortError(f"subject indices {bad} are outside the cohort's 0..{len(plans) - 1}")
+    plugins = {
+        name: check_transfer_syntax(name, cfg.scanners[name])
+        for name in {plans[i].scanner for i in indices}
+    }
+    digest = tables.config_digest(cfg)
+    return [_generate_subject(cfg, plans[i], Path(out_dir), digest, plugins) for i in indices]
+
+
 def _lesion_contrast(series: RenderedSeries) -> dict[str, str]:
     """The lesions.csv columns that describe the lesion's appearance on its scanner."""
     assert series.lesion is not None

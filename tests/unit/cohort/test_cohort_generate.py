@@ -31,10 +31,12 @@ from shiftguard.cohort import (
 )
 from shiftguard.cohort import writer as cohort_writer
 from shiftguard.cohort.demographics import sample_subjects
+from shiftguard.cohort.generate import generate_subjects
 from shiftguard.cohort.geometry import LPS_TO_RAS
 from shiftguard.cohort.render import render_subject
 from shiftguard.cohort.tables import config_digest
 from shiftguard.config.schema import CohortConfig
+from shiftguard.errors import CohortError
 
 DEFAULT = Path(__file__).resolve().parents[3] / "conf" / "cohort" / "default.yaml"
 
@@ -127,6 +129,20 @@ def test_another_seed_gives_other_bytes(cfg: CohortConfig, cohort: Path, tmp_pat
     b = read_series(next(iter(series_folders(tmp_path / "other").values())))
     assert not np.array_equal(a[5].pixel_array, b[5].pixel_array)
     assert a[5].StudyInstanceUID != b[5].StudyInstanceUID
+
+
+def test_chosen_subjects_are_the_bytes_the_whole_run_writes(
+    cfg: CohortConfig, cohort: Path, tmp_path: Path
+) -> None:
+    results = generate_subjects(cfg, tmp_path, [2, 0])
+    assert [r.index for r in results] == [2, 0] and all(r.n_files == 12 for r in results)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert {p.parts[1] for p in written if p.parts[0] == "dicom"} == {"SG0001", "SG0003"}
+    assert not (tmp_path / "cohort.json").exists()
+    for rel in written:
+        assert (tmp_path / rel).read_bytes() == (cohort / rel).read_bytes(), rel
+    with pytest.raises(CohortError, match=r"indices \[99\] are outside the cohort's 0\.\.6"):
+        generate_subjects(cfg, tmp_path / "bad", [1, 99])
 
 
 def test_a_rerun_replaces_the_previous_cohort(

@@ -289,6 +289,40 @@ def test_ks_and_wasserstein_match_scipy_tightly(
         assert c.score == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_p_values_are_scipys_own_bit_for_bit(seed: int) -> None:
+    """The engine calls scipy's tests past their axis/NaN wrapper: the p-values must be exactly
+    what the public functions return, ties and few-valued columns included."""
+    rng = np.random.default_rng(seed)
+    n_ref, n_cur = int(rng.integers(20, 1000)), int(rng.integers(5, 300))
+    ref = pd.DataFrame({
+        "x": np.round(rng.normal(0, 1, n_ref), seed % 3 + 1),
+        "c": rng.choice(["a", "b", "c", "d"], n_ref, p=[0.4, 0.3, 0.2, 0.1]),
+        "b": rng.choice(["yes", "no"], n_ref),
+    })  # fmt: skip
+    cur = pd.DataFrame({
+        "x": np.round(rng.normal(0.2, 1.2, n_cur), seed % 3 + 1),
+        "c": rng.choice(["a", "b", "c", "d"], n_cur, p=[0.25, 0.25, 0.25, 0.25]),
+        "b": rng.choice(["yes", "no"], n_cur, p=[0.7, 0.3]),
+    })  # fmt: skip
+    kinds = {"x": NUMERICAL, "c": CATEGORICAL, "b": CATEGORICAL}
+    result = DriftEngine(ref, kinds).run(cur).columns
+    assert result["x"].test == "ks"
+    assert result["x"].score == stats.ks_2samp(ref["x"], cur["x"]).pvalue
+    keys = ["a", "b", "c", "d"]
+    ref_counts = ref["c"].value_counts().reindex(keys, fill_value=0).to_numpy(dtype=float)
+    cur_counts = cur["c"].value_counts().reindex(keys, fill_value=0).to_numpy(dtype=float)
+    assert result["c"].test == "chisquare"
+    expected = stats.chisquare(cur_counts, ref_counts * (n_cur / n_ref)).pvalue
+    assert result["c"].score == expected
+    p1 = float((ref["b"] == "yes").sum()) / n_ref  # the second of the sorted values
+    p2 = float((cur["b"] == "yes").sum()) / n_cur
+    pooled = (p1 * n_ref + p2 * n_cur) / (n_ref + n_cur)
+    z = (p1 - p2) / np.sqrt(pooled * (1 - pooled) * (1.0 / n_ref + 1.0 / n_cur))
+    assert result["b"].test == "z"
+    assert result["b"].score == float(2 * (1 - stats.norm.cdf(np.abs(z))))
+
+
 def test_identical_windows_do_not_drift() -> None:
     frame = _frame(1500, 5, current=False)
     result = DriftEngine(frame, KINDS).run(frame)

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,17 +69,66 @@ class PeakRss:
         self.peak = max(self.peak, _rss())
 
 
-def plot(rows: list[dict[str, float]], forward_ms: float, path: Path) -> None:
-    """Release-to-SR latency (every study, and the median per size) against the study's size."""
+PREPARED, AFTER = "prepared", "after-release"
+
+
+def _one(
+    service: Any,
+    files: list[Path],
+    folder: Path,
+    slices: int,
+    mode: str,
+    sent: dict[str, int],
+    processed: dict[str, int],
+    storescu: Any,
+) -> dict[str, Any]:
+    """One study through one service: transfer, release -> SR acknowledged, peak memory."""
+    pixel_bytes = slices * SLICE_BYTES
+    before = _rss()
+    with PeakRss() as peak:
+        began = time.perf_counter()
+        proc = storescu(service.receiver.port, files)
+        released = time.perf_counter()
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
+        sent[mode] += 2
+        processed[mode] += 1
+        while service.queue.counts().get("deliveries_sent", 0) < sent[mode]:
+            counts = service.queue.counts()
+            if counts.get("studies_failed", 0):
+                raise RuntimeError("a study failed: see the log")
+            if (
+                service.count("processed") >= processed[mode]
+                and counts.get("deliveries_pending", 0) == 0
+                and counts.get("deliveries_sent", 0) < sent[mode]
+            ):
+                raise RuntimeError(
+                    f"{folder.name}: nothing to send; the service skipped it "
+                    "(too few slices for the bundle's series selection?)"
+                )
+            time.sleep(0.002)
+        done = time.perf_counter()
+    return {
+        "mode": mode, "mib": pixel_bytes / 2**20, "slices": slices,
+        "transfer_s": released - began, "latency_s": done - released,
+        "peak_over_pixels": (peak.peak - before) / pixel_bytes,
+    }  # fmt: skip
+
+
+def plot(rows: list[dict[str, Any]], forward_ms: float, path: Path) -> None:
+    """Release-to-SR latency (every study, and the median per size and mode) against the study's
+    size."""
     from shiftguard.figures import figure, save_png
 
     fig = figure(6.4, 3.8)
     ax = fig.add_subplot()
-    sizes = sorted({r["mib"] for r in rows})
-    ax.scatter([r["mib"] for r in rows], [r["latency_s"] for r in rows], s=14, alpha=0.6,
-               label="each study")  # fmt: skip
-    medians = [statistics.median(r["latency_s"] for r in rows if r["mib"] == m) for m in sizes]
-    ax.plot(sizes, medians, marker="o", label="median")
+    for mode in sorted({r["mode"] for r in rows}):
+        mine = [r for r in rows if r["mode"] == mode]
+        sizes = sorted({r["mib"] for r in mine})
+        medians = [statistics.median(r["latency_s"] for r in mine if r["mib"] == m) for m in sizes]
+        [line] = ax.plot(sizes, medians, marker="o", label=f"median, {mode}")
+        ax.scatter([r["mib"] for r in mine], [r["latency_s"] for r in mine], s=12, alpha=0.5,
+                   color=line.get_color())  # fmt: skip
     ax.axhline(1.0, linestyle="--", color="grey", linewidth=1, label="target: 1 s")
     ax.set_xscale("log")
     ax.set_xlabel("study size, MiB of 16-bit pixels (512 x 512 slices)")
@@ -94,6 +144,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50, 150, 500, 1000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=[PREPARED, AFTER], default=[PREPARED, AFTER],
+                        help="edge.prepare_while_receiving on (prepared) and off, side by side")  # fmt: skip
     parser.add_argument("--tmp", default=None, help="where studies and the service's storage go")
     parser.add_argument("--receive-mib", type=float, default=150,
                         help="receive throughput against dcmtk storescp at this size (0: skip)")  # fmt: skip
@@ -114,78 +166,63 @@ def main() -> int:
 
     bundle = resolve_bundle("artifacts/export")
     source = sorted(Path("data/dicom").glob("*/*"))[0]
-    rows: list[dict[str, float]] = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
         orthanc = Orthanc(tmp / "orthanc")
         orthanc.start()
-        service = Service(
-            EdgeConfig(
-                bundle=str(bundle), storage=str(tmp / "edge"), port=0, http_port=0,
-                calling_ae_titles=["MODALITY"], shadow=False, stability_s=600,
-                destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom}],
-            ),
-            poll_s=0.005,
-        )  # fmt: skip
-        service.start()
+        services = {
+            mode: Service(
+                EdgeConfig(
+                    bundle=str(bundle), storage=str(tmp / f"edge-{i}"), port=0, http_port=0,
+                    calling_ae_titles=["MODALITY"], shadow=False, stability_s=600,
+                    destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom}],
+                    prepare_while_receiving=mode == PREPARED,
+                ),
+                poll_s=0.005,
+            )
+            for i, mode in enumerate(args.modes)
+        }  # fmt: skip
+        for service in services.values():
+            service.start()
         forward: list[float] = []
-        sent = processed = 0
+        sent = dict.fromkeys(services, 0)
+        processed = dict.fromkeys(services, 0)
         try:
+            champion = next(iter(services.values())).champion
             headers, _ = scan_files(list_files(source))
             [group] = group_series(headers)
             image = preprocess(
-                canonical_volume(group, service.champion.rules)[1].array,
-                service.champion.bundle.manifest["preprocessing"],
+                canonical_volume(group, champion.rules)[1].array,
+                champion.bundle.manifest["preprocessing"],
             )
-            service.champion.model.logits(image)
+            champion.model.logits(image)
             for _ in range(20):
                 began = time.perf_counter()
-                service.champion.model.logits(image)
+                champion.model.logits(image)
                 forward.append(time.perf_counter() - began)
             for size in args.sizes:
                 slices = slices_for(size)
                 for repeat in range(args.repeats):
                     folder = tmp / f"study-{size:g}-{repeat}"
-                    files = write_study(source, folder, slices, seed=1000 + repeat)
-                    pixel_bytes = slices * SLICE_BYTES
-                    before = _rss()
-                    with PeakRss() as peak:
-                        began = time.perf_counter()
-                        proc = storescu(service.receiver.port, files)
-                        released = time.perf_counter()
-                        if proc.returncode != 0:
-                            raise RuntimeError(proc.stderr)
-                        sent += 2
-                        processed += 1
-                        while service.queue.counts().get("deliveries_sent", 0) < sent:
-                            counts = service.queue.counts()
-                            if counts.get("studies_failed", 0):
-                                raise RuntimeError("a study failed: see the log")
-                            if (
-                                service.count("processed") >= processed
-                                and counts.get("deliveries_pending", 0) == 0
-                                and counts.get("deliveries_sent", 0) < sent
-                            ):
-                                raise RuntimeError(
-                                    f"{folder.name}: nothing to send; the service skipped it "
-                                    "(too few slices for the bundle's series selection?)"
-                                )
-                            time.sleep(0.002)
-                        done = time.perf_counter()
-                    rows.append({
-                        "mib": pixel_bytes / 2**20, "slices": slices,
-                        "transfer_s": released - began, "latency_s": done - released,
-                        "peak_over_pixels": (peak.peak - before) / pixel_bytes,
-                    })  # fmt: skip
-                    print(f"  {pixel_bytes / 2**20:6.0f} MiB ({slices} slices), repeat "
-                          f"{repeat + 1}: transfer {released - began:6.2f} s, release -> SR "
-                          f"{done - released:6.2f} s, peak RSS +{(peak.peak - before) / 2**20:.0f} "
-                          f"MiB", flush=True)  # fmt: skip
-                    for path in folder.iterdir():
-                        path.unlink()
-                    folder.rmdir()
+                    modes = list(services) if repeat % 2 == 0 else list(services)[::-1]
+                    for k, mode in enumerate(modes):  # alternating which goes first
+                        service = services[mode]
+                        files = write_study(source, folder, slices, seed=1000 + 10 * repeat + k)
+                        rows.append(
+                            _one(service, files, folder, slices, mode, sent, processed, storescu)
+                        )
+                        r = rows[-1]
+                        print(f"  {r['mib']:6.0f} MiB ({slices} slices), {mode:<13} repeat "
+                              f"{repeat + 1}: transfer {r['transfer_s']:6.2f} s, release -> SR "
+                              f"{r['latency_s']:6.2f} s, peak RSS / pixels "
+                              f"{r['peak_over_pixels']:.2f}", flush=True)  # fmt: skip
+                        for path in folder.iterdir():
+                            path.unlink()
+                        folder.rmdir()
         finally:
-            service.stop()
+            for service in services.values():
+                service.stop()
             orthanc.stop()
         receive = None
         if args.receive_mib:
@@ -197,16 +234,22 @@ def main() -> int:
     f = statistics.median(forward)
     print(f"\nbundle {bundle.name}; forward pass alone {1000 * f:.1f} ms (median of 20); "
           f"{args.repeats} studies per size, {args.threads} threads")  # fmt: skip
-    print(
-        "MiB  slices  transfer s (median)  release->SR p50 s  p95 s  peak RSS / pixel bytes (max)"
-    )
+    print("MiB  slices  mode           transfer s (median)  release->SR p50 s  p95 s  "
+          "peak RSS / pixel bytes (max)")  # fmt: skip
+    p95s: dict[tuple[float, str], float] = {}
     for size in args.sizes:
-        mine = [r for r in rows if r["slices"] == slices_for(size)]
-        latency = [r["latency_s"] for r in mine]
-        p50, p95 = (float(v) for v in np.percentile(latency, [50, 95]))
-        print(f"{mine[0]['mib']:5.0f} {mine[0]['slices']:6d}  "
-              f"{statistics.median(r['transfer_s'] for r in mine):19.2f}  {p50:17.2f}  "
-              f"{p95:5.2f}  {max(r['peak_over_pixels'] for r in mine):.2f}")  # fmt: skip
+        for mode in args.modes:
+            mine = [r for r in rows if r["slices"] == slices_for(size) and r["mode"] == mode]
+            latency = [r["latency_s"] for r in mine]
+            p50, p95 = (float(v) for v in np.percentile(latency, [50, 95]))
+            p95s[size, mode] = p95
+            print(f"{mine[0]['mib']:5.0f} {mine[0]['slices']:6d}  {mode:<13}  "
+                  f"{statistics.median(r['transfer_s'] for r in mine):19.2f}  {p50:17.2f}  "
+                  f"{p95:5.2f}  {max(r['peak_over_pixels'] for r in mine):.2f}")  # fmt: skip
+    if len(args.modes) == 2:
+        print(f"\nrelease -> SR p95, {PREPARED} / {AFTER}: " + ", ".join(
+            f"{size:g} MiB {p95s[size, PREPARED] / p95s[size, AFTER]:.2f}" for size in args.sizes
+        ))  # fmt: skip
     if args.plot is not None:
         plot(rows, 1000 * f, args.plot)
         print(f"\nfigure: {args.plot}")

@@ -215,6 +215,12 @@ class EdgeConfig(StrictModel):
         ),
     ] = 2048.0
     workers: Annotated[int, Field(ge=1, le=64, description="studies processed at once")] = 1
+    prepare_while_receiving: bool = Field(
+        True,
+        description="read each image's header and resample its slice onto the bundle's grid while "
+        "the rest of the study arrives, so that after the release only the last slices, "
+        "inference and the result objects remain; false: all of it after the release",
+    )
     stability_s: Annotated[
         float, Field(gt=0, description="a study with no new image this long is processed")
     ] = 30.0

@@ -25,6 +25,7 @@ from shiftguard.dicom.series import (
 
 if TYPE_CHECKING:
     from shiftguard.config.schema import IngestConfig
+    from shiftguard.data.stream import SeriesStream
 
 __all__ = ["canonical_volume", "parse_patient_age", "series_key"]
 
@@ -79,12 +80,15 @@ def parse_patient_age(age: str, birth_date: str = "", study_date: str = "") -> f
 
 
 def canonical_volume(
-    group: SeriesGroup, rules: IngestConfig
+    group: SeriesGroup, rules: IngestConfig, stream: SeriesStream | None = None
 ) -> tuple[ValidatedSeries, Resampled, list[QuarantineEntry]]:
     """One series' files to the canonical RAS grid: de-duplicate, validate, assemble, resample.
 
     The one code path from DICOM to a volume, shared by ingest and the edge runner (it imports no
-    torch), so a model sees at the edge exactly the volumes it was trained on.
+    torch), so a model sees at the edge exactly the volumes it was trained on. With a ``stream``
+    (the edge service's, fed while the study arrived; :mod:`shiftguard.data.stream`) the validated
+    series is resampled from its reduced slices, to float32 rounding the same volume, when it can
+    be; otherwise, and always without one, it is assembled and resampled whole.
 
     Returns:
         The validated series, the resampled volume, and notes on dropped duplicate files.
@@ -100,6 +104,10 @@ def canonical_volume(
         spacing_tolerance=rules.spacing_tolerance,
         orientation_tolerance=rules.orientation_tolerance,
     )
+    if stream is not None:
+        streamed = stream.resample(series)
+        if streamed is not None:
+            return series, streamed, list(notes)
     volume = assemble(series)
     out_affine = canonical_affine(series.geometry.fov_centre_ras, rules.spacing, rules.shape)
     resampled = resample_to_grid(

@@ -31,9 +31,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,8 +47,11 @@ from scipy import ndimage
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "InPlanePlan",
     "Resampled",
     "canonical_affine",
+    "plan_in_plane",
+    "resample_streamed",
     "resample_to_grid",
     "volume_stats",
     "write_nifti",
@@ -291,6 +296,19 @@ def _separable(
     buf = np.ascontiguousarray(x.transpose(2, 1, 0), dtype=np.float32)
     for b in _contraction_order(list(buf.shape), ready):
         buf = _apply_axis(buf, ready[b], b)
+    return _place(buf, perm, box, out_shape, cval)
+
+
+def _place(
+    buf: np.ndarray,
+    perm: np.ndarray,
+    box: Sequence[slice],
+    out_shape: tuple[int, int, int],
+    cval: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The output grid and its inside mask from the separable products' buffer ``(Z, Y, X)``
+    (input axes reversed, each cut to the output rows inside the input): ``buf`` fills ``box``,
+    the rest holds ``cval``."""
     result = buf.transpose(2, 1, 0).transpose(perm)  # output axes, box lengths
     out = np.empty(out_shape, dtype=np.float32, order="F")
     inside = np.zeros(out_shape, dtype=bool, order="F")
@@ -402,6 +420,171 @@ def _block_separable(
     return out, inside
 
 
+def _grid_terms(
+    affine_in: np.ndarray,
+    affine_out: np.ndarray,
+    out_shape: tuple[int, int, int],
+    antialias: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(matrix, offset, sigmas, perm)``: output voxel -> input voxel, the anti-aliasing sigmas
+    per input axis, and the input axis of each output axis when the matrix is a permutation."""
+    composed = np.linalg.inv(np.asarray(affine_in, dtype=float)) @ np.asarray(affine_out, float)
+    matrix = composed[:3, :3]
+    offset = composed[:3, 3]
+    sigmas = _antialias_sigmas(matrix) if antialias else np.zeros(3)
+    return matrix, offset, sigmas, _as_permutation(matrix, out_shape)
+
+
+_Terms = tuple[int, int, float, float, float]
+
+#: how far the in-plane terms of a streamed resampling may move between the slice they were planned
+#: on and the whole series before the slices are reduced again (input voxels; relative for scales)
+STREAM_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class InPlanePlan:
+    """The in-plane half of a separable resampling, planned from one slice of a series.
+
+    When a series' axes are parallel to the output grid's, the resampling is three banded products,
+    one per input axis (:func:`resample_to_grid`, ``"separable"``). The two in-plane ones need only
+    the slice's own geometry, so each slice can be reduced to the output's in-plane rows as it
+    arrives (:meth:`reduce`); once every slice is there, :func:`resample_streamed` applies the
+    product across the slices. No full-resolution volume is ever held.
+
+    Attributes:
+        rows: Rows of each slice (Y).
+        cols: Columns of each slice (X).
+        terms: Per in-plane input axis (X, then Y): ``(output axis, output size, scale, offset,
+            sigma)``, the terms the axis' weights were built from.
+        boxes: Per in-plane input axis: the output rows that fall inside the input.
+    """
+
+    rows: int
+    cols: int
+    terms: tuple[_Terms, ...]
+    boxes: tuple[slice, slice]
+    _x: _AxisPlan
+    _y: _AxisPlan
+
+    def reduce(self, pixels: np.ndarray) -> np.ndarray:
+        """One slice ``(rows, cols)`` (Y, X) to the output's in-plane rows: ``(ry, rx)`` float32."""
+        buf = np.ascontiguousarray(pixels, dtype=np.float32).reshape(1, self.rows, self.cols)
+        buf = _apply_axis(buf, self._x, 2)
+        return _apply_axis(buf, self._y, 1)[0]
+
+
+def _in_plane_terms(
+    rows: int,
+    cols: int,
+    affine_in: np.ndarray,
+    affine_out: np.ndarray,
+    out_shape: tuple[int, int, int],
+    antialias: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[_Terms]] | None:
+    """The grid terms, and the in-plane axes' :data:`InPlanePlan.terms`; ``None`` when the
+    matrix is not a permutation."""
+    matrix, offset, sigmas, perm = _grid_terms(affine_in, affine_out, out_shape, antialias)
+    if perm is None:
+        return None
+    terms: list[_Terms] = []
+    for a in (0, 1):
+        o = int(np.flatnonzero(perm == a)[0])
+        terms.append(
+            (o, int(out_shape[o]), float(matrix[a, o]), float(offset[a]), float(sigmas[a]))
+        )
+    return matrix, offset, sigmas, perm, terms
+
+
+def plan_in_plane(
+    rows: int,
+    cols: int,
+    affine_in: np.ndarray,
+    affine_out: np.ndarray,
+    out_shape: tuple[int, int, int],
+    *,
+    antialias: bool = True,
+) -> InPlanePlan | None:
+    """The in-plane plan of a slice ``(rows, cols)`` whose voxel -> RAS affine is ``affine_in``
+    (the slice's axis is its third column), onto the grid ``(affine_out, out_shape)``.
+
+    Returns:
+        The plan, or ``None`` when the slice's axes are not parallel to the grid's (no separable
+        resampling) or no output row falls inside the slice: resample the whole volume instead.
+    """
+    found = _in_plane_terms(rows, cols, affine_in, affine_out, out_shape, antialias)
+    if found is None:
+        return None
+    plans, boxes = [], []
+    for a, (_axis, n_out, scale, offset, sigma) in enumerate(found[4]):
+        axis = _axis_plan(n_out, (cols, rows)[a], scale, offset, sigma, 2 - a)
+        if axis is None:
+            return None
+        plans.append(axis[0])
+        boxes.append(axis[1])
+    return InPlanePlan(rows, cols, tuple(found[4]), (boxes[0], boxes[1]), _x=plans[0], _y=plans[1])
+
+
+def resample_streamed(
+    plan: InPlanePlan,
+    n_slices: int,
+    reduced: Callable[[int], np.ndarray],
+    affine_in: np.ndarray,
+    affine_out: np.ndarray,
+    out_shape: tuple[int, int, int],
+    *,
+    antialias: bool = True,
+    cval: float = 0.0,
+) -> Resampled | None:
+    """Finish a streamed resampling: the product across the slices of their reduced planes.
+
+    Args:
+        plan: The in-plane plan the slices were reduced with (:func:`plan_in_plane`).
+        n_slices: Slices of the series (Z).
+        reduced: Slice ``k`` (in the order of ``affine_in``'s third axis) reduced by
+            ``plan.reduce``; asked only for the slices the product reads.
+        affine_in: ``(4, 4)`` the whole series' voxel -> RAS mm.
+        affine_out: ``(4, 4)`` output voxel -> RAS mm.
+        out_shape: Output shape ``(X, Y, Z)``.
+        antialias: As :func:`resample_to_grid`.
+        cval: The value outside the input (:func:`resample_to_grid` takes the input's minimum).
+
+    Returns:
+        The volume :func:`resample_to_grid` gives for the assembled series (linear, separable),
+        to float32 rounding, with method ``"streamed"``; ``None`` when the series' geometry moves
+        the in-plane terms from the plan's (by more than :data:`STREAM_TOLERANCE`) or is not
+        separable: resample the assembled volume instead.
+    """
+    found = _in_plane_terms(plan.rows, plan.cols, affine_in, affine_out, out_shape, antialias)
+    if found is None:
+        return None
+    matrix, offset, sigmas, perm, terms = found
+    for (o, n, scale, off, sigma), (o2, n2, scale2, off2, sigma2) in zip(
+        terms, plan.terms, strict=True
+    ):
+        if (o, n) != (o2, n2) or abs(off - off2) > STREAM_TOLERANCE:
+            return None
+        if abs(scale - scale2) > STREAM_TOLERANCE * abs(scale2):
+            return None
+        if abs(sigma - sigma2) > STREAM_TOLERANCE * max(sigma2, 1.0):
+            return None
+    oz = int(np.flatnonzero(perm == 2)[0])
+    axis = _axis_plan(out_shape[oz], n_slices, matrix[2, oz], offset[2], sigmas[2], 0)
+    if axis is None:
+        out, inside = _nothing_inside(out_shape, cval)
+        return Resampled(out, np.asarray(affine_out, float), inside, "streamed")
+    z_plan, z_box = axis
+    first, used = z_plan.first, z_plan.weights.shape[1]
+    stack = np.stack([reduced(k) for k in range(first, first + used)])  # (used, ry, rx)
+    buf = _apply_axis(stack, dataclasses.replace(z_plan, first=0), 0)
+    box = [slice(0, 0)] * 3
+    box[oz] = z_box
+    for a, (o, *_rest) in enumerate(terms):
+        box[o] = plan.boxes[a]
+    out, inside = _place(buf, perm, box, out_shape, cval)
+    return Resampled(out, np.asarray(affine_out, float), inside, "streamed")
+
+
 def resample_to_grid(
     array: np.ndarray,
     affine_in: np.ndarray,
@@ -436,13 +619,9 @@ def resample_to_grid(
         raise ValueError(
             f"resample_to_grid: expected a 3D (X, Y, Z) array, got shape {array.shape}"
         )
-    composed = np.linalg.inv(np.asarray(affine_in, dtype=float)) @ np.asarray(affine_out, float)
-    matrix = composed[:3, :3]
-    offset = composed[:3, 3]
+    matrix, offset, sigmas, perm = _grid_terms(affine_in, affine_out, out_shape, antialias)
     if cval is None:
         cval = float(array.min()) if array.size else 0.0
-    sigmas = _antialias_sigmas(matrix) if antialias else np.zeros(3)
-    perm = _as_permutation(matrix, out_shape)
     blocks = _as_blocks(matrix, out_shape) if perm is None else None
     if method == "auto" and order == 1:
         method = "separable" if perm is not None else "block" if blocks is not None else method

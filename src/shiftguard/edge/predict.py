@@ -26,7 +26,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -52,6 +52,11 @@ from shiftguard.records.features import (
 )
 from shiftguard.utils import write_csv
 
+if TYPE_CHECKING:
+    from shiftguard.data.stream import SeriesStream
+    from shiftguard.dicom.scan import SliceHeader
+    from shiftguard.edge.prefetch import PreparedStudy
+
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +65,7 @@ SKIPPED_CSV = "skipped.csv"
 TIMINGS_CSV = "timings.csv"
 #: seconds per step of one series, in ``timings.csv`` (and in the rows ``predict_*`` return)
 TIMING_COLUMNS = ("read_s", "preprocess_s", "infer_s", "features_s", "write_s")
+STREAMED = "resampling"  # the row's key for how its volume was resampled (taken out of the row)
 #: PHI-free features recorded per series: the drift monitor's inputs (shiftguard.records.features)
 FEATURES = tuple(
     name
@@ -102,8 +108,12 @@ def selection_from_manifest(section: Mapping[str, Any]) -> SeriesSelection:
     return SeriesSelection.model_validate({"min_slices": 1, **section})
 
 
-def header_refusal(selection: SeriesSelection, group: SeriesGroup) -> tuple[str, str] | None:
-    """``(code, reason)`` when the series' header rules it out, before any pixel is read."""
+def header_refusal(
+    selection: SeriesSelection, group: SeriesGroup, count: bool = True
+) -> tuple[str, str] | None:
+    """``(code, reason)`` when the series' header rules it out, before any pixel is read
+    (``count=False``: on its modality and description only, as for one slice while the rest
+    arrive)."""
     h = group.headers[0]
     modalities = [m.upper() for m in selection.modalities]
     if h.modality.upper() not in modalities:
@@ -117,7 +127,7 @@ def header_refusal(selection: SeriesSelection, group: SeriesGroup) -> tuple[str,
             "series_description",
             f"series description {h.series_description!r} does not match {pattern!r}",
         )
-    if len(group.headers) < selection.min_slices:
+    if count and len(group.headers) < selection.min_slices:
         return "too_few_slices", f"{len(group.headers)} slices, fewer than {selection.min_slices}"
     return None
 
@@ -154,6 +164,7 @@ class PredictSummary:
     results: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    streamed: int = 0  # series resampled from slices prepared while they arrived
 
     @property
     def n_predicted(self) -> int:
@@ -198,13 +209,23 @@ class Predictor:
         if PROJECTION_MEMBER in bundle.members:
             self.projection = Projection.from_json(json.loads(bundle.text(PROJECTION_MEMBER)))
 
-    def analyse(self, group: SeriesGroup) -> Analysis:
+    def wants(self, h: SliceHeader) -> bool:
+        """Whether a slice's series may be one this model reads (modality and description: what
+        one slice can tell), so that it is worth resampling while the rest of the study arrives."""
+        return header_refusal(self.selection, SeriesGroup(h.study_uid, h.series_uid, (h,)),
+                              count=False) is None  # fmt: skip
+
+    def analyse(self, group: SeriesGroup, stream: SeriesStream | None = None) -> Analysis:
         """Read, resample, preprocess and infer one series, and compute its monitor features;
-        raises InvalidSeriesError when the series is unusable. Writes nothing."""
+        raises InvalidSeriesError when the series is unusable. Writes nothing. ``stream``: the
+        series' slices reduced while they arrived (used when it was fed with this model's grid).
+        """
         import pydicom
 
         began = time.perf_counter()
-        series, resampled, _notes = canonical_volume(group, self.rules)
+        if stream is not None and stream.rules != self.rules:
+            stream = None  # fed for another bundle's grid (a swap in between)
+        series, resampled, _notes = canonical_volume(group, self.rules, stream)
         rejected = orientation_refusal(self.selection, series.geometry.orientation)
         if rejected:
             raise InvalidSeriesError(rejected[0], rejected[1], "not a series this model is for")
@@ -252,11 +273,17 @@ class Predictor:
             raw_probability=raw,
         )
 
-    def predict_group(self, group: SeriesGroup, out_dir: Path, revision: int = 0) -> dict[str, Any]:
+    def predict_group(
+        self,
+        group: SeriesGroup,
+        out_dir: Path,
+        revision: int = 0,
+        stream: SeriesStream | None = None,
+    ) -> dict[str, Any]:
         """Predict one series and write its SR and SC (``revision``: see
-        :class:`~shiftguard.edge.dicom_out.SeriesResult`); raises InvalidSeriesError when
-        unusable."""
-        a = self.analyse(group)
+        :class:`~shiftguard.edge.dicom_out.SeriesResult`; ``stream``: see :meth:`analyse`);
+        raises InvalidSeriesError when unusable."""
+        a = self.analyse(group, stream)
         series = a.series
         mark = time.perf_counter()
         result = SeriesResult(
@@ -307,6 +334,7 @@ class Predictor:
             "sc_uid": result.uid("sc"),
             **{name: round(value, 4) for name, value in a.timings.items()},
             "write_s": round(write_s, 4),
+            STREAMED: a.resampled.method,
         }
         return row
 
@@ -343,17 +371,22 @@ class Predictor:
         timings_csv: Path | None = None,
         revision: int = 0,
         series: Collection[str] | None = None,
+        prepared: PreparedStudy | None = None,
     ) -> PredictSummary:
         """Every series among ``files`` (what the edge service received for one study); results,
         ``results.csv`` and ``skipped.csv`` go to ``out_dir``, the seconds each step took to
         ``timings_csv`` (default ``out_dir/timings.csv``). ``revision``: the study's (see
         :meth:`~shiftguard.edge.queue.WorkQueue.study_revision`), which the result objects'
-        instance UIDs and numbers carry."""
+        instance UIDs and numbers carry. ``prepared``: what was read of the files while they
+        arrived (their headers, the series' streams); the files it has not seen are read now."""
         began = time.perf_counter()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = PredictSummary()
-        headers, issues = scan_files(files)
+        if prepared is None:
+            headers, issues = scan_files(files)
+        else:
+            headers, issues = prepared.scanned(files)
         if series is not None:  # a Collection: a set, or one that maps the UID first
             headers = [h for h in headers if h.series_uid in series]
             issues = [e for e in issues if e.series_uid in series]
@@ -372,7 +405,10 @@ class Predictor:
             skip = header_refusal(self.selection, group)
             if skip is None:
                 try:
-                    summary.results.append(self.predict_group(group, out_dir, revision))
+                    stream = prepared.series.get(group.series_uid) if prepared else None
+                    row = self.predict_group(group, out_dir, revision, stream)
+                    summary.results.append(row)
+                    summary.streamed += row.pop(STREAMED) == "streamed"
                     continue
                 except InvalidSeriesError as err:
                     skip = (err.code, err.reason)

@@ -234,11 +234,13 @@ class Receiver:
         queue: WorkQueue,
         inbox: Path,
         on_ready: Callable[[Sequence[str]], None] | None = None,
+        on_stored: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.inbox = Path(inbox)
         self.on_ready = on_ready
+        self.on_stored = on_stored  # (study UID, path) of each instance stored; must not block
         self.stats = ReceiveStats()
         self._studies: dict[int, set[str]] = defaultdict(set)
         self._unsynced: dict[int, list[tuple[int, Path]]] = defaultdict(list)
@@ -310,6 +312,8 @@ class Receiver:
         with self._lock:
             self._studies[key].add(study_uid)
         self.stats.add(received=1, bytes=len(data))
+        if self.on_stored is not None:
+            self.on_stored(study_uid, str(path))
         return SUCCESS, ""
 
     def _too_large(self, key: int, study_uid: str, size: int) -> str:

@@ -46,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from shiftguard.config.deploy import EdgeConfig, EdgeDestination
 from shiftguard.edge.bundle import SUFFIX, open_bundle
+from shiftguard.edge.dicom_out import warm_up
 from shiftguard.edge.follow import (
     FollowState,
     Installed,
@@ -55,6 +56,7 @@ from shiftguard.edge.follow import (
     utc_now,
 )
 from shiftguard.edge.predict import Predictor
+from shiftguard.edge.prefetch import Prefetcher, PreparedStudy
 from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.receiver import Receiver, no_delay
 from shiftguard.edge.registry import ModelVersion, RegistryClient
@@ -76,6 +78,7 @@ BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: the service's own counters (``shiftguard_edge_<name>_total``)
 COUNTERS = {
     "processed": "Studies the champion processed",
+    "series_streamed": "Series resampled from the slices prepared while the study arrived",
     "failed": "Studies that failed (moved to the failed queue)",
     "challenger_failed": "Studies the challenger failed on (the champion's result stands)",
     "sent": "Result objects delivered to a destination",
@@ -280,7 +283,14 @@ class Service:
                 f"({self.champion.bundle.name} v{self.champion.bundle.version}); the shadow log "
                 "could not tell their results apart: give a different bundle or none"
             )
-        self.receiver = Receiver(settings, self.queue, self.inbox, on_ready=self._wake)
+        # headers read and slices resampled while a study arrives (the worker takes what is done)
+        self.prefetch = (
+            Prefetcher(lambda: self.champion) if settings.prepare_while_receiving else None
+        )
+        self.receiver = Receiver(
+            settings, self.queue, self.inbox, on_ready=self._wake,
+            on_stored=self.prefetch.add if self.prefetch is not None else None,
+        )  # fmt: skip
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "shiftguard_edge_latency_seconds",
@@ -596,7 +606,8 @@ class Service:
         if revision:
             log.info("study %s gained instances after or while it was processed: revision %d",
                      study_uid, revision)  # fmt: skip
-        summary = champion.predict_files(files, out, revision=revision)
+        prepared = self.prefetch.take(study_uid) if self.prefetch is not None else None
+        summary = champion.predict_files(files, out, revision=revision, prepared=prepared)
         deliveries, results = [], []
         routes = self._routes()
         for row in summary.results:
@@ -616,19 +627,25 @@ class Service:
         elapsed = time.monotonic() - began
         self.latency.labels("predict").observe(elapsed)
         self._count("processed")
+        if summary.streamed:
+            self._count("series_streamed", summary.streamed)
         self.last_study_at = utc_now()
         self._observed(champion, elapsed, summary.results)
         if note:
             log.info("study %s: %s", study_uid, note)
         if self.challenger is not None and sampled(study_uid, self.settings.challenger_fraction):
-            self._challenge(study_uid, files)
+            self._challenge(study_uid, files, prepared)
 
-    def _challenge(self, study_uid: str, files: Sequence[str]) -> None:
+    def _challenge(
+        self, study_uid: str, files: Sequence[str], prepared: PreparedStudy | None = None
+    ) -> None:
         """The challenger on a study whose champion results are already queued: it never delays
         them, and its failure costs the shadow log one study, never the champion's results."""
         assert self.challenger is not None
         try:
-            ch = self.challenger.predict_files(files, self.outbox / "challenger" / study_uid)
+            ch = self.challenger.predict_files(
+                files, self.outbox / "challenger" / study_uid, prepared=prepared
+            )
             self.queue.log_results(
                 [self._log_row(study_uid, r, "challenger", []) for r in ch.results]
             )
@@ -786,12 +803,17 @@ class Service:
             registry=self.registry,
             name="edge",
         )
+        if self.prefetch is not None:
+            self.prefetch.start()
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         try:
             with listening(self.settings.host, self.settings.port, "edge.port"):
                 self.receiver.start()
         except BaseException:
             self._http.stop()
             self._http = None
+            if self.prefetch is not None:
+                self.prefetch.stop()
             raise
         self._http.start()
         targets = [self._stability] + [self._worker] * self.settings.workers
@@ -816,6 +838,8 @@ class Service:
         self._stop.set()
         self._work.set()
         self.receiver.stop()
+        if self.prefetch is not None:
+            self.prefetch.stop()
         if self._http is not None:
             self._http.stop()
         for thread in self._threads:

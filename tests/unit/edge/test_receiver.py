@@ -89,8 +89,12 @@ def test_a_study_is_stored_queued_and_ready_on_release(receiver, cohort: Path) -
     for path in stored:
         ds = pydicom.dcmread(path)
         assert ds.PixelData == sent[ds.SOPInstanceUID]
-    # sending the study again adds nothing
+    # sending the study again adds nothing (duplicates are counted when the association's records
+    # are committed, at its release, which runs on the SCP's thread after storescu returns)
     assert storescu(rx.port, files).returncode == 0
+    deadline = time.monotonic() + 10
+    while rx.stats.duplicates < len(files) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(queue.study_files(uid)) == len(files) and rx.stats.duplicates == len(files)
 
 

@@ -100,6 +100,39 @@ def test_a_study_in_gives_an_sr_and_a_key_image_in_the_pacs(
         service.stop()
 
 
+def test_studies_prepared_while_they_arrive_give_the_offline_results(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    """With edge.prepare_while_receiving (the default) each image is read and its slice resampled
+    as it is stored: every series of the cohort is resampled from those slices, and each
+    probability is the offline runner's (which reads every study whole) to 1e-5."""
+    from shiftguard.edge.bundle import open_bundle
+    from shiftguard.edge.predict import Predictor
+
+    service = _service(tmp_path, bundle_path, orthanc, shadow=True)
+    studies = sorted(p for site in cohort.iterdir() for p in site.iterdir())
+    try:
+        assert service.prefetch is not None
+        for study in studies:
+            _send(service.receiver.port, study)
+        _wait(lambda: service.count("processed") == len(studies))
+        n_files = sum(1 for s in studies for _ in s.rglob("*.dcm"))
+        assert service.prefetch.prepared + service.prefetch.errors <= n_files
+        assert service.prefetch.errors == 0
+        streamed = service.count("series_streamed")
+    finally:
+        service.stop()
+    log = read_shadow_log(service.queue.path)
+    online = dict(zip(log["study_uid"], log["probability"], strict=True))
+    offline = Predictor(open_bundle(bundle_path), shadow=True).predict_folder(
+        studies, tmp_path / "offline"
+    )
+    assert offline.results and len(online) == len(offline.results) == len(studies)
+    assert streamed == len(offline.results)  # every series resampled from its prepared slices
+    for row in offline.results:
+        assert online[row["study_uid"]] == pytest.approx(row["probability"], abs=1e-5)
+
+
 def test_shadow_mode_sends_nothing_clinical_and_logs_both_roles(
     tmp_path: Path, bundle_path: Path, challenger_path: Path, cohort: Path, orthanc: Orthanc
 ) -> None:

@@ -133,6 +133,61 @@ def test_studies_prepared_while_they_arrive_give_the_offline_results(
         assert online[row["study_uid"]] == pytest.approx(row["probability"], abs=1e-5)
 
 
+def test_a_study_over_100_mb_goes_from_storescu_through_the_service_to_orthanc(
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+) -> None:
+    """A clinical-size study (512 x 512 x 210 16-bit slices, 105 MiB of pixels, generated from a
+    cohort series) sent by storescu in one association: the service streams it, and the SR in
+    Orthanc references all 210 images while the key image is a valid Secondary Capture in the same
+    study. Nothing is timed here (benchmarks/edge_study_size.py measures it)."""
+    import io
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    from clinical_study import slices_for, write_study
+    from dciodvfy_check import assert_dciodvfy_clean
+
+    slices = slices_for(105)
+    source = sorted(next(cohort.iterdir()).iterdir())[0]
+    files = write_study(source, tmp_path / "study", slices, seed=3)
+    assert sum(f.stat().st_size for f in files) > 100 * 2**20
+    sent = pydicom.dcmread(files[0], stop_before_pixels=True)
+    service = _service(tmp_path, bundle_path, orthanc, shadow=False)
+    try:
+        proc = storescu(service.receiver.port, files)
+        assert proc.returncode == 0, proc.stderr
+        _wait(lambda: service.count("sent") == 2, timeout=120)
+        assert service.count("series_streamed") == 1 and service.prefetch is not None
+        assert service.prefetch.errors == 0
+        assert orthanc.studies() == {sent.StudyInstanceUID: 2}  # the SR and the key image
+    finally:
+        service.stop()
+    found = {}
+    classes = {"1.2.840.10008.5.1.4.1.1.88.34": "SR", "1.2.840.10008.5.1.4.1.1.7": "SC"}
+    for instance in orthanc.get("/instances"):
+        tags = orthanc.get(f"/instances/{instance}/simplified-tags")
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{orthanc.http}/instances/{instance}/file", timeout=30
+        ) as r:
+            found[classes[tags["SOPClassUID"]]] = r.read()
+    assert set(found) == {"SR", "SC"}
+    sr = pydicom.dcmread(io.BytesIO(found["SR"]))
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert referenced == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    sc = pydicom.dcmread(io.BytesIO(found["SC"]))
+    assert sc.StudyInstanceUID == sr.StudyInstanceUID == sent.StudyInstanceUID
+    assert sc.pixel_array.ndim == 3 and sc.SamplesPerPixel == 3  # the key image, in colour
+    for name, data in found.items():
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(data)
+        assert_dciodvfy_clean(path, iod={"SR": "Comprehensive3DSR", "SC": "SCImage"}[name])
+
+
 def test_shadow_mode_sends_nothing_clinical_and_logs_both_roles(
     tmp_path: Path, bundle_path: Path, challenger_path: Path, cohort: Path, orthanc: Orthanc
 ) -> None:

@@ -1,7 +1,7 @@
 # Two set-up commands on a fresh machine (see README):
 #   make demo   build the environment and run the main job end to end on the synthetic cohort
 #   make test   build the environment and run the whole test suite
-.PHONY: env demo experiment test lint bench bench-estimate bench-collector screenshots clean
+.PHONY: env demo experiment test test-gpu lint bench bench-estimate bench-collector screenshots clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -32,6 +32,14 @@ experiment: $(DEMO_STAMP)
 
 test: env
 	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+
+# On a GPU machine: the environment with ONNX Runtime's GPU build (CUDA, TensorRT), then the
+# gpu-marked tests (AMP training and the scanner simulation on CUDA, the edge runner's GPU providers
+# against its CPU results); they skip on a machine without a GPU
+test-gpu:
+	bash scripts/setup.sh gpu
+	touch $(STAMP) $(DEMO_STAMP)
+	$(BIN)/pytest -m gpu
 
 lint: env
 	$(BIN)/ruff check src tests pipelines benchmarks

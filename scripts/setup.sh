@@ -9,6 +9,9 @@
 #                           installed editable with its pipeline and dev extras (`make test`)
 #   scripts/setup.sh demo   only what the main job runs: .venv with the pipeline extra, no system
 #                           packages (`make demo`; the pipeline calls none of them)
+#   scripts/setup.sh gpu    everything, then ONNX Runtime's GPU build in place of the CPU one (the
+#                           edge-gpu extra: CUDA and TensorRT execution providers; a GPU machine
+#                           with its NVIDIA driver; the gpu-marked tests then run)
 #
 # Safe to re-run: it installs only what is missing.
 set -euo pipefail
@@ -17,7 +20,8 @@ profile=${1:-all}
 case "$profile" in
   all) extras="pipeline,dev" ;;
   demo) extras="pipeline" ;;
-  *) echo "setup: unknown profile '$profile' (all or demo)" >&2; exit 2 ;;
+  gpu) extras="pipeline,dev" ;;
+  *) echo "setup: unknown profile '$profile' (all, demo or gpu)" >&2; exit 2 ;;
 esac
 
 APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql orthanc prometheus chromium fonts-dejavu-core)
@@ -25,7 +29,7 @@ missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-if [ "$profile" = all ] && ((${#missing[@]})); then
+if [ "$profile" != demo ] && ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing system packages: ${missing[*]}"
@@ -47,4 +51,12 @@ fi
 # multi-GB CUDA build. On a GPU workstation install the CUDA wheel of the same version first.
 .venv/bin/python -m pip install -q --no-compile "torch==2.13.0"
 .venv/bin/python -m pip install -q --no-compile -e ".[$extras]"
+if [ "$profile" = gpu ]; then
+  # the two builds share the `onnxruntime` module: remove the CPU one, then install the GPU one
+  # alone (the project's onnxruntime requirement is then met by its files, not its name)
+  .venv/bin/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+  .venv/bin/python -m pip install -q --no-compile --no-deps \
+    "$(.venv/bin/python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["edge-gpu"][0])')"
+  .venv/bin/python -c 'import onnxruntime as o; print("setup: onnxruntime providers:", o.get_available_providers())'
+fi
 echo "setup: environment ($profile) ready in .venv ($(.venv/bin/python --version))"

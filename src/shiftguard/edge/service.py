@@ -409,13 +409,13 @@ class Service:
                 state.previous = state.current
             # else a newer version came while the last one was observed: that one is dropped,
             # the bundle to go back to stays the last confirmed one
+            self._count("swaps")  # first: whoever sees the new champion sees the swap counted
             self.champion = predictor
             self._watch(predictor)
             state.current, state.confirmed = new, False
             state.event("swapped", f"{new.label} swapped in", version=new.version,
                         registry_version=registry)  # fmt: skip
             state.save()
-        self._count("swaps")
         log.info("follow: %s swapped in; watching it (%s)", new.label, self._watch_terms())
         return True
 
@@ -466,6 +466,7 @@ class Service:
                 return False
             left = state.current
             summary = self.watch.summary() if self.watch is not None else {}
+            self._count("rollbacks")  # first, as for swaps
             self.champion, self.previous = self.previous, None
             self.watch, self._watched = None, None
             state.refused[left.registry_version or f"bundle {left.version}"] = (
@@ -475,7 +476,6 @@ class Service:
             state.event("rolled_back", reason, version=left.version,
                         registry_version=left.registry_version, **summary)  # fmt: skip
             state.save()
-        self._count("rollbacks")
         log.error("follow: rolled back from %s to %s: %s", left.label,
                   state.current.label if state.current else "?", reason)  # fmt: skip
         return True
@@ -516,10 +516,10 @@ class Service:
             swapped = self.adopt(path, version)
         except Exception as exc:  # BundleError, SignatureError, SmokeTestError, a model that breaks
             reason = f"{type(exc).__name__}: {exc}"
+            self._count("refused_bundles")  # first: whoever sees the refusal sees it counted
             state.refused[version.version] = reason
             state.event("refused", reason, registry_version=version.version)
             state.save()
-            self._count("refused_bundles")
             log.error("follow: %s refused, still serving %s: %s", label,
                       self.champion.bundle.version, reason)  # fmt: skip
             return self._status(f"{label} refused: {reason}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -42,6 +43,8 @@ __all__ = ["Prefetcher", "PreparedStudy"]
 
 #: instances waiting for the thread; beyond this the worker reads them itself
 QUEUE_LIMIT = 100_000
+#: the thread's scheduling niceness (Linux): receiving goes first when the cores are busy
+NICENESS = 10
 #: a study not taken this long after its last instance is forgotten (seconds)
 FORGET_S = 3600.0
 
@@ -133,6 +136,8 @@ class Prefetcher:
         return self._queue.qsize()
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread has its own niceness
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
         while True:
             item = self._queue.get()
             if item is None:

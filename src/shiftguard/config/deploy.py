@@ -211,7 +211,8 @@ class EdgeConfig(StrictModel):
             ge=0,
             description="a study past this many MiB is refused (instances answered 0xA700, the "
             "study marked failed with the reason) rather than filling the disk or the memory "
-            "(processing takes about 2.4x the pixel bytes); 0: no limit",
+            "(a series resampled whole takes about 2.4x its pixel bytes; one prepared while it "
+            "arrived, a few percent); 0: no limit",
         ),
     ] = 2048.0
     workers: Annotated[int, Field(ge=1, le=64, description="studies processed at once")] = 1

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,25 +149,39 @@ def write_sr(
     return sr
 
 
+_WARM_LOCK = threading.Lock()
+_WARM = [False]
+
+
 def warm_up() -> None:
     """Write a throwaway SR and key image for a one-slice synthetic series, in a temporary folder:
     what the first result objects would load (highdicom, 0.6 s to import, and its module tables,
     0.4 s to read; pydicom's code dictionary; the key image's font) is loaded now. The service
-    calls it in the background at start, so that the first study after a restart is not slower."""
+    calls it in the background at start, so that the first study after a restart is not slower.
+    Once per process: what it loads stays loaded."""
     import tempfile
+
+    with _WARM_LOCK:
+        if _WARM[0]:
+            return
+        _WARM[0] = True
 
     import pydicom
 
     from shiftguard.dicom.testing import SeriesSpec, write_series
 
-    with tempfile.TemporaryDirectory(prefix="shiftguard-warm-up-") as tmp:
-        [path] = write_series(Path(tmp), SeriesSpec(rows=8, cols=8, n_slices=1))
-        headers, _ = scan_files([path])
-        ref = pydicom.dcmread(path, stop_before_pixels=True)
-        result = SeriesResult(headers[0].series_uid, 0.5, 0.5, "warm-up", "0", shadow=True)
-        write_sr(ref, headers, result, Path(tmp) / "sr.dcm")
-        volume = np.zeros((8, 8, 8), dtype=np.float32)
-        write_sc(ref, volume, (1.0, 1.0, 1.0), None, result, Path(tmp) / "sc.dcm")
+    try:
+        with tempfile.TemporaryDirectory(prefix="shiftguard-warm-up-") as tmp:
+            [path] = write_series(Path(tmp), SeriesSpec(rows=8, cols=8, n_slices=1))
+            headers, _ = scan_files([path])
+            ref = pydicom.dcmread(path, stop_before_pixels=True)
+            result = SeriesResult(headers[0].series_uid, 0.5, 0.5, "warm-up", "0", shadow=True)
+            write_sr(ref, headers, result, Path(tmp) / "sr.dcm")
+            volume = np.zeros((8, 8, 8), dtype=np.float32)
+            write_sc(ref, volume, (1.0, 1.0, 1.0), None, result, Path(tmp) / "sc.dcm")
+    except Exception as exc:  # the first study then loads them itself; nothing else is at stake
+        log.warning("warming up the result writers failed (%s: %s); the first study's result "
+                    "objects will take longer", type(exc).__name__, exc)  # fmt: skip
 
 
 def build_sr(

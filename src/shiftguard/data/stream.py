@@ -147,8 +147,7 @@ class SeriesStream:
             planes = [self._planes[k] for k in keys]
         return resample_streamed(
             plan,
-            len(headers),
-            planes.__getitem__,
+            planes,
             geometry.affine_ras,
             grid,
             rules.shape,

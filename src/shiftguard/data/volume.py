@@ -35,7 +35,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -527,8 +527,7 @@ def plan_in_plane(
 
 def resample_streamed(
     plan: InPlanePlan,
-    n_slices: int,
-    reduced: Callable[[int], np.ndarray],
+    reduced: Sequence[np.ndarray],
     affine_in: np.ndarray,
     affine_out: np.ndarray,
     out_shape: tuple[int, int, int],
@@ -540,9 +539,8 @@ def resample_streamed(
 
     Args:
         plan: The in-plane plan the slices were reduced with (:func:`plan_in_plane`).
-        n_slices: Slices of the series (Z).
-        reduced: Slice ``k`` (in the order of ``affine_in``'s third axis) reduced by
-            ``plan.reduce``; asked only for the slices the product reads.
+        reduced: Every slice (Z of them, in the order of ``affine_in``'s third axis) reduced
+            by ``plan.reduce``.
         affine_in: ``(4, 4)`` the whole series' voxel -> RAS mm.
         affine_out: ``(4, 4)`` output voxel -> RAS mm.
         out_shape: Output shape ``(X, Y, Z)``.
@@ -569,13 +567,13 @@ def resample_streamed(
         if abs(sigma - sigma2) > STREAM_TOLERANCE * max(sigma2, 1.0):
             return None
     oz = int(np.flatnonzero(perm == 2)[0])
-    axis = _axis_plan(out_shape[oz], n_slices, matrix[2, oz], offset[2], sigmas[2], 0)
+    axis = _axis_plan(out_shape[oz], len(reduced), matrix[2, oz], offset[2], sigmas[2], 0)
     if axis is None:
         out, inside = _nothing_inside(out_shape, cval)
         return Resampled(out, np.asarray(affine_out, float), inside, "streamed")
     z_plan, z_box = axis
     first, used = z_plan.first, z_plan.weights.shape[1]
-    stack = np.stack([reduced(k) for k in range(first, first + used)])  # (used, ry, rx)
+    stack = np.stack(reduced[first : first + used])  # (used, ry, rx)
     buf = _apply_axis(stack, dataclasses.replace(z_plan, first=0), 0)
     box = [slice(0, 0)] * 3
     box[oz] = z_box

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import logging
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,22 +148,13 @@ def write_sr(
     return sr
 
 
-_WARM_LOCK = threading.Lock()
-_WARM = [False]
-
-
+@functools.cache  # once per process: what it loads stays loaded
 def warm_up() -> None:
     """Write a throwaway SR and key image for a one-slice synthetic series, in a temporary folder:
     what the first result objects would load (highdicom, 0.6 s to import, and its module tables,
     0.4 s to read; pydicom's code dictionary; the key image's font) is loaded now. The service
-    calls it in the background at start, so that the first study after a restart is not slower.
-    Once per process: what it loads stays loaded."""
+    calls it in the background at start, so that the first study after a restart is not slower."""
     import tempfile
-
-    with _WARM_LOCK:
-        if _WARM[0]:
-            return
-        _WARM[0] = True
 
     import pydicom
 

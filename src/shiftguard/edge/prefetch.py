@@ -87,10 +87,10 @@ class Prefetcher:
 
     Args:
         predictor: Returns the bundle served now (whose grid and selection the slices are
-            prepared for), or ``None`` when there is none.
+            prepared for).
     """
 
-    def __init__(self, predictor: Callable[[], Predictor | None]) -> None:
+    def __init__(self, predictor: Callable[[], Predictor]) -> None:
         self._predictor = predictor
         self._queue: queue.Queue[tuple[int, str, str] | None] = queue.Queue(QUEUE_LIMIT)
         self._studies: dict[str, PreparedStudy] = {}
@@ -131,10 +131,6 @@ class Prefetcher:
             self._taken[study_uid] = (self._added, time.monotonic())
         return study
 
-    def pending(self) -> int:
-        """Instances waiting for the thread."""
-        return self._queue.qsize()
-
     def _run(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread has its own niceness
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
@@ -173,7 +169,7 @@ class Prefetcher:
             return
         headers, issues = scan_files([path])
         for h in headers:
-            if predictor is None or not predictor.wants(h):
+            if not predictor.wants(h):
                 continue
             stream = study.series.get(h.series_uid)
             if stream is None:

@@ -101,7 +101,7 @@ FloatArray = NDArray[np.float64]
 
 # scipy's tests without their axis/NaN-policy wrapper: the engine hands them 1-D finite float64
 # arrays, for which the wrapper only checks and reshapes, at about seven times the cost of the test
-# itself (a window judged thirty times a second in the scenario streams). The same p-values
+# itself (ks_2samp on 50 against 100 values: 259 against 35 us). The same p-values
 # (tests/unit/monitor/test_drift.py holds them to the wrapped calls).
 _ks_2samp = getattr(stats.ks_2samp, "__wrapped__", stats.ks_2samp)
 _chisquare_test = getattr(stats.chisquare, "__wrapped__", stats.chisquare)

@@ -143,7 +143,7 @@ def main() -> None:
         f"{'met' if p95 <= 2 * f else 'MISSED'}"
     )
     images, rates = receive
-    theirs = statistics.median(rates["storescp (dcmtk, no fsync)"])
+    theirs = statistics.median(rates[STORESCP])
     print(
         f"receive throughput, {images} images in one association, median of {args.rounds} "
         f"alternating rounds (target >= 0.8x dcmtk storescp):"
@@ -156,24 +156,36 @@ def main() -> None:
         )
 
 
+#: dcmtk's largest receive PDU: storescp's default (16 KiB) makes storescu send in 16 KiB PDUs,
+#: while ShiftGuard's SCP takes any size (``edge.max_pdu: 0``), which would flatter ShiftGuard
+DCMTK_MAX_PDU = 131072
+STORESCP = f"storescp (dcmtk, --max-pdu {DCMTK_MAX_PDU})"
+
+
 def receive_throughput(
-    source: Path, tmp: Path, rounds: int, n_studies: int
+    source: Path, tmp: Path, rounds: int, n_studies: int, bundle: Path | None = None
 ) -> tuple[int, dict[str, list[float]]]:
     """The same ``storescu`` sends the same images (fresh UIDs each round, so every receiver writes
     new files) to dcmtk's ``storescp`` writing to disk and to ShiftGuard's Storage SCP alone
     (each engine and durability mode), one association each; the order rotates every round so
-    that no receiver always goes first on a warm or cold page cache."""
+    that no receiver always goes first on a warm or cold page cache. With ``bundle``, also the
+    whole edge service receiving while it prepares the study (in its child process, and in a
+    thread), the time to the association's release."""
     from shiftguard.config import EdgeConfig
     from shiftguard.edge.queue import WorkQueue
     from shiftguard.edge.receiver import Receiver
+    from shiftguard.edge.service import Service
     from shiftguard.peers import copy_study, free_port, storescu, tool
 
-    variants = {
-        "storescp (dcmtk, no fsync)": None,
+    variants: dict[str, tuple[str, str] | None] = {
+        STORESCP: None,
         "ShiftGuard asyncio, association": ("asyncio", "association"),
         "ShiftGuard asyncio, instance": ("asyncio", "instance"),
         "ShiftGuard pynetdicom, association": ("pynetdicom", "association"),
     }
+    if bundle is not None:
+        variants["edge service, preparing in a process"] = ("service", "process")
+        variants["edge service, preparing in a thread"] = ("service", "thread")
     rates: dict[str, list[float]] = {name: [] for name in variants}
     images = 0
     for round_ in range(rounds):
@@ -191,12 +203,33 @@ def receive_throughput(
             if variant is None:
                 port = free_port()
                 (where / "out").mkdir()
+                pdu = ["--max-pdu", str(DCMTK_MAX_PDU)]
                 scp = subprocess.Popen(
-                    [tool("storescp"), "-aet", "SHIFTGUARD", "-od", str(where / "out"), str(port)],
+                    [
+                        tool("storescp"),
+                        "-aet",
+                        "SHIFTGUARD",
+                        *pdu,
+                        "-od",
+                        str(where / "out"),
+                        str(port),
+                    ],
                     env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk's switch for Nagle's algorithm
                     stderr=subprocess.DEVNULL,
                 )
                 _wait_for_port(port, scp)
+            elif variant[0] == "service":
+                service = Service(
+                    EdgeConfig(
+                        bundle=str(bundle), storage=str(where / "edge"), port=0, http_port=0,
+                        calling_ae_titles=["MODALITY"], shadow=True, stability_s=600,
+                        prepare_in=variant[1],
+                    ),
+                    poll_s=0.005,
+                )  # fmt: skip
+                service.start()
+                assert service.prefetch is not None and service.prefetch.wait_ready()
+                port = service.receiver.port
             else:
                 queue = WorkQueue(where / "queue.db")
                 receiver = Receiver(
@@ -217,6 +250,8 @@ def receive_throughput(
             if variant is None:
                 scp.terminate()
                 scp.wait(10)
+            elif variant[0] == "service":
+                service.stop()
             else:
                 receiver.stop()
                 queue.close()

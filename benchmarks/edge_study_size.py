@@ -23,7 +23,9 @@ generated under a temporary folder and deleted; nothing is committed.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,25 +41,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from clinical_study import SLICE_BYTES, slices_for, write_study
 
 
-def _rss() -> int:
-    """This process's resident set, bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _rss(pids: tuple[int, ...] = ()) -> int:
+    """The resident set of this process and of ``pids`` (the service's preparing process; not
+    storescu or Orthanc, which are children too), bytes."""
+    total = 0
+    for pid in ("self", *map(str, pids)):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:  # ended meanwhile
+            pass
+    return total
+
+
+def _preparer_pids(service: Any) -> tuple[int, ...]:
+    """The service's preparing child process, if it has one."""
+    preparer = getattr(service.prefetch, "_preparer", None)
+    process = getattr(preparer, "process", None)
+    return (process.pid,) if process is not None else ()
 
 
 class PeakRss:
     """The highest resident set seen while it runs (sampled every 10 ms)."""
 
-    def __init__(self) -> None:
-        self.peak = _rss()
+    def __init__(self, pids: tuple[int, ...] = ()) -> None:
+        self.pids = pids
+        self.peak = _rss(pids)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, _rss(self.pids))
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -66,10 +82,10 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, _rss(self.pids))
 
 
-PREPARED, AFTER = "prepared", "after-release"
+PREPARED, THREAD, AFTER = "prepared", "prepared-thread", "after-release"
 
 
 def _one(
@@ -84,11 +100,14 @@ def _one(
 ) -> dict[str, Any]:
     """One study through one service: transfer, release -> SR acknowledged, peak memory."""
     pixel_bytes = slices * SLICE_BYTES
-    before = _rss()
-    with PeakRss() as peak:
+    pids = _preparer_pids(service)
+    before = _rss(pids)
+    with PeakRss(pids) as peak:
         began = time.perf_counter()
         proc = storescu(service.receiver.port, files)
         released = time.perf_counter()
+        # instances the preparing thread had not reached when the association ended
+        backlog = service.prefetch.backlog() if service.prefetch is not None else 0
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr)
         sent[mode] += 2
@@ -108,10 +127,16 @@ def _one(
                 )
             time.sleep(0.002)
         done = time.perf_counter()
+    import pydicom
+
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    with (service.outbox / study_uid / "timings.csv").open(newline="") as fh:
+        [steps] = list(csv.DictReader(fh))
     return {
         "mode": mode, "mib": pixel_bytes / 2**20, "slices": slices,
         "transfer_s": released - began, "latency_s": done - released,
-        "peak_over_pixels": (peak.peak - before) / pixel_bytes,
+        "peak_over_pixels": (peak.peak - before) / pixel_bytes, "backlog": backlog,
+        **{k: float(v) for k, v in steps.items() if k.endswith("_s")},
     }  # fmt: skip
 
 
@@ -141,20 +166,25 @@ def plot(rows: list[dict[str, Any]], forward_ms: float, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[10, 50, 150, 500, 1000])
+    parser.add_argument("--sizes", type=float, nargs="*", default=[10, 50, 150, 500, 1000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", choices=[PREPARED, AFTER], default=[PREPARED, AFTER],
-                        help="edge.prepare_while_receiving on (prepared) and off, side by side")  # fmt: skip
+    parser.add_argument("--modes", nargs="+", choices=[PREPARED, THREAD, AFTER],
+                        default=[PREPARED, THREAD, AFTER],
+                        help="edge.prepare_while_receiving on, in a child process (prepared, the "
+                        "default) or a thread, and off (after-release), side by side")  # fmt: skip
     parser.add_argument("--tmp", default=None, help="where studies and the service's storage go")
-    parser.add_argument("--receive-mib", type=float, default=150,
-                        help="receive throughput against dcmtk storescp at this size (0: skip)")  # fmt: skip
+    parser.add_argument("--receive-mib", type=float, nargs="*", default=[150, 1000],
+                        help="receive throughput against dcmtk storescp at these sizes (none: "
+                        "skip)")  # fmt: skip
     parser.add_argument("--receive-rounds", type=int, default=3)
     parser.add_argument("--plot", type=Path, default=None,
                         help="write the latency-versus-size figure here (PNG)")  # fmt: skip
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+
+    from edge_serve_latency import STORESCP, receive_throughput
 
     from shiftguard.config import EdgeConfig
     from shiftguard.data.canonical import canonical_volume
@@ -177,7 +207,8 @@ def main() -> int:
                     bundle=str(bundle), storage=str(tmp / f"edge-{i}"), port=0, http_port=0,
                     calling_ae_titles=["MODALITY"], shadow=False, stability_s=600,
                     destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom}],
-                    prepare_while_receiving=mode == PREPARED,
+                    prepare_while_receiving=mode != AFTER,
+                    prepare_in="thread" if mode == THREAD else "process",
                 ),
                 poll_s=0.005,
             )
@@ -216,7 +247,10 @@ def main() -> int:
                         print(f"  {r['mib']:6.0f} MiB ({slices} slices), {mode:<13} repeat "
                               f"{repeat + 1}: transfer {r['transfer_s']:6.2f} s, release -> SR "
                               f"{r['latency_s']:6.2f} s, peak RSS / pixels "
-                              f"{r['peak_over_pixels']:.2f}", flush=True)  # fmt: skip
+                              f"{r['peak_over_pixels']:.2f}; not prepared at release "
+                              f"{r['backlog']}; worker: read {r['read_s']:.2f} s, preprocess "
+                              f"{r['preprocess_s']:.2f}, infer {r['infer_s']:.3f}, features "
+                              f"{r['features_s']:.2f}, write {r['write_s']:.2f}", flush=True)  # fmt: skip
                         for path in folder.iterdir():
                             path.unlink()
                         folder.rmdir()
@@ -224,13 +258,14 @@ def main() -> int:
             for service in services.values():
                 service.stop()
             orthanc.stop()
-        receive = None
-        if args.receive_mib:
-            from edge_serve_latency import receive_throughput
-
-            study = tmp / "receive-source"
-            write_study(source, study, slices_for(args.receive_mib), seed=7)
-            receive = receive_throughput(study, tmp / "receive", args.receive_rounds, 1)
+        receive = {}
+        for size in args.receive_mib:
+            study = tmp / f"receive-source-{size:g}"
+            write_study(source, study, slices_for(size), seed=7)
+            receive[size] = receive_throughput(
+                study, tmp / "receive", args.receive_rounds, 1, bundle=bundle
+            )
+            shutil.rmtree(study)
     f = statistics.median(forward)
     print(f"\nbundle {bundle.name}; forward pass alone {1000 * f:.1f} ms (median of 20); "
           f"{args.repeats} studies per size, {args.threads} threads")  # fmt: skip
@@ -246,22 +281,22 @@ def main() -> int:
             print(f"{mine[0]['mib']:5.0f} {mine[0]['slices']:6d}  {mode:<13}  "
                   f"{statistics.median(r['transfer_s'] for r in mine):19.2f}  {p50:17.2f}  "
                   f"{p95:5.2f}  {max(r['peak_over_pixels'] for r in mine):.2f}")  # fmt: skip
-    if len(args.modes) == 2:
-        print(f"\nrelease -> SR p95, {PREPARED} / {AFTER}: " + ", ".join(
-            f"{size:g} MiB {p95s[size, PREPARED] / p95s[size, AFTER]:.2f}" for size in args.sizes
-        ))  # fmt: skip
+    if AFTER in args.modes:
+        for mode in [m for m in args.modes if m != AFTER]:
+            print(f"\nrelease -> SR p95, {mode} / {AFTER}: " + ", ".join(
+                f"{size:g} MiB {p95s[size, mode] / p95s[size, AFTER]:.2f}" for size in args.sizes
+            ))  # fmt: skip
     if args.plot is not None:
         plot(rows, 1000 * f, args.plot)
         print(f"\nfigure: {args.plot}")
-    if receive is not None:
-        images, rates = receive
-        theirs = statistics.median(rates["storescp (dcmtk, no fsync)"])
-        mib = slices_for(args.receive_mib) * SLICE_BYTES / 2**20
+    for size, (images, rates) in receive.items():
+        theirs = statistics.median(rates[STORESCP])
+        mib = slices_for(size) * SLICE_BYTES / 2**20
         print(f"\nreceive throughput, one {mib:.0f} MiB study ({images} images) in one association, "
               f"median of {args.receive_rounds} alternating rounds (target >= 0.9x storescp):")  # fmt: skip
         for name, values in rates.items():
             ours = statistics.median(values)
-            print(f"  {name:<34} {ours * mib / images:7.0f} MiB/s  ratio {ours / theirs:.2f}  "
+            print(f"  {name:<38} {ours * mib / images:7.0f} MiB/s  ratio {ours / theirs:.2f}  "
                   f"(rounds: {', '.join(f'{v * mib / images:.0f}' for v in values)})")  # fmt: skip
     return 0
 

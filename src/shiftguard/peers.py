@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 PACKAGES = {
     "Orthanc": "orthanc",
     "storescu": "dcmtk",
+    "storescp": "dcmtk",
     "findscu": "dcmtk",
     "movescu": "dcmtk",
     "dcmqrscp": "dcmtk",

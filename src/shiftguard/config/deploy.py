@@ -222,6 +222,12 @@ class EdgeConfig(StrictModel):
         "the rest of the study arrives, so that after the release only the last slices, "
         "inference and the result objects remain; false: all of it after the release",
     )
+    prepare_in: Literal["process", "thread"] = Field(
+        "process",
+        description="where that preparing runs: a child process (the receiver keeps the "
+        "interpreter to itself) or a thread of the service (no second process; receiving is "
+        "slower while a study is prepared)",
+    )
     stability_s: Annotated[
         float, Field(gt=0, description="a study with no new image this long is processed")
     ] = 30.0

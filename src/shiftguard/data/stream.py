@@ -45,13 +45,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SeriesStream"]
+__all__ = ["SeriesStream", "reduce_slice", "stream_plan"]
 
 _Key = tuple[str, int]  # (path, frame)
 
 
 def _key(h: SliceHeader) -> _Key:
     return (h.path, h.frame)
+
+
+def stream_plan(rules: IngestConfig, h: SliceHeader) -> InPlanePlan | None:
+    """The in-plane plan of ``h``'s series onto the canonical grid of ``rules``, made from this one
+    slice's geometry; ``None`` when the series cannot stream (non-linear interpolation, several
+    frames or samples, a slice that does not validate, axes not parallel to the grid's)."""
+    if rules.interpolation_order != 1 or h.n_frames != 1 or h.samples_per_pixel != 1:
+        return None
+    try:
+        one = validate_series(
+            SeriesGroup(h.study_uid, h.series_uid, (h,)),
+            modalities=rules.modalities,
+            min_slices=1,
+            spacing_tolerance=rules.spacing_tolerance,
+            orientation_tolerance=rules.orientation_tolerance,
+        )
+    except InvalidSeriesError:
+        return None  # the series will be refused, or resampled, the usual way
+    geometry = one.geometry
+    grid = canonical_affine(geometry.fov_centre_ras, rules.spacing, rules.shape)
+    return plan_in_plane(
+        h.rows, h.cols, geometry.affine_ras, grid, rules.shape, antialias=rules.antialias
+    )
+
+
+def reduce_slice(plan: InPlanePlan, h: SliceHeader) -> tuple[np.ndarray, float]:
+    """Read, rescale and reduce one slice: its reduced plane and its minimum (after rescaling).
+    Raises what :func:`~shiftguard.dicom.pixels.read_stored` raises."""
+    values = read_stored([h])[0].astype(np.float32)
+    # as assemble() rescales: float32 products per slice (x * 1 and x + 0 are exact)
+    if h.rescale_slope != 1.0:
+        values *= np.float32(h.rescale_slope)
+    if h.rescale_intercept != 0.0:
+        values += np.float32(h.rescale_intercept)
+    return plan.reduce(values), float(values.min())
 
 
 class SeriesStream:
@@ -68,27 +103,7 @@ class SeriesStream:
         self._lock = threading.Lock()
         self._planes: dict[_Key, np.ndarray] = {}
         self._minima: dict[_Key, float] = {}
-        self.plan: InPlanePlan | None = self._plan(first)
-
-    def _plan(self, h: SliceHeader) -> InPlanePlan | None:
-        rules = self.rules
-        if rules.interpolation_order != 1 or h.n_frames != 1 or h.samples_per_pixel != 1:
-            return None  # only linear, single-frame, single-sample slices stream
-        try:
-            one = validate_series(
-                SeriesGroup(h.study_uid, h.series_uid, (h,)),
-                modalities=rules.modalities,
-                min_slices=1,
-                spacing_tolerance=rules.spacing_tolerance,
-                orientation_tolerance=rules.orientation_tolerance,
-            )
-        except InvalidSeriesError:
-            return None  # the series will be refused, or resampled, the usual way
-        geometry = one.geometry
-        grid = canonical_affine(geometry.fov_centre_ras, rules.spacing, rules.shape)
-        return plan_in_plane(
-            h.rows, h.cols, geometry.affine_ras, grid, rules.shape, antialias=rules.antialias
-        )
+        self.plan: InPlanePlan | None = stream_plan(rules, first)
 
     @property
     def streaming(self) -> bool:
@@ -108,16 +123,21 @@ class SeriesStream:
             if _key(h) not in self._planes:
                 self._reduce(h)
 
+    def put(
+        self, h: SliceHeader, plane: np.ndarray, minimum: float, key: tuple[object, ...]
+    ) -> bool:
+        """A slice reduced elsewhere (another process) by a plan whose :attr:`InPlanePlan.key` is
+        ``key``; kept only when that is this stream's plan (returns whether it was kept)."""
+        if self.plan is None or key != self.plan.key or h.series_uid != self.series_uid:
+            return False
+        with self._lock:
+            self._planes.setdefault(_key(h), plane)
+            self._minima.setdefault(_key(h), minimum)
+        return True
+
     def _reduce(self, h: SliceHeader) -> None:
         assert self.plan is not None
-        values = read_stored([h])[0].astype(np.float32)
-        # as assemble() rescales: float32 products per slice (x * 1 and x + 0 are exact)
-        if h.rescale_slope != 1.0:
-            values *= np.float32(h.rescale_slope)
-        if h.rescale_intercept != 0.0:
-            values += np.float32(h.rescale_intercept)
-        self._minima[_key(h)] = float(values.min())
-        self._planes[_key(h)] = self.plan.reduce(values)
+        self._planes[_key(h)], self._minima[_key(h)] = reduce_slice(self.plan, h)
 
     def resample(self, series: ValidatedSeries) -> Resampled | None:
         """The validated ``series`` on the canonical grid from the reduced slices (reading any

@@ -467,6 +467,12 @@ class InPlanePlan:
     _x: _AxisPlan
     _y: _AxisPlan
 
+    @property
+    def key(self) -> tuple[object, ...]:
+        """What decides the reduction (the slice's size, the axes' terms and boxes): two plans with
+        the same key reduce a slice to the same plane."""
+        return (self.rows, self.cols, self.terms, tuple((b.start, b.stop) for b in self.boxes))
+
     def reduce(self, pixels: np.ndarray) -> np.ndarray:
         """One slice ``(rows, cols)`` (Y, X) to the output's in-plane rows: ``(ry, rx)`` float32."""
         buf = np.ascontiguousarray(pixels, dtype=np.float32).reshape(1, self.rows, self.cols)

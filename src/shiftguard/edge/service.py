@@ -285,7 +285,9 @@ class Service:
             )
         # headers read and slices resampled while a study arrives (the worker takes what is done)
         self.prefetch = (
-            Prefetcher(lambda: self.champion) if settings.prepare_while_receiving else None
+            Prefetcher(lambda: self.champion, settings.prepare_in)
+            if settings.prepare_while_receiving
+            else None
         )
         self.receiver = Receiver(
             settings, self.queue, self.inbox, on_ready=self._wake,

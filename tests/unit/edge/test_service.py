@@ -100,25 +100,49 @@ def test_a_study_in_gives_an_sr_and_a_key_image_in_the_pacs(
         service.stop()
 
 
+@pytest.fixture
+def preparer_not_niced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preparing process at the default priority: it runs at the lowest one in service, so
+    that receiving goes first, and on a test host busy with other tests it could be left no CPU
+    before a study's release; these tests check what it prepares, not its scheduling."""
+    from shiftguard.edge import prefetch
+
+    monkeypatch.setattr(prefetch, "NICENESS", 0)
+
+
 def test_studies_prepared_while_they_arrive_give_the_offline_results(
-    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc, preparer_not_niced: None
 ) -> None:
     """With edge.prepare_while_receiving (the default) each image is read and its slice resampled
     as it is stored: every series of the cohort is resampled from those slices, and each
-    probability is the offline runner's (which reads every study whole) to 1e-5."""
+    probability is the offline runner's (which reads every study whole) to 1e-5. Each study's
+    association is released only once its images are prepared, so that every series takes the
+    prepared path (how much is ready by a release is a matter of timing, measured by
+    benchmarks/edge_study_size.py)."""
+    from pynetdicom import AE
+
     from shiftguard.edge.bundle import open_bundle
     from shiftguard.edge.predict import Predictor
 
     service = _service(tmp_path, bundle_path, orthanc, shadow=True)
     studies = sorted(p for site in cohort.iterdir() for p in site.iterdir())
     try:
-        assert service.prefetch is not None
+        prefetch = service.prefetch
+        assert prefetch is not None and prefetch.wait_ready()
+        n_files = 0
         for study in studies:
-            _send(service.receiver.port, study)
+            files = [pydicom.dcmread(f) for f in sorted(study.rglob("*.dcm"))]
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(files[0].SOPClassUID, files[0].file_meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", service.receiver.port, ae_title="SHIFTGUARD")
+            assert assoc.is_established
+            for ds in files:
+                assert assoc.send_c_store(ds).Status == 0
+            n_files += len(files)
+            _wait(lambda: prefetch.backlog() == 0)
+            assoc.release()
         _wait(lambda: service.count("processed") == len(studies))
-        n_files = sum(1 for s in studies for _ in s.rglob("*.dcm"))
-        assert service.prefetch.prepared + service.prefetch.errors <= n_files
-        assert service.prefetch.errors == 0
+        assert prefetch.prepared == n_files and prefetch.errors == 0
         streamed = service.count("series_streamed")
     finally:
         service.stop()
@@ -134,7 +158,7 @@ def test_studies_prepared_while_they_arrive_give_the_offline_results(
 
 
 def test_a_study_over_100_mb_goes_from_storescu_through_the_service_to_orthanc(
-    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc
+    tmp_path: Path, bundle_path: Path, cohort: Path, orthanc: Orthanc, preparer_not_niced: None
 ) -> None:
     """A clinical-size study (512 x 512 x 210 16-bit slices, 105 MiB of pixels, generated from a
     cohort series) sent by storescu in one association: the service streams it, and the SR in
@@ -154,6 +178,7 @@ def test_a_study_over_100_mb_goes_from_storescu_through_the_service_to_orthanc(
     sent = pydicom.dcmread(files[0], stop_before_pixels=True)
     service = _service(tmp_path, bundle_path, orthanc, shadow=False)
     try:
+        assert service.prefetch is not None and service.prefetch.wait_ready()
         proc = storescu(service.receiver.port, files)
         assert proc.returncode == 0, proc.stderr
         _wait(lambda: service.count("sent") == 2, timeout=120)

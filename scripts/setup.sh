@@ -2,7 +2,7 @@
 # Build the environment on a fresh Debian/Ubuntu machine.
 #
 #   scripts/setup.sh        everything: the system packages the tests and benchmarks call (dciodvfy,
-#                           dcm2niix, dcmtk, the Orthanc PACS; PostgreSQL for the tracking-server
+#                           dcm2niix, dcmtk, the Orthanc PACS and its DICOMweb plugin; PostgreSQL for the tracking-server
 #                           test; Prometheus for the scrape test and the example alert rules;
 #                           headless Chromium for the reports' screenshots; DejaVu fonts
 #                           for the key image's burned-in text), then .venv with the package
@@ -24,7 +24,8 @@ case "$profile" in
   *) echo "setup: unknown profile '$profile' (all, demo or gpu)" >&2; exit 2 ;;
 esac
 
-APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql orthanc prometheus chromium fonts-dejavu-core)
+APT_PACKAGES=(dicom3tools dcm2niix dcmtk postgresql orthanc orthanc-dicomweb prometheus chromium
+  fonts-dejavu-core)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -136,6 +136,10 @@ class Orthanc:
 
     ``modalities`` maps the AE titles Orthanc knows to their ``(host, port)``: Orthanc answers
     C-FIND, C-GET and C-MOVE only from those AEs, and sends C-MOVE results only to them.
+    ``dicomweb``: load the DICOMweb plugin (Debian ``orthanc-dicomweb``), whose root is
+    :attr:`dicomweb_url` (STOW-RS, QIDO-RS, WADO-RS). ``lua``: a Lua script Orthanc runs (e.g. an
+    ``IncomingHttpRequestFilter`` that checks a bearer token). (Debian's Orthanc 1.10.1 crashes on
+    the first request when serving HTTPS, so TLS is put in front of it rather than turned on.)
     """
 
     def __init__(
@@ -143,10 +147,14 @@ class Orthanc:
         root: Path,
         ae_title: str = "ORTHANC",
         modalities: Mapping[str, tuple[str, int]] | None = None,
+        dicomweb: bool = False,
+        lua: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.ae_title = ae_title
         self.modalities = dict(modalities or {})
+        self.plugins = [dicomweb_plugin()] if dicomweb else []
+        self.lua = lua
         self.http = free_port()
         self.dicom = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -166,8 +174,13 @@ class Orthanc:
             "DicomModalities": {
                 aet: [aet, host, port] for aet, (host, port) in self.modalities.items()
             },
-            "Plugins": [],
+            "Plugins": self.plugins,
+            "DicomWeb": {"Enable": bool(self.plugins), "Root": "/dicom-web/"},
         }
+        if self.lua is not None:
+            script = self.root / "filter.lua"
+            script.write_text(self.lua)
+            config["LuaScripts"] = [str(script)]
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(config))
         log = (self.root / "orthanc.log").open("ab")
@@ -189,6 +202,16 @@ class Orthanc:
             f"Orthanc did not start: {(self.root / 'orthanc.log').read_text()[-2000:]}"
         )
 
+    @property
+    def url(self) -> str:
+        """The REST API's root."""
+        return f"http://127.0.0.1:{self.http}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb plugin's root (with ``dicomweb=True``)."""
+        return f"{self.url}/dicom-web"
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
@@ -196,7 +219,7 @@ class Orthanc:
             self.proc = None
 
     def get(self, route: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{route}", timeout=10) as r:
+        with urllib.request.urlopen(f"{self.url}{route}", timeout=10) as r:
             return json.loads(r.read())
 
     def studies(self) -> dict[str, int]:
@@ -206,6 +229,22 @@ class Orthanc:
             uid = self.get(f"/instances/{instance}/simplified-tags")["StudyInstanceUID"]
             counts[uid] = counts.get(uid, 0) + 1
         return counts
+
+
+#: where Debian's orthanc-dicomweb puts the plugin
+DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                    "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so")  # fmt: skip
+
+
+def dicomweb_plugin() -> str:
+    """The Orthanc DICOMweb plugin's file, or :class:`PeerMissingError` naming its package."""
+    for candidate in DICOMWEB_PLUGINS:
+        if Path(candidate).is_file():
+            return candidate
+    raise PeerMissingError(
+        f"Orthanc's DICOMweb plugin: not installed (looked for {', '.join(DICOMWEB_PLUGINS)}); "
+        "install the Debian package orthanc-dicomweb (scripts/setup.sh does)"
+    )
 
 
 def storescu(

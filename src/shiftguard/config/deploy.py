@@ -62,13 +62,45 @@ class ExportConfig(StrictModel):
 
 
 class EdgeDestination(StrictModel):
-    """A DICOM node the edge service sends results to."""
+    """A node the edge service sends results to: by C-STORE (``kind: dimse``, the default: a PACS
+    at ``ae_title``, ``host``, ``port``) or by DICOMweb STOW-RS (``kind: stow-rs``: a VNA or PACS
+    at ``url``, with a bearer token and/or a client certificate)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    ae_title: str = Field(min_length=1, max_length=16)
+    kind: Literal["dimse", "stow-rs"] = "dimse"
+    ae_title: str = Field("", max_length=16, description="DIMSE: the called AE title")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 4242
+    url: str | None = Field(
+        None,
+        description="STOW-RS: the DICOMweb service root, e.g. https://vna.example/dicom-web "
+        "(results are POSTed to {url}/studies); http:// on loopback only",
+    )
+    token_env: str | None = Field(
+        None, description="STOW-RS: the environment variable holding a bearer token"
+    )
+    ca: str | None = Field(None, description="STOW-RS: CA bundle the server is checked against")
+    cert: str | None = Field(None, description="STOW-RS: client certificate (PEM)")
+    key: str | None = Field(None, description="STOW-RS: the client certificate's key (PEM)")
     role: Literal["clinical", "research"] = "clinical"
+
+    @model_validator(mode="after")
+    def _kind(self) -> EdgeDestination:
+        where = f"edge.destinations {self.name!r}"
+        if self.kind == "dimse":
+            if not self.ae_title:
+                raise ValueError(f"{where}: a dimse destination needs its ae_title")
+            if self.url is not None:
+                raise ValueError(f"{where}: url is for kind stow-rs; a dimse one has host, port")
+        else:
+            if not self.url or not self.url.startswith(("https://", "http://")):
+                raise ValueError(
+                    f"{where}: a stow-rs destination needs url, https://host[:port]/path "
+                    "(http:// on loopback only)"
+                )
+        if (self.cert is None) != (self.key is None):
+            raise ValueError(f"{where}: cert and key go together")
+        return self
 
 
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
@@ -203,7 +235,9 @@ class EdgeConfig(StrictModel):
         Field(ge=0, description="largest P-DATA PDU the SCP accepts, in bytes; 0: unlimited"),
     ] = 0
     destinations: list[EdgeDestination] = Field(
-        default_factory=list, description="where results go: {name, ae_title, host, port, role}"
+        default_factory=list,
+        description="where results go: {name, ae_title, host, port, role} by C-STORE, or {name, "
+        "kind: stow-rs, url, token_env, ca, cert, key, role} by DICOMweb STOW-RS",
     )
     max_study_mb: Annotated[
         float,

@@ -47,6 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from shiftguard.config.deploy import EdgeConfig, EdgeDestination
 from shiftguard.edge.bundle import SUFFIX, open_bundle
 from shiftguard.edge.dicom_out import warm_up
+from shiftguard.edge.dicomweb import StowError, stow, stow_client
 from shiftguard.edge.follow import (
     FollowState,
     Installed,
@@ -283,6 +284,10 @@ class Service:
                 f"({self.champion.bundle.name} v{self.champion.bundle.version}); the shadow log "
                 "could not tell their results apart: give a different bundle or none"
             )
+        # DICOMweb destinations' clients, made now so that a bad URL or certificate stops the start
+        self._stow_clients = {
+            d.name: stow_client(d) for d in settings.destinations if d.kind == "stow-rs"
+        }
         # headers read and slices resampled while a study arrives (the worker takes what is done)
         self.prefetch = (
             Prefetcher(lambda: self.champion, settings.prepare_in)
@@ -719,7 +724,39 @@ class Service:
             if self.queue.mark_stable(self.settings.stability_s):
                 self._work.set()
 
+    def _delivered(self, delivery: Any, began: float) -> None:
+        self.queue.delivered(delivery.id)
+        self._count("sent")
+        self.latency.labels("deliver").observe(time.monotonic() - began)
+        ready = self._ready_at.pop(delivery.study_uid, None)
+        if ready is not None:
+            self.latency.labels("ready_to_sent").observe(time.monotonic() - ready)
+
+    def _stow_sender(self, dest: EdgeDestination) -> None:
+        """Deliver ``dest``'s queue by STOW-RS, one instance a request, each retried with the
+        queue's backoff until the server lists it as stored."""
+        client = self._stow_clients[dest.name]
+        while not self._stop.is_set():
+            due = self.queue.due(dest.name)
+            if not due:
+                self._stop.wait(self.poll_s)
+                continue
+            for d in due:
+                began = time.monotonic()
+                try:
+                    stow(client, d.path)
+                except StowError as exc:
+                    self._backoff(d, str(exc))
+                    continue
+                except OSError as exc:  # the result file cannot be read
+                    self._backoff(d, f"{type(exc).__name__}: {exc}")
+                    continue
+                self._delivered(d, began)
+
     def _sender(self, dest: EdgeDestination) -> None:
+        if dest.kind == "stow-rs":
+            self._stow_sender(dest)
+            return
         from pydicom import dcmread
         from pynetdicom import AE, evt
 
@@ -753,12 +790,7 @@ class Service:
                     except Exception as exc:  # connection dropped mid-batch
                         ok, error = False, f"{type(exc).__name__}: {exc}"
                     if ok:
-                        self.queue.delivered(d.id)
-                        self._count("sent")
-                        self.latency.labels("deliver").observe(time.monotonic() - began)
-                        ready = self._ready_at.pop(d.study_uid, None)
-                        if ready is not None:
-                            self.latency.labels("ready_to_sent").observe(time.monotonic() - ready)
+                        self._delivered(d, began)
                     else:
                         self._backoff(d, error)
                         if not assoc.is_established:

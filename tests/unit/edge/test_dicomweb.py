@@ -1,0 +1,257 @@
+"""Results delivered by DICOMweb STOW-RS to a real Orthanc with its DICOMweb plugin: the SR and
+the key image arrive in the study, a server that is down is retried from the durable queue until it
+takes them (each stored once), and a destination that could send a token in clear is refused at
+start."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydantic import ValidationError
+
+from shiftguard.config import EdgeConfig
+from shiftguard.edge.service import Service
+from shiftguard.errors import CollectorAddressError
+from shiftguard.peers import Orthanc, storescu
+
+pytestmark = [pytest.mark.integration, pytest.mark.peers("Orthanc", "storescu")]
+
+
+def _wait(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _settings(tmp_path: Path, bundle: Path, url: str, **dest: Any) -> EdgeConfig:
+    return EdgeConfig(
+        bundle=str(bundle),
+        storage=str(tmp_path / "edge"),
+        port=0,
+        http_port=0,
+        calling_ae_titles=["MODALITY"],
+        destinations=[{"name": "vna", "kind": "stow-rs", "url": url, **dest}],
+        shadow=False,
+        retry_base_s=0.2,
+        retry_max_s=0.5,
+    )
+
+
+def _study(cohort: Path) -> tuple[Path, str]:
+    study = sorted(next(cohort.iterdir()).iterdir())[0]
+    uid = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    return study, str(uid)
+
+
+def test_results_go_to_a_vna_by_stow_rs(tmp_path: Path, bundle_path: Path, cohort: Path) -> None:
+    vna = Orthanc(tmp_path / "vna", dicomweb=True)
+    vna.start()
+    service = Service(_settings(tmp_path, bundle_path, vna.dicomweb_url))
+    service.start()
+    try:
+        study, uid = _study(cohort)
+        proc = storescu(service.receiver.port, sorted(study.rglob("*.dcm")))
+        assert proc.returncode == 0, proc.stderr
+        _wait(lambda: service.count("sent") == 2)
+        assert vna.studies() == {uid: 2}  # the SR and the key image, in the source study
+        classes = {
+            vna.get(f"/instances/{i}/simplified-tags")["SOPClassUID"] for i in vna.get("/instances")
+        }
+        assert classes == {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"}
+        assert service.count("send_failures") == 0
+    finally:
+        service.stop()
+        vna.stop()
+
+
+def test_a_vna_that_is_down_gets_every_result_once_it_is_back(
+    tmp_path: Path, bundle_path: Path, cohort: Path
+) -> None:
+    vna = Orthanc(tmp_path / "vna", dicomweb=True)  # its ports chosen, not started yet
+    service = Service(_settings(tmp_path, bundle_path, vna.dicomweb_url))
+    service.start()
+    try:
+        study, uid = _study(cohort)
+        assert storescu(service.receiver.port, sorted(study.rglob("*.dcm"))).returncode == 0
+        _wait(lambda: service.count("send_failures") >= 2)  # refused connections, backed off
+        assert service.count("sent") == 0
+        vna.start()
+        _wait(lambda: service.count("sent") == 2)
+        assert vna.studies() == {uid: 2}
+        time.sleep(1.0)  # a second delivery of either would show here
+        assert vna.studies() == {uid: 2} and service.count("sent") == 2
+    finally:
+        service.stop()
+        vna.stop()
+
+
+def test_a_destination_that_would_send_a_token_in_clear_is_refused(
+    tmp_path: Path, bundle_path: Path
+) -> None:
+    settings = _settings(tmp_path, bundle_path, "http://10.20.0.5/dicom-web", token_env="VNA_TOKEN")
+    with pytest.raises(CollectorAddressError, match="in clear"):
+        Service(settings)
+
+
+@pytest.mark.parametrize(
+    ("destination", "message"),
+    [
+        ({"name": "vna", "kind": "stow-rs"}, "needs url"),
+        ({"name": "vna", "kind": "stow-rs", "url": "vna.example/dicom-web"}, "needs url"),
+        ({"name": "pacs", "port": 4242}, "needs its ae_title"),
+        ({"name": "pacs", "ae_title": "PACS", "url": "https://x/dicom-web"}, "url is for"),
+        ({"name": "vna", "kind": "stow-rs", "url": "https://x", "cert": "c.pem"}, "go together"),
+    ],
+)
+def test_a_destination_missing_what_its_kind_needs_is_a_config_error(
+    destination: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        EdgeConfig(destinations=[destination])
+
+
+class TlsFront:
+    """TLS in front of a loopback HTTP server, as a site's reverse proxy puts it in front of a VNA:
+    a client must present a certificate ``client_ca`` signed; the bytes are then relayed both ways
+    (Python's ssl; Debian's Orthanc 1.10.1 crashes when it serves HTTPS itself)."""
+
+    def __init__(self, target: int, chain: tuple[Path, Path], client_ca: Path) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(*map(str, chain))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.load_verify_locations(str(client_ca))
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.refused = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(10)
+                front = self.context.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                self.refused += 1
+                conn.close()
+                continue
+            back = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((front, back), (back, front)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.peers("openssl")
+def test_a_vna_that_wants_a_client_certificate_gets_one(
+    tmp_path: Path, bundle_path: Path, cohort: Path
+) -> None:
+    """HTTPS requiring client certificates in front of Orthanc: the destination with ``ca``,
+    ``cert`` and ``key`` delivers; the same without its certificate is refused in the handshake,
+    retried, and nothing is stored."""
+    from tls_certs import self_signed
+
+    server = self_signed(tmp_path, "server")
+    client = self_signed(tmp_path, "client")
+    vna = Orthanc(tmp_path / "vna", dicomweb=True)
+    vna.start()
+    front = TlsFront(vna.http, server, client[0])
+    url = f"https://127.0.0.1:{front.port}/dicom-web"
+    study, uid = _study(cohort)
+    files = sorted(study.rglob("*.dcm"))
+    try:
+        anonymous = Service(_settings(tmp_path / "a", bundle_path, url, ca=str(server[0])))
+        anonymous.start()
+        try:
+            assert storescu(anonymous.receiver.port, files).returncode == 0
+            _wait(lambda: anonymous.count("send_failures") >= 2)
+            assert anonymous.count("sent") == 0 and vna.studies() == {} and front.refused >= 2
+        finally:
+            anonymous.stop()
+        settings = _settings(
+            tmp_path / "b", bundle_path, url,
+            ca=str(server[0]), cert=str(client[0]), key=str(client[1]),
+        )  # fmt: skip
+        service = Service(settings)
+        service.start()
+        try:
+            assert storescu(service.receiver.port, files).returncode == 0
+            _wait(lambda: service.count("sent") == 2)
+            assert vna.studies() == {uid: 2}
+        finally:
+            service.stop()
+    finally:
+        front.close()
+        vna.stop()
+
+
+TOKEN_FILTER = """
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  if string.sub(uri, 1, 11) == '/dicom-web/' then
+    return httpHeaders['authorization'] == 'Bearer s3cret-token'
+  end
+  return true
+end
+"""
+
+
+def test_a_vna_that_wants_a_bearer_token_gets_the_one_in_token_env(
+    tmp_path: Path, bundle_path: Path, cohort: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orthanc refusing DICOMweb requests without the right bearer token (its HTTP filter):
+    a wrong token is refused and retried, the right one from ``token_env`` delivers."""
+    vna = Orthanc(tmp_path / "vna", dicomweb=True, lua=TOKEN_FILTER)
+    vna.start()
+    study, uid = _study(cohort)
+    files = sorted(study.rglob("*.dcm"))
+    try:
+        monkeypatch.setenv("VNA_TOKEN", "wrong")
+        wrong = Service(
+            _settings(tmp_path / "a", bundle_path, vna.dicomweb_url, token_env="VNA_TOKEN")
+        )
+        wrong.start()
+        try:
+            assert storescu(wrong.receiver.port, files).returncode == 0
+            _wait(lambda: wrong.count("send_failures") >= 2)
+            assert wrong.count("sent") == 0 and vna.studies() == {}
+        finally:
+            wrong.stop()
+        monkeypatch.setenv("VNA_TOKEN", "s3cret-token")
+        right = Service(
+            _settings(tmp_path / "b", bundle_path, vna.dicomweb_url, token_env="VNA_TOKEN")
+        )
+        right.start()
+        try:
+            assert storescu(right.receiver.port, files).returncode == 0
+            _wait(lambda: right.count("sent") == 2)
+            assert vna.studies() == {uid: 2}
+        finally:
+            right.stop()
+    finally:
+        vna.stop()

@@ -52,6 +52,19 @@ def _study(cohort: Path) -> tuple[Path, str]:
     return study, str(uid)
 
 
+def _send_through(settings: EdgeConfig, files: list[Path]) -> Service:
+    """Start a service with ``settings``, send it ``files`` by storescu, and wait until its
+    results were delivered (``sent == 2``) or refused twice; returns the stopped service."""
+    service = Service(settings)
+    service.start()
+    try:
+        assert storescu(service.receiver.port, files).returncode == 0
+        _wait(lambda: service.count("sent") == 2 or service.count("send_failures") >= 2)
+    finally:
+        service.stop()
+    return service
+
+
 def test_results_go_to_a_vna_by_stow_rs(tmp_path: Path, bundle_path: Path, cohort: Path) -> None:
     vna = Orthanc(tmp_path / "vna", dicomweb=True)
     vna.start()
@@ -186,26 +199,16 @@ def test_a_vna_that_wants_a_client_certificate_gets_one(
     study, uid = _study(cohort)
     files = sorted(study.rglob("*.dcm"))
     try:
-        anonymous = Service(_settings(tmp_path / "a", bundle_path, url, ca=str(server[0])))
-        anonymous.start()
-        try:
-            assert storescu(anonymous.receiver.port, files).returncode == 0
-            _wait(lambda: anonymous.count("send_failures") >= 2)
-            assert anonymous.count("sent") == 0 and vna.studies() == {} and front.refused >= 2
-        finally:
-            anonymous.stop()
+        anonymous = _send_through(
+            _settings(tmp_path / "a", bundle_path, url, ca=str(server[0])), files
+        )
+        assert anonymous.count("sent") == 0 and vna.studies() == {} and front.refused >= 2
         settings = _settings(
             tmp_path / "b", bundle_path, url,
             ca=str(server[0]), cert=str(client[0]), key=str(client[1]),
         )  # fmt: skip
-        service = Service(settings)
-        service.start()
-        try:
-            assert storescu(service.receiver.port, files).returncode == 0
-            _wait(lambda: service.count("sent") == 2)
-            assert vna.studies() == {uid: 2}
-        finally:
-            service.stop()
+        assert _send_through(settings, files).count("sent") == 2
+        assert vna.studies() == {uid: 2}
     finally:
         front.close()
         vna.stop()
@@ -231,27 +234,12 @@ def test_a_vna_that_wants_a_bearer_token_gets_the_one_in_token_env(
     study, uid = _study(cohort)
     files = sorted(study.rglob("*.dcm"))
     try:
+        settings = _settings(tmp_path / "a", bundle_path, vna.dicomweb_url, token_env="VNA_TOKEN")
         monkeypatch.setenv("VNA_TOKEN", "wrong")
-        wrong = Service(
-            _settings(tmp_path / "a", bundle_path, vna.dicomweb_url, token_env="VNA_TOKEN")
-        )
-        wrong.start()
-        try:
-            assert storescu(wrong.receiver.port, files).returncode == 0
-            _wait(lambda: wrong.count("send_failures") >= 2)
-            assert wrong.count("sent") == 0 and vna.studies() == {}
-        finally:
-            wrong.stop()
+        assert _send_through(settings, files).count("sent") == 0 and vna.studies() == {}
         monkeypatch.setenv("VNA_TOKEN", "s3cret-token")
-        right = Service(
-            _settings(tmp_path / "b", bundle_path, vna.dicomweb_url, token_env="VNA_TOKEN")
-        )
-        right.start()
-        try:
-            assert storescu(right.receiver.port, files).returncode == 0
-            _wait(lambda: right.count("sent") == 2)
-            assert vna.studies() == {uid: 2}
-        finally:
-            right.stop()
+        settings = _settings(tmp_path / "b", bundle_path, vna.dicomweb_url, token_env="VNA_TOKEN")
+        assert _send_through(settings, files).count("sent") == 2
+        assert vna.studies() == {uid: 2}
     finally:
         vna.stop()

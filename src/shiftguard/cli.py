@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from shiftguard.errors import (
     DiagnosisFileError,
     EmptyInputError,
     IngestInputError,
+    InputError,
     KeyFileError,
     PacsError,
     ShiftGuardError,
@@ -559,7 +561,25 @@ def _edge_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(
         open_bundle(args.bundle, _trust(args)), shadow=args.shadow, providers=args.providers
     )
-    summary = predictor.predict_folder(args.dicom, args.out)
+    if bool(args.dicomweb) == bool(args.dicom):
+        raise InputError(
+            "edge predict: give DICOM folder(s) or --dicomweb URL --study UID, not both"
+        )
+    if args.dicomweb and not args.study:
+        raise InputError("edge predict: --dicomweb needs the --study UID(s) to fetch")
+    with tempfile.TemporaryDirectory(prefix="shiftguard-dicomweb-") as fetched:
+        if args.dicomweb:
+            from shiftguard.edge.dicomweb import client_for, fetch_study
+
+            client = client_for(
+                args.dicomweb, args.token_env, args.ca, args.cert, args.key, "--dicomweb"
+            )
+            args.dicom = []
+            for uid in args.study:
+                folder = Path(fetched) / uid
+                fetch_study(client, uid, folder)
+                args.dicom.append(folder)
+        summary = predictor.predict_folder(args.dicom, args.out)
     for row in summary.results:
         log.info(
             "%s %s: %s (probability %.3f, threshold %.3f)",
@@ -1219,7 +1239,16 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=_edge_verify)
     pred = edge_sub.add_parser("predict", help="DICOM folder(s) in, DICOM SR + key images out")
     pred.add_argument("--bundle", type=Path, required=True)
-    pred.add_argument("dicom", type=Path, nargs="+", help="folder(s) of DICOM files")
+    pred.add_argument("dicom", type=Path, nargs="*", help="folder(s) of DICOM files")
+    pred.add_argument(
+        "--dicomweb", default=None, help="fetch the studies from this DICOMweb root instead "
+        "(QIDO-RS, then WADO-RS), e.g. https://vna.example/dicom-web",
+    )  # fmt: skip
+    pred.add_argument("--study", nargs="+", default=[], help="with --dicomweb: StudyInstanceUIDs")
+    pred.add_argument("--token-env", default=None, help="with --dicomweb: bearer token variable")
+    pred.add_argument("--ca", default=None, help="with --dicomweb: CA bundle for the server")
+    pred.add_argument("--cert", default=None, help="with --dicomweb: client certificate (PEM)")
+    pred.add_argument("--key", default=None, help="with --dicomweb: its key (PEM)")
     pred.add_argument("--out", type=Path, required=True, help="folder for the results")
     pred.add_argument(
         "--shadow",

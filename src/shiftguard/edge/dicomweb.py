@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from shiftguard.config.deploy import EdgeDestination
 
-__all__ = ["StowError", "stow", "stow_client"]
+__all__ = ["StowError", "client_for", "fetch_study", "stow", "stow_client"]
 
 #: seconds a STOW-RS request may take (connect, then read) before it counts as failed
 TIMEOUT_S = (10.0, 120.0)
@@ -50,8 +50,16 @@ def _adapter(context: ssl.SSLContext) -> Any:
     return _ContextAdapter()
 
 
-def stow_client(dest: EdgeDestination) -> DICOMwebClient:
-    """A DICOMweb client for ``dest`` (its URL, token, certificates), its own retries off.
+def client_for(
+    url: str,
+    token_env: str | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    what: str = "DICOMweb url",
+) -> DICOMwebClient:
+    """A DICOMweb client for the service at ``url`` (a bearer token from the variable
+    ``token_env``, the server checked against ``ca``, a client certificate), its own retries off.
 
     Raises:
         CollectorAddressError: the URL is plain HTTP to another machine, or not HTTP(S).
@@ -60,20 +68,56 @@ def stow_client(dest: EdgeDestination) -> DICOMwebClient:
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    assert dest.url is not None  # the schema requires it for stow-rs
-    context = url_context(dest.url, dest.ca, dest.cert, dest.key, f"destination {dest.name} url")
+    context = url_context(url, ca, cert, key, what)
     session = requests.Session()
     if context is not None:
         session.mount("https://", _adapter(context))
     headers = {}
-    token = os.environ.get(dest.token_env) if dest.token_env else None
+    token = os.environ.get(token_env) if token_env else None
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    client = DICOMwebClient(
-        dest.url.rstrip("/"), session=session, headers=headers, timeout=TIMEOUT_S
-    )
+    client = DICOMwebClient(url.rstrip("/"), session=session, headers=headers, timeout=TIMEOUT_S)
     client.set_http_retry_params(retry=False)  # the delivery queue retries, with its backoff
     return client
+
+
+def stow_client(dest: EdgeDestination) -> DICOMwebClient:
+    """:func:`client_for` a ``stow-rs`` destination."""
+    assert dest.url is not None  # the schema requires it for stow-rs
+    return client_for(
+        dest.url, dest.token_env, dest.ca, dest.cert, dest.key, f"destination {dest.name} url"
+    )
+
+
+def fetch_study(client: DICOMwebClient, study_uid: str, folder: Path) -> list[Path]:
+    """Every instance of ``study_uid`` by WADO-RS, written to ``folder`` as Part 10 files (after a
+    QIDO-RS search that the study is there).
+
+    Raises:
+        InputError: the study is not on the server, or the server cannot be reached.
+    """
+    import requests
+
+    from shiftguard.errors import InputError
+
+    where = client.base_url
+    try:
+        found = client.search_for_studies(search_filters={"StudyInstanceUID": study_uid})
+        if not found:
+            raise InputError(f"{where}: no study {study_uid} (QIDO-RS found none)")
+        datasets = client.retrieve_study(study_uid)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise InputError(f"{where}: study {study_uid}: HTTP {status}") from None
+    except (requests.RequestException, OSError) as exc:
+        raise InputError(f"{where}: cannot fetch study {study_uid}: {exc}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, ds in enumerate(datasets):
+        path = folder / f"{k:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def stow(client: DICOMwebClient, path: str | Path) -> None:

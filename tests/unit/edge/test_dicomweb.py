@@ -243,3 +243,38 @@ def test_a_vna_that_wants_a_bearer_token_gets_the_one_in_token_env(
         assert vna.studies() == {uid: 2}
     finally:
         vna.stop()
+
+
+def test_edge_predict_fetches_a_study_from_a_vna_by_qido_and_wado_rs(
+    tmp_path: Path, bundle_path: Path, cohort: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`edge predict --dicomweb URL --study UID`: the study is found by QIDO-RS, fetched by WADO-RS
+    and predicted as if it were a local folder (the same probability); a study the server does not
+    have is a clear error (exit 2)."""
+    import csv
+
+    from shiftguard.cli import main
+
+    vna = Orthanc(tmp_path / "vna", dicomweb=True)
+    vna.start()
+    try:
+        study, uid = _study(cohort)
+        assert storescu(vna.dicom, sorted(study.rglob("*.dcm")), called="ORTHANC").returncode == 0
+        base = ["edge", "predict", "--bundle", str(bundle_path), "--shadow"]
+        assert main([*base, str(study), "--out", str(tmp_path / "local")]) == 0
+        remote = ["--dicomweb", vna.dicomweb_url, "--study", uid, "--out", str(tmp_path / "vna")]
+        assert main([*base, *remote]) == 0
+        rows = {}
+        for name in ("local", "vna"):
+            with (tmp_path / name / "results.csv").open(newline="") as fh:
+                [rows[name]] = list(csv.DictReader(fh))
+        assert rows["vna"]["study_uid"] == uid
+        assert float(rows["vna"]["probability"]) == pytest.approx(
+            float(rows["local"]["probability"]), abs=1e-6
+        )
+        capsys.readouterr()
+        missing = ["--dicomweb", vna.dicomweb_url, "--study", "1.2.3.4", "--out", str(tmp_path)]
+        assert main([*base, *missing]) == 2
+        assert "no study 1.2.3.4" in capsys.readouterr().err
+    finally:
+        vna.stop()

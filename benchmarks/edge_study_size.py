@@ -57,9 +57,8 @@ def _rss(pids: tuple[int, ...] = ()) -> int:
 
 def _preparer_pids(service: Any) -> tuple[int, ...]:
     """The service's preparing child process, if it has one."""
-    preparer = getattr(service.prefetch, "_preparer", None)
-    process = getattr(preparer, "process", None)
-    return (process.pid,) if process is not None else ()
+    pid = service.prefetch.child_pid if service.prefetch is not None else None
+    return (pid,) if pid is not None else ()
 
 
 class PeakRss:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from shiftguard.data.stream import SeriesStream, reduce_slice, stream_plan
 from shiftguard.dicom.scan import scan_files
 from shiftguard.dicom.series import SeriesGroup
+from shiftguard.edge.predict import header_refusal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,8 +99,6 @@ class _Preparer:
         self._plans.clear()
 
     def prepare(self, path: str) -> tuple[list[SliceHeader], list[QuarantineEntry], list[Slice]]:
-        from shiftguard.edge.predict import header_refusal
-
         assert self.rules is not None and self.selection is not None
         headers, issues = scan_files([path])
         slices: list[Slice] = []
@@ -132,8 +131,6 @@ def _serve(
     when the other end is gone."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: a thread has its own niceness
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    import shiftguard.edge.predict  # noqa: F401  # what prepare() uses, imported before any instance
-
     preparer = _Preparer()
     send(_READY)
     batch: list[Any] = []
@@ -369,6 +366,12 @@ class Prefetcher:
             preparer.stop()
         if collector is not None:
             collector.join(timeout=10)
+
+    @property
+    def child_pid(self) -> int | None:
+        """The preparing process' id (None: no child process)."""
+        preparer = self._preparer
+        return preparer.process.pid if isinstance(preparer, _InProcess) else None
 
     def backlog(self) -> int:
         """Instances handed over and not prepared (nor dropped) yet."""

@@ -62,42 +62,77 @@ class ExportConfig(StrictModel):
 
 
 class EdgeDestination(StrictModel):
-    """A node the edge service sends results to: by C-STORE (``kind: dimse``, the default: a PACS
-    at ``ae_title``, ``host``, ``port``) or by DICOMweb STOW-RS (``kind: stow-rs``: a VNA or PACS
-    at ``url``, with a bearer token and/or a client certificate)."""
+    """A node the edge service sends results to:
+
+    * ``kind: dimse`` (the default): a PACS by C-STORE at ``ae_title``, ``host``, ``port``;
+    * ``kind: stow-rs``: a VNA or PACS by DICOMweb STOW-RS at ``url`` (the service root);
+    * ``kind: hl7-mllp``: an EHR or RIS interface engine by HL7 v2.5.1 ORU^R01 over MLLP at
+      ``host``, ``port`` (TLS when ``ca`` or ``cert`` is set);
+    * ``kind: fhir``: a FHIR R4 server at ``url`` (its base), a ``DiagnosticReport`` and its
+      ``Observation`` per result.
+
+    ``url`` destinations take a bearer token (``token_env``) and/or a client certificate
+    (``cert``, ``key``), the server checked against ``ca``. ``priority_update``: how an urgent
+    result raises its study's priority on the worklist (``ORM^O01`` or ``OMI^O23`` for
+    hl7-mllp, ``ServiceRequest`` for fhir; see :mod:`shiftguard.edge.ehr`)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    kind: Literal["dimse", "stow-rs"] = "dimse"
+    kind: Literal["dimse", "stow-rs", "hl7-mllp", "fhir"] = "dimse"
     ae_title: str = Field("", max_length=16, description="DIMSE: the called AE title")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 4242
     url: str | None = Field(
         None,
         description="STOW-RS: the DICOMweb service root, e.g. https://vna.example/dicom-web "
-        "(results are POSTed to {url}/studies); http:// on loopback only",
+        "(results are POSTed to {url}/studies); FHIR: the server's base, e.g. "
+        "https://ehr.example/fhir; http:// on loopback only",
     )
     token_env: str | None = Field(
-        None, description="STOW-RS: the environment variable holding a bearer token"
+        None, description="STOW-RS, FHIR: the environment variable holding a bearer token"
     )
-    ca: str | None = Field(None, description="STOW-RS: CA bundle the server is checked against")
-    cert: str | None = Field(None, description="STOW-RS: client certificate (PEM)")
-    key: str | None = Field(None, description="STOW-RS: the client certificate's key (PEM)")
+    ca: str | None = Field(None, description="CA bundle the server is checked against")
+    cert: str | None = Field(None, description="client certificate (PEM)")
+    key: str | None = Field(None, description="the client certificate's key (PEM)")
     role: Literal["clinical", "research"] = "clinical"
+    receiving_application: str = Field(
+        "", max_length=227, description="HL7: MSH-5, the receiving application"
+    )
+    receiving_facility: str = Field(
+        "", max_length=227, description="HL7: MSH-6, the receiving facility"
+    )
+    priority_update: Literal["none", "ORM^O01", "OMI^O23", "ServiceRequest"] = Field(
+        "none",
+        description="an urgent result also raises its study's order to stat: by HL7 ORM^O01 or "
+        "OMI^O23 (hl7-mllp) or by the FHIR ServiceRequest's priority (fhir); none: only the "
+        "result's own priority fields",
+    )
+    timeout_s: Annotated[float, Field(gt=0, description="HL7, FHIR: seconds one send may take")] = (
+        30.0
+    )
 
     @model_validator(mode="after")
     def _kind(self) -> EdgeDestination:
         where = f"edge.destinations {self.name!r}"
-        if self.kind == "dimse":
-            if not self.ae_title:
-                raise ValueError(f"{where}: a dimse destination needs its ae_title")
+        if self.kind == "dimse" and not self.ae_title:
+            raise ValueError(f"{where}: a dimse destination needs its ae_title")
+        if self.kind in ("dimse", "hl7-mllp"):
             if self.url is not None:
-                raise ValueError(f"{where}: url is for kind stow-rs; a dimse one has host, port")
-        else:
-            if not self.url or not self.url.startswith(("https://", "http://")):
                 raise ValueError(
-                    f"{where}: a stow-rs destination needs url, https://host[:port]/path "
-                    "(http:// on loopback only)"
+                    f"{where}: url is for kinds stow-rs and fhir; a {self.kind} one has host, port"
                 )
+        elif not self.url or not self.url.startswith(("https://", "http://")):
+            raise ValueError(
+                f"{where}: a {self.kind} destination needs url, https://host[:port]/path "
+                "(http:// on loopback only)"
+            )
+        allowed = {"hl7-mllp": ("ORM^O01", "OMI^O23"), "fhir": ("ServiceRequest",)}
+        if self.priority_update != "none" and self.priority_update not in allowed.get(
+            self.kind, ()
+        ):
+            raise ValueError(
+                f"{where}: priority_update {self.priority_update} does not go by {self.kind}; "
+                "use ORM^O01 or OMI^O23 with hl7-mllp, ServiceRequest with fhir"
+            )
         if (self.cert is None) != (self.key is None):
             raise ValueError(f"{where}: cert and key go together")
         return self
@@ -236,8 +271,17 @@ class EdgeConfig(StrictModel):
     ] = 0
     destinations: list[EdgeDestination] = Field(
         default_factory=list,
-        description="where results go: {name, ae_title, host, port, role} by C-STORE, or {name, "
-        "kind: stow-rs, url, token_env, ca, cert, key, role} by DICOMweb STOW-RS",
+        description="where results go: {name, ae_title, host, port, role} by C-STORE; {name, "
+        "kind: stow-rs, url, token_env, ca, cert, key, role} by DICOMweb STOW-RS; {name, kind: "
+        "hl7-mllp, host, port, receiving_application, receiving_facility, priority_update} by "
+        "HL7 v2 over MLLP; {name, kind: fhir, url, token_env, ca, cert, key, priority_update} to "
+        "a FHIR R4 server",
+    )
+    urgency_threshold: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None,
+        description="a result whose finding is present with at least this probability is urgent: "
+        "it is delivered first, C-STORE priority HIGH, HL7 priority S (stat), and destinations "
+        "with priority_update raise its study's order to stat; null: nothing is urgent",
     )
     max_study_mb: Annotated[
         float,

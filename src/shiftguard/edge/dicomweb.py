@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from shiftguard.config.deploy import EdgeDestination
 
-__all__ = ["StowError", "client_for", "fetch_study", "stow", "stow_client"]
+__all__ = ["StowError", "client_for", "fetch_study", "session_for", "stow", "stow_client"]
 
 #: seconds a STOW-RS request may take (connect, then read) before it counts as failed
 TIMEOUT_S = (10.0, 120.0)
@@ -50,23 +50,23 @@ def _adapter(context: ssl.SSLContext) -> Any:
     return _ContextAdapter()
 
 
-def client_for(
+def session_for(
     url: str,
     token_env: str | None = None,
     ca: str | None = None,
     cert: str | None = None,
     key: str | None = None,
     what: str = "DICOMweb url",
-) -> DICOMwebClient:
-    """A DICOMweb client for the service at ``url`` (a bearer token from the variable
-    ``token_env``, the server checked against ``ca``, a client certificate), its own retries off.
+) -> tuple[Any, dict[str, str]]:
+    """A ``requests`` session for the HTTP(S) service at ``url`` (its TLS context from
+    :func:`shiftguard.tls.url_context`: the server checked against ``ca``, a client certificate)
+    and the headers every request carries (a bearer token from the variable ``token_env``).
 
     Raises:
         CollectorAddressError: the URL is plain HTTP to another machine, or not HTTP(S).
         TlsConfigError: a certificate, key or CA file cannot be used.
     """
     import requests
-    from dicomweb_client.api import DICOMwebClient
 
     context = url_context(url, ca, cert, key, what)
     session = requests.Session()
@@ -76,6 +76,27 @@ def client_for(
     token = os.environ.get(token_env) if token_env else None
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    return session, headers
+
+
+def client_for(
+    url: str,
+    token_env: str | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    what: str = "DICOMweb url",
+) -> DICOMwebClient:
+    """A DICOMweb client for the service at ``url`` (:func:`session_for`'s session and
+    headers), its own retries off.
+
+    Raises:
+        CollectorAddressError: the URL is plain HTTP to another machine, or not HTTP(S).
+        TlsConfigError: a certificate, key or CA file cannot be used.
+    """
+    from dicomweb_client.api import DICOMwebClient
+
+    session, headers = session_for(url, token_env, ca, cert, key, what)
     client = DICOMwebClient(url.rstrip("/"), session=session, headers=headers, timeout=TIMEOUT_S)
     client.set_http_retry_params(retry=False)  # the delivery queue retries, with its backoff
     return client

@@ -13,10 +13,12 @@ change is one transaction, so a service killed at any point (SIGKILL, power) res
   back to ``receiving``, or ``ready`` if the new instances' association was released meanwhile,
   when its processing finishes) and its next results are new objects (new instance UIDs in the same
   result series), not a resend of the old ones that a PACS would take for a duplicate and drop;
-* ``deliveries``: one row per (destination, result object), ``pending`` until a C-STORE succeeds,
-  retried with backoff; unique per destination and SOP instance, so a result is queued once however
-  often its study is processed (results have deterministic UIDs); a study's pending deliveries
-  that its latest processing did not produce again (an earlier revision's) are ``superseded``;
+* ``deliveries``: one row per (destination, result object), ``pending`` until the destination
+  acknowledged it (C-STORE success, STOW-RS stored, HL7 accept acknowledgement, FHIR 2xx),
+  retried with backoff; unique per destination and object key (a SOP instance UID, or an EHR
+  message's key), so a result is queued once however often its study is processed (results have
+  deterministic UIDs); a study's pending deliveries that its latest processing did not produce
+  again (an earlier revision's) are ``superseded``; ``urgent`` ones go first;
 * ``results``: the shadow log, one row per (study, series, bundle): probability, decision, role
   (champion or challenger) and the segments the evaluation slices by (sex, age, site, institution,
   scanner vendor and model), for later comparison with the radiologist's verified diagnosis
@@ -70,6 +72,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error TEXT NOT NULL DEFAULT '',
     queued_at REAL NOT NULL,
     sent_at REAL,
+    urgent INTEGER NOT NULL DEFAULT 0,
     UNIQUE (destination, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_try);
@@ -119,6 +122,7 @@ class Delivery:
     sop_uid: str
     path: str
     attempts: int
+    urgent: bool = False
 
 
 INSERT_RESULT = (
@@ -152,6 +156,8 @@ class WorkQueue(Database):
                 self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
         if "revision" not in {r["name"] for r in self._db.execute("PRAGMA table_info(studies)")}:
             self._db.execute("ALTER TABLE studies ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
+        if "urgent" not in {r["name"] for r in self._db.execute("PRAGMA table_info(deliveries)")}:
+            self._db.execute("ALTER TABLE deliveries ADD COLUMN urgent INTEGER NOT NULL DEFAULT 0")
 
     @contextmanager
     def _synchronous(self, sync: bool) -> Iterator[None]:
@@ -306,13 +312,13 @@ class WorkQueue(Database):
     def finish_study(
         self,
         study_uid: str,
-        deliveries: Sequence[tuple[str, str, str]] = (),
+        deliveries: Sequence[tuple[str, str, str] | tuple[str, str, str, bool]] = (),
         results: Sequence[dict[str, Any]] = (),
         now: float | None = None,
         note: str = "",
         revision: int | None = None,
     ) -> None:
-        """Processing done: queue ``(destination, sop_uid, path)`` deliveries (once each, ever) and
+        """Processing done: queue ``(destination, key, path[, urgent])`` deliveries (once each, ever) and
         log ``results`` rows, in the same transaction that marks the study done. The study's
         pending deliveries not among ``deliveries`` (an earlier revision's, not sent yet) are
         superseded. ``note`` records why parts of the study were skipped (kept in the ``error``
@@ -323,10 +329,10 @@ class WorkQueue(Database):
         with self.tx() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO deliveries (study_uid, destination, sop_uid, path, state, "
-                "next_try, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(study_uid, d, s, p, PENDING, now, now) for d, s, p in deliveries],
+                "next_try, queued_at, urgent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(study_uid, *d[:3], PENDING, now, now, int(any(d[3:]))) for d in deliveries],
             )
-            keep = {(d, s) for d, s, _ in deliveries}
+            keep = {(d[0], d[1]) for d in deliveries}
             stale = [
                 (SUPERSEDED, r["id"])
                 for r in db.execute(
@@ -371,15 +377,16 @@ class WorkQueue(Database):
     # ---------------------------------------------------------------------------------------------
 
     def due(self, destination: str, now: float | None = None, limit: int = 64) -> list[Delivery]:
-        """Pending deliveries to ``destination`` whose next try has come."""
+        """Pending deliveries to ``destination`` whose next try has come, urgent ones first."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, study_uid, destination, sop_uid, path, attempts FROM deliveries "
-                "WHERE destination = ? AND state = ? AND next_try <= ? ORDER BY id LIMIT ?",
+                "SELECT id, study_uid, destination, sop_uid, path, attempts, urgent FROM "
+                "deliveries WHERE destination = ? AND state = ? AND next_try <= ? "
+                "ORDER BY urgent DESC, id LIMIT ?",
                 (destination, PENDING, now, limit),
             ).fetchall()
-        return [Delivery(**dict(r)) for r in rows]
+        return [Delivery(**{**dict(r), "urgent": bool(r["urgent"])}) for r in rows]
 
     def delivered(self, delivery_id: int, now: float | None = None) -> None:
         now = time.time() if now is None else now

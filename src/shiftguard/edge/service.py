@@ -9,8 +9,10 @@ Threads, all sharing one :class:`~shiftguard.edge.queue.WorkQueue`:
   its results in the shadow log and queue its objects for the destinations its mode allows, all
   in the transaction that marks the study done; then the challenger, if any (on the
   ``challenger_fraction`` of studies :func:`sampled` picks), whose results go to the shadow log;
-* one sender per destination: C-STOREs its due objects over one association per batch, retrying
-  with exponential backoff, so a destination that is down delays only itself;
+* one sender per destination: C-STOREs its due objects over one association per batch (or
+  STOW-RS, HL7 v2 over MLLP, FHIR: one object a request), retrying with exponential backoff, so a
+  destination that is down delays only itself; urgent results (``edge.urgency_threshold``) go
+  first, and EHR destinations get messages (:mod:`shiftguard.edge.ehr`) written beside the SR;
 * an HTTP endpoint (:class:`~shiftguard.endpoint.Endpoint`, loopback by default): ``/healthz`` and
   ``/metrics`` (``prometheus_client``: latency histograms, counters, queue and spool gauges);
 * with ``edge.follow.url``, a follower: every ``poll_s`` it asks the registry what the channel
@@ -48,6 +50,16 @@ from shiftguard.config.deploy import EdgeConfig, EdgeDestination
 from shiftguard.edge.bundle import SUFFIX, open_bundle
 from shiftguard.edge.dicom_out import warm_up
 from shiftguard.edge.dicomweb import StowError, stow, stow_client
+from shiftguard.edge.ehr import (
+    facts_of,
+    fhir_priority_update,
+    fhir_report,
+    hl7_order_priority,
+    hl7_oru,
+    study_facts,
+    write_json,
+)
+from shiftguard.edge.fhir import FhirClient, FhirError
 from shiftguard.edge.follow import (
     FollowState,
     Installed,
@@ -56,6 +68,8 @@ from shiftguard.edge.follow import (
     reference_outputs,
     utc_now,
 )
+from shiftguard.edge.mllp import MllpError
+from shiftguard.edge.mllp import send as send_mllp
 from shiftguard.edge.predict import Predictor
 from shiftguard.edge.prefetch import Prefetcher, PreparedStudy
 from shiftguard.edge.queue import WorkQueue
@@ -67,6 +81,7 @@ from shiftguard.edge.smoke import require_smoke
 from shiftguard.endpoint import Endpoint
 from shiftguard.errors import BundleError, ConfigError, RegistryError, listening
 from shiftguard.records.features import make_record
+from shiftguard.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +89,10 @@ CLINICAL, RESEARCH = "clinical", "research"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+#: destinations that take the result objects themselves, and those that take messages about them
+DICOM_KINDS, EHR_KINDS = ("dimse", "stow-rs"), ("hl7-mllp", "fhir")
+#: C-STORE priority (PS3.7 9.1.1.1): an urgent result is sent HIGH
+PRIORITY_MEDIUM, PRIORITY_HIGH = 0x0000, 0x0001
 #: latency histogram buckets, seconds
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: the service's own counters (``shiftguard_edge_<name>_total``)
@@ -287,6 +306,14 @@ class Service:
         # DICOMweb destinations' clients, made now so that a bad URL or certificate stops the start
         self._stow_clients = {
             d.name: stow_client(d) for d in settings.destinations if d.kind == "stow-rs"
+        }
+        self._fhir_clients = {
+            d.name: FhirClient(d) for d in settings.destinations if d.kind == "fhir"
+        }
+        self._mllp_tls = {
+            d.name: client_context(d.ca, d.cert, d.key)
+            for d in settings.destinations
+            if d.kind == "hl7-mllp" and (d.ca or d.cert)
         }
         # headers read and slices resampled while a study arrives (the worker takes what is done)
         self.prefetch = (
@@ -615,13 +642,17 @@ class Service:
                      study_uid, revision)  # fmt: skip
         prepared = self.prefetch.take(study_uid) if self.prefetch is not None else None
         summary = champion.predict_files(files, out, revision=revision, prepared=prepared)
-        deliveries, results = [], []
+        deliveries: list[tuple[str, str, str, bool]] = []
+        results = []
         routes = self._routes()
         for row in summary.results:
+            urgent = self.urgent(row)
             for dest in routes:
-                deliveries.append((dest.name, row["sr_uid"], str(out / row["sr_file"])))
-                deliveries.append((dest.name, row["sc_uid"], str(out / row["sc_file"])))
+                if dest.kind in DICOM_KINDS:
+                    deliveries.append((dest.name, row["sr_uid"], str(out / row["sr_file"]), urgent))
+                    deliveries.append((dest.name, row["sc_uid"], str(out / row["sc_file"]), urgent))
             results.append(self._log_row(study_uid, row, "champion", routes))
+        deliveries += self._messages(study_uid, summary.results, routes, out)
         note = "; ".join(
             f"skipped {s['series_description'] or Path(s['path']).name}: {s['reason']}"
             for s in summary.skipped
@@ -642,6 +673,60 @@ class Service:
             log.info("study %s: %s", study_uid, note)
         if self.challenger is not None and sampled(study_uid, self.settings.challenger_fraction):
             self._challenge(study_uid, files, prepared)
+
+    def urgent(self, row: dict[str, Any]) -> bool:
+        """Whether a result row is urgent: finding present, probability at or above
+        ``edge.urgency_threshold``."""
+        bar = self.settings.urgency_threshold
+        p = float(row["probability"])
+        return bar is not None and p >= float(row["threshold"]) and p >= bar
+
+    def _messages(
+        self,
+        study_uid: str,
+        rows: Sequence[dict[str, Any]],
+        routes: Sequence[EdgeDestination],
+        out: Path,
+    ) -> list[tuple[str, str, str, bool]]:
+        """The EHR messages of a study's results for the EHR destinations among ``routes``,
+        written beside the SR (one file a message and destination), as deliveries ``(destination,
+        key, path, urgent)``: an ORU^R01 or a FHIR report per result, and one priority update per
+        study and destination when a result is urgent and the destination asks for it."""
+        ehr = [d for d in routes if d.kind in EHR_KINDS]
+        if not ehr or not rows:
+            return []
+        now = time.time()
+        site = self.settings.site
+        queued: list[tuple[str, str, str, bool]] = []
+        facts = None
+        for row in rows:
+            facts = study_facts(out / row["sr_file"])
+            result = facts_of(row, self.urgent(row))
+            stem = Path(row["sr_file"]).stem
+            for dest in ehr:
+                if dest.kind == "hl7-mllp":
+                    key, path = f"ORU^R01:{result.sr_uid}", out / f"{stem}.{dest.name}.oru.hl7"
+                    receiving = (dest.receiving_application, dest.receiving_facility)
+                    path.write_bytes(hl7_oru(facts, result, site, receiving, now).encode())
+                else:
+                    key, path = f"fhir:{result.sr_uid}", out / f"{stem}.{dest.name}.fhir.json"
+                    write_json(path, fhir_report(facts, result, site, now))
+                queued.append((dest.name, key, str(path), result.urgent))
+        if facts is None or not any(self.urgent(r) for r in rows):
+            return queued
+        for dest in ehr:
+            update = dest.priority_update
+            if update == "none":
+                continue
+            key = f"{update}:{study_uid}"
+            path = out / f"priority.{dest.name}.{'json' if update == 'ServiceRequest' else 'hl7'}"
+            if update == "ServiceRequest":
+                write_json(path, fhir_priority_update(facts))
+            else:
+                receiving = (dest.receiving_application, dest.receiving_facility)
+                path.write_bytes(hl7_order_priority(update, facts, site, receiving, now).encode())
+            queued.insert(0, (dest.name, key, str(path), True))
+        return queued
 
     def _challenge(
         self, study_uid: str, files: Sequence[str], prepared: PreparedStudy | None = None
@@ -732,30 +817,59 @@ class Service:
         if ready is not None:
             self.latency.labels("ready_to_sent").observe(time.monotonic() - ready)
 
-    def _stow_sender(self, dest: EdgeDestination) -> None:
-        """Deliver ``dest``'s queue by STOW-RS, one instance a request, each retried with the
-        queue's backoff until the server lists it as stored."""
-        client = self._stow_clients[dest.name]
+    def _send_one(self, dest: EdgeDestination, delivery: Any) -> None:
+        """Deliver one object to a STOW-RS, HL7 or FHIR destination.
+
+        Raises:
+            StowError, MllpError, FhirError, OSError: it was not delivered.
+        """
+        if dest.kind == "stow-rs":
+            stow(self._stow_clients[dest.name], delivery.path)
+        elif dest.kind == "hl7-mllp":
+            message = Path(delivery.path).read_bytes().decode("utf-8")  # keeps the \r
+            control = message.split("\r", 1)[0].split("|")[9]  # MSH-10
+            context = self._mllp_tls.get(dest.name)
+            send_mllp(dest.host, dest.port, message, control, dest.timeout_s, context)
+        else:
+            import json
+
+            payload = json.loads(Path(delivery.path).read_bytes())
+            client = self._fhir_clients[dest.name]
+            if payload.get("action") == "raise-priority":
+                client.raise_priority(payload["accession"], payload["priority"])
+            else:
+                client.transaction(payload)
+
+    def _one_by_one(self, dest: EdgeDestination) -> None:
+        """Deliver ``dest``'s queue one object a request (STOW-RS, HL7 over MLLP, FHIR), each
+        retried with the queue's backoff until the destination acknowledges it; one it can never
+        take (a FHIR order that is not there) is given up, with the reason."""
         while not self._stop.is_set():
             due = self.queue.due(dest.name)
             if not due:
                 self._stop.wait(self.poll_s)
                 continue
             for d in due:
+                if self._stop.is_set():
+                    return
                 began = time.monotonic()
                 try:
-                    stow(client, d.path)
-                except StowError as exc:
-                    self._backoff(d, str(exc))
-                    continue
-                except OSError as exc:  # the result file cannot be read
-                    self._backoff(d, f"{type(exc).__name__}: {exc}")
+                    self._send_one(dest, d)
+                except (StowError, MllpError, FhirError, OSError, ValueError) as exc:
+                    reason = (
+                        str(exc)
+                        if isinstance(exc, (StowError, MllpError, FhirError))
+                        else (
+                            f"{type(exc).__name__}: {exc}"  # the file cannot be read
+                        )
+                    )
+                    self._backoff(d, reason, give_up=getattr(exc, "permanent", False))
                     continue
                 self._delivered(d, began)
 
     def _sender(self, dest: EdgeDestination) -> None:
-        if dest.kind == "stow-rs":
-            self._stow_sender(dest)
+        if dest.kind != "dimse":
+            self._one_by_one(dest)
             return
         from pydicom import dcmread
         from pynetdicom import AE, evt
@@ -782,7 +896,8 @@ class Service:
                 for d in due:
                     began = time.monotonic()
                     try:
-                        status = assoc.send_c_store(dcmread(d.path))
+                        priority = PRIORITY_HIGH if d.urgent else PRIORITY_MEDIUM
+                        status = assoc.send_c_store(dcmread(d.path), priority=priority)
                         ok = bool(status) and int(status.Status) in (0x0000, 0xB000, 0xB007, 0xB006)
                         error = (
                             "" if ok else f"status 0x{int(getattr(status, 'Status', 0xFFFF)):04X}"
@@ -799,10 +914,14 @@ class Service:
                 if assoc.is_established:
                     assoc.release()
 
-    def _backoff(self, delivery: Any, error: str) -> None:
+    def _backoff(self, delivery: Any, error: str, give_up: bool = False) -> None:
         delay = min(self.settings.retry_base_s * 2**delivery.attempts, self.settings.retry_max_s)
-        self.queue.retry_later(delivery.id, error, delay)
+        self.queue.retry_later(delivery.id, error, delay, give_up=give_up)
         self._count("send_failures")
+        if give_up:
+            log.error("delivery of %s to %s given up: %s", delivery.sop_uid,
+                      delivery.destination, error)  # fmt: skip
+            return
         log.warning(
             "delivery of %s to %s failed (%s); retry in %.0f s",
             delivery.sop_uid,

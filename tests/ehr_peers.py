@@ -66,6 +66,7 @@ class MllpListener:
         self.accepted: dict[str, str] = {}  # control ID -> the first copy
         self.repeats: Counter[str] = Counter()
         self.invalid: list[tuple[str, str]] = []
+        self.conflicts: list[str] = []
         self.nack = 0
         self._lock = threading.Lock()
         self._server: MLLPServer | None = None
@@ -84,6 +85,8 @@ class MllpListener:
             control = str(hl7.parse(message).segment("MSH")[10])
             if control in self.accepted:
                 self.repeats[control] += 1  # a resend: acknowledged, not taken twice
+                if self.accepted[control] != message:
+                    self.conflicts.append(control)  # the same ID for another message
             else:
                 self.accepted[control] = message
             return ack(message, "AA")

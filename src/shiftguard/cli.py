@@ -848,10 +848,11 @@ def _pacs_book(args: argparse.Namespace, cfg: Any) -> Any:
     """
     from shiftguard.shadow.diagnoses import DiagnosisBook
 
-    pacs = args.pacs or cfg.pacs.address
+    pacs = args.pacs or args.dicomweb or cfg.pacs.address or cfg.pacs.dicomweb
     if not args.diagnoses and not pacs:
         raise DiagnosisFileError(
-            f"shadow {args.action}: give --diagnoses FILE(s) and/or --pacs (or shadow.pacs.address)"
+            f"shadow {args.action}: give --diagnoses FILE(s) and/or --pacs or --dicomweb (or "
+            "shadow.pacs.address, shadow.pacs.dicomweb)"
         )
     book = DiagnosisBook()
     if pacs:
@@ -860,8 +861,9 @@ def _pacs_book(args: argparse.Namespace, cfg: Any) -> Any:
 
 
 def _fetch(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
-    """Reports from the PACS: each setting from its flag, else from ``shadow.pacs``."""
-    from shiftguard.shadow.pacs import fetch_reports, parse_pacs
+    """Reports from the PACS (DIMSE) or a DICOMweb server: each setting from its flag, else from
+    ``shadow.pacs``."""
+    from shiftguard.shadow.pacs import fetch_reports, fetch_reports_dicomweb, parse_pacs
 
     settings = cfg.pacs.model_copy(
         update={
@@ -869,11 +871,24 @@ def _fetch(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
             for name, value in (
                 ("address", args.pacs), ("ae_title", args.ae_title),
                 ("retrieve", args.retrieve), ("move_host", args.move_host),
-                ("move_port", args.move_port),
+                ("move_port", args.move_port), ("dicomweb", args.dicomweb),
+                ("token_env", args.token_env), ("ca", args.ca), ("cert", args.cert),
+                ("key", args.key),
             )
             if value is not None
         }
     )  # fmt: skip
+    if args.dicomweb or (settings.dicomweb and not args.pacs):
+        if (settings.cert is None) != (settings.key is None):
+            raise PacsError(f"shadow {args.action}: --cert and --key go together")
+        diagnoses, problems, stats = fetch_reports_dicomweb(
+            settings.dicomweb, token_env=settings.token_env, ca=settings.ca,
+            cert=settings.cert, key=settings.key, since=args.since,
+        )  # fmt: skip
+        log.info("DICOMweb %s: %s", settings.dicomweb, stats)
+        for problem in problems[:20]:
+            log.warning("left out: %s", problem)
+        return diagnoses, problems, stats
     if not settings.address:
         raise PacsError(
             f"shadow {args.action}: name the PACS with --pacs AET@host:port (or shadow.pacs.address)"
@@ -1332,6 +1347,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="C-MOVE: the port we receive on, the one the PACS has for our AE "
             "(shadow.pacs.move_port)",
         )  # fmt: skip
+        p.add_argument(
+            "--dicomweb", default=None,
+            help="instead of --pacs: a DICOMweb service root, reports by QIDO-RS and WADO-RS "
+            "(shadow.pacs.dicomweb)",
+        )  # fmt: skip
+        p.add_argument("--token-env", default=None,
+                       help="DICOMweb: environment variable holding a bearer token")  # fmt: skip
+        p.add_argument("--ca", default=None, help="DICOMweb: CA bundle to check the server with")
+        p.add_argument("--cert", default=None, help="DICOMweb: client certificate (PEM)")
+        p.add_argument("--key", default=None, help="DICOMweb: its private key (PEM)")
         p.add_argument("--since", default=None, help="only studies from this date (YYYYMMDD)")
 
     sha = sub.add_parser("shadow", help="shadow predictions against verified diagnoses")

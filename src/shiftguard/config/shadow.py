@@ -42,7 +42,8 @@ class GateConfig(StrictModel):
 
 
 class PacsConfig(StrictModel):
-    """Where ``shadow fetch`` / ``shadow evaluate --pacs`` read verified reports (each a flag too)."""
+    """Where ``shadow fetch`` / ``shadow evaluate --pacs`` (DIMSE) or ``--dicomweb`` read verified
+    reports (each a flag too)."""
 
     address: str | None = Field(
         None, description="the PACS as AE_TITLE@host:port, e.g. ORTHANC@10.20.0.5:4242"
@@ -61,6 +62,17 @@ class PacsConfig(StrictModel):
     move_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
         None, description="C-MOVE: the port we receive on, the one the PACS has for our AE"
     )
+    dicomweb: str | None = Field(
+        None,
+        description="instead of address: a DICOMweb service root (QIDO-RS, WADO-RS), e.g. "
+        "https://pacs.example/dicom-web; http:// on loopback only",
+    )
+    token_env: str | None = Field(
+        None, description="DICOMweb: the environment variable holding a bearer token"
+    )
+    ca: str | None = Field(None, description="DICOMweb: CA bundle the server is checked against")
+    cert: str | None = Field(None, description="DICOMweb: client certificate (PEM)")
+    key: str | None = Field(None, description="DICOMweb: the client certificate's key (PEM)")
 
 
 class RolloutWave(StrictModel):

@@ -1,5 +1,6 @@
 """A PACS's address, and the verified radiologist reports it holds: DICOM SR documents found by
-C-FIND and retrieved by C-MOVE (or C-GET), each read by
+C-FIND and retrieved by C-MOVE (or C-GET), or found by QIDO-RS and retrieved by WADO-RS from a
+DICOMweb server (:func:`fetch_reports_dicomweb`), each read by
 :func:`~shiftguard.shadow.sr.report_to_diagnosis` into the same
 :class:`~shiftguard.shadow.diagnoses.Diagnosis` rows as the RIS exports.
 
@@ -42,6 +43,7 @@ _FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information M
 _MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # ... - MOVE
 _GET = "1.2.840.10008.5.1.4.1.2.2.3"  # ... - GET
 _CHUNK = 50  # study UIDs per C-FIND
+QIDO_PAGE = 200  # results per QIDO-RS request
 
 
 @dataclass(frozen=True)
@@ -224,13 +226,28 @@ def fetch_reports(
         if server is not None:
             server.shutdown()
 
+    diagnoses = _read_reports(received, asked, f"pacs:{pacs.ae_title}", str(pacs), stats, problems)
+    return diagnoses, problems, stats
+
+
+def _read_reports(
+    received: dict[str, Dataset],
+    asked: set[str],
+    prefix: str,
+    where: str,
+    stats: FetchStats,
+    problems: list[Problem],
+) -> list[Diagnosis]:
+    """The verified reports among ``received`` (SOP Instance UID -> SR) from the series
+    ``asked`` for, as diagnoses sourced ``<prefix>/<SOP Instance UID>``; counts into ``stats``,
+    unreadable ones into ``problems``."""
     diagnoses = []
     for sop_uid, ds in sorted(received.items()):
         if str(ds.get("SeriesInstanceUID", "")) not in asked:
-            logger.warning("%s sent %s, from a series not asked for; ignored", pacs, sop_uid)
+            logger.warning("%s sent %s, from a series not asked for; ignored", where, sop_uid)
             continue
         stats.instances_retrieved += 1
-        source = f"pacs:{pacs.ae_title}/{sop_uid}"
+        source = f"{prefix}/{sop_uid}"
         diagnosis, reason = report_to_diagnosis(ds, source)
         if diagnosis is not None:
             diagnoses.append(diagnosis)
@@ -242,13 +259,103 @@ def fetch_reports(
     stats.problems = len(problems)
     logger.info(
         "%s: %d SR series, %d instances, %d verified reports, %d unverified skipped, %d problems",
-        pacs,
+        where,
         stats.series_found,
         stats.instances_retrieved,
         stats.verified_reports,
         stats.skipped_unverified,
         stats.problems,
     )
+    return diagnoses
+
+
+def fetch_reports_dicomweb(
+    url: str,
+    *,
+    token_env: str | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    since: str | None = None,
+    studies: Iterable[str] | None = None,
+) -> tuple[list[Diagnosis], list[Problem], FetchStats]:
+    """The verified reports a DICOMweb server holds, as diagnoses: the same query as
+    :func:`fetch_reports` by QIDO-RS (studies with ``ModalitiesInStudy`` SR and the ``since``
+    date range, or the ``studies`` asked for; then each one's SR series) and WADO-RS (each SR
+    series' instances), with the DICOMweb client of the edge (a bearer token from
+    ``token_env``, a client certificate, the server checked against ``ca``).
+
+    Returns:
+        As :func:`fetch_reports`; sources ``dicomweb:<host[:port]>/<SOP Instance UID>``.
+
+    Raises:
+        PacsError: a bad argument, the server unreachable, or a request refused.
+    """
+    from urllib.parse import urlsplit
+
+    import requests
+
+    from shiftguard.edge.dicomweb import client_for
+    from shiftguard.errors import CollectorAddressError, TlsConfigError
+
+    date_range = f"{_dicom_date(since)}-" if since else ""
+    wanted = _study_uids(studies)
+    try:
+        client = client_for(url, token_env, ca, cert, key, "--dicomweb url")
+    except (CollectorAddressError, TlsConfigError) as exc:
+        raise PacsError(str(exc)) from None
+    where = url.rstrip("/")
+
+    def uids(search: Any, tag: str, **kwargs: Any) -> list[str]:
+        """Every UID ``tag`` a QIDO-RS search finds, page by page (``limit``/``offset``); a
+        server that ignores ``offset`` (its page brings nothing new) ends the paging."""
+        seen: dict[str, None] = {}
+        offset = 0
+        while True:
+            page = search(**kwargs, limit=QIDO_PAGE, offset=offset)
+            new = [
+                str(item[tag]["Value"][0])
+                for item in page
+                if item.get(tag, {}).get("Value") and str(item[tag]["Value"][0]) not in seen
+            ]
+            seen.update(dict.fromkeys(new))
+            if len(page) < QIDO_PAGE or not new:
+                return list(seen)
+            offset += len(page)
+
+    stats = FetchStats()
+    problems: list[Problem] = []
+    received: dict[str, Dataset] = {}
+    asked: set[str] = set()
+    step = "QIDO-RS studies"
+    try:
+        study_uids: list[str] = []
+        for chunk in [None] if wanted is None else [[u] for u in wanted]:
+            filters = {"ModalitiesInStudy": "SR"}
+            if date_range:
+                filters["StudyDate"] = date_range
+            if chunk:
+                filters["StudyInstanceUID"] = chunk[0]
+            study_uids += uids(client.search_for_studies, "0020000D", search_filters=filters)
+        for study_uid in sorted(set(study_uids)):
+            step = f"QIDO-RS series of study {study_uid}"
+            found = uids(
+                client.search_for_series, "0020000E", study_instance_uid=study_uid,
+                search_filters={"Modality": "SR"},
+            )  # fmt: skip
+            for series_uid in found:
+                stats.series_found += 1
+                asked.add(series_uid)
+                step = f"WADO-RS series {series_uid}"
+                for ds in client.retrieve_series(study_uid, series_uid):
+                    received[str(ds.SOPInstanceUID)] = ds
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise PacsError(f"DICOMweb {where}: {step}: HTTP {status}") from None
+    except (requests.RequestException, OSError) as exc:
+        raise PacsError(f"cannot reach DICOMweb {where}: {step}: {exc}") from None
+    prefix = f"dicomweb:{urlsplit(url).netloc}"
+    diagnoses = _read_reports(received, asked, prefix, f"DICOMweb {where}", stats, problems)
     return diagnoses, problems, stats
 
 

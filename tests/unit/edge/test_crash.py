@@ -32,6 +32,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from ehr_peers import FhirServer, MllpListener
 from peers_plugin import peer_missing
 
 from shiftguard.peers import Orthanc, copy_study, find_tool, free_port
@@ -438,3 +439,51 @@ def test_a_retry_that_arrives_while_the_cut_short_study_is_processed_is_processe
     counts = edge.counts()
     assert counts["instances"] == n and counts.get("studies_done") == 1
     assert counts.get("deliveries_sent", 0) + counts.get("deliveries_superseded", 0) == 4
+
+
+@pytest.mark.parametrize(
+    "pause_at",
+    ["shiftguard.edge.queue:WorkQueue.finish_study", "shiftguard.edge.queue:WorkQueue.delivered"],
+    ids=["after-inference", "acknowledged-not-recorded"],
+)
+def test_killed_the_ehr_gets_every_message_once(
+    edge: Edge, orthanc: Orthanc, cohort: Path, tmp_path: Path, storescu: str, pause_at: str
+) -> None:
+    """A site with a PACS, an HL7 receiver (MLLP) and a FHIR server; the service is SIGKILLed
+    after the first study's inference (nothing queued) or once every destination has
+    acknowledged an object the service has not recorded yet (the window where a message goes
+    twice). Restarted, each result's ORU and FHIR report arrive, and each only once as the
+    receivers count them: a resent message is the same message under the same control ID (HL7)
+    or resource id (FHIR), which the receivers take for what it is."""
+    listener = MllpListener(free_port()).start()
+    fhir = FhirServer(free_port()).start()
+    edge.args = [a for a in edge.args if not a.startswith("edge.destinations=")] + [
+        "edge.destinations=["
+        f"{{name:pacs,ae_title:ORTHANC,host:127.0.0.1,port:{orthanc.dicom}}},"
+        f"{{name:ehr,kind:hl7-mllp,host:127.0.0.1,port:{listener.port}}},"
+        f"{{name:fhir,kind:fhir,url:'{fhir.url}'}}]"
+    ]
+    studies = _studies(cohort, tmp_path, 2)
+    try:
+        edge.start(pause_at=pause_at, after=0)
+        _send(storescu, edge.port, studies[0] + studies[1])
+        edge.wait_paused()
+        if pause_at.endswith("delivered"):  # each sender holds an acknowledged object
+            _wait(lambda: len(listener.accepted) == 1 and len(fhir.writes) == 2, "acks")
+            assert edge.query("SELECT COUNT(*) FROM deliveries WHERE state = 'sent'") == [(0,)]
+        else:
+            assert listener.received == [] and fhir.requests == []
+        edge.kill()
+
+        edge.start()
+        _wait(lambda: edge.counts().get("deliveries_sent") == 8, "every delivery to be sent")
+        time.sleep(1.0)
+        assert_each_result_once(orthanc, studies)
+        assert len(listener.accepted) == 2 and listener.invalid == [] and listener.conflicts == []
+        assert sum(listener.repeats.values()) == (1 if pause_at.endswith("delivered") else 0)
+        assert len(fhir.of_type("DiagnosticReport")) == 2 and len(fhir.of_type("Observation")) == 2
+        assert fhir.invalid == []
+        assert edge.counts().get("deliveries_pending", 0) == 0
+    finally:
+        listener.stop()
+        fhir.stop()

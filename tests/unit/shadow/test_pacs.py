@@ -21,7 +21,13 @@ from report_sr import study, write_report_sr
 
 from shiftguard.peers import Orthanc, find_tool, free_port, storescu, tool
 from shiftguard.shadow.diagnoses import Diagnosis, DiagnosisBook, read_diagnoses
-from shiftguard.shadow.pacs import Pacs, PacsError, fetch_reports, parse_pacs
+from shiftguard.shadow.pacs import (
+    Pacs,
+    PacsError,
+    fetch_reports,
+    fetch_reports_dicomweb,
+    parse_pacs,
+)
 from shiftguard.shadow.sr import report_to_diagnosis
 
 needs_orthanc = pytest.mark.peers("Orthanc", "storescu")
@@ -97,7 +103,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         peer_missing(f"needs {', '.join(missing)}: scripts/setup.sh installs them")
     root = tmp_path_factory.mktemp("pacs")
     move_port = free_port()
-    orthanc = Orthanc(root / "orthanc", modalities={"SHIFTGUARD": ("127.0.0.1", move_port)})
+    orthanc = Orthanc(
+        root / "orthanc", modalities={"SHIFTGUARD": ("127.0.0.1", move_port)}, dicomweb=True
+    )
     recent = study(root / "recent", "20240301", "P1")
     old = study(root / "old", "20231115", "P2")
     unreported = study(root / "unreported", "20240310", "P3")
@@ -188,6 +196,47 @@ def test_since_and_studies_narrow_the_query(archive: Archive) -> None:
 
     diagnoses, _, stats = fetch_reports(archive.pacs, retrieve="get", since="20250101")
     assert diagnoses == [] and stats.series_found == 0
+
+
+@pytest.mark.integration
+@needs_orthanc
+def test_the_verified_reports_come_back_by_qido_and_wado_rs(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same archive through Orthanc's DICOMweb plugin: the same diagnoses, problems and
+    counts as by C-FIND and C-MOVE, sourced by the server's address; ``since`` and ``studies``
+    narrow the QIDO-RS query; ``shadow fetch --dicomweb`` writes them."""
+    from shiftguard.cli import main
+
+    url = archive.orthanc.dicomweb_url
+    netloc = url.split("/")[2]
+    diagnoses, problems, stats = fetch_reports_dicomweb(url)
+    expected = [d for reports in archive.expected.values() for d in reports]
+    assert sorted(diagnoses) == sorted(expected)
+    assert {d.source for d in diagnoses} == {
+        archive.sources[d].replace("pacs:ORTHANC", f"dicomweb:{netloc}") for d in expected
+    }
+    assert [p.source for p in problems] == [f"dicomweb:{netloc}/{archive.malformed}"]
+    assert (stats.series_found, stats.instances_retrieved) == (5, 5)
+    assert (stats.verified_reports, stats.skipped_unverified, stats.problems) == (3, 1, 1)
+
+    recent, _, stats = fetch_reports_dicomweb(url, since="2024-01-01")
+    assert {d.study_uid for d in recent} == {archive.recent} and stats.skipped_unverified == 1
+    old, _, stats = fetch_reports_dicomweb(url, studies=[archive.old, archive.unreported])
+    assert sorted(old) == archive.expected[archive.old] and stats.series_found == 2
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])  # the project's conf/
+    out = tmp_path / "dicomweb.jsonl"
+    assert main(["shadow", "fetch", "--dicomweb", url, "--out", str(out)]) == 0
+    assert sorted(read_diagnoses(out)[0]) == sorted(expected)
+
+
+def test_an_unreachable_dicomweb_server_is_named() -> None:
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    with pytest.raises(PacsError, match=re.escape(f"cannot reach DICOMweb {url}")):
+        fetch_reports_dicomweb(url)
+    with pytest.raises(PacsError, match="in clear"):
+        fetch_reports_dicomweb("http://10.1.2.3/dicom-web", token_env="PACS_TOKEN")
 
 
 def test_an_unreachable_pacs_is_named() -> None:

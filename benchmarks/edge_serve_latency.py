@@ -8,6 +8,12 @@ association is released) until Orthanc has acknowledged storing the study's SR a
 prints p50 and p95
 beside the model's forward pass measured in the same run (ONNX Runtime on the same input).
 
+The EHR's share: a second service, identical but for two more destinations (an HL7 v2 receiver
+over MLLP and a FHIR R4 server, the ones the test suite runs: hl7apy's MLLP server and uvicorn,
+each validating what it gets), takes every other study; per study, release -> every destination
+acknowledged, and the ratio of its p50 and p95 to the PACS-only arm's, with the time each
+destination took from queueing to acknowledgement.
+
 Receive throughput: the same ``storescu`` sends ``--receive-studies`` studies' images in one
 association to the service's Storage SCP alone (both engines, both durability modes) and to dcmtk's
 ``storescp`` (writing to disk, no fsync), side by side in rotating order; median images/s over
@@ -27,6 +33,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +43,7 @@ import numpy as np
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--studies", type=int, default=20, help="studies per arm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="receive-throughput rounds")
     parser.add_argument("--receive-studies", type=int, default=20, help="studies per round")
@@ -56,30 +63,46 @@ def main() -> None:
     from shiftguard.dicom.series import group_series
     from shiftguard.edge.preprocess import preprocess
     from shiftguard.edge.service import Service, resolve_bundle
-    from shiftguard.peers import Orthanc, copy_study, storescu
+    from shiftguard.peers import Orthanc, copy_study, free_port, storescu
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from ehr_peers import FhirServer, MllpListener  # the receivers the test suite uses
 
     bundle = resolve_bundle("artifacts/export")
     source = sorted(Path("data/dicom").glob("*/*"))[0]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        studies = copy_study(source, tmp / "studies", args.studies)
+        studies = copy_study(source, tmp / "studies", 2 * args.studies)
         n_images = len(list(studies[0].iterdir()))
         orthanc = Orthanc(tmp / "orthanc")
         orthanc.start()
-        service = Service(
-            EdgeConfig(
-                bundle=str(bundle),
-                storage=str(tmp / "edge"),
-                port=0,
-                calling_ae_titles=["MODALITY"],
-                destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom}],
-                shadow=False,
-                http_port=0,
-            ),
-            poll_s=0.005,
-        )
-        service.start()
+        listener = MllpListener(free_port()).start()
+        fhir = FhirServer(free_port()).start()
+        pacs = {"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom}
+        ehr = [
+            {"name": "ehr", "kind": "hl7-mllp", "port": listener.port},
+            {"name": "fhir", "kind": "fhir", "url": fhir.url},
+        ]
+        arms = {PACS_ONLY: [pacs], WITH_EHR: [pacs, *ehr]}
+        services = {
+            arm: Service(
+                EdgeConfig(
+                    bundle=str(bundle),
+                    storage=str(tmp / f"edge{k}"),
+                    port=0,
+                    calling_ae_titles=["MODALITY"],
+                    destinations=destinations,
+                    shadow=False,
+                    http_port=0,
+                ),
+                poll_s=0.005,
+            )
+            for k, (arm, destinations) in enumerate(arms.items())
+        }
+        for service in services.values():
+            service.start()
         try:
+            service = services[PACS_ONLY]
             # forward pass alone, same input the service computes
             headers, _ = scan_files(list_files(studies[0]))
             [group] = group_series(headers)
@@ -95,30 +118,48 @@ def main() -> None:
                 model.logits(image)
                 forward.append(time.perf_counter() - began)
 
-            latencies = []
-            for study in studies:
+            # the arms take turns, study by study, so that neither has the quieter minutes
+            latencies: dict[str, list[float]] = {arm: [] for arm in arms}
+            for k, study in enumerate(studies):
+                arm = list(arms)[k % 2]
+                service = services[arm]
                 proc = storescu(service.receiver.port, sorted(study.iterdir()))
                 released = time.perf_counter()
                 if proc.returncode != 0:
                     raise RuntimeError(proc.stderr)
-                # Orthanc's C-STORE success is "stored": the service marks the delivery sent then
-                while service.queue.counts().get("deliveries_sent", 0) < 2 * (len(latencies) + 1):
+                # every destination's acknowledgement (Orthanc's C-STORE success is "stored",
+                # the listener's AA "accepted", the FHIR server's 2xx "committed")
+                per_study = 2 + (len(arms[arm]) - 1)  # SR + key image, one message each
+                expected = per_study * (len(latencies[arm]) + 1)
+                while service.queue.counts().get("deliveries_sent", 0) < expected:
+                    if time.perf_counter() - released > 120:
+                        raise RuntimeError(f"{arm}: not every result acknowledged in 120 s: "
+                                           f"{service.queue.counts()}")  # fmt: skip
                     time.sleep(0.002)
-                latencies.append(time.perf_counter() - released)
+                latencies[arm].append(time.perf_counter() - released)
 
-            def mean_ms(stage: str) -> float:  # from the service's Prometheus histogram
+            def mean_ms(service: Service, stage: str) -> float:  # the service's histogram
                 value = service.registry.get_sample_value
                 total = value("shiftguard_edge_latency_seconds_sum", {"stage": stage}) or 0.0
                 count = value("shiftguard_edge_latency_seconds_count", {"stage": stage}) or 0.0
                 return 1000 * total / max(count, 1.0)
 
-            stages = {name: mean_ms(name) for name in ("predict", "deliver", "ready_to_sent")}
+            stages = {
+                arm: {n: mean_ms(services[arm], n) for n in ("predict", "deliver", "ready_to_sent")}
+                for arm in arms
+            }
+            per_destination = _queued_to_sent(tmp / "edge1" / "queue.db")
             stored = orthanc.studies()
-            assert len(stored) == args.studies and set(stored.values()) == {2}, stored
+            assert len(stored) == 2 * args.studies and set(stored.values()) == {2}, stored
+            assert len(listener.accepted) == args.studies and not listener.invalid
+            assert len(fhir.of_type("DiagnosticReport")) == args.studies and not fhir.invalid
 
         finally:
-            service.stop()
+            for service in services.values():
+                service.stop()
             orthanc.stop()
+            listener.stop()
+            fhir.stop()
 
         with tempfile.TemporaryDirectory(dir=args.receive_dir) as receive_tmp:
             receive = receive_throughput(
@@ -126,21 +167,39 @@ def main() -> None:
             )
 
     f = statistics.median(forward)
-    p50, p95 = (float(v) for v in np.percentile(latencies, [50, 95]))
-    print(f"{args.studies} studies of {n_images} images ({source.name}), bundle {bundle.name}")
+    p50, p95 = (float(v) for v in np.percentile(latencies[PACS_ONLY], [50, 95]))
+    print(
+        f"{args.studies} studies per arm of {n_images} images ({source.name}), bundle {bundle.name}"
+    )
     print(f"forward pass alone (ONNX Runtime): {1000 * f:.1f} ms (median of 20)")
     print(
         f"association release -> SR and key image stored in Orthanc: p50 {1000 * p50:.0f} ms, "
         f"p95 {1000 * p95:.0f} ms  ({p95 / f:.1f}x the forward pass at p95)"
     )
+    s0 = stages[PACS_ONLY]
     print(
         f"  where it goes (service histograms, means): predict + write SR/SC "
-        f"{stages['predict']:.0f} ms, each C-STORE into Orthanc {stages['deliver']:.0f} ms, "
-        f"ready -> last result sent {stages['ready_to_sent']:.0f} ms"
+        f"{s0['predict']:.0f} ms, each C-STORE into Orthanc {s0['deliver']:.0f} ms, "
+        f"ready -> last result sent {s0['ready_to_sent']:.0f} ms"
     )
     print(
         f"targets: p95 < 1 s: {'met' if p95 < 1 else 'MISSED'}; overhead <= 2x forward: "
         f"{'met' if p95 <= 2 * f else 'MISSED'}"
+    )
+    e50, e95 = (float(v) for v in np.percentile(latencies[WITH_EHR], [50, 95]))
+    s1 = stages[WITH_EHR]
+    print(
+        "with an HL7 v2 receiver (MLLP, hl7apy validating) and a FHIR server (uvicorn, "
+        "fhir.resources validating) beside Orthanc, studies alternating with the arm above:"
+    )
+    print(
+        f"  release -> every destination acknowledged: p50 {1000 * e50:.0f} ms, p95 "
+        f"{1000 * e95:.0f} ms; ratio to PACS only {e50 / p50:.2f} (p50), {e95 / p95:.2f} (p95)"
+    )
+    print(
+        f"  predict + SR/SC + messages {s1['predict']:.0f} ms (PACS only {s0['predict']:.0f} ms); "
+        "queued -> acknowledged, median per destination: "
+        + ", ".join(f"{d} {1000 * v:.0f} ms" for d, v in sorted(per_destination.items()))
     )
     images, rates = receive
     theirs = statistics.median(rates[STORESCP])
@@ -160,6 +219,25 @@ def main() -> None:
 #: while ShiftGuard's SCP takes any size (``edge.max_pdu: 0``), which would flatter ShiftGuard
 DCMTK_MAX_PDU = 131072
 STORESCP = f"storescp (dcmtk, --max-pdu {DCMTK_MAX_PDU})"
+
+
+PACS_ONLY, WITH_EHR = "PACS only", "PACS + HL7 + FHIR"
+
+
+def _queued_to_sent(queue_db: Path) -> dict[str, float]:
+    """Median seconds from queueing (the study processed) to the destination's acknowledgement,
+    per destination, read from a stopped service's queue."""
+    import sqlite3
+
+    db = sqlite3.connect(queue_db)
+    try:
+        rows = db.execute("SELECT destination, sent_at - queued_at FROM deliveries").fetchall()
+    finally:
+        db.close()
+    by: dict[str, list[float]] = {}
+    for destination, seconds in rows:
+        by.setdefault(destination, []).append(seconds)
+    return {d: statistics.median(v) for d, v in by.items()}
 
 
 def receive_throughput(

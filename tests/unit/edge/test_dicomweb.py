@@ -5,10 +5,6 @@ start."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import ssl
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,55 +128,6 @@ def test_a_destination_missing_what_its_kind_needs_is_a_config_error(
         EdgeConfig(destinations=[destination])
 
 
-class TlsFront:
-    """TLS in front of a loopback HTTP server, as a site's reverse proxy puts it in front of a VNA:
-    a client must present a certificate ``client_ca`` signed; the bytes are then relayed both ways
-    (Python's ssl; Debian's Orthanc 1.10.1 crashes when it serves HTTPS itself)."""
-
-    def __init__(self, target: int, chain: tuple[Path, Path], client_ca: Path) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(*map(str, chain))
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.context.load_verify_locations(str(client_ca))
-        self.target = target
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.refused = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                conn.settimeout(10)
-                front = self.context.wrap_socket(conn, server_side=True)
-            except (ssl.SSLError, OSError):
-                self.refused += 1
-                conn.close()
-                continue
-            back = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((front, back), (back, front)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def close(self) -> None:
-        self.server.close()
-
-
 @pytest.mark.peers("openssl")
 def test_a_vna_that_wants_a_client_certificate_gets_one(
     tmp_path: Path, bundle_path: Path, cohort: Path
@@ -188,7 +135,7 @@ def test_a_vna_that_wants_a_client_certificate_gets_one(
     """HTTPS requiring client certificates in front of Orthanc: the destination with ``ca``,
     ``cert`` and ``key`` delivers; the same without its certificate is refused in the handshake,
     retried, and nothing is stored."""
-    from tls_certs import self_signed
+    from tls_certs import TlsFront, self_signed
 
     server = self_signed(tmp_path, "server")
     client = self_signed(tmp_path, "client")

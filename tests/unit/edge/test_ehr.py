@@ -446,3 +446,31 @@ def test_an_urgent_result_is_c_stored_with_high_priority(
     finally:
         service.stop()
         scp.server.shutdown()
+
+
+@pytest.mark.peers("openssl")
+def test_mllp_over_tls_checks_the_receiver_and_shows_our_certificate(
+    tmp_path: Path, listener: MllpListener
+) -> None:
+    """The HL7 receiver behind TLS that requires a client certificate: with ``ca``, ``cert`` and
+    ``key`` the message is accepted; without our certificate the handshake fails and nothing
+    arrives; a server certificate not signed by ``ca`` is refused by us."""
+    from tls_certs import TlsFront, self_signed
+
+    from shiftguard.tls import client_context
+
+    server, client = self_signed(tmp_path, "server"), self_signed(tmp_path, "client")
+    other = self_signed(tmp_path, "other")
+    front = TlsFront(listener.port, server, client[0])
+    message = hl7_oru(STUDY, POSITIVE, "site-a")
+    control = control_id("ORU^R01:2.25.1234")
+    try:
+        ours = client_context(str(server[0]), str(client[0]), str(client[1]))
+        send("127.0.0.1", front.port, message, control, timeout_s=5, context=ours)
+        assert list(listener.accepted) == [control]
+        for context in (client_context(str(server[0])), client_context(str(other[0]))):
+            with pytest.raises(MllpError):
+                send("127.0.0.1", front.port, message, control, timeout_s=5, context=context)
+        assert len(listener.received) == 1
+    finally:
+        front.close()

@@ -718,6 +718,10 @@ class Service:
             update = dest.priority_update
             if update == "none":
                 continue
+            if not facts.accession:  # the order cannot be named: nothing to raise
+                log.warning("study %s is urgent but has no accession number: no %s to %s",
+                            study_uid, update, dest.name)  # fmt: skip
+                continue
             key = f"{update}:{study_uid}"
             path = out / f"priority.{dest.name}.{'json' if update == 'ServiceRequest' else 'hl7'}"
             if update == "ServiceRequest":

@@ -410,6 +410,43 @@ def test_an_ehr_that_is_down_or_says_no_gets_every_message_once(
         fhir.stop()
 
 
+@pytest.mark.peers("storescu")
+def test_an_urgent_study_without_an_accession_number_gets_its_results_but_no_order_update(
+    tmp_path: Path, positive_bundle: Path, cohort: Path
+) -> None:
+    """The order an update would change is named by the accession number: without one, the ORU
+    and the FHIR report go as usual and no priority update is sent (nor retried forever)."""
+    from shiftguard.peers import copy_study
+
+    source = sorted(sorted(cohort.iterdir())[0].iterdir())[0]
+    [study] = copy_study(source, tmp_path / "copy", 1)
+    files = sorted(study.iterdir())
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.AccessionNumber = ""
+        ds.save_as(f)
+    listener = MllpListener(free_port()).start()
+    fhir = FhirServer(free_port()).start()
+    service = Service(
+        _settings(tmp_path, positive_bundle, _ehr(listener, fhir), urgency_threshold=0.0)
+    )
+    service.start()
+    try:
+        assert storescu(service.receiver.port, files).returncode == 0
+        _wait(lambda: service.health().get("deliveries_sent", 0) == 2)
+        time.sleep(0.5)
+        assert [str(_segment(m, "MSH")[9]) for m in listener.accepted.values()] == [
+            "ORU^R01^ORU_R01"
+        ]
+        assert len(fhir.of_type("DiagnosticReport")) == 1
+        assert [m for m, _ in fhir.requests if m == "GET"] == []  # no order looked for
+        assert service.health().get("deliveries_pending", 0) == 0
+    finally:
+        service.stop()
+        listener.stop()
+        fhir.stop()
+
+
 class _PrioritySCP:
     """A Storage SCP (pynetdicom) that notes each C-STORE's priority and SOP class."""
 

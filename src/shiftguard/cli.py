@@ -881,23 +881,23 @@ def _fetch(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
     if args.dicomweb or (settings.dicomweb and not args.pacs):
         if (settings.cert is None) != (settings.key is None):
             raise PacsError(f"shadow {args.action}: --cert and --key go together")
+        where = f"DICOMweb {settings.dicomweb}"
         diagnoses, problems, stats = fetch_reports_dicomweb(
             settings.dicomweb, token_env=settings.token_env, ca=settings.ca,
             cert=settings.cert, key=settings.key, since=args.since,
         )  # fmt: skip
-        log.info("DICOMweb %s: %s", settings.dicomweb, stats)
-        for problem in problems[:20]:
-            log.warning("left out: %s", problem)
-        return diagnoses, problems, stats
-    if not settings.address:
+    elif not settings.address:
         raise PacsError(
-            f"shadow {args.action}: name the PACS with --pacs AET@host:port (or shadow.pacs.address)"
+            f"shadow {args.action}: name the PACS with --pacs AET@host:port or --dicomweb URL "
+            "(or shadow.pacs.address, shadow.pacs.dicomweb)"
         )
-    diagnoses, problems, stats = fetch_reports(
-        parse_pacs(settings.address), ae_title=settings.ae_title, retrieve=settings.retrieve,
-        move_port=settings.move_port, move_host=settings.move_host, since=args.since,
-    )  # fmt: skip
-    log.info("PACS %s: %s", settings.address, stats)
+    else:
+        where = f"PACS {settings.address}"
+        diagnoses, problems, stats = fetch_reports(
+            parse_pacs(settings.address), ae_title=settings.ae_title, retrieve=settings.retrieve,
+            move_port=settings.move_port, move_host=settings.move_host, since=args.since,
+        )  # fmt: skip
+    log.info("%s: %s", where, stats)
     for problem in problems[:20]:
         log.warning("left out: %s", problem)
     return diagnoses, problems, stats

@@ -251,8 +251,25 @@ class FhirServer:
                 return outcome(400, str(exc)[:500])
             return JSONResponse(stored, media_type="application/fhir+json")
 
+        async def metadata(request: Request) -> JSONResponse:
+            refused = gate(request)
+            if refused is not None:
+                return refused
+            statement = {
+                "resourceType": "CapabilityStatement",
+                "status": "active",
+                "date": "2026-12-06",
+                "kind": "instance",
+                "fhirVersion": "4.0.1",
+                "format": ["json"],
+                "software": {"name": "test FHIR endpoint"},
+            }
+            validate_fhir(statement)
+            return JSONResponse(statement, media_type="application/fhir+json")
+
         return Starlette(
             routes=[
+                Route("/fhir/metadata", metadata, methods=["GET"]),
                 Route("/fhir", transaction, methods=["POST"]),
                 Route("/fhir/{kind}", search, methods=["GET"]),
                 Route("/fhir/{kind}/{rid}", put, methods=["PUT"]),

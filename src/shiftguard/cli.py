@@ -609,19 +609,47 @@ def _edge_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edge_site(args: argparse.Namespace) -> Any:
+    """The ``edge`` settings: a site file (``--config``, no conf/ tree needed) or conf/edge/."""
+    from shiftguard.config import EdgeConfig, compose_section
+
+    if args.config is not None:
+        from shiftguard.config.site import load_site_config
+
+        return load_site_config(args.config, args.overrides)
+    return compose_section("edge", EdgeConfig, args.overrides)
+
+
+def _edge_check(args: argparse.Namespace) -> int:
+    from shiftguard.edge.check import check_destinations
+
+    if args.timeout <= 0:
+        raise ConfigError(f"edge check --timeout {args.timeout}: must be more than 0 seconds")
+    cfg = _edge_site(args)
+    if not cfg.destinations:
+        print("no destinations configured (edge.destinations is empty)")
+        return 0
+    reaches = check_destinations(cfg, args.timeout)
+    width = max(len(r.name) for r in reaches)
+    for r in reaches:
+        print(
+            f"{'ok  ' if r.ok else 'FAIL'} {r.name:<{width}} {r.kind:<8} {r.role:<8} "
+            f"{1000 * r.seconds:6.0f} ms  {r.detail}"
+        )
+    failed = [r.name for r in reaches if not r.ok]
+    if failed:
+        log.error("edge check: cannot reach %s", ", ".join(failed))
+        return 1
+    return 0
+
+
 def _edge_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from shiftguard.config import EdgeConfig, compose_section
     from shiftguard.edge.service import Service
 
-    if args.config is not None:  # a site file: no conf/ tree needed
-        from shiftguard.config.site import load_site_config
-
-        cfg = load_site_config(args.config, args.overrides)
-    else:
-        cfg = compose_section("edge", EdgeConfig, args.overrides)
+    cfg = _edge_site(args)
     service = Service(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1284,6 +1312,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overrides(srv)
     srv.set_defaults(func=_edge_serve)
+    chk = edge_sub.add_parser(
+        "check",
+        help="reach each destination without leaving anything there (C-ECHO, QIDO-RS, a TCP or "
+        "TLS connection, FHIR metadata): exit 1 when one cannot be reached",
+    )
+    chk.add_argument("--config", type=Path, default=None, help="a site file, as for serve")
+    chk.add_argument("--timeout", type=float, default=10.0, help="seconds per destination")
+    overrides(chk)
+    chk.set_defaults(func=_edge_check)
     template = edge_sub.add_parser(
         "config", help="print an annotated site file for `edge serve --config` (the defaults)"
     )

@@ -75,6 +75,15 @@ class FhirClient:
         except ValueError:
             raise FhirError(f"{method} {url}: the response is not JSON") from None
 
+    def capabilities(self) -> dict[str, Any]:
+        """The server's CapabilityStatement (``GET [base]/metadata``).
+
+        Raises:
+            FhirError: the request failed.
+        """
+        reply = self._request("GET", "metadata")
+        return reply if isinstance(reply, dict) else {}
+
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         """POST the transaction ``bundle``; its response once every entry succeeded.
 

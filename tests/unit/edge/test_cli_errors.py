@@ -114,6 +114,7 @@ def _cases(root: Path, bundle: Path, busy: int) -> list[Case]:
         Case(("edge", "serve", *edge[:2], f"edge.port={busy}", "edge.http_port=0"),
              (f"127.0.0.1:{busy}", "in use", "edge.port")),
         Case(("edge", "config", "--out", str(empty_dir)), (str(empty_dir), "folder|directory")),
+        Case(("edge", "check", "--config", m), (m, NOT_FOUND)),
         Case(("monitor", "collect", f"monitor.collector.port={busy}",
               f"monitor.collector.store={root / 'store.db'}"),
              (f"127.0.0.1:{busy}", "in use", "monitor.collector.port"), token),

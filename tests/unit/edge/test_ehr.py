@@ -511,3 +511,50 @@ def test_mllp_over_tls_checks_the_receiver_and_shows_our_certificate(
         assert len(listener.received) == 1
     finally:
         front.close()
+
+
+@pacs_peers
+def test_edge_check_reaches_each_destination_and_names_the_one_it_cannot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``edge check`` on a site file with a destination of each kind: C-ECHO to Orthanc, QIDO-RS
+    to its DICOMweb plugin, a TCP connection to the HL7 listener (which receives nothing), FHIR
+    metadata; a PACS that is not listening makes it exit 1 naming it."""
+    import yaml
+
+    from shiftguard.cli import main
+
+    pacs = Orthanc(tmp_path / "pacs", dicomweb=True)
+    pacs.start()
+    listener = MllpListener(free_port()).start()
+    fhir = FhirServer(free_port(), token="t0ken").start()
+    monkeypatch.setenv("FHIR_TOKEN", "t0ken")
+    destinations = [
+        {"name": "pacs", "ae_title": "ORTHANC", "port": pacs.dicom},
+        {"name": "vna", "kind": "stow-rs", "url": pacs.dicomweb_url},
+        {"name": "ehr", "kind": "hl7-mllp", "port": listener.port},
+        {"name": "fhir", "kind": "fhir", "url": fhir.url, "token_env": "FHIR_TOKEN"},
+    ]
+    site = tmp_path / "site.yaml"
+    try:
+        site.write_text(yaml.safe_dump({"destinations": destinations}))
+        assert main(["edge", "check", "--config", str(site)]) == 0
+        out = capsys.readouterr().out
+        assert [line.split()[:2] for line in out.splitlines()] == [
+            ["ok", "pacs"], ["ok", "vna"], ["ok", "ehr"], ["ok", "fhir"]
+        ]  # fmt: skip
+        assert "C-ECHO 0x0000" in out and "FHIR 4.0.1" in out and "no message sent" in out
+        assert listener.received == [] and fhir.resources == {}
+
+        down = {"name": "old-pacs", "ae_title": "OLD", "port": free_port()}
+        site.write_text(yaml.safe_dump({"destinations": [*destinations, down]}))
+        monkeypatch.setenv("FHIR_TOKEN", "wrong")
+        assert main(["edge", "check", "--config", str(site), "--timeout", "3"]) == 1
+        lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+        assert lines["old-pacs"].startswith("FAIL") and "not established" in lines["old-pacs"]
+        assert lines["fhir"].startswith("FAIL") and "401" in lines["fhir"]
+        assert lines["pacs"].startswith("ok")
+    finally:
+        pacs.stop()
+        listener.stop()
+        fhir.stop()

@@ -3,6 +3,7 @@ export stage makes one (ONNX from a real network, the manifest's preprocessing f
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,16 +89,30 @@ def onnx_model(network: SmallCNN3d, tiny: dict[str, Any]) -> bytes:
     return export_onnx(network, torch.zeros(1, 1, *shape))
 
 
+def make_bundle(root: Path, tiny: dict[str, Any], onnx_model: bytes, **overrides: Any) -> Path:
+    """A bundle of the test model in ``root``, its manifest :func:`make_manifest` with
+    ``overrides`` (version 7 unless given)."""
+    manifest = make_manifest(tiny, **overrides)
+    return write_bundle(
+        root / bundle_file_name("test-model", manifest["version"]),
+        manifest,
+        {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
+    )
+
+
+def wait_until(predicate: Any, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` every 0.1 s until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def bundle_path(
     tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any], onnx_model: bytes
 ) -> Path:
-    root = tmp_path_factory.mktemp("bundle")
-    return write_bundle(
-        root / bundle_file_name("test-model", "7"),
-        make_manifest(tiny),
-        {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
-    )
+    return make_bundle(tmp_path_factory.mktemp("bundle"), tiny, onnx_model)
 
 
 @pytest.fixture(scope="session")
@@ -105,12 +120,7 @@ def challenger_path(
     tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any], onnx_model: bytes
 ) -> Path:
     """A second version of the test model, to run as the challenger."""
-    root = tmp_path_factory.mktemp("challenger")
-    return write_bundle(
-        root / bundle_file_name("test-model", "8"),
-        make_manifest(tiny, version="8"),
-        {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
-    )
+    return make_bundle(tmp_path_factory.mktemp("challenger"), tiny, onnx_model, version="8")
 
 
 @pytest.fixture

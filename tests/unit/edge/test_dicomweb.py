@@ -18,14 +18,9 @@ from shiftguard.edge.service import Service
 from shiftguard.errors import CollectorAddressError
 from shiftguard.peers import Orthanc, storescu
 
+from .conftest import wait_until
+
 pytestmark = [pytest.mark.integration, pytest.mark.peers("Orthanc", "storescu")]
-
-
-def _wait(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def _settings(tmp_path: Path, bundle: Path, url: str, **dest: Any) -> EdgeConfig:
@@ -55,7 +50,7 @@ def _send_through(settings: EdgeConfig, files: list[Path]) -> Service:
     service.start()
     try:
         assert storescu(service.receiver.port, files).returncode == 0
-        _wait(lambda: service.count("sent") == 2 or service.count("send_failures") >= 2)
+        wait_until(lambda: service.count("sent") == 2 or service.count("send_failures") >= 2)
     finally:
         service.stop()
     return service
@@ -70,7 +65,7 @@ def test_results_go_to_a_vna_by_stow_rs(tmp_path: Path, bundle_path: Path, cohor
         study, uid = _study(cohort)
         proc = storescu(service.receiver.port, sorted(study.rglob("*.dcm")))
         assert proc.returncode == 0, proc.stderr
-        _wait(lambda: service.count("sent") == 2)
+        wait_until(lambda: service.count("sent") == 2)
         assert vna.studies() == {uid: 2}  # the SR and the key image, in the source study
         classes = {
             vna.get(f"/instances/{i}/simplified-tags")["SOPClassUID"] for i in vna.get("/instances")
@@ -91,10 +86,10 @@ def test_a_vna_that_is_down_gets_every_result_once_it_is_back(
     try:
         study, uid = _study(cohort)
         assert storescu(service.receiver.port, sorted(study.rglob("*.dcm"))).returncode == 0
-        _wait(lambda: service.count("send_failures") >= 2)  # refused connections, backed off
+        wait_until(lambda: service.count("send_failures") >= 2)  # refused connections, backed off
         assert service.count("sent") == 0
         vna.start()
-        _wait(lambda: service.count("sent") == 2)
+        wait_until(lambda: service.count("sent") == 2)
         assert vna.studies() == {uid: 2}
         time.sleep(1.0)  # a second delivery of either would show here
         assert vna.studies() == {uid: 2} and service.count("sent") == 2

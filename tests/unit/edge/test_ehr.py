@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from shiftguard.config import EdgeConfig
 from shiftguard.config.deploy import EdgeDestination
-from shiftguard.edge.bundle import bundle_file_name, write_bundle
 from shiftguard.edge.ehr import (
     ResultFacts,
     StudyFacts,
@@ -36,7 +35,7 @@ from shiftguard.edge.queue import WorkQueue
 from shiftguard.edge.service import Service
 from shiftguard.peers import Orthanc, free_port, storescu
 
-from .conftest import make_manifest
+from .conftest import make_bundle, wait_until
 
 STUDY = StudyFacts(
     study_uid="1.2.826.0.1.3680043.8.498.1",
@@ -254,23 +253,13 @@ def test_urgent_deliveries_go_first(tmp_path: Path) -> None:
 pacs_peers = pytest.mark.peers("Orthanc", "storescu")
 
 
-def _wait(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def positive_bundle(
     tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any], onnx_model: bytes
 ) -> Path:
     """The test model with operating threshold 0: every result is a present finding."""
-    root = tmp_path_factory.mktemp("positive")
-    return write_bundle(
-        root / bundle_file_name("test-model", "9"),
-        make_manifest(tiny, version="9", threshold=0.0),
-        {"model.onnx": onnx_model, "reference.csv": b"mean,std\n1.0,2.0\n"},
+    return make_bundle(
+        tmp_path_factory.mktemp("positive"), tiny, onnx_model, version="9", threshold=0.0
     )
 
 
@@ -325,7 +314,7 @@ def test_a_clinical_result_reaches_the_pacs_and_the_ehr_by_hl7_and_fhir(
     service.start()
     try:
         assert storescu(service.receiver.port, files).returncode == 0
-        _wait(lambda: service.health().get("deliveries_sent", 0) == 6)  # 2 + ORU + OMI + 2
+        wait_until(lambda: service.health().get("deliveries_sent", 0) == 6)  # 2 + ORU + OMI + 2
         assert pacs.studies() == {uid: 2}
         [oru] = listener.of_type("ORU^R01")
         [omi] = listener.of_type("OMI^O23")
@@ -368,7 +357,7 @@ def test_shadow_mode_sends_nothing_to_a_clinical_ehr(
     try:
         files, _ = _study(cohort)
         assert storescu(service.receiver.port, files).returncode == 0
-        _wait(lambda: len(research.accepted) == 1)
+        wait_until(lambda: len(research.accepted) == 1)
         time.sleep(1.0)  # anything queued for the clinical ones would be sent by now
         assert clinical.received == [] and fhir.requests == []
         assert service.health().get("deliveries_sent") == 1
@@ -394,10 +383,10 @@ def test_an_ehr_that_is_down_or_says_no_gets_every_message_once(
     try:
         for k in (0, 1):
             assert storescu(service.receiver.port, _study(cohort, k)[0]).returncode == 0
-        _wait(lambda: service.count("send_failures") >= 4)
+        wait_until(lambda: service.count("send_failures") >= 4)
         listener.nack = 2
         listener.start()
-        _wait(lambda: service.health().get("deliveries_sent", 0) == 4)
+        wait_until(lambda: service.health().get("deliveries_sent", 0) == 4)
         time.sleep(1.0)
         assert len(listener.accepted) == 2 and not listener.repeats and listener.invalid == []
         assert len(listener.received) == 4  # two refused with AE, then each once
@@ -433,7 +422,7 @@ def test_an_urgent_study_without_an_accession_number_gets_its_results_but_no_ord
     service.start()
     try:
         assert storescu(service.receiver.port, files).returncode == 0
-        _wait(lambda: service.health().get("deliveries_sent", 0) == 2)
+        wait_until(lambda: service.health().get("deliveries_sent", 0) == 2)
         time.sleep(0.5)
         assert [str(_segment(m, "MSH")[9]) for m in listener.accepted.values()] == [
             "ORU^R01^ORU_R01"
@@ -478,7 +467,7 @@ def test_an_urgent_result_is_c_stored_with_high_priority(
     service.start()
     try:
         assert storescu(service.receiver.port, _study(cohort)[0]).returncode == 0
-        _wait(lambda: len(scp.seen) == 2)
+        wait_until(lambda: len(scp.seen) == 2)
         assert {p for _, p in scp.seen} == {1 if urgency is not None else 0}  # HIGH or MEDIUM
     finally:
         service.stop()

@@ -28,9 +28,7 @@ resource id changes nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +174,16 @@ def _cwe(code: tuple[str, str, str]) -> str:
     return "^".join(escape(c) for c in code)
 
 
+def _segment(name: str, fields: dict[int, str]) -> str:
+    """The segment ``name`` with ``fields`` by their number (1-based), the rest empty, no trailing
+    empty fields.
+
+    >>> _segment("TQ1", {1: "1", 9: "S^Stat^HL70485"})
+    'TQ1|1||||||||S^Stat^HL70485'
+    """
+    return "|".join([name] + [fields.get(k, "") for k in range(1, max(fields) + 1)]).rstrip("|")
+
+
 def _stamp(now: float) -> str:
     return time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(now))
 
@@ -243,42 +251,20 @@ def hl7_oru(
         ("ST", ALGORITHM_VERSION, escape(result.model_version), "", ""),
         ("ST", STUDY_UID, escape(study.study_uid), "", ""),
     ]
+    obr = {1: "1", 2: placer, 3: filler, 4: _cwe(PROCEDURE), 7: observed,
+           18: escape(study.accession), 22: reported, 24: "MR", 25: "P"}  # fmt: skip
     segments = [
         _msh("ORU^R01", f"ORU^R01:{result.sr_uid}", site, receiving, now),
         _pid(study),
-        "|".join(["ORC", "RE", placer, filler, "", "CM"]),
-        "|".join(
-            ["OBR", "1", placer, filler, _cwe(PROCEDURE), "", "", observed]
-            + [""] * 10
-            + [escape(study.accession), "", "", "", reported, "", "MR", "P"]
-        ),
-        "|".join(["TQ1", "1"] + [""] * 7 + [priority]),
+        _segment("ORC", {1: "RE", 2: placer, 3: filler, 5: "CM"}),
+        _segment("OBR", obr),
+        _segment("TQ1", {1: "1", 9: priority}),
     ]
+    method = escape(f"{result.model} {result.model_version}")
     for k, (kind, code, val, unit, abnormal) in enumerate(obx, start=1):
-        segments.append(
-            "|".join(
-                [
-                    "OBX",
-                    str(k),
-                    kind,
-                    _cwe(code),
-                    "",
-                    val,
-                    unit,
-                    "",
-                    abnormal,
-                    "",
-                    "",
-                    "P",
-                    "",
-                    "",
-                    observed,
-                    "",
-                    "",
-                    escape(f"{result.model} {result.model_version}"),
-                ]
-            )
-        )
+        fields = {1: str(k), 2: kind, 3: _cwe(code), 5: val, 6: unit, 8: abnormal, 11: "P",
+                  14: observed, 17: method}  # fmt: skip
+        segments.append(_segment("OBX", fields))
     return "\r".join(segments) + "\r"
 
 
@@ -297,25 +283,25 @@ def hl7_order_priority(
     now = time.time() if now is None else now
     placer, filler = _orders(study)
     accession = escape(study.accession)
-    legacy_tq = "^^^^^S" if message_type == "ORM^O01" else ""
-    obr = (
-        ["OBR", "1", placer, filler, _cwe(PROCEDURE)]
-        + [""] * 13
-        + [accession]
-        + [""] * 8
-        + [legacy_tq]
-    )
+    legacy_tq = "^^^^^S" if message_type == "ORM^O01" else ""  # TQ priority, component 6
     segments = [
         _msh(message_type, f"{message_type}:{study.study_uid}", site, receiving, now),
         _pid(study),
-        "|".join(["ORC", "XO", placer, filler, "", "", "", legacy_tq]).rstrip("|"),
+        _segment("ORC", {1: "XO", 2: placer, 3: filler, 7: legacy_tq}),
     ]
     if message_type == "OMI^O23":
-        segments.append("|".join(["TQ1", "1"] + [""] * 7 + ["S^Stat^HL70485"]))
-    segments.append("|".join(obr).rstrip("|"))
+        segments.append(_segment("TQ1", {1: "1", 9: "S^Stat^HL70485"}))
+    segments.append(
+        _segment(
+            "OBR",
+            {1: "1", 2: placer, 3: filler, 4: _cwe(PROCEDURE), 18: accession, 27: legacy_tq},
+        )
+    )
     if message_type == "OMI^O23":
         uid = escape(study.study_uid)
-        segments.append("|".join(["IPC", accession, accession, uid, accession, "MR"]))
+        segments.append(
+            _segment("IPC", {1: accession, 2: accession, 3: uid, 4: accession, 5: "MR"})
+        )
     return "\r".join(segments) + "\r"
 
 
@@ -490,10 +476,6 @@ def fhir_priority_update(study: StudyFacts) -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
-
-
 def facts_of(row: dict[str, Any], urgent: bool) -> ResultFacts:
     """A result row of :meth:`~shiftguard.edge.predict.Predictor.predict_files` as facts."""
     return ResultFacts(
@@ -505,8 +487,3 @@ def facts_of(row: dict[str, Any], urgent: bool) -> ResultFacts:
         model_version=str(row["model_version"]),
         urgent=urgent,
     )
-
-
-def segments(message: str) -> Sequence[str]:
-    """An ER7 message's segments (``\\r``-separated)."""
-    return [s for s in message.replace("\n", "\r").split("\r") if s]

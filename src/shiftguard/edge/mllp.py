@@ -82,16 +82,19 @@ def send(
     host: str,
     port: int,
     message: str,
-    control_id: str,
+    control_id: str | None = None,
     timeout_s: float = 30.0,
     context: ssl.SSLContext | None = None,
 ) -> str:
     """Send ``message`` to ``host:port`` and return the receiver's acknowledgement once it has
-    accepted it (see :func:`acknowledgement`).
+    accepted it (see :func:`acknowledgement`); ``control_id``: the one the acknowledgement must
+    name (default: the message's own, MSH-10).
 
     Raises:
         MllpError: it was not accepted; the message says why.
     """
+    if control_id is None:
+        control_id = _field(message, "MSH", 9)  # MSH-1 is the separator itself: MSH-10
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -31,6 +31,7 @@ Shadow mode: nothing goes to a ``clinical`` destination; results stay in the sha
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -57,7 +58,6 @@ from shiftguard.edge.ehr import (
     hl7_order_priority,
     hl7_oru,
     study_facts,
-    write_json,
 )
 from shiftguard.edge.fhir import FhirClient, FhirError
 from shiftguard.edge.follow import (
@@ -82,6 +82,7 @@ from shiftguard.endpoint import Endpoint
 from shiftguard.errors import BundleError, ConfigError, RegistryError, listening
 from shiftguard.records.features import make_record
 from shiftguard.tls import client_context
+from shiftguard.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -698,10 +699,11 @@ class Service:
         now = time.time()
         site = self.settings.site
         queued: list[tuple[str, str, str, bool]] = []
-        facts = None
+        facts, urgent = None, False
         for row in rows:
             facts = study_facts(out / row["sr_file"])
             result = facts_of(row, self.urgent(row))
+            urgent = urgent or result.urgent
             stem = Path(row["sr_file"]).stem
             for dest in ehr:
                 if dest.kind == "hl7-mllp":
@@ -712,7 +714,7 @@ class Service:
                     key, path = f"fhir:{result.sr_uid}", out / f"{stem}.{dest.name}.fhir.json"
                     write_json(path, fhir_report(facts, result, site, now))
                 queued.append((dest.name, key, str(path), result.urgent))
-        if facts is None or not any(self.urgent(r) for r in rows):
+        if facts is None or not urgent:
             return queued
         for dest in ehr:
             update = dest.priority_update
@@ -831,12 +833,9 @@ class Service:
             stow(self._stow_clients[dest.name], delivery.path)
         elif dest.kind == "hl7-mllp":
             message = Path(delivery.path).read_bytes().decode("utf-8")  # keeps the \r
-            control = message.split("\r", 1)[0].split("|")[9]  # MSH-10
             context = self._mllp_tls.get(dest.name)
-            send_mllp(dest.host, dest.port, message, control, dest.timeout_s, context)
+            send_mllp(dest.host, dest.port, message, None, dest.timeout_s, context)
         else:
-            import json
-
             payload = json.loads(Path(delivery.path).read_bytes())
             client = self._fhir_clients[dest.name]
             if payload.get("action") == "raise-priority":
@@ -859,15 +858,11 @@ class Service:
                 began = time.monotonic()
                 try:
                     self._send_one(dest, d)
-                except (StowError, MllpError, FhirError, OSError, ValueError) as exc:
-                    reason = (
-                        str(exc)
-                        if isinstance(exc, (StowError, MllpError, FhirError))
-                        else (
-                            f"{type(exc).__name__}: {exc}"  # the file cannot be read
-                        )
-                    )
-                    self._backoff(d, reason, give_up=getattr(exc, "permanent", False))
+                except (StowError, MllpError, FhirError) as exc:
+                    self._backoff(d, str(exc), give_up=getattr(exc, "permanent", False))
+                    continue
+                except (OSError, ValueError) as exc:  # the file cannot be read
+                    self._backoff(d, f"{type(exc).__name__}: {exc}")
                     continue
                 self._delivered(d, began)
 

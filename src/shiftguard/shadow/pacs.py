@@ -330,12 +330,12 @@ def fetch_reports_dicomweb(
     step = "QIDO-RS studies"
     try:
         study_uids: list[str] = []
-        for chunk in [None] if wanted is None else [[u] for u in wanted]:
+        for uid in [None] if wanted is None else wanted:  # QIDO-RS matches one UID a query
             filters = {"ModalitiesInStudy": "SR"}
             if date_range:
                 filters["StudyDate"] = date_range
-            if chunk:
-                filters["StudyInstanceUID"] = chunk[0]
+            if uid:
+                filters["StudyInstanceUID"] = uid
             study_uids += uids(client.search_for_studies, "0020000D", search_filters=filters)
         for study_uid in sorted(set(study_uids)):
             step = f"QIDO-RS series of study {study_uid}"
